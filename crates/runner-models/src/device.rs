@@ -1,0 +1,108 @@
+//! `--device auto|cpu|cuda[:N]`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when runner was built with CUDA and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("invalid device {0:?}: use auto, cpu, cuda or cuda:N")]
+    Invalid(String),
+    #[error("--device {0}: this runner was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu")]
+    NoCudaSupport(DeviceSpec),
+    #[error("--device {spec}: cannot open the GPU: {reason}")]
+    Unavailable { spec: DeviceSpec, reason: String },
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| DeviceError::Invalid(s.to_string())),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device.
+    pub fn open(self) -> Result<Device, DeviceError> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Auto => {
+                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                    DeviceSpec::Cuda(0).open()
+                } else {
+                    Ok(Device::Cpu)
+                }
+            }
+            DeviceSpec::Cuda(n) => {
+                if !cfg!(feature = "cuda") {
+                    return Err(DeviceError::NoCudaSupport(self));
+                }
+                Device::new_cuda(n).map_err(|e| DeviceError::Unavailable { spec: self, reason: e.to_string() })
+            }
+        }
+    }
+}
+
+/// A short name for a device, for logs and the ready line.
+pub fn describe(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses() {
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!("CPU".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_a_clear_error() {
+        let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(e.contains("built without CUDA"), "{e}");
+        assert!(matches!(DeviceSpec::Auto.open(), Ok(Device::Cpu)));
+    }
+}
