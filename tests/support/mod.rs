@@ -1,0 +1,166 @@
+//! Helpers for end-to-end tests: the real `runner` binary, a real socket on 127.0.0.1,
+//! and a minimal HTTP/1.1 client (so tests depend on nothing but std).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const RUNNER: &str = env!("CARGO_BIN_EXE_runner");
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// The MiniLM model directory, with a clear failure when its weights were not fetched.
+pub fn minilm_dir() -> PathBuf {
+    let dir = repo_root().join("models/all-minilm-l6-v2");
+    assert!(
+        dir.join("weights/model.safetensors").is_file(),
+        "MiniLM weights are missing: run scripts/fetch-minilm.sh (or scripts/test.sh, which fetches them)"
+    );
+    dir
+}
+
+/// A `runner serve` process on a free port; killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: String,
+    /// The ready line (or the setup-failed line).
+    pub status_line: String,
+    stderr_lines: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts `runner serve DIR --port 0 ARGS` and waits for its ready or setup-failed line.
+    pub fn start(dir: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(RUNNER)
+            .arg("serve")
+            .arg(dir)
+            .args(["--port", "0", "--device", "cpu"])
+            .args(args)
+            .env_remove("RUNNER_PORT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runner starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if line.starts_with("runner: ") {
+                        let addr = line.split("http://").nth(1).and_then(|r| r.split([' ', '/']).next()).expect("address in the status line").to_string();
+                        return Server { child, addr, status_line: line, stderr_lines: rx };
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("runner did not report ready in time; stderr:\n{}", seen.join("\n"));
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(&self.addr, "GET", path, None, &[])
+    }
+
+    pub fn post_json(&self, path: &str, body: &str) -> (u16, String) {
+        http(&self.addr, "POST", path, Some(body), &[("Content-Type", "application/json")])
+    }
+
+    pub fn predict(&self, input: serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, body) = self.post_json("/predictions", &serde_json::json!({ "input": input }).to_string());
+        (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
+    }
+
+    /// Everything the server wrote on stderr since it became ready.
+    pub fn drain_stderr(&self) -> Vec<String> {
+        self.stderr_lines.try_iter().collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let body = body.unwrap_or("");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+/// Runs the `runner` binary to completion: (exit code, stdout, stderr).
+pub fn runner(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(RUNNER).args(args).output().expect("runner runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Copies a committed model directory (cog.yaml only) into a temporary folder.
+pub fn scratch_model(name: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(repo_root().join("models").join(name).join("cog.yaml"), d.path().join("cog.yaml")).unwrap();
+    d
+}
+
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().expect("an array of numbers").iter().map(|x| x.as_f64().expect("a number")).collect()
+}
