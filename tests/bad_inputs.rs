@@ -15,16 +15,30 @@ fn write_cog_yaml(dir: &std::path::Path, text: &str) {
 #[test]
 fn broken_cog_yaml_names_file_line_and_key() {
     let d = scratch_model("conformance");
-    write_cog_yaml(d.path(), "build:\n  python_version: \"3.11\"\nrun: \"candle:conformance\"\nconcurency:\n  max: 2\n");
+    write_cog_yaml(
+        d.path(),
+        "build:\n  python_version: \"3.11\"\nrun: \"candle:conformance\"\nconcurency:\n  max: 2\n",
+    );
     for cmd in ["serve", "schema"] {
-        let (code, _, stderr) = runner(&[cmd, d.path().to_str().unwrap(), "--port", "0"][..if cmd == "serve" { 4 } else { 2 }]);
+        let (code, _, stderr) = runner(
+            &[cmd, d.path().to_str().unwrap(), "--port", "0"][..if cmd == "serve" { 4 } else { 2 }],
+        );
         assert_eq!(code, 1, "{cmd}: {stderr}");
-        assert!(stderr.contains("cog.yaml:4") && stderr.contains("unknown key `concurency`"), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("cog.yaml:4") && stderr.contains("unknown key `concurency`"),
+            "{cmd}: {stderr}"
+        );
     }
-    write_cog_yaml(d.path(), "run: \"candle:conformance\"\nconcurrency:\n  max: 0\n");
+    write_cog_yaml(
+        d.path(),
+        "run: \"candle:conformance\"\nconcurrency:\n  max: 0\n",
+    );
     let (code, _, stderr) = runner(&["schema", d.path().to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("cog.yaml:3") && stderr.contains("concurrency.max"), "{stderr}");
+    assert!(
+        stderr.contains("cog.yaml:3") && stderr.contains("concurrency.max"),
+        "{stderr}"
+    );
     write_cog_yaml(d.path(), "run: [\n");
     let (code, _, stderr) = runner(&["schema", d.path().to_str().unwrap()]);
     assert_eq!(code, 1);
@@ -34,14 +48,23 @@ fn broken_cog_yaml_names_file_line_and_key() {
 #[test]
 fn python_predictors_are_not_supported_yet() {
     let d = tempfile::tempdir().unwrap();
-    write_cog_yaml(d.path(), "build:\n  python_version: \"3.11\"\npredict: \"predict.py:Predictor\"\n");
+    write_cog_yaml(
+        d.path(),
+        "build:\n  python_version: \"3.11\"\npredict: \"predict.py:Predictor\"\n",
+    );
     let (code, _, stderr) = runner(&["serve", d.path().to_str().unwrap(), "--port", "0"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("predict.py:Predictor") && stderr.contains("not supported yet"), "{stderr}");
+    assert!(
+        stderr.contains("predict.py:Predictor") && stderr.contains("not supported yet"),
+        "{stderr}"
+    );
     write_cog_yaml(d.path(), "run: \"candle:gpt9\"\n");
     let (code, _, stderr) = runner(&["schema", d.path().to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("unknown architecture") && stderr.contains("candle:bert"), "{stderr}");
+    assert!(
+        stderr.contains("unknown architecture") && stderr.contains("candle:bert"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -49,12 +72,19 @@ fn missing_weights_folder_is_a_config_error() {
     let d = scratch_model("tiny-mlp");
     let (code, _, stderr) = runner(&["serve", d.path().to_str().unwrap(), "--port", "0"]);
     assert_eq!(code, 1);
-    assert!(stderr.contains("weights[0].source.uri") && stderr.contains("./weights"), "{stderr}");
+    assert!(
+        stderr.contains("weights[0].source.uri") && stderr.contains("./weights"),
+        "{stderr}"
+    );
 }
 
 fn setup_failure(dir: &std::path::Path) -> (Server, Value) {
     let server = Server::start(dir, &[]);
-    assert!(server.status_line.contains("setup failed"), "{}", server.status_line);
+    assert!(
+        server.status_line.contains("setup failed"),
+        "{}",
+        server.status_line
+    );
     let (status, body) = server.get("/health-check");
     assert_eq!(status, 200);
     let health: Value = serde_json::from_str(&body).unwrap();
@@ -76,24 +106,50 @@ fn truncated_weights_fail_setup_with_logs() {
     fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
     let (_server, health) = setup_failure(d.path());
     let logs = health["setup"]["logs"].as_str().unwrap();
-    assert!(logs.contains("model.safetensors") && logs.contains("truncated") && logs.contains("tensor `"), "{logs}");
+    assert!(
+        logs.contains("model.safetensors")
+            && logs.contains("truncated")
+            && logs.contains("tensor `"),
+        "{logs}"
+    );
 }
 
 #[test]
 fn mismatched_weights_name_the_tensor() {
     let d = scratch_model("tiny-mlp");
     let weights = d.path().join("weights");
-    let small = runner_models::tiny_mlp::TinyMlpConfig { input_size: 8, hidden_size: 16, output_size: 4 };
+    let small = runner_models::tiny_mlp::TinyMlpConfig {
+        input_size: 8,
+        hidden_size: 16,
+        output_size: 4,
+    };
     runner_models::tiny_mlp::write_model(&weights, &small, 1).unwrap();
     // config.json claims a different hidden size than the tensors have.
-    fs::write(weights.join("config.json"), r#"{"input_size": 8, "hidden_size": 32, "output_size": 4}"#).unwrap();
+    fs::write(
+        weights.join("config.json"),
+        r#"{"input_size": 8, "hidden_size": 32, "output_size": 4}"#,
+    )
+    .unwrap();
     let (_server, health) = setup_failure(d.path());
     let logs = health["setup"]["logs"].as_str().unwrap();
-    assert!(logs.contains("tensor `fc1.weight`") && logs.contains("[16, 8]") && logs.contains("[32, 8]"), "{logs}");
+    assert!(
+        logs.contains("tensor `fc1.weight`")
+            && logs.contains("[16, 8]")
+            && logs.contains("[32, 8]"),
+        "{logs}"
+    );
 
     // A tensor missing altogether.
-    runner_models::weights::write_f32_safetensors(&weights.join("model.safetensors"), &[("fc1.weight", vec![16, 8], vec![0.0; 128])]).unwrap();
-    fs::write(weights.join("config.json"), r#"{"input_size": 8, "hidden_size": 16, "output_size": 4}"#).unwrap();
+    runner_models::weights::write_f32_safetensors(
+        &weights.join("model.safetensors"),
+        &[("fc1.weight", vec![16, 8], vec![0.0; 128])],
+    )
+    .unwrap();
+    fs::write(
+        weights.join("config.json"),
+        r#"{"input_size": 8, "hidden_size": 16, "output_size": 4}"#,
+    )
+    .unwrap();
     let (_server, health) = setup_failure(d.path());
     let logs = health["setup"]["logs"].as_str().unwrap();
     assert!(logs.contains("tensor `fc1.bias` is missing"), "{logs}");
@@ -102,5 +158,8 @@ fn mismatched_weights_name_the_tensor() {
     fs::write(weights.join("config.json"), r#"{"input_size": "eight"}"#).unwrap();
     let (_server, health) = setup_failure(d.path());
     let logs = health["setup"]["logs"].as_str().unwrap();
-    assert!(logs.contains("config.json") && logs.contains("invalid for candle:tiny-mlp"), "{logs}");
+    assert!(
+        logs.contains("config.json") && logs.contains("invalid for candle:tiny-mlp"),
+        "{logs}"
+    );
 }

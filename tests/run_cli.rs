@@ -12,25 +12,44 @@ use support::*;
 fn run_prints_output_and_fails_clearly() {
     let dir = repo_root().join("models/conformance");
     let dir = dir.to_str().unwrap();
-    let (code, stdout, stderr) = runner(&["run", dir, "-i", "text=hi", "-i", "count=2", "-i", "tags=a", "-i", "tags=b"]);
+    let (code, stdout, stderr) = runner(&[
+        "run", dir, "-i", "text=hi", "-i", "count=2", "-i", "tags=a", "-i", "tags=b",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let out: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(out["text"], "hihi");
     assert_eq!(out["tags"], json!(["a", "b"]));
-    assert!(stderr.contains("conformance: text of 2 characters"), "logs go to stderr: {stderr}");
+    assert!(
+        stderr.contains("conformance: text of 2 characters"),
+        "logs go to stderr: {stderr}"
+    );
 
-    let (code, stdout, _) = runner(&["predict", dir, "--json", r#"{"text": "x", "color": "blue"}"#]);
+    let (code, stdout, _) = runner(&[
+        "predict",
+        dir,
+        "--json",
+        r#"{"text": "x", "color": "blue"}"#,
+    ]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["color"], "blue");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["color"],
+        "blue"
+    );
 
     let (code, stdout, stderr) = runner(&["run", dir, "-i", "text=x", "-i", "fail=true"]);
     assert_eq!(code, 1);
     assert!(stdout.is_empty());
-    assert!(stderr.contains("prediction failed") && stderr.contains("on purpose"), "{stderr}");
+    assert!(
+        stderr.contains("prediction failed") && stderr.contains("on purpose"),
+        "{stderr}"
+    );
 
     let (code, _, stderr) = runner(&["run", dir, "-i", "count=50"]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("input `text`: Field required") && stderr.contains("input `count`"), "{stderr}");
+    assert!(
+        stderr.contains("input `text`: Field required") && stderr.contains("input `count`"),
+        "{stderr}"
+    );
 
     let (code, _, stderr) = runner(&["run", dir, "-i", "colour=red"]);
     assert_eq!(code, 1);
@@ -38,9 +57,19 @@ fn run_prints_output_and_fails_clearly() {
 
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), "from a file").unwrap();
-    let (code, stdout, _) = runner(&["run", dir, "-i", &format!("text=@{}", file.path().display()), "-i", "count=1"]);
+    let (code, stdout, _) = runner(&[
+        "run",
+        dir,
+        "-i",
+        &format!("text=@{}", file.path().display()),
+        "-i",
+        "count=1",
+    ]);
     assert_eq!(code, 0);
-    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["text"], "from a file");
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).unwrap()["text"],
+        "from a file"
+    );
 }
 
 /// fc2(relu(fc1(x))) in plain f64 loops: the reference for candle's forward pass.
@@ -48,19 +77,32 @@ fn reference_forward(c: &TinyMlpConfig, seed: u64, x: &[f64]) -> Vec<f64> {
     let w = generate_weights(c, seed);
     let hidden: Vec<f64> = (0..c.hidden_size)
         .map(|h| {
-            let s: f64 = (0..c.input_size).map(|i| w.fc1_weight[h * c.input_size + i] as f64 * x[i]).sum();
+            let s: f64 = (0..c.input_size)
+                .map(|i| w.fc1_weight[h * c.input_size + i] as f64 * x[i])
+                .sum();
             (s + w.fc1_bias[h] as f64).max(0.0)
         })
         .collect();
     (0..c.output_size)
-        .map(|o| (0..c.hidden_size).map(|h| w.fc2_weight[o * c.hidden_size + h] as f64 * hidden[h]).sum::<f64>() + w.fc2_bias[o] as f64)
+        .map(|o| {
+            (0..c.hidden_size)
+                .map(|h| w.fc2_weight[o * c.hidden_size + h] as f64 * hidden[h])
+                .sum::<f64>()
+                + w.fc2_bias[o] as f64
+        })
         .collect()
 }
 
 #[test]
 fn tiny_mlp_matches_an_independent_forward_pass() {
     let d = scratch_model("tiny-mlp");
-    let (code, _, stderr) = runner(&["generate", "tiny-mlp", d.path().join("weights").to_str().unwrap(), "--seed", "7"]);
+    let (code, _, stderr) = runner(&[
+        "generate",
+        "tiny-mlp",
+        d.path().join("weights").to_str().unwrap(),
+        "--seed",
+        "7",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let config = TinyMlpConfig::default();
     let x: Vec<f64> = (0..config.input_size).map(|i| (i as f64).sin()).collect();
@@ -82,7 +124,12 @@ fn tiny_mlp_matches_an_independent_forward_pass() {
     }
 
     // The wrong input length is a failed prediction with a clear message.
-    let (code, _, stderr) = runner(&["run", d.path().to_str().unwrap(), "--json", r#"{"vector": [1, 2]}"#]);
+    let (code, _, stderr) = runner(&[
+        "run",
+        d.path().to_str().unwrap(),
+        "--json",
+        r#"{"vector": [1, 2]}"#,
+    ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("exactly 128"), "{stderr}");
 }

@@ -8,8 +8,17 @@ use support::*;
 #[test]
 fn serves_cogs_synchronous_contract() {
     let server = Server::start(&repo_root().join("models/conformance"), &[]);
-    assert!(server.status_line.contains("ready at http://127.0.0.1:"), "{}", server.status_line);
-    assert!(server.status_line.contains("candle:conformance") && server.status_line.contains("device cpu"), "{}", server.status_line);
+    assert!(
+        server.status_line.contains("ready at http://127.0.0.1:"),
+        "{}",
+        server.status_line
+    );
+    assert!(
+        server.status_line.contains("candle:conformance")
+            && server.status_line.contains("device cpu"),
+        "{}",
+        server.status_line
+    );
 
     let (status, body) = server.get("/health-check");
     assert_eq!(status, 200);
@@ -18,7 +27,8 @@ fn serves_cogs_synchronous_contract() {
     assert_eq!(health["setup"]["status"], "succeeded");
 
     // Every input kind, defaults filled in, unknown keys dropped.
-    let (status, p) = server.predict(json!({"text": "ab", "api_key": "s3cret", "tags": ["x"], "unknown": 1}));
+    let (status, p) =
+        server.predict(json!({"text": "ab", "api_key": "s3cret", "tags": ["x"], "unknown": 1}));
     assert_eq!(status, 200, "{p}");
     assert_eq!(p["status"], "succeeded");
     assert_eq!(
@@ -26,7 +36,10 @@ fn serves_cogs_synchronous_contract() {
         json!({"text": "ababab", "count": 3, "ratio": 0.5, "flag": false, "color": "red", "size": 1,
                "code": "ab12", "api_key_length": 6, "note_given": false, "tags": ["x"]})
     );
-    assert!(p["logs"].as_str().unwrap().contains("conformance: text of 2 characters"));
+    assert!(p["logs"]
+        .as_str()
+        .unwrap()
+        .contains("conformance: text of 2 characters"));
     assert!(p["metrics"]["predict_time"].as_f64().is_some());
     assert_eq!(p["id"].as_str().unwrap().len(), 26);
 
@@ -37,7 +50,12 @@ fn serves_cogs_synchronous_contract() {
     // Invalid inputs: 422 with one detail per problem, located.
     let (status, p) = server.predict(json!({"count": 11, "ratio": "high", "color": "pink", "size": 4, "code": "12ab", "tags": "x"}));
     assert_eq!(status, 422);
-    let locs: Vec<String> = p["detail"].as_array().unwrap().iter().map(|d| d["loc"][2].as_str().unwrap().to_string()).collect();
+    let locs: Vec<String> = p["detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["loc"][2].as_str().unwrap().to_string())
+        .collect();
     for name in ["text", "count", "ratio", "color", "size", "code", "tags"] {
         assert!(locs.contains(&name.to_string()), "{name} not reported: {p}");
     }
@@ -54,7 +72,13 @@ fn serves_cogs_synchronous_contract() {
     // Malformed bodies: plain-text 400 / 415 / 422 as Cog's server answers.
     let (status, _) = server.post_json("/predictions", "{\"input\": ");
     assert_eq!(status, 400);
-    let (status, _) = http(&server.addr, "POST", "/predictions", Some("{}"), &[("Content-Type", "text/plain")]);
+    let (status, _) = http(
+        &server.addr,
+        "POST",
+        "/predictions",
+        Some("{}"),
+        &[("Content-Type", "text/plain")],
+    );
     assert_eq!(status, 415);
     let (status, _) = server.post_json("/predictions", r#"{"input": {"text": "x"}, "id": []}"#);
     assert_eq!(status, 422);
@@ -62,7 +86,10 @@ fn serves_cogs_synchronous_contract() {
     // The schema served is the one `runner schema` prints.
     let (status, served) = server.get("/openapi.json");
     assert_eq!(status, 200);
-    let (code, printed, _) = runner(&["schema", repo_root().join("models/conformance").to_str().unwrap()]);
+    let (code, printed, _) = runner(&[
+        "schema",
+        repo_root().join("models/conformance").to_str().unwrap(),
+    ]);
     assert_eq!(code, 0);
     assert_eq!(served, printed);
     let doc: Value = serde_json::from_str(&served).unwrap();
@@ -72,9 +99,18 @@ fn serves_cogs_synchronous_contract() {
     assert_eq!(input["note"]["nullable"], true);
     assert_eq!(input["legacy"]["deprecated"], true);
     assert_eq!(input["code"]["pattern"], "^[a-z]+[0-9]+$");
-    assert_eq!(input["color"]["allOf"][0]["$ref"], "#/components/schemas/color");
-    assert_eq!(doc["components"]["schemas"]["size"]["enum"], json!([1, 2, 3]));
-    assert_eq!(doc["components"]["schemas"]["Input"]["required"], json!(["text"]));
+    assert_eq!(
+        input["color"]["allOf"][0]["$ref"],
+        "#/components/schemas/color"
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["size"]["enum"],
+        json!([1, 2, 3])
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["Input"]["required"],
+        json!(["text"])
+    );
 }
 
 #[test]
@@ -82,7 +118,13 @@ fn busy_model_answers_409_and_health_says_busy() {
     let server = Server::start(&repo_root().join("models/conformance"), &[]);
     let addr = server.addr.clone();
     let slow = std::thread::spawn(move || {
-        http(&addr, "POST", "/predictions", Some(r#"{"input": {"text": "x", "sleep": 1.0}}"#), &[("Content-Type", "application/json")])
+        http(
+            &addr,
+            "POST",
+            "/predictions",
+            Some(r#"{"input": {"text": "x", "sleep": 1.0}}"#),
+            &[("Content-Type", "application/json")],
+        )
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -102,10 +144,19 @@ fn busy_model_answers_409_and_health_says_busy() {
 
 #[test]
 fn concurrency_flag_adds_slots() {
-    let server = Server::start(&repo_root().join("models/conformance"), &["--concurrency", "2"]);
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["--concurrency", "2"],
+    );
     let addr = server.addr.clone();
     let slow = std::thread::spawn(move || {
-        http(&addr, "POST", "/predictions", Some(r#"{"input": {"text": "x", "sleep": 0.5}}"#), &[("Content-Type", "application/json")])
+        http(
+            &addr,
+            "POST",
+            "/predictions",
+            Some(r#"{"input": {"text": "x", "sleep": 0.5}}"#),
+            &[("Content-Type", "application/json")],
+        )
     });
     std::thread::sleep(std::time::Duration::from_millis(150));
     let (status, body) = server.post_json("/predictions", r#"{"input": {"text": "y"}}"#);

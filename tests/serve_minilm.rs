@@ -7,17 +7,30 @@ use serde_json::{json, Value};
 use support::*;
 
 fn reference() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/data/minilm_reference.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/data/minilm_reference.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
     let reference = reference();
     let server = Server::start(&minilm_dir(), &[]);
-    assert!(server.status_line.contains("candle:bert") && server.status_line.contains("weights safetensors"), "{}", server.status_line);
+    assert!(
+        server.status_line.contains("candle:bert")
+            && server.status_line.contains("weights safetensors"),
+        "{}",
+        server.status_line
+    );
 
     // One text: one 384-dimensional vector.
-    for (i, sentence) in reference["sentences"].as_array().unwrap().iter().enumerate() {
+    for (i, sentence) in reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let (status, p) = server.predict(json!({ "text": sentence }));
         assert_eq!(status, 200, "{p}");
         assert_eq!(p["status"], "succeeded");
@@ -26,7 +39,11 @@ fn minilm_embeddings_match_sentence_transformers() {
         let want = floats(&reference["normalized_full384"][i]);
         let cos = cosine(&got, &want);
         assert!(cos >= 0.9999, "sentence {i}: cosine {cos}");
-        let max_abs = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let max_abs = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(max_abs <= 1e-4, "sentence {i}: max abs diff {max_abs}");
     }
 

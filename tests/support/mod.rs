@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 pub const RUNNER: &str = env!("CARGO_BIN_EXE_runner");
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// The MiniLM model directory, with a clear failure when its weights were not fetched.
@@ -63,14 +66,28 @@ impl Server {
             match rx.recv_timeout(left) {
                 Ok(line) => {
                     if line.starts_with("runner: ") {
-                        let addr = line.split("http://").nth(1).and_then(|r| r.split([' ', '/']).next()).expect("address in the status line").to_string();
-                        return Server { child, addr, status_line: line, stderr_lines: rx };
+                        let addr = line
+                            .split("http://")
+                            .nth(1)
+                            .and_then(|r| r.split([' ', '/']).next())
+                            .expect("address in the status line")
+                            .to_string();
+                        return Server {
+                            child,
+                            addr,
+                            status_line: line,
+                            stderr_lines: rx,
+                        };
                     }
                     seen.push(line);
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("runner did not report ready in time; stderr:\n{}", seen.join("\n"));
+                    let _ = child.wait();
+                    panic!(
+                        "runner did not report ready in time; stderr:\n{}",
+                        seen.join("\n")
+                    );
                 }
             }
         }
@@ -81,12 +98,24 @@ impl Server {
     }
 
     pub fn post_json(&self, path: &str, body: &str) -> (u16, String) {
-        http(&self.addr, "POST", path, Some(body), &[("Content-Type", "application/json")])
+        http(
+            &self.addr,
+            "POST",
+            path,
+            Some(body),
+            &[("Content-Type", "application/json")],
+        )
     }
 
     pub fn predict(&self, input: serde_json::Value) -> (u16, serde_json::Value) {
-        let (status, body) = self.post_json("/predictions", &serde_json::json!({ "input": input }).to_string());
-        (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
+        let (status, body) = self.post_json(
+            "/predictions",
+            &serde_json::json!({ "input": input }).to_string(),
+        );
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")),
+        )
     }
 
     /// Everything the server wrote on stderr since it became ready.
@@ -103,11 +132,22 @@ impl Drop for Server {
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and body.
-pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, headers: &[(&str, &str)]) -> (u16, String) {
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
     let body = body.unwrap_or("");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -118,9 +158,19 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>, headers: &
     stream.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     (status, body)
 }
 
@@ -139,7 +189,10 @@ fn dechunk(mut s: &str) -> String {
 
 /// Runs the `runner` binary to completion: (exit code, stdout, stderr).
 pub fn runner(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(RUNNER).args(args).output().expect("runner runs");
+    let out = Command::new(RUNNER)
+        .args(args)
+        .output()
+        .expect("runner runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -150,7 +203,11 @@ pub fn runner(args: &[&str]) -> (i32, String, String) {
 /// Copies a committed model directory (cog.yaml only) into a temporary folder.
 pub fn scratch_model(name: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    std::fs::copy(repo_root().join("models").join(name).join("cog.yaml"), d.path().join("cog.yaml")).unwrap();
+    std::fs::copy(
+        repo_root().join("models").join(name).join("cog.yaml"),
+        d.path().join("cog.yaml"),
+    )
+    .unwrap();
     d
 }
 
@@ -162,5 +219,9 @@ pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
 }
 
 pub fn floats(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array().expect("an array of numbers").iter().map(|x| x.as_f64().expect("a number")).collect()
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
 }

@@ -17,7 +17,11 @@ use runner_spec::{FieldType, ModelDir, Primitive, Signature};
 use serde_json::{Map, Value};
 
 #[derive(Parser)]
-#[command(name = "runner", version, about = "Serve Cog-style model directories with candle, over Cog's HTTP API")]
+#[command(
+    name = "runner",
+    version,
+    about = "Serve Cog-style model directories with candle, over Cog's HTTP API"
+)]
 struct Cli {
     #[command(flatten)]
     logging: Logging,
@@ -34,7 +38,13 @@ struct Logging {
     #[arg(short, long, global = true, env = "RUNNER_QUIET")]
     quiet: bool,
     /// Log line format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "RUNNER_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "RUNNER_LOG_FORMAT"
+    )]
     log_format: LogFormat,
 }
 
@@ -110,7 +120,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.logging);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -138,7 +151,9 @@ fn init_logging(l: &Logging) {
         }
     };
     let filter = EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match l.log_format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().init(),
@@ -147,11 +162,39 @@ fn init_logging(l: &Logging) {
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Serve { dir, host, port, device, concurrency } => serve(&dir, &host, port, device.device, concurrency).await,
-        Command::Run { dir, inputs, json, output, device } => run(&dir, &inputs, json.as_deref(), output.as_deref(), device.device).await,
-        Command::Generate { architecture: _, dir, seed } => {
+        Command::Serve {
+            dir,
+            host,
+            port,
+            device,
+            concurrency,
+        } => serve(&dir, &host, port, device.device, concurrency).await,
+        Command::Run {
+            dir,
+            inputs,
+            json,
+            output,
+            device,
+        } => {
+            run(
+                &dir,
+                &inputs,
+                json.as_deref(),
+                output.as_deref(),
+                device.device,
+            )
+            .await
+        }
+        Command::Generate {
+            architecture: _,
+            dir,
+            seed,
+        } => {
             runner_models::tiny_mlp::write_model(&dir, &Default::default(), seed)?;
-            eprintln!("runner: wrote tiny-mlp weights (seed {seed}) to {}", dir.display());
+            eprintln!(
+                "runner: wrote tiny-mlp weights (seed {seed}) to {}",
+                dir.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema { dir } => {
@@ -167,16 +210,28 @@ fn open_engine(dir: &Path, device: DeviceSpec, concurrency: Option<u32>) -> Resu
     Ok(Engine::new(model_dir, device, concurrency)?)
 }
 
-async fn serve(dir: &Path, host: &str, port: u16, device: DeviceSpec, concurrency: Option<u32>) -> Result<ExitCode> {
+async fn serve(
+    dir: &Path,
+    host: &str,
+    port: u16,
+    device: DeviceSpec,
+    concurrency: Option<u32>,
+) -> Result<ExitCode> {
     let started = Instant::now();
     let engine = open_engine(dir, device, concurrency)?;
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| {
             use std::net::ToSocketAddrs;
-            (host, port).to_socket_addrs().ok().and_then(|mut a| a.next()).ok_or(())
+            (host, port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
         })
-        .map_err(|_| anyhow::anyhow!("--host {host}: not an address to listen on (try 127.0.0.1 or 0.0.0.0)"))?;
+        .map_err(|_| {
+            anyhow::anyhow!("--host {host}: not an address to listen on (try 127.0.0.1 or 0.0.0.0)")
+        })?;
     // Bind before loading, as Cog does: /health-check answers STARTING meanwhile.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -185,7 +240,11 @@ async fn serve(dir: &Path, host: &str, port: u16, device: DeviceSpec, concurrenc
     tracing::info!("listening on {url}; loading the model");
 
     let app = runner_server::router(Arc::clone(&engine));
-    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+    });
 
     match engine.setup().await {
         Ok(loaded) => eprintln!(
@@ -222,7 +281,13 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: finishing in-flight requests");
 }
 
-async fn run(dir: &Path, inputs: &[String], json: Option<&str>, output: Option<&Path>, device: DeviceSpec) -> Result<ExitCode> {
+async fn run(
+    dir: &Path,
+    inputs: &[String],
+    json: Option<&str>,
+    output: Option<&Path>,
+    device: DeviceSpec,
+) -> Result<ExitCode> {
     let engine = open_engine(dir, device, None)?;
     let mut input = match json {
         Some(j) => {
@@ -240,18 +305,29 @@ async fn run(dir: &Path, inputs: &[String], json: Option<&str>, output: Option<&
         Ok(v) => v,
         Err(issues) => {
             for issue in issues {
-                let name = issue.loc.iter().skip(2).map(|s| s.as_str().map(str::to_string).unwrap_or(s.to_string())).collect::<Vec<_>>().join(".");
+                let name = issue
+                    .loc
+                    .iter()
+                    .skip(2)
+                    .map(|s| s.as_str().map(str::to_string).unwrap_or(s.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(".");
                 eprintln!("error: input `{name}`: {}", issue.msg);
             }
             return Ok(ExitCode::from(2));
         }
     };
-    engine.setup().await.map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
+    engine
+        .setup()
+        .await
+        .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
     let slot = engine.reserve().map_err(|r| match r {
         Rejection::AtCapacity => anyhow::anyhow!("no free prediction slot"),
         other => anyhow::anyhow!("model not ready: {other:?}"),
     })?;
-    let prediction = slot.run(new_prediction_id(), validated, Default::default()).await;
+    let prediction = slot
+        .run(new_prediction_id(), validated, Default::default())
+        .await;
     if !prediction.logs.is_empty() {
         eprint!("{}", prediction.logs);
     }
@@ -262,14 +338,18 @@ async fn run(dir: &Path, inputs: &[String], json: Option<&str>, output: Option<&
                 other => serde_json::to_string_pretty(other)?,
             };
             match output {
-                Some(path) => std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?,
+                Some(path) => std::fs::write(path, text + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
                 None => println!("{text}"),
             }
             tracing::info!("predicted in {:.3}s", prediction.predict_time.as_secs_f64());
             Ok(ExitCode::SUCCESS)
         }
         PredictionStatus::Failed => {
-            eprintln!("error: prediction failed: {}", prediction.error.unwrap_or_default());
+            eprintln!(
+                "error: prediction failed: {}",
+                prediction.error.unwrap_or_default()
+            );
             Ok(ExitCode::FAILURE)
         }
         PredictionStatus::Canceled => {
@@ -293,7 +373,11 @@ fn read_arg_source(arg: &str) -> Result<String> {
 }
 
 /// Turns `-i name=value` arguments into typed JSON inputs, using the signature.
-fn parse_inputs(signature: &Signature, args: &[String], input: &mut Map<String, Value>) -> Result<()> {
+fn parse_inputs(
+    signature: &Signature,
+    args: &[String],
+    input: &mut Map<String, Value>,
+) -> Result<()> {
     let mut repeated: Map<String, Value> = Map::new();
     for arg in args {
         let Some((name, raw)) = arg.split_once('=') else {
@@ -301,7 +385,10 @@ fn parse_inputs(signature: &Signature, args: &[String], input: &mut Map<String, 
         };
         let Some(field) = signature.inputs.iter().find(|f| f.name == name) else {
             let names: Vec<&str> = signature.inputs.iter().map(|f| f.name.as_str()).collect();
-            bail!("-i {name}: the model has no input named {name:?}; its inputs are: {}", names.join(", "));
+            bail!(
+                "-i {name}: the model has no input named {name:?}; its inputs are: {}",
+                names.join(", ")
+            );
         };
         let element = match &field.ty {
             FieldType::Prim(p) | FieldType::List(p) => *p,
@@ -316,7 +403,11 @@ fn parse_inputs(signature: &Signature, args: &[String], input: &mut Map<String, 
                 // A JSON list given at once is the whole list.
                 match value {
                     Value::String(ref s) if s.trim_start().starts_with('[') => {
-                        repeated.insert(name.into(), serde_json::from_str(s).with_context(|| format!("-i {name}: not a JSON list"))?);
+                        repeated.insert(
+                            name.into(),
+                            serde_json::from_str(s)
+                                .with_context(|| format!("-i {name}: not a JSON list"))?,
+                        );
                     }
                     v => {
                         repeated.insert(name.into(), Value::Array(vec![v]));
@@ -333,7 +424,11 @@ fn parse_inputs(signature: &Signature, args: &[String], input: &mut Map<String, 
     }
     for (name, value) in repeated {
         // A union of str and list: one -i is a string, several a list.
-        let field = signature.inputs.iter().find(|f| f.name == name).expect("checked above");
+        let field = signature
+            .inputs
+            .iter()
+            .find(|f| f.name == name)
+            .expect("checked above");
         let value = match (&field.ty, value) {
             (FieldType::Union(_), Value::Array(mut items)) if items.len() == 1 => items.remove(0),
             (_, v) => v,
@@ -345,32 +440,54 @@ fn parse_inputs(signature: &Signature, args: &[String], input: &mut Map<String, 
 
 fn typed_value(name: &str, raw: &str, p: Primitive) -> Result<Value> {
     if let Some(path) = raw.strip_prefix('@') {
-        let bytes = std::fs::read(path).with_context(|| format!("-i {name}=@{path}: cannot read the file"))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("-i {name}=@{path}: cannot read the file"))?;
         return Ok(match p {
             Primitive::Path | Primitive::File => {
                 let mime = mime_for(Path::new(path));
-                Value::String(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes)))
+                Value::String(format!(
+                    "data:{mime};base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(bytes)
+                ))
             }
-            _ => Value::String(String::from_utf8(bytes).with_context(|| format!("-i {name}=@{path}: not UTF-8 text"))?),
+            _ => Value::String(
+                String::from_utf8(bytes)
+                    .with_context(|| format!("-i {name}=@{path}: not UTF-8 text"))?,
+            ),
         });
     }
     Ok(match p {
-        Primitive::Int => Value::from(raw.trim().parse::<i64>().with_context(|| format!("-i {name}={raw}: not an integer"))?),
-        Primitive::Float => serde_json::Number::from_f64(raw.trim().parse::<f64>().with_context(|| format!("-i {name}={raw}: not a number"))?)
-            .map(Value::Number)
-            .with_context(|| format!("-i {name}={raw}: not a finite number"))?,
+        Primitive::Int => Value::from(
+            raw.trim()
+                .parse::<i64>()
+                .with_context(|| format!("-i {name}={raw}: not an integer"))?,
+        ),
+        Primitive::Float => serde_json::Number::from_f64(
+            raw.trim()
+                .parse::<f64>()
+                .with_context(|| format!("-i {name}={raw}: not a number"))?,
+        )
+        .map(Value::Number)
+        .with_context(|| format!("-i {name}={raw}: not a finite number"))?,
         Primitive::Bool => match raw.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" => Value::Bool(true),
             "false" | "0" | "no" => Value::Bool(false),
             _ => bail!("-i {name}={raw}: not a boolean (true or false)"),
         },
         Primitive::Any => serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.into())),
-        Primitive::Str | Primitive::Secret | Primitive::Path | Primitive::File => Value::String(raw.into()),
+        Primitive::Str | Primitive::Secret | Primitive::Path | Primitive::File => {
+            Value::String(raw.into())
+        }
     })
 }
 
 fn mime_for(path: &Path) -> &'static str {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
         Some("txt") => "text/plain",
         Some("json") => "application/json",
         Some("png") => "image/png",
@@ -395,11 +512,32 @@ mod tests {
     fn typed_inputs_follow_the_signature() {
         let sig = runner_models::conformance::signature();
         let mut m = Map::new();
-        parse_inputs(&sig, &["text=hi".into(), "count=2".into(), "ratio=0.25".into(), "flag=true".into(), "tags=x".into(), "tags=y".into()], &mut m).unwrap();
-        assert_eq!(Value::Object(m), serde_json::json!({"text": "hi", "count": 2, "ratio": 0.25, "flag": true, "tags": ["x", "y"]}));
+        parse_inputs(
+            &sig,
+            &[
+                "text=hi".into(),
+                "count=2".into(),
+                "ratio=0.25".into(),
+                "flag=true".into(),
+                "tags=x".into(),
+                "tags=y".into(),
+            ],
+            &mut m,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(m),
+            serde_json::json!({"text": "hi", "count": 2, "ratio": 0.25, "flag": true, "tags": ["x", "y"]})
+        );
         let mut m = Map::new();
-        assert!(parse_inputs(&sig, &["count=two".into()], &mut m).unwrap_err().to_string().contains("not an integer"));
-        assert!(parse_inputs(&sig, &["nope=1".into()], &mut m).unwrap_err().to_string().contains("no input named"));
+        assert!(parse_inputs(&sig, &["count=two".into()], &mut m)
+            .unwrap_err()
+            .to_string()
+            .contains("not an integer"));
+        assert!(parse_inputs(&sig, &["nope=1".into()], &mut m)
+            .unwrap_err()
+            .to_string()
+            .contains("no input named"));
         let bert = runner_models::bert::signature();
         let mut m = Map::new();
         parse_inputs(&bert, &["text=a".into()], &mut m).unwrap();

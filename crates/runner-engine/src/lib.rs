@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use runner_models::{architecture_for, Architecture, DeviceSpec, LoadError, Model, PredictContext, PredictError};
+use runner_models::{
+    architecture_for, Architecture, DeviceSpec, LoadError, Model, PredictContext, PredictError,
+};
 use runner_spec::openapi;
 use runner_spec::{InputValidator, ModelDir, Signature, ValidationIssue};
 use serde::Serialize;
@@ -118,12 +120,19 @@ fn now_rfc3339() -> String {
 impl Engine {
     /// Prepares the engine: picks the architecture and compiles the schema. Loading the
     /// weights is [`Engine::setup`], so a server can answer STARTING meanwhile.
-    pub fn new(dir: ModelDir, device_spec: DeviceSpec, concurrency: Option<u32>) -> Result<Arc<Self>, EngineError> {
+    pub fn new(
+        dir: ModelDir,
+        device_spec: DeviceSpec,
+        concurrency: Option<u32>,
+    ) -> Result<Arc<Self>, EngineError> {
         let architecture = architecture_for(&dir)?;
         let signature = (architecture.signature)();
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
         let openapi_json = openapi::to_cog_json(&openapi::document(&signature));
-        let total_slots = concurrency.or(dir.config.concurrency_max).unwrap_or(1).max(1) as usize;
+        let total_slots = concurrency
+            .or(dir.config.concurrency_max)
+            .unwrap_or(1)
+            .max(1) as usize;
         Ok(Arc::new(Engine {
             dir,
             architecture,
@@ -135,7 +144,12 @@ impl Engine {
             total_slots,
             state: Mutex::new(State {
                 health_before_ready: Health::Starting,
-                setup: SetupReport { started_at: now_rfc3339(), completed_at: None, status: SetupStatus::Starting, logs: String::new() },
+                setup: SetupReport {
+                    started_at: now_rfc3339(),
+                    completed_at: None,
+                    status: SetupStatus::Starting,
+                    logs: String::new(),
+                },
                 setup_logs: String::new(),
             }),
             model: OnceLock::new(),
@@ -189,7 +203,8 @@ impl Engine {
                 engine.architecture.name
             ));
             let log = |line: &str| engine.setup_log(line);
-            let model = (engine.architecture.load)(&engine.dir, &device, &log).map_err(|e| e.to_string())?;
+            let model = (engine.architecture.load)(&engine.dir, &device, &log)
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((model, device_name))
         })
         .await
@@ -199,13 +214,22 @@ impl Engine {
         state.setup.completed_at = Some(now_rfc3339());
         match result {
             Ok((model, device)) => {
-                let weights_source = if self.dir.weights.safetensors.is_empty() && self.dir.weights.safetensors_index.is_none() {
+                let weights_source = if self.dir.weights.safetensors.is_empty()
+                    && self.dir.weights.safetensors_index.is_none()
+                {
                     "none"
                 } else {
                     "safetensors"
                 };
-                let loaded = Loaded { device, weights_source, setup_time: started.elapsed() };
-                state.setup_logs.push_str(&format!("setup succeeded in {:.3}s\n", loaded.setup_time.as_secs_f64()));
+                let loaded = Loaded {
+                    device,
+                    weights_source,
+                    setup_time: started.elapsed(),
+                };
+                state.setup_logs.push_str(&format!(
+                    "setup succeeded in {:.3}s\n",
+                    loaded.setup_time.as_secs_f64()
+                ));
                 state.setup.status = SetupStatus::Succeeded;
                 let _ = self.model.set(Arc::from(model));
                 let _ = self.loaded.set(loaded.clone());
@@ -250,12 +274,21 @@ impl Engine {
             let setup_failed = self.lock().health_before_ready == Health::SetupFailed;
             return Err(Rejection::NotReady { setup_failed });
         };
-        let permit = Arc::clone(&self.slots).try_acquire_owned().map_err(|_| Rejection::AtCapacity)?;
-        Ok(Slot { model, _permit: permit })
+        let permit = Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|_| Rejection::AtCapacity)?;
+        Ok(Slot {
+            model,
+            _permit: permit,
+        })
     }
 
     /// Validates, reserves and runs one prediction.
-    pub async fn predict(self: &Arc<Self>, id: String, input: &Value) -> Result<Prediction, Rejection> {
+    pub async fn predict(
+        self: &Arc<Self>,
+        id: String,
+        input: &Value,
+    ) -> Result<Prediction, Rejection> {
         let input = self.validate(input).map_err(Rejection::InvalidInput)?;
         let slot = self.reserve()?;
         Ok(slot.run(id, input, PredictContext::new()).await)
@@ -281,7 +314,12 @@ impl Drop for CancelOnDrop {
 
 impl Slot {
     /// Runs the prediction on a blocking thread. `ctx` lets the caller cancel it.
-    pub async fn run(self, id: String, input: Map<String, Value>, ctx: PredictContext) -> Prediction {
+    pub async fn run(
+        self,
+        id: String,
+        input: Map<String, Value>,
+        ctx: PredictContext,
+    ) -> Prediction {
         let mut guard = CancelOnDrop(Some(ctx.clone()));
         let started = Instant::now();
         let worker_ctx = ctx.clone();
@@ -303,10 +341,21 @@ impl Slot {
             Err(PredictError::Failed(e)) => (PredictionStatus::Failed, Value::Null, Some(e)),
         };
         match status {
-            PredictionStatus::Failed => tracing::warn!(%id, error = error.as_deref().unwrap_or(""), "prediction failed"),
-            _ => tracing::debug!(%id, ?status, secs = predict_time.as_secs_f64(), "prediction finished"),
+            PredictionStatus::Failed => {
+                tracing::warn!(%id, error = error.as_deref().unwrap_or(""), "prediction failed")
+            }
+            _ => {
+                tracing::debug!(%id, ?status, secs = predict_time.as_secs_f64(), "prediction finished")
+            }
         }
-        Prediction { id, status, output, error, logs, predict_time }
+        Prediction {
+            id,
+            status,
+            output,
+            error,
+            logs,
+            predict_time,
+        }
     }
 }
 
@@ -315,7 +364,9 @@ pub fn new_prediction_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
     let mut rng = rand::rng();
-    (0..26).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..26)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 #[cfg(test)]
@@ -340,32 +391,61 @@ mod tests {
         let engine = Engine::new(dir, DeviceSpec::Cpu, None).unwrap();
         assert_eq!(engine.health().0, Health::Starting);
         assert_eq!(
-            engine.predict("a".into(), &json!({"text": "x"})).await.unwrap_err(),
-            Rejection::NotReady { setup_failed: false }
+            engine
+                .predict("a".into(), &json!({"text": "x"}))
+                .await
+                .unwrap_err(),
+            Rejection::NotReady {
+                setup_failed: false
+            }
         );
         engine.setup().await.unwrap();
         assert_eq!(engine.health().0, Health::Ready);
 
-        let p = engine.predict("b".into(), &json!({"text": "ab", "count": 2})).await.unwrap();
+        let p = engine
+            .predict("b".into(), &json!({"text": "ab", "count": 2}))
+            .await
+            .unwrap();
         assert_eq!(p.status, PredictionStatus::Succeeded);
         assert_eq!(p.output["text"], "abab");
         assert!(p.logs.contains("conformance"));
 
         let busy = {
             let e = Arc::clone(&engine);
-            tokio::spawn(async move { e.predict("c".into(), &json!({"text": "x", "sleep": 0.5})).await })
+            tokio::spawn(async move {
+                e.predict("c".into(), &json!({"text": "x", "sleep": 0.5}))
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(engine.health().0, Health::Busy);
-        assert_eq!(engine.predict("d".into(), &json!({"text": "x"})).await.unwrap_err(), Rejection::AtCapacity);
-        assert_eq!(busy.await.unwrap().unwrap().status, PredictionStatus::Succeeded);
+        assert_eq!(
+            engine
+                .predict("d".into(), &json!({"text": "x"}))
+                .await
+                .unwrap_err(),
+            Rejection::AtCapacity
+        );
+        assert_eq!(
+            busy.await.unwrap().unwrap().status,
+            PredictionStatus::Succeeded
+        );
 
-        let failed = engine.predict("e".into(), &json!({"text": "x", "fail": true})).await.unwrap();
+        let failed = engine
+            .predict("e".into(), &json!({"text": "x", "fail": true}))
+            .await
+            .unwrap();
         assert_eq!(failed.status, PredictionStatus::Failed);
         assert!(failed.error.unwrap().contains("on purpose"));
 
-        let invalid = engine.predict("f".into(), &json!({"count": 99})).await.unwrap_err();
-        assert!(matches!(invalid, Rejection::InvalidInput(ref v) if v.len() == 2), "{invalid:?}");
+        let invalid = engine
+            .predict("f".into(), &json!({"count": 99}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(invalid, Rejection::InvalidInput(ref v) if v.len() == 2),
+            "{invalid:?}"
+        );
     }
 
     #[tokio::test]
@@ -375,7 +455,10 @@ mod tests {
         engine.setup().await.unwrap();
         let waiter = {
             let e = Arc::clone(&engine);
-            tokio::spawn(async move { e.predict("a".into(), &json!({"text": "x", "sleep": 30})).await })
+            tokio::spawn(async move {
+                e.predict("a".into(), &json!({"text": "x", "sleep": 30}))
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         waiter.abort();
@@ -404,9 +487,16 @@ mod tests {
         let (health, setup) = engine.health();
         assert_eq!(health, Health::SetupFailed);
         assert_eq!(setup.status, SetupStatus::Failed);
-        assert!(setup.logs.contains("setup failed") && setup.logs.contains("config.json"), "{}", setup.logs);
+        assert!(
+            setup.logs.contains("setup failed") && setup.logs.contains("config.json"),
+            "{}",
+            setup.logs
+        );
         assert_eq!(
-            engine.predict("a".into(), &json!({"vector": [1.0]})).await.unwrap_err(),
+            engine
+                .predict("a".into(), &json!({"vector": [1.0]}))
+                .await
+                .unwrap_err(),
             Rejection::NotReady { setup_failed: true }
         );
     }

@@ -14,7 +14,9 @@ use serde_json::{json, Map, Value};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::weights::{read_json_config, CheckedWeights, WeightsError};
-use crate::{json as fjson, Architecture, LoadError, Model, PredictContext, PredictError, SetupLog};
+use crate::{
+    json as fjson, Architecture, LoadError, Model, PredictContext, PredictError, SetupLog,
+};
 
 pub const ARCHITECTURE: Architecture = Architecture {
     name: "bert",
@@ -76,7 +78,12 @@ pub struct Bert {
 fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
     let layout = &dir.weights;
     let (config_path, config): (_, Config) = read_json_config(layout, "config.json", "bert")?;
-    log(&format!("config: {} ({} layers, hidden {})", config_path.display(), config.num_hidden_layers, config.hidden_size));
+    log(&format!(
+        "config: {} ({} layers, hidden {})",
+        config_path.display(),
+        config.num_hidden_layers,
+        config.hidden_size
+    ));
 
     let tokenizer_path = layout.file_named("tokenizer.json").ok_or_else(|| {
         WeightsError::Missing("tokenizer.json not found among the weights files; candle:bert needs it beside config.json".into())
@@ -86,13 +93,20 @@ fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>
         message: format!("not a usable tokenizer.json: {e}"),
     })?;
     let max_len = match layout.file_named("sentence_bert_config.json") {
-        Some(_) => read_json_config::<SentenceBertConfig>(layout, "sentence_bert_config.json", "bert")?.1.max_seq_length,
+        Some(_) => {
+            read_json_config::<SentenceBertConfig>(layout, "sentence_bert_config.json", "bert")?
+                .1
+                .max_seq_length
+        }
         None => None,
     }
     .unwrap_or(config.max_position_embeddings)
     .min(config.max_position_embeddings);
     tokenizer
-        .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+        .with_truncation(Some(TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        }))
         .map_err(|e| LoadError::Other(format!("tokenizer truncation: {e}")))?;
     tokenizer.with_padding(Some(PaddingParams {
         strategy: PaddingStrategy::BatchLongest,
@@ -102,11 +116,27 @@ fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>
 
     let pooling = pooling_of(dir)?;
     let weights = CheckedWeights::open(layout)?;
-    log(&format!("weights: {}", weights.files().iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")));
+    log(&format!(
+        "weights: {}",
+        weights
+            .files()
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let vb = weights.var_builder(DType::F32, device);
-    let model = BertModel::load(vb, &config).map_err(|e| LoadError::Other(format!("loading BERT weights: {e}")))?;
-    log(&format!("max sequence length {max_len}, {pooling:?} pooling"));
-    Ok(Box::new(Bert { model, tokenizer, pooling, device: device.clone() }))
+    let model = BertModel::load(vb, &config)
+        .map_err(|e| LoadError::Other(format!("loading BERT weights: {e}")))?;
+    log(&format!(
+        "max sequence length {max_len}, {pooling:?} pooling"
+    ));
+    Ok(Box::new(Bert {
+        model,
+        tokenizer,
+        pooling,
+        device: device.clone(),
+    }))
 }
 
 fn pooling_of(dir: &ModelDir) -> Result<Pooling, LoadError> {
@@ -118,10 +148,19 @@ fn pooling_of(dir: &ModelDir) -> Result<Pooling, LoadError> {
     else {
         return Ok(Pooling::Mean);
     };
-    let text = std::fs::read_to_string(path).map_err(|e| WeightsError::File { file: path.clone(), message: e.to_string() })?;
-    let c: PoolingConfig = serde_json::from_str(&text)
-        .map_err(|e| WeightsError::File { file: path.clone(), message: format!("invalid pooling config: {e}") })?;
-    match (c.pooling_mode_mean_tokens, c.pooling_mode_cls_token, c.pooling_mode_max_tokens || c.pooling_mode_mean_sqrt_len_tokens) {
+    let text = std::fs::read_to_string(path).map_err(|e| WeightsError::File {
+        file: path.clone(),
+        message: e.to_string(),
+    })?;
+    let c: PoolingConfig = serde_json::from_str(&text).map_err(|e| WeightsError::File {
+        file: path.clone(),
+        message: format!("invalid pooling config: {e}"),
+    })?;
+    match (
+        c.pooling_mode_mean_tokens,
+        c.pooling_mode_cls_token,
+        c.pooling_mode_max_tokens || c.pooling_mode_mean_sqrt_len_tokens,
+    ) {
         (true, false, false) => Ok(Pooling::Mean),
         (false, true, false) => Ok(Pooling::Cls),
         _ => Err(LoadError::Other(format!(
@@ -141,11 +180,16 @@ impl Bert {
                 .encode_batch(chunk.to_vec(), true)
                 .map_err(|e| PredictError::Failed(format!("tokenizer: {e}")))?;
             let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
-            let mask: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_attention_mask().to_vec()).collect();
+            let mask: Vec<Vec<u32>> = encodings
+                .iter()
+                .map(|e| e.get_attention_mask().to_vec())
+                .collect();
             let input_ids = Tensor::new(ids, &self.device)?;
             let attention_mask = Tensor::new(mask, &self.device)?;
             let token_type_ids = input_ids.zeros_like()?;
-            let hidden = self.model.forward(&input_ids, &token_type_ids, Some(&attention_mask))?;
+            let hidden = self
+                .model
+                .forward(&input_ids, &token_type_ids, Some(&attention_mask))?;
             let pooled = match self.pooling {
                 Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
                 Pooling::Mean => {
@@ -156,7 +200,11 @@ impl Bert {
                 }
             };
             let pooled = if normalize {
-                let norms = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f32::MAX as f64)?;
+                let norms = pooled
+                    .sqr()?
+                    .sum_keepdim(D::Minus1)?
+                    .sqrt()?
+                    .clamp(1e-12, f32::MAX as f64)?;
                 pooled.broadcast_div(&norms)?
             } else {
                 pooled
@@ -168,15 +216,29 @@ impl Bert {
 }
 
 impl Model for Bert {
-    fn predict(&self, input: &Map<String, Value>, ctx: &PredictContext) -> Result<Value, PredictError> {
-        let normalize = input.get("normalize").and_then(Value::as_bool).unwrap_or(true);
+    fn predict(
+        &self,
+        input: &Map<String, Value>,
+        ctx: &PredictContext,
+    ) -> Result<Value, PredictError> {
+        let normalize = input
+            .get("normalize")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
         let (texts, single) = match input.get("text") {
             Some(Value::String(s)) => (vec![s.clone()], true),
             Some(Value::Array(items)) => (
-                items.iter().map(|t| t.as_str().unwrap_or_default().to_string()).collect::<Vec<_>>(),
+                items
+                    .iter()
+                    .map(|t| t.as_str().unwrap_or_default().to_string())
+                    .collect::<Vec<_>>(),
                 false,
             ),
-            _ => return Err(PredictError::Failed("`text` must be a string or a list of strings".into())),
+            _ => {
+                return Err(PredictError::Failed(
+                    "`text` must be a string or a list of strings".into(),
+                ))
+            }
         };
         if texts.len() > MAX_TEXTS {
             return Err(PredictError::Failed(format!(
@@ -186,7 +248,11 @@ impl Model for Bert {
         }
         ctx.check_canceled()?;
         let vectors = self.embed(&texts, normalize)?;
-        ctx.log(&format!("embedded {} text(s) into {} dimensions", texts.len(), vectors.first().map_or(0, Vec::len)));
+        ctx.log(&format!(
+            "embedded {} text(s) into {} dimensions",
+            texts.len(),
+            vectors.first().map_or(0, Vec::len)
+        ));
         Ok(if single {
             fjson::f32_array(&vectors[0])
         } else {

@@ -20,22 +20,56 @@ pub fn signature() -> Signature {
     use Primitive::*;
     Signature {
         inputs: vec![
-            InputField::prim("text", Str).min_length(1).max_length(200).description("Any text, 1 to 200 characters"),
-            InputField::prim("count", Int).default(json!(3)).ge(1.0).le(10.0).description("How many times to repeat the text"),
-            InputField::prim("ratio", Float).default(json!(0.5)).ge(0.0).le(1.0).description("A number from 0 to 1"),
-            InputField::prim("flag", Bool).default(json!(false)).description("A boolean"),
+            InputField::prim("text", Str)
+                .min_length(1)
+                .max_length(200)
+                .description("Any text, 1 to 200 characters"),
+            InputField::prim("count", Int)
+                .default(json!(3))
+                .ge(1.0)
+                .le(10.0)
+                .description("How many times to repeat the text"),
+            InputField::prim("ratio", Float)
+                .default(json!(0.5))
+                .ge(0.0)
+                .le(1.0)
+                .description("A number from 0 to 1"),
+            InputField::prim("flag", Bool)
+                .default(json!(false))
+                .description("A boolean"),
             InputField::prim("color", Str)
                 .default(json!("red"))
                 .choices(vec![json!("red"), json!("green"), json!("blue")])
                 .description("A string choice"),
-            InputField::prim("size", Int).default(json!(1)).choices(vec![json!(1), json!(2), json!(3)]).description("An integer choice"),
-            InputField::prim("code", Str).default(json!("ab12")).regex("^[a-z]+[0-9]+$").description("Letters then digits"),
-            InputField::prim("api_key", Secret).default(Value::Null).description("A secret; only its length is echoed"),
-            InputField::prim("note", Str).optional().description("Optional, without a default"),
-            InputField::list("tags", Str).default(json!(["a", "b"])).description("A list with a default"),
-            InputField::prim("legacy", Bool).default(json!(false)).deprecated().description("Deprecated; ignored"),
-            InputField::prim("sleep", Float).default(json!(0.0)).ge(0.0).le(600.0).description("Seconds to stay busy before answering"),
-            InputField::prim("fail", Bool).default(json!(false)).description("Fail the prediction on purpose"),
+            InputField::prim("size", Int)
+                .default(json!(1))
+                .choices(vec![json!(1), json!(2), json!(3)])
+                .description("An integer choice"),
+            InputField::prim("code", Str)
+                .default(json!("ab12"))
+                .regex("^[a-z]+[0-9]+$")
+                .description("Letters then digits"),
+            InputField::prim("api_key", Secret)
+                .default(Value::Null)
+                .description("A secret; only its length is echoed"),
+            InputField::prim("note", Str)
+                .optional()
+                .description("Optional, without a default"),
+            InputField::list("tags", Str)
+                .default(json!(["a", "b"]))
+                .description("A list with a default"),
+            InputField::prim("legacy", Bool)
+                .default(json!(false))
+                .deprecated()
+                .description("Deprecated; ignored"),
+            InputField::prim("sleep", Float)
+                .default(json!(0.0))
+                .ge(0.0)
+                .le(600.0)
+                .description("Seconds to stay busy before answering"),
+            InputField::prim("fail", Bool)
+                .default(json!(false))
+                .description("Fail the prediction on purpose"),
         ],
         output: OutputType::Object(vec![
             ("text".into(), OutputType::Prim(Str), true),
@@ -47,7 +81,11 @@ pub fn signature() -> Signature {
             ("code".into(), OutputType::Prim(Str), true),
             ("api_key_length".into(), OutputType::Prim(Int), true),
             ("note_given".into(), OutputType::Prim(Bool), true),
-            ("tags".into(), OutputType::List(Box::new(OutputType::Prim(Str))), true),
+            (
+                "tags".into(),
+                OutputType::List(Box::new(OutputType::Prim(Str))),
+                true,
+            ),
         ]),
         streaming: false,
     }
@@ -61,23 +99,34 @@ fn load(_: &ModelDir, _: &candle_core::Device, log: SetupLog) -> Result<Box<dyn 
 }
 
 impl Model for Conformance {
-    fn predict(&self, input: &Map<String, Value>, ctx: &PredictContext) -> Result<Value, PredictError> {
+    fn predict(
+        &self,
+        input: &Map<String, Value>,
+        ctx: &PredictContext,
+    ) -> Result<Value, PredictError> {
         let get = |k: &str| input.get(k).cloned().unwrap_or(Value::Null);
         let text = get("text").as_str().unwrap_or_default().to_string();
         let count = get("count").as_i64().unwrap_or(1);
-        ctx.log(&format!("conformance: text of {} characters, count {count}", text.chars().count()));
+        ctx.log(&format!(
+            "conformance: text of {} characters, count {count}",
+            text.chars().count()
+        ));
         let sleep = get("sleep").as_f64().unwrap_or(0.0);
         if sleep > 0.0 {
             ctx.log(&format!("conformance: sleeping {sleep} s"));
             let until = Instant::now() + Duration::from_secs_f64(sleep);
             while Instant::now() < until {
                 ctx.check_canceled()?;
-                std::thread::sleep(Duration::from_millis(5).min(until.saturating_duration_since(Instant::now())));
+                std::thread::sleep(
+                    Duration::from_millis(5).min(until.saturating_duration_since(Instant::now())),
+                );
             }
         }
         if get("fail").as_bool() == Some(true) {
             ctx.log("conformance: failing as asked");
-            return Err(PredictError::Failed("failed on purpose: the `fail` input was true".into()));
+            return Err(PredictError::Failed(
+                "failed on purpose: the `fail` input was true".into(),
+            ));
         }
         Ok(json!({
             "text": text.repeat(count.max(0) as usize),

@@ -66,7 +66,10 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NoCudaSupport(self));
                 }
-                Device::new_cuda(n).map_err(|e| DeviceError::Unavailable { spec: self, reason: e.to_string() })
+                Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
+                    spec: self,
+                    reason: e.to_string(),
+                })
             }
         }
     }

@@ -9,7 +9,9 @@ pub fn f32_value(x: f32) -> Value {
     }
     // Rust's Display for f32 is the shortest round-trip form; reading it back as f64 keeps it.
     let shortest: f64 = format!("{x}").parse().unwrap_or(x as f64);
-    Number::from_f64(shortest).map(Value::Number).unwrap_or(Value::Null)
+    Number::from_f64(shortest)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 pub fn f32_array(xs: &[f32]) -> Value {
@@ -20,6 +22,9 @@ pub fn f32_array(xs: &[f32]) -> Value {
 mod tests {
     #[test]
     fn shortest() {
-        assert_eq!(serde_json::to_string(&super::f32_array(&[0.1, 1.0, -2.5e-8])).unwrap(), "[0.1,1.0,-2.5e-8]");
+        assert_eq!(
+            serde_json::to_string(&super::f32_array(&[0.1, 1.0, -2.5e-8])).unwrap(),
+            "[0.1,1.0,-2.5e-8]"
+        );
     }
 }

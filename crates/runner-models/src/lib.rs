@@ -24,9 +24,17 @@ pub use weights::WeightsError;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("`run: {target}` in {cog_yaml}: Python predictors are not supported yet; use a native architecture (`run: \"candle:<architecture>\"`, one of: {known})")]
-    PythonNotSupported { target: String, cog_yaml: String, known: String },
+    PythonNotSupported {
+        target: String,
+        cog_yaml: String,
+        known: String,
+    },
     #[error("`run: candle:{name}` in {cog_yaml}: unknown architecture; runner knows: {known}")]
-    UnknownArchitecture { name: String, cog_yaml: String, known: String },
+    UnknownArchitecture {
+        name: String,
+        cog_yaml: String,
+        known: String,
+    },
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error(transparent)]
@@ -91,25 +99,41 @@ impl PredictContext {
 pub trait Model: Send + Sync {
     /// Runs one prediction on an input already validated against the signature
     /// (unknown keys dropped, defaults filled in).
-    fn predict(&self, input: &Map<String, Value>, ctx: &PredictContext) -> Result<Value, PredictError>;
+    fn predict(
+        &self,
+        input: &Map<String, Value>,
+        ctx: &PredictContext,
+    ) -> Result<Value, PredictError>;
 }
 
 /// Where setup reports progress; lines end up in `/health-check`'s setup logs.
 pub type SetupLog<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// Loads an architecture from a model directory onto a device.
+pub type LoadFn =
+    fn(&ModelDir, &candle_core::Device, SetupLog) -> Result<Box<dyn Model>, LoadError>;
 
 /// A native architecture.
 pub struct Architecture {
     pub name: &'static str,
     pub summary: &'static str,
     pub signature: fn() -> Signature,
-    pub load: fn(&ModelDir, &candle_core::Device, SetupLog) -> Result<Box<dyn Model>, LoadError>,
+    pub load: LoadFn,
 }
 
 /// Every native architecture runner knows.
-pub const ARCHITECTURES: &[Architecture] = &[bert::ARCHITECTURE, conformance::ARCHITECTURE, tiny_mlp::ARCHITECTURE];
+pub const ARCHITECTURES: &[Architecture] = &[
+    bert::ARCHITECTURE,
+    conformance::ARCHITECTURE,
+    tiny_mlp::ARCHITECTURE,
+];
 
 fn known_names() -> String {
-    ARCHITECTURES.iter().map(|a| format!("candle:{}", a.name)).collect::<Vec<_>>().join(", ")
+    ARCHITECTURES
+        .iter()
+        .map(|a| format!("candle:{}", a.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The architecture a model directory's `run:` selects.
@@ -124,6 +148,10 @@ pub fn architecture_for(dir: &ModelDir) -> Result<&'static Architecture, LoadErr
         RunTarget::Native { architecture } => ARCHITECTURES
             .iter()
             .find(|a| a.name == architecture)
-            .ok_or_else(|| LoadError::UnknownArchitecture { name: architecture.clone(), cog_yaml, known: known_names() }),
+            .ok_or_else(|| LoadError::UnknownArchitecture {
+                name: architecture.clone(),
+                cog_yaml,
+                known: known_names(),
+            }),
     }
 }

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use crate::weights::{read_json_config, write_f32_safetensors, CheckedWeights, WeightsError};
-use crate::{json as fjson, Architecture, LoadError, Model, PredictContext, PredictError, SetupLog};
+use crate::{
+    json as fjson, Architecture, LoadError, Model, PredictContext, PredictError, SetupLog,
+};
 
 pub const ARCHITECTURE: Architecture = Architecture {
     name: "tiny-mlp",
@@ -28,7 +30,11 @@ pub struct TinyMlpConfig {
 impl Default for TinyMlpConfig {
     /// About 2.3 MB of f32 weights.
     fn default() -> Self {
-        TinyMlpConfig { input_size: 128, hidden_size: 4096, output_size: 16 }
+        TinyMlpConfig {
+            input_size: 128,
+            hidden_size: 4096,
+            output_size: 16,
+        }
     }
 }
 
@@ -63,20 +69,34 @@ pub fn generate_weights(config: &TinyMlpConfig, seed: u64) -> TinyMlpWeights {
     let s1 = 1.0 / (config.input_size as f32).sqrt();
     let s2 = 1.0 / (config.hidden_size as f32).sqrt();
     TinyMlpWeights {
-        fc1_weight: (0..config.hidden_size * config.input_size).map(|_| uniform(s1)).collect(),
+        fc1_weight: (0..config.hidden_size * config.input_size)
+            .map(|_| uniform(s1))
+            .collect(),
         fc1_bias: (0..config.hidden_size).map(|_| uniform(s1)).collect(),
-        fc2_weight: (0..config.output_size * config.hidden_size).map(|_| uniform(s2)).collect(),
+        fc2_weight: (0..config.output_size * config.hidden_size)
+            .map(|_| uniform(s2))
+            .collect(),
         fc2_bias: (0..config.output_size).map(|_| uniform(s2)).collect(),
     }
 }
 
 /// Writes `config.json` and `model.safetensors` for a generated model into `weights_dir`.
-pub fn write_model(weights_dir: &std::path::Path, config: &TinyMlpConfig, seed: u64) -> Result<(), WeightsError> {
-    std::fs::create_dir_all(weights_dir).map_err(|e| WeightsError::File { file: weights_dir.into(), message: e.to_string() })?;
+pub fn write_model(
+    weights_dir: &std::path::Path,
+    config: &TinyMlpConfig,
+    seed: u64,
+) -> Result<(), WeightsError> {
+    std::fs::create_dir_all(weights_dir).map_err(|e| WeightsError::File {
+        file: weights_dir.into(),
+        message: e.to_string(),
+    })?;
     let w = generate_weights(config, seed);
     let config_path = weights_dir.join("config.json");
     let text = serde_json::to_string_pretty(config).expect("config serializes");
-    std::fs::write(&config_path, text + "\n").map_err(|e| WeightsError::File { file: config_path, message: e.to_string() })?;
+    std::fs::write(&config_path, text + "\n").map_err(|e| WeightsError::File {
+        file: config_path,
+        message: e.to_string(),
+    })?;
     let (i, h, o) = (config.input_size, config.hidden_size, config.output_size);
     write_f32_safetensors(
         &weights_dir.join("model.safetensors"),
@@ -97,21 +117,35 @@ struct TinyMlp {
 }
 
 fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
-    let (path, config): (_, TinyMlpConfig) = read_json_config(&dir.weights, "config.json", "tiny-mlp")?;
+    let (path, config): (_, TinyMlpConfig) =
+        read_json_config(&dir.weights, "config.json", "tiny-mlp")?;
     log(&format!("config: {} ({config:?})", path.display()));
     let vb = CheckedWeights::open(&dir.weights)?.var_builder(DType::F32, device);
     let linear = |name: &str, inp: usize, out: usize| -> Result<Linear, LoadError> {
-        let w = vb.get((out, inp), &format!("{name}.weight")).map_err(|e| LoadError::Other(e.to_string()))?;
-        let b = vb.get(out, &format!("{name}.bias")).map_err(|e| LoadError::Other(e.to_string()))?;
+        let w = vb
+            .get((out, inp), &format!("{name}.weight"))
+            .map_err(|e| LoadError::Other(e.to_string()))?;
+        let b = vb
+            .get(out, &format!("{name}.bias"))
+            .map_err(|e| LoadError::Other(e.to_string()))?;
         Ok(Linear::new(w, Some(b)))
     };
     let fc1 = linear("fc1", config.input_size, config.hidden_size)?;
     let fc2 = linear("fc2", config.hidden_size, config.output_size)?;
-    Ok(Box::new(TinyMlp { config, fc1, fc2, device: device.clone() }))
+    Ok(Box::new(TinyMlp {
+        config,
+        fc1,
+        fc2,
+        device: device.clone(),
+    }))
 }
 
 impl Model for TinyMlp {
-    fn predict(&self, input: &Map<String, Value>, ctx: &PredictContext) -> Result<Value, PredictError> {
+    fn predict(
+        &self,
+        input: &Map<String, Value>,
+        ctx: &PredictContext,
+    ) -> Result<Value, PredictError> {
         let vector: Vec<f32> = input
             .get("vector")
             .and_then(Value::as_array)
@@ -127,7 +161,11 @@ impl Model for TinyMlp {
         let x = Tensor::from_vec(vector, (1, self.config.input_size), &self.device)?;
         let y = self.fc2.forward(&self.fc1.forward(&x)?.relu()?)?;
         let y: Vec<f32> = y.squeeze(0)?.to_vec1()?;
-        ctx.log(&format!("tiny-mlp: {} → {}", self.config.input_size, y.len()));
+        ctx.log(&format!(
+            "tiny-mlp: {} → {}",
+            self.config.input_size,
+            y.len()
+        ));
         Ok(fjson::f32_array(&y))
     }
 }

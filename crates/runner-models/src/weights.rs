@@ -25,7 +25,10 @@ pub enum WeightsError {
 }
 
 fn file_err(file: &Path, message: impl Into<String>) -> WeightsError {
-    WeightsError::File { file: file.to_path_buf(), message: message.into() }
+    WeightsError::File {
+        file: file.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// One tensor as a safetensors header describes it.
@@ -53,30 +56,48 @@ fn dtype_size(dtype: &str) -> Option<u64> {
 /// Reads and checks a safetensors header against the file: every tensor's bytes must lie
 /// inside the file and match its dtype and shape.
 pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>, WeightsError> {
-    let mut file = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
-    let size = file.metadata().map_err(|e| file_err(path, e.to_string()))?.len();
+    let mut file =
+        std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
+    let size = file
+        .metadata()
+        .map_err(|e| file_err(path, e.to_string()))?
+        .len();
     let redo = "re-download or re-copy the file";
     if size < 8 {
-        return Err(file_err(path, format!("truncated: {size} bytes, too short to be a safetensors file; {redo}")));
+        return Err(file_err(
+            path,
+            format!("truncated: {size} bytes, too short to be a safetensors file; {redo}"),
+        ));
     }
     let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes).map_err(|e| file_err(path, e.to_string()))?;
+    file.read_exact(&mut len_bytes)
+        .map_err(|e| file_err(path, e.to_string()))?;
     let header_len = u64::from_le_bytes(len_bytes);
     if header_len > MAX_HEADER_BYTES {
-        return Err(file_err(path, format!("not a safetensors file (header length {header_len} is implausible); {redo}")));
+        return Err(file_err(
+            path,
+            format!("not a safetensors file (header length {header_len} is implausible); {redo}"),
+        ));
     }
     if 8 + header_len > size {
         return Err(file_err(
             path,
-            format!("truncated: the header needs {} bytes but the file has {size}; {redo}", 8 + header_len),
+            format!(
+                "truncated: the header needs {} bytes but the file has {size}; {redo}",
+                8 + header_len
+            ),
         ));
     }
     let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(|e| file_err(path, e.to_string()))?;
+    file.read_exact(&mut header)
+        .map_err(|e| file_err(path, e.to_string()))?;
     let json: serde_json::Value = serde_json::from_slice(&header)
         .map_err(|e| file_err(path, format!("corrupt safetensors header ({e}); {redo}")))?;
     let Some(entries) = json.as_object() else {
-        return Err(file_err(path, format!("corrupt safetensors header (not a JSON object); {redo}")));
+        return Err(file_err(
+            path,
+            format!("corrupt safetensors header (not a JSON object); {redo}"),
+        ));
     };
     let data_len = size - 8 - header_len;
     let mut tensors = BTreeMap::new();
@@ -85,7 +106,10 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>, WeightsE
             continue;
         }
         let bad = |what: &str| file_err(path, format!("tensor `{name}`: {what}; {redo}"));
-        let dtype = entry["dtype"].as_str().ok_or_else(|| bad("no dtype in header"))?.to_string();
+        let dtype = entry["dtype"]
+            .as_str()
+            .ok_or_else(|| bad("no dtype in header"))?
+            .to_string();
         let shape: Vec<usize> = entry["shape"]
             .as_array()
             .ok_or_else(|| bad("no shape in header"))?
@@ -93,7 +117,10 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>, WeightsE
             .map(|d| d.as_u64().map(|d| d as usize))
             .collect::<Option<_>>()
             .ok_or_else(|| bad("shape is not a list of sizes"))?;
-        let offsets = entry["data_offsets"].as_array().filter(|o| o.len() == 2).ok_or_else(|| bad("no data_offsets"))?;
+        let offsets = entry["data_offsets"]
+            .as_array()
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| bad("no data_offsets"))?;
         let (begin, end) = match (offsets[0].as_u64(), offsets[1].as_u64()) {
             (Some(b), Some(e)) if b <= e => (b, e),
             _ => return Err(bad("data_offsets are not an increasing pair")),
@@ -107,11 +134,23 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>, WeightsE
             ));
         }
         let elem = dtype_size(&dtype).ok_or_else(|| bad(&format!("unsupported dtype {dtype}")))?;
-        let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
         if numel.and_then(|n| n.checked_mul(elem)) != Some(end - begin) {
-            return Err(bad(&format!("{} bytes for shape {shape:?} of {dtype}", end - begin)));
+            return Err(bad(&format!(
+                "{} bytes for shape {shape:?} of {dtype}",
+                end - begin
+            )));
         }
-        tensors.insert(name.clone(), TensorInfo { dtype, shape, offsets: (begin, end) });
+        tensors.insert(
+            name.clone(),
+            TensorInfo {
+                dtype,
+                shape,
+                offsets: (begin, end),
+            },
+        );
     }
     Ok(tensors)
 }
@@ -140,7 +179,13 @@ impl CheckedWeights {
         for file in &files {
             for (name, info) in read_header(file)? {
                 if let Some((other, _)) = tensors.insert(name.clone(), (file.clone(), info)) {
-                    return Err(file_err(file, format!("tensor `{name}` is also in {}; keep one copy", other.display())));
+                    return Err(file_err(
+                        file,
+                        format!(
+                            "tensor `{name}` is also in {}; keep one copy",
+                            other.display()
+                        ),
+                    ));
                 }
             }
         }
@@ -160,7 +205,11 @@ impl CheckedWeights {
         // SAFETY: the files are mapped read-only; runner never writes weights while serving.
         let mmaped = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| WeightsError::Missing(format!("cannot map weights: {e}")))?;
-        Ok(CheckedWeights { tensors, files, mmaped })
+        Ok(CheckedWeights {
+            tensors,
+            files,
+            mmaped,
+        })
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -177,16 +226,25 @@ impl CheckedWeights {
     }
 
     fn files_list(&self) -> String {
-        self.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 fn index_map(index: &Path) -> Result<BTreeMap<String, String>, WeightsError> {
-    let text = std::fs::read_to_string(index).map_err(|e| file_err(index, format!("cannot read: {e}")))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(index, format!("not valid JSON: {e}")))?;
-    let map = json["weight_map"]
-        .as_object()
-        .ok_or_else(|| file_err(index, "no `weight_map` object; this is not a safetensors index"))?;
+    let text =
+        std::fs::read_to_string(index).map_err(|e| file_err(index, format!("cannot read: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| file_err(index, format!("not valid JSON: {e}")))?;
+    let map = json["weight_map"].as_object().ok_or_else(|| {
+        file_err(
+            index,
+            "no `weight_map` object; this is not a safetensors index",
+        )
+    })?;
     map.iter()
         .map(|(k, v)| {
             v.as_str()
@@ -205,13 +263,22 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
         .into_iter()
         .map(|s| {
             if s.contains('/') || s.contains("..") {
-                return Err(file_err(index, format!("shard name {s:?} must be a file name beside the index")));
+                return Err(file_err(
+                    index,
+                    format!("shard name {s:?} must be a file name beside the index"),
+                ));
             }
             let p = dir.join(&s);
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(file_err(index, format!("names shard {s}, which is missing from {}; fetch every shard", dir.display())))
+                Err(file_err(
+                    index,
+                    format!(
+                        "names shard {s}, which is missing from {}; fetch every shard",
+                        dir.display()
+                    ),
+                ))
             }
         })
         .collect()
@@ -222,7 +289,14 @@ fn is_float(dtype: &str) -> bool {
 }
 
 impl SimpleBackend for CheckedWeights {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let Some((file, info)) = self.tensors.get(name) else {
             candle_core::bail!("tensor `{name}` is missing from the weights ({}); the weights do not belong to this architecture or config.json", self.files_list());
         };
@@ -239,7 +313,10 @@ impl SimpleBackend for CheckedWeights {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let Some((file, info)) = self.tensors.get(name) else {
-            candle_core::bail!("tensor `{name}` is missing from the weights ({})", self.files_list());
+            candle_core::bail!(
+                "tensor `{name}` is missing from the weights ({})",
+                self.files_list()
+            );
         };
         if dtype.is_float() && !is_float(&info.dtype) {
             candle_core::bail!(
@@ -257,17 +334,26 @@ impl SimpleBackend for CheckedWeights {
 }
 
 /// Reads a JSON config file that an architecture needs, naming it in errors.
-pub fn read_json_config<T: serde::de::DeserializeOwned>(layout: &WeightsLayout, name: &str, architecture: &str) -> Result<(PathBuf, T), WeightsError> {
+pub fn read_json_config<T: serde::de::DeserializeOwned>(
+    layout: &WeightsLayout,
+    name: &str,
+    architecture: &str,
+) -> Result<(PathBuf, T), WeightsError> {
     let path = layout.file_named(name).ok_or_else(|| {
         WeightsError::Missing(format!("{name} not found among the weights files; candle:{architecture} needs it beside the safetensors weights"))
     })?;
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    let value = serde_json::from_str(&text).map_err(|e| file_err(path, format!("invalid for candle:{architecture}: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let value = serde_json::from_str(&text)
+        .map_err(|e| file_err(path, format!("invalid for candle:{architecture}: {e}")))?;
     Ok((path.to_path_buf(), value))
 }
 
 /// Writes f32 tensors as a safetensors file (used by generated test models).
-pub fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<(), WeightsError> {
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) -> Result<(), WeightsError> {
     let device = Device::Cpu;
     let map: HashMap<String, Tensor> = tensors
         .iter()
@@ -276,7 +362,8 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>
         })
         .collect::<candle_core::Result<_>>()
         .map_err(|e| file_err(path, e.to_string()))?;
-    candle_core::safetensors::save(&map, path).map_err(|e| file_err(path, format!("cannot write: {e}")))
+    candle_core::safetensors::save(&map, path)
+        .map_err(|e| file_err(path, format!("cannot write: {e}")))
 }
 
 #[cfg(test)]
@@ -284,23 +371,46 @@ mod tests {
     use super::*;
 
     fn layout_of(files: Vec<PathBuf>) -> WeightsLayout {
-        WeightsLayout { safetensors: files.clone(), files, safetensors_index: None }
+        WeightsLayout {
+            safetensors: files.clone(),
+            files,
+            safetensors_index: None,
+        }
     }
 
     #[test]
     fn truncated_file_names_file_and_tensor() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("model.safetensors");
-        write_f32_safetensors(&p, &[("a", vec![4, 4], vec![1.0; 16]), ("b", vec![2], vec![2.0; 2])]).unwrap();
+        write_f32_safetensors(
+            &p,
+            &[
+                ("a", vec![4, 4], vec![1.0; 16]),
+                ("b", vec![2], vec![2.0; 2]),
+            ],
+        )
+        .unwrap();
         let full = std::fs::read(&p).unwrap();
         std::fs::write(&p, &full[..full.len() - 3]).unwrap();
-        let e = CheckedWeights::open(&layout_of(vec![p.clone()])).err().unwrap().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("truncated") && e.contains("tensor `"), "{e}");
+        let e = CheckedWeights::open(&layout_of(vec![p.clone()]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("truncated") && e.contains("tensor `"),
+            "{e}"
+        );
         std::fs::write(&p, &full[..5]).unwrap();
-        let e = CheckedWeights::open(&layout_of(vec![p.clone()])).err().unwrap().to_string();
+        let e = CheckedWeights::open(&layout_of(vec![p.clone()]))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("truncated"), "{e}");
         std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
-        let e = CheckedWeights::open(&layout_of(vec![p])).err().unwrap().to_string();
+        let e = CheckedWeights::open(&layout_of(vec![p]))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("not a safetensors file"), "{e}");
     }
 
@@ -310,11 +420,20 @@ mod tests {
         let p = d.path().join("model.safetensors");
         let ints = Tensor::new(&[1i64, 2], &Device::Cpu).unwrap();
         let floats = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        candle_core::safetensors::save(&HashMap::from([("w".to_string(), floats), ("ids".to_string(), ints)]), &p).unwrap();
-        let vb = CheckedWeights::open(&layout_of(vec![p])).unwrap().var_builder(DType::F32, &Device::Cpu);
+        candle_core::safetensors::save(
+            &HashMap::from([("w".to_string(), floats), ("ids".to_string(), ints)]),
+            &p,
+        )
+        .unwrap();
+        let vb = CheckedWeights::open(&layout_of(vec![p]))
+            .unwrap()
+            .var_builder(DType::F32, &Device::Cpu);
         assert!(vb.get((2, 3), "w").is_ok());
         let e = vb.get((3, 2), "w").unwrap_err().to_string();
-        assert!(e.contains("model.safetensors") && e.contains("`w`") && e.contains("[2, 3]"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("`w`") && e.contains("[2, 3]"),
+            "{e}"
+        );
         let e = vb.get(2, "ids").unwrap_err().to_string();
         assert!(e.contains("`ids`") && e.contains("I64"), "{e}");
         let e = vb.get(2, "nope").unwrap_err().to_string();
@@ -324,16 +443,36 @@ mod tests {
     #[test]
     fn sharded_index_is_checked() {
         let d = tempfile::tempdir().unwrap();
-        write_f32_safetensors(&d.path().join("a.safetensors"), &[("x", vec![2], vec![1.0, 2.0])]).unwrap();
+        write_f32_safetensors(
+            &d.path().join("a.safetensors"),
+            &[("x", vec![2], vec![1.0, 2.0])],
+        )
+        .unwrap();
         let index = d.path().join("model.safetensors.index.json");
-        std::fs::write(&index, r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}"#).unwrap();
-        let layout = WeightsLayout { files: vec![], safetensors: vec![], safetensors_index: Some(index.clone()) };
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        let layout = WeightsLayout {
+            files: vec![],
+            safetensors: vec![],
+            safetensors_index: Some(index.clone()),
+        };
         let e = CheckedWeights::open(&layout).err().unwrap().to_string();
         assert!(e.contains("b.safetensors") && e.contains("missing"), "{e}");
-        write_f32_safetensors(&d.path().join("b.safetensors"), &[("z", vec![1], vec![1.0])]).unwrap();
+        write_f32_safetensors(
+            &d.path().join("b.safetensors"),
+            &[("z", vec![1], vec![1.0])],
+        )
+        .unwrap();
         let e = CheckedWeights::open(&layout).err().unwrap().to_string();
         assert!(e.contains("`y`"), "{e}");
-        std::fs::write(&index, r#"{"weight_map": {"x": "a.safetensors", "z": "b.safetensors"}}"#).unwrap();
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"x": "a.safetensors", "z": "b.safetensors"}}"#,
+        )
+        .unwrap();
         let w = CheckedWeights::open(&layout).unwrap();
         assert_eq!(w.files().len(), 2);
     }

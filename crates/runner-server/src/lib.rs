@@ -63,7 +63,11 @@ async fn health_check(State(engine): State<Arc<Engine>>) -> Json<Value> {
 }
 
 async fn openapi(State(engine): State<Arc<Engine>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], engine.openapi_json().to_string()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        engine.openapi_json().to_string(),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -74,10 +78,21 @@ struct PredictionRequest {
     webhook: Option<String>,
 }
 
-async fn create_prediction(State(engine): State<Arc<Engine>>, body: Option<Json<PredictionRequest>>) -> Response {
-    let request = body.map(|Json(r)| r).unwrap_or(PredictionRequest { id: None, input: Value::Null, webhook: None });
+async fn create_prediction(
+    State(engine): State<Arc<Engine>>,
+    body: Option<Json<PredictionRequest>>,
+) -> Response {
+    let request = body.map(|Json(r)| r).unwrap_or(PredictionRequest {
+        id: None,
+        input: Value::Null,
+        webhook: None,
+    });
     // Cog treats a missing or null input as an empty one.
-    let input = if request.input.is_null() { Value::Object(Map::new()) } else { request.input };
+    let input = if request.input.is_null() {
+        Value::Object(Map::new())
+    } else {
+        request.input
+    };
     if request.webhook.is_some() {
         tracing::warn!("webhooks are not delivered yet: answering synchronously");
     }
@@ -96,7 +111,10 @@ pub fn prediction_body(p: &Prediction) -> Value {
         body.insert("error".into(), json!(error));
     }
     body.insert("logs".into(), json!(p.logs));
-    body.insert("metrics".into(), json!({"predict_time": p.predict_time.as_secs_f64()}));
+    body.insert(
+        "metrics".into(),
+        json!({"predict_time": p.predict_time.as_secs_f64()}),
+    );
     if p.status == PredictionStatus::Succeeded {
         body.insert("output".into(), p.output.clone());
     }
@@ -123,7 +141,11 @@ pub fn rejection_response(rejection: Rejection) -> Response {
             } else {
                 "Setup has not finished yet. Wait until it has finished, or GET /health-check for status."
             };
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": error, "status": "failed"}))).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": error, "status": "failed"})),
+            )
+                .into_response()
         }
     }
 }
@@ -161,13 +183,20 @@ mod tests {
     }
 
     fn post(body: &str) -> Request<Body> {
-        Request::post("/predictions").header("content-type", "application/json").body(Body::from(body.to_string())).unwrap()
+        Request::post("/predictions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
     }
 
     #[tokio::test]
     async fn predictions_and_errors() {
         let (_d, engine) = engine(true).await;
-        let (status, body) = call(&engine, post(r#"{"id": "p1", "input": {"text": "hi", "extra": 1}}"#)).await;
+        let (status, body) = call(
+            &engine,
+            post(r#"{"id": "p1", "input": {"text": "hi", "extra": 1}}"#),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["id"], "p1");
@@ -177,7 +206,8 @@ mod tests {
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["id", "logs", "metrics", "output", "status"]);
 
-        let (status, body) = call(&engine, post(r#"{"input": {"text": "", "color": "pink"}}"#)).await;
+        let (status, body) =
+            call(&engine, post(r#"{"input": {"text": "", "color": "pink"}}"#)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["detail"].as_array().unwrap().len(), 2, "{body}");
@@ -191,12 +221,23 @@ mod tests {
 
         let (status, _) = call(&engine, post("{not json")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        let (status, _) = call(&engine, Request::post("/predictions").header("content-type", "text/plain").body(Body::from("{}")).unwrap()).await;
+        let (status, _) = call(
+            &engine,
+            Request::post("/predictions")
+                .header("content-type", "text/plain")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let (status, _) = call(&engine, post(r#"{"id": 5}"#)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         // No body at all: an empty input, so the required `text` is reported missing.
-        let (status, body) = call(&engine, Request::post("/predictions").body(Body::empty()).unwrap()).await;
+        let (status, body) = call(
+            &engine,
+            Request::post("/predictions").body(Body::empty()).unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         assert!(body.contains("Field required"));
     }
@@ -204,12 +245,20 @@ mod tests {
     #[tokio::test]
     async fn not_ready_and_health() {
         let (_d, engine) = engine(false).await;
-        let (status, body) = call(&engine, Request::get("/health-check").body(Body::empty()).unwrap()).await;
+        let (status, body) = call(
+            &engine,
+            Request::get("/health-check").body(Body::empty()).unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("\"STARTING\""), "{body}");
         let (status, _) = call(&engine, post(r#"{"input": {"text": "x"}}"#)).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-        let (status, body) = call(&engine, Request::get("/openapi.json").body(Body::empty()).unwrap()).await;
+        let (status, body) = call(
+            &engine,
+            Request::get("/openapi.json").body(Body::empty()).unwrap(),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body, engine.openapi_json());
         let (_, body) = call(&engine, Request::get("/").body(Body::empty()).unwrap()).await;
@@ -221,10 +270,16 @@ mod tests {
         let (_d, engine) = engine(true).await;
         let slow = {
             let e = Arc::clone(&engine);
-            tokio::spawn(async move { call(&e, post(r#"{"input": {"text": "x", "sleep": 0.5}}"#)).await })
+            tokio::spawn(async move {
+                call(&e, post(r#"{"input": {"text": "x", "sleep": 0.5}}"#)).await
+            })
         };
         tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-        let (_, body) = call(&engine, Request::get("/health-check").body(Body::empty()).unwrap()).await;
+        let (_, body) = call(
+            &engine,
+            Request::get("/health-check").body(Body::empty()).unwrap(),
+        )
+        .await;
         assert!(body.contains("\"BUSY\""), "{body}");
         let (status, body) = call(&engine, post(r#"{"input": {"text": "x"}}"#)).await;
         assert_eq!(status, StatusCode::CONFLICT, "{body}");

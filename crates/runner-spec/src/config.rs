@@ -277,7 +277,10 @@ impl CogConfig {
                 return Err(err(
                     line_of(&train.referenced),
                     "train",
-                    format!("`train: {}` must be in the form 'train.py:Trainer'", train.value),
+                    format!(
+                        "`train: {}` must be in the form 'train.py:Trainer'",
+                        train.value
+                    ),
                 ));
             }
         }
@@ -290,12 +293,15 @@ impl CogConfig {
                     StringOrNumber::String(s) => s.clone(),
                     StringOrNumber::Number(n) => n.to_string(),
                 };
-                validate_python_version(&version).map_err(|m| {
-                    err(line_of(&v.referenced), "build.python_version", m)
-                })?;
+                validate_python_version(&version)
+                    .map_err(|m| err(line_of(&v.referenced), "build.python_version", m))?;
             }
             if let Some(cuda) = &build.value.cuda {
-                let major = cuda.value.split('.').next().and_then(|m| m.parse::<u32>().ok());
+                let major = cuda
+                    .value
+                    .split('.')
+                    .next()
+                    .and_then(|m| m.parse::<u32>().ok());
                 if major.is_none_or(|m| m < 11) {
                     return Err(err(
                         line_of(&cuda.referenced),
@@ -334,30 +340,65 @@ impl CogConfig {
                 return Err(err(
                     line,
                     &key,
-                    format!("environment variable {:?} is not in the KEY=VALUE format", entry.value),
+                    format!(
+                        "environment variable {:?} is not in the KEY=VALUE format",
+                        entry.value
+                    ),
                 ));
             };
-            let valid_name = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let valid_name = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_name {
-                return Err(err(line, &key, format!("environment variable name {name:?} must match ^[A-Za-z_][A-Za-z0-9_]*$")));
+                return Err(err(
+                    line,
+                    &key,
+                    format!(
+                        "environment variable name {name:?} must match ^[A-Za-z_][A-Za-z0-9_]*$"
+                    ),
+                ));
             }
-            let reserved = ENVIRONMENT_DENY_LIST.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => name.starts_with(prefix),
-                None => *p == name,
-            });
+            let reserved = ENVIRONMENT_DENY_LIST
+                .iter()
+                .any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => name.starts_with(prefix),
+                    None => *p == name,
+                });
             if reserved {
                 return Err(err(line, &key, format!("environment variable {name:?} is not allowed: reserved for internal use; choose another name")));
             }
-            if environment.insert(name.to_string(), value.to_string()).is_some() {
-                return Err(err(line, &key, format!("environment variable {name:?} is already defined; remove the duplicate")));
+            if environment
+                .insert(name.to_string(), value.to_string())
+                .is_some()
+            {
+                return Err(err(
+                    line,
+                    &key,
+                    format!(
+                        "environment variable {name:?} is already defined; remove the duplicate"
+                    ),
+                ));
             }
         }
 
-        let model = raw.model.as_ref().map(|m| m.value.clone()).filter(|m| !m.is_empty());
-        let image = raw.image.as_ref().map(|m| m.value.clone()).filter(|m| !m.is_empty());
+        let model = raw
+            .model
+            .as_ref()
+            .map(|m| m.value.clone())
+            .filter(|m| !m.is_empty());
+        let image = raw
+            .image
+            .as_ref()
+            .map(|m| m.value.clone())
+            .filter(|m| !m.is_empty());
         if let (Some(_), Some(i)) = (&model, &raw.image) {
-            return Err(err(line_of(&i.referenced), "model", "'model' and 'image' cannot both be set; keep `model`".into()));
+            return Err(err(
+                line_of(&i.referenced),
+                "model",
+                "'model' and 'image' cannot both be set; keep `model`".into(),
+            ));
         }
         if let (Some(m), Some(raw_model)) = (&model, &raw.model) {
             let last = m.rsplit('/').next().unwrap_or(m);
@@ -365,7 +406,9 @@ impl CogConfig {
                 return Err(err(
                     line_of(&raw_model.referenced),
                     "model",
-                    format!("`model: {m}` must be a bare repository — tags and digests are not allowed"),
+                    format!(
+                        "`model: {m}` must be a bare repository — tags and digests are not allowed"
+                    ),
                 ));
             }
         }
@@ -394,7 +437,11 @@ fn first_line(s: &str) -> String {
 fn explain_parse_error(msg: &str) -> (String, String) {
     if let Some(rest) = msg.split("unknown field `").nth(1) {
         let key = rest.split('`').next().unwrap_or_default().to_string();
-        let expected = rest.split("expected ").nth(1).map(|e| format!(" (expected {e})")).unwrap_or_default();
+        let expected = rest
+            .split("expected ")
+            .nth(1)
+            .map(|e| format!(" (expected {e})"))
+            .unwrap_or_default();
         return (
             key.clone(),
             format!("unknown key `{key}`: Cog 0.23 does not accept it here{expected}; remove it or fix its spelling"),
@@ -418,7 +465,9 @@ fn parse_run_target(value: &str) -> Result<RunTarget, String> {
         if architecture.is_empty() {
             return Err("`candle:` needs an architecture name, e.g. `run: \"candle:bert\"`".into());
         }
-        return Ok(RunTarget::Native { architecture: architecture.to_string() });
+        return Ok(RunTarget::Native {
+            architecture: architecture.to_string(),
+        });
     }
     match value.split_once(".py:") {
         Some((file, class)) if !file.is_empty() && !class.is_empty() && !class.contains(".py:") => {
@@ -433,13 +482,19 @@ fn parse_run_target(value: &str) -> Result<RunTarget, String> {
 fn validate_python_version(version: &str) -> Result<(), String> {
     let parts: Vec<&str> = version.trim().splitn(3, '.').collect();
     if parts.len() < 2 {
-        return Err(format!("`build.python_version: {version}` must include major and minor version (e.g. '3.11')"));
+        return Err(format!(
+            "`build.python_version: {version}` must include major and minor version (e.g. '3.11')"
+        ));
     }
     let (Ok(major), Ok(minor)) = (parts[0].parse::<u32>(), parts[1].parse::<u32>()) else {
-        return Err(format!("`build.python_version: {version}` is not a version number (e.g. '3.11')"));
+        return Err(format!(
+            "`build.python_version: {version}` is not a version number (e.g. '3.11')"
+        ));
     };
     if major < 3 || (major == 3 && minor < 10) {
-        return Err(format!("`build.python_version: {version}`: minimum supported Python version is 3.10"));
+        return Err(format!(
+            "`build.python_version: {version}`: minimum supported Python version is 3.10"
+        ));
     }
     Ok(())
 }
@@ -450,7 +505,9 @@ fn validate_weights(
     err: &dyn Fn(Option<u64>, &str, String) -> ConfigError,
     line_of: &dyn Fn(&serde_saphyr::Location) -> Option<u64>,
 ) -> Result<Vec<WeightEntry>, ConfigError> {
-    let Some(entries) = &raw.weights else { return Ok(Vec::new()) };
+    let Some(entries) = &raw.weights else {
+        return Ok(Vec::new());
+    };
     if !entries.is_empty() && !model_set {
         return Err(err(
             entries.first().and_then(|e| line_of(&e.referenced)),
@@ -459,7 +516,12 @@ fn validate_weights(
         ));
     }
     let name_ok = |n: &str| {
-        n.split(['.', '_', '-']).all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()))
+        n.split(['.', '_', '-']).all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
     };
     let mut names = std::collections::HashSet::new();
     let mut targets: Vec<String> = Vec::new();
@@ -479,17 +541,34 @@ fn validate_weights(
             Some(n) => n.clone(),
         };
         let target = match &w.target {
-            None => return Err(err(line, &format!("{idx}.target"), format!("`{idx}.target` is required (an absolute path such as /src/weights)"))),
+            None => {
+                return Err(err(
+                    line,
+                    &format!("{idx}.target"),
+                    format!("`{idx}.target` is required (an absolute path such as /src/weights)"),
+                ))
+            }
             Some(t) if !t.starts_with('/') => {
-                return Err(err(line, &format!("{idx}.target"), format!("`{idx}.target: {t}` must be an absolute path")))
+                return Err(err(
+                    line,
+                    &format!("{idx}.target"),
+                    format!("`{idx}.target: {t}` must be an absolute path"),
+                ))
             }
             Some(t) => {
                 let cleaned = t.trim_end_matches('/').to_string();
                 if cleaned.is_empty() {
-                    return Err(err(line, &format!("{idx}.target"), format!("`{idx}.target` must not be the container root \"/\"")));
+                    return Err(err(
+                        line,
+                        &format!("{idx}.target"),
+                        format!("`{idx}.target` must not be the container root \"/\""),
+                    ));
                 }
                 for prev in &targets {
-                    if *prev == cleaned || prev.starts_with(&format!("{cleaned}/")) || cleaned.starts_with(&format!("{prev}/")) {
+                    if *prev == cleaned
+                        || prev.starts_with(&format!("{cleaned}/"))
+                        || cleaned.starts_with(&format!("{prev}/"))
+                    {
                         return Err(err(line, &format!("{idx}.target"), format!("`{idx}.target: {t}` overlaps with {prev:?}; weight targets must be disjoint")));
                     }
                 }
@@ -497,18 +576,30 @@ fn validate_weights(
                 t.clone()
             }
         };
-        let source_line = w.source.as_ref().and_then(|s| line_of(&s.referenced)).or(line);
+        let source_line = w
+            .source
+            .as_ref()
+            .and_then(|s| line_of(&s.referenced))
+            .or(line);
         let raw_sources: Vec<&RawSource> = match w.source.as_ref().map(|s| &s.value) {
             None => vec![],
             Some(RawSourceList::One(s)) => vec![s],
             Some(RawSourceList::Many(v)) => v.iter().collect(),
         };
         if raw_sources.is_empty() {
-            return Err(err(line, &format!("{idx}.source"), format!("`{idx}.source` is required, e.g. `source: {{uri: ./weights}}`")));
+            return Err(err(
+                line,
+                &format!("{idx}.source"),
+                format!("`{idx}.source` is required, e.g. `source: {{uri: ./weights}}`"),
+            ));
         }
         let mut sources = Vec::new();
         for (j, s) in raw_sources.iter().enumerate() {
-            let key = if raw_sources.len() == 1 { format!("{idx}.source") } else { format!("{idx}.source[{j}]") };
+            let key = if raw_sources.len() == 1 {
+                format!("{idx}.source")
+            } else {
+                format!("{idx}.source[{j}]")
+            };
             let sline = source_line;
             let Some(uri) = s.uri.clone().filter(|u| !u.is_empty()) else {
                 return Err(err(sline, &format!("{key}.uri"), format!("`{key}.uri` is required (a path relative to the model directory, e.g. ./weights)")));
@@ -518,13 +609,23 @@ fn validate_weights(
                     let p = p.trim();
                     let pkey = format!("{key}.{field}[{k}]");
                     if p.is_empty() {
-                        return Err(err(sline, &pkey, format!("`{pkey}`: pattern must not be empty")));
+                        return Err(err(
+                            sline,
+                            &pkey,
+                            format!("`{pkey}`: pattern must not be empty"),
+                        ));
                     }
                     if p.starts_with('!') {
                         return Err(err(sline, &pkey, format!("`{pkey}: {p}`: negation patterns (starting with '!') are not supported")));
                     }
                     if p.contains('\\') {
-                        return Err(err(sline, &pkey, format!("`{pkey}: {p}`: patterns must use forward slashes, not backslashes")));
+                        return Err(err(
+                            sline,
+                            &pkey,
+                            format!(
+                                "`{pkey}: {p}`: patterns must use forward slashes, not backslashes"
+                            ),
+                        ));
                     }
                 }
             }
@@ -535,7 +636,12 @@ fn validate_weights(
                 line: sline.unwrap_or(0),
             });
         }
-        out.push(WeightEntry { name, target, sources, line: line.unwrap_or(0) });
+        out.push(WeightEntry {
+            name,
+            target,
+            sources,
+            line: line.unwrap_or(0),
+        });
     }
     Ok(out)
 }
@@ -551,9 +657,21 @@ mod tests {
     #[test]
     fn native_and_python_targets() {
         let c = parse("run: \"candle:bert\"\n").unwrap();
-        assert_eq!(c.run, RunTarget::Native { architecture: "bert".into() });
-        let c = parse("build:\n  python_version: \"3.11\"\npredict: predict.py:Predictor\n").unwrap();
-        assert_eq!(c.run, RunTarget::Python { file: "predict.py".into(), class: "Predictor".into() });
+        assert_eq!(
+            c.run,
+            RunTarget::Native {
+                architecture: "bert".into()
+            }
+        );
+        let c =
+            parse("build:\n  python_version: \"3.11\"\npredict: predict.py:Predictor\n").unwrap();
+        assert_eq!(
+            c.run,
+            RunTarget::Python {
+                file: "predict.py".into(),
+                class: "Predictor".into()
+            }
+        );
         assert_eq!(c.run_line, 3);
     }
 
@@ -569,7 +687,8 @@ mod tests {
 
     #[test]
     fn nested_unknown_key() {
-        let e = parse("run: candle:bert\nbuild:\n  gpu: true\n  pyhton_version: '3.11'\n").unwrap_err();
+        let e =
+            parse("run: candle:bert\nbuild:\n  gpu: true\n  pyhton_version: '3.11'\n").unwrap_err();
         assert_eq!(e.key, "pyhton_version");
         assert_eq!(e.line, Some(4), "{e:?}");
     }
@@ -606,7 +725,10 @@ mod tests {
         assert_eq!(c.weights[0].sources[0].uri, "./weights");
         assert_eq!(c.weights[0].line, 4);
 
-        let e = parse("run: candle:bert\nweights:\n  - name: w\n    target: /w\n    source: {uri: ./w}\n").unwrap_err();
+        let e = parse(
+            "run: candle:bert\nweights:\n  - name: w\n    target: /w\n    source: {uri: ./w}\n",
+        )
+        .unwrap_err();
         assert_eq!(e.key, "model");
         let e = parse("model: a/b\nrun: candle:bert\nweights:\n  - name: W!\n    target: /w\n    source: {uri: ./w}\n").unwrap_err();
         assert_eq!((e.key.as_str(), e.line), ("weights[0].name", Some(4)));

@@ -23,6 +23,9 @@ impl ValidationIssue {
     }
 }
 
+/// A validated input, completed for the model, and the unknown keys that were dropped.
+pub type PreparedInput = (Map<String, Value>, Vec<String>);
+
 /// A compiled validator for one signature.
 pub struct InputValidator {
     validator: jsonschema::Validator,
@@ -43,7 +46,10 @@ impl InputValidator {
         let mut input = schemas["Input"].clone();
         inline_refs(&mut input, schemas);
         // Unknown keys are stripped before validation, as Cog does.
-        input.as_object_mut().expect("Input is an object").remove("additionalProperties");
+        input
+            .as_object_mut()
+            .expect("Input is an object")
+            .remove("additionalProperties");
         if let Some(props) = input.get_mut("properties").and_then(Value::as_object_mut) {
             for prop in props.values_mut() {
                 apply_nullable(prop);
@@ -51,7 +57,10 @@ impl InputValidator {
         }
         let validator = jsonschema::validator_for(&input)
             .map_err(|e| format!("the model's Input schema does not compile: {e}"))?;
-        Ok(InputValidator { validator, signature: signature.clone() })
+        Ok(InputValidator {
+            validator,
+            signature: signature.clone(),
+        })
     }
 
     pub fn signature(&self) -> &Signature {
@@ -61,11 +70,14 @@ impl InputValidator {
     /// Validates `input` and returns the complete input the model will see: known keys
     /// only, defaults filled in, integral floats for `int` inputs turned into integers.
     /// Also returns the names of dropped unknown keys, for the logs.
-    pub fn prepare(&self, input: &Value) -> Result<(Map<String, Value>, Vec<String>), Vec<ValidationIssue>> {
+    pub fn prepare(&self, input: &Value) -> Result<PreparedInput, Vec<ValidationIssue>> {
         let Some(object) = input.as_object() else {
             return Err(vec![ValidationIssue {
                 loc: vec![json!("body"), json!("input")],
-                msg: format!("Input should be an object of named inputs, got {}", kind_of(input)),
+                msg: format!(
+                    "Input should be an object of named inputs, got {}",
+                    kind_of(input)
+                ),
                 kind: "type_error.dict".into(),
             }]);
         };
@@ -98,12 +110,18 @@ impl InputValidator {
                     _ => json!(segment),
                 });
             }
-            issues.push(ValidationIssue { loc, msg: error.to_string(), kind: "value_error".into() });
+            issues.push(ValidationIssue {
+                loc,
+                msg: error.to_string(),
+                kind: "value_error".into(),
+            });
         }
         if !issues.is_empty() {
             return Err(issues);
         }
-        let Value::Object(mut known) = known else { unreachable!() };
+        let Value::Object(mut known) = known else {
+            unreachable!()
+        };
         for field in &self.signature.inputs {
             match known.get_mut(&field.name) {
                 Some(v) => coerce_integers(&field.ty, v),
@@ -157,7 +175,9 @@ fn coerce_integers(ty: &FieldType, v: &mut Value) {
 
 /// OpenAPI 3.0's `nullable: true` is not JSON Schema: allow `null` explicitly.
 fn apply_nullable(prop: &mut Value) {
-    let Some(obj) = prop.as_object_mut() else { return };
+    let Some(obj) = prop.as_object_mut() else {
+        return;
+    };
     if obj.remove("nullable") != Some(Value::Bool(true)) {
         return;
     }
@@ -169,7 +189,10 @@ fn inline_refs(v: &mut Value, schemas: &Value) {
     match v {
         Value::Object(m) => {
             if let Some(Value::String(r)) = m.get("$ref") {
-                if let Some(target) = r.strip_prefix("#/components/schemas/").and_then(|n| schemas.get(n)) {
+                if let Some(target) = r
+                    .strip_prefix("#/components/schemas/")
+                    .and_then(|n| schemas.get(n))
+                {
                     *v = target.clone();
                     inline_refs(v, schemas);
                     return;
@@ -191,8 +214,13 @@ mod tests {
         InputValidator::new(&Signature {
             inputs: vec![
                 InputField::prim("text", Primitive::Str).min_length(1),
-                InputField::prim("n", Primitive::Int).default(json!(2)).ge(1.0).le(5.0),
-                InputField::prim("mode", Primitive::Str).default(json!("a")).choices(vec![json!("a"), json!("b")]),
+                InputField::prim("n", Primitive::Int)
+                    .default(json!(2))
+                    .ge(1.0)
+                    .le(5.0),
+                InputField::prim("mode", Primitive::Str)
+                    .default(json!("a"))
+                    .choices(vec![json!("a"), json!("b")]),
                 InputField::prim("maybe", Primitive::Str).optional(),
                 InputField::list("tags", Primitive::Int).default(json!([1])),
             ],
@@ -204,27 +232,44 @@ mod tests {
 
     #[test]
     fn fills_defaults_and_drops_unknown() {
-        let (input, dropped) = validator().prepare(&json!({"text": "hi", "extra": 1, "n": 3.0})).unwrap();
-        assert_eq!(Value::Object(input), json!({"text": "hi", "n": 3, "mode": "a", "maybe": null, "tags": [1]}));
+        let (input, dropped) = validator()
+            .prepare(&json!({"text": "hi", "extra": 1, "n": 3.0}))
+            .unwrap();
+        assert_eq!(
+            Value::Object(input),
+            json!({"text": "hi", "n": 3, "mode": "a", "maybe": null, "tags": [1]})
+        );
         assert_eq!(dropped, vec!["extra".to_string()]);
     }
 
     #[test]
     fn reports_each_problem_at_its_location() {
-        let errs = validator().prepare(&json!({"n": 9, "mode": "c", "tags": [1, "x"]})).unwrap_err();
+        let errs = validator()
+            .prepare(&json!({"n": 9, "mode": "c", "tags": [1, "x"]}))
+            .unwrap_err();
         let locs: Vec<Value> = errs.iter().map(|e| json!(e.loc)).collect();
         assert!(locs.contains(&json!(["body", "input", "text"])), "{errs:?}");
         assert!(locs.contains(&json!(["body", "input", "n"])), "{errs:?}");
         assert!(locs.contains(&json!(["body", "input", "mode"])), "{errs:?}");
-        assert!(locs.contains(&json!(["body", "input", "tags", 1])), "{errs:?}");
+        assert!(
+            locs.contains(&json!(["body", "input", "tags", 1])),
+            "{errs:?}"
+        );
         let missing = errs.iter().find(|e| e.loc[2] == "text").unwrap();
-        assert_eq!((missing.msg.as_str(), missing.kind.as_str()), ("Field required", "value_error.missing"));
+        assert_eq!(
+            (missing.msg.as_str(), missing.kind.as_str()),
+            ("Field required", "value_error.missing")
+        );
     }
 
     #[test]
     fn nullable_accepts_null_and_non_object_is_rejected() {
-        assert!(validator().prepare(&json!({"text": "x", "maybe": null})).is_ok());
-        assert!(validator().prepare(&json!({"text": "x", "n": null})).is_err());
+        assert!(validator()
+            .prepare(&json!({"text": "x", "maybe": null}))
+            .is_ok());
+        assert!(validator()
+            .prepare(&json!({"text": "x", "n": null}))
+            .is_err());
         let errs = validator().prepare(&json!([1])).unwrap_err();
         assert_eq!(errs[0].loc, vec![json!("body"), json!("input")]);
     }

@@ -49,10 +49,12 @@ pub struct ModelDir {
 
 impl ModelDir {
     pub fn open(path: &Path) -> Result<Self, ModelDirError> {
-        let root = path.canonicalize().map_err(|e| ModelDirError::NotADirectory {
-            path: path.to_path_buf(),
-            reason: format!("{e}"),
-        })?;
+        let root = path
+            .canonicalize()
+            .map_err(|e| ModelDirError::NotADirectory {
+                path: path.to_path_buf(),
+                reason: format!("{e}"),
+            })?;
         if !root.is_dir() {
             return Err(ModelDirError::NotADirectory {
                 path: path.to_path_buf(),
@@ -63,17 +65,26 @@ impl ModelDir {
         if !cog_yaml.exists() {
             return Err(ModelDirError::NotADirectory {
                 path: path.to_path_buf(),
-                reason: "no cog.yaml in it; create one with at least `run: \"candle:<architecture>\"`".into(),
+                reason:
+                    "no cog.yaml in it; create one with at least `run: \"candle:<architecture>\"`"
+                        .into(),
             });
         }
         let config = CogConfig::load(&cog_yaml)?;
         let weights = resolve_weights(&root, &config)?;
-        Ok(ModelDir { root, config, weights })
+        Ok(ModelDir {
+            root,
+            config,
+            weights,
+        })
     }
 
     /// A short name for messages: the directory's name.
     pub fn name(&self) -> String {
-        self.root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        self.root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
     }
 }
 
@@ -104,7 +115,10 @@ fn resolve_weights(root: &Path, config: &CogConfig) -> Result<WeightsLayout, Con
             };
             let candidate = root.join(relative);
             let resolved = candidate.canonicalize().map_err(|e| {
-                err(format!("`{key}: {uri}`: {} ({e}); put the weights there or fix the path", candidate.display()))
+                err(format!(
+                    "`{key}: {uri}`: {} ({e}); put the weights there or fix the path",
+                    candidate.display()
+                ))
             })?;
             if !resolved.starts_with(root) {
                 return Err(err(format!(
@@ -114,10 +128,17 @@ fn resolve_weights(root: &Path, config: &CogConfig) -> Result<WeightsLayout, Con
                 )));
             }
             let mut found = Vec::new();
-            collect_files(&resolved, &mut found).map_err(|e| err(format!("`{key}: {uri}`: cannot list {}: {e}", resolved.display())))?;
+            collect_files(&resolved, &mut found).map_err(|e| {
+                err(format!(
+                    "`{key}: {uri}`: cannot list {}: {e}",
+                    resolved.display()
+                ))
+            })?;
             for file in found {
                 // Symlinks inside a source must not lead outside the directory either.
-                let real = file.canonicalize().map_err(|e| err(format!("{}: {e}", file.display())))?;
+                let real = file
+                    .canonicalize()
+                    .map_err(|e| err(format!("{}: {e}", file.display())))?;
                 if !real.starts_with(root) {
                     return Err(err(format!(
                         "{} links to {}, outside the model directory; copy the file in instead",
@@ -125,9 +146,21 @@ fn resolve_weights(root: &Path, config: &CogConfig) -> Result<WeightsLayout, Con
                         real.display()
                     )));
                 }
-                let rel = file.strip_prefix(&resolved).unwrap_or(&file).to_string_lossy().replace('\\', "/");
-                let rel = if rel.is_empty() { file.file_name().unwrap_or_default().to_string_lossy().into_owned() } else { rel };
-                let included = source.include.is_empty() || source.include.iter().any(|p| glob_match(p, &rel));
+                let rel = file
+                    .strip_prefix(&resolved)
+                    .unwrap_or(&file)
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                let rel = if rel.is_empty() {
+                    file.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                } else {
+                    rel
+                };
+                let included =
+                    source.include.is_empty() || source.include.iter().any(|p| glob_match(p, &rel));
                 let excluded = source.exclude.iter().any(|p| glob_match(p, &rel));
                 if included && !excluded {
                     files.push(file);
@@ -139,10 +172,21 @@ fn resolve_weights(root: &Path, config: &CogConfig) -> Result<WeightsLayout, Con
     files.dedup();
     let safetensors_index = files
         .iter()
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json"))
+        })
         .cloned();
-    let safetensors = files.iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")).cloned().collect();
-    Ok(WeightsLayout { files, safetensors_index, safetensors })
+    let safetensors = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .cloned()
+        .collect();
+    Ok(WeightsLayout {
+        files,
+        safetensors_index,
+        safetensors,
+    })
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -176,7 +220,9 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
                 let rest = p[2..].strip_prefix(b"/").unwrap_or(&p[2..]);
                 (0..=s.len()).any(|i| matches(rest, &s[i..]))
             }
-            (Some(b'*'), _) => (0..=s.len()).take_while(|&i| i == 0 || s[i - 1] != b'/').any(|i| matches(&p[1..], &s[i..])),
+            (Some(b'*'), _) => (0..=s.len())
+                .take_while(|&i| i == 0 || s[i - 1] != b'/')
+                .any(|i| matches(&p[1..], &s[i..])),
             (Some(b'?'), Some(c)) if *c != b'/' => matches(&p[1..], &s[1..]),
             (Some(a), Some(b)) if a == b => matches(&p[1..], &s[1..]),
             _ => false,
@@ -232,7 +278,10 @@ mod tests {
         write(outer.path(), "secret/model.safetensors", "x");
         write(&d, "cog.yaml", &YAML.replace("URI", "../secret"));
         let e = ModelDir::open(&d).unwrap_err().to_string();
-        assert!(e.contains("outside the model directory") && e.contains("weights[0].source.uri"), "{e}");
+        assert!(
+            e.contains("outside the model directory") && e.contains("weights[0].source.uri"),
+            "{e}"
+        );
 
         write(&d, "cog.yaml", &YAML.replace("URI", "./missing"));
         let e = ModelDir::open(&d).unwrap_err().to_string();
@@ -245,7 +294,11 @@ mod tests {
         #[cfg(unix)]
         {
             std::fs::create_dir_all(d.join("w")).unwrap();
-            std::os::unix::fs::symlink(outer.path().join("secret/model.safetensors"), d.join("w/model.safetensors")).unwrap();
+            std::os::unix::fs::symlink(
+                outer.path().join("secret/model.safetensors"),
+                d.join("w/model.safetensors"),
+            )
+            .unwrap();
             write(&d, "cog.yaml", &YAML.replace("URI", "./w"));
             let e = ModelDir::open(&d).unwrap_err().to_string();
             assert!(e.contains("outside the model directory"), "{e}");

@@ -94,7 +94,12 @@ pub fn document(signature: &Signature) -> Value {
     }
     let any_ok = json!({"200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}});
     let mut paths = Map::new();
-    paths.insert("/".into(), sorted(json!({"get": {"summary": "Root", "operationId": "root__get", "responses": any_ok}})));
+    paths.insert(
+        "/".into(),
+        sorted(
+            json!({"get": {"summary": "Root", "operationId": "root__get", "responses": any_ok}}),
+        ),
+    );
     paths.insert(
         "/health-check".into(),
         sorted(json!({"get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": any_ok}})),
@@ -198,7 +203,10 @@ fn input_schema(inputs: &[InputField]) -> (Value, Vec<(String, Value)>) {
                     "enum": field.choices, "type": ty
                 })),
             ));
-            prop.insert("allOf".into(), json!([{"$ref": format!("#/components/schemas/{}", field.name)}]));
+            prop.insert(
+                "allOf".into(),
+                json!([{"$ref": format!("#/components/schemas/{}", field.name)}]),
+            );
         } else {
             prop.insert("title".into(), json!(title_case(&field.name)));
             if let Value::Object(m) = field_type_schema(&field.ty) {
@@ -293,7 +301,11 @@ fn output_schema(t: &OutputType, top_level: bool) -> Value {
 /// A default value as Go would marshal it after parsing the Python literal.
 fn go_value(v: &Value) -> Value {
     match v {
-        Value::Number(n) => n.as_f64().filter(|_| n.is_f64()).map(go_number).unwrap_or_else(|| v.clone()),
+        Value::Number(n) => n
+            .as_f64()
+            .filter(|_| n.is_f64())
+            .map(go_number)
+            .unwrap_or_else(|| v.clone()),
         Value::Array(a) => Value::Array(a.iter().map(go_value).collect()),
         other => other.clone(),
     }
