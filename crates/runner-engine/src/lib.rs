@@ -205,6 +205,11 @@ impl Engine {
             let log = |line: &str| engine.setup_log(line);
             let model = (engine.architecture.load)(&engine.dir, &device, &log)
                 .map_err(|e| e.to_string())?;
+            let warm = Instant::now();
+            model
+                .warm_up()
+                .map_err(|e| format!("warm-up prediction failed: {e}"))?;
+            engine.setup_log(&format!("warm-up in {:.3}s", warm.elapsed().as_secs_f64()));
             Ok::<_, String>((model, device_name))
         })
         .await

@@ -216,6 +216,10 @@ impl Bert {
 }
 
 impl Model for Bert {
+    fn warm_up(&self) -> Result<(), PredictError> {
+        self.embed(&["warm up".to_string()], true).map(|_| ())
+    }
+
     fn predict(
         &self,
         input: &Map<String, Value>,

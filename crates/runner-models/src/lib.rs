@@ -104,6 +104,12 @@ pub trait Model: Send + Sync {
         input: &Map<String, Value>,
         ctx: &PredictContext,
     ) -> Result<Value, PredictError>;
+
+    /// One small forward pass before the model is reported ready, so the first real
+    /// request does not pay for lazy initialisation (kernels, allocator, caches).
+    fn warm_up(&self) -> Result<(), PredictError> {
+        Ok(())
+    }
 }
 
 /// Where setup reports progress; lines end up in `/health-check`'s setup logs.

@@ -141,6 +141,12 @@ fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>
 }
 
 impl Model for TinyMlp {
+    fn warm_up(&self) -> Result<(), PredictError> {
+        let x = Tensor::zeros((1, self.config.input_size), DType::F32, &self.device)?;
+        self.fc2.forward(&self.fc1.forward(&x)?.relu()?)?;
+        Ok(())
+    }
+
     fn predict(
         &self,
         input: &Map<String, Value>,
