@@ -116,16 +116,7 @@ fn serves_cogs_synchronous_contract() {
 #[test]
 fn busy_model_answers_409_and_health_says_busy() {
     let server = Server::start(&repo_root().join("models/conformance"), &[]);
-    let addr = server.addr.clone();
-    let slow = std::thread::spawn(move || {
-        http(
-            &addr,
-            "POST",
-            "/predictions",
-            Some(r#"{"input": {"text": "x", "sleep": 1.0}}"#),
-            &[("Content-Type", "application/json")],
-        )
-    });
+    let slow = server.predict_in_background(r#"{"input": {"text": "x", "sleep": 1.0}}"#);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let (_, body) = server.get("/health-check");
@@ -148,16 +139,7 @@ fn concurrency_flag_adds_slots() {
         &repo_root().join("models/conformance"),
         &["--concurrency", "2"],
     );
-    let addr = server.addr.clone();
-    let slow = std::thread::spawn(move || {
-        http(
-            &addr,
-            "POST",
-            "/predictions",
-            Some(r#"{"input": {"text": "x", "sleep": 0.5}}"#),
-            &[("Content-Type", "application/json")],
-        )
-    });
+    let slow = server.predict_in_background(r#"{"input": {"text": "x", "sleep": 0.5}}"#);
     std::thread::sleep(std::time::Duration::from_millis(150));
     let (status, body) = server.post_json("/predictions", r#"{"input": {"text": "y"}}"#);
     assert_eq!(status, 200, "{body}");

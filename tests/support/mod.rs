@@ -118,6 +118,20 @@ impl Server {
         )
     }
 
+    /// POSTs a prediction body from another thread; join the handle for (status, body).
+    pub fn predict_in_background(&self, body: &str) -> std::thread::JoinHandle<(u16, String)> {
+        let (addr, body) = (self.addr.clone(), body.to_string());
+        std::thread::spawn(move || {
+            http(
+                &addr,
+                "POST",
+                "/predictions",
+                Some(&body),
+                &[("Content-Type", "application/json")],
+            )
+        })
+    }
+
     /// Everything the server wrote on stderr since it became ready.
     pub fn drain_stderr(&self) -> Vec<String> {
         self.stderr_lines.try_iter().collect()
