@@ -6,13 +6,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
-use runner_engine::{new_prediction_id, Engine, PredictionStatus, Rejection};
+use runner_engine::{
+    new_prediction_id, Engine, EngineOptions, FileConfig, PredictionStatus, Rejection,
+};
 use runner_models::DeviceSpec;
+use runner_server::{Server, ServerOptions, WebhookConfig};
 use runner_spec::{FieldType, ModelDir, Primitive, Signature};
 use serde_json::{Map, Value};
 
@@ -61,6 +64,32 @@ struct DeviceArgs {
     device: DeviceSpec,
 }
 
+#[derive(Args, Clone)]
+struct ServingArgs {
+    /// Predictions that may wait for a busy slot; when full the server answers 429. 0 answers
+    /// 409 at once, as Cog does.
+    #[arg(long, default_value_t = 0, env = "RUNNER_MAX_QUEUE")]
+    max_queue: usize,
+    /// Upload file outputs with PUT to this URL prefix instead of returning data URIs.
+    #[arg(long, env = "RUNNER_UPLOAD_URL")]
+    upload_url: Option<String>,
+    /// Ignore SIGTERM; stop only on POST /shutdown or SIGINT (as Cog on Kubernetes).
+    #[arg(long, env = "RUNNER_AWAIT_EXPLICIT_SHUTDOWN", num_args = 0..=1, default_missing_value = "true")]
+    await_explicit_shutdown: Option<bool>,
+    /// Seconds a shutdown waits for running predictions before canceling them.
+    #[arg(long, default_value_t = 60.0, env = "RUNNER_SHUTDOWN_TIMEOUT")]
+    shutdown_timeout: f64,
+    /// Sent as a bearer token with every webhook.
+    #[arg(long, env = "WEBHOOK_AUTH_TOKEN", hide_env_values = true)]
+    webhook_auth_token: Option<String>,
+    /// Seconds the terminal webhook of a prediction is retried before giving up.
+    #[arg(long, default_value_t = 600.0, env = "RUNNER_WEBHOOK_RETRY_DEADLINE")]
+    webhook_retry_deadline: f64,
+    /// Largest file input, downloaded or decoded, in bytes.
+    #[arg(long, default_value_t = 512 * 1024 * 1024, env = "RUNNER_MAX_INPUT_FILE_BYTES")]
+    max_input_file_bytes: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model directory over Cog's HTTP prediction API.
@@ -79,6 +108,8 @@ enum Command {
         /// Predictions that may run at once (default: cog.yaml's concurrency.max, else 1).
         #[arg(long, env = "COG_MAX_CONCURRENCY")]
         concurrency: Option<u32>,
+        #[command(flatten)]
+        serving: ServingArgs,
     },
     /// Run one prediction and print its output on stdout.
     #[command(visible_alias = "predict")]
@@ -168,7 +199,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             port,
             device,
             concurrency,
-        } => serve(&dir, &host, port, device.device, concurrency).await,
+            serving,
+        } => serve(&dir, &host, port, device.device, concurrency, serving).await,
         Command::Run {
             dir,
             inputs,
@@ -198,16 +230,21 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema { dir } => {
-            let engine = open_engine(&dir, DeviceSpec::Cpu, None)?;
+            let engine = open_engine(&dir, DeviceSpec::Cpu, Default::default())?;
             std::io::stdout().write_all(engine.openapi_json().as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn open_engine(dir: &Path, device: DeviceSpec, concurrency: Option<u32>) -> Result<Arc<Engine>> {
+fn open_engine(dir: &Path, device: DeviceSpec, options: EngineOptions) -> Result<Arc<Engine>> {
     let model_dir = ModelDir::open(dir)?;
-    Ok(Engine::new(model_dir, device, concurrency)?)
+    Ok(Engine::new(model_dir, device, options)?)
+}
+
+fn seconds(flag: &str, value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| anyhow::anyhow!("--{flag} {value}: expected a number of seconds, 0 or more"))
 }
 
 async fn serve(
@@ -216,9 +253,26 @@ async fn serve(
     port: u16,
     device: DeviceSpec,
     concurrency: Option<u32>,
+    serving: ServingArgs,
 ) -> Result<ExitCode> {
     let started = Instant::now();
-    let engine = open_engine(dir, device, concurrency)?;
+    let shutdown_timeout = seconds("shutdown-timeout", serving.shutdown_timeout)?;
+    let retry_deadline = seconds("webhook-retry-deadline", serving.webhook_retry_deadline)?;
+    if let Some(url) = &serving.upload_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--upload-url {url}: expected an http:// or https:// URL prefix");
+        }
+    }
+    let options = EngineOptions {
+        concurrency,
+        max_queue: serving.max_queue,
+        files: FileConfig {
+            upload_url: serving.upload_url.clone(),
+            max_input_bytes: serving.max_input_file_bytes,
+            ..Default::default()
+        },
+    };
+    let engine = open_engine(dir, device, options)?;
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| {
@@ -239,35 +293,84 @@ async fn serve(
     let url = format!("http://{}", listener.local_addr()?);
     tracing::info!("listening on {url}; loading the model");
 
-    let app = runner_server::router(Arc::clone(&engine));
-    let server = tokio::spawn(async move {
+    let server = Server::new(
+        Arc::clone(&engine),
+        ServerOptions {
+            webhooks: WebhookConfig {
+                auth_token: serving.webhook_auth_token.clone(),
+                retry_deadline,
+                ..Default::default()
+            },
+        },
+    );
+    let app = server.router();
+    let await_explicit = serving.await_explicit_shutdown.unwrap_or(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signal_server = server.clone();
+    tokio::spawn(async move {
+        shutdown_signal(&signal_server, await_explicit).await;
+        let _ = stop_tx.send(true);
+    });
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
             .await
     });
 
-    match engine.setup().await {
-        Ok(loaded) => eprintln!(
-            "runner: ready at {url} · model {} (candle:{}) · device {} · weights {} · ready in {:.2}s",
-            engine.model_name(),
-            engine.architecture(),
-            loaded.device,
-            loaded.weights_source,
-            started.elapsed().as_secs_f64()
-        ),
-        Err(e) => eprintln!("runner: setup failed, serving SETUP_FAILED at {url}/health-check: {e}"),
+    let setup = engine.setup();
+    let mut setup_stop = stop_rx.clone();
+    tokio::select! {
+        result = setup => match result {
+            Ok(loaded) => eprintln!(
+                "runner: ready at {url} · model {} (candle:{}) · device {} · weights {} · ready in {:.2}s",
+                engine.model_name(),
+                engine.architecture(),
+                loaded.device,
+                loaded.weights_source,
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => eprintln!("runner: setup failed, serving SETUP_FAILED at {url}/health-check: {e}"),
+        },
+        _ = setup_stop.wait_for(|s| *s) => {}
     }
-    server.await.context("server task")?.context("server")?;
+    let mut stop = stop_rx;
+    let _ = stop.wait_for(|s| *s).await;
+    // New connections stop now; accepted predictions (sync and async) finish first.
+    tracing::info!(
+        in_flight = engine.in_flight(),
+        "shutting down: waiting up to {:.0}s for running predictions",
+        shutdown_timeout.as_secs_f64()
+    );
+    let report = server
+        .drain(shutdown_timeout, Duration::from_secs(30))
+        .await;
+    if report.webhooks_pending > 0 {
+        tracing::warn!(
+            pending = report.webhooks_pending,
+            "stopping with webhooks still being retried"
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(5), http).await {
+        Ok(joined) => joined.context("server task")?.context("server")?,
+        Err(_) => tracing::warn!("some connections were still open at exit"),
+    }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT, on SIGTERM (unless `await_explicit`), or on POST /shutdown.
+async fn shutdown_signal(server: &Server, await_explicit: bool) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
     let terminate = async {
+        if await_explicit {
+            return std::future::pending::<()>().await;
+        }
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
                 s.recv().await;
@@ -277,8 +380,11 @@ async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let terminate = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
-    tracing::info!("shutting down: finishing in-flight requests");
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = server.shutdown_requested() => tracing::info!("POST /shutdown received"),
+    }
 }
 
 async fn run(
@@ -288,7 +394,7 @@ async fn run(
     output: Option<&Path>,
     device: DeviceSpec,
 ) -> Result<ExitCode> {
-    let engine = open_engine(dir, device, None)?;
+    let engine = open_engine(dir, device, EngineOptions::default())?;
     let mut input = match json {
         Some(j) => {
             let text = read_arg_source(j).context("--json")?;
@@ -321,39 +427,54 @@ async fn run(
         .setup()
         .await
         .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
-    let slot = engine.reserve().map_err(|r| match r {
-        Rejection::AtCapacity => anyhow::anyhow!("no free prediction slot"),
-        other => anyhow::anyhow!("model not ready: {other:?}"),
-    })?;
-    let prediction = slot
-        .run(new_prediction_id(), validated, Default::default())
-        .await;
-    if !prediction.logs.is_empty() {
-        eprint!("{}", prediction.logs);
+    let prediction = engine
+        .predict(new_prediction_id(), &Value::Object(validated))
+        .await
+        .map_err(|r| match r {
+            Rejection::InvalidInput(issues) => anyhow::anyhow!("invalid input: {issues:?}"),
+            other => anyhow::anyhow!("the model cannot take the prediction: {other:?}"),
+        })?;
+    let logs = prediction.logs();
+    if !logs.is_empty() {
+        eprint!("{logs}");
     }
-    match prediction.status {
+    match prediction.status() {
         PredictionStatus::Succeeded => {
-            let text = match &prediction.output {
-                Value::String(s) => s.clone(),
-                other => serde_json::to_string_pretty(other)?,
-            };
-            match output {
-                Some(path) => std::fs::write(path, text + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?,
-                None => println!("{text}"),
+            let value = prediction.output().unwrap_or(Value::Null);
+            // A file output goes to -o as its bytes, not as a data URI.
+            if let (Some(path), Some(uri)) =
+                (output, value.as_str().and_then(|s| s.strip_prefix("data:")))
+            {
+                let (_, bytes) = runner_engine::files::decode_data_uri(uri, u64::MAX)
+                    .map_err(|e| anyhow::anyhow!("the output file: {e}"))?;
+                std::fs::write(path, bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            } else {
+                let text = match &value {
+                    Value::String(s) => s.clone(),
+                    other => serde_json::to_string_pretty(other)?,
+                };
+                match output {
+                    Some(path) => std::fs::write(path, text + "\n")
+                        .with_context(|| format!("writing {}", path.display()))?,
+                    None => println!("{text}"),
+                }
             }
-            tracing::info!("predicted in {:.3}s", prediction.predict_time.as_secs_f64());
-            Ok(ExitCode::SUCCESS)
-        }
-        PredictionStatus::Failed => {
-            eprintln!(
-                "error: prediction failed: {}",
-                prediction.error.unwrap_or_default()
+            tracing::info!(
+                "predicted in {:.3}s",
+                prediction.predict_time().unwrap_or_default().as_secs_f64()
             );
-            Ok(ExitCode::FAILURE)
+            Ok(ExitCode::SUCCESS)
         }
         PredictionStatus::Canceled => {
             eprintln!("error: prediction canceled");
+            Ok(ExitCode::FAILURE)
+        }
+        _ => {
+            eprintln!(
+                "error: prediction failed: {}",
+                prediction.error().unwrap_or_default()
+            );
             Ok(ExitCode::FAILURE)
         }
     }
@@ -444,7 +565,7 @@ fn typed_value(name: &str, raw: &str, p: Primitive) -> Result<Value> {
             .with_context(|| format!("-i {name}=@{path}: cannot read the file"))?;
         return Ok(match p {
             Primitive::Path | Primitive::File => {
-                let mime = mime_for(Path::new(path));
+                let mime = runner_engine::files::mime_for_path(Path::new(path));
                 Value::String(format!(
                     "data:{mime};base64,{}",
                     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -479,23 +600,6 @@ fn typed_value(name: &str, raw: &str, p: Primitive) -> Result<Value> {
             Value::String(raw.into())
         }
     })
-}
-
-fn mime_for(path: &Path) -> &'static str {
-    match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("txt") => "text/plain",
-        Some("json") => "application/json",
-        Some("png") => "image/png",
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("wav") => "audio/wav",
-        Some("mp3") => "audio/mpeg",
-        _ => "application/octet-stream",
-    }
 }
 
 #[cfg(test)]

@@ -1,18 +1,25 @@
 //! A loaded model's life, independent of HTTP: setup (with its logs and timing), the
-//! health state machine Cog reports (STARTING → READY/BUSY, or SETUP_FAILED), prediction
-//! slots (`concurrency.max`), input validation and cancellation.
+//! health state machine Cog reports (STARTING → READY/BUSY, or SETUP_FAILED), input
+//! validation, prediction slots (`concurrency.max`) with an optional queue, in-flight
+//! predictions by id, their event streams, file inputs/outputs and cancellation.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use runner_models::{
-    architecture_for, Architecture, DeviceSpec, LoadError, Model, PredictContext, PredictError,
-};
+use runner_models::{architecture_for, Architecture, DeviceSpec, LoadError, Model, PredictError};
 use runner_spec::openapi;
-use runner_spec::{InputValidator, ModelDir, Signature, ValidationIssue};
+use runner_spec::{InputValidator, ModelDir, OutputType, Signature, ValidationIssue};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub mod files;
+pub mod prediction;
+
+pub use files::FileConfig;
+pub use prediction::{PredictionStatus, Running, StreamEvent, Subscription};
 
 /// Cog's health states, as `/health-check` spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -56,29 +63,24 @@ pub enum EngineError {
 pub enum Rejection {
     /// Setup has not finished (or failed): Cog answers 503.
     NotReady { setup_failed: bool },
-    /// Every slot is busy: Cog answers 409.
+    /// Every slot is busy and there is no queue (or it is full): Cog answers 409.
     AtCapacity,
+    /// Every slot is busy and the queue is full: 429.
+    QueueFull,
+    /// A prediction with this id is already in flight.
+    DuplicateId(String),
     /// The input does not match the schema: 422 with these issues.
     InvalidInput(Vec<ValidationIssue>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PredictionStatus {
-    Succeeded,
-    Failed,
-    Canceled,
-}
-
-/// A finished prediction.
-#[derive(Debug, Clone)]
-pub struct Prediction {
-    pub id: String,
-    pub status: PredictionStatus,
-    pub output: Value,
-    pub error: Option<String>,
-    pub logs: String,
-    pub predict_time: Duration,
+/// How an engine serves predictions.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Predictions at once; overrides cog.yaml's `concurrency.max` (default 1).
+    pub concurrency: Option<u32>,
+    /// Predictions that may wait for a slot; 0 answers "at capacity" at once, as Cog does.
+    pub max_queue: usize,
+    pub files: FileConfig,
 }
 
 struct State {
@@ -97,9 +99,15 @@ pub struct Engine {
     device_spec: DeviceSpec,
     slots: Arc<Semaphore>,
     total_slots: usize,
+    max_queue: usize,
+    queued: AtomicUsize,
+    files: FileConfig,
+    http: OnceLock<reqwest::Client>,
     state: Mutex<State>,
     model: OnceLock<Arc<dyn Model>>,
     loaded: OnceLock<Loaded>,
+    in_flight: Mutex<HashMap<String, Arc<Running>>>,
+    idle: tokio::sync::Notify,
 }
 
 /// What a successful setup reports.
@@ -117,19 +125,28 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// Frees a queue place when a queued prediction gets its slot or gives up.
+struct QueuePlace<'a>(&'a AtomicUsize);
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Engine {
     /// Prepares the engine: picks the architecture and compiles the schema. Loading the
     /// weights is [`Engine::setup`], so a server can answer STARTING meanwhile.
     pub fn new(
         dir: ModelDir,
         device_spec: DeviceSpec,
-        concurrency: Option<u32>,
+        options: EngineOptions,
     ) -> Result<Arc<Self>, EngineError> {
         let architecture = architecture_for(&dir)?;
         let signature = (architecture.signature)();
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
         let openapi_json = openapi::to_cog_json(&openapi::document(&signature));
-        let total_slots = concurrency
+        let total_slots = options
+            .concurrency
             .or(dir.config.concurrency_max)
             .unwrap_or(1)
             .max(1) as usize;
@@ -142,6 +159,10 @@ impl Engine {
             device_spec,
             slots: Arc::new(Semaphore::new(total_slots)),
             total_slots,
+            max_queue: options.max_queue,
+            queued: AtomicUsize::new(0),
+            files: options.files,
+            http: OnceLock::new(),
             state: Mutex::new(State {
                 health_before_ready: Health::Starting,
                 setup: SetupReport {
@@ -154,6 +175,8 @@ impl Engine {
             }),
             model: OnceLock::new(),
             loaded: OnceLock::new(),
+            in_flight: Mutex::new(HashMap::new()),
+            idle: tokio::sync::Notify::new(),
         }))
     }
 
@@ -166,6 +189,10 @@ impl Engine {
     pub fn signature(&self) -> &Signature {
         &self.signature
     }
+    /// Whether the model streams its output (`@cog.streaming`): SSE is offered.
+    pub fn supports_streaming(&self) -> bool {
+        self.signature.streaming
+    }
     /// The OpenAPI document, serialized once, as Cog writes it.
     pub fn openapi_json(&self) -> &str {
         &self.openapi_json
@@ -173,12 +200,22 @@ impl Engine {
     pub fn total_slots(&self) -> usize {
         self.total_slots
     }
+    pub fn max_queue(&self) -> usize {
+        self.max_queue
+    }
     pub fn loaded(&self) -> Option<&Loaded> {
         self.loaded.get()
+    }
+    /// The HTTP client for file inputs and uploads (shared, so connections are reused).
+    pub fn http_client(&self) -> &reqwest::Client {
+        self.http.get_or_init(files::http_client)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Running>>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn setup_log(&self, line: &str) {
@@ -264,102 +301,266 @@ impl Engine {
     }
 
     /// Validates an input against the schema and completes it (defaults, unknown keys
-    /// dropped). No slot is taken.
+    /// dropped, file inputs checked for an allowed scheme). No slot is taken.
     pub fn validate(&self, input: &Value) -> Result<Map<String, Value>, Vec<ValidationIssue>> {
         let (input, dropped) = self.validator.prepare(input)?;
         if !dropped.is_empty() {
             tracing::warn!(fields = ?dropped, "dropped unknown input fields");
         }
+        let issues = files::check_file_inputs(&self.signature, &input);
+        if !issues.is_empty() {
+            return Err(issues);
+        }
         Ok(input)
     }
 
-    /// Takes a prediction slot for a validated input, or says why not.
-    pub fn reserve(self: &Arc<Self>) -> Result<Slot, Rejection> {
+    /// An in-flight prediction (queued or running) by id.
+    pub fn prediction(&self, id: &str) -> Option<Arc<Running>> {
+        self.registry().get(id).cloned()
+    }
+    /// Predictions queued or running.
+    pub fn in_flight(&self) -> usize {
+        self.registry().len()
+    }
+    /// Predictions waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+    /// Cancels an in-flight prediction; false when there is none with this id.
+    pub fn cancel(&self, id: &str) -> bool {
+        self.prediction(id).is_some_and(|p| p.cancel())
+    }
+    /// Cancels every in-flight prediction (at the end of a shutdown drain).
+    pub fn cancel_all(&self) {
+        let all: Vec<_> = self.registry().values().cloned().collect();
+        for p in all {
+            p.cancel();
+        }
+    }
+    /// Waits until no prediction is in flight, or the timeout passes; true when idle.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.in_flight() == 0;
+            }
+        }
+    }
+
+    /// Validates the input, takes a slot (or a queue place) and starts the prediction in
+    /// the background. Await [`Running::wait`] for its end, or follow its events.
+    pub fn submit(self: &Arc<Self>, id: String, input: &Value) -> Result<Arc<Running>, Rejection> {
+        let input = self.validate(input).map_err(Rejection::InvalidInput)?;
         let Some(model) = self.model.get().cloned() else {
             let setup_failed = self.lock().health_before_ready == Health::SetupFailed;
             return Err(Rejection::NotReady { setup_failed });
         };
-        let permit = Arc::clone(&self.slots)
-            .try_acquire_owned()
-            .map_err(|_| Rejection::AtCapacity)?;
-        Ok(Slot {
-            model,
-            _permit: permit,
-        })
+        let mut registry = self.registry();
+        if registry.contains_key(&id) {
+            return Err(Rejection::DuplicateId(id));
+        }
+        let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if self.max_queue == 0 => return Err(Rejection::AtCapacity),
+            Err(_) => {
+                let taken = self.queued.fetch_add(1, Ordering::SeqCst);
+                if taken >= self.max_queue {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    return Err(Rejection::QueueFull);
+                }
+                None
+            }
+        };
+        let running = Running::new(id.clone(), Value::Object(input.clone()));
+        registry.insert(id, Arc::clone(&running));
+        drop(registry);
+        let engine = Arc::clone(self);
+        let task_running = Arc::clone(&running);
+        tokio::spawn(async move {
+            engine.drive(model, task_running, permit, input).await;
+        });
+        Ok(running)
     }
 
-    /// Validates, reserves and runs one prediction.
+    /// Validates, runs and waits for one prediction (for callers without HTTP).
     pub async fn predict(
         self: &Arc<Self>,
         id: String,
         input: &Value,
-    ) -> Result<Prediction, Rejection> {
-        let input = self.validate(input).map_err(Rejection::InvalidInput)?;
-        let slot = self.reserve()?;
-        Ok(slot.run(id, input, PredictContext::new()).await)
+    ) -> Result<Arc<Running>, Rejection> {
+        let running = self.submit(id, input)?;
+        let guard = CancelOnDrop(Some(Arc::clone(&running)));
+        running.wait().await;
+        guard.disarm();
+        Ok(running)
+    }
+
+    async fn drive(
+        self: Arc<Self>,
+        model: Arc<dyn Model>,
+        running: Arc<Running>,
+        permit: Option<OwnedSemaphorePermit>,
+        mut input: Map<String, Value>,
+    ) {
+        let id = running.id().to_string();
+        let permit = match permit {
+            Some(p) => Some(p),
+            None => {
+                let _place = QueuePlace(&self.queued);
+                tokio::select! {
+                    p = Arc::clone(&self.slots).acquire_owned() => p.ok(),
+                    _ = running.canceled() => None,
+                }
+            }
+        };
+        let outcome = match permit {
+            None => Outcome::Canceled,
+            Some(permit) if !running.is_canceled() => {
+                running.set_processing();
+                let outcome = self.run_with_files(model, &running, &mut input).await;
+                drop(permit);
+                outcome
+            }
+            Some(_) => Outcome::Canceled,
+        };
+        match outcome {
+            Outcome::Succeeded(output) => {
+                tracing::debug!(%id, "prediction succeeded");
+                running.finish(PredictionStatus::Succeeded, Some(output), None)
+            }
+            Outcome::Failed(error) => {
+                tracing::warn!(%id, %error, "prediction failed");
+                running.finish(PredictionStatus::Failed, None, Some(error))
+            }
+            Outcome::Canceled => {
+                tracing::info!(%id, "prediction canceled");
+                running.finish(PredictionStatus::Canceled, None, None)
+            }
+        }
+        self.registry().remove(&id);
+        self.idle.notify_waiters();
+    }
+
+    async fn run_with_files(
+        &self,
+        model: Arc<dyn Model>,
+        running: &Arc<Running>,
+        input: &mut Map<String, Value>,
+    ) -> Outcome {
+        let needs_dir = files::has_file_inputs(&self.signature)
+            || files::has_file_outputs(&self.signature.output);
+        let scratch = if needs_dir {
+            match tempfile::Builder::new()
+                .prefix("runner-prediction-")
+                .tempdir()
+            {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    return Outcome::Failed(format!(
+                        "cannot create a scratch folder for files: {e}"
+                    ))
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(dir) = &scratch {
+            if files::has_file_inputs(&self.signature) {
+                let fetch = files::fetch_inputs(
+                    &self.signature,
+                    input,
+                    dir.path(),
+                    &self.files,
+                    self.http_client(),
+                );
+                let result = tokio::select! {
+                    r = fetch => r,
+                    _ = running.canceled() => return Outcome::Canceled,
+                };
+                if let Err(e) = result {
+                    return Outcome::Failed(e);
+                }
+            }
+        }
+        let mut ctx = running.context().clone();
+        if let Some(dir) = &scratch {
+            let out = dir.path().join("outputs");
+            if let Err(e) = std::fs::create_dir_all(&out) {
+                return Outcome::Failed(format!("cannot create {}: {e}", out.display()));
+            }
+            ctx = ctx.with_output_dir(&out);
+        }
+        let worker_ctx = ctx.clone();
+        let model_input = std::mem::take(input);
+        let result = tokio::task::spawn_blocking(move || model.predict(&model_input, &worker_ctx))
+            .await
+            .unwrap_or_else(|e| Err(PredictError::Failed(format!("the model panicked: {e}"))));
+        let output = match result {
+            Ok(v) => v,
+            Err(PredictError::Canceled) => return Outcome::Canceled,
+            Err(PredictError::Failed(e)) => return Outcome::Failed(e),
+        };
+        if ctx.is_canceled() {
+            return Outcome::Canceled;
+        }
+        // An iterator's output is the list of items it streamed.
+        let output = match &self.signature.output {
+            OutputType::Iterator(_) | OutputType::ConcatenateIterator(_) if output.is_null() => {
+                Value::Array(ctx.recorded().outputs)
+            }
+            _ => output,
+        };
+        if files::has_file_outputs(&self.signature.output) {
+            match files::encode_outputs(
+                &self.signature.output,
+                output,
+                running.id(),
+                &self.files,
+                self.http_client(),
+            )
+            .await
+            {
+                Ok(v) => Outcome::Succeeded(v),
+                Err(e) => Outcome::Failed(e),
+            }
+        } else {
+            Outcome::Succeeded(output)
+        }
     }
 }
 
-/// A reserved prediction slot; the slot frees when the prediction ends.
-pub struct Slot {
-    model: Arc<dyn Model>,
-    _permit: OwnedSemaphorePermit,
+enum Outcome {
+    Succeeded(Value),
+    Failed(String),
+    Canceled,
 }
 
-/// Cancels the prediction if the waiting future is dropped (e.g. the client went away).
-struct CancelOnDrop(Option<PredictContext>);
+/// Cancels a prediction if the waiting future is dropped (e.g. the client went away).
+pub struct CancelOnDrop(Option<Arc<Running>>);
+
+impl CancelOnDrop {
+    pub fn new(running: Arc<Running>) -> Self {
+        Self(Some(running))
+    }
+    /// The wait ended normally: nothing to cancel.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some(ctx) = self.0.take() {
-            ctx.cancel();
-        }
-    }
-}
-
-impl Slot {
-    /// Runs the prediction on a blocking thread. `ctx` lets the caller cancel it.
-    pub async fn run(
-        self,
-        id: String,
-        input: Map<String, Value>,
-        ctx: PredictContext,
-    ) -> Prediction {
-        let mut guard = CancelOnDrop(Some(ctx.clone()));
-        let started = Instant::now();
-        let worker_ctx = ctx.clone();
-        let model = Arc::clone(&self.model);
-        // The permit moves into the task: the slot stays taken until the model returns,
-        // even if the caller stops waiting.
-        let result = tokio::task::spawn_blocking(move || {
-            let _slot = self;
-            model.predict(&input, &worker_ctx)
-        })
-        .await
-        .unwrap_or_else(|e| Err(PredictError::Failed(format!("the model panicked: {e}"))));
-        guard.0 = None;
-        let predict_time = started.elapsed();
-        let logs = ctx.logs();
-        let (status, output, error) = match result {
-            Ok(output) => (PredictionStatus::Succeeded, output, None),
-            Err(PredictError::Canceled) => (PredictionStatus::Canceled, Value::Null, None),
-            Err(PredictError::Failed(e)) => (PredictionStatus::Failed, Value::Null, Some(e)),
-        };
-        match status {
-            PredictionStatus::Failed => {
-                tracing::warn!(%id, error = error.as_deref().unwrap_or(""), "prediction failed")
+        if let Some(running) = self.0.take() {
+            if running.cancel() {
+                tracing::info!(
+                    id = running.id(),
+                    "the client went away: canceling its prediction"
+                );
             }
-            _ => {
-                tracing::debug!(%id, ?status, secs = predict_time.as_secs_f64(), "prediction finished")
-            }
-        }
-        Prediction {
-            id,
-            status,
-            output,
-            error,
-            logs,
-            predict_time,
         }
     }
 }
@@ -393,7 +594,7 @@ mod tests {
     #[tokio::test]
     async fn lifecycle_and_slots() {
         let (_d, dir) = conformance_dir(1);
-        let engine = Engine::new(dir, DeviceSpec::Cpu, None).unwrap();
+        let engine = Engine::new(dir, DeviceSpec::Cpu, EngineOptions::default()).unwrap();
         assert_eq!(engine.health().0, Health::Starting);
         assert_eq!(
             engine
@@ -411,9 +612,9 @@ mod tests {
             .predict("b".into(), &json!({"text": "ab", "count": 2}))
             .await
             .unwrap();
-        assert_eq!(p.status, PredictionStatus::Succeeded);
-        assert_eq!(p.output["text"], "abab");
-        assert!(p.logs.contains("conformance"));
+        assert_eq!(p.status(), PredictionStatus::Succeeded);
+        assert_eq!(p.output().unwrap()["text"], "abab");
+        assert!(p.logs().contains("conformance"));
 
         let busy = {
             let e = Arc::clone(&engine);
@@ -432,7 +633,7 @@ mod tests {
             Rejection::AtCapacity
         );
         assert_eq!(
-            busy.await.unwrap().unwrap().status,
+            busy.await.unwrap().unwrap().status(),
             PredictionStatus::Succeeded
         );
 
@@ -440,8 +641,8 @@ mod tests {
             .predict("e".into(), &json!({"text": "x", "fail": true}))
             .await
             .unwrap();
-        assert_eq!(failed.status, PredictionStatus::Failed);
-        assert!(failed.error.unwrap().contains("on purpose"));
+        assert_eq!(failed.status(), PredictionStatus::Failed);
+        assert!(failed.error().unwrap().contains("on purpose"));
 
         let invalid = engine
             .predict("f".into(), &json!({"count": 99}))
@@ -456,7 +657,7 @@ mod tests {
     #[tokio::test]
     async fn dropped_waiter_cancels_and_frees_the_slot() {
         let (_d, dir) = conformance_dir(1);
-        let engine = Engine::new(dir, DeviceSpec::Cpu, None).unwrap();
+        let engine = Engine::new(dir, DeviceSpec::Cpu, EngineOptions::default()).unwrap();
         engine.setup().await.unwrap();
         let waiter = {
             let e = Arc::clone(&engine);
@@ -477,6 +678,92 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn queue_absorbs_bursts_and_cancel_frees_places() {
+        let (_d, dir) = conformance_dir(1);
+        let options = EngineOptions {
+            max_queue: 1,
+            ..Default::default()
+        };
+        let engine = Engine::new(dir, DeviceSpec::Cpu, options).unwrap();
+        engine.setup().await.unwrap();
+        let first = engine
+            .submit("a".into(), &json!({"text": "x", "sleep": 0.3}))
+            .unwrap();
+        let queued = engine.submit("b".into(), &json!({"text": "y"})).unwrap();
+        assert_eq!(queued.status(), PredictionStatus::Starting);
+        assert_eq!(
+            engine
+                .submit("c".into(), &json!({"text": "z"}))
+                .unwrap_err(),
+            Rejection::QueueFull
+        );
+        assert_eq!(
+            engine
+                .submit("a".into(), &json!({"text": "z"}))
+                .unwrap_err(),
+            Rejection::DuplicateId("a".into())
+        );
+        queued.wait().await;
+        assert_eq!(first.status(), PredictionStatus::Succeeded);
+        assert_eq!(queued.status(), PredictionStatus::Succeeded);
+
+        // A queued prediction canceled before it starts never runs.
+        let _long = engine
+            .submit("d".into(), &json!({"text": "x", "sleep": 0.3}))
+            .unwrap();
+        let waiting = engine.submit("e".into(), &json!({"text": "y"})).unwrap();
+        assert!(engine.cancel("e"));
+        waiting.wait().await;
+        assert_eq!(waiting.status(), PredictionStatus::Canceled);
+        assert_eq!(engine.queued(), 0);
+        assert!(!engine.cancel("nope"));
+        assert!(engine.wait_idle(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn events_arrive_in_order_with_replay() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cog.yaml"), "run: candle:stream\n").unwrap();
+        let engine = Engine::new(
+            ModelDir::open(d.path()).unwrap(),
+            DeviceSpec::Cpu,
+            EngineOptions::default(),
+        )
+        .unwrap();
+        engine.setup().await.unwrap();
+        let p = engine
+            .submit("s".into(), &json!({"prompt": "a b", "delay": 0.05}))
+            .unwrap();
+        let mut sub = p.subscribe();
+        let mut names: Vec<&str> = sub.replay.iter().map(|e| e.name()).collect();
+        loop {
+            let e = sub.receiver.recv().await.unwrap();
+            names.push(e.name());
+            if let StreamEvent::Completed(body) = &*e {
+                assert_eq!(body["output"], json!(["a ", "b "]));
+                assert_eq!(body["metrics"]["token_count"], json!(2));
+                assert_eq!(body["status"], "succeeded");
+                break;
+            }
+        }
+        assert_eq!(
+            names,
+            [
+                "start",
+                "metric",
+                "log",
+                "output",
+                "log",
+                "output",
+                "completed"
+            ]
+        );
+        // A late subscriber gets everything from the history.
+        let late = p.subscribe();
+        assert_eq!(late.replay.len(), 7);
+    }
+
+    #[tokio::test]
     async fn setup_failure_is_reported() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("w")).unwrap();
@@ -486,7 +773,12 @@ mod tests {
             "model: local/t\nrun: candle:tiny-mlp\nweights:\n  - name: w\n    target: /src/w\n    source: {uri: ./w}\n",
         )
         .unwrap();
-        let engine = Engine::new(ModelDir::open(d.path()).unwrap(), DeviceSpec::Cpu, None).unwrap();
+        let engine = Engine::new(
+            ModelDir::open(d.path()).unwrap(),
+            DeviceSpec::Cpu,
+            EngineOptions::default(),
+        )
+        .unwrap();
         let err = engine.setup().await.unwrap_err();
         assert!(err.contains("config.json"), "{err}");
         let (health, setup) = engine.health();

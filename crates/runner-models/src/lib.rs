@@ -13,7 +13,9 @@ use serde_json::{Map, Value};
 pub mod bert;
 pub mod conformance;
 pub mod device;
+pub mod files;
 pub mod json;
+pub mod stream;
 pub mod tiny_mlp;
 pub mod weights;
 
@@ -58,26 +60,143 @@ impl From<candle_core::Error> for PredictError {
     }
 }
 
-/// What a running prediction can see and report besides its input: its logs and whether
-/// it was canceled.
+/// How a recorded metric combines with an earlier value of the same name (Cog's modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricMode {
+    /// Overwrite; `null` deletes the metric.
+    Replace,
+    /// Add to the earlier number (0 when there was none).
+    Increment,
+    /// Push onto a list (an earlier scalar becomes the list's first item).
+    Append,
+}
+
+/// Something a running prediction reported, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PredictEvent {
+    /// Log text, ending with a newline.
+    Log(String),
+    /// One item of an iterator output, and its index.
+    Output { chunk: Value, index: u64 },
+    Metric {
+        name: String,
+        value: Value,
+        mode: MetricMode,
+    },
+}
+
+/// Called for every event of a prediction, on the thread that runs it.
+pub type EventSink = Arc<dyn Fn(&PredictEvent) + Send + Sync>;
+
+/// What a prediction has reported so far.
 #[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    pub logs: String,
+    /// Items of an iterator output, in order.
+    pub outputs: Vec<Value>,
+    /// Metrics recorded by the model, combined as their modes say.
+    pub metrics: Map<String, Value>,
+}
+
+/// What a running prediction can see and report besides its input: logs, streamed output
+/// items, metrics, where to write output files, and whether it was canceled.
+#[derive(Clone, Default)]
 pub struct PredictContext {
-    logs: Arc<Mutex<String>>,
+    recorded: Arc<Mutex<Recorded>>,
     canceled: Arc<AtomicBool>,
+    sink: Option<EventSink>,
+    output_dir: Option<Arc<std::path::Path>>,
+}
+
+impl std::fmt::Debug for PredictContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PredictContext")
+            .field("canceled", &self.is_canceled())
+            .field("output_dir", &self.output_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PredictContext {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A context that also hands every event to `sink` as it happens.
+    pub fn with_sink(sink: EventSink) -> Self {
+        Self {
+            sink: Some(sink),
+            ..Self::default()
+        }
+    }
+    /// Output files are written under `dir` (the engine removes it after the prediction).
+    pub fn with_output_dir(mut self, dir: &std::path::Path) -> Self {
+        self.output_dir = Some(Arc::from(dir));
+        self
+    }
+    /// Where the model writes output files (`Path` outputs are returned as paths in it).
+    pub fn output_dir(&self) -> std::path::PathBuf {
+        match &self.output_dir {
+            Some(dir) => dir.to_path_buf(),
+            None => std::env::temp_dir(),
+        }
+    }
+
+    fn record(&self, event: PredictEvent) {
+        {
+            let mut r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            match &event {
+                PredictEvent::Log(text) => r.logs.push_str(text),
+                PredictEvent::Output { chunk, .. } => r.outputs.push(chunk.clone()),
+                PredictEvent::Metric { name, value, mode } => {
+                    apply_metric(&mut r.metrics, name, value.clone(), *mode)
+                }
+            }
+        }
+        if let Some(sink) = &self.sink {
+            sink(&event);
+        }
+    }
+
     /// Appends one line to the prediction's logs.
     pub fn log(&self, line: &str) {
-        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        logs.push_str(line);
-        logs.push('\n');
+        let mut text = line.to_string();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        self.record(PredictEvent::Log(text));
+    }
+    /// Streams one item of an iterator output.
+    pub fn emit_output(&self, chunk: Value) {
+        let index = self.recorded().outputs.len() as u64;
+        self.record(PredictEvent::Output { chunk, index });
+    }
+    /// Records a metric that appears in the prediction's `metrics`. Keys may be dotted
+    /// paths (`timing.encode`) that nest objects; an empty segment is ignored.
+    pub fn record_metric(&self, name: &str, value: Value, mode: MetricMode) {
+        if name.is_empty() || name.split('.').any(str::is_empty) {
+            tracing::warn!(name, "ignoring a metric with an empty name or path segment");
+            return;
+        }
+        self.record(PredictEvent::Metric {
+            name: name.to_string(),
+            value,
+            mode,
+        });
+    }
+    /// A copy of what has been reported so far.
+    pub fn recorded(&self) -> Recorded {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .logs
+            .clone()
     }
     pub fn cancel(&self) {
         self.canceled.store(true, Ordering::SeqCst);
@@ -91,6 +210,56 @@ impl PredictContext {
             Err(PredictError::Canceled)
         } else {
             Ok(())
+        }
+    }
+}
+
+/// Combines a metric into `metrics` the way Cog does: dotted names nest objects; replace
+/// (null deletes), increment (integers stay integers), append (scalars become lists).
+pub fn apply_metric(metrics: &mut Map<String, Value>, name: &str, value: Value, mode: MetricMode) {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let leaf = parts.pop().unwrap_or(name);
+    let mut current = metrics;
+    for part in parts {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        current = entry.as_object_mut().expect("made an object above");
+    }
+    match mode {
+        MetricMode::Replace => {
+            if value.is_null() {
+                current.remove(leaf);
+            } else {
+                current.insert(leaf.to_string(), value);
+            }
+        }
+        MetricMode::Increment => {
+            let entry = current.entry(leaf.to_string()).or_insert(Value::from(0));
+            if let (Some(a), Some(b)) = (entry.as_i64(), value.as_i64()) {
+                *entry = Value::from(a.wrapping_add(b));
+            } else if let (Some(a), Some(b)) = (entry.as_u64(), value.as_u64()) {
+                *entry = Value::from(a.wrapping_add(b));
+            } else if let (Some(a), Some(b)) = (entry.as_f64(), value.as_f64()) {
+                if let Some(n) = serde_json::Number::from_f64(a + b) {
+                    *entry = Value::Number(n);
+                }
+            }
+        }
+        MetricMode::Append => {
+            let entry = current
+                .entry(leaf.to_string())
+                .or_insert(Value::Array(Vec::new()));
+            match entry {
+                Value::Array(items) => items.push(value),
+                other => {
+                    let earlier = other.take();
+                    *other = Value::Array(vec![earlier, value]);
+                }
+            }
         }
     }
 }
@@ -131,6 +300,8 @@ pub struct Architecture {
 pub const ARCHITECTURES: &[Architecture] = &[
     bert::ARCHITECTURE,
     conformance::ARCHITECTURE,
+    files::ARCHITECTURE,
+    stream::ARCHITECTURE,
     tiny_mlp::ARCHITECTURE,
 ];
 
@@ -159,5 +330,73 @@ pub fn architecture_for(dir: &ModelDir) -> Result<&'static Architecture, LoadErr
                 cog_yaml,
                 known: known_names(),
             }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The architecture's OpenAPI document is byte-identical to the one Cog 0.23.1's
+    /// generator wrote for its Python twin.
+    pub fn assert_cog_schema(name: &str, signature: &Signature) {
+        let path = format!(
+            "{}/../../cog-spec/cog-0.23.1-schemas/{name}/openapi_schema.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let theirs = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let ours = runner_spec::openapi::to_cog_json(&runner_spec::openapi::document(signature));
+        assert!(
+            ours == theirs,
+            "{name}: runner's schema differs from {path}"
+        );
+    }
+
+    #[test]
+    fn metrics_combine_as_cog_does() {
+        let mut m = Map::new();
+        apply_metric(&mut m, "count", json!(1), MetricMode::Increment);
+        apply_metric(&mut m, "count", json!(3), MetricMode::Increment);
+        apply_metric(&mut m, "temp", json!(0.5), MetricMode::Replace);
+        apply_metric(&mut m, "temp", json!(0.25), MetricMode::Increment);
+        apply_metric(&mut m, "steps", json!("a"), MetricMode::Append);
+        apply_metric(&mut m, "steps", json!("b"), MetricMode::Append);
+        apply_metric(&mut m, "timing.encode", json!(2), MetricMode::Replace);
+        apply_metric(&mut m, "timing.decode", json!(1), MetricMode::Increment);
+        apply_metric(&mut m, "gone", json!(1), MetricMode::Replace);
+        apply_metric(&mut m, "gone", Value::Null, MetricMode::Replace);
+        apply_metric(&mut m, "scalar", json!(1), MetricMode::Replace);
+        apply_metric(&mut m, "scalar", json!(2), MetricMode::Append);
+        assert_eq!(
+            Value::Object(m),
+            json!({"count": 4, "temp": 0.75, "steps": ["a", "b"],
+                   "timing": {"encode": 2, "decode": 1}, "scalar": [1, 2]})
+        );
+    }
+
+    #[test]
+    fn context_reports_events_in_order() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink_seen = Arc::clone(&seen);
+        let ctx = PredictContext::with_sink(Arc::new(move |e: &PredictEvent| {
+            sink_seen.lock().unwrap().push(e.clone())
+        }));
+        ctx.log("a");
+        ctx.emit_output(json!("x"));
+        ctx.record_metric("", json!(1), MetricMode::Replace);
+        ctx.record_metric("n", json!(1), MetricMode::Increment);
+        ctx.emit_output(json!("y"));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 4);
+        assert_eq!(seen[0], PredictEvent::Log("a\n".into()));
+        assert_eq!(
+            seen[3],
+            PredictEvent::Output {
+                chunk: json!("y"),
+                index: 1
+            }
+        );
+        assert_eq!(ctx.recorded().metrics["n"], json!(1));
     }
 }

@@ -1,35 +1,133 @@
-//! Cog's HTTP prediction API over a runner [`Engine`]: the synchronous core.
+//! Cog's HTTP prediction API over a runner [`Engine`].
 //!
 //! Status codes and bodies follow Cog 0.23.1's server (coglet): 200 with the prediction
-//! (also for failed predictions: failure is data), 422 with `detail` for invalid input,
-//! 409 when every slot is busy, 503 before setup has succeeded, and axum's plain-text
-//! 400/415/422 for bodies that are not a JSON prediction request.
+//! (also for failed predictions: failure is data), 202 for `Prefer: respond-async`, an
+//! event stream for `Accept: text/event-stream` (406 when the model does not stream), 422
+//! with `detail` for invalid input, 409 when every slot is busy, 503 before setup has
+//! succeeded, and axum's plain-text 400/415/422 for bodies that are not a JSON prediction
+//! request. Differences kept on purpose are listed in `cog-spec/deviations.md`.
 
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use runner_engine::{new_prediction_id, Engine, Health, Prediction, PredictionStatus, Rejection};
+use runner_engine::{new_prediction_id, CancelOnDrop, Engine, Health, Rejection, Running};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 
-/// Largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+pub mod webhook;
+
+pub use webhook::{TaskCounter, WebhookConfig, WebhookEvent};
+
+/// Largest request body accepted: Cog's limit.
+pub const MAX_BODY_BYTES: usize = 100 * 1024 * 1024;
 
 pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The routes, ready to serve.
+/// How the server behaves beyond the engine.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    pub webhooks: WebhookConfig,
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    webhooks: Arc<WebhookConfig>,
+    http: reqwest::Client,
+    tasks: Arc<TaskCounter>,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+/// The HTTP server for one engine: its routes, its background webhook deliveries and its
+/// shutdown trigger.
+#[derive(Clone)]
+pub struct Server {
+    state: AppState,
+}
+
+/// How a shutdown drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Predictions still running when the time limit passed (they were canceled).
+    pub canceled: usize,
+    /// Webhook deliveries still pending when the server stopped.
+    pub webhooks_pending: usize,
+}
+
+impl Server {
+    pub fn new(engine: Arc<Engine>, options: ServerOptions) -> Self {
+        let http = engine.http_client().clone();
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            state: AppState {
+                engine,
+                webhooks: Arc::new(options.webhooks),
+                http,
+                tasks: Arc::new(TaskCounter::default()),
+                shutdown: Arc::new(shutdown),
+            },
+        }
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(root))
+            .route("/health-check", get(health_check))
+            .route("/openapi.json", get(openapi))
+            .route("/shutdown", post(shutdown))
+            .route("/predictions", post(create_prediction))
+            .route("/predictions/{id}", put(create_prediction_idempotent))
+            .route("/predictions/{id}/cancel", post(cancel_prediction))
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self.state.clone())
+    }
+
+    /// Asks the server to stop, as `POST /shutdown` does.
+    pub fn request_shutdown(&self) {
+        self.state.shutdown.send_replace(true);
+    }
+
+    /// Resolves once `POST /shutdown` (or [`Server::request_shutdown`]) was called.
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.state.shutdown.subscribe();
+        let _ = rx.wait_for(|requested| *requested).await;
+    }
+
+    /// Lets in-flight predictions finish within `timeout`, cancels the rest, then waits
+    /// (within `webhook_timeout`) for their terminal webhooks to be delivered.
+    pub async fn drain(&self, timeout: Duration, webhook_timeout: Duration) -> DrainReport {
+        let engine = &self.state.engine;
+        let mut canceled = 0;
+        if !engine.wait_idle(timeout).await {
+            canceled = engine.in_flight();
+            tracing::warn!(
+                canceled,
+                "predictions still running at the end of the drain: canceling them"
+            );
+            engine.cancel_all();
+            engine.wait_idle(Duration::from_secs(10)).await;
+        }
+        self.state.tasks.wait_idle(webhook_timeout).await;
+        DrainReport {
+            canceled,
+            webhooks_pending: self.state.tasks.active(),
+        }
+    }
+}
+
+/// The routes for an engine with default options.
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
-        .route("/", get(root))
-        .route("/health-check", get(health_check))
-        .route("/openapi.json", get(openapi))
-        .route("/predictions", post(create_prediction))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(engine)
+    Server::new(engine, ServerOptions::default()).router()
 }
 
 async fn root() -> Json<Value> {
@@ -37,12 +135,16 @@ async fn root() -> Json<Value> {
         "cog_version": runner_spec::COG_VERSION,
         "runner_version": RUNNER_VERSION,
         "openapi_url": "/openapi.json",
+        "shutdown_url": "/shutdown",
         "healthcheck_url": "/health-check",
         "predictions_url": "/predictions",
+        "predictions_idempotent_url": "/predictions/{prediction_id}",
+        "predictions_cancel_url": "/predictions/{prediction_id}/cancel",
     }))
 }
 
-async fn health_check(State(engine): State<Arc<Engine>>) -> Json<Value> {
+async fn health_check(State(state): State<AppState>) -> Json<Value> {
+    let engine = &state.engine;
     let (health, setup) = engine.health();
     let mut body = json!({
         "status": health,
@@ -57,17 +159,26 @@ async fn health_check(State(engine): State<Arc<Engine>>) -> Json<Value> {
             "weights_source": loaded.weights_source,
             "setup_time": loaded.setup_time.as_secs_f64(),
             "slots": engine.total_slots(),
+            "in_flight": engine.in_flight(),
+            "queued": engine.queued(),
+            "max_queue": engine.max_queue(),
         });
     }
     Json(body)
 }
 
-async fn openapi(State(engine): State<Arc<Engine>>) -> Response {
+async fn openapi(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        engine.openapi_json().to_string(),
+        state.engine.openapi_json().to_string(),
     )
         .into_response()
+}
+
+async fn shutdown(State(state): State<AppState>) -> Json<Value> {
+    tracing::info!("shutdown requested over HTTP");
+    state.shutdown.send_replace(true);
+    Json(json!({}))
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,50 +187,227 @@ struct PredictionRequest {
     #[serde(default)]
     input: Value,
     webhook: Option<String>,
+    webhook_events_filter: Option<Vec<WebhookEvent>>,
+    /// Per-prediction context (Cog passes it to Python predictors); accepted, unused.
+    #[serde(default)]
+    #[allow(dead_code)]
+    context: HashMap<String, String>,
+}
+
+impl PredictionRequest {
+    fn empty() -> Self {
+        Self {
+            id: None,
+            input: Value::Null,
+            webhook: None,
+            webhook_events_filter: None,
+            context: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Sync,
+    Async,
+    Sse,
+}
+
+fn response_mode(headers: &HeaderMap) -> Mode {
+    let wants_sse = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|part| part.split(';').next().map(str::trim) == Some("text/event-stream"));
+    let prefers_async = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "respond-async");
+    if wants_sse {
+        Mode::Sse
+    } else if prefers_async {
+        Mode::Async
+    } else {
+        Mode::Sync
+    }
+}
+
+fn not_streaming() -> Response {
+    (
+        StatusCode::NOT_ACCEPTABLE,
+        Json(json!({"error": "This model does not stream its output, so it cannot answer with an event stream: send the request without `Accept: text/event-stream`."})),
+    )
+        .into_response()
 }
 
 async fn create_prediction(
-    State(engine): State<Arc<Engine>>,
+    State(state): State<AppState>,
+    headers: HeaderMap,
     body: Option<Json<PredictionRequest>>,
 ) -> Response {
-    let request = body.map(|Json(r)| r).unwrap_or(PredictionRequest {
-        id: None,
-        input: Value::Null,
-        webhook: None,
-    });
+    let request = body
+        .map(|Json(r)| r)
+        .unwrap_or_else(PredictionRequest::empty);
+    let id = request.id.clone().unwrap_or_else(new_prediction_id);
+    start(state, id, request, response_mode(&headers)).await
+}
+
+async fn create_prediction_idempotent(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<PredictionRequest>>,
+) -> Response {
+    let request = body
+        .map(|Json(r)| r)
+        .unwrap_or_else(PredictionRequest::empty);
+    if request.id.as_ref().is_some_and(|body_id| *body_id != id) {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"detail": [{
+                "loc": ["body", "id"],
+                "msg": "prediction ID must match the ID supplied in the URL",
+                "type": "value_error",
+            }]})),
+        )
+            .into_response();
+    }
+    let mode = response_mode(&headers);
+    // In flight already: attach to it instead of starting another.
+    if let Some(running) = state.engine.prediction(&id) {
+        return match mode {
+            Mode::Sse if !state.engine.supports_streaming() => not_streaming(),
+            Mode::Sse => event_stream(running, None),
+            _ => (StatusCode::ACCEPTED, Json(running.body_with_input())).into_response(),
+        };
+    }
+    start(state, id, request, mode).await
+}
+
+async fn start(state: AppState, id: String, request: PredictionRequest, mode: Mode) -> Response {
+    if mode == Mode::Sse && !state.engine.supports_streaming() {
+        return not_streaming();
+    }
     // Cog treats a missing or null input as an empty one.
     let input = if request.input.is_null() {
         Value::Object(Map::new())
     } else {
         request.input
     };
-    if request.webhook.is_some() {
-        tracing::warn!("webhooks are not delivered yet: answering synchronously");
+    let running = match state.engine.submit(id, &input) {
+        Ok(r) => r,
+        Err(rejection) => return rejection_response(rejection),
+    };
+    if let Some(url) = request.webhook {
+        let filter: HashSet<WebhookEvent> = request
+            .webhook_events_filter
+            .unwrap_or_else(WebhookEvent::all)
+            .into_iter()
+            .collect();
+        webhook::spawn_delivery(
+            state.http.clone(),
+            Arc::clone(&state.webhooks),
+            &state.tasks,
+            Arc::clone(&running),
+            url,
+            filter,
+        );
     }
-    let id = request.id.unwrap_or_else(new_prediction_id);
-    match engine.predict(id, &input).await {
-        Ok(prediction) => (StatusCode::OK, Json(prediction_body(&prediction))).into_response(),
-        Err(rejection) => rejection_response(rejection),
+    match mode {
+        Mode::Async => (
+            StatusCode::ACCEPTED,
+            Json(json!({"id": running.id(), "status": "starting"})),
+        )
+            .into_response(),
+        Mode::Sse => {
+            let guard = CancelOnDrop::new(Arc::clone(&running));
+            event_stream(running, Some(guard))
+        }
+        Mode::Sync => {
+            // If the client goes away, axum drops this future and the guard cancels.
+            let guard = CancelOnDrop::new(Arc::clone(&running));
+            running.wait().await;
+            guard.disarm();
+            (StatusCode::OK, Json(running.sync_body())).into_response()
+        }
     }
 }
 
-/// The body of a finished synchronous prediction, as Cog's server writes it.
-pub fn prediction_body(p: &Prediction) -> Value {
-    let mut body = Map::new();
-    body.insert("id".into(), json!(p.id));
-    if let Some(error) = &p.error {
-        body.insert("error".into(), json!(error));
+async fn cancel_prediction(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    if state.engine.cancel(&id) {
+        (StatusCode::OK, Json(json!({}))).into_response()
+    } else {
+        (StatusCode::NOT_FOUND, Json(json!({}))).into_response()
     }
-    body.insert("logs".into(), json!(p.logs));
-    body.insert(
-        "metrics".into(),
-        json!({"predict_time": p.predict_time.as_secs_f64()}),
-    );
-    if p.status == PredictionStatus::Succeeded {
-        body.insert("output".into(), p.output.clone());
+}
+
+/// A prediction's events as Server-Sent Events, ending after `completed`. `cancel_guard`
+/// cancels the prediction if the client disconnects first.
+fn event_stream(running: Arc<Running>, cancel_guard: Option<CancelOnDrop>) -> Response {
+    struct StreamState {
+        running: Arc<Running>,
+        replay: std::collections::VecDeque<Arc<runner_engine::StreamEvent>>,
+        skipped: u64,
+        receiver: tokio::sync::broadcast::Receiver<Arc<runner_engine::StreamEvent>>,
+        guard: Option<CancelOnDrop>,
+        done: bool,
     }
-    body.insert("status".into(), json!(p.status));
-    Value::Object(body)
+    let subscription = running.subscribe();
+    let state = StreamState {
+        running,
+        replay: subscription.replay,
+        skipped: subscription.skipped,
+        receiver: subscription.receiver,
+        guard: cancel_guard,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let lost = |skipped: u64| {
+            Event::default()
+                .event("error")
+                .json_data(json!({"error": "the event stream fell behind; events were dropped", "skipped": skipped}))
+                .expect("JSON")
+        };
+        if st.skipped > 0 {
+            st.done = true;
+            return Some((Ok::<_, Infallible>(lost(st.skipped)), st));
+        }
+        let event = match st.replay.pop_front() {
+            Some(e) => e,
+            None => match st.receiver.recv().await {
+                Ok(e) => e,
+                Err(RecvError::Lagged(n)) => {
+                    st.done = true;
+                    return Some((Ok(lost(n)), st));
+                }
+                Err(RecvError::Closed) => return None,
+            },
+        };
+        if matches!(*event, runner_engine::StreamEvent::Completed(_)) {
+            st.done = true;
+            if let Some(guard) = st.guard.take() {
+                guard.disarm();
+            }
+        }
+        let sse = Event::default()
+            .event(event.name())
+            .json_data(event.data(st.running.id()))
+            .expect("event data is JSON");
+        Some((Ok(sse), st))
+    });
+    Sse::new(stream)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response()
 }
 
 /// One place maps engine rejections to Cog's status codes.
@@ -133,6 +421,16 @@ pub fn rejection_response(rejection: Rejection) -> Response {
         Rejection::AtCapacity => (
             StatusCode::CONFLICT,
             Json(json!({"error": "At capacity - all prediction slots busy", "status": "failed"})),
+        )
+            .into_response(),
+        Rejection::QueueFull => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({"error": "At capacity - all prediction slots busy and the queue is full; retry later", "status": "failed"})),
+        )
+            .into_response(),
+        Rejection::DuplicateId(id) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": format!("A prediction with id {id:?} is already running; PUT /predictions/{id} attaches to it"), "status": "failed"})),
         )
             .into_response(),
         Rejection::NotReady { setup_failed } => {
@@ -168,7 +466,12 @@ mod tests {
     async fn engine(setup: bool) -> (tempfile::TempDir, Arc<Engine>) {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("cog.yaml"), "run: candle:conformance\n").unwrap();
-        let engine = Engine::new(ModelDir::open(d.path()).unwrap(), DeviceSpec::Cpu, None).unwrap();
+        let engine = Engine::new(
+            ModelDir::open(d.path()).unwrap(),
+            DeviceSpec::Cpu,
+            Default::default(),
+        )
+        .unwrap();
         if setup {
             engine.setup().await.unwrap();
         }
