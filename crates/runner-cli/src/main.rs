@@ -368,12 +368,16 @@ async fn shutdown_signal(server: &Server, await_explicit: bool) {
     };
     #[cfg(unix)]
     let terminate = async {
-        if await_explicit {
-            return std::future::pending::<()>().await;
-        }
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
-                s.recv().await;
+                loop {
+                    s.recv().await;
+                    if !await_explicit {
+                        break;
+                    }
+                    // Kubernetes sends SIGTERM before the pod's work is handed off.
+                    tracing::info!("SIGTERM ignored (--await-explicit-shutdown): POST /shutdown stops the server");
+                }
             }
             Err(_) => std::future::pending::<()>().await,
         }

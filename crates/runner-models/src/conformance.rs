@@ -1,8 +1,12 @@
 //! `candle:conformance`: an architecture without weights whose signature uses every Cog
 //! input kind and constraint, for API and schema tests. It echoes what it received as an
 //! object; `sleep` keeps it busy (cancellable) and `fail` makes the prediction fail.
+//! Its Python twin for Cog's server is `cog-spec/predictors/conformance/predict.py`.
+//!
+//! Two environment variables shape its setup, for health tests: `CONFORMANCE_SETUP_DELAY`
+//! (seconds) slows it down, `CONFORMANCE_SETUP_FAIL` (any value) makes it fail.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde_json::{json, Map, Value};
@@ -94,6 +98,20 @@ pub fn signature() -> Signature {
 struct Conformance;
 
 fn load(_: &ModelDir, _: &candle_core::Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
+    let delay: f64 = std::env::var("CONFORMANCE_SETUP_DELAY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if delay > 0.0 {
+        log(&format!("conformance: setup takes {delay} s"));
+        std::thread::sleep(Duration::from_secs_f64(delay));
+    }
+    if std::env::var_os("CONFORMANCE_SETUP_FAIL").is_some() {
+        log("conformance: failing setup as asked");
+        return Err(LoadError::Other(
+            "setup failed on purpose: CONFORMANCE_SETUP_FAIL is set".into(),
+        ));
+    }
     log("conformance: nothing to load");
     Ok(Box::new(Conformance))
 }
@@ -114,13 +132,7 @@ impl Model for Conformance {
         let sleep = get("sleep").as_f64().unwrap_or(0.0);
         if sleep > 0.0 {
             ctx.log(&format!("conformance: sleeping {sleep} s"));
-            let until = Instant::now() + Duration::from_secs_f64(sleep);
-            while Instant::now() < until {
-                ctx.check_canceled()?;
-                std::thread::sleep(
-                    Duration::from_millis(5).min(until.saturating_duration_since(Instant::now())),
-                );
-            }
+            crate::stream::cancellable_sleep(ctx, sleep)?;
         }
         if get("fail").as_bool() == Some(true) {
             ctx.log("conformance: failing as asked");
