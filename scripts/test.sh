@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The test command: fetches the MiniLM weights (cached, sha256-verified) and runs every
-# test in the workspace, end-to-end tests included.
+# The test command: fetches the MiniLM weights and Cog's own server (both cached outside
+# the clone, sha256-verified) and runs every test in the workspace, end-to-end tests and
+# the conformance suite against runner and against coglet included.
+# RUNNER_SKIP_COGLET=1 skips the coglet half (it then says so instead of running).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 command -v cargo >/dev/null || { echo "test: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
 scripts/fetch-minilm.sh
+if [ "${RUNNER_SKIP_COGLET:-0}" != 1 ] && [ -z "${RUNNER_COGLET_VENV:-}" ]; then
+  RUNNER_COGLET_VENV="$(scripts/setup-coglet.sh)"
+  export RUNNER_COGLET_VENV
+fi
 exec cargo test --workspace --locked "$@"
