@@ -8,14 +8,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+use support::fixtures::Fixtures;
 use support::{repo_root, RUNNER};
 
 const WEBHOOK_TOKEN: &str = "conformance-token";
@@ -33,145 +33,6 @@ impl Target {
             Target::Coglet => "coglet",
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// A loopback fixture server: webhook receiver, file host and upload target.
-
-#[derive(Debug, Clone)]
-struct Received {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-    answered: u16,
-}
-
-#[derive(Default)]
-struct FixtureState {
-    requests: Vec<Received>,
-    /// Per hook path: how many requests still get an error, and which status.
-    failures: HashMap<String, (u32, u16)>,
-    files: HashMap<String, Vec<u8>>,
-}
-
-struct Fixtures {
-    addr: String,
-    state: Arc<Mutex<FixtureState>>,
-}
-
-impl Fixtures {
-    fn start() -> Fixtures {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let state = Arc::new(Mutex::new(FixtureState::default()));
-        let st = Arc::clone(&state);
-        let base = format!("http://{addr}");
-        std::thread::spawn(move || {
-            for stream in listener.incoming().map_while(Result::ok) {
-                let st = Arc::clone(&st);
-                let base = base.clone();
-                std::thread::spawn(move || {
-                    let _ = serve_fixture(stream, &st, &base);
-                });
-            }
-        });
-        Fixtures { addr, state }
-    }
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-    fn lock(&self) -> std::sync::MutexGuard<'_, FixtureState> {
-        self.state.lock().unwrap()
-    }
-    fn received(&self, path: &str) -> Vec<Received> {
-        self.lock()
-            .requests
-            .iter()
-            .filter(|r| r.path == path)
-            .cloned()
-            .collect()
-    }
-}
-
-fn serve_fixture(
-    stream: TcpStream,
-    state: &Mutex<FixtureState>,
-    base: &str,
-) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.trim_end().split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body)?;
-
-    let mut extra_headers = String::new();
-    let mut out_body = Vec::new();
-    let status = {
-        let mut st = state.lock().unwrap();
-        let status = if let Some(name) = path.strip_prefix("/files/") {
-            match st.files.get(name) {
-                Some(content) if method == "GET" => {
-                    out_body = content.clone();
-                    200
-                }
-                _ if name == "redirect-to-file" => {
-                    extra_headers.push_str("Location: file:///etc/passwd\r\n");
-                    302
-                }
-                _ => 404,
-            }
-        } else if let Some(name) = path.strip_prefix("/upload/") {
-            let name = name.split('?').next().unwrap_or(name).to_string();
-            st.files.insert(format!("uploaded/{name}"), body.clone());
-            extra_headers.push_str(&format!(
-                "Location: {base}/files/uploaded/{name}?signature=x\r\n"
-            ));
-            201
-        } else {
-            match st.failures.get_mut(&path) {
-                Some((left, status)) if *left > 0 => {
-                    *left -= 1;
-                    *status
-                }
-                _ => 200,
-            }
-        };
-        st.requests.push(Received {
-            method,
-            path,
-            headers,
-            body,
-            answered: status,
-        });
-        status
-    };
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n",
-        out_body.len()
-    )?;
-    stream.write_all(&out_body)?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -483,9 +344,11 @@ fn matches(expected: &Value, actual: Option<&Value>, at: &str, errors: &mut Vec<
                 (p, Some(Value::String(s))) if p.starts_with("$prefix:") => {
                     s.starts_with(&p["$prefix:".len()..])
                 }
-                (p, Some(a)) if p.starts_with("$oneof:") => p["$oneof:".len()..]
-                    .split('|')
-                    .any(|o| a.as_str() == Some(o) || a.to_string() == o),
+                (p, Some(a)) if p.starts_with("$oneof:") => {
+                    p["$oneof:".len()..].split('|').any(|o| {
+                        a.as_str() == Some(o) || serde_json::to_string(a).ok().as_deref() == Some(o)
+                    })
+                }
                 _ => false,
             };
             if !ok {

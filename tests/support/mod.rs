@@ -2,6 +2,8 @@
 //! and a minimal HTTP/1.1 client (so tests depend on nothing but std).
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,135 @@
+//! runner's own additions to Cog's HTTP contract, beyond what the conformance suite
+//! compares with coglet: the queue, client disconnects, file-input limits, hostile
+//! redirects, and shutdown with a time limit.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::fixtures::Fixtures;
+use support::{repo_root, Server};
+
+fn health(server: &Server) -> Value {
+    serde_json::from_str(&server.get("/health-check").1).unwrap()
+}
+
+fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_prediction() {
+    let server = Server::start(&repo_root().join("models/conformance"), &[]);
+    let body = json!({"id": "gone-1", "input": {"text": "x", "sleep": 60}}).to_string();
+    let mut stream = TcpStream::connect(&server.addr).unwrap();
+    write!(
+        stream,
+        "POST /predictions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_until("the prediction runs", Duration::from_secs(5), || {
+        health(&server)["status"] == "BUSY"
+    });
+    drop(stream);
+    wait_until("the slot is free again", Duration::from_secs(5), || {
+        health(&server)["status"] == "READY"
+    });
+    assert!(server
+        .drain_stderr()
+        .iter()
+        .any(|l| l.contains("client went away")));
+}
+
+#[test]
+fn a_queue_absorbs_a_burst_and_429_when_full() {
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["--max-queue", "1"],
+    );
+    let running =
+        server.predict_in_background(&json!({"input": {"text": "a", "sleep": 1.0}}).to_string());
+    std::thread::sleep(Duration::from_millis(200));
+    let queued = server.predict_in_background(&json!({"input": {"text": "b"}}).to_string());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(health(&server)["runner"]["queued"], 1);
+    let (status, body) =
+        server.post_json("/predictions", &json!({"input": {"text": "c"}}).to_string());
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("queue is full"), "{body}");
+    for (handle, text) in [(running, "aaa"), (queued, "bbb")] {
+        let (status, body) = handle.join().unwrap();
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["output"]["text"], text, "{body}");
+    }
+}
+
+#[test]
+fn file_inputs_are_bounded_and_never_local() {
+    let fixtures = Fixtures::start();
+    fixtures
+        .lock()
+        .files
+        .insert("big.txt".into(), vec![b'x'; 4096]);
+    let server = Server::start(
+        &repo_root().join("models/files"),
+        &["--max-input-file-bytes", "1000"],
+    );
+    let (status, v) =
+        server.predict(json!({"source": format!("{}/files/big.txt", fixtures.url())}));
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "failed");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the 1000 byte limit"),
+        "{v}"
+    );
+
+    let big_data_uri = format!("data:text/plain;base64,{}", "eHh4".repeat(1000));
+    let (_, v) = server.predict(json!({"source": big_data_uri}));
+    assert_eq!(v["status"], "failed");
+    assert!(v["error"].as_str().unwrap().contains("limit"), "{v}");
+
+    // A redirect to a file:// URL is not followed.
+    let (_, v) =
+        server.predict(json!({"source": format!("{}/files/redirect-to-file", fixtures.url())}));
+    assert_eq!(v["status"], "failed");
+    assert!(
+        v["error"].as_str().unwrap().contains("cannot download"),
+        "{v}"
+    );
+
+    for url in ["/etc/passwd", "file:///etc/passwd", "ftp://example.com/x"] {
+        let (status, v) = server.predict(json!({"source": url}));
+        assert_eq!(status, 422, "{url}: {v}");
+        assert_eq!(v["detail"][0]["loc"], json!(["body", "input", "source"]));
+    }
+}
+
+#[test]
+fn shutdown_cancels_what_outlives_the_time_limit() {
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["--shutdown-timeout", "0.5"],
+    );
+    let slow =
+        server.predict_in_background(&json!({"input": {"text": "a", "sleep": 60}}).to_string());
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(server.post_json("/shutdown", "").0, 200);
+    let (status, body) = slow.join().unwrap();
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "canceled", "{body}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
