@@ -133,3 +133,52 @@ fn tiny_mlp_matches_an_independent_forward_pass() {
     assert_eq!(code, 1);
     assert!(stderr.contains("exactly 128"), "{stderr}");
 }
+
+#[test]
+fn run_streams_text_and_writes_file_outputs() {
+    let stream = repo_root().join("models/stream");
+    let (code, stdout, stderr) = runner(&[
+        "run",
+        stream.to_str().unwrap(),
+        "-i",
+        "prompt=one two three",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "one two three \n");
+    assert!(stderr.contains("stream: token 2"), "{stderr}");
+
+    let (code, stdout, stderr) = runner(&[
+        "run",
+        stream.to_str().unwrap(),
+        "-i",
+        "prompt=a b c",
+        "-i",
+        "fail_at=1",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(stdout, "a \n", "items before the failure were printed");
+    assert!(stderr.contains("failing at token 1"), "{stderr}");
+
+    let scratch = tempfile::tempdir().unwrap();
+    let source = scratch.path().join("in.txt");
+    std::fs::write(&source, "a\nb\n").unwrap();
+    let out = scratch.path().join("out");
+    let files = repo_root().join("models/files");
+    let (code, _, stderr) = runner(&[
+        "run",
+        files.to_str().unwrap(),
+        "-i",
+        &format!("source=@{}", source.display()),
+        "-i",
+        "copies=2",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read_to_string(out.join(format!("{i}.txt"))).unwrap(),
+            "> a\n> b\n"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use runner_engine::{
-    new_prediction_id, Engine, EngineOptions, FileConfig, PredictionStatus, Rejection,
+    new_prediction_id, Engine, EngineOptions, FileConfig, PredictionStatus, Rejection, StreamEvent,
 };
 use runner_models::DeviceSpec;
 use runner_server::{Server, ServerOptions, WebhookConfig};
@@ -432,27 +432,86 @@ async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
     let prediction = engine
-        .predict(new_prediction_id(), &Value::Object(validated))
-        .await
+        .submit(new_prediction_id(), &Value::Object(validated))
         .map_err(|r| match r {
             Rejection::InvalidInput(issues) => anyhow::anyhow!("invalid input: {issues:?}"),
             other => anyhow::anyhow!("the model cannot take the prediction: {other:?}"),
         })?;
-    let logs = prediction.logs();
-    if !logs.is_empty() {
-        eprint!("{logs}");
+    // Logs go to stderr as they come; text from a ConcatenateIterator model goes to stdout
+    // as it is generated (unless -o collects it).
+    let concatenates = matches!(
+        engine.signature().output,
+        runner_spec::OutputType::ConcatenateIterator(_)
+    );
+    let mut events = prediction.subscribe();
+    let mut streamed = false;
+    let mut replay = std::mem::take(&mut events.replay);
+    loop {
+        let event = match replay.pop_front() {
+            Some(e) => e,
+            None => match events.receiver.recv().await {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            },
+        };
+        match &*event {
+            StreamEvent::Log { data } => eprint!("{data}"),
+            StreamEvent::Output {
+                chunk: Value::String(text),
+                ..
+            } if concatenates && output.is_none() => {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+                streamed = true;
+            }
+            StreamEvent::Completed(_) => break,
+            _ => {}
+        }
+    }
+    prediction.wait().await;
+    if streamed {
+        println!();
     }
     match prediction.status() {
         PredictionStatus::Succeeded => {
             let value = prediction.output().unwrap_or(Value::Null);
-            // A file output goes to -o as its bytes, not as a data URI.
-            if let (Some(path), Some(uri)) =
-                (output, value.as_str().and_then(|s| s.strip_prefix("data:")))
-            {
-                let (_, bytes) = runner_engine::files::decode_data_uri(uri, u64::MAX)
-                    .map_err(|e| anyhow::anyhow!("the output file: {e}"))?;
-                std::fs::write(path, bytes)
-                    .with_context(|| format!("writing {}", path.display()))?;
+            let data_uris: Option<Vec<&str>> = match &value {
+                Value::String(s) if s.starts_with("data:") => Some(vec![s.as_str()]),
+                Value::Array(items) if !items.is_empty() => items
+                    .iter()
+                    .map(|v| v.as_str().filter(|s| s.starts_with("data:")))
+                    .collect(),
+                _ => None,
+            };
+            if let (Some(path), Some(uris)) = (output, &data_uris) {
+                // Files go to -o as their bytes: one file, or a folder for a list.
+                let single = value.is_string();
+                if !single {
+                    std::fs::create_dir_all(path)
+                        .with_context(|| format!("creating the folder {}", path.display()))?;
+                }
+                for (i, uri) in uris.iter().enumerate() {
+                    let (mime, bytes) = runner_engine::files::decode_data_uri(&uri[5..], u64::MAX)
+                        .map_err(|e| anyhow::anyhow!("output file {i}: {e}"))?;
+                    let target = if single {
+                        path.to_path_buf()
+                    } else {
+                        path.join(format!("{i}{}", runner_engine::files::extension_for(&mime)))
+                    };
+                    std::fs::write(&target, bytes)
+                        .with_context(|| format!("writing {}", target.display()))?;
+                    eprintln!("runner: wrote {}", target.display());
+                }
+            } else if streamed {
+                // Already printed as it came.
+            } else if let (true, Value::Array(items)) = (concatenates, &value) {
+                let text: String = items.iter().filter_map(Value::as_str).collect();
+                match output {
+                    Some(path) => std::fs::write(path, text + "\n")
+                        .with_context(|| format!("writing {}", path.display()))?,
+                    None => println!("{text}"),
+                }
             } else {
                 let text = match &value {
                     Value::String(s) => s.clone(),

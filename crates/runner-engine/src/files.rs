@@ -373,7 +373,8 @@ pub fn mime_for_path(path: &Path) -> &'static str {
     }
 }
 
-fn extension_for(mime: &str) -> &'static str {
+/// A file extension (with its dot) for a media type, or "" when unknown.
+pub fn extension_for(mime: &str) -> &'static str {
     match mime {
         "text/plain" => ".txt",
         "application/json" => ".json",
