@@ -1,0 +1,712 @@
+//! Snapshots of a model's device-resident state: the tensors exactly as the model holds
+//! them after load (converted dtypes and all), in one versioned file that restores with a
+//! few large sequential reads instead of parsing and converting weights again.
+//!
+//! File layout (little-endian):
+//!
+//! ```text
+//! [0, 4096)        preamble: magic "RUNRSNAP", format version, the offsets and lengths of
+//!                  the data, header and manifest, and an xxh3 checksum of the preamble,
+//!                  header and manifest together
+//! [4096, …)        data: one arena per dtype, each 4 KiB-aligned, tensors 256 B-aligned
+//!                  inside it; every 16 MiB chunk of an arena has its own xxh3 checksum
+//! after the data   header (JSON: format version, compatibility key) and manifest (JSON:
+//!                  arenas with chunk checksums, tensors with name, dtype, shape, arena,
+//!                  offset)
+//! ```
+//!
+//! The preamble is written last, after everything it points to is on disk, into a
+//! temporary file that is fsynced and then renamed: a crash or a full disk never leaves a
+//! file that passes validation, and two writers never mix their bytes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("runner snapshots are little-endian; this target is not");
+
+pub const MAGIC: &[u8; 8] = b"RUNRSNAP";
+pub const FORMAT_VERSION: u32 = 1;
+/// The preamble takes the first 4 KiB, so the data starts aligned.
+const PREAMBLE_BYTES: u64 = 4096;
+const PREAMBLE_USED: usize = 48;
+pub const ARENA_ALIGN: u64 = 4096;
+pub const TENSOR_ALIGN: u64 = 256;
+/// Size of the data chunks that carry their own checksum.
+pub const CHUNK_BYTES: u64 = 16 << 20;
+/// Header and manifest are small; anything larger is corruption, not a model.
+const MAX_METADATA_BYTES: u64 = 256 << 20;
+
+/// What must match for a snapshot to be used: anything else means a cold load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompatKey {
+    pub runner_version: String,
+    pub candle_version: String,
+    /// Digest of the model directory's spec (cog.yaml, configs) and its weights' identity.
+    pub model_digest: String,
+    pub architecture: String,
+    /// `cpu` or `cuda`.
+    pub device_kind: String,
+    pub gpu_name: Option<String>,
+    pub compute_capability: Option<String>,
+    pub driver_version: Option<String>,
+    /// How the model converts weights at load (e.g. `f32`, `bf16`).
+    pub dtype_policy: String,
+}
+
+impl CompatKey {
+    /// The first field that differs, as `(field, in the snapshot, expected)`.
+    pub fn first_mismatch(&self, expected: &CompatKey) -> Option<(&'static str, String, String)> {
+        let fields: [(&'static str, String, String); 9] = [
+            ("runner version", self.runner_version.clone(), expected.runner_version.clone()),
+            ("candle version", self.candle_version.clone(), expected.candle_version.clone()),
+            ("architecture", self.architecture.clone(), expected.architecture.clone()),
+            ("model (spec and weights)", self.model_digest.clone(), expected.model_digest.clone()),
+            ("device kind", self.device_kind.clone(), expected.device_kind.clone()),
+            ("GPU", format!("{:?}", self.gpu_name), format!("{:?}", expected.gpu_name)),
+            (
+                "compute capability",
+                format!("{:?}", self.compute_capability),
+                format!("{:?}", expected.compute_capability),
+            ),
+            (
+                "driver version",
+                format!("{:?}", self.driver_version),
+                format!("{:?}", expected.driver_version),
+            ),
+            ("dtype policy", self.dtype_policy.clone(), expected.dtype_policy.clone()),
+        ];
+        fields.into_iter().find(|(_, a, b)| a != b)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Header {
+    pub format_version: u32,
+    pub key: CompatKey,
+    pub tensor_count: usize,
+    pub data_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Arena {
+    pub dtype: String,
+    /// Offset from the start of the data region.
+    pub offset: u64,
+    pub bytes: u64,
+    pub chunk_bytes: u64,
+    pub chunk_checksums: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub arena: usize,
+    /// Byte offset inside the arena.
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub arenas: Vec<Arena>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{path}: is a directory, not a snapshot file; give the file's path (or remove the directory)")]
+    IsDirectory { path: PathBuf },
+    #[error("{path}: not a runner snapshot (bad magic bytes)")]
+    NotASnapshot { path: PathBuf },
+    #[error("{path}: snapshot format version {found}, this runner reads version {supported}; take a new snapshot with `runner snapshot`")]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{path}: corrupt snapshot: {what}; take a new one with `runner snapshot`")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("{path}: snapshot was taken for another {field}: it has {found}, this model needs {expected}; take a new one with `runner snapshot`")]
+    Incompatible {
+        path: PathBuf,
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: the disk is full; no snapshot was written (free {needed} bytes and try again)")]
+    DiskFull { path: PathBuf, needed: u64 },
+    #[error("snapshot tensor `{name}`: {message}")]
+    Tensor { name: String, message: String },
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+fn align(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    d.as_str()
+}
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    Some(match s {
+        "u8" => DType::U8,
+        "u32" => DType::U32,
+        "i64" => DType::I64,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        "f64" => DType::F64,
+        _ => return None,
+    })
+}
+
+/// A tensor's bytes, as it is laid out in memory (little-endian).
+fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, SnapshotError> {
+    let err = |e: candle_core::Error| SnapshotError::Tensor {
+        name: name.to_string(),
+        message: e.to_string(),
+    };
+    let flat = t.to_device(&Device::Cpu).and_then(|t| t.flatten_all()).map_err(err)?;
+    Ok(match t.dtype() {
+        DType::U8 => flat.to_vec1::<u8>().map_err(err)?,
+        DType::U32 => bytemuck::cast_slice(&flat.to_vec1::<u32>().map_err(err)?).to_vec(),
+        DType::I64 => bytemuck::cast_slice(&flat.to_vec1::<i64>().map_err(err)?).to_vec(),
+        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>().map_err(err)?).to_vec(),
+        DType::F64 => bytemuck::cast_slice(&flat.to_vec1::<f64>().map_err(err)?).to_vec(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()
+            .map_err(err)?
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()
+            .map_err(err)?
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect(),
+        other => {
+            return Err(SnapshotError::Tensor {
+                name: name.to_string(),
+                message: format!("dtype {other:?} cannot be snapshotted yet"),
+            })
+        }
+    })
+}
+
+/// What writing a snapshot did.
+#[derive(Debug, Clone)]
+pub struct WriteReport {
+    pub path: PathBuf,
+    pub tensors: usize,
+    pub data_bytes: u64,
+    pub file_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Writes a snapshot of `tensors` to `path`, atomically (temporary file, fsync, rename).
+pub fn write(path: &Path, key: &CompatKey, tensors: &[(String, Tensor)]) -> Result<WriteReport, SnapshotError> {
+    let started = Instant::now();
+    if path.is_dir() {
+        return Err(SnapshotError::IsDirectory { path: path.to_path_buf() });
+    }
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir, "cannot create the snapshot's folder"))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // A name no other writer uses: concurrent writers each rename a complete file.
+    let tmp = dir.join(format!(
+        ".{file_name}.tmp-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let result = (|| {
+        let mut file = File::create(&tmp).map_err(io(&tmp, "cannot create"))?;
+        let (header, file_bytes) = write_to(&mut file, &tmp, key, tensors)?;
+        file.sync_all().map_err(io(&tmp, "cannot flush to disk"))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(io(path, "cannot move the snapshot into place"))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(WriteReport {
+            path: path.to_path_buf(),
+            tensors: header.tensor_count,
+            data_bytes: header.data_bytes,
+            file_bytes,
+            elapsed: started.elapsed(),
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| match e {
+        SnapshotError::Io { source, .. } if is_disk_full(&source) => SnapshotError::DiskFull {
+            path: path.to_path_buf(),
+            needed: tensors.iter().map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum(),
+        },
+        other => other,
+    })
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}
+
+/// Writes the whole file into `out`; the preamble goes last.
+pub fn write_to<W: Write + Seek>(
+    out: &mut W,
+    path: &Path,
+    key: &CompatKey,
+    tensors: &[(String, Tensor)],
+) -> Result<(Header, u64), SnapshotError> {
+    // Arenas by dtype, tensors in the order given within each.
+    let mut by_dtype: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        by_dtype.entry(dtype_name(t.dtype())).or_default().push(i);
+    }
+    let mut entries: Vec<Option<TensorEntry>> = vec![None; tensors.len()];
+    let mut arenas = Vec::new();
+    let mut arena_start = 0u64;
+    for (dtype, members) in &by_dtype {
+        let mut offset = 0u64;
+        for &i in members {
+            let (name, t) = &tensors[i];
+            entries[i] = Some(TensorEntry {
+                name: name.clone(),
+                dtype: dtype.to_string(),
+                shape: t.dims().to_vec(),
+                arena: arenas.len(),
+                offset,
+            });
+            offset = align(offset + (t.elem_count() * t.dtype().size_in_bytes()) as u64, TENSOR_ALIGN);
+        }
+        let bytes = align(offset, ARENA_ALIGN);
+        arenas.push(Arena {
+            dtype: dtype.to_string(),
+            offset: arena_start,
+            bytes,
+            chunk_bytes: CHUNK_BYTES,
+            chunk_checksums: Vec::new(),
+        });
+        arena_start += bytes;
+    }
+    let data_bytes = arena_start;
+
+    out.seek(SeekFrom::Start(0)).map_err(io(path, "cannot seek"))?;
+    out.write_all(&[0u8; PREAMBLE_BYTES as usize]).map_err(io(path, "cannot write"))?;
+    // Stream each arena in chunks, hashing as they go: one tensor in memory at a time.
+    for (a, (_, members)) in arenas.iter_mut().zip(&by_dtype) {
+        let mut hasher = ChunkHasher::new(a.chunk_bytes);
+        let mut written = 0u64;
+        for &i in members {
+            let entry = entries[i].as_ref().expect("laid out above");
+            let pad = entry.offset - written;
+            hasher.write(out, &vec![0u8; pad as usize], path)?;
+            let bytes = tensor_bytes(&tensors[i].0, &tensors[i].1)?;
+            hasher.write(out, &bytes, path)?;
+            written = entry.offset + bytes.len() as u64;
+        }
+        hasher.write(out, &vec![0u8; (a.bytes - written) as usize], path)?;
+        a.chunk_checksums = hasher.finish();
+    }
+    let header = Header {
+        format_version: FORMAT_VERSION,
+        key: key.clone(),
+        tensor_count: tensors.len(),
+        data_bytes,
+    };
+    let manifest = Manifest {
+        arenas,
+        tensors: entries.into_iter().map(|e| e.expect("every tensor laid out")).collect(),
+    };
+    let header_json = serde_json::to_vec(&header).expect("serializable");
+    let manifest_json = serde_json::to_vec(&manifest).expect("serializable");
+    out.write_all(&header_json).map_err(io(path, "cannot write"))?;
+    out.write_all(&manifest_json).map_err(io(path, "cannot write"))?;
+    let mut preamble = Vec::with_capacity(PREAMBLE_USED + 8);
+    preamble.extend_from_slice(MAGIC);
+    preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    preamble.extend_from_slice(&0u32.to_le_bytes());
+    preamble.extend_from_slice(&PREAMBLE_BYTES.to_le_bytes());
+    preamble.extend_from_slice(&data_bytes.to_le_bytes());
+    preamble.extend_from_slice(&(header_json.len() as u64).to_le_bytes());
+    preamble.extend_from_slice(&(manifest_json.len() as u64).to_le_bytes());
+    debug_assert_eq!(preamble.len(), PREAMBLE_USED);
+    let checksum = meta_checksum(&preamble, &header_json, &manifest_json);
+    preamble.extend_from_slice(&checksum.to_le_bytes());
+    out.seek(SeekFrom::Start(0)).map_err(io(path, "cannot seek"))?;
+    out.write_all(&preamble).map_err(io(path, "cannot write"))?;
+    out.flush().map_err(io(path, "cannot write"))?;
+    let file_bytes = PREAMBLE_BYTES + data_bytes + header_json.len() as u64 + manifest_json.len() as u64;
+    Ok((header, file_bytes))
+}
+
+fn meta_checksum(preamble: &[u8], header: &[u8], manifest: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&preamble[..PREAMBLE_USED]);
+    h.update(header);
+    h.update(manifest);
+    h.digest()
+}
+
+/// Writes bytes and keeps one checksum per fixed-size chunk.
+struct ChunkHasher {
+    chunk: u64,
+    filled: u64,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    sums: Vec<u64>,
+}
+
+impl ChunkHasher {
+    fn new(chunk: u64) -> Self {
+        Self {
+            chunk,
+            filled: 0,
+            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            sums: Vec::new(),
+        }
+    }
+    fn write<W: Write>(&mut self, out: &mut W, mut bytes: &[u8], path: &Path) -> Result<(), SnapshotError> {
+        out.write_all(bytes).map_err(io(path, "cannot write"))?;
+        while !bytes.is_empty() {
+            let take = ((self.chunk - self.filled) as usize).min(bytes.len());
+            self.hasher.update(&bytes[..take]);
+            self.filled += take as u64;
+            bytes = &bytes[take..];
+            if self.filled == self.chunk {
+                self.sums.push(self.hasher.digest());
+                self.hasher.reset();
+                self.filled = 0;
+            }
+        }
+        Ok(())
+    }
+    fn finish(mut self) -> Vec<u64> {
+        if self.filled > 0 {
+            self.sums.push(self.hasher.digest());
+        }
+        self.sums
+    }
+}
+
+/// An opened, validated snapshot (preamble, header and manifest checked; data not read).
+#[derive(Debug)]
+pub struct Snapshot {
+    pub path: PathBuf,
+    pub header: Header,
+    pub manifest: Manifest,
+    data_offset: u64,
+    file: File,
+}
+
+/// What a restore did, for phase timings and bandwidth.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreStats {
+    pub data_bytes: u64,
+    /// Reading (and checking) the data into host memory.
+    pub read: Duration,
+    /// Copying host memory to the device (zero on CPU).
+    pub upload: Duration,
+    pub total: Duration,
+}
+
+impl RestoreStats {
+    pub fn gb_per_s(&self) -> f64 {
+        self.data_bytes as f64 / self.total.as_secs_f64().max(1e-9) / 1e9
+    }
+}
+
+impl Snapshot {
+    /// Opens a snapshot and validates everything but the data chunks.
+    pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
+        if path.is_dir() {
+            return Err(SnapshotError::IsDirectory { path: path.to_path_buf() });
+        }
+        let file = File::open(path).map_err(io(path, "cannot open the snapshot"))?;
+        let len = file.metadata().map_err(io(path, "cannot stat"))?.len();
+        let corrupt = |what: String| SnapshotError::Corrupt { path: path.to_path_buf(), what };
+        if len < PREAMBLE_USED as u64 + 8 {
+            return Err(corrupt(format!("the file is {len} bytes, shorter than a snapshot's preamble")));
+        }
+        let mut pre = [0u8; PREAMBLE_USED + 8];
+        file.read_exact_at(&mut pre, 0).map_err(io(path, "cannot read"))?;
+        if &pre[0..8] != MAGIC {
+            return Err(SnapshotError::NotASnapshot { path: path.to_path_buf() });
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(pre[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(pre[i..i + 8].try_into().unwrap());
+        let version = u32_at(8);
+        let (data_offset, data_bytes, header_len, manifest_len) = (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
+        let checksum = u64_at(48);
+        if data_offset != PREAMBLE_BYTES || header_len > MAX_METADATA_BYTES || manifest_len > MAX_METADATA_BYTES {
+            if version != FORMAT_VERSION {
+                return Err(SnapshotError::UnsupportedVersion {
+                    path: path.to_path_buf(),
+                    found: version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            return Err(corrupt("the preamble's offsets are impossible".into()));
+        }
+        let expected_len = data_offset
+            .checked_add(data_bytes)
+            .and_then(|x| x.checked_add(header_len))
+            .and_then(|x| x.checked_add(manifest_len))
+            .ok_or_else(|| corrupt("the preamble's sizes overflow".into()))?;
+        if len != expected_len {
+            return Err(corrupt(format!(
+                "the file is {len} bytes but its preamble describes {expected_len} (truncated or appended to)"
+            )));
+        }
+        let mut meta = vec![0u8; (header_len + manifest_len) as usize];
+        file.read_exact_at(&mut meta, data_offset + data_bytes).map_err(io(path, "cannot read"))?;
+        let (header_json, manifest_json) = meta.split_at(header_len as usize);
+        if meta_checksum(&pre, header_json, manifest_json) != checksum {
+            if version != FORMAT_VERSION {
+                return Err(SnapshotError::UnsupportedVersion {
+                    path: path.to_path_buf(),
+                    found: version,
+                    supported: FORMAT_VERSION,
+                });
+            }
+            return Err(corrupt("the checksum of the preamble, header and manifest does not match".into()));
+        }
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let header: Header = serde_json::from_slice(header_json).map_err(|e| corrupt(format!("header: {e}")))?;
+        let manifest: Manifest =
+            serde_json::from_slice(manifest_json).map_err(|e| corrupt(format!("manifest: {e}")))?;
+        validate_layout(&header, &manifest, data_bytes).map_err(corrupt)?;
+        Ok(Snapshot {
+            path: path.to_path_buf(),
+            header,
+            manifest,
+            data_offset,
+            file,
+        })
+    }
+
+    /// Refuses a snapshot taken for another model, device or runner.
+    pub fn check_compatible(&self, expected: &CompatKey) -> Result<(), SnapshotError> {
+        match self.header.key.first_mismatch(expected) {
+            None => Ok(()),
+            Some((field, found, expected)) => Err(SnapshotError::Incompatible {
+                path: self.path.clone(),
+                field,
+                found,
+                expected,
+            }),
+        }
+    }
+
+    /// Reads every arena with large positional reads straight into its final host buffer,
+    /// checking each chunk, then (on a GPU) copies each arena to the device in one
+    /// transfer. Tensors are views into their arena: no per-tensor copy or conversion.
+    pub fn restore(&self, device: &Device) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+        let started = Instant::now();
+        let mut host = Vec::with_capacity(self.manifest.arenas.len());
+        for (i, arena) in self.manifest.arenas.iter().enumerate() {
+            let dtype = parse_dtype(&arena.dtype).expect("validated");
+            let mut buf = ArenaBuffer::new(dtype, arena.bytes as usize);
+            self.read_arena(i, arena, buf.bytes_mut())?;
+            host.push(buf);
+        }
+        let read = started.elapsed();
+        let upload_started = Instant::now();
+        let mut arenas = Vec::with_capacity(host.len());
+        for (buf, arena) in host.into_iter().zip(&self.manifest.arenas) {
+            let t = buf.into_tensor(device).map_err(|e| SnapshotError::Tensor {
+                name: format!("arena {}", arena.dtype),
+                message: e.to_string(),
+            })?;
+            arenas.push(t);
+        }
+        if let Device::Cuda(_) = device {
+            device.synchronize().map_err(|e| SnapshotError::Tensor {
+                name: "device".into(),
+                message: e.to_string(),
+            })?;
+        }
+        let upload = upload_started.elapsed();
+        let mut tensors = Vec::with_capacity(self.manifest.tensors.len());
+        for entry in &self.manifest.tensors {
+            let arena = &arenas[entry.arena];
+            let elem = arena.dtype().size_in_bytes() as u64;
+            let numel: usize = entry.shape.iter().product();
+            let t = arena
+                .narrow(0, (entry.offset / elem) as usize, numel)
+                .and_then(|t| t.reshape(entry.shape.as_slice()))
+                .map_err(|e| SnapshotError::Tensor {
+                    name: entry.name.clone(),
+                    message: e.to_string(),
+                })?;
+            tensors.push((entry.name.clone(), t));
+        }
+        let stats = RestoreStats {
+            data_bytes: self.header.data_bytes,
+            read,
+            upload,
+            total: started.elapsed(),
+        };
+        Ok((tensors, stats))
+    }
+
+    fn read_arena(&self, index: usize, arena: &Arena, dst: &mut [u8]) -> Result<(), SnapshotError> {
+        let base = self.data_offset + arena.offset;
+        for (c, expected) in arena.chunk_checksums.iter().enumerate() {
+            let start = c as u64 * arena.chunk_bytes;
+            let end = (start + arena.chunk_bytes).min(arena.bytes);
+            let chunk = &mut dst[start as usize..end as usize];
+            self.file
+                .read_exact_at(chunk, base + start)
+                .map_err(io(&self.path, "cannot read the snapshot's data"))?;
+            if xxh3_64(chunk) != *expected {
+                return Err(SnapshotError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!(
+                        "data chunk {c} of arena {index} ({}, file bytes {}..{}) fails its checksum",
+                        arena.dtype,
+                        base + start,
+                        base + end
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_layout(header: &Header, manifest: &Manifest, data_bytes: u64) -> Result<(), String> {
+    if header.data_bytes != data_bytes {
+        return Err("the header's data size disagrees with the preamble".into());
+    }
+    if header.tensor_count != manifest.tensors.len() {
+        return Err("the header's tensor count disagrees with the manifest".into());
+    }
+    let mut end = 0u64;
+    for (i, a) in manifest.arenas.iter().enumerate() {
+        let dtype = parse_dtype(&a.dtype).ok_or_else(|| format!("arena {i} has unknown dtype {:?}", a.dtype))?;
+        if a.offset != end || a.offset % ARENA_ALIGN != 0 || a.bytes % ARENA_ALIGN != 0 {
+            return Err(format!("arena {i} is misplaced"));
+        }
+        if a.chunk_bytes == 0 || a.chunk_checksums.len() as u64 != a.bytes.div_ceil(a.chunk_bytes) {
+            return Err(format!("arena {i} has {} chunk checksums for {} bytes", a.chunk_checksums.len(), a.bytes));
+        }
+        if (a.bytes as usize) % dtype.size_in_bytes() != 0 {
+            return Err(format!("arena {i} is not a whole number of {:?} elements", a.dtype));
+        }
+        end = a.offset.checked_add(a.bytes).ok_or("arena sizes overflow")?;
+    }
+    if end != data_bytes {
+        return Err("the arenas do not cover the data region".into());
+    }
+    for t in &manifest.tensors {
+        let a = manifest
+            .arenas
+            .get(t.arena)
+            .ok_or_else(|| format!("tensor `{}` names arena {}, which does not exist", t.name, t.arena))?;
+        if a.dtype != t.dtype {
+            return Err(format!("tensor `{}` is {} but sits in the {} arena", t.name, t.dtype, a.dtype));
+        }
+        let elem = parse_dtype(&t.dtype).expect("checked with its arena").size_in_bytes() as u64;
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| format!("tensor `{}` has an impossible shape", t.name))?;
+        let bytes = numel.checked_mul(elem).ok_or("tensor size overflows")?;
+        if t.offset % TENSOR_ALIGN != 0 || t.offset.checked_add(bytes).is_none_or(|e| e > a.bytes) {
+            return Err(format!("tensor `{}` lies outside its arena", t.name));
+        }
+    }
+    Ok(())
+}
+
+/// A typed host buffer for one arena, so the tensor takes it over without a copy.
+enum ArenaBuffer {
+    U8(Vec<u8>),
+    U32(Vec<u32>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    BF16(Vec<half::bf16>),
+    F16(Vec<half::f16>),
+}
+
+impl ArenaBuffer {
+    fn new(dtype: DType, bytes: usize) -> Self {
+        let n = bytes / dtype.size_in_bytes();
+        match dtype {
+            DType::U8 => Self::U8(vec![0; n]),
+            DType::U32 => Self::U32(vec![0; n]),
+            DType::I64 => Self::I64(vec![0; n]),
+            DType::F32 => Self::F32(vec![0.0; n]),
+            DType::F64 => Self::F64(vec![0.0; n]),
+            DType::BF16 => Self::BF16(vec![half::bf16::ZERO; n]),
+            DType::F16 => Self::F16(vec![half::f16::ZERO; n]),
+            other => unreachable!("validated dtype {other:?}"),
+        }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::U8(v) => v,
+            Self::U32(v) => bytemuck::cast_slice_mut(v),
+            Self::I64(v) => bytemuck::cast_slice_mut(v),
+            Self::F32(v) => bytemuck::cast_slice_mut(v),
+            Self::F64(v) => bytemuck::cast_slice_mut(v),
+            // SAFETY: bf16 and f16 are `repr(transparent)` over u16: any bytes are valid.
+            Self::BF16(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2) },
+            Self::F16(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2) },
+        }
+    }
+    fn into_tensor(self, device: &Device) -> candle_core::Result<Tensor> {
+        macro_rules! t {
+            ($v:expr) => {{
+                let n = $v.len();
+                // On the CPU the vector becomes the tensor's storage; on a GPU it is one copy.
+                Tensor::from_vec($v, n, device)
+            }};
+        }
+        match self {
+            Self::U8(v) => t!(v),
+            Self::U32(v) => t!(v),
+            Self::I64(v) => t!(v),
+            Self::F32(v) => t!(v),
+            Self::F64(v) => t!(v),
+            Self::BF16(v) => t!(v),
+            Self::F16(v) => t!(v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,242 @@
+use super::*;
+
+fn key() -> CompatKey {
+    CompatKey {
+        runner_version: "0.1.0".into(),
+        candle_version: "0.11.1".into(),
+        model_digest: "abc".into(),
+        architecture: "tiny-mlp".into(),
+        device_kind: "cpu".into(),
+        gpu_name: None,
+        compute_capability: None,
+        driver_version: None,
+        dtype_policy: "f32".into(),
+    }
+}
+
+fn tensors() -> Vec<(String, Tensor)> {
+    let cpu = Device::Cpu;
+    let a = Tensor::arange(0f32, 1000f32, &cpu).unwrap().reshape((10, 100)).unwrap();
+    let b = Tensor::arange(0f32, 7f32, &cpu).unwrap();
+    let c = a.to_dtype(DType::BF16).unwrap();
+    let d = Tensor::arange(0u32, 33u32, &cpu).unwrap().reshape((3, 11)).unwrap();
+    let e = b.to_dtype(DType::F16).unwrap();
+    vec![
+        ("layer.weight".into(), a),
+        ("layer.bias".into(), b),
+        ("half.weight".into(), c),
+        ("ids".into(), d),
+        ("f16".into(), e),
+    ]
+}
+
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    a.dims() == b.dims()
+        && a.dtype() == b.dtype()
+        && tensor_bytes("a", a).unwrap() == tensor_bytes("b", b).unwrap()
+}
+
+#[test]
+fn roundtrip_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.rsnap");
+    let originals = tensors();
+    let report = write(&path, &key(), &originals).unwrap();
+    assert_eq!(report.tensors, 5);
+    assert_eq!(report.file_bytes, std::fs::metadata(&path).unwrap().len());
+    let snap = Snapshot::open(&path).unwrap();
+    snap.check_compatible(&key()).unwrap();
+    for a in &snap.manifest.arenas {
+        assert_eq!(a.offset % ARENA_ALIGN, 0);
+    }
+    for t in &snap.manifest.tensors {
+        assert_eq!(t.offset % TENSOR_ALIGN, 0);
+    }
+    let (restored, stats) = snap.restore(&Device::Cpu).unwrap();
+    assert_eq!(stats.data_bytes, snap.header.data_bytes);
+    assert_eq!(restored.len(), originals.len());
+    for ((n1, t1), (n2, t2)) in originals.iter().zip(&restored) {
+        assert_eq!(n1, n2);
+        assert!(same_bits(t1, t2), "{n1} differs");
+    }
+    // Views compute like the originals.
+    let x = Tensor::ones((1, 10), DType::F32, &Device::Cpu).unwrap();
+    let y1 = x.matmul(&originals[0].1).unwrap();
+    let y2 = x.matmul(&restored[0].1).unwrap();
+    assert!(same_bits(&y1, &y2));
+    // No temporary file left behind.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn many_chunks_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.rsnap");
+    // 40 MiB of f32: three 16 MiB chunks.
+    let t = Tensor::arange(0f32, (10 << 20) as f32, &Device::Cpu).unwrap();
+    write(&path, &key(), &[("big".into(), t.clone())]).unwrap();
+    let snap = Snapshot::open(&path).unwrap();
+    assert_eq!(snap.manifest.arenas[0].chunk_checksums.len(), 3);
+    let (restored, _) = snap.restore(&Device::Cpu).unwrap();
+    assert!(same_bits(&t, &restored[0].1));
+}
+
+fn flip_bit(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn error_of(path: &Path) -> String {
+    match Snapshot::open(path) {
+        Err(e) => e.to_string(),
+        Ok(s) => match s.restore(&Device::Cpu) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{} was accepted", path.display()),
+        },
+    }
+}
+
+#[test]
+fn every_kind_of_damage_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.rsnap");
+    write(&good, &key(), &tensors()).unwrap();
+    let len = std::fs::metadata(&good).unwrap().len();
+    let snap = Snapshot::open(&good).unwrap();
+    let data_end = PREAMBLE_BYTES + snap.header.data_bytes;
+    drop(snap);
+    let copy = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::copy(&good, &p).unwrap();
+        p
+    };
+
+    let p = copy("truncated");
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 10).unwrap();
+    assert!(error_of(&p).contains("truncated"), "{}", error_of(&p));
+
+    let p = copy("magic");
+    flip_bit(&p, 0);
+    assert!(error_of(&p).contains("not a runner snapshot"));
+
+    let p = copy("preamble");
+    flip_bit(&p, 20); // data offset
+    assert!(error_of(&p).contains("corrupt"), "{}", error_of(&p));
+
+    let p = copy("version");
+    flip_bit(&p, 8);
+    assert!(error_of(&p).contains("format version"), "{}", error_of(&p));
+
+    let p = copy("header");
+    flip_bit(&p, data_end + 5);
+    assert!(error_of(&p).contains("checksum of the preamble, header and manifest"), "{}", error_of(&p));
+
+    let p = copy("manifest");
+    flip_bit(&p, len - 5);
+    assert!(error_of(&p).contains("checksum of the preamble, header and manifest"), "{}", error_of(&p));
+
+    let p = copy("data");
+    flip_bit(&p, PREAMBLE_BYTES + 100);
+    let e = error_of(&p);
+    assert!(e.contains("data chunk 0 of arena") && e.contains("fails its checksum"), "{e}");
+
+    let p = copy("garbage");
+    std::fs::write(&p, b"hello").unwrap();
+    assert!(error_of(&p).contains("shorter than"), "{}", error_of(&p));
+
+    assert!(error_of(dir.path()).contains("is a directory"));
+    let missing = dir.path().join("missing.rsnap");
+    assert!(error_of(&missing).contains("cannot open"));
+}
+
+#[test]
+fn snapshots_of_something_else_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.rsnap");
+    write(&path, &key(), &tensors()).unwrap();
+    let snap = Snapshot::open(&path).unwrap();
+    let cases: Vec<(fn(&mut CompatKey), &str)> = vec![
+        (|k| k.model_digest = "other".into(), "model (spec and weights)"),
+        (|k| k.runner_version = "9.9.9".into(), "runner version"),
+        (|k| k.device_kind = "cuda".into(), "device kind"),
+        (|k| k.gpu_name = Some("NVIDIA H100".into()), "GPU"),
+        (|k| k.dtype_policy = "bf16".into(), "dtype policy"),
+        (|k| k.architecture = "bert".into(), "architecture"),
+    ];
+    for (change, field) in cases {
+        let mut expected = key();
+        change(&mut expected);
+        let e = snap.check_compatible(&expected).unwrap_err().to_string();
+        assert!(e.contains(&format!("another {field}")), "{e}");
+    }
+}
+
+#[test]
+fn two_writers_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.rsnap");
+    let big = Tensor::arange(0f32, (4 << 20) as f32, &Device::Cpu).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let (path, t) = (path.clone(), (&big + i as f64).unwrap());
+            std::thread::spawn(move || write(&path, &key(), &[("w".into(), t)]).unwrap())
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (restored, _) = Snapshot::open(&path).unwrap().restore(&Device::Cpu).unwrap();
+    let first: f32 = restored[0].1.get(0).unwrap().to_scalar().unwrap();
+    let expected = (&big + first as f64).unwrap();
+    assert!(same_bits(&expected, &restored[0].1), "one writer's complete file");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary files left");
+}
+
+/// A sink that runs out of space after `room` bytes, like a full disk.
+struct FullDisk {
+    inner: std::io::Cursor<Vec<u8>>,
+    room: usize,
+}
+
+impl Write for FullDisk {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.inner.position() as usize + buf.len() > self.room {
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for FullDisk {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+#[test]
+fn a_full_disk_is_reported_and_leaves_no_valid_file() {
+    let mut sink = FullDisk {
+        inner: std::io::Cursor::new(Vec::new()),
+        room: 6000,
+    };
+    let err = write_to(&mut sink, Path::new("x.rsnap"), &key(), &tensors()).unwrap_err();
+    match err {
+        SnapshotError::Io { source, .. } => assert!(is_disk_full(&source)),
+        other => panic!("{other}"),
+    }
+    // What reached the "disk" has no preamble: it never validates.
+    let dir = tempfile::tempdir().unwrap();
+    let partial = dir.path().join("partial.rsnap");
+    std::fs::write(&partial, sink.inner.get_ref()).unwrap();
+    assert!(Snapshot::open(&partial).is_err());
+
+    // The public writer cleans up its temporary file when writing fails.
+    let blocked = dir.path().join("blocker");
+    std::fs::write(&blocked, b"a file where a folder should be").unwrap();
+    let e = write(&blocked.join("m.rsnap"), &key(), &tensors()).unwrap_err();
+    assert!(e.to_string().contains("cannot create"), "{e}");
+}
