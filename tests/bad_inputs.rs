@@ -122,6 +122,7 @@ fn mismatched_weights_name_the_tensor() {
         input_size: 8,
         hidden_size: 16,
         output_size: 4,
+        ..Default::default()
     };
     runner_models::tiny_mlp::write_model(&weights, &small, 1).unwrap();
     // config.json claims a different hidden size than the tensors have.

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use runner_engine::{
-    new_prediction_id, Engine, EngineOptions, FileConfig, PredictionStatus, Rejection, StreamEvent,
+    new_prediction_id, Engine, EngineOptions, FileConfig, PredictionStatus, Rejection,
+    SnapshotMode, SnapshotOptions, StreamEvent,
 };
 use runner_models::DeviceSpec;
 use runner_server::{Server, ServerOptions, WebhookConfig};
@@ -90,6 +91,31 @@ struct ServingArgs {
     max_input_file_bytes: u64,
 }
 
+#[derive(Args, Clone)]
+struct SnapshotArgs {
+    /// Which snapshot to restore: auto (the model directory's own, if present), off, or a
+    /// path. A missing, corrupt or incompatible snapshot means a cold load, with a warning.
+    #[arg(long, default_value = "auto", env = "RUNNER_SNAPSHOT")]
+    snapshot: String,
+    /// Fail instead of loading cold when the snapshot is missing or unusable.
+    #[arg(long, env = "RUNNER_REQUIRE_SNAPSHOT")]
+    require_snapshot: bool,
+}
+
+impl SnapshotArgs {
+    fn options(&self) -> SnapshotOptions {
+        let mode = match self.snapshot.as_str() {
+            "auto" => SnapshotMode::Auto,
+            "off" | "none" => SnapshotMode::Off,
+            path => SnapshotMode::Path(PathBuf::from(path)),
+        };
+        SnapshotOptions {
+            mode,
+            require: self.require_snapshot,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve a model directory over Cog's HTTP prediction API.
@@ -110,6 +136,21 @@ enum Command {
         concurrency: Option<u32>,
         #[command(flatten)]
         serving: ServingArgs,
+        #[command(flatten)]
+        snapshot: SnapshotArgs,
+    },
+    /// Load a model cold, warm it up, and save its device-resident state as a snapshot
+    /// that `runner serve` restores instead of loading the weights.
+    Snapshot {
+        /// The model directory (holding cog.yaml).
+        #[arg(default_value = ".", env = "RUNNER_MODEL_DIR")]
+        dir: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Where to write it (default: DIR/.runner/snapshot-<architecture>-<device>.rsnap,
+        /// where `--snapshot auto` looks).
+        #[arg(short, long, env = "RUNNER_SNAPSHOT_OUTPUT")]
+        output: Option<PathBuf>,
     },
     /// Run one prediction and print its output on stdout.
     #[command(visible_alias = "predict")]
@@ -139,6 +180,15 @@ enum Command {
         /// Seed of the deterministic generator.
         #[arg(long, default_value_t = 0, env = "RUNNER_SEED")]
         seed: u64,
+        /// Width of the hidden layers.
+        #[arg(long, default_value_t = 4096, env = "RUNNER_GENERATE_HIDDEN_SIZE")]
+        hidden_size: usize,
+        /// Hidden-to-hidden layers (16 at width 4096 make about 1.1 GB of f32 weights).
+        #[arg(long, default_value_t = 0, env = "RUNNER_GENERATE_LAYERS")]
+        layers: usize,
+        /// The dtype the model computes in; the f32 weights are converted to it at load.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"], env = "RUNNER_GENERATE_DTYPE")]
+        dtype: String,
     },
     /// Print the model's OpenAPI schema, as Cog's generator writes it.
     Schema {
@@ -151,6 +201,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.logging);
+    keep_cuda_kernels_beside_the_model(&cli.command);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -166,6 +217,30 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// candle's kernels are PTX that the CUDA driver compiles on first use; its JIT cache
+/// (read when CUDA initialises) is kept in the model directory beside the snapshot, so a
+/// restored server does not compile them again. Set before any thread starts.
+fn keep_cuda_kernels_beside_the_model(command: &Command) {
+    let (dir, device) = match command {
+        Command::Serve { dir, device, .. } | Command::Snapshot { dir, device, .. } => (dir, device),
+        _ => return,
+    };
+    if !cfg!(feature = "cuda")
+        || matches!(device.device, DeviceSpec::Cpu)
+        || std::env::var_os("CUDA_CACHE_PATH").is_some()
+    {
+        return;
+    }
+    let cache = dir.join(".runner").join("cuda-kernel-cache");
+    if std::fs::create_dir_all(&cache).is_ok() {
+        std::env::set_var("CUDA_CACHE_PATH", &cache);
+        if std::env::var_os("CUDA_CACHE_MAXSIZE").is_none() {
+            // The default (1 GiB) can evict kernels of large models.
+            std::env::set_var("CUDA_CACHE_MAXSIZE", "4294967296");
         }
     }
 }
@@ -200,7 +275,24 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             device,
             concurrency,
             serving,
-        } => serve(&dir, &host, port, device.device, concurrency, serving).await,
+            snapshot,
+        } => {
+            serve(
+                &dir,
+                &host,
+                port,
+                device.device,
+                concurrency,
+                serving,
+                snapshot,
+            )
+            .await
+        }
+        Command::Snapshot {
+            dir,
+            device,
+            output,
+        } => take_snapshot(&dir, device.device, output.as_deref()).await,
         Command::Run {
             dir,
             inputs,
@@ -221,10 +313,22 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             architecture: _,
             dir,
             seed,
+            hidden_size,
+            layers,
+            dtype,
         } => {
-            runner_models::tiny_mlp::write_model(&dir, &Default::default(), seed)?;
+            let config = runner_models::tiny_mlp::TinyMlpConfig {
+                hidden_size,
+                layers,
+                dtype,
+                ..Default::default()
+            };
+            let bytes = config.parameters() * 4;
+            tracing::info!("generating {:.1} MB of f32 weights", bytes as f64 / 1e6);
+            runner_models::tiny_mlp::write_model(&dir, &config, seed)?;
             eprintln!(
-                "runner: wrote tiny-mlp weights (seed {seed}) to {}",
+                "runner: wrote tiny-mlp weights ({:.1} MB, seed {seed}) to {}",
+                bytes as f64 / 1e6,
                 dir.display()
             );
             Ok(ExitCode::SUCCESS)
@@ -254,6 +358,7 @@ async fn serve(
     device: DeviceSpec,
     concurrency: Option<u32>,
     serving: ServingArgs,
+    snapshot: SnapshotArgs,
 ) -> Result<ExitCode> {
     let started = Instant::now();
     let shutdown_timeout = seconds("shutdown-timeout", serving.shutdown_timeout)?;
@@ -271,6 +376,8 @@ async fn serve(
             max_input_bytes: serving.max_input_file_bytes,
             ..Default::default()
         },
+        snapshot: snapshot.options(),
+        record_for_snapshot: false,
     };
     let engine = open_engine(dir, device, options)?;
     let addr: SocketAddr = format!("{host}:{port}")
@@ -324,14 +431,21 @@ async fn serve(
     let mut setup_stop = stop_rx.clone();
     tokio::select! {
         result = setup => match result {
-            Ok(loaded) => eprintln!(
-                "runner: ready at {url} · model {} (candle:{}) · device {} · weights {} · ready in {:.2}s",
-                engine.model_name(),
-                engine.architecture(),
-                loaded.device,
-                loaded.weights_source,
-                started.elapsed().as_secs_f64()
-            ),
+            Ok(loaded) => {
+                let restored = loaded
+                    .snapshot
+                    .as_ref()
+                    .map(|s| format!(" ({:.1} MB at {:.2} GB/s)", s.data_bytes as f64 / 1e6, s.data_bytes as f64 / s.restore_seconds.max(1e-9) / 1e9))
+                    .unwrap_or_default();
+                eprintln!(
+                    "runner: ready at {url} · model {} (candle:{}) · device {} · weights {}{restored} · ready in {:.2}s",
+                    engine.model_name(),
+                    engine.architecture(),
+                    loaded.device,
+                    loaded.weights_source,
+                    started.elapsed().as_secs_f64()
+                )
+            }
             Err(e) => eprintln!("runner: setup failed, serving SETUP_FAILED at {url}/health-check: {e}"),
         },
         _ = setup_stop.wait_for(|s| *s) => {}
@@ -358,6 +472,45 @@ async fn serve(
         Err(_) => tracing::warn!("some connections were still open at exit"),
     }
     tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) -> Result<ExitCode> {
+    let options = EngineOptions {
+        record_for_snapshot: true,
+        ..Default::default()
+    };
+    let engine = open_engine(dir, device, options)?;
+    let loaded = engine
+        .setup()
+        .await
+        .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
+    if loaded.weights_source == "none" {
+        bail!(
+            "candle:{} has no weights: there is nothing to snapshot",
+            engine.architecture()
+        );
+    }
+    let phases: Vec<String> = loaded
+        .phases
+        .iter()
+        .map(|(name, t)| format!("{name} {:.3}s", t.as_secs_f64()))
+        .collect();
+    tracing::info!("loaded cold: {}", phases.join(", "));
+    let writer = Arc::clone(&engine);
+    let output = output.map(Path::to_path_buf);
+    let report = tokio::task::spawn_blocking(move || writer.write_snapshot(output.as_deref()))
+        .await
+        .context("snapshot writer")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", report.path.display());
+    eprintln!(
+        "runner: snapshot of {} tensors ({:.1} MB) written to {} in {:.2}s",
+        report.tensors,
+        report.data_bytes as f64 / 1e6,
+        report.path.display(),
+        report.elapsed.as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,7 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use runner_models::{architecture_for, Architecture, DeviceSpec, LoadError, Model, PredictError};
+use std::path::PathBuf;
+
+use runner_models::{
+    architecture_for, Architecture, DeviceSpec, LoadContext, LoadError, Model, PredictError,
+};
+use runner_snapshot::{CompatKey, Snapshot};
 use runner_spec::openapi;
 use runner_spec::{InputValidator, ModelDir, OutputType, Signature, ValidationIssue};
 use serde::Serialize;
@@ -81,6 +86,46 @@ pub struct EngineOptions {
     /// Predictions that may wait for a slot; 0 answers "at capacity" at once, as Cog does.
     pub max_queue: usize,
     pub files: FileConfig,
+    pub snapshot: SnapshotOptions,
+    /// Keep the tensors the model takes at load, for [`Engine::write_snapshot`].
+    pub record_for_snapshot: bool,
+}
+
+/// Which snapshot setup tries before loading the weights.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Never use a snapshot.
+    #[default]
+    Off,
+    /// The model directory's own snapshot for this device, when there is one.
+    Auto,
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOptions {
+    pub mode: SnapshotMode,
+    /// Fail setup instead of loading cold when the snapshot is missing or unusable.
+    pub require: bool,
+}
+
+/// The snapshot a model was restored from.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub path: PathBuf,
+    pub data_bytes: u64,
+    pub restore_seconds: f64,
+}
+
+/// candle's version, part of a snapshot's compatibility key.
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+fn device_kind(device: &candle_core::Device) -> &'static str {
+    match device {
+        candle_core::Device::Cpu => "cpu",
+        candle_core::Device::Cuda(_) => "cuda",
+        candle_core::Device::Metal(_) => "metal",
+    }
 }
 
 struct State {
@@ -108,15 +153,23 @@ pub struct Engine {
     loaded: OnceLock<Loaded>,
     in_flight: Mutex<HashMap<String, Arc<Running>>>,
     idle: tokio::sync::Notify,
+    snapshot_options: SnapshotOptions,
+    recorded: Option<runner_models::load::Recorded>,
+    device: OnceLock<candle_core::Device>,
 }
 
 /// What a successful setup reports.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub device: String,
-    /// Where the weights came from: `safetensors`, or `none` for weightless architectures.
+    /// Where the weights came from: `snapshot`, `safetensors`, or `none` for weightless
+    /// architectures.
     pub weights_source: &'static str,
     pub setup_time: Duration,
+    /// Setup's phases in order: device init, snapshot check/restore and model build, or
+    /// weights load; warm-up.
+    pub phases: Vec<(String, Duration)>,
+    pub snapshot: Option<SnapshotInfo>,
 }
 
 fn now_rfc3339() -> String {
@@ -177,6 +230,11 @@ impl Engine {
             loaded: OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
+            snapshot_options: options.snapshot,
+            recorded: options
+                .record_for_snapshot
+                .then(|| Arc::new(Mutex::new(Vec::new()))),
+            device: OnceLock::new(),
         }))
     }
 
@@ -225,49 +283,52 @@ impl Engine {
         s.setup_logs.push('\n');
     }
 
-    /// Loads the model onto its device. On failure the engine stays in SETUP_FAILED with
-    /// the error in the setup logs, and the error is returned.
+    /// Where `--snapshot auto` looks for (and `runner snapshot` writes) this model's
+    /// snapshot for a kind of device.
+    pub fn default_snapshot_path(&self, device_kind: &str) -> PathBuf {
+        self.dir.root.join(".runner").join(format!(
+            "snapshot-{}-{device_kind}.rsnap",
+            self.architecture.name
+        ))
+    }
+
+    /// What a snapshot must have been taken for to be used on this device.
+    pub fn compat_key(&self, device: &candle_core::Device) -> Result<CompatKey, String> {
+        let mut files = vec![self.dir.config.path.clone()];
+        files.extend(self.dir.weights.files.iter().cloned());
+        let model_digest = runner_snapshot::fingerprint(&files)
+            .map_err(|e| format!("cannot read the model's files to fingerprint them: {e}"))?;
+        let gpu = runner_models::device::gpu_identity(device);
+        Ok(CompatKey {
+            runner_version: env!("CARGO_PKG_VERSION").into(),
+            candle_version: CANDLE_VERSION.into(),
+            model_digest,
+            architecture: self.architecture.name.into(),
+            device_kind: device_kind(device).into(),
+            gpu_name: gpu.name,
+            compute_capability: gpu.compute_capability,
+            driver_version: gpu.driver_version,
+            dtype_policy: self.architecture.dtype_policy.into(),
+        })
+    }
+
+    /// Loads the model onto its device: from a compatible snapshot when one is chosen,
+    /// else from the weights (recording the tensors when a snapshot is to be written).
+    /// On failure the engine stays in SETUP_FAILED with the error in the setup logs, and
+    /// the error is returned.
     pub async fn setup(self: &Arc<Self>) -> Result<Loaded, String> {
         let engine = Arc::clone(self);
         let started = Instant::now();
         engine.lock().setup.started_at = now_rfc3339();
-        let result = tokio::task::spawn_blocking(move || {
-            let device = engine.device_spec.open().map_err(|e| e.to_string())?;
-            let device_name = runner_models::device::describe(&device);
-            engine.setup_log(&format!(
-                "loading {} (candle:{}) on {device_name}",
-                engine.dir.root.display(),
-                engine.architecture.name
-            ));
-            let log = |line: &str| engine.setup_log(line);
-            let model = (engine.architecture.load)(&engine.dir, &device, &log)
-                .map_err(|e| e.to_string())?;
-            let warm = Instant::now();
-            model
-                .warm_up()
-                .map_err(|e| format!("warm-up prediction failed: {e}"))?;
-            engine.setup_log(&format!("warm-up in {:.3}s", warm.elapsed().as_secs_f64()));
-            Ok::<_, String>((model, device_name))
-        })
-        .await
-        .map_err(|e| format!("setup panicked: {e}"))
-        .and_then(|r| r);
+        let result = tokio::task::spawn_blocking(move || engine.load_blocking())
+            .await
+            .map_err(|e| format!("setup panicked: {e}"))
+            .and_then(|r| r);
         let mut state = self.lock();
         state.setup.completed_at = Some(now_rfc3339());
         match result {
-            Ok((model, device)) => {
-                let weights_source = if self.dir.weights.safetensors.is_empty()
-                    && self.dir.weights.safetensors_index.is_none()
-                {
-                    "none"
-                } else {
-                    "safetensors"
-                };
-                let loaded = Loaded {
-                    device,
-                    weights_source,
-                    setup_time: started.elapsed(),
-                };
+            Ok((model, mut loaded)) => {
+                loaded.setup_time = started.elapsed();
                 state.setup_logs.push_str(&format!(
                     "setup succeeded in {:.3}s\n",
                     loaded.setup_time.as_secs_f64()
@@ -286,6 +347,162 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    fn load_blocking(&self) -> Result<(Box<dyn Model>, Loaded), String> {
+        let mut phases = Vec::new();
+        let t = Instant::now();
+        let device = self.device_spec.open().map_err(|e| e.to_string())?;
+        let device_name = runner_models::device::describe(&device);
+        phases.push(("device init".to_string(), t.elapsed()));
+        self.setup_log(&format!(
+            "loading {} (candle:{}) on {device_name}",
+            self.dir.root.display(),
+            self.architecture.name
+        ));
+        let log = |line: &str| self.setup_log(line);
+        let mut restored = None;
+        if let Some(path) = self.chosen_snapshot(&device)? {
+            match self.restore_from(&path, &device, &log, &mut phases) {
+                Ok(done) => restored = Some(done),
+                Err(e) if self.snapshot_options.require => {
+                    return Err(format!("--require-snapshot: {e}"));
+                }
+                Err(e) => {
+                    tracing::warn!(target: "runner::setup", "snapshot not used: {e}");
+                    self.setup_log(&format!(
+                        "snapshot not used, loading the weights instead: {e}"
+                    ));
+                }
+            }
+        }
+        let (model, weights_source, snapshot) = match restored {
+            Some((model, info)) => (model, "snapshot", Some(info)),
+            None => {
+                let t = Instant::now();
+                let ctx = match &self.recorded {
+                    Some(r) => LoadContext::recording(&log, Arc::clone(r)),
+                    None => LoadContext::new(&log),
+                };
+                let model = (self.architecture.load)(&self.dir, &device, &ctx)
+                    .map_err(|e| e.to_string())?;
+                phases.push(("weights load".to_string(), t.elapsed()));
+                let source = if self.dir.weights.safetensors.is_empty()
+                    && self.dir.weights.safetensors_index.is_none()
+                {
+                    "none"
+                } else {
+                    "safetensors"
+                };
+                (model, source, None)
+            }
+        };
+        let warm = Instant::now();
+        model
+            .warm_up()
+            .map_err(|e| format!("warm-up prediction failed: {e}"))?;
+        phases.push(("warm-up".to_string(), warm.elapsed()));
+        self.setup_log(&format!("warm-up in {:.3}s", warm.elapsed().as_secs_f64()));
+        let _ = self.device.set(device);
+        Ok((
+            model,
+            Loaded {
+                device: device_name,
+                weights_source,
+                setup_time: Duration::ZERO,
+                phases,
+                snapshot,
+            },
+        ))
+    }
+
+    /// The snapshot `--snapshot` points at, if it should be tried.
+    fn chosen_snapshot(&self, device: &candle_core::Device) -> Result<Option<PathBuf>, String> {
+        let path = match &self.snapshot_options.mode {
+            SnapshotMode::Off => return Ok(None),
+            SnapshotMode::Path(p) => p.clone(),
+            SnapshotMode::Auto => self.default_snapshot_path(device_kind(device)),
+        };
+        if path.exists() {
+            return Ok(Some(path));
+        }
+        if self.snapshot_options.require {
+            return Err(format!(
+                "--require-snapshot: there is no snapshot at {}; take one with `runner snapshot {}`",
+                path.display(),
+                self.dir.root.display()
+            ));
+        }
+        if matches!(self.snapshot_options.mode, SnapshotMode::Path(_)) {
+            tracing::warn!(target: "runner::setup", "no snapshot at {}: loading the weights", path.display());
+        }
+        Ok(None)
+    }
+
+    fn restore_from(
+        &self,
+        path: &std::path::Path,
+        device: &candle_core::Device,
+        log: &(dyn Fn(&str) + Sync),
+        phases: &mut Vec<(String, Duration)>,
+    ) -> Result<(Box<dyn Model>, SnapshotInfo), String> {
+        let t = Instant::now();
+        let snapshot = Snapshot::open(path).map_err(|e| e.to_string())?;
+        snapshot
+            .check_compatible(&self.compat_key(device)?)
+            .map_err(|e| e.to_string())?;
+        phases.push(("snapshot check".to_string(), t.elapsed()));
+        let (tensors, stats) = snapshot.restore(device).map_err(|e| e.to_string())?;
+        phases.push(("snapshot restore".to_string(), stats.total));
+        self.setup_log(&format!(
+            "restored {} tensors ({:.1} MB) from {} in {:.3}s ({:.2} GB/s)",
+            tensors.len(),
+            stats.data_bytes as f64 / 1e6,
+            path.display(),
+            stats.total.as_secs_f64(),
+            stats.gb_per_s()
+        ));
+        let t = Instant::now();
+        let ctx = LoadContext::restored(log, tensors);
+        let model = (self.architecture.load)(&self.dir, device, &ctx)
+            .map_err(|e| format!("the snapshot does not fit the model: {e}"))?;
+        phases.push(("model build".to_string(), t.elapsed()));
+        Ok((
+            model,
+            SnapshotInfo {
+                path: path.to_path_buf(),
+                data_bytes: stats.data_bytes,
+                restore_seconds: stats.total.as_secs_f64(),
+            },
+        ))
+    }
+
+    /// Writes a snapshot of the tensors the model took at load (setup must have run with
+    /// [`EngineOptions::record_for_snapshot`]). `path` defaults to the auto path.
+    pub fn write_snapshot(
+        &self,
+        path: Option<&std::path::Path>,
+    ) -> Result<runner_snapshot::WriteReport, String> {
+        let device = self
+            .device
+            .get()
+            .ok_or("the model is not loaded: run setup first")?;
+        let recorded = self
+            .recorded
+            .as_ref()
+            .ok_or("the engine was not set up to record a snapshot")?;
+        if self
+            .loaded()
+            .is_some_and(|l| l.weights_source == "snapshot")
+        {
+            return Err("the model was restored from a snapshot; load it cold to take a new one (--snapshot off)".into());
+        }
+        let tensors = recorded.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let key = self.compat_key(device)?;
+        let path = path
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_else(|| self.default_snapshot_path(&key.device_kind));
+        runner_snapshot::write(&path, &key, &tensors).map_err(|e| e.to_string())
     }
 
     /// Current health, and the setup report.

@@ -15,7 +15,7 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::weights::{read_json_config, CheckedWeights, WeightsError};
 use crate::{
-    json as fjson, Architecture, LoadError, Model, PredictContext, PredictError, SetupLog,
+    json as fjson, Architecture, LoadContext, LoadError, Model, PredictContext, PredictError,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -23,6 +23,8 @@ pub const ARCHITECTURE: Architecture = Architecture {
     summary: "sentence embeddings from a BERT encoder (e.g. all-MiniLM-L6-v2), sentence-transformers style",
     signature,
     load,
+    dtype_policy: "f32",
+    example_input: |_| serde_json::json!({"text": "runner warms up"}),
 };
 
 /// Texts per forward pass: bounds memory for long lists.
@@ -75,10 +77,10 @@ pub struct Bert {
     device: Device,
 }
 
-fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
+fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Model>, LoadError> {
     let layout = &dir.weights;
     let (config_path, config): (_, Config) = read_json_config(layout, "config.json", "bert")?;
-    log(&format!(
+    ctx.log(&format!(
         "config: {} ({} layers, hidden {})",
         config_path.display(),
         config.num_hidden_layers,
@@ -115,20 +117,22 @@ fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>
     }));
 
     let pooling = pooling_of(dir)?;
-    let weights = CheckedWeights::open(layout)?;
-    log(&format!(
-        "weights: {}",
-        weights
-            .files()
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let vb = weights.var_builder(DType::F32, device);
+    if !ctx.is_restore() {
+        let weights = CheckedWeights::open(layout)?;
+        ctx.log(&format!(
+            "weights: {}",
+            weights
+                .files()
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let vb = ctx.var_builder(layout, DType::F32, device)?;
     let model = BertModel::load(vb, &config)
         .map_err(|e| LoadError::Other(format!("loading BERT weights: {e}")))?;
-    log(&format!(
+    ctx.log(&format!(
         "max sequence length {max_len}, {pooling:?} pooling"
     ));
     Ok(Box::new(Bert {

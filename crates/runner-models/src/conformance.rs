@@ -11,13 +11,15 @@ use std::time::Duration;
 use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde_json::{json, Map, Value};
 
-use crate::{Architecture, LoadError, Model, PredictContext, PredictError, SetupLog};
+use crate::{Architecture, LoadContext, LoadError, Model, PredictContext, PredictError};
 
 pub const ARCHITECTURE: Architecture = Architecture {
     name: "conformance",
     summary: "no weights; every Cog input kind, echoed back as an object (API tests)",
     signature,
     load,
+    dtype_policy: "none",
+    example_input: |_| serde_json::json!({"text": "hello"}),
 };
 
 pub fn signature() -> Signature {
@@ -97,22 +99,26 @@ pub fn signature() -> Signature {
 
 struct Conformance;
 
-fn load(_: &ModelDir, _: &candle_core::Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
+fn load(
+    _: &ModelDir,
+    _: &candle_core::Device,
+    ctx: &LoadContext,
+) -> Result<Box<dyn Model>, LoadError> {
     let delay: f64 = std::env::var("CONFORMANCE_SETUP_DELAY")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     if delay > 0.0 {
-        log(&format!("conformance: setup takes {delay} s"));
+        ctx.log(&format!("conformance: setup takes {delay} s"));
         std::thread::sleep(Duration::from_secs_f64(delay));
     }
     if std::env::var_os("CONFORMANCE_SETUP_FAIL").is_some() {
-        log("conformance: failing setup as asked");
+        ctx.log("conformance: failing setup as asked");
         return Err(LoadError::Other(
             "setup failed on purpose: CONFORMANCE_SETUP_FAIL is set".into(),
         ));
     }
-    log("conformance: nothing to load");
+    ctx.log("conformance: nothing to load");
     Ok(Box::new(Conformance))
 }
 

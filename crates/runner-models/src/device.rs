@@ -87,6 +87,64 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// What identifies a GPU for snapshot compatibility.
+#[derive(Debug, Clone, Default)]
+pub struct GpuIdentity {
+    pub name: Option<String>,
+    pub compute_capability: Option<String>,
+    pub driver_version: Option<String>,
+}
+
+/// The GPU behind a device (all `None` on the CPU). On CUDA the name is the device's
+/// ordinal and the compute capability and driver come from the CUDA driver (unverified
+/// on hardware so far).
+pub fn gpu_identity(device: &Device) -> GpuIdentity {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_identity(cuda),
+        Device::Cpu => GpuIdentity::default(),
+        #[allow(unreachable_patterns)]
+        other => GpuIdentity {
+            name: Some(describe(other)),
+            ..Default::default()
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let ordinal = cuda.cuda_stream().context().ordinal();
+    let dev = result::device::get(ordinal as i32).ok();
+    let name = dev.and_then(|d| result::device::get_name(d).ok());
+    let cc = dev.and_then(|d| {
+        // SAFETY: plain attribute queries on a device handle the driver gave us.
+        let major = unsafe {
+            result::device::get_attribute(
+                d,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+        }
+        .ok()?;
+        let minor = unsafe {
+            result::device::get_attribute(
+                d,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            )
+        }
+        .ok()?;
+        Some(format!("{major}.{minor}"))
+    });
+    let driver = result::version::get_driver_version()
+        .ok()
+        .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10));
+    GpuIdentity {
+        name: Some(name.unwrap_or_else(|| format!("cuda:{ordinal}"))),
+        compute_capability: cc,
+        driver_version: driver,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

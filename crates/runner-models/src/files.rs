@@ -8,13 +8,15 @@ use std::path::Path;
 use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde_json::{json, Map, Value};
 
-use crate::{Architecture, LoadError, Model, PredictContext, PredictError, SetupLog};
+use crate::{Architecture, LoadContext, LoadError, Model, PredictContext, PredictError};
 
 pub const ARCHITECTURE: Architecture = Architecture {
     name: "files",
     summary: "no weights; reads a text file input, writes prefixed copies (file I/O tests)",
     signature,
     load,
+    dtype_policy: "none",
+    example_input: |_| serde_json::json!({"source": "data:text/plain;base64,aGVsbG8K"}),
 };
 
 pub fn signature() -> Signature {
@@ -42,8 +44,12 @@ pub fn signature() -> Signature {
 
 struct Files;
 
-fn load(_: &ModelDir, _: &candle_core::Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
-    log("files: nothing to load");
+fn load(
+    _: &ModelDir,
+    _: &candle_core::Device,
+    ctx: &LoadContext,
+) -> Result<Box<dyn Model>, LoadError> {
+    ctx.log("files: nothing to load");
     Ok(Box::new(Files))
 }
 

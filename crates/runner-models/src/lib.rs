@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod device;
 pub mod files;
 pub mod json;
+pub mod load;
 pub mod stream;
 pub mod tiny_mlp;
 pub mod weights;
@@ -286,7 +287,9 @@ pub type SetupLog<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// Loads an architecture from a model directory onto a device.
 pub type LoadFn =
-    fn(&ModelDir, &candle_core::Device, SetupLog) -> Result<Box<dyn Model>, LoadError>;
+    fn(&ModelDir, &candle_core::Device, &LoadContext) -> Result<Box<dyn Model>, LoadError>;
+
+pub use load::LoadContext;
 
 /// A native architecture.
 pub struct Architecture {
@@ -294,6 +297,10 @@ pub struct Architecture {
     pub summary: &'static str,
     pub signature: fn() -> Signature,
     pub load: LoadFn,
+    /// An input for a quick prediction (warm-up checks, benchmarks).
+    pub example_input: fn(&ModelDir) -> Value,
+    /// How load converts weights; part of a snapshot's compatibility key.
+    pub dtype_policy: &'static str,
 }
 
 /// Every native architecture runner knows.

@@ -8,13 +8,17 @@ use std::time::{Duration, Instant};
 use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde_json::{json, Map, Value};
 
-use crate::{Architecture, LoadError, MetricMode, Model, PredictContext, PredictError, SetupLog};
+use crate::{
+    Architecture, LoadContext, LoadError, MetricMode, Model, PredictContext, PredictError,
+};
 
 pub const ARCHITECTURE: Architecture = Architecture {
     name: "stream",
     summary: "no weights; streams the prompt's words back (ConcatenateIterator[str], SSE tests)",
     signature,
     load,
+    dtype_policy: "none",
+    example_input: |_| serde_json::json!({"prompt": "hello world"}),
 };
 
 pub fn signature() -> Signature {
@@ -38,8 +42,12 @@ pub fn signature() -> Signature {
 
 struct Stream;
 
-fn load(_: &ModelDir, _: &candle_core::Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
-    log("stream: setup");
+fn load(
+    _: &ModelDir,
+    _: &candle_core::Device,
+    ctx: &LoadContext,
+) -> Result<Box<dyn Model>, LoadError> {
+    ctx.log("stream: setup");
     Ok(Box::new(Stream))
 }
 

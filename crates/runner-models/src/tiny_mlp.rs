@@ -8,9 +8,9 @@ use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::weights::{read_json_config, write_f32_safetensors, CheckedWeights, WeightsError};
+use crate::weights::{read_json_config, write_f32_safetensors, WeightsError};
 use crate::{
-    json as fjson, Architecture, LoadError, Model, PredictContext, PredictError, SetupLog,
+    json as fjson, Architecture, LoadContext, LoadError, Model, PredictContext, PredictError,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -18,13 +18,32 @@ pub const ARCHITECTURE: Architecture = Architecture {
     summary: "a generated two-layer perceptron for fast tests of the weight path",
     signature,
     load,
+    dtype_policy: "config.json dtype (default f32)",
+    example_input: |dir| {
+        let config = read_json_config::<TinyMlpConfig>(&dir.weights, "config.json", "tiny-mlp")
+            .map(|(_, c)| c)
+            .unwrap_or_default();
+        example_input(&config)
+    },
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TinyMlpConfig {
     pub input_size: usize,
     pub hidden_size: usize,
     pub output_size: usize,
+    /// Hidden-to-hidden layers between fc1 and fc2 (`hidden.N.weight`, `hidden.N.bias`):
+    /// the knob that makes a large model for load benchmarks.
+    #[serde(default)]
+    pub layers: usize,
+    /// The dtype the model computes in; f32 weights are converted to it at load (real
+    /// load-time work that a snapshot saves).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
 }
 
 impl Default for TinyMlpConfig {
@@ -34,7 +53,27 @@ impl Default for TinyMlpConfig {
             input_size: 128,
             hidden_size: 4096,
             output_size: 16,
+            layers: 0,
+            dtype: default_dtype(),
         }
+    }
+}
+
+impl TinyMlpConfig {
+    pub fn compute_dtype(&self) -> Result<DType, String> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            "f16" => Ok(DType::F16),
+            other => Err(format!(
+                "dtype {other:?} in config.json: use f32, bf16 or f16"
+            )),
+        }
+    }
+    /// Parameters, all layers together.
+    pub fn parameters(&self) -> usize {
+        let (i, h, o) = (self.input_size, self.hidden_size, self.output_size);
+        h * i + h + self.layers * (h * h + h) + o * h + o
     }
 }
 
@@ -51,6 +90,8 @@ pub fn signature() -> Signature {
 pub struct TinyMlpWeights {
     pub fc1_weight: Vec<f32>,
     pub fc1_bias: Vec<f32>,
+    /// `(weight [hidden, hidden], bias [hidden])` of each hidden layer.
+    pub hidden: Vec<(Vec<f32>, Vec<f32>)>,
     pub fc2_weight: Vec<f32>,
     pub fc2_bias: Vec<f32>,
 }
@@ -73,6 +114,15 @@ pub fn generate_weights(config: &TinyMlpConfig, seed: u64) -> TinyMlpWeights {
             .map(|_| uniform(s1))
             .collect(),
         fc1_bias: (0..config.hidden_size).map(|_| uniform(s1)).collect(),
+        hidden: (0..config.layers)
+            .map(|_| {
+                let w = (0..config.hidden_size * config.hidden_size)
+                    .map(|_| uniform(s2))
+                    .collect();
+                let b = (0..config.hidden_size).map(|_| uniform(s2)).collect();
+                (w, b)
+            })
+            .collect(),
         fc2_weight: (0..config.output_size * config.hidden_size)
             .map(|_| uniform(s2))
             .collect(),
@@ -98,29 +148,37 @@ pub fn write_model(
         message: e.to_string(),
     })?;
     let (i, h, o) = (config.input_size, config.hidden_size, config.output_size);
-    write_f32_safetensors(
-        &weights_dir.join("model.safetensors"),
-        &[
-            ("fc1.weight", vec![h, i], w.fc1_weight),
-            ("fc1.bias", vec![h], w.fc1_bias),
-            ("fc2.weight", vec![o, h], w.fc2_weight),
-            ("fc2.bias", vec![o], w.fc2_bias),
-        ],
-    )
+    let names: Vec<(String, String)> = (0..config.layers)
+        .map(|n| (format!("hidden.{n}.weight"), format!("hidden.{n}.bias")))
+        .collect();
+    let mut tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
+        ("fc1.weight", vec![h, i], w.fc1_weight),
+        ("fc1.bias", vec![h], w.fc1_bias),
+    ];
+    for ((wn, bn), (weight, bias)) in names.iter().zip(w.hidden) {
+        tensors.push((wn, vec![h, h], weight));
+        tensors.push((bn, vec![h], bias));
+    }
+    tensors.push(("fc2.weight", vec![o, h], w.fc2_weight));
+    tensors.push(("fc2.bias", vec![o], w.fc2_bias));
+    write_f32_safetensors(&weights_dir.join("model.safetensors"), &tensors)
 }
 
 struct TinyMlp {
     config: TinyMlpConfig,
+    dtype: DType,
     fc1: Linear,
+    hidden: Vec<Linear>,
     fc2: Linear,
     device: Device,
 }
 
-fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>, LoadError> {
+fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Model>, LoadError> {
     let (path, config): (_, TinyMlpConfig) =
         read_json_config(&dir.weights, "config.json", "tiny-mlp")?;
-    log(&format!("config: {} ({config:?})", path.display()));
-    let vb = CheckedWeights::open(&dir.weights)?.var_builder(DType::F32, device);
+    ctx.log(&format!("config: {} ({config:?})", path.display()));
+    let dtype = config.compute_dtype().map_err(LoadError::Other)?;
+    let vb = ctx.var_builder(&dir.weights, dtype, device)?;
     let linear = |name: &str, inp: usize, out: usize| -> Result<Linear, LoadError> {
         let w = vb
             .get((out, inp), &format!("{name}.weight"))
@@ -131,19 +189,40 @@ fn load(dir: &ModelDir, device: &Device, log: SetupLog) -> Result<Box<dyn Model>
         Ok(Linear::new(w, Some(b)))
     };
     let fc1 = linear("fc1", config.input_size, config.hidden_size)?;
+    let hidden = (0..config.layers)
+        .map(|n| {
+            linear(
+                &format!("hidden.{n}"),
+                config.hidden_size,
+                config.hidden_size,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let fc2 = linear("fc2", config.hidden_size, config.output_size)?;
     Ok(Box::new(TinyMlp {
         config,
+        dtype,
         fc1,
+        hidden,
         fc2,
         device: device.clone(),
     }))
 }
 
+impl TinyMlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = self.fc1.forward(&x.to_dtype(self.dtype)?)?.relu()?;
+        for layer in &self.hidden {
+            h = layer.forward(&h)?.relu()?;
+        }
+        self.fc2.forward(&h)?.to_dtype(DType::F32)
+    }
+}
+
 impl Model for TinyMlp {
     fn warm_up(&self) -> Result<(), PredictError> {
         let x = Tensor::zeros((1, self.config.input_size), DType::F32, &self.device)?;
-        self.fc2.forward(&self.fc1.forward(&x)?.relu()?)?;
+        self.forward(&x)?;
         Ok(())
     }
 
@@ -165,7 +244,7 @@ impl Model for TinyMlp {
             )));
         }
         let x = Tensor::from_vec(vector, (1, self.config.input_size), &self.device)?;
-        let y = self.fc2.forward(&self.fc1.forward(&x)?.relu()?)?;
+        let y = self.forward(&x)?;
         let y: Vec<f32> = y.squeeze(0)?.to_vec1()?;
         ctx.log(&format!(
             "tiny-mlp: {} → {}",

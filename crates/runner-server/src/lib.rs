@@ -158,6 +158,12 @@ async fn health_check(State(state): State<AppState>) -> Json<Value> {
             "device": loaded.device,
             "weights_source": loaded.weights_source,
             "setup_time": loaded.setup_time.as_secs_f64(),
+            "setup_phases": loaded.phases.iter().map(|(name, t)| json!({"name": name, "seconds": t.as_secs_f64()})).collect::<Vec<_>>(),
+            "snapshot": loaded.snapshot.as_ref().map(|s| json!({
+                "path": s.path,
+                "bytes": s.data_bytes,
+                "restore_seconds": s.restore_seconds,
+            })),
             "slots": engine.total_slots(),
             "in_flight": engine.in_flight(),
             "queued": engine.queued(),

@@ -66,12 +66,36 @@ impl CompatKey {
     /// The first field that differs, as `(field, in the snapshot, expected)`.
     pub fn first_mismatch(&self, expected: &CompatKey) -> Option<(&'static str, String, String)> {
         let fields: [(&'static str, String, String); 9] = [
-            ("runner version", self.runner_version.clone(), expected.runner_version.clone()),
-            ("candle version", self.candle_version.clone(), expected.candle_version.clone()),
-            ("architecture", self.architecture.clone(), expected.architecture.clone()),
-            ("model (spec and weights)", self.model_digest.clone(), expected.model_digest.clone()),
-            ("device kind", self.device_kind.clone(), expected.device_kind.clone()),
-            ("GPU", format!("{:?}", self.gpu_name), format!("{:?}", expected.gpu_name)),
+            (
+                "runner version",
+                self.runner_version.clone(),
+                expected.runner_version.clone(),
+            ),
+            (
+                "candle version",
+                self.candle_version.clone(),
+                expected.candle_version.clone(),
+            ),
+            (
+                "architecture",
+                self.architecture.clone(),
+                expected.architecture.clone(),
+            ),
+            (
+                "model (spec and weights)",
+                self.model_digest.clone(),
+                expected.model_digest.clone(),
+            ),
+            (
+                "device kind",
+                self.device_kind.clone(),
+                expected.device_kind.clone(),
+            ),
+            (
+                "GPU",
+                format!("{:?}", self.gpu_name),
+                format!("{:?}", expected.gpu_name),
+            ),
             (
                 "compute capability",
                 format!("{:?}", self.compute_capability),
@@ -82,7 +106,11 @@ impl CompatKey {
                 format!("{:?}", self.driver_version),
                 format!("{:?}", expected.driver_version),
             ),
-            ("dtype policy", self.dtype_policy.clone(), expected.dtype_policy.clone()),
+            (
+                "dtype policy",
+                self.dtype_policy.clone(),
+                expected.dtype_policy.clone(),
+            ),
         ];
         fields.into_iter().find(|(_, a, b)| a != b)
     }
@@ -149,7 +177,9 @@ pub enum SnapshotError {
         found: String,
         expected: String,
     },
-    #[error("{path}: the disk is full; no snapshot was written (free {needed} bytes and try again)")]
+    #[error(
+        "{path}: the disk is full; no snapshot was written (free {needed} bytes and try again)"
+    )]
     DiskFull { path: PathBuf, needed: u64 },
     #[error("snapshot tensor `{name}`: {message}")]
     Tensor { name: String, message: String },
@@ -190,7 +220,10 @@ fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, SnapshotError> {
         name: name.to_string(),
         message: e.to_string(),
     };
-    let flat = t.to_device(&Device::Cpu).and_then(|t| t.flatten_all()).map_err(err)?;
+    let flat = t
+        .to_device(&Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .map_err(err)?;
     Ok(match t.dtype() {
         DType::U8 => flat.to_vec1::<u8>().map_err(err)?,
         DType::U32 => bytemuck::cast_slice(&flat.to_vec1::<u32>().map_err(err)?).to_vec(),
@@ -229,14 +262,26 @@ pub struct WriteReport {
 }
 
 /// Writes a snapshot of `tensors` to `path`, atomically (temporary file, fsync, rename).
-pub fn write(path: &Path, key: &CompatKey, tensors: &[(String, Tensor)]) -> Result<WriteReport, SnapshotError> {
+pub fn write(
+    path: &Path,
+    key: &CompatKey,
+    tensors: &[(String, Tensor)],
+) -> Result<WriteReport, SnapshotError> {
     let started = Instant::now();
     if path.is_dir() {
-        return Err(SnapshotError::IsDirectory { path: path.to_path_buf() });
+        return Err(SnapshotError::IsDirectory {
+            path: path.to_path_buf(),
+        });
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(dir, "cannot create the snapshot's folder"))?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // A name no other writer uses: concurrent writers each rename a complete file.
     let tmp = dir.join(format!(
         ".{file_name}.tmp-{}-{:016x}",
@@ -266,7 +311,10 @@ pub fn write(path: &Path, key: &CompatKey, tensors: &[(String, Tensor)]) -> Resu
     result.map_err(|e| match e {
         SnapshotError::Io { source, .. } if is_disk_full(&source) => SnapshotError::DiskFull {
             path: path.to_path_buf(),
-            needed: tensors.iter().map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum(),
+            needed: tensors
+                .iter()
+                .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+                .sum(),
         },
         other => other,
     })
@@ -302,7 +350,10 @@ pub fn write_to<W: Write + Seek>(
                 arena: arenas.len(),
                 offset,
             });
-            offset = align(offset + (t.elem_count() * t.dtype().size_in_bytes()) as u64, TENSOR_ALIGN);
+            offset = align(
+                offset + (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+                TENSOR_ALIGN,
+            );
         }
         let bytes = align(offset, ARENA_ALIGN);
         arenas.push(Arena {
@@ -316,8 +367,10 @@ pub fn write_to<W: Write + Seek>(
     }
     let data_bytes = arena_start;
 
-    out.seek(SeekFrom::Start(0)).map_err(io(path, "cannot seek"))?;
-    out.write_all(&[0u8; PREAMBLE_BYTES as usize]).map_err(io(path, "cannot write"))?;
+    out.seek(SeekFrom::Start(0))
+        .map_err(io(path, "cannot seek"))?;
+    out.write_all(&[0u8; PREAMBLE_BYTES as usize])
+        .map_err(io(path, "cannot write"))?;
     // Stream each arena in chunks, hashing as they go: one tensor in memory at a time.
     for (a, (_, members)) in arenas.iter_mut().zip(&by_dtype) {
         let mut hasher = ChunkHasher::new(a.chunk_bytes);
@@ -341,12 +394,17 @@ pub fn write_to<W: Write + Seek>(
     };
     let manifest = Manifest {
         arenas,
-        tensors: entries.into_iter().map(|e| e.expect("every tensor laid out")).collect(),
+        tensors: entries
+            .into_iter()
+            .map(|e| e.expect("every tensor laid out"))
+            .collect(),
     };
     let header_json = serde_json::to_vec(&header).expect("serializable");
     let manifest_json = serde_json::to_vec(&manifest).expect("serializable");
-    out.write_all(&header_json).map_err(io(path, "cannot write"))?;
-    out.write_all(&manifest_json).map_err(io(path, "cannot write"))?;
+    out.write_all(&header_json)
+        .map_err(io(path, "cannot write"))?;
+    out.write_all(&manifest_json)
+        .map_err(io(path, "cannot write"))?;
     let mut preamble = Vec::with_capacity(PREAMBLE_USED + 8);
     preamble.extend_from_slice(MAGIC);
     preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -358,10 +416,12 @@ pub fn write_to<W: Write + Seek>(
     debug_assert_eq!(preamble.len(), PREAMBLE_USED);
     let checksum = meta_checksum(&preamble, &header_json, &manifest_json);
     preamble.extend_from_slice(&checksum.to_le_bytes());
-    out.seek(SeekFrom::Start(0)).map_err(io(path, "cannot seek"))?;
+    out.seek(SeekFrom::Start(0))
+        .map_err(io(path, "cannot seek"))?;
     out.write_all(&preamble).map_err(io(path, "cannot write"))?;
     out.flush().map_err(io(path, "cannot write"))?;
-    let file_bytes = PREAMBLE_BYTES + data_bytes + header_json.len() as u64 + manifest_json.len() as u64;
+    let file_bytes =
+        PREAMBLE_BYTES + data_bytes + header_json.len() as u64 + manifest_json.len() as u64;
     Ok((header, file_bytes))
 }
 
@@ -390,7 +450,12 @@ impl ChunkHasher {
             sums: Vec::new(),
         }
     }
-    fn write<W: Write>(&mut self, out: &mut W, mut bytes: &[u8], path: &Path) -> Result<(), SnapshotError> {
+    fn write<W: Write>(
+        &mut self,
+        out: &mut W,
+        mut bytes: &[u8],
+        path: &Path,
+    ) -> Result<(), SnapshotError> {
         out.write_all(bytes).map_err(io(path, "cannot write"))?;
         while !bytes.is_empty() {
             let take = ((self.chunk - self.filled) as usize).min(bytes.len());
@@ -444,25 +509,39 @@ impl Snapshot {
     /// Opens a snapshot and validates everything but the data chunks.
     pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
         if path.is_dir() {
-            return Err(SnapshotError::IsDirectory { path: path.to_path_buf() });
+            return Err(SnapshotError::IsDirectory {
+                path: path.to_path_buf(),
+            });
         }
         let file = File::open(path).map_err(io(path, "cannot open the snapshot"))?;
         let len = file.metadata().map_err(io(path, "cannot stat"))?.len();
-        let corrupt = |what: String| SnapshotError::Corrupt { path: path.to_path_buf(), what };
+        let corrupt = |what: String| SnapshotError::Corrupt {
+            path: path.to_path_buf(),
+            what,
+        };
         if len < PREAMBLE_USED as u64 + 8 {
-            return Err(corrupt(format!("the file is {len} bytes, shorter than a snapshot's preamble")));
+            return Err(corrupt(format!(
+                "the file is {len} bytes, shorter than a snapshot's preamble"
+            )));
         }
         let mut pre = [0u8; PREAMBLE_USED + 8];
-        file.read_exact_at(&mut pre, 0).map_err(io(path, "cannot read"))?;
+        file.read_exact_at(&mut pre, 0)
+            .map_err(io(path, "cannot read"))?;
         if &pre[0..8] != MAGIC {
-            return Err(SnapshotError::NotASnapshot { path: path.to_path_buf() });
+            return Err(SnapshotError::NotASnapshot {
+                path: path.to_path_buf(),
+            });
         }
         let u32_at = |i: usize| u32::from_le_bytes(pre[i..i + 4].try_into().unwrap());
         let u64_at = |i: usize| u64::from_le_bytes(pre[i..i + 8].try_into().unwrap());
         let version = u32_at(8);
-        let (data_offset, data_bytes, header_len, manifest_len) = (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
+        let (data_offset, data_bytes, header_len, manifest_len) =
+            (u64_at(16), u64_at(24), u64_at(32), u64_at(40));
         let checksum = u64_at(48);
-        if data_offset != PREAMBLE_BYTES || header_len > MAX_METADATA_BYTES || manifest_len > MAX_METADATA_BYTES {
+        if data_offset != PREAMBLE_BYTES
+            || header_len > MAX_METADATA_BYTES
+            || manifest_len > MAX_METADATA_BYTES
+        {
             if version != FORMAT_VERSION {
                 return Err(SnapshotError::UnsupportedVersion {
                     path: path.to_path_buf(),
@@ -483,7 +562,8 @@ impl Snapshot {
             )));
         }
         let mut meta = vec![0u8; (header_len + manifest_len) as usize];
-        file.read_exact_at(&mut meta, data_offset + data_bytes).map_err(io(path, "cannot read"))?;
+        file.read_exact_at(&mut meta, data_offset + data_bytes)
+            .map_err(io(path, "cannot read"))?;
         let (header_json, manifest_json) = meta.split_at(header_len as usize);
         if meta_checksum(&pre, header_json, manifest_json) != checksum {
             if version != FORMAT_VERSION {
@@ -493,7 +573,9 @@ impl Snapshot {
                     supported: FORMAT_VERSION,
                 });
             }
-            return Err(corrupt("the checksum of the preamble, header and manifest does not match".into()));
+            return Err(corrupt(
+                "the checksum of the preamble, header and manifest does not match".into(),
+            ));
         }
         if version != FORMAT_VERSION {
             return Err(SnapshotError::UnsupportedVersion {
@@ -502,7 +584,8 @@ impl Snapshot {
                 supported: FORMAT_VERSION,
             });
         }
-        let header: Header = serde_json::from_slice(header_json).map_err(|e| corrupt(format!("header: {e}")))?;
+        let header: Header =
+            serde_json::from_slice(header_json).map_err(|e| corrupt(format!("header: {e}")))?;
         let manifest: Manifest =
             serde_json::from_slice(manifest_json).map_err(|e| corrupt(format!("manifest: {e}")))?;
         validate_layout(&header, &manifest, data_bytes).map_err(corrupt)?;
@@ -531,7 +614,10 @@ impl Snapshot {
     /// Reads every arena with large positional reads straight into its final host buffer,
     /// checking each chunk, then (on a GPU) copies each arena to the device in one
     /// transfer. Tensors are views into their arena: no per-tensor copy or conversion.
-    pub fn restore(&self, device: &Device) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    pub fn restore(
+        &self,
+        device: &Device,
+    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         let started = Instant::now();
         let mut host = Vec::with_capacity(self.manifest.arenas.len());
         for (i, arena) in self.manifest.arenas.iter().enumerate() {
@@ -614,37 +700,60 @@ fn validate_layout(header: &Header, manifest: &Manifest, data_bytes: u64) -> Res
     }
     let mut end = 0u64;
     for (i, a) in manifest.arenas.iter().enumerate() {
-        let dtype = parse_dtype(&a.dtype).ok_or_else(|| format!("arena {i} has unknown dtype {:?}", a.dtype))?;
-        if a.offset != end || a.offset % ARENA_ALIGN != 0 || a.bytes % ARENA_ALIGN != 0 {
+        let dtype = parse_dtype(&a.dtype)
+            .ok_or_else(|| format!("arena {i} has unknown dtype {:?}", a.dtype))?;
+        if a.offset != end
+            || !a.offset.is_multiple_of(ARENA_ALIGN)
+            || !a.bytes.is_multiple_of(ARENA_ALIGN)
+        {
             return Err(format!("arena {i} is misplaced"));
         }
         if a.chunk_bytes == 0 || a.chunk_checksums.len() as u64 != a.bytes.div_ceil(a.chunk_bytes) {
-            return Err(format!("arena {i} has {} chunk checksums for {} bytes", a.chunk_checksums.len(), a.bytes));
+            return Err(format!(
+                "arena {i} has {} chunk checksums for {} bytes",
+                a.chunk_checksums.len(),
+                a.bytes
+            ));
         }
-        if (a.bytes as usize) % dtype.size_in_bytes() != 0 {
-            return Err(format!("arena {i} is not a whole number of {:?} elements", a.dtype));
+        if !(a.bytes as usize).is_multiple_of(dtype.size_in_bytes()) {
+            return Err(format!(
+                "arena {i} is not a whole number of {:?} elements",
+                a.dtype
+            ));
         }
-        end = a.offset.checked_add(a.bytes).ok_or("arena sizes overflow")?;
+        end = a
+            .offset
+            .checked_add(a.bytes)
+            .ok_or("arena sizes overflow")?;
     }
     if end != data_bytes {
         return Err("the arenas do not cover the data region".into());
     }
     for t in &manifest.tensors {
-        let a = manifest
-            .arenas
-            .get(t.arena)
-            .ok_or_else(|| format!("tensor `{}` names arena {}, which does not exist", t.name, t.arena))?;
+        let a = manifest.arenas.get(t.arena).ok_or_else(|| {
+            format!(
+                "tensor `{}` names arena {}, which does not exist",
+                t.name, t.arena
+            )
+        })?;
         if a.dtype != t.dtype {
-            return Err(format!("tensor `{}` is {} but sits in the {} arena", t.name, t.dtype, a.dtype));
+            return Err(format!(
+                "tensor `{}` is {} but sits in the {} arena",
+                t.name, t.dtype, a.dtype
+            ));
         }
-        let elem = parse_dtype(&t.dtype).expect("checked with its arena").size_in_bytes() as u64;
+        let elem = parse_dtype(&t.dtype)
+            .expect("checked with its arena")
+            .size_in_bytes() as u64;
         let numel = t
             .shape
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
             .ok_or_else(|| format!("tensor `{}` has an impossible shape", t.name))?;
         let bytes = numel.checked_mul(elem).ok_or("tensor size overflows")?;
-        if t.offset % TENSOR_ALIGN != 0 || t.offset.checked_add(bytes).is_none_or(|e| e > a.bytes) {
+        if !t.offset.is_multiple_of(TENSOR_ALIGN)
+            || t.offset.checked_add(bytes).is_none_or(|e| e > a.bytes)
+        {
             return Err(format!("tensor `{}` lies outside its arena", t.name));
         }
     }
@@ -684,8 +793,12 @@ impl ArenaBuffer {
             Self::F32(v) => bytemuck::cast_slice_mut(v),
             Self::F64(v) => bytemuck::cast_slice_mut(v),
             // SAFETY: bf16 and f16 are `repr(transparent)` over u16: any bytes are valid.
-            Self::BF16(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2) },
-            Self::F16(v) => unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2) },
+            Self::BF16(v) => unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2)
+            },
+            Self::F16(v) => unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2)
+            },
         }
     }
     fn into_tensor(self, device: &Device) -> candle_core::Result<Tensor> {
@@ -706,6 +819,42 @@ impl ArenaBuffer {
             Self::F16(v) => t!(v),
         }
     }
+}
+
+/// A digest of a model's files that changes when any of them does, without reading
+/// gigabytes of weights: small files (configs, tokenizers) are hashed whole; large ones by
+/// path, size, modification time, their first MiB and (for safetensors) their header.
+pub fn fingerprint(files: &[PathBuf]) -> std::io::Result<String> {
+    const WHOLE: u64 = 16 << 20;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for path in files {
+        let meta = std::fs::metadata(path)?;
+        h.update(path.to_string_lossy().as_bytes());
+        h.update(&meta.len().to_le_bytes());
+        if meta.len() <= WHOLE {
+            h.update(&std::fs::read(path)?);
+            continue;
+        }
+        if let Ok(modified) = meta.modified() {
+            let t = modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            h.update(&t.as_nanos().to_le_bytes());
+        }
+        let file = File::open(path)?;
+        let mut head = vec![0u8; 1 << 20];
+        file.read_exact_at(&mut head, 0)?;
+        h.update(&head);
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            if n < WHOLE && 8 + n <= meta.len() {
+                let mut header = vec![0u8; n as usize];
+                file.read_exact_at(&mut header, 8)?;
+                h.update(&header);
+            }
+        }
+    }
+    Ok(format!("{:016x}", h.digest()))
 }
 
 #[cfg(test)]

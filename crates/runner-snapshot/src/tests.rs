@@ -16,10 +16,16 @@ fn key() -> CompatKey {
 
 fn tensors() -> Vec<(String, Tensor)> {
     let cpu = Device::Cpu;
-    let a = Tensor::arange(0f32, 1000f32, &cpu).unwrap().reshape((10, 100)).unwrap();
+    let a = Tensor::arange(0f32, 1000f32, &cpu)
+        .unwrap()
+        .reshape((10, 100))
+        .unwrap();
     let b = Tensor::arange(0f32, 7f32, &cpu).unwrap();
     let c = a.to_dtype(DType::BF16).unwrap();
-    let d = Tensor::arange(0u32, 33u32, &cpu).unwrap().reshape((3, 11)).unwrap();
+    let d = Tensor::arange(0u32, 33u32, &cpu)
+        .unwrap()
+        .reshape((3, 11))
+        .unwrap();
     let e = b.to_dtype(DType::F16).unwrap();
     vec![
         ("layer.weight".into(), a),
@@ -113,7 +119,12 @@ fn every_kind_of_damage_is_caught() {
     };
 
     let p = copy("truncated");
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 10).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
     assert!(error_of(&p).contains("truncated"), "{}", error_of(&p));
 
     let p = copy("magic");
@@ -130,16 +141,27 @@ fn every_kind_of_damage_is_caught() {
 
     let p = copy("header");
     flip_bit(&p, data_end + 5);
-    assert!(error_of(&p).contains("checksum of the preamble, header and manifest"), "{}", error_of(&p));
+    assert!(
+        error_of(&p).contains("checksum of the preamble, header and manifest"),
+        "{}",
+        error_of(&p)
+    );
 
     let p = copy("manifest");
     flip_bit(&p, len - 5);
-    assert!(error_of(&p).contains("checksum of the preamble, header and manifest"), "{}", error_of(&p));
+    assert!(
+        error_of(&p).contains("checksum of the preamble, header and manifest"),
+        "{}",
+        error_of(&p)
+    );
 
     let p = copy("data");
     flip_bit(&p, PREAMBLE_BYTES + 100);
     let e = error_of(&p);
-    assert!(e.contains("data chunk 0 of arena") && e.contains("fails its checksum"), "{e}");
+    assert!(
+        e.contains("data chunk 0 of arena") && e.contains("fails its checksum"),
+        "{e}"
+    );
 
     let p = copy("garbage");
     std::fs::write(&p, b"hello").unwrap();
@@ -156,8 +178,12 @@ fn snapshots_of_something_else_are_refused_by_name() {
     let path = dir.path().join("m.rsnap");
     write(&path, &key(), &tensors()).unwrap();
     let snap = Snapshot::open(&path).unwrap();
-    let cases: Vec<(fn(&mut CompatKey), &str)> = vec![
-        (|k| k.model_digest = "other".into(), "model (spec and weights)"),
+    type Change = fn(&mut CompatKey);
+    let cases: Vec<(Change, &str)> = vec![
+        (
+            |k| k.model_digest = "other".into(),
+            "model (spec and weights)",
+        ),
         (|k| k.runner_version = "9.9.9".into(), "runner version"),
         (|k| k.device_kind = "cuda".into(), "device kind"),
         (|k| k.gpu_name = Some("NVIDIA H100".into()), "GPU"),
@@ -186,11 +212,21 @@ fn two_writers_never_mix() {
     for t in threads {
         t.join().unwrap();
     }
-    let (restored, _) = Snapshot::open(&path).unwrap().restore(&Device::Cpu).unwrap();
+    let (restored, _) = Snapshot::open(&path)
+        .unwrap()
+        .restore(&Device::Cpu)
+        .unwrap();
     let first: f32 = restored[0].1.get(0).unwrap().to_scalar().unwrap();
     let expected = (&big + first as f64).unwrap();
-    assert!(same_bits(&expected, &restored[0].1), "one writer's complete file");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary files left");
+    assert!(
+        same_bits(&expected, &restored[0].1),
+        "one writer's complete file"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temporary files left"
+    );
 }
 
 /// A sink that runs out of space after `room` bytes, like a full disk.
