@@ -135,9 +135,10 @@ fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
         .ok()?;
         Some(format!("{major}.{minor}"))
     });
-    let driver = result::version::get_driver_version()
-        .ok()
-        .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10));
+    let mut version: std::os::raw::c_int = 0;
+    // SAFETY: the driver writes one integer through the pointer.
+    let ok = unsafe { sys::cuDriverGetVersion(&mut version) } == sys::CUresult::CUDA_SUCCESS;
+    let driver = ok.then(|| format!("{}.{}", version / 1000, (version % 1000) / 10));
     GpuIdentity {
         name: Some(name.unwrap_or_else(|| format!("cuda:{ordinal}"))),
         compute_capability: cc,

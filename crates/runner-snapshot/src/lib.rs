@@ -760,6 +760,17 @@ fn validate_layout(header: &Header, manifest: &Manifest, data_bytes: u64) -> Res
     Ok(())
 }
 
+/// A zeroed vector of a 16-bit float type from the allocator's zeroed pages (no
+/// element-by-element fill: restore buffers are gigabytes).
+fn zeroed_halves<T: Copy>(n: usize) -> Vec<T> {
+    assert_eq!(std::mem::size_of::<T>(), 2);
+    assert_eq!(std::mem::align_of::<T>(), 2);
+    let mut raw = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: T is bf16 or f16, `repr(transparent)` over u16 (size and alignment checked
+    // above), so the allocation's layout is the same and all-zero bits are valid values.
+    unsafe { Vec::from_raw_parts(raw.as_mut_ptr() as *mut T, raw.len(), raw.capacity()) }
+}
+
 /// A typed host buffer for one arena, so the tensor takes it over without a copy.
 enum ArenaBuffer {
     U8(Vec<u8>),
@@ -780,8 +791,8 @@ impl ArenaBuffer {
             DType::I64 => Self::I64(vec![0; n]),
             DType::F32 => Self::F32(vec![0.0; n]),
             DType::F64 => Self::F64(vec![0.0; n]),
-            DType::BF16 => Self::BF16(vec![half::bf16::ZERO; n]),
-            DType::F16 => Self::F16(vec![half::f16::ZERO; n]),
+            DType::BF16 => Self::BF16(zeroed_halves(n)),
+            DType::F16 => Self::F16(zeroed_halves(n)),
             other => unreachable!("validated dtype {other:?}"),
         }
     }
