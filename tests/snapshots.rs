@@ -226,3 +226,38 @@ fn minilm_restores_to_identical_embeddings() {
     let b = restored.predict(input).1["output"].to_string();
     assert_eq!(a, b);
 }
+
+#[test]
+fn bench_reports_both_modes_as_json_and_svg() {
+    let model = generated_model(1, "bf16");
+    let chart = model.path().join("chart.svg");
+    let (code, stdout, stderr) = runner(&[
+        "bench",
+        model.path().to_str().unwrap(),
+        "--cold-start",
+        "--runs",
+        "1",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+        "--chart",
+        chart.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2);
+    assert_eq!(modes[1]["mode"], "snapshot");
+    let phases: Vec<&str> = modes[1]["median_phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"snapshot restore"), "{phases:?}");
+    assert!(report["snapshot_restore_gb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["page_cache_read_gb_per_s"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("snapshot restore"));
+}

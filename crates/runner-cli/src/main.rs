@@ -1,6 +1,8 @@
 //! `runner`: serve Cog-style model directories over Cog's HTTP API, run one prediction, or
 //! print a model's OpenAPI schema.
 
+mod bench;
+
 use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +52,12 @@ struct Logging {
         env = "RUNNER_LOG_FORMAT"
     )]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchFormat {
+    Table,
+    Json,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -169,6 +177,34 @@ enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
+    },
+    /// Measure start-up: `runner serve` started fresh again and again, cold from the
+    /// weights and restored from a snapshot; time to ready and to the first prediction,
+    /// phase by phase, beside the machine's read bandwidth.
+    Bench {
+        /// The model directory (holding cog.yaml).
+        #[arg(env = "RUNNER_MODEL_DIR")]
+        dir: PathBuf,
+        /// Compare cold starts with snapshot restores (the only benchmark so far).
+        #[arg(long, required = true)]
+        cold_start: bool,
+        /// Starts per mode.
+        #[arg(long, default_value_t = 5, env = "RUNNER_BENCH_RUNS")]
+        runs: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Use this snapshot instead of taking a fresh one first.
+        #[arg(long, env = "RUNNER_BENCH_SNAPSHOT")]
+        snapshot: Option<PathBuf>,
+        /// Drop the page cache before every start (needs root): cold-disk numbers.
+        #[arg(long, env = "RUNNER_BENCH_DROP_CACHES")]
+        drop_caches: bool,
+        /// Result format on stdout.
+        #[arg(long, value_enum, default_value = "table", env = "RUNNER_BENCH_FORMAT")]
+        format: BenchFormat,
+        /// Also write an SVG chart of the median phases here.
+        #[arg(long, env = "RUNNER_BENCH_CHART")]
+        chart: Option<PathBuf>,
     },
     /// Write generated weights for a test architecture (config.json + model.safetensors).
     Generate {
@@ -308,6 +344,29 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 device.device,
             )
             .await
+        }
+        Command::Bench {
+            dir,
+            cold_start: _,
+            runs,
+            device,
+            snapshot,
+            drop_caches,
+            format,
+            chart,
+        } => {
+            tokio::task::spawn_blocking(move || {
+                bench_cold_start(
+                    &dir,
+                    runs,
+                    device.device,
+                    snapshot,
+                    drop_caches,
+                    format,
+                    chart,
+                )
+            })
+            .await?
         }
         Command::Generate {
             architecture: _,
@@ -511,6 +570,84 @@ async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) ->
         report.path.display(),
         report.elapsed.as_secs_f64()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_cold_start(
+    dir: &Path,
+    runs: usize,
+    device: DeviceSpec,
+    snapshot: Option<PathBuf>,
+    drop_caches: bool,
+    format: BenchFormat,
+    chart: Option<PathBuf>,
+) -> Result<ExitCode> {
+    if runs == 0 {
+        bail!("--runs 0: run at least once");
+    }
+    let model_dir = ModelDir::open(dir)?;
+    let architecture = runner_models::architecture_for(&model_dir)?;
+    let input = (architecture.example_input)(&model_dir);
+    let device_arg = device.to_string();
+    let snapshot = match snapshot {
+        Some(p) => p,
+        None => {
+            eprintln!("bench: taking a fresh snapshot");
+            let out = std::process::Command::new(std::env::current_exe()?)
+                .arg("-q")
+                .arg("snapshot")
+                .arg(dir)
+                .args(["--device", &device_arg])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("running runner snapshot")?;
+            if !out.status.success() {
+                bail!("runner snapshot failed");
+            }
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    let snap = runner_snapshot::Snapshot::open(&snapshot)?;
+    let snapshot_bytes = snap.header.data_bytes;
+    drop(snap);
+    let weights_bytes: u64 = model_dir
+        .weights
+        .safetensors
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let ceiling = bench::page_cache_read_bandwidth(&snapshot)?;
+    let options = bench::BenchOptions {
+        dir,
+        device: &device_arg,
+        runs,
+        snapshot: snapshot.clone(),
+        drop_caches,
+    };
+    let results = bench::cold_start(&options, &input)?;
+    let report = bench::Report {
+        model: model_dir.name(),
+        device: device_arg.clone(),
+        machine: bench::machine_description(),
+        weights_bytes,
+        snapshot_bytes,
+        page_cache_bytes_per_s: ceiling,
+        results: &results,
+        caches_dropped: drop_caches,
+    };
+    match format {
+        BenchFormat::Table => print!("{}", bench::to_table(&report)),
+        BenchFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&bench::to_json(&report))?
+        ),
+    }
+    if let Some(path) = chart {
+        std::fs::write(&path, bench::to_svg(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: chart written to {}", path.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
