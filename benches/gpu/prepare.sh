@@ -40,4 +40,6 @@ with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(h))); f.write(h); [f.write(c) for c in chunks]
 PY
 cp tests/data/minilm_reference.json "$STAGE/"
+# The large benchmark model is generated on the GPU machine; only its cog.yaml travels.
+mkdir -p "$STAGE/big" && cp models/tiny-mlp/cog.yaml "$STAGE/big/"
 du -sh "$STAGE"

@@ -981,6 +981,102 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn restored_tensors_are_bit_identical_to_a_cold_load() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("cog.yaml"),
+            "model: local/t\nrun: candle:tiny-mlp\nweights:\n  - name: w\n    target: /src/w\n    source: {uri: ./w}\n",
+        )
+        .unwrap();
+        let config = runner_models::tiny_mlp::TinyMlpConfig {
+            hidden_size: 256,
+            layers: 2,
+            dtype: "bf16".into(),
+            ..Default::default()
+        };
+        runner_models::tiny_mlp::write_model(&d.path().join("w"), &config, 3).unwrap();
+        let options = EngineOptions {
+            record_for_snapshot: true,
+            ..Default::default()
+        };
+        let cold =
+            Engine::new(ModelDir::open(d.path()).unwrap(), DeviceSpec::Cpu, options).unwrap();
+        cold.setup().await.unwrap();
+        let report = cold.write_snapshot(None).unwrap();
+        assert_eq!(report.tensors, 8);
+        let recorded = cold.recorded.as_ref().unwrap().lock().unwrap().clone();
+        assert!(
+            recorded
+                .iter()
+                .all(|(_, t)| t.dtype() == candle_core::DType::BF16),
+            "kept as the model holds them"
+        );
+        let snapshot = Snapshot::open(&report.path).unwrap();
+        snapshot
+            .check_compatible(&cold.compat_key(&candle_core::Device::Cpu).unwrap())
+            .unwrap();
+        let (restored, _) = snapshot.restore(&candle_core::Device::Cpu).unwrap();
+        assert_eq!(restored.len(), recorded.len());
+        for ((n1, a), (n2, b)) in recorded.iter().zip(&restored) {
+            assert_eq!(n1, n2);
+            let bits = |t: &candle_core::Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(a.dims(), b.dims());
+            assert_eq!(a.dtype(), b.dtype());
+            assert!(
+                bits(a)
+                    .iter()
+                    .zip(bits(b))
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{n1}"
+            );
+        }
+
+        // Served from the snapshot: same outputs, and the source says so.
+        let options = EngineOptions {
+            snapshot: SnapshotOptions {
+                mode: SnapshotMode::Auto,
+                require: true,
+            },
+            ..Default::default()
+        };
+        let warm =
+            Engine::new(ModelDir::open(d.path()).unwrap(), DeviceSpec::Cpu, options).unwrap();
+        let loaded = warm.setup().await.unwrap();
+        assert_eq!(loaded.weights_source, "snapshot");
+        let input = runner_models::tiny_mlp::example_input(&config);
+        let a = cold.predict("a".into(), &input).await.unwrap().output();
+        let b = warm.predict("b".into(), &input).await.unwrap().output();
+        assert_eq!(a, b);
+        // A cold engine refuses to re-snapshot a restored model.
+        let restored_again = EngineOptions {
+            snapshot: SnapshotOptions {
+                mode: SnapshotMode::Auto,
+                require: true,
+            },
+            record_for_snapshot: true,
+            ..Default::default()
+        };
+        let e = Engine::new(
+            ModelDir::open(d.path()).unwrap(),
+            DeviceSpec::Cpu,
+            restored_again,
+        )
+        .unwrap();
+        e.setup().await.unwrap();
+        assert!(e
+            .write_snapshot(None)
+            .unwrap_err()
+            .contains("restored from a snapshot"));
+    }
+
+    #[tokio::test]
     async fn setup_failure_is_reported() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("w")).unwrap();
