@@ -205,6 +205,9 @@ enum Command {
         /// Also write an SVG chart of the median phases here.
         #[arg(long, env = "RUNNER_BENCH_CHART")]
         chart: Option<PathBuf>,
+        /// Also write the JSON report here (whatever --format says).
+        #[arg(long, env = "RUNNER_BENCH_JSON_OUT")]
+        json_out: Option<PathBuf>,
     },
     /// Write generated weights for a test architecture (config.json + model.safetensors).
     Generate {
@@ -354,17 +357,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             drop_caches,
             format,
             chart,
+            json_out,
         } => {
             tokio::task::spawn_blocking(move || {
-                bench_cold_start(
-                    &dir,
-                    runs,
-                    device.device,
-                    snapshot,
-                    drop_caches,
+                let outputs = BenchOutputs {
                     format,
                     chart,
-                )
+                    json_out,
+                };
+                bench_cold_start(&dir, runs, device.device, snapshot, drop_caches, outputs)
             })
             .await?
         }
@@ -573,14 +574,19 @@ async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) ->
     Ok(ExitCode::SUCCESS)
 }
 
+struct BenchOutputs {
+    format: BenchFormat,
+    chart: Option<PathBuf>,
+    json_out: Option<PathBuf>,
+}
+
 fn bench_cold_start(
     dir: &Path,
     runs: usize,
     device: DeviceSpec,
     snapshot: Option<PathBuf>,
     drop_caches: bool,
-    format: BenchFormat,
-    chart: Option<PathBuf>,
+    outputs: BenchOutputs,
 ) -> Result<ExitCode> {
     if runs == 0 {
         bail!("--runs 0: run at least once");
@@ -636,14 +642,16 @@ fn bench_cold_start(
         results: &results,
         caches_dropped: drop_caches,
     };
-    match format {
+    let json = serde_json::to_string_pretty(&bench::to_json(&report))?;
+    match outputs.format {
         BenchFormat::Table => print!("{}", bench::to_table(&report)),
-        BenchFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&bench::to_json(&report))?
-        ),
+        BenchFormat::Json => println!("{json}"),
     }
-    if let Some(path) = chart {
+    if let Some(path) = outputs.json_out {
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = outputs.chart {
         std::fs::write(&path, bench::to_svg(&report))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("bench: chart written to {}", path.display());

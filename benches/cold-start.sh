@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Cold start vs snapshot restore on this machine, in one command: builds the release
+# binary, fetches MiniLM, generates a 1.1 GB model whose load converts f32 to bf16 (in
+# $RUNNER_CACHE_DIR, outside the clone), and runs `runner bench --cold-start` on both.
+# Writes benches/results/<date>-<host kind>/ with the tables, JSON reports and charts.
+#   benches/cold-start.sh [RUNS] [--drop-caches]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+RUNS="${1:-5}"; shift || true
+CACHE="${RUNNER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runner}"
+OUTDIR="benches/results/$(date -u +%Y-%m-%d)-cpu-cold-start"
+mkdir -p "$OUTDIR"
+cargo build --release --locked -p runner-cli
+RUNNER="$ROOT/target/release/runner"
+scripts/fetch-minilm.sh
+BIG="$CACHE/bench-models/tiny-mlp-1g"
+if [ ! -f "$BIG/weights/model.safetensors" ]; then
+  mkdir -p "$BIG"
+  cp models/tiny-mlp/cog.yaml "$BIG/"
+  "$RUNNER" generate tiny-mlp "$BIG/weights" --hidden-size 4096 --layers 16 --dtype bf16
+fi
+for model in models/all-minilm-l6-v2 "$BIG"; do
+  name=$(basename "$model")
+  "$RUNNER" -q bench "$model" --cold-start --runs "$RUNS" --device cpu "$@" \
+    --chart "$OUTDIR/$name.svg" --json-out "$OUTDIR/$name.json" | tee "$OUTDIR/$name.txt"
+done
+echo "results in $OUTDIR"
