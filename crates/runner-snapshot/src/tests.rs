@@ -70,6 +70,11 @@ fn roundtrip_is_bit_identical() {
     let y1 = x.matmul(&originals[0].1).unwrap();
     let y2 = x.matmul(&restored[0].1).unwrap();
     assert!(same_bits(&y1, &y2));
+    // The arena path (used on GPUs) gives the same tensors, as views.
+    let (views, _) = snap.restore_arenas(&Device::Cpu).unwrap();
+    for ((n1, t1), (_, t2)) in originals.iter().zip(&views) {
+        assert!(same_bits(t1, t2), "{n1} differs in the arena restore");
+    }
     // No temporary file left behind.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
