@@ -177,6 +177,8 @@ enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
+        #[command(flatten)]
+        snapshot: SnapshotArgs,
     },
     /// Measure start-up: `runner serve` started fresh again and again, cold from the
     /// weights and restored from a snapshot; time to ready and to the first prediction,
@@ -265,7 +267,9 @@ fn main() -> ExitCode {
 /// restored server does not compile them again. Set before any thread starts.
 fn keep_cuda_kernels_beside_the_model(command: &Command) {
     let (dir, device) = match command {
-        Command::Serve { dir, device, .. } | Command::Snapshot { dir, device, .. } => (dir, device),
+        Command::Serve { dir, device, .. }
+        | Command::Snapshot { dir, device, .. }
+        | Command::Run { dir, device, .. } => (dir, device),
         _ => return,
     };
     if !cfg!(feature = "cuda")
@@ -338,6 +342,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             json,
             output,
             device,
+            snapshot,
         } => {
             run(
                 &dir,
@@ -345,6 +350,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 json.as_deref(),
                 output.as_deref(),
                 device.device,
+                snapshot.options(),
             )
             .await
         }
@@ -695,8 +701,13 @@ async fn run(
     json: Option<&str>,
     output: Option<&Path>,
     device: DeviceSpec,
+    snapshot: SnapshotOptions,
 ) -> Result<ExitCode> {
-    let engine = open_engine(dir, device, EngineOptions::default())?;
+    let options = EngineOptions {
+        snapshot,
+        ..Default::default()
+    };
+    let engine = open_engine(dir, device, options)?;
     let mut input = match json {
         Some(j) => {
             let text = read_arg_source(j).context("--json")?;
