@@ -246,6 +246,20 @@ pub fn page_cache_read_bandwidth(path: &Path) -> Result<f64> {
     Ok(bytes as f64 / t.as_secs_f64().max(1e-9))
 }
 
+/// Sequential read bandwidth of a whole file into freshly allocated memory, as a restore
+/// must do (the kernel faults in and zeroes every new page): bytes per second.
+pub fn fresh_memory_read_bandwidth(path: &Path) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    let t = Instant::now();
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)?;
+    let elapsed = t.elapsed();
+    drop(buf);
+    Ok(len as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
 /// The phase timings of a mode: each phase's median over the runs.
 fn median_phases(m: &ModeResult) -> Vec<(String, f64)> {
     let Some(first) = m.runs.first() else {
@@ -282,6 +296,8 @@ pub struct Report<'a> {
     pub weights_bytes: u64,
     pub snapshot_bytes: u64,
     pub page_cache_bytes_per_s: f64,
+    /// The same file read into freshly allocated memory, on one thread.
+    pub fresh_memory_bytes_per_s: f64,
     pub results: &'a [ModeResult],
     pub caches_dropped: bool,
 }
@@ -311,6 +327,7 @@ pub fn to_json(c: &Report) -> Value {
         "weights_bytes": c.weights_bytes,
         "snapshot_data_bytes": c.snapshot_bytes,
         "page_cache_read_gb_per_s": c.page_cache_bytes_per_s / 1e9,
+        "fresh_memory_read_gb_per_s": c.fresh_memory_bytes_per_s / 1e9,
         "snapshot_restore_gb_per_s": restore / 1e9,
         "restore_vs_page_cache": restore / c.page_cache_bytes_per_s.max(1.0),
         "speedup_ready": speedup(c, |r| r.ready),
@@ -386,6 +403,10 @@ pub fn to_table(c: &Report) -> String {
         restore / 1e9,
         c.page_cache_bytes_per_s / 1e9,
         100.0 * restore / c.page_cache_bytes_per_s.max(1.0)
+    ));
+    out.push_str(&format!(
+        "(the same file read on one thread into freshly allocated memory: {:.2} GB/s)\n",
+        c.fresh_memory_bytes_per_s / 1e9
     ));
     out.push_str(&format!(
         "speedup from the snapshot: {:.2}x to ready, {:.2}x to the first prediction\n",

@@ -630,6 +630,7 @@ fn bench_cold_start(
         .map(|m| m.len())
         .sum();
     let ceiling = bench::page_cache_read_bandwidth(&snapshot)?;
+    let fresh_memory = bench::fresh_memory_read_bandwidth(&snapshot)?;
     let options = bench::BenchOptions {
         dir,
         device: &device_arg,
@@ -645,6 +646,7 @@ fn bench_cold_start(
         weights_bytes,
         snapshot_bytes,
         page_cache_bytes_per_s: ceiling,
+        fresh_memory_bytes_per_s: fresh_memory,
         results: &results,
         caches_dropped: drop_caches,
     };

@@ -644,6 +644,9 @@ impl Engine {
             }
             Some(_) => Outcome::Canceled,
         };
+        // Out of the registry before anyone can see the terminal state: a client that
+        // reads it and at once PUTs the same id gets a new prediction, not this one.
+        self.registry().remove(&id);
         match outcome {
             Outcome::Succeeded(output) => {
                 tracing::debug!(%id, "prediction succeeded");
@@ -658,7 +661,6 @@ impl Engine {
                 running.finish(PredictionStatus::Canceled, None, None)
             }
         }
-        self.registry().remove(&id);
         self.idle.notify_waiters();
     }
 
