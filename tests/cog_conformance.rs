@@ -619,6 +619,19 @@ fn check_webhooks(fixtures: &Fixtures, hook_path: &str, exp: &Value, errors: &mu
             matches(m, Some(b), &format!("webhook {i}"), errors);
         }
     }
+    // At least one delivery matches, wherever it landed.
+    if let Some(m) = exp.get("some") {
+        let any = got.iter().any(|b| {
+            let mut e = Vec::new();
+            matches(m, Some(b), "", &mut e);
+            e.is_empty()
+        });
+        if !any {
+            errors.push(format!(
+                "webhooks: none matches {m} (statuses {statuses:?})"
+            ));
+        }
+    }
     if let Some(m) = exp.get("headers") {
         for (i, r) in all.iter().enumerate() {
             let h: Map<String, Value> = r
