@@ -133,3 +133,33 @@ fn shutdown_cancels_what_outlives_the_time_limit() {
     assert_eq!(v["status"], "canceled", "{body}");
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn sigterm_during_a_slow_setup_exits_promptly() {
+    let mut child = std::process::Command::new(support::RUNNER)
+        .arg("serve")
+        .arg(repo_root().join("models/conformance"))
+        .args(["--port", "0", "--device", "cpu"])
+        .env("CONFORMANCE_SETUP_DELAY", "60")
+        .env_remove("RUNNER_PORT")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("still running 30 s after SIGTERM, with setup 60 s from done");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
