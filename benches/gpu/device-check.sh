@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 serve() {  # serve DIR LOG ARGS...: starts a server, prints its address
   local dir=$1 log=$2; shift 2
-  ./runner serve "$dir" --device cuda:0 --port 0 "$@" 2> "$log" &
+  ./runner serve "$dir" --device cuda:0 --port 0 "$@" > /dev/null 2> "$log" &
   echo $! > "$log.pid"
   until grep -q "^runner: " "$log"; do sleep 0.05; done
   grep "^runner: " "$log" | sed -E 's#.*http://([^ ]+).*#\1#'
