@@ -163,3 +163,49 @@ fn sigterm_during_a_slow_setup_exits_promptly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn metrics_count_predictions_and_rejections_for_prometheus() {
+    let server = Server::start(&repo_root().join("models/conformance"), &[]);
+    assert_eq!(server.predict(json!({"text": "a"})).0, 200);
+    assert_eq!(server.predict(json!({"text": "a", "fail": true})).0, 200);
+    assert_eq!(server.predict(json!({"count": 99})).0, 422);
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200);
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(value("runner_predictions_total{status=\"succeeded\"}"), 1.0);
+    assert_eq!(value("runner_predictions_total{status=\"failed\"}"), 1.0);
+    assert_eq!(
+        value("runner_rejections_total{reason=\"invalid_input\"}"),
+        1.0
+    );
+    assert_eq!(value("runner_prediction_duration_seconds_count"), 2.0);
+    assert_eq!(
+        value("runner_prediction_duration_seconds_bucket{le=\"+Inf\"}"),
+        2.0
+    );
+    assert_eq!(value("runner_predictions_in_flight"), 0.0);
+    assert_eq!(value("runner_health{state=\"READY\"}"), 1.0);
+    assert!(
+        text.contains("runner_model_info{model=\"conformance\",architecture=\"candle:conformance\",device=\"cpu\",weights_source=\"none\"} 1"),
+        "{text}"
+    );
+    // Every sample belongs to a declared family.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap();
+        let family = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
+    }
+}

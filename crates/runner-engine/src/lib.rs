@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub mod files;
+pub mod metrics;
 pub mod prediction;
 
 pub use files::FileConfig;
@@ -156,6 +157,7 @@ pub struct Engine {
     snapshot_options: SnapshotOptions,
     recorded: Option<runner_models::load::Recorded>,
     device: OnceLock<candle_core::Device>,
+    metrics: metrics::EngineMetrics,
 }
 
 /// What a successful setup reports.
@@ -235,6 +237,7 @@ impl Engine {
                 .record_for_snapshot
                 .then(|| Arc::new(Mutex::new(Vec::new()))),
             device: OnceLock::new(),
+            metrics: Default::default(),
         }))
     }
 
@@ -571,6 +574,20 @@ impl Engine {
     /// Validates the input, takes a slot (or a queue place) and starts the prediction in
     /// the background. Await [`Running::wait`] for its end, or follow its events.
     pub fn submit(self: &Arc<Self>, id: String, input: &Value) -> Result<Arc<Running>, Rejection> {
+        self.submit_inner(id, input)
+            .inspect_err(|r| self.metrics.rejected(r))
+    }
+
+    /// Counters for operators (`/metrics`).
+    pub fn metrics(&self) -> metrics::MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    fn submit_inner(
+        self: &Arc<Self>,
+        id: String,
+        input: &Value,
+    ) -> Result<Arc<Running>, Rejection> {
         let input = self.validate(input).map_err(Rejection::InvalidInput)?;
         let Some(model) = self.model.get().cloned() else {
             let setup_failed = self.lock().health_before_ready == Health::SetupFailed;
@@ -661,6 +678,8 @@ impl Engine {
                 running.finish(PredictionStatus::Canceled, None, None)
             }
         }
+        self.metrics
+            .finished(running.status(), running.predict_time());
         self.idle.notify_waiters();
     }
 

@@ -85,6 +85,7 @@ impl Server {
             .route("/health-check", get(health_check))
             .route("/openapi.json", get(openapi))
             .route("/shutdown", post(shutdown))
+            .route("/metrics", get(metrics))
             .route("/predictions", post(create_prediction))
             .route("/predictions/{id}", put(create_prediction_idempotent))
             .route("/predictions/{id}/cancel", post(cancel_prediction))
@@ -140,6 +141,7 @@ async fn root() -> Json<Value> {
         "predictions_url": "/predictions",
         "predictions_idempotent_url": "/predictions/{prediction_id}",
         "predictions_cancel_url": "/predictions/{prediction_id}/cancel",
+        "metrics_url": "/metrics",
     }))
 }
 
@@ -171,6 +173,138 @@ async fn health_check(State(state): State<AppState>) -> Json<Value> {
         });
     }
     Json(body)
+}
+
+/// Prometheus text exposition (version 0.0.4) of the engine's counters and state.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render_metrics(&state),
+    )
+        .into_response()
+}
+
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn render_metrics(state: &AppState) -> String {
+    use std::fmt::Write;
+    let engine = &state.engine;
+    let m = engine.metrics();
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        "runner_predictions_total",
+        "counter",
+        "Predictions that reached a terminal status, by status.",
+    );
+    let mut lines = String::new();
+    for (status, n) in [
+        ("succeeded", m.succeeded),
+        ("failed", m.failed),
+        ("canceled", m.canceled),
+    ] {
+        let _ = writeln!(lines, "runner_predictions_total{{status=\"{status}\"}} {n}");
+    }
+    out.push_str(&lines);
+    let _ = writeln!(out, "# HELP runner_prediction_duration_seconds Time predictions spent running (predict_time).\n# TYPE runner_prediction_duration_seconds histogram");
+    for (bound, n) in &m.duration_buckets {
+        let le = if bound.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            bound.to_string()
+        };
+        let _ = writeln!(
+            out,
+            "runner_prediction_duration_seconds_bucket{{le=\"{le}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "runner_prediction_duration_seconds_sum {}",
+        m.duration_sum
+    );
+    let _ = writeln!(
+        out,
+        "runner_prediction_duration_seconds_count {}",
+        m.duration_count
+    );
+    let _ = writeln!(out, "# HELP runner_rejections_total Prediction requests refused before running, by reason.\n# TYPE runner_rejections_total counter");
+    for (reason, n) in &m.rejections {
+        let _ = writeln!(out, "runner_rejections_total{{reason=\"{reason}\"}} {n}");
+    }
+    let gauges: [(&str, &str, f64); 5] = [
+        (
+            "runner_predictions_in_flight",
+            "Predictions queued or running.",
+            engine.in_flight() as f64,
+        ),
+        (
+            "runner_predictions_queued",
+            "Predictions waiting for a slot.",
+            engine.queued() as f64,
+        ),
+        (
+            "runner_slots",
+            "Predictions that may run at once.",
+            engine.total_slots() as f64,
+        ),
+        (
+            "runner_queue_capacity",
+            "Predictions that may wait for a slot (--max-queue).",
+            engine.max_queue() as f64,
+        ),
+        (
+            "runner_webhooks_pending",
+            "Webhook deliveries in progress or being retried.",
+            state.tasks.active() as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+        );
+    }
+    let (health, _) = engine.health();
+    let health = serde_json::to_value(health)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let _ = writeln!(out, "# HELP runner_health Current health (1 for the current state).\n# TYPE runner_health gauge\nrunner_health{{state=\"{health}\"}} 1");
+    if let Some(loaded) = engine.loaded() {
+        let _ = writeln!(
+            out,
+            "# HELP runner_model_info The served model.\n# TYPE runner_model_info gauge\nrunner_model_info{{model=\"{}\",architecture=\"candle:{}\",device=\"{}\",weights_source=\"{}\"}} 1",
+            label(&engine.model_name()),
+            label(engine.architecture()),
+            label(&loaded.device),
+            loaded.weights_source
+        );
+        let _ = writeln!(out, "# HELP runner_setup_seconds Time setup took.\n# TYPE runner_setup_seconds gauge\nrunner_setup_seconds {}", loaded.setup_time.as_secs_f64());
+        let _ = writeln!(out, "# HELP runner_setup_phase_seconds Time of each setup phase.\n# TYPE runner_setup_phase_seconds gauge");
+        for (phase, t) in &loaded.phases {
+            let _ = writeln!(
+                out,
+                "runner_setup_phase_seconds{{phase=\"{}\"}} {}",
+                label(phase),
+                t.as_secs_f64()
+            );
+        }
+        if let Some(snap) = &loaded.snapshot {
+            let _ = writeln!(out, "# HELP runner_snapshot_restore_bytes Bytes restored from the snapshot.\n# TYPE runner_snapshot_restore_bytes gauge\nrunner_snapshot_restore_bytes {}", snap.data_bytes);
+        }
+    }
+    out
 }
 
 async fn openapi(State(state): State<AppState>) -> Response {
