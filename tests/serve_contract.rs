@@ -195,6 +195,29 @@ fn metrics_count_predictions_and_rejections_for_prometheus() {
     );
     assert_eq!(value("runner_predictions_in_flight"), 0.0);
     assert_eq!(value("runner_health{state=\"READY\"}"), 1.0);
+    assert_eq!(
+        value("runner_http_requests_total{route=\"/predictions\",method=\"POST\",status=\"200\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("runner_http_requests_total{route=\"/predictions\",method=\"POST\",status=\"422\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("runner_http_request_duration_seconds_count{route=\"/predictions\"}"),
+        3.0
+    );
+    assert!(value("runner_setup_seconds{weights_source=\"none\"}") >= 0.0);
+    assert!(text.contains("runner_build_info{version="), "{text}");
+    // Ids never become labels: a PUT shows as its route pattern.
+    let (status, _) = server.post_json("/predictions/some-id/cancel", "");
+    assert_eq!(status, 404);
+    let (_, text) = server.get("/metrics");
+    assert!(
+        text.contains("route=\"/predictions/{id}/cancel\""),
+        "{text}"
+    );
+    assert!(!text.contains("some-id"));
     assert!(
         text.contains("runner_model_info{model=\"conformance\",architecture=\"candle:conformance\",device=\"cpu\",weights_source=\"none\"} 1"),
         "{text}"

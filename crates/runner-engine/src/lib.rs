@@ -578,6 +578,17 @@ impl Engine {
             .inspect_err(|r| self.metrics.rejected(r))
     }
 
+    /// Total size of the model's safetensors files.
+    pub fn weights_file_bytes(&self) -> u64 {
+        self.dir
+            .weights
+            .safetensors
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Counters for operators (`/metrics`).
     pub fn metrics(&self) -> metrics::MetricsSnapshot {
         self.metrics.snapshot()

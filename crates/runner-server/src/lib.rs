@@ -39,6 +39,64 @@ pub struct ServerOptions {
     pub webhooks: WebhookConfig,
 }
 
+/// Requests by route and status, and their latency, for `/metrics`. Labels stay bounded:
+/// routes are the router's patterns (ids never appear), unmatched paths are one label.
+#[derive(Default)]
+struct HttpMetrics {
+    /// (route, method, status) → count.
+    requests: std::sync::Mutex<std::collections::BTreeMap<(String, String, u16), u64>>,
+    /// route → cumulative bucket counts (then +Inf) and the sum of seconds.
+    latency: std::sync::Mutex<std::collections::BTreeMap<String, (Vec<u64>, f64)>>,
+}
+
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0,
+];
+
+impl HttpMetrics {
+    fn observe(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route.to_string(), method.to_string(), status))
+            .or_default() += 1;
+        let mut latency = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let (buckets, sum) = latency
+            .entry(route.to_string())
+            .or_insert_with(|| (vec![0; LATENCY_BUCKETS.len() + 1], 0.0));
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                buckets[i] += 1;
+            }
+        }
+        buckets[LATENCY_BUCKETS.len()] += 1;
+        *sum += seconds;
+    }
+}
+
+async fn count_requests(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().as_str().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    state.http_metrics.observe(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
 #[derive(Clone)]
 struct AppState {
     engine: Arc<Engine>,
@@ -46,6 +104,7 @@ struct AppState {
     http: reqwest::Client,
     tasks: Arc<TaskCounter>,
     shutdown: Arc<watch::Sender<bool>>,
+    http_metrics: Arc<HttpMetrics>,
 }
 
 /// The HTTP server for one engine: its routes, its background webhook deliveries and its
@@ -75,6 +134,7 @@ impl Server {
                 http,
                 tasks: Arc::new(TaskCounter::default()),
                 shutdown: Arc::new(shutdown),
+                http_metrics: Arc::new(HttpMetrics::default()),
             },
         }
     }
@@ -90,6 +150,10 @@ impl Server {
             .route("/predictions/{id}", put(create_prediction_idempotent))
             .route("/predictions/{id}/cancel", post(cancel_prediction))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                count_requests,
+            ))
             .with_state(self.state.clone())
     }
 
@@ -194,6 +258,11 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+fn family_lines(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 fn render_metrics(state: &AppState) -> String {
     use std::fmt::Write;
     let engine = &state.engine;
@@ -275,6 +344,65 @@ fn render_metrics(state: &AppState) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     }
+    family_lines(
+        &mut out,
+        "runner_http_requests_total",
+        "counter",
+        "HTTP requests answered, by route pattern, method and status.",
+    );
+    for ((route, method, status), n) in state
+        .http_metrics
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "runner_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
+            label(route)
+        );
+    }
+    family_lines(
+        &mut out,
+        "runner_http_request_duration_seconds",
+        "histogram",
+        "Time from a request's arrival to its response's head, by route pattern.",
+    );
+    for (route, (buckets, sum)) in state
+        .http_metrics
+        .latency
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let route = label(route);
+        for (i, n) in buckets.iter().enumerate() {
+            let le = LATENCY_BUCKETS
+                .get(i)
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(
+                out,
+                "runner_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "runner_http_request_duration_seconds_sum{{route=\"{route}\"}} {sum}"
+        );
+        let _ = writeln!(
+            out,
+            "runner_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+            buckets.last().copied().unwrap_or(0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP runner_build_info The runner build.\n# TYPE runner_build_info gauge\nrunner_build_info{{version=\"{RUNNER_VERSION}\",cog_version=\"{}\",candle_version=\"{}\"}} 1",
+        runner_spec::COG_VERSION,
+        runner_engine::CANDLE_VERSION
+    );
     let (health, _) = engine.health();
     let health = serde_json::to_value(health)
         .ok()
@@ -290,7 +418,21 @@ fn render_metrics(state: &AppState) -> String {
             label(&loaded.device),
             loaded.weights_source
         );
-        let _ = writeln!(out, "# HELP runner_setup_seconds Time setup took.\n# TYPE runner_setup_seconds gauge\nrunner_setup_seconds {}", loaded.setup_time.as_secs_f64());
+        let _ = writeln!(
+            out,
+            "# HELP runner_setup_seconds Time setup took, by where the weights came from.\n# TYPE runner_setup_seconds gauge\nrunner_setup_seconds{{weights_source=\"{}\"}} {}",
+            loaded.weights_source,
+            loaded.setup_time.as_secs_f64()
+        );
+        let loaded_bytes = match &loaded.snapshot {
+            Some(snap) => snap.data_bytes,
+            None => engine.weights_file_bytes(),
+        };
+        let _ = writeln!(
+            out,
+            "# HELP runner_weights_loaded_bytes Bytes of weights read at setup (snapshot data or weight files).\n# TYPE runner_weights_loaded_bytes gauge\nrunner_weights_loaded_bytes{{weights_source=\"{}\"}} {loaded_bytes}",
+            loaded.weights_source
+        );
         let _ = writeln!(out, "# HELP runner_setup_phase_seconds Time of each setup phase.\n# TYPE runner_setup_phase_seconds gauge");
         for (phase, t) in &loaded.phases {
             let _ = writeln!(
