@@ -16,7 +16,8 @@ fn reference() -> Value {
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
     let reference = reference();
-    let server = Server::start(&minilm_dir(), &[]);
+    // The cold path, whatever snapshot a local `runner snapshot` or bench left behind.
+    let server = Server::start(&minilm_dir(), &["--snapshot", "off"]);
     assert!(
         server.status_line.contains("candle:bert")
             && server.status_line.contains("weights safetensors"),

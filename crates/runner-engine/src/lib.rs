@@ -158,6 +158,9 @@ pub struct Engine {
     recorded: Option<runner_models::load::Recorded>,
     device: OnceLock<candle_core::Device>,
     metrics: metrics::EngineMetrics,
+    /// Whether the signature has file inputs / file outputs (decided once, not per request).
+    file_inputs: bool,
+    file_outputs: bool,
 }
 
 /// What a successful setup reports.
@@ -198,6 +201,8 @@ impl Engine {
     ) -> Result<Arc<Self>, EngineError> {
         let architecture = architecture_for(&dir)?;
         let signature = (architecture.signature)();
+        let file_inputs = files::has_file_inputs(&signature);
+        let file_outputs = files::has_file_outputs(&signature.output);
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
         let openapi_json = openapi::to_cog_json(&openapi::document(&signature));
         let total_slots = options
@@ -238,6 +243,8 @@ impl Engine {
                 .then(|| Arc::new(Mutex::new(Vec::new()))),
             device: OnceLock::new(),
             metrics: Default::default(),
+            file_inputs,
+            file_outputs,
         }))
     }
 
@@ -700,8 +707,7 @@ impl Engine {
         running: &Arc<Running>,
         input: &mut Map<String, Value>,
     ) -> Outcome {
-        let needs_dir = files::has_file_inputs(&self.signature)
-            || files::has_file_outputs(&self.signature.output);
+        let needs_dir = self.file_inputs || self.file_outputs;
         let scratch = if needs_dir {
             match tempfile::Builder::new()
                 .prefix("runner-prediction-")
@@ -718,7 +724,7 @@ impl Engine {
             None
         };
         if let Some(dir) = &scratch {
-            if files::has_file_inputs(&self.signature) {
+            if self.file_inputs {
                 let fetch = files::fetch_inputs(
                     &self.signature,
                     input,
@@ -763,7 +769,7 @@ impl Engine {
             }
             _ => output,
         };
-        if files::has_file_outputs(&self.signature.output) {
+        if self.file_outputs {
             match files::encode_outputs(
                 &self.signature.output,
                 output,

@@ -258,9 +258,46 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn family_lines(out: &mut String, name: &str, kind: &str, help: &str) {
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     use std::fmt::Write;
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes one histogram's samples; `labels` (e.g. `route="/x",`) precede `le`.
+fn histogram(out: &mut String, name: &str, labels: &str, buckets: &[(f64, u64)], sum: f64) {
+    use std::fmt::Write;
+    for (bound, n) in buckets {
+        let le = if bound.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            bound.to_string()
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {n}");
+    }
+    let count = buckets.last().map_or(0, |(_, n)| *n);
+    let labels = labels.trim_end_matches(',');
+    let braces = |l: &str| {
+        if l.is_empty() {
+            String::new()
+        } else {
+            format!("{{{l}}}")
+        }
+    };
+    let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+    let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+}
+
+/// Writes a gauge family with one sample.
+fn gauge(out: &mut String, name: &str, help: &str, labels: &str, value: impl std::fmt::Display) {
+    use std::fmt::Write;
+    family(out, name, "gauge", help);
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}{labels} {value}");
 }
 
 fn render_metrics(state: &AppState) -> String {
@@ -268,83 +305,73 @@ fn render_metrics(state: &AppState) -> String {
     let engine = &state.engine;
     let m = engine.metrics();
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+
     family(
+        &mut out,
         "runner_predictions_total",
         "counter",
         "Predictions that reached a terminal status, by status.",
     );
-    let mut lines = String::new();
     for (status, n) in [
         ("succeeded", m.succeeded),
         ("failed", m.failed),
         ("canceled", m.canceled),
     ] {
-        let _ = writeln!(lines, "runner_predictions_total{{status=\"{status}\"}} {n}");
+        let _ = writeln!(out, "runner_predictions_total{{status=\"{status}\"}} {n}");
     }
-    out.push_str(&lines);
-    let _ = writeln!(out, "# HELP runner_prediction_duration_seconds Time predictions spent running (predict_time).\n# TYPE runner_prediction_duration_seconds histogram");
-    for (bound, n) in &m.duration_buckets {
-        let le = if bound.is_infinite() {
-            "+Inf".to_string()
-        } else {
-            bound.to_string()
-        };
-        let _ = writeln!(
-            out,
-            "runner_prediction_duration_seconds_bucket{{le=\"{le}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "runner_prediction_duration_seconds_sum {}",
-        m.duration_sum
+    family(
+        &mut out,
+        "runner_prediction_duration_seconds",
+        "histogram",
+        "Time predictions spent running (predict_time).",
     );
-    let _ = writeln!(
-        out,
-        "runner_prediction_duration_seconds_count {}",
-        m.duration_count
+    histogram(
+        &mut out,
+        "runner_prediction_duration_seconds",
+        "",
+        &m.duration_buckets,
+        m.duration_sum,
     );
-    let _ = writeln!(out, "# HELP runner_rejections_total Prediction requests refused before running, by reason.\n# TYPE runner_rejections_total counter");
+    family(
+        &mut out,
+        "runner_rejections_total",
+        "counter",
+        "Prediction requests refused before running, by reason.",
+    );
     for (reason, n) in &m.rejections {
         let _ = writeln!(out, "runner_rejections_total{{reason=\"{reason}\"}} {n}");
     }
-    let gauges: [(&str, &str, f64); 5] = [
+    for (name, help, value) in [
         (
             "runner_predictions_in_flight",
             "Predictions queued or running.",
-            engine.in_flight() as f64,
+            engine.in_flight(),
         ),
         (
             "runner_predictions_queued",
             "Predictions waiting for a slot.",
-            engine.queued() as f64,
+            engine.queued(),
         ),
         (
             "runner_slots",
             "Predictions that may run at once.",
-            engine.total_slots() as f64,
+            engine.total_slots(),
         ),
         (
             "runner_queue_capacity",
             "Predictions that may wait for a slot (--max-queue).",
-            engine.max_queue() as f64,
+            engine.max_queue(),
         ),
         (
             "runner_webhooks_pending",
             "Webhook deliveries in progress or being retried.",
-            state.tasks.active() as f64,
+            state.tasks.active(),
         ),
-    ];
-    for (name, help, value) in gauges {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
+    ] {
+        gauge(&mut out, name, help, "", value);
     }
-    family_lines(
+
+    family(
         &mut out,
         "runner_http_requests_total",
         "counter",
@@ -363,77 +390,97 @@ fn render_metrics(state: &AppState) -> String {
             label(route)
         );
     }
-    family_lines(
+    family(
         &mut out,
         "runner_http_request_duration_seconds",
         "histogram",
         "Time from a request's arrival to its response's head, by route pattern.",
     );
-    for (route, (buckets, sum)) in state
+    for (route, (counts, sum)) in state
         .http_metrics
         .latency
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
     {
-        let route = label(route);
-        for (i, n) in buckets.iter().enumerate() {
-            let le = LATENCY_BUCKETS
-                .get(i)
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "+Inf".into());
-            let _ = writeln!(
-                out,
-                "runner_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "runner_http_request_duration_seconds_sum{{route=\"{route}\"}} {sum}"
-        );
-        let _ = writeln!(
-            out,
-            "runner_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
-            buckets.last().copied().unwrap_or(0)
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts.iter().copied())
+            .collect();
+        let labels = format!("route=\"{}\",", label(route));
+        histogram(
+            &mut out,
+            "runner_http_request_duration_seconds",
+            &labels,
+            &buckets,
+            *sum,
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP runner_build_info The runner build.\n# TYPE runner_build_info gauge\nrunner_build_info{{version=\"{RUNNER_VERSION}\",cog_version=\"{}\",candle_version=\"{}\"}} 1",
-        runner_spec::COG_VERSION,
-        runner_engine::CANDLE_VERSION
+
+    gauge(
+        &mut out,
+        "runner_build_info",
+        "The runner build.",
+        &format!(
+            "version=\"{RUNNER_VERSION}\",cog_version=\"{}\",candle_version=\"{}\"",
+            runner_spec::COG_VERSION,
+            runner_engine::CANDLE_VERSION
+        ),
+        1,
     );
     let (health, _) = engine.health();
     let health = serde_json::to_value(health)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    let _ = writeln!(out, "# HELP runner_health Current health (1 for the current state).\n# TYPE runner_health gauge\nrunner_health{{state=\"{health}\"}} 1");
+    gauge(
+        &mut out,
+        "runner_health",
+        "Current health (1 for the current state).",
+        &format!("state=\"{health}\""),
+        1,
+    );
     if let Some(loaded) = engine.loaded() {
-        let _ = writeln!(
-            out,
-            "# HELP runner_model_info The served model.\n# TYPE runner_model_info gauge\nrunner_model_info{{model=\"{}\",architecture=\"candle:{}\",device=\"{}\",weights_source=\"{}\"}} 1",
-            label(&engine.model_name()),
-            label(engine.architecture()),
-            label(&loaded.device),
-            loaded.weights_source
+        gauge(
+            &mut out,
+            "runner_model_info",
+            "The served model.",
+            &format!(
+                "model=\"{}\",architecture=\"candle:{}\",device=\"{}\",weights_source=\"{}\"",
+                label(&engine.model_name()),
+                label(engine.architecture()),
+                label(&loaded.device),
+                loaded.weights_source
+            ),
+            1,
         );
-        let _ = writeln!(
-            out,
-            "# HELP runner_setup_seconds Time setup took, by where the weights came from.\n# TYPE runner_setup_seconds gauge\nrunner_setup_seconds{{weights_source=\"{}\"}} {}",
-            loaded.weights_source,
-            loaded.setup_time.as_secs_f64()
+        let source = format!("weights_source=\"{}\"", loaded.weights_source);
+        gauge(
+            &mut out,
+            "runner_setup_seconds",
+            "Time setup took, by where the weights came from.",
+            &source,
+            loaded.setup_time.as_secs_f64(),
         );
         let loaded_bytes = match &loaded.snapshot {
             Some(snap) => snap.data_bytes,
             None => engine.weights_file_bytes(),
         };
-        let _ = writeln!(
-            out,
-            "# HELP runner_weights_loaded_bytes Bytes of weights read at setup (snapshot data or weight files).\n# TYPE runner_weights_loaded_bytes gauge\nrunner_weights_loaded_bytes{{weights_source=\"{}\"}} {loaded_bytes}",
-            loaded.weights_source
+        gauge(
+            &mut out,
+            "runner_weights_loaded_bytes",
+            "Bytes of weights read at setup (snapshot data or weight files).",
+            &source,
+            loaded_bytes,
         );
-        let _ = writeln!(out, "# HELP runner_setup_phase_seconds Time of each setup phase.\n# TYPE runner_setup_phase_seconds gauge");
+        family(
+            &mut out,
+            "runner_setup_phase_seconds",
+            "gauge",
+            "Time of each setup phase.",
+        );
         for (phase, t) in &loaded.phases {
             let _ = writeln!(
                 out,
@@ -443,7 +490,13 @@ fn render_metrics(state: &AppState) -> String {
             );
         }
         if let Some(snap) = &loaded.snapshot {
-            let _ = writeln!(out, "# HELP runner_snapshot_restore_bytes Bytes restored from the snapshot.\n# TYPE runner_snapshot_restore_bytes gauge\nrunner_snapshot_restore_bytes {}", snap.data_bytes);
+            gauge(
+                &mut out,
+                "runner_snapshot_restore_bytes",
+                "Bytes restored from the snapshot.",
+                "",
+                snap.data_bytes,
+            );
         }
     }
     out
