@@ -2,7 +2,8 @@
 # The test command: fetches the MiniLM weights and Cog's own server (both cached outside
 # the clone, sha256-verified) and runs every test in the workspace, end-to-end tests and
 # the conformance suite against runner and against coglet included.
-# RUNNER_SKIP_COGLET=1 skips the coglet half (it then says so instead of running).
+# RUNNER_SKIP_COGLET=1 skips the coglet half, RUNNER_SKIP_MODAL=1 the import of the
+# generated modal_app.py (each test then says so instead of running).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,5 +12,9 @@ scripts/fetch-minilm.sh
 if [ "${RUNNER_SKIP_COGLET:-0}" != 1 ] && [ -z "${RUNNER_COGLET_VENV:-}" ]; then
   RUNNER_COGLET_VENV="$(scripts/setup-coglet.sh)"
   export RUNNER_COGLET_VENV
+fi
+if [ "${RUNNER_SKIP_MODAL:-0}" != 1 ] && [ -z "${RUNNER_MODAL_VENV:-}" ]; then
+  RUNNER_MODAL_VENV="$(scripts/setup-modal.sh)"
+  export RUNNER_MODAL_VENV
 fi
 exec cargo test --workspace --locked "$@"

@@ -22,10 +22,19 @@ use runner_server::{Server, ServerOptions, WebhookConfig};
 use runner_spec::{FieldType, ModelDir, Primitive, Signature};
 use serde_json::{Map, Value};
 
+/// `runner --version`: says whether CUDA is compiled in (`runner package` reads it).
+#[cfg(feature = "cuda")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (cuda)");
+#[cfg(not(feature = "cuda"))]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (cpu only: built without the cuda feature)"
+);
+
 #[derive(Parser)]
 #[command(
     name = "runner",
-    version,
+    version = VERSION,
     about = "Serve Cog-style model directories with candle, over Cog's HTTP API"
 )]
 struct Cli {
@@ -97,6 +106,10 @@ struct ServingArgs {
     /// Largest file input, downloaded or decoded, in bytes.
     #[arg(long, default_value_t = 512 * 1024 * 1024, env = "RUNNER_MAX_INPUT_FILE_BYTES")]
     max_input_file_bytes: u64,
+    /// Exit when the process that started runner goes away (for runner as the child of a
+    /// wrapper, such as a packaged Cog predictor, that may be killed without warning).
+    #[arg(long, env = "RUNNER_EXIT_WITH_PARENT")]
+    exit_with_parent: bool,
 }
 
 #[derive(Args, Clone)]
@@ -122,6 +135,62 @@ impl SnapshotArgs {
             require: self.require_snapshot,
         }
     }
+}
+
+#[derive(Args)]
+struct PackageArgs {
+    /// The model directory (holding cog.yaml); it is only read.
+    #[arg(env = "RUNNER_MODEL_DIR")]
+    dir: PathBuf,
+    /// Where it will run.
+    #[arg(long, value_enum, env = "RUNNER_PACKAGE_TARGET")]
+    target: PackageTarget,
+    /// The folder to write (default: ./NAME-TARGET); never inside the model directory.
+    #[arg(long, env = "RUNNER_PACKAGE_OUT")]
+    out: Option<PathBuf>,
+    /// GPU to run on (T4, L4, A10G, A100-40GB, L40S, A100-80GB, H100, H200, B200, as the
+    /// target offers them) or cpu. Default: the smallest that holds the weights when
+    /// cog.yaml says `build.gpu: true`, else cpu.
+    #[arg(long, env = "RUNNER_PACKAGE_GPU")]
+    gpu: Option<String>,
+    /// The model's name on the platform (default: cog.yaml's `model:`, else the folder's).
+    #[arg(long, env = "RUNNER_PACKAGE_NAME")]
+    name: Option<String>,
+    /// The runner binary to ship (default: this one). GPU packages need one built with
+    /// `--features cuda`.
+    #[arg(long, env = "RUNNER_PACKAGE_RUNNER_BIN")]
+    runner_bin: Option<PathBuf>,
+    /// Replace --out if it exists.
+    #[arg(long, env = "RUNNER_PACKAGE_FORCE")]
+    force: bool,
+    /// Replicate: `image` builds a Dockerfile whose image runs runner directly; `predictor`
+    /// writes a standard Cog project whose predict.py forwards to runner on localhost.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "image",
+        env = "RUNNER_PACKAGE_REPLICATE_MODE"
+    )]
+    replicate_mode: ReplicateModeArg,
+    /// Base image instead of the pinned default (CUDA 13.0 runtime, or python slim for CPU).
+    #[arg(long, env = "RUNNER_PACKAGE_BASE_IMAGE")]
+    base_image: Option<String>,
+    /// A `runner bench --cold-start` JSON report to price cold starts with (default:
+    /// DIR/.runner/bench-cold-start.json, which `runner bench` writes, when present).
+    #[arg(long, env = "RUNNER_PACKAGE_BENCH")]
+    bench: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PackageTarget {
+    Replicate,
+    Modal,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReplicateModeArg {
+    Image,
+    Predictor,
 }
 
 #[derive(Subcommand)]
@@ -231,6 +300,9 @@ enum Command {
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"], env = "RUNNER_GENERATE_DTYPE")]
         dtype: String,
     },
+    /// Write a self-contained folder that deploys the model on Replicate (a Cog image)
+    /// or Modal (with GPU memory snapshots), served by this runner binary.
+    Package(PackageArgs),
     /// Print the model's OpenAPI schema, as Cog's generator writes it.
     Schema {
         /// The model directory (holding cog.yaml).
@@ -323,6 +395,9 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             serving,
             snapshot,
         } => {
+            if serving.exit_with_parent {
+                exit_with_parent();
+            }
             serve(
                 &dir,
                 &host,
@@ -402,11 +477,136 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Package(args) => package(args),
         Command::Schema { dir } => {
             let engine = open_engine(&dir, DeviceSpec::Cpu, Default::default())?;
             std::io::stdout().write_all(engine.openapi_json().as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn package(args: PackageArgs) -> Result<ExitCode> {
+    let model_dir = ModelDir::open(&args.dir)?;
+    let engine = Engine::new(model_dir.clone(), DeviceSpec::Cpu, Default::default())?;
+    // A package must not carry weights that would fail to load: check them now.
+    if !model_dir.weights.safetensors.is_empty() {
+        runner_models::weights::CheckedWeights::open(&model_dir.weights)
+            .with_context(|| format!("{}: the weights do not validate", args.dir.display()))?;
+    }
+    let runner_path = match args.runner_bin {
+        Some(p) => p,
+        None => {
+            std::env::current_exe().context("cannot find this runner binary; pass --runner-bin")?
+        }
+    };
+    let runner = probe_runner_binary(&runner_path);
+    let bench_path = args
+        .bench
+        .clone()
+        .unwrap_or_else(|| model_dir.root.join(".runner").join(BENCH_REPORT));
+    let bench = match std::fs::read(&bench_path) {
+        Ok(bytes) => {
+            let report: Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not a runner bench report", bench_path.display()))?;
+            Some(
+                runner_package::BenchSummary::from_report(&report).with_context(|| {
+                    format!(
+                        "{}: no cold-start times in it; rerun `runner bench --cold-start`",
+                        bench_path.display()
+                    )
+                })?,
+            )
+        }
+        Err(e) if args.bench.is_some() => {
+            return Err(e).with_context(|| format!("--bench {}", bench_path.display()))
+        }
+        Err(_) => None,
+    };
+    let target = match args.target {
+        PackageTarget::Replicate => runner_package::Target::Replicate,
+        PackageTarget::Modal => runner_package::Target::Modal,
+    };
+    let request = runner_package::Request {
+        model: &model_dir,
+        signature: engine.signature(),
+        openapi_json: engine.openapi_json(),
+        target,
+        replicate_mode: match args.replicate_mode {
+            ReplicateModeArg::Image => runner_package::ReplicateMode::Image,
+            ReplicateModeArg::Predictor => runner_package::ReplicateMode::Predictor,
+        },
+        gpu: args.gpu.as_deref(),
+        name: args.name.as_deref(),
+        runner: &runner,
+        bench: bench.as_ref(),
+        base_image: args.base_image.as_deref(),
+    };
+    let plan = runner_package::plan(&request)?;
+    for warning in &plan.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format!("{}-{target}", plan.name)));
+    let entries = runner_package::write(&plan, &model_dir, &out, args.force)?;
+    let total: u64 = entries.iter().map(|e| e.bytes).sum();
+    print!("{}", plan.guidance);
+    println!(
+        "\nWrote {} files ({:.1} MB) to {}; {} lists their sha256.",
+        entries.len() + 1,
+        total as f64 / 1e6,
+        out.display(),
+        runner_package::MANIFEST
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Watches the parent process and exits once runner has been orphaned (re-parented).
+fn exit_with_parent() {
+    #[cfg(unix)]
+    {
+        let parent = std::os::unix::process::parent_id();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if std::os::unix::process::parent_id() != parent {
+                // stderr may be a pipe that died with the parent: never panic on it.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "runner: the process that started it (pid {parent}) is gone; exiting"
+                );
+                std::process::exit(1);
+            }
+        });
+    }
+}
+
+/// Where `runner bench --cold-start` keeps its last report, for `runner package`.
+const BENCH_REPORT: &str = "bench-cold-start.json";
+
+/// Runs `BIN --version` to learn whether it was built with CUDA.
+fn probe_runner_binary(path: &Path) -> runner_package::RunnerBinary {
+    let version = std::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let cuda = version.as_deref().and_then(|v| {
+        if v.contains("(cuda") {
+            Some(true)
+        } else if v.contains("cpu only") {
+            Some(false)
+        } else {
+            None
+        }
+    });
+    runner_package::RunnerBinary {
+        path: path.to_path_buf(),
+        version,
+        cuda,
     }
 }
 
@@ -658,6 +858,10 @@ fn bench_cold_start(
         BenchFormat::Table => print!("{}", bench::to_table(&report)),
         BenchFormat::Json => println!("{json}"),
     }
+    // The last report stays beside the snapshot, where `runner package` prices starts.
+    let kept = model_dir.root.join(".runner").join(BENCH_REPORT);
+    std::fs::write(&kept, format!("{json}\n"))
+        .with_context(|| format!("writing {}", kept.display()))?;
     if let Some(path) = outputs.json_out {
         std::fs::write(&path, json + "\n")
             .with_context(|| format!("writing {}", path.display()))?;

@@ -1,0 +1,1 @@
+"""runner's stand-in for Cog's package: only `python -m cog.server.http`."""
