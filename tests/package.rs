@@ -470,6 +470,31 @@ fn the_replicate_launcher_starts_a_real_runner_with_replicates_flags() {
     );
 }
 
+/// The address of the `runner serve` that a packaged predictor started for `project`,
+/// found from the process table (its command line names the project's model folder).
+fn runner_serving(project: &Path) -> String {
+    let model = project.join("model");
+    let model = model.to_str().unwrap();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a == "serve") && args.iter().any(|a| a == model) {
+            let port = args
+                .iter()
+                .position(|a| a == "--port")
+                .map(|i| args[i + 1].clone())
+                .expect("the predictor passes --port");
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    panic!("no `runner serve {model}` process is running");
+}
+
 /// coglet frees a slot a moment after it answers; a request right after may get 409.
 fn post_when_free(addr: &str, headers: &[(String, String)], body: &[u8]) -> support::Response {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -587,13 +612,7 @@ fn the_standard_cog_project_runs_under_cogs_own_server() {
     let (code, _) = json_post(&addr, r#"{"input":{"prompt":"a","delay":9}}"#);
     assert_eq!(code, 422);
     // Killing Cog's server takes the runner it started along (--exit-with-parent).
-    let log = std::fs::read_to_string(scratch.path().join("stream.log")).unwrap();
-    let runner_addr = log
-        .split("runner: ready at http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no ready line from runner in coglet's log:\n{log}"))
-        .to_string();
+    let runner_addr = runner_serving(&project);
     assert!(TcpStream::connect(&runner_addr).is_ok());
     let _ = child.kill();
     let _ = child.wait();

@@ -562,6 +562,12 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One line on stderr in a single write, so a parent that reads the pipe in chunks (Cog's
+/// server does, line by line as they arrive) sees it whole; a closed pipe is ignored.
+fn stderr_line(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 /// Watches the parent process and exits once runner has been orphaned (re-parented).
 fn exit_with_parent() {
     #[cfg(unix)]
@@ -571,10 +577,9 @@ fn exit_with_parent() {
             std::thread::sleep(Duration::from_millis(500));
             if std::os::unix::process::parent_id() != parent {
                 // stderr may be a pipe that died with the parent: never panic on it.
-                let _ = writeln!(
-                    std::io::stderr(),
+                stderr_line(&format!(
                     "runner: the process that started it (pid {parent}) is gone; exiting"
-                );
+                ));
                 std::process::exit(1);
             }
         });
@@ -706,16 +711,16 @@ async fn serve(
                     .as_ref()
                     .map(|s| format!(" ({:.1} MB at {:.2} GB/s)", s.data_bytes as f64 / 1e6, s.data_bytes as f64 / s.restore_seconds.max(1e-9) / 1e9))
                     .unwrap_or_default();
-                eprintln!(
+                stderr_line(&format!(
                     "runner: ready at {url} · model {} (candle:{}) · device {} · weights {}{restored} · ready in {:.2}s",
                     engine.model_name(),
                     engine.architecture(),
                     loaded.device,
                     loaded.weights_source,
                     started.elapsed().as_secs_f64()
-                )
+                ))
             }
-            Err(e) => eprintln!("runner: setup failed, serving SETUP_FAILED at {url}/health-check: {e}"),
+            Err(e) => stderr_line(&format!("runner: setup failed, serving SETUP_FAILED at {url}/health-check: {e}")),
         },
         _ = setup_stop.wait_for(|s| *s) => {}
     }

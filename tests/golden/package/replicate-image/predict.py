@@ -49,6 +49,7 @@ class _Runner:
                 health = {}
             status = health.get("status")
             if status in ("READY", "BUSY"):
+                print(f"predict.py: runner (pid {self.process.pid}) serves the model at {self.url}", flush=True)
                 return
             if status == "SETUP_FAILED":
                 raise RuntimeError("runner could not load the model:\n" + (health.get("setup") or {}).get("logs", ""))
