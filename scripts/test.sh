@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: fetches the MiniLM weights and Cog's own server (both cached outside
+# The test command: fetches the MiniLM and SmolLM2 weights and Cog's own server (both cached outside
 # the clone, sha256-verified) and runs every test in the workspace, end-to-end tests and
 # the conformance suite against runner and against coglet included.
 # RUNNER_SKIP_COGLET=1 skips the coglet half, RUNNER_SKIP_MODAL=1 the import of the
@@ -9,6 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 command -v cargo >/dev/null || { echo "test: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
 scripts/fetch-minilm.sh
+scripts/fetch-smollm2.sh
 if [ "${RUNNER_SKIP_COGLET:-0}" != 1 ] && [ -z "${RUNNER_COGLET_VENV:-}" ]; then
   RUNNER_COGLET_VENV="$(scripts/setup-coglet.sh)"
   export RUNNER_COGLET_VENV

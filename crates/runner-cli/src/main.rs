@@ -303,6 +303,22 @@ enum Command {
     /// Write a self-contained folder that deploys the model on Replicate (a Cog image)
     /// or Modal (with GPU memory snapshots), served by this runner binary.
     Package(PackageArgs),
+    /// Convert a Llama GGUF into a safetensors model directory (dequantized, Hugging Face
+    /// layout and names, config.json, tokenizer.json, cog.yaml) for `candle:llama`.
+    Convert {
+        /// The .gguf file.
+        #[arg(env = "RUNNER_CONVERT_INPUT")]
+        gguf: PathBuf,
+        /// The model directory to write (cog.yaml + weights/).
+        #[arg(long, env = "RUNNER_CONVERT_OUT")]
+        out: PathBuf,
+        /// The dtype of the written weights.
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"], env = "RUNNER_CONVERT_DTYPE")]
+        dtype: String,
+        /// Replace --out if it exists.
+        #[arg(long, env = "RUNNER_CONVERT_FORCE")]
+        force: bool,
+    },
     /// Print the model's OpenAPI schema, as Cog's generator writes it.
     Schema {
         /// The model directory (holding cog.yaml).
@@ -478,6 +494,30 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Package(args) => package(args),
+        Command::Convert {
+            gguf,
+            out,
+            dtype,
+            force,
+        } => {
+            if out.exists() && !force {
+                bail!(
+                    "{}: already exists; pass --force to replace it",
+                    out.display()
+                );
+            }
+            let started = Instant::now();
+            let converted =
+                runner_models::llama::convert::gguf_to_safetensors(&gguf, &out, &dtype)?;
+            eprintln!(
+                "runner: converted {} tensors ({:.1} MB of {dtype}) in {:.1}s",
+                converted.tensors,
+                converted.bytes as f64 / 1e6,
+                started.elapsed().as_secs_f64()
+            );
+            println!("{}", converted.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { dir } => {
             let engine = open_engine(&dir, DeviceSpec::Cpu, Default::default())?;
             std::io::stdout().write_all(engine.openapi_json().as_bytes())?;

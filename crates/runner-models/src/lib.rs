@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod device;
 pub mod files;
 pub mod json;
+pub mod llama;
 pub mod load;
 pub mod stream;
 pub mod tiny_mlp;
@@ -308,6 +309,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
     bert::ARCHITECTURE,
     conformance::ARCHITECTURE,
     files::ARCHITECTURE,
+    llama::ARCHITECTURE,
     stream::ARCHITECTURE,
     tiny_mlp::ARCHITECTURE,
 ];

@@ -1,0 +1,736 @@
+//! `candle:llama`: Llama-family text generation, streamed token by token.
+//!
+//! Two ways in, one generation loop:
+//! - a GGUF file in the weights folder: candle's quantized Llama, with the tokenizer and the
+//!   chat template read from the GGUF's metadata;
+//! - safetensors with `config.json`, `tokenizer.json` and (for chat) `tokenizer_config.json`
+//!   in Hugging Face's layout: candle's Llama in f32 (bf16 on CUDA). `runner convert`
+//!   writes that layout from any Llama GGUF.
+//!
+//! Generation keeps a KV cache per prediction, samples with temperature/top-k/top-p and a
+//! seed, stops at end-of-turn tokens or stop sequences, streams only whole UTF-8 text (never
+//! a stop sequence's beginning), and notices cancellation between tokens.
+
+pub mod convert;
+pub mod tokenizer;
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::llama as full;
+use candle_transformers::models::quantized_llama as quantized;
+use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
+use serde_json::{json, Map, Value};
+use tokenizers::Tokenizer;
+
+use crate::{
+    Architecture, LoadContext, LoadError, MetricMode, Model, PredictContext, PredictError,
+};
+
+pub const ARCHITECTURE: Architecture = Architecture {
+    name: "llama",
+    summary:
+        "Llama-family text generation (GGUF quantized, or safetensors), streamed token by token",
+    signature,
+    load,
+    dtype_policy: "gguf: as quantized; safetensors: f32 on cpu, bf16 on cuda",
+    example_input: |_| json!({"prompt": "Hello", "max_new_tokens": 4, "temperature": 0.0}),
+};
+
+/// The most tokens one prediction may ask for.
+pub const MAX_NEW_TOKENS: u64 = 4096;
+/// Recent tokens the repetition penalty looks at.
+const REPEAT_WINDOW: usize = 64;
+/// End-of-turn tokens of common chat formats, stopped at whenever the vocabulary has them.
+const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"];
+
+pub fn signature() -> Signature {
+    Signature {
+        inputs: vec![
+            InputField::prim("prompt", Primitive::Str)
+                .description("The user's message (with the chat template) or the text to continue (without)"),
+            InputField::prim("system_prompt", Primitive::Str)
+                .default(json!(""))
+                .description("System message for the chat template; empty keeps the model's default"),
+            InputField::prim("use_chat_template", Primitive::Bool)
+                .default(json!(true))
+                .description("Wrap the prompt in the model's chat template (ChatML for SmolLM2); false continues the raw text"),
+            InputField::prim("max_new_tokens", Primitive::Int)
+                .default(json!(256))
+                .ge(1.0)
+                .le(MAX_NEW_TOKENS as f64)
+                .description("Most tokens to generate"),
+            InputField::prim("temperature", Primitive::Float)
+                .default(json!(0.7))
+                .ge(0.0)
+                .le(5.0)
+                .description("Sampling temperature; 0 is greedy decoding"),
+            InputField::prim("top_p", Primitive::Float)
+                .default(json!(0.9))
+                .ge(0.0)
+                .le(1.0)
+                .description("Sample from the smallest set of tokens whose probability reaches top_p (1 = off)"),
+            InputField::prim("top_k", Primitive::Int)
+                .default(json!(50))
+                .ge(0.0)
+                .description("Sample from the k most likely tokens (0 = off)"),
+            InputField::prim("repetition_penalty", Primitive::Float)
+                .default(json!(1.0))
+                .ge(0.01)
+                .le(10.0)
+                .description("Penalty on tokens seen in the last 64 (1 = off)"),
+            InputField::prim("seed", Primitive::Int)
+                .optional()
+                .default(Value::Null)
+                .description("Random seed for reproducible sampling; empty picks one (logged)"),
+            InputField::list("stop", Primitive::Str)
+                .default(json!([]))
+                .description("Stop when the output contains any of these; the stop text is not returned"),
+        ],
+        output: OutputType::ConcatenateIterator(Box::new(OutputType::Prim(Primitive::Str))),
+        streaming: true,
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> LoadError {
+    LoadError::Other(e.to_string())
+}
+
+/// The loaded network, shared by predictions; each prediction gets its own KV cache.
+enum Network {
+    /// A pristine copy (empty KV caches), cloned per prediction: clones share the weights.
+    Quantized(quantized::ModelWeights),
+    Full {
+        model: Arc<full::Llama>,
+        config: full::Config,
+        dtype: DType,
+    },
+}
+
+/// One prediction's view of the network: the weights and its own KV cache.
+enum Session {
+    Quantized(quantized::ModelWeights),
+    Full {
+        model: Arc<full::Llama>,
+        cache: full::Cache,
+    },
+}
+
+impl Session {
+    /// Feeds `tokens` at `position` and returns the next token's logits (f32, on the CPU).
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        position: usize,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+        let logits = match self {
+            Session::Quantized(m) => m.forward(&input, position)?,
+            Session::Full { model, cache } => model.forward(&input, position, cache)?,
+        };
+        logits
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)
+    }
+}
+
+/// A Llama model ready to generate.
+pub struct Generator {
+    network: Network,
+    tokenizer: Tokenizer,
+    /// Token ids that end generation.
+    stop_tokens: Vec<u32>,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+    /// Prompt plus output, in tokens.
+    context: usize,
+    device: Device,
+    pub source: String,
+}
+
+impl Generator {
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn context_length(&self) -> usize {
+        self.context
+    }
+
+    fn session(&self) -> Result<Session, PredictError> {
+        Ok(match &self.network {
+            Network::Quantized(m) => Session::Quantized(m.clone()),
+            Network::Full {
+                model,
+                config,
+                dtype,
+            } => Session::Full {
+                model: Arc::clone(model),
+                cache: full::Cache::new(true, *dtype, config, &self.device)?,
+            },
+        })
+    }
+
+    /// Token ids of `text`, as the model was trained to see them (no BOS is added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PredictError> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PredictError::Failed(format!("tokenizing the prompt: {e}")))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Greedy decoding of `n` tokens after `prompt_ids`, with the first step's logits:
+    /// what the reference tests compare.
+    pub fn greedy(
+        &self,
+        prompt_ids: &[u32],
+        n: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>), PredictError> {
+        let mut session = self.session()?;
+        let mut logits = session.step(prompt_ids, 0, &self.device)?;
+        let first = logits.to_vec1::<f32>()?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            out.push(next);
+            if i + 1 < n {
+                logits = session.step(&[next], prompt_ids.len() + i, &self.device)?;
+            }
+        }
+        Ok((out, first))
+    }
+
+    /// The prompt as text: through the chat template, or as given.
+    pub fn render_prompt(
+        &self,
+        prompt: &str,
+        system: &str,
+        chat: bool,
+    ) -> Result<String, PredictError> {
+        let template = match (&self.chat_template, chat) {
+            (Some(t), true) => t,
+            _ => return Ok(prompt.to_string()),
+        };
+        let mut messages = Vec::new();
+        if !system.is_empty() {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": prompt}));
+        let mut env = minijinja::Environment::new();
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template("chat", template).map_err(|e| {
+            PredictError::Failed(format!("the model's chat template does not parse: {e}"))
+        })?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => self.bos_token.as_str(),
+                    eos_token => self.eos_token.as_str(),
+                })
+            })
+            .map_err(|e| PredictError::Failed(format!("rendering the chat template: {e}")))
+    }
+}
+
+fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Model>, LoadError> {
+    Ok(Box::new(LlamaModel(Arc::new(load_generator(
+        dir, device, ctx,
+    )?))))
+}
+
+/// Loads the model directory's GGUF, or else its safetensors.
+pub fn load_generator(
+    dir: &ModelDir,
+    device: &Device,
+    ctx: &LoadContext,
+) -> Result<Generator, LoadError> {
+    let ggufs: Vec<&PathBuf> = dir
+        .weights
+        .files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    match ggufs.as_slice() {
+        [one] => {
+            if ctx.is_restore() {
+                return Err(other("snapshots of quantized GGUF models are not supported; serve it with --snapshot off"));
+            }
+            load_gguf(one, device, ctx)
+        }
+        [] => load_safetensors(dir, device, ctx),
+        many => Err(other(format!(
+            "{} GGUF files in the weights ({}); keep one",
+            many.len(),
+            many.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Reads a GGUF's header and checks what runner's Llama needs before any tensor is read:
+/// the architecture, and that every tensor lies inside the file (a truncated download).
+pub fn open_gguf(path: &Path) -> Result<(gguf_file::Content, File), LoadError> {
+    let fail = |what: String| other(format!("{}: {what}", path.display()));
+    let mut file = File::open(path).map_err(|e| fail(format!("cannot open it ({e})")))?;
+    let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    let content = gguf_file::Content::read(&mut BufReader::new(&mut file)).map_err(|e| {
+        let e = e.to_string();
+        if e.contains("unknown dtype") {
+            fail(format!("{e}: a quantization type candle cannot read; requantize it (e.g. to Q4_K_M or Q8_0) with llama.cpp"))
+        } else {
+            fail(format!("not a readable GGUF file ({e}); it may be truncated or not a GGUF at all"))
+        }
+    })?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+        .unwrap_or("(none)");
+    if arch != "llama" {
+        return Err(fail(format!(
+            "general.architecture is `{arch}`; candle:llama serves Llama-architecture GGUFs (SmolLM, Llama, Mistral-style)"
+        )));
+    }
+    for (name, info) in &content.tensor_infos {
+        let blocks = info.shape.elem_count() / info.ggml_dtype.block_size();
+        let end = content.tensor_data_offset
+            + info.offset
+            + (blocks * info.ggml_dtype.type_size()) as u64;
+        if end > size {
+            return Err(fail(format!(
+                "truncated: tensor `{name}` ends at byte {end}, the file has {size}; download it again"
+            )));
+        }
+    }
+    Ok((content, file))
+}
+
+fn token_id(tokenizer: &Tokenizer, token: &str) -> Option<u32> {
+    tokenizer.token_to_id(token)
+}
+
+fn stop_tokens(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
+    let mut ids: Vec<u32> = declared.to_vec();
+    ids.extend(
+        END_OF_TURN_TOKENS
+            .iter()
+            .filter_map(|t| token_id(tokenizer, t)),
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generator, LoadError> {
+    let (content, mut file) = open_gguf(path)?;
+    let tokenizer =
+        tokenizer::from_gguf(&content).map_err(|e| other(format!("{}: {e}", path.display())))?;
+    let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+    let meta_str = |key: &str| {
+        content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+    };
+    let context = meta_u32("llama.context_length").unwrap_or(2048) as usize;
+    let eos = meta_u32("tokenizer.ggml.eos_token_id");
+    let bos = meta_u32("tokenizer.ggml.bos_token_id");
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let chat_template = meta_str("tokenizer.chat_template");
+    let quant = content
+        .tensor_infos
+        .get("blk.0.attn_q.weight")
+        .map(|i| format!("{:?}", i.ggml_dtype))
+        .unwrap_or_else(|| "?".into());
+    let started = Instant::now();
+    let weights = quantized::ModelWeights::from_gguf(content, &mut file, device)
+        .map_err(|e| other(format!("{}: {e}", path.display())))?;
+    ctx.log(&format!(
+        "llama: {} ({quant}) loaded in {:.2}s; context {context} tokens",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Generator {
+        network: Network::Quantized(weights),
+        stop_tokens: stop_tokens(&tokenizer, &eos.into_iter().collect::<Vec<_>>()),
+        bos_token: token_text(bos),
+        eos_token: token_text(eos),
+        tokenizer,
+        chat_template,
+        context,
+        device: device.clone(),
+        source: format!("gguf {quant}"),
+    })
+}
+
+fn load_safetensors(
+    dir: &ModelDir,
+    device: &Device,
+    ctx: &LoadContext,
+) -> Result<Generator, LoadError> {
+    let layout = &dir.weights;
+    let need = |name: &str| {
+        layout.file_named(name).map(Path::to_path_buf).ok_or_else(|| {
+            other(format!(
+                "no {name} in the weights; candle:llama needs a GGUF file, or safetensors with config.json and tokenizer.json (`runner convert` writes them from a GGUF)"
+            ))
+        })
+    };
+    need("config.json")?;
+    let tokenizer_path = need("tokenizer.json")?;
+    let (_, config): (_, full::LlamaConfig) =
+        crate::weights::read_json_config(layout, "config.json", "llama")?;
+    let context = config.max_position_embeddings;
+    let config = config.into_config(false);
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| other(format!("{}: {e}", tokenizer_path.display())))?;
+    let (chat_template, bos_token, eos_token) = match layout.file_named("tokenizer_config.json") {
+        Some(_) => {
+            let (_, v): (_, Value) =
+                crate::weights::read_json_config(layout, "tokenizer_config.json", "llama")?;
+            let text = |k: &str| match &v[k] {
+                Value::String(s) => s.clone(),
+                Value::Object(o) => o
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                _ => String::new(),
+            };
+            (
+                v["chat_template"].as_str().map(str::to_string),
+                text("bos_token"),
+                text("eos_token"),
+            )
+        }
+        None => (None, String::new(), String::new()),
+    };
+    let declared: Vec<u32> = match config.eos_token_id.clone() {
+        Some(full::LlamaEosToks::Single(id)) => vec![id],
+        Some(full::LlamaEosToks::Multiple(ids)) => ids,
+        None => Vec::new(),
+    };
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    // candle's Llama unwraps missing tensors: check every name first, for a clear error.
+    let checked = crate::weights::CheckedWeights::open(layout)?;
+    let mut expected = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !config.tie_word_embeddings {
+        expected.push("lm_head.weight".into());
+    }
+    for i in 0..config.num_hidden_layers {
+        for part in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ] {
+            expected.push(format!("model.layers.{i}.{part}.weight"));
+        }
+    }
+    if let Some(missing) = expected.iter().find(|n| checked.info(n).is_none()) {
+        return Err(other(format!(
+            "the safetensors weights have no `{missing}`, which a Llama with {} layers needs",
+            config.num_hidden_layers
+        )));
+    }
+    drop(checked);
+    let started = Instant::now();
+    let vb = ctx.var_builder(layout, dtype, device)?;
+    let model = full::Llama::load(vb, &config).map_err(other)?;
+    ctx.log(&format!(
+        "llama: safetensors ({dtype:?}) loaded in {:.2}s; context {context} tokens",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Generator {
+        network: Network::Full {
+            model: Arc::new(model),
+            config,
+            dtype,
+        },
+        stop_tokens: stop_tokens(&tokenizer, &declared),
+        tokenizer,
+        chat_template,
+        bos_token,
+        eos_token,
+        context,
+        device: device.clone(),
+        source: format!("safetensors {dtype:?}"),
+    })
+}
+
+struct LlamaModel(Arc<Generator>);
+
+/// Text that may be streamed now: whole characters only, and never the start of a stop
+/// sequence (it may complete with the next token). Returns the end of the safe text.
+fn streamable_end(text: &str, stops: &[String]) -> usize {
+    // A trailing U+FFFD is an incomplete UTF-8 sequence the next token completes.
+    let mut end = text.trim_end_matches('\u{FFFD}').len();
+    let held = stops
+        .iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .filter(move |&k| s.is_char_boundary(k))
+                .map(move |k| &s[..k])
+        })
+        .filter(|prefix| text[..end].ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    end -= held;
+    end
+}
+
+fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
+    if temperature <= 0.0 {
+        return Sampling::ArgMax;
+    }
+    match (top_k > 0, top_p < 1.0) {
+        (true, true) => Sampling::TopKThenTopP {
+            k: top_k,
+            p: top_p,
+            temperature,
+        },
+        (true, false) => Sampling::TopK {
+            k: top_k,
+            temperature,
+        },
+        (false, true) => Sampling::TopP {
+            p: top_p,
+            temperature,
+        },
+        (false, false) => Sampling::All { temperature },
+    }
+}
+
+impl Model for LlamaModel {
+    fn predict(
+        &self,
+        input: &Map<String, Value>,
+        ctx: &PredictContext,
+    ) -> Result<Value, PredictError> {
+        let g = &self.0;
+        let text = |k: &str| input.get(k).and_then(Value::as_str).unwrap_or("");
+        let number = |k: &str, d: f64| input.get(k).and_then(Value::as_f64).unwrap_or(d);
+        let chat = input
+            .get("use_chat_template")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        if chat && g.chat_template.is_none() {
+            ctx.log("llama: the model has no chat template; using the prompt as it is");
+        }
+        let prompt = g.render_prompt(text("prompt"), text("system_prompt"), chat)?;
+        let prompt_ids = g.encode(&prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(PredictError::Failed(
+                "the prompt is empty; give some text to continue".into(),
+            ));
+        }
+        if prompt_ids.len() >= g.context {
+            return Err(PredictError::Failed(format!(
+                "the prompt is {} tokens; the model's context holds {} tokens for prompt and output together; shorten the prompt",
+                prompt_ids.len(),
+                g.context
+            )));
+        }
+        let asked = number("max_new_tokens", 256.0).max(1.0) as usize;
+        let max_new = asked.min(g.context - prompt_ids.len());
+        if max_new < asked {
+            ctx.log(&format!(
+                "llama: max_new_tokens {asked} capped at {max_new}: the prompt's {} tokens leave that much of the {}-token context",
+                prompt_ids.len(),
+                g.context
+            ));
+        }
+        let seed = match input.get("seed").and_then(Value::as_u64) {
+            Some(s) => s,
+            None => {
+                let s = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                if number("temperature", 0.7) > 0.0 {
+                    ctx.log(&format!("llama: using seed {s}"));
+                }
+                s
+            }
+        };
+        let mut sampler = LogitsProcessor::from_sampling(
+            seed,
+            sampling(
+                number("temperature", 0.7),
+                number("top_k", 50.0).max(0.0) as usize,
+                number("top_p", 0.9),
+            ),
+        );
+        let penalty = number("repetition_penalty", 1.0) as f32;
+        let stops: Vec<String> = input
+            .get("stop")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        let started = Instant::now();
+        let mut session = g.session()?;
+        ctx.check_canceled()?;
+        let mut logits = session.step(&prompt_ids, 0, &g.device)?;
+        let prompt_seconds = started.elapsed().as_secs_f64();
+        let mut all_tokens = prompt_ids.clone();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut emitted = 0usize;
+        let mut first_token_at = None;
+        let mut finish = "length";
+        for i in 0..max_new {
+            ctx.check_canceled()?;
+            if penalty != 1.0 {
+                let start = all_tokens.len().saturating_sub(REPEAT_WINDOW);
+                logits = candle_transformers::utils::apply_repeat_penalty(
+                    &logits,
+                    penalty,
+                    &all_tokens[start..],
+                )?;
+            }
+            let next = sampler.sample(&logits)?;
+            first_token_at.get_or_insert_with(|| started.elapsed().as_secs_f64());
+            if g.stop_tokens.contains(&next) {
+                finish = "stop token";
+                break;
+            }
+            generated.push(next);
+            all_tokens.push(next);
+            let text = g
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(|e| PredictError::Failed(format!("decoding tokens: {e}")))?;
+            if let Some(at) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                if at > emitted {
+                    ctx.emit_output(Value::String(text[emitted..at].to_string()));
+                }
+                emitted = text.len();
+                finish = "stop sequence";
+                break;
+            }
+            let end = streamable_end(&text, &stops);
+            if end > emitted {
+                ctx.emit_output(Value::String(text[emitted..end].to_string()));
+                emitted = end;
+            }
+            if i + 1 < max_new {
+                logits = session.step(&[next], all_tokens.len() - 1, &g.device)?;
+            }
+        }
+        if finish != "stop sequence" {
+            // Whatever was held back (a partial stop sequence that never completed).
+            let text = g
+                .tokenizer
+                .decode(&generated, true)
+                .map_err(|e| PredictError::Failed(format!("decoding tokens: {e}")))?;
+            if text.len() > emitted {
+                ctx.emit_output(Value::String(text[emitted..].to_string()));
+            }
+        }
+        let total = started.elapsed().as_secs_f64();
+        let decode_seconds = (total - prompt_seconds).max(1e-9);
+        ctx.record_metric(
+            "input_token_count",
+            json!(prompt_ids.len()),
+            MetricMode::Replace,
+        );
+        ctx.record_metric(
+            "output_token_count",
+            json!(generated.len()),
+            MetricMode::Replace,
+        );
+        if let Some(t) = first_token_at {
+            ctx.record_metric("time_to_first_token", json!(t), MetricMode::Replace);
+        }
+        ctx.record_metric(
+            "tokens_per_second",
+            json!(generated.len() as f64 / decode_seconds),
+            MetricMode::Replace,
+        );
+        ctx.log(&format!(
+            "llama: {} prompt tokens in {prompt_seconds:.3}s, {} new tokens in {decode_seconds:.3}s ({}); {}",
+            prompt_ids.len(),
+            generated.len(),
+            finish,
+            g.source
+        ));
+        Ok(Value::Null)
+    }
+
+    fn warm_up(&self) -> Result<(), PredictError> {
+        let ids = self.0.encode("Hello")?;
+        self.0.greedy(&ids, 2).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_characters_and_no_stop_prefix_are_streamed() {
+        let stops = vec!["###".to_string(), "END".to_string()];
+        assert_eq!(streamable_end("hello", &stops), 5);
+        assert_eq!(streamable_end("hello #", &stops), 6);
+        assert_eq!(streamable_end("hello ##", &stops), 6);
+        assert_eq!(streamable_end("hello EN", &stops), 6);
+        assert_eq!(streamable_end("caf\u{FFFD}", &[]), 3);
+        assert_eq!(streamable_end("caf\u{FFFD}\u{FFFD}", &stops), 3);
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy() {
+        assert!(matches!(sampling(0.0, 50, 0.9), Sampling::ArgMax));
+        assert!(matches!(
+            sampling(0.7, 50, 0.9),
+            Sampling::TopKThenTopP { k: 50, .. }
+        ));
+        assert!(matches!(sampling(0.7, 0, 1.0), Sampling::All { .. }));
+    }
+}

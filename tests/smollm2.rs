@@ -1,0 +1,388 @@
+//! SmolLM2-135M-Instruct (`candle:llama`) against the reference outputs in
+//! tests/data/smollm2_reference.json (transformers 5.24 in f32 on the dequantized GGUF, and
+//! llama.cpp): the GGUF tokenizer, the quantized GGUF path, `runner convert`'s f32
+//! safetensors, and the served model (streaming, sampling, stops, cancellation, bad inputs).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use runner_models::llama::{self, Generator};
+use runner_models::LoadContext;
+use runner_spec::ModelDir;
+use serde_json::{json, Value};
+use support::{repo_root, runner, Server};
+
+const GGUF: &str = "weights/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn model_dir() -> PathBuf {
+    let dir = repo_root().join("models/smollm2-135m-instruct");
+    assert!(
+        dir.join(GGUF).is_file(),
+        "SmolLM2 weights are missing: run scripts/fetch-smollm2.sh (or scripts/test.sh, which fetches them)"
+    );
+    dir
+}
+
+fn reference() -> Value {
+    let text =
+        std::fs::read_to_string(repo_root().join("tests/data/smollm2_reference.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["model"].clone()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn generator(dir: &Path) -> Generator {
+    let model = ModelDir::open(dir).unwrap();
+    let log = |_: &str| {};
+    llama::load_generator(&model, &candle_core::Device::Cpu, &LoadContext::new(&log)).unwrap()
+}
+
+#[test]
+fn the_gguf_tokenizer_reproduces_the_reference_prompt_ids() {
+    let dir = model_dir();
+    let (content, _) = llama::open_gguf(&dir.join(GGUF)).unwrap();
+    let tokenizer = llama::tokenizer::from_gguf(&content).unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    let path = saved.path().join("tokenizer.json");
+    tokenizer.save(&path, false).unwrap();
+    // Usable as a plain tokenizer.json with the tokenizers crate.
+    let reloaded = tokenizers::Tokenizer::from_file(&path).unwrap();
+    for case in reference()["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want = ids(&case["prompt_ids"]);
+        assert_eq!(
+            tokenizer.encode(prompt, false).unwrap().get_ids(),
+            want,
+            "{prompt:?}"
+        );
+        assert_eq!(
+            reloaded.encode(prompt, false).unwrap().get_ids(),
+            want,
+            "{prompt:?}"
+        );
+    }
+    // Digits split one by one and ChatML's control tokens stay whole.
+    let e = tokenizer
+        .encode("<|im_start|>user 2018<|im_end|>", false)
+        .unwrap();
+    assert_eq!(e.get_ids()[0], 1);
+    assert_eq!(*e.get_ids().last().unwrap(), 2);
+    assert_eq!(
+        tokenizer.decode(e.get_ids(), false).unwrap(),
+        "<|im_start|>user 2018<|im_end|>"
+    );
+    let digits = tokenizer.encode("2018", false).unwrap();
+    assert_eq!(digits.get_ids().len(), 4);
+}
+
+#[test]
+fn the_quantized_gguf_path_matches_the_references() {
+    let g = generator(&model_dir());
+    let reference = reference();
+    let n = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let (got, _) = g.greedy(&ids(&case["prompt_ids"]), n).unwrap();
+        let hf = ids(&case["hf_f32_generated_ids"]);
+        if case["primary"] == true {
+            // All implementations agree on these: quantized activations must too.
+            assert_eq!(
+                got,
+                hf,
+                "{prompt:?}: {:?}",
+                g.tokenizer().decode(&got, false)
+            );
+        } else {
+            // Q8_1 activations may flip low-margin steps later; the first token holds.
+            assert_eq!(got[0], hf[0], "{prompt:?}: first token");
+            assert_eq!(
+                got[0],
+                ids(&case["llama_cpp_generated_ids"])[0],
+                "{prompt:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn converted_f32_safetensors_match_transformers_exactly() {
+    let out = tempfile::tempdir().unwrap();
+    let converted = out.path().join("smollm2-f32");
+    let (code, stdout, stderr) = runner(&[
+        "convert",
+        model_dir().join(GGUF).to_str().unwrap(),
+        "--out",
+        converted.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), converted.to_str().unwrap());
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(converted.join("weights/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["rope_theta"], json!(100000.0));
+    assert_eq!(config["rms_norm_eps"], json!(0.00001));
+    assert_eq!(config["tie_word_embeddings"], true);
+    assert_eq!(config["num_key_value_heads"], 3);
+
+    let g = generator(&converted);
+    let reference = reference();
+    let n = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let (got, first_logits) = g.greedy(&ids(&case["prompt_ids"]), n).unwrap();
+        assert_eq!(got, ids(&case["hf_f32_generated_ids"]), "{prompt:?}");
+        for (i, want) in case["hf_f32_first_step_logits_first8"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let want = want.as_f64().unwrap() as f32;
+            assert!(
+                (first_logits[i] - want).abs() <= 1e-4,
+                "{prompt:?}: logit {i}: {} vs {want}",
+                first_logits[i]
+            );
+        }
+        for pair in case["hf_f32_first_step_top5"].as_array().unwrap() {
+            let (id, want) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
+            assert!(
+                (first_logits[id] - want).abs() <= 1e-4,
+                "{prompt:?}: logit of {id}"
+            );
+        }
+    }
+    // Converting again without --force is refused.
+    let (code, _, stderr) = runner(&[
+        "convert",
+        model_dir().join(GGUF).to_str().unwrap(),
+        "--out",
+        converted.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--force"), "{stderr}");
+}
+
+fn greedy_input(prompt: &str, n: u32) -> Value {
+    json!({"prompt": prompt, "use_chat_template": false, "temperature": 0, "max_new_tokens": n})
+}
+
+#[test]
+fn the_served_model_streams_samples_stops_and_cancels() {
+    let server = Server::start(&model_dir(), &[]);
+    let reference = reference();
+    let primary = reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["primary"] == true)
+        .unwrap();
+    let prompt = primary["prompt"].as_str().unwrap();
+    let text = primary["hf_f32_generated_text"].as_str().unwrap();
+
+    // Greedy over HTTP: the reference text, with token metrics.
+    let (code, p) = server.predict(greedy_input(prompt, 20));
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["status"], "succeeded");
+    let output: String = p["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(output, text);
+    assert_eq!(p["metrics"]["output_token_count"], 20);
+    assert_eq!(p["metrics"]["input_token_count"], 4);
+    assert!(p["metrics"]["time_to_first_token"].as_f64().unwrap() > 0.0);
+    assert!(p["metrics"]["tokens_per_second"].as_f64().unwrap() > 0.0);
+
+    // The same tokens as an event stream, one output event per piece.
+    let r = support::request(
+        &server.addr,
+        "POST",
+        "/predictions",
+        &[
+            ("Content-Type".into(), "application/json".into()),
+            ("Accept".into(), "text/event-stream".into()),
+        ],
+        Some(
+            json!({"input": greedy_input(prompt, 20)})
+                .to_string()
+                .as_bytes(),
+        ),
+    );
+    let chunks: Vec<String> = r
+        .body
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("event: output\ndata: "))
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["chunk"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        chunks.len() >= 10,
+        "streamed {} pieces: {}",
+        chunks.len(),
+        r.body
+    );
+    assert_eq!(chunks.concat(), text);
+
+    // A stop sequence ends the output before it, and is not returned.
+    let mut input = greedy_input(prompt, 20);
+    input["stop"] = json!(["bear", "never"]);
+    let (_, p) = server.predict(input);
+    assert_eq!(
+        p["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect::<String>(),
+        " with a quick brown "
+    );
+
+    // Seeded sampling is reproducible; the chat template is applied by default.
+    let sampled = json!({"prompt": "Write a haiku about rivers.", "temperature": 0.9, "top_p": 0.95, "seed": 1234, "max_new_tokens": 24});
+    let (_, a) = server.predict(sampled.clone());
+    let (_, b) = server.predict(sampled);
+    assert_eq!(a["status"], "succeeded", "{a}");
+    assert_eq!(a["output"], b["output"]);
+    assert!(
+        a["metrics"]["input_token_count"].as_u64().unwrap() > 20,
+        "ChatML wraps the prompt: {a}"
+    );
+
+    // Non-ASCII output is streamed in whole characters only.
+    let (_, p) = server.predict(json!({"prompt": "Translate to Japanese: good morning, my friend! 🎉", "temperature": 0, "max_new_tokens": 32}));
+    for chunk in p["output"].as_array().unwrap() {
+        assert!(
+            !chunk.as_str().unwrap().contains('\u{FFFD}'),
+            "a broken character was streamed: {p}"
+        );
+    }
+
+    // Cancellation stops generation within a token.
+    let id = "cancel-me";
+    let addr = server.addr.clone();
+    let long = json!({"input": {"prompt": "Tell me a very long story.", "max_new_tokens": 4096, "temperature": 0.8, "seed": 1}}).to_string();
+    let handle = std::thread::spawn(move || {
+        support::http(
+            &addr,
+            "PUT",
+            &format!("/predictions/{id}"),
+            Some(&long),
+            &[("Content-Type", "application/json")],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, _) = server.post_json(&format!("/predictions/{id}/cancel"), "{}");
+    assert_eq!(code, 200);
+    let (_, body) = handle.join().unwrap();
+    let p: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(p["status"], "canceled", "{p}");
+    assert!(p["output"].as_array().map_or(0, Vec::len) < 4096);
+
+    // Out-of-range numbers are refused before generation; an over-long prompt fails clearly.
+    let (code, p) = server.predict(json!({"prompt": "hi", "max_new_tokens": 0}));
+    assert_eq!(code, 422, "{p}");
+    let (code, _) = server.predict(json!({"prompt": "hi", "max_new_tokens": 5000}));
+    assert_eq!(code, 422);
+    let (code, _) = server.predict(json!({"prompt": "hi", "temperature": -1}));
+    assert_eq!(code, 422);
+    let (_, p) = server.predict(
+        json!({"prompt": "word ".repeat(9000), "use_chat_template": false, "max_new_tokens": 4}),
+    );
+    assert_eq!(p["status"], "failed");
+    assert!(
+        p["error"]
+            .as_str()
+            .unwrap()
+            .contains("context holds 8192 tokens"),
+        "{p}"
+    );
+}
+
+/// A model directory holding `gguf` as its only weight file.
+fn model_with(gguf: &[u8]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("weights")).unwrap();
+    std::fs::write(dir.path().join("weights/model.gguf"), gguf).unwrap();
+    std::fs::copy(model_dir().join("cog.yaml"), dir.path().join("cog.yaml")).unwrap();
+    dir
+}
+
+fn run_error(dir: &Path) -> String {
+    let (code, _, stderr) = runner(&["run", dir.to_str().unwrap(), "-i", "prompt=hi"]);
+    assert_eq!(code, 1, "{stderr}");
+    stderr
+}
+
+/// A small GGUF written with candle's writer.
+fn tiny_gguf(architecture: &str) -> Vec<u8> {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let t = QTensor::quantize(
+        &candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+        candle_core::quantized::GgmlDType::F32,
+    )
+    .unwrap();
+    let arch = gguf_file::Value::String(architecture.to_string());
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(
+        &mut out,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &t)],
+    )
+    .unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn bad_gguf_files_get_clear_errors() {
+    // Truncated: the tensors run past the end of the file.
+    let real = std::fs::read(model_dir().join(GGUF)).unwrap();
+    let truncated = model_with(&real[..20 << 20]);
+    let err = run_error(truncated.path());
+    assert!(
+        err.contains("truncated: tensor") && err.contains("download it again"),
+        "{err}"
+    );
+
+    // Another architecture.
+    let gpt2 = model_with(&tiny_gguf("gpt2"));
+    let err = run_error(gpt2.path());
+    assert!(err.contains("general.architecture is `gpt2`"), "{err}");
+
+    // A quantization type candle cannot read: the tensor's dtype patched to an unknown id.
+    let mut bytes = tiny_gguf("llama");
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let dtype_at = at + 4 + 2 * 8; // n_dims (u32), two u64 dims
+    bytes[dtype_at..dtype_at + 4].copy_from_slice(&99u32.to_le_bytes());
+    let unknown = model_with(&bytes);
+    let err = run_error(unknown.path());
+    assert!(
+        err.contains("quantization type") || err.contains("unknown dtype"),
+        "{err}"
+    );
+
+    // Not a GGUF at all.
+    let garbage = model_with(b"definitely not a gguf file");
+    let err = run_error(garbage.path());
+    assert!(err.contains("not a readable GGUF file"), "{err}");
+}
