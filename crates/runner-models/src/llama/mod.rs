@@ -12,6 +12,8 @@
 //! a stop sequence's beginning), and notices cancellation between tokens.
 
 pub mod convert;
+mod fast_q4_1;
+pub mod quantized;
 pub mod tokenizer;
 
 use std::fs::File;
@@ -24,7 +26,6 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::llama as full;
-use candle_transformers::models::quantized_llama as quantized;
 use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
@@ -370,7 +371,7 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         .map(|i| format!("{:?}", i.ggml_dtype))
         .unwrap_or_else(|| "?".into());
     let started = Instant::now();
-    let weights = quantized::ModelWeights::from_gguf(content, &mut file, device)
+    let weights = quantized::ModelWeights::from_gguf(content, &mut file, device, context)
         .map_err(|e| other(format!("{}: {e}", path.display())))?;
     ctx.log(&format!(
         "llama: {} ({quant}) loaded in {:.2}s; context {context} tokens",

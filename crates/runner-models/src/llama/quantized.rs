@@ -1,0 +1,246 @@
+//! candle-transformers 0.11.1's quantized Llama (`quantized_llama.rs`, Apache-2.0/MIT),
+//! trimmed to dense Llama models, with two changes:
+//! - On the CPU, Q4_1 matrices are multiplied by [`FastQ4_1`]: candle 0.11 has no SIMD
+//!   kernel for Q4_1 and runs it with scalar code (a tenth of llama.cpp's speed on this
+//!   model). The AVX2 kernel computes each block's integer dot product with SIMD (exact)
+//!   and accumulates the floats in candle's order, so outputs are bit-identical to candle's.
+//! - The rotary tables cover the model's whole context (candle fixes them at 4096).
+
+use std::collections::HashMap;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::Embedding;
+use candle_transformers::quantized_nn::RmsNorm;
+
+use super::fast_q4_1::FastQ4_1;
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: QMatMul,
+    down: QMatMul,
+    up: QMatMul,
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(xs)?;
+        let up = self.up.forward(xs)?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    attention_norm: RmsNorm,
+    mlp: Mlp,
+    ffn_norm: RmsNorm,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    neg_inf: Tensor,
+    kv_cache: Option<(Tensor, Tensor)>,
+}
+
+impl Layer {
+    fn rotary(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let (_, _, seq_len, _) = x.dims4()?;
+        let cos = self.cos.narrow(0, index_pos, seq_len)?;
+        let sin = self.sin.narrow(0, index_pos, seq_len)?;
+        // GGUF Llama weights are permuted for the interleaved ("NORM") rotary convention.
+        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+    }
+
+    fn attention(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
+        let (b_sz, seq_len, n_embd) = x.dims3()?;
+        let q = self.wq.forward(x)?;
+        let k = self.wk.forward(x)?;
+        let v = self.wv.forward(x)?;
+        let q = q
+            .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = k
+            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = v
+            .reshape((b_sz, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.rotary(&q, index_pos)?;
+        let k = self.rotary(&k, index_pos)?;
+        let (k, v) = match &self.kv_cache {
+            Some((k_cache, v_cache)) if index_pos > 0 => (
+                Tensor::cat(&[k_cache, &k], 2)?,
+                Tensor::cat(&[v_cache, &v], 2)?,
+            ),
+            _ => (k, v),
+        };
+        self.kv_cache = Some((k.clone(), v.clone()));
+        let k = candle_transformers::utils::repeat_kv(k, self.n_head / self.n_kv_head)?;
+        let v = candle_transformers::utils::repeat_kv(v, self.n_head / self.n_kv_head)?;
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = match mask {
+            None => att,
+            Some(mask) => {
+                let mask = mask.broadcast_as(att.shape())?;
+                mask.where_cond(&self.neg_inf.broadcast_as(mask.shape().dims())?, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
+        self.wo.forward(&y)
+    }
+}
+
+/// A dense Llama from a GGUF, with its KV cache (clone it for a fresh cache: the weights
+/// are shared).
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    embeddings: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    masks: HashMap<(usize, usize), Tensor>,
+}
+
+fn rotary_tables(
+    head_dim: usize,
+    freq_base: f32,
+    positions: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let theta: Vec<_> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / freq_base.powf(i as f32 / head_dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx_theta = Tensor::arange(0, positions as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((positions, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
+
+/// A matrix for `QMatMul`: Q4_1 on the CPU goes through the AVX2 kernel.
+fn matrix(q: QTensor) -> Result<QMatMul> {
+    if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && FastQ4_1::available() {
+        let shape = q.shape().clone();
+        let data = q.data()?;
+        let fast = FastQ4_1::from_bytes(&data)?;
+        return QMatMul::from_qtensor(QTensor::new(QStorage::Cpu(Box::new(fast)), shape)?);
+    }
+    QMatMul::from_qtensor(q)
+}
+
+impl ModelWeights {
+    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        context: usize,
+    ) -> Result<Self> {
+        let md = |s: &str| match ct.metadata.get(s) {
+            None => candle_core::bail!("cannot find {s} in the GGUF metadata"),
+            Some(v) => Ok(v),
+        };
+        if md("llama.expert_count")
+            .and_then(|v| v.to_u32())
+            .unwrap_or(0)
+            > 1
+        {
+            candle_core::bail!("mixture-of-experts Llama GGUFs are not supported by candle:llama");
+        }
+        let head_count = md("llama.attention.head_count")?.to_u32()? as usize;
+        let head_count_kv = md("llama.attention.head_count_kv")?.to_u32()? as usize;
+        let block_count = md("llama.block_count")?.to_u32()? as usize;
+        let embedding_length = md("llama.embedding_length")?.to_u32()? as usize;
+        let rope_dim = md("llama.rope.dimension_count")?.to_u32()? as usize;
+        let rms_norm_eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let rope_freq_base = md("llama.rope.freq_base")
+            .and_then(|m| m.to_f32())
+            .unwrap_or(10000f32);
+        let (cos, sin) = rotary_tables(rope_dim, rope_freq_base, context, device)?;
+        let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
+
+        let embeddings_q = ct.tensor(reader, "token_embd.weight", device)?;
+        let embeddings = embeddings_q.dequantize(device)?;
+        let norm = RmsNorm::from_qtensor(
+            ct.tensor(reader, "output_norm.weight", device)?,
+            rms_norm_eps,
+        )?;
+        // Tied embeddings: no output.weight, the token embeddings project back.
+        let output = match ct.tensor(reader, "output.weight", device) {
+            Ok(t) => t,
+            Err(_) => embeddings_q,
+        };
+        let mut layers = Vec::with_capacity(block_count);
+        for i in 0..block_count {
+            let mut t = |name: &str| ct.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
+            layers.push(Layer {
+                wq: matrix(t("attn_q")?)?,
+                wk: matrix(t("attn_k")?)?,
+                wv: matrix(t("attn_v")?)?,
+                wo: matrix(t("attn_output")?)?,
+                attention_norm: RmsNorm::from_qtensor(t("attn_norm")?, rms_norm_eps)?,
+                mlp: Mlp {
+                    gate: matrix(t("ffn_gate")?)?,
+                    down: matrix(t("ffn_down")?)?,
+                    up: matrix(t("ffn_up")?)?,
+                },
+                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, rms_norm_eps)?,
+                n_head: head_count,
+                n_kv_head: head_count_kv,
+                head_dim: embedding_length / head_count,
+                cos: cos.clone(),
+                sin: sin.clone(),
+                neg_inf: neg_inf.clone(),
+                kv_cache: None,
+            });
+        }
+        Ok(Self {
+            embeddings: Embedding::new(embeddings, embedding_length),
+            layers,
+            norm,
+            output: matrix(output)?,
+            masks: HashMap::new(),
+        })
+    }
+
+    fn mask(&mut self, seq_len: usize, index_pos: usize, device: &Device) -> Result<Tensor> {
+        let key = (seq_len, index_pos + seq_len);
+        if let Some(mask) = self.masks.get(&key) {
+            return Ok(mask.clone());
+        }
+        let mask = candle_transformers::utils::build_causal_mask(seq_len, index_pos, device)?;
+        self.masks.insert(key, mask.clone());
+        Ok(mask)
+    }
+
+    /// Feeds `x` (1 × seq_len token ids) at `index_pos`; the last position's logits.
+    pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        let (_, seq_len) = x.dims2()?;
+        let mask = if seq_len == 1 {
+            None
+        } else {
+            Some(self.mask(seq_len, index_pos, x.device())?)
+        };
+        let mut h = self.embeddings.forward(x)?;
+        for layer in self.layers.iter_mut() {
+            let residual = &h;
+            let a =
+                layer.attention(&layer.attention_norm.forward(&h)?, mask.as_ref(), index_pos)?;
+            let h2 = (a + residual)?;
+            let m = layer.mlp.forward(&layer.ffn_norm.forward(&h2)?)?;
+            h = (m + h2)?;
+        }
+        let h = self.norm.forward(&h)?;
+        self.output.forward(&h.i((.., seq_len - 1, ..))?)
+    }
+}
