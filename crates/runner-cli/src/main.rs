@@ -534,6 +534,15 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
         runner_models::weights::CheckedWeights::open(&model_dir.weights)
             .with_context(|| format!("{}: the weights do not validate", args.dir.display()))?;
     }
+    for gguf in model_dir
+        .weights
+        .files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "gguf"))
+    {
+        runner_models::llama::open_gguf(gguf)
+            .with_context(|| format!("{}: the weights do not validate", args.dir.display()))?;
+    }
     let runner_path = match args.runner_bin {
         Some(p) => p,
         None => {
@@ -799,6 +808,12 @@ async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) ->
         .setup()
         .await
         .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
+    if loaded.weights_source == "gguf" {
+        bail!(
+            "candle:{} holds its GGUF weights quantized, and snapshots do not hold quantized tensors yet; serve it without one, or `runner convert` it to safetensors and snapshot that",
+            engine.architecture()
+        );
+    }
     if loaded.weights_source == "none" {
         bail!(
             "candle:{} has no weights: there is nothing to snapshot",

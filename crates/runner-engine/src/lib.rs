@@ -397,7 +397,15 @@ impl Engine {
                 let model = (self.architecture.load)(&self.dir, &device, &ctx)
                     .map_err(|e| e.to_string())?;
                 phases.push(("weights load".to_string(), t.elapsed()));
-                let source = if self.dir.weights.safetensors.is_empty()
+                let gguf = self
+                    .dir
+                    .weights
+                    .files
+                    .iter()
+                    .any(|f| f.extension().is_some_and(|e| e == "gguf"));
+                let source = if gguf {
+                    "gguf"
+                } else if self.dir.weights.safetensors.is_empty()
                     && self.dir.weights.safetensors_index.is_none()
                 {
                     "none"
@@ -591,6 +599,13 @@ impl Engine {
             .weights
             .safetensors
             .iter()
+            .chain(
+                self.dir
+                    .weights
+                    .files
+                    .iter()
+                    .filter(|f| f.extension().is_some_and(|e| e == "gguf")),
+            )
             .filter_map(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
             .sum()

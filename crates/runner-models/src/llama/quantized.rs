@@ -45,10 +45,48 @@ struct Layer {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
-    kv_cache: Option<(Tensor, Tensor)>,
+    /// K and V of the positions seen so far, in buffers with room to grow (so a token
+    /// appends in place instead of copying the whole cache), and how many are filled.
+    kv_cache: Option<(Tensor, Tensor, usize)>,
 }
 
 impl Layer {
+    /// Appends this step's K and V at `index_pos` and returns views of the whole cache.
+    fn append_to_cache(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        index_pos: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, heads, seq_len, d) = k.dims4()?;
+        let filled = match &self.kv_cache {
+            Some((_, _, filled)) if index_pos > 0 => *filled,
+            _ => 0,
+        };
+        let needed = filled + seq_len;
+        let capacity = self
+            .kv_cache
+            .as_ref()
+            .map_or(0, |(kb, _, _)| kb.dim(2).unwrap_or(0));
+        if filled == 0 || needed > capacity {
+            let new_capacity = needed.max(capacity * 2).max(256);
+            let kb = Tensor::zeros((b, heads, new_capacity, d), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, heads, new_capacity, d), v.dtype(), v.device())?;
+            if filled > 0 {
+                let (ok, ov, _) = self.kv_cache.as_ref().expect("a filled cache");
+                kb.slice_set(&ok.narrow(2, 0, filled)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&ov.narrow(2, 0, filled)?.contiguous()?, 2, 0)?;
+            }
+            self.kv_cache = Some((kb, vb, filled));
+        }
+        let (kb, vb, _) = self.kv_cache.take().expect("a cache");
+        kb.slice_set(&k.contiguous()?, 2, filled)?;
+        vb.slice_set(&v.contiguous()?, 2, filled)?;
+        let views = (kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?);
+        self.kv_cache = Some((kb, vb, needed));
+        Ok(views)
+    }
+
     fn rotary(&self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
         let (_, _, seq_len, _) = x.dims4()?;
         let cos = self.cos.narrow(0, index_pos, seq_len)?;
@@ -74,26 +112,31 @@ impl Layer {
             .contiguous()?;
         let q = self.rotary(&q, index_pos)?;
         let k = self.rotary(&k, index_pos)?;
-        let (k, v) = match &self.kv_cache {
-            Some((k_cache, v_cache)) if index_pos > 0 => (
-                Tensor::cat(&[k_cache, &k], 2)?,
-                Tensor::cat(&[v_cache, &v], 2)?,
-            ),
-            _ => (k, v),
+        let (k, v) = self.append_to_cache(&k, &v, index_pos)?;
+        let n_rep = self.n_head / self.n_kv_head;
+        let scale = (self.head_dim as f64).sqrt();
+        let y = if seq_len == 1 {
+            // Decoding: each KV head's query heads as rows of one matrix, so K and V are
+            // read in place instead of repeated per query head.
+            let q = q.reshape((b_sz, self.n_kv_head, n_rep, self.head_dim))?;
+            let att = (q.matmul(&k.t()?)? / scale)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            att.matmul(&v)?
+                .reshape((b_sz, self.n_head, 1, self.head_dim))?
+        } else {
+            let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
+            let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
+            let att = (q.matmul(&k.t()?)? / scale)?;
+            let att = match mask {
+                None => att,
+                Some(mask) => {
+                    let mask = mask.broadcast_as(att.shape())?;
+                    mask.where_cond(&self.neg_inf.broadcast_as(mask.shape().dims())?, &att)?
+                }
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            att.matmul(&v.contiguous()?)?
         };
-        self.kv_cache = Some((k.clone(), v.clone()));
-        let k = candle_transformers::utils::repeat_kv(k, self.n_head / self.n_kv_head)?;
-        let v = candle_transformers::utils::repeat_kv(v, self.n_head / self.n_kv_head)?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = match mask {
-            None => att,
-            Some(mask) => {
-                let mask = mask.broadcast_as(att.shape())?;
-                mask.where_cond(&self.neg_inf.broadcast_as(mask.shape().dims())?, &att)?
-            }
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape(&[b_sz, seq_len, n_embd])?;
         self.wo.forward(&y)
     }
