@@ -15,26 +15,101 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::fast_q4_1::FastQ4_1;
 
+/// Projections that read the same input, as one matrix whose output is split: one
+/// multiplication (and one quantization of the input) instead of several per layer.
+#[derive(Debug, Clone)]
+struct Fused {
+    matrix: QMatMul,
+    /// Output columns of each projection, in order.
+    widths: Vec<usize>,
+}
+
+impl Fused {
+    /// Concatenates the rows of same-typed quantized matrices (row-major blocks, so the
+    /// bytes simply follow each other); each output is the same dot product as before.
+    fn new(parts: &[QTensor], device: &Device) -> Result<Self> {
+        let dtype = parts[0].dtype();
+        let (_, k) = parts[0].shape().dims2()?;
+        let mut widths = Vec::with_capacity(parts.len());
+        let mut bytes = Vec::new();
+        for p in parts {
+            widths.push(p.shape().dims2()?.0);
+            bytes.extend_from_slice(&p.data()?);
+        }
+        let rows: usize = widths.iter().sum();
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
+        Ok(Self {
+            matrix: matrix(QTensor::new(storage, (rows, k))?)?,
+            widths,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        let all = self.matrix.forward(xs)?;
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(self.widths.len());
+        for &w in &self.widths {
+            outs.push(all.narrow(candle_core::D::Minus1, start, w)?.contiguous()?);
+            start += w;
+        }
+        Ok(outs)
+    }
+}
+
+/// Separate projections, or one fused matrix when their types allow it.
+#[derive(Debug, Clone)]
+enum Projections {
+    Fused(Fused),
+    Separate(Vec<QMatMul>),
+}
+
+impl Projections {
+    fn new(parts: Vec<QTensor>, device: &Device) -> Result<Self> {
+        // Only Q4_1 on the CPU, where runner's own kernel computes every output the same
+        // way whatever the width. candle picks kernels (and so float order) by shape for
+        // other types, so fusing them would change results; CUDA is unmeasured.
+        let k = |p: &QTensor| p.shape().dims2().map(|(_, k)| k).ok();
+        let fusable = device.is_cpu()
+            && FastQ4_1::available()
+            && parts[0].dtype() == GgmlDType::Q4_1
+            && parts
+                .iter()
+                .all(|p| p.dtype() == parts[0].dtype() && k(p).is_some() && k(p) == k(&parts[0]));
+        if fusable {
+            return Ok(Self::Fused(Fused::new(&parts, device)?));
+        }
+        Ok(Self::Separate(
+            parts.into_iter().map(matrix).collect::<Result<_>>()?,
+        ))
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused(f) => f.forward(xs),
+            Self::Separate(ms) => ms.iter().map(|m| m.forward(xs)).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate: QMatMul,
+    /// gate, up
+    gate_up: Projections,
     down: QMatMul,
-    up: QMatMul,
 }
 
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(xs)?;
-        let up = self.up.forward(xs)?;
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gate_up = self.gate_up.forward(xs)?;
+        self.down
+            .forward(&(candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    /// q, k, v
+    qkv: Projections,
     wo: QMatMul,
     attention_norm: RmsNorm,
     mlp: Mlp,
@@ -97,9 +172,11 @@ impl Layer {
 
     fn attention(&mut self, x: &Tensor, mask: Option<&Tensor>, index_pos: usize) -> Result<Tensor> {
         let (b_sz, seq_len, n_embd) = x.dims3()?;
-        let q = self.wq.forward(x)?;
-        let k = self.wk.forward(x)?;
-        let v = self.wv.forward(x)?;
+        let mut qkv = self.qkv.forward(x)?.into_iter();
+        let (q, k, v) = match (qkv.next(), qkv.next(), qkv.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => candle_core::bail!("q, k and v projections expected"),
+        };
         let q = q
             .reshape((b_sz, seq_len, self.n_head, self.head_dim))?
             .transpose(1, 2)?;
@@ -227,15 +304,12 @@ impl ModelWeights {
         for i in 0..block_count {
             let mut t = |name: &str| ct.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
             layers.push(Layer {
-                wq: matrix(t("attn_q")?)?,
-                wk: matrix(t("attn_k")?)?,
-                wv: matrix(t("attn_v")?)?,
+                qkv: Projections::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], device)?,
                 wo: matrix(t("attn_output")?)?,
                 attention_norm: RmsNorm::from_qtensor(t("attn_norm")?, rms_norm_eps)?,
                 mlp: Mlp {
-                    gate: matrix(t("ffn_gate")?)?,
+                    gate_up: Projections::new(vec![t("ffn_gate")?, t("ffn_up")?], device)?,
                     down: matrix(t("ffn_down")?)?,
-                    up: matrix(t("ffn_up")?)?,
                 },
                 ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, rms_norm_eps)?,
                 n_head: head_count,
@@ -285,5 +359,58 @@ impl ModelWeights {
         }
         let h = self.norm.forward(&h)?;
         self.output.forward(&h.i((.., seq_len - 1, ..))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fused_projections_equal_separate_ones() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 64), &dev).unwrap();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let k = if dtype == GgmlDType::Q4K { 256 } else { 64 };
+            let x = if k == 64 {
+                x.clone()
+            } else {
+                Tensor::randn(0f32, 1.0, (3, k), &dev).unwrap()
+            };
+            let weights: Vec<Tensor> = [8usize, 4, 4]
+                .iter()
+                .map(|&n| Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap())
+                .collect();
+            let quantized = || -> Vec<QTensor> {
+                weights
+                    .iter()
+                    .map(|w| QTensor::quantize(w, dtype).unwrap())
+                    .collect()
+            };
+            let fused = Projections::new(quantized(), &dev).unwrap();
+            // Only Q4_1 is fused (runner's kernel); other types keep candle's own kernels.
+            assert_eq!(
+                matches!(fused, Projections::Fused(_)),
+                dtype == GgmlDType::Q4_1
+            );
+            let separate = Projections::Separate(
+                quantized()
+                    .into_iter()
+                    .map(|q| matrix(q).unwrap())
+                    .collect(),
+            );
+            for (a, b) in fused
+                .forward(&x)
+                .unwrap()
+                .iter()
+                .zip(separate.forward(&x).unwrap())
+            {
+                assert_eq!(
+                    a.to_vec2::<f32>().unwrap(),
+                    b.to_vec2::<f32>().unwrap(),
+                    "{dtype:?}"
+                );
+            }
+        }
     }
 }
