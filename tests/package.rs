@@ -519,6 +519,22 @@ fn json_post(addr: &str, body: &str) -> (u16, Value) {
     )
 }
 
+/// Packages `models/NAME` as a standard Cog project (predictor mode) at `project`.
+fn predictor_project(name: &str, project: &Path, fake_runner: &Path) {
+    package_ok(
+        &repo_root().join("models").join(name),
+        project,
+        &[
+            "--target",
+            "replicate",
+            "--replicate-mode",
+            "predictor",
+            "--runner-bin",
+            fake_runner.to_str().unwrap(),
+        ],
+    );
+}
+
 /// Runs the package's predictor under Cog's own server, as `cog build` would set it up.
 fn start_coglet(venv: &Path, project: &Path, log: &Path) -> (std::process::Child, String) {
     std::fs::create_dir_all(project.join(".cog")).unwrap();
@@ -562,18 +578,7 @@ fn the_standard_cog_project_runs_under_cogs_own_server() {
 
     // Streaming text: chunks arrive through coglet's event stream as runner makes them.
     let project = scratch.path().join("stream");
-    package_ok(
-        &repo_root().join("models/stream"),
-        &project,
-        &[
-            "--target",
-            "replicate",
-            "--replicate-mode",
-            "predictor",
-            "--runner-bin",
-            fake.to_str().unwrap(),
-        ],
-    );
+    predictor_project("stream", &project, &fake);
     let (mut child, addr) = start_coglet(&venv, &project, &scratch.path().join("stream.log"));
     let (code, p) = json_post(&addr, r#"{"input":{"prompt":"one two three"}}"#);
     assert_eq!(code, 200, "{p}");
@@ -628,18 +633,7 @@ fn the_standard_cog_project_runs_under_cogs_own_server() {
     // Every input kind (secrets, optionals, lists, choices) and an object output: the same
     // answer through Cog's server as from runner directly.
     let project = scratch.path().join("conformance");
-    package_ok(
-        &repo_root().join("models/conformance"),
-        &project,
-        &[
-            "--target",
-            "replicate",
-            "--replicate-mode",
-            "predictor",
-            "--runner-bin",
-            fake.to_str().unwrap(),
-        ],
-    );
+    predictor_project("conformance", &project, &fake);
     let (mut child, addr) = start_coglet(&venv, &project, &scratch.path().join("conformance.log"));
     let input = r#"{"input":{"text":"hi","count":2,"ratio":0.25,"color":"blue","size":3,"api_key":"s3cret","note":"n","tags":["x"]}}"#;
     let (code, through_cog) = json_post(&addr, input);
@@ -655,18 +649,7 @@ fn the_standard_cog_project_runs_under_cogs_own_server() {
 
     // Files both ways: a data URI in, files out, through Cog's Path handling.
     let project = scratch.path().join("files");
-    package_ok(
-        &repo_root().join("models/files"),
-        &project,
-        &[
-            "--target",
-            "replicate",
-            "--replicate-mode",
-            "predictor",
-            "--runner-bin",
-            fake.to_str().unwrap(),
-        ],
-    );
+    predictor_project("files", &project, &fake);
     let (mut child, addr) = start_coglet(&venv, &project, &scratch.path().join("files.log"));
     let (code, p) = json_post(
         &addr,

@@ -534,12 +534,7 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
         runner_models::weights::CheckedWeights::open(&model_dir.weights)
             .with_context(|| format!("{}: the weights do not validate", args.dir.display()))?;
     }
-    for gguf in model_dir
-        .weights
-        .files
-        .iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "gguf"))
-    {
+    for gguf in &model_dir.weights.gguf {
         runner_models::llama::open_gguf(gguf)
             .with_context(|| format!("{}: the weights do not validate", args.dir.display()))?;
     }

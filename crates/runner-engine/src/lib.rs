@@ -397,13 +397,7 @@ impl Engine {
                 let model = (self.architecture.load)(&self.dir, &device, &ctx)
                     .map_err(|e| e.to_string())?;
                 phases.push(("weights load".to_string(), t.elapsed()));
-                let gguf = self
-                    .dir
-                    .weights
-                    .files
-                    .iter()
-                    .any(|f| f.extension().is_some_and(|e| e == "gguf"));
-                let source = if gguf {
+                let source = if !self.dir.weights.gguf.is_empty() {
                     "gguf"
                 } else if self.dir.weights.safetensors.is_empty()
                     && self.dir.weights.safetensors_index.is_none()
@@ -599,13 +593,7 @@ impl Engine {
             .weights
             .safetensors
             .iter()
-            .chain(
-                self.dir
-                    .weights
-                    .files
-                    .iter()
-                    .filter(|f| f.extension().is_some_and(|e| e == "gguf")),
-            )
+            .chain(&self.dir.weights.gguf)
             .filter_map(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
             .sum()

@@ -375,6 +375,7 @@ mod tests {
             safetensors: files.clone(),
             files,
             safetensors_index: None,
+            gguf: vec![],
         }
     }
 
@@ -458,6 +459,7 @@ mod tests {
             files: vec![],
             safetensors: vec![],
             safetensors_index: Some(index.clone()),
+            gguf: vec![],
         };
         let e = CheckedWeights::open(&layout).err().unwrap().to_string();
         assert!(e.contains("b.safetensors") && e.contains("missing"), "{e}");

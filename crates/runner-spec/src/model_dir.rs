@@ -25,6 +25,8 @@ pub struct WeightsLayout {
     pub safetensors_index: Option<PathBuf>,
     /// The `.safetensors` files, sorted.
     pub safetensors: Vec<PathBuf>,
+    /// The `.gguf` files, sorted.
+    pub gguf: Vec<PathBuf>,
 }
 
 impl WeightsLayout {
@@ -177,15 +179,20 @@ fn resolve_weights(root: &Path, config: &CogConfig) -> Result<WeightsLayout, Con
                 .is_some_and(|n| n.to_string_lossy().ends_with(".safetensors.index.json"))
         })
         .cloned();
-    let safetensors = files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .cloned()
-        .collect();
+    let with_extension = |ext: &str| -> Vec<PathBuf> {
+        files
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == ext))
+            .cloned()
+            .collect()
+    };
+    let safetensors = with_extension("safetensors");
+    let gguf = with_extension("gguf");
     Ok(WeightsLayout {
         files,
         safetensors_index,
         safetensors,
+        gguf,
     })
 }
 

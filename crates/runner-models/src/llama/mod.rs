@@ -18,7 +18,7 @@ pub mod tokenizer;
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -265,13 +265,7 @@ pub fn load_generator(
     device: &Device,
     ctx: &LoadContext,
 ) -> Result<Generator, LoadError> {
-    let ggufs: Vec<&PathBuf> = dir
-        .weights
-        .files
-        .iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
-        .collect();
-    match ggufs.as_slice() {
+    match dir.weights.gguf.as_slice() {
         [one] => {
             if ctx.is_restore() {
                 return Err(other("snapshots of quantized GGUF models are not supported; serve it with --snapshot off"));
@@ -329,16 +323,12 @@ pub fn open_gguf(path: &Path) -> Result<(gguf_file::Content, File), LoadError> {
     Ok((content, file))
 }
 
-fn token_id(tokenizer: &Tokenizer, token: &str) -> Option<u32> {
-    tokenizer.token_to_id(token)
-}
-
 fn stop_tokens(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
     let mut ids: Vec<u32> = declared.to_vec();
     ids.extend(
         END_OF_TURN_TOKENS
             .iter()
-            .filter_map(|t| token_id(tokenizer, t)),
+            .filter_map(|t| tokenizer.token_to_id(t)),
     );
     ids.sort_unstable();
     ids.dedup();
@@ -621,7 +611,10 @@ impl Model for LlamaModel {
         let mut logits = session.step(&prompt_ids, 0, &g.device)?;
         let prompt_seconds = started.elapsed().as_secs_f64();
         let mut all_tokens = prompt_ids.clone();
-        let mut generated: Vec<u32> = Vec::new();
+        // Tokens since the last point where all decoded text was streamed; only they are
+        // decoded at each step (decoding everything each token is quadratic in the output).
+        let mut pending: Vec<u32> = Vec::new();
+        let mut generated = 0usize;
         let mut emitted = 0usize;
         let mut first_token_at = None;
         let mut finish = "length";
@@ -641,11 +634,12 @@ impl Model for LlamaModel {
                 finish = "stop token";
                 break;
             }
-            generated.push(next);
+            generated += 1;
+            pending.push(next);
             all_tokens.push(next);
             let text = g
                 .tokenizer
-                .decode(&generated, true)
+                .decode(&pending, true)
                 .map_err(|e| PredictError::Failed(format!("decoding tokens: {e}")))?;
             if let Some(at) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
                 if at > emitted {
@@ -660,6 +654,12 @@ impl Model for LlamaModel {
                 ctx.emit_output(Value::String(text[emitted..end].to_string()));
                 emitted = end;
             }
+            if emitted == text.len() {
+                // Nothing held back: the next token starts on a character boundary and no
+                // stop sequence can have begun.
+                pending.clear();
+                emitted = 0;
+            }
             if i + 1 < max_new {
                 logits = session.step(&[next], all_tokens.len() - 1, &g.device)?;
             }
@@ -668,7 +668,7 @@ impl Model for LlamaModel {
             // Whatever was held back (a partial stop sequence that never completed).
             let text = g
                 .tokenizer
-                .decode(&generated, true)
+                .decode(&pending, true)
                 .map_err(|e| PredictError::Failed(format!("decoding tokens: {e}")))?;
             if text.len() > emitted {
                 ctx.emit_output(Value::String(text[emitted..].to_string()));
@@ -681,23 +681,19 @@ impl Model for LlamaModel {
             json!(prompt_ids.len()),
             MetricMode::Replace,
         );
-        ctx.record_metric(
-            "output_token_count",
-            json!(generated.len()),
-            MetricMode::Replace,
-        );
+        ctx.record_metric("output_token_count", json!(generated), MetricMode::Replace);
         if let Some(t) = first_token_at {
             ctx.record_metric("time_to_first_token", json!(t), MetricMode::Replace);
         }
         ctx.record_metric(
             "tokens_per_second",
-            json!(generated.len() as f64 / decode_seconds),
+            json!(generated as f64 / decode_seconds),
             MetricMode::Replace,
         );
         ctx.log(&format!(
             "llama: {} prompt tokens in {prompt_seconds:.3}s, {} new tokens in {decode_seconds:.3}s ({}); {}",
             prompt_ids.len(),
-            generated.len(),
+            generated,
             finish,
             g.source
         ));
