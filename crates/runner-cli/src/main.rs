@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use runner_engine::{
-    new_prediction_id, Engine, EngineOptions, FileConfig, PredictionStatus, Rejection,
-    SnapshotMode, SnapshotOptions, StreamEvent,
+    new_prediction_id, BatchOptions, Engine, EngineOptions, FileConfig, PredictionStatus,
+    Rejection, SnapshotMode, SnapshotOptions, StreamEvent,
 };
 use runner_models::DeviceSpec;
 use runner_server::{Server, ServerOptions, WebhookConfig};
@@ -88,6 +88,16 @@ struct ServingArgs {
     /// 409 at once, as Cog does.
     #[arg(long, default_value_t = 0, env = "RUNNER_MAX_QUEUE")]
     max_queue: usize,
+    /// Dynamic batching: concurrent predictions run together as one forward pass, up to this
+    /// many, for architectures that allow it (candle:bert). 1 turns it off. Prediction slots
+    /// grow to at least this many so that a batch can fill.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024), env = "RUNNER_MAX_BATCH_SIZE")]
+    max_batch_size: u32,
+    /// Dynamic batching: the longest a prediction waits for others to join its batch, in
+    /// milliseconds. Only spent while more predictions are on their way; a lone client
+    /// never waits.
+    #[arg(long, default_value_t = 2.0, env = "RUNNER_MAX_BATCH_WAIT_MS")]
+    max_batch_wait_ms: f64,
     /// Upload file outputs with PUT to this URL prefix instead of returning data URIs.
     #[arg(long, env = "RUNNER_UPLOAD_URL")]
     upload_url: Option<String>,
@@ -686,9 +696,20 @@ async fn serve(
             bail!("--upload-url {url}: expected an http:// or https:// URL prefix");
         }
     }
+    let max_batch_wait =
+        Duration::try_from_secs_f64(serving.max_batch_wait_ms / 1000.0).map_err(|_| {
+            anyhow::anyhow!(
+                "--max-batch-wait-ms {}: expected a number of milliseconds, 0 or more",
+                serving.max_batch_wait_ms
+            )
+        })?;
     let options = EngineOptions {
         concurrency,
         max_queue: serving.max_queue,
+        batching: BatchOptions {
+            max_batch_size: serving.max_batch_size as usize,
+            max_wait: max_batch_wait,
+        },
         files: FileConfig {
             upload_url: serving.upload_url.clone(),
             max_input_bytes: serving.max_input_file_bytes,
@@ -698,6 +719,13 @@ async fn serve(
         record_for_snapshot: false,
     };
     let engine = open_engine(dir, device, options)?;
+    if serving.max_batch_size > 1 && engine.batching().is_none() {
+        tracing::warn!(
+            "--max-batch-size {}: candle:{} does not batch predictions; serving them one by one",
+            serving.max_batch_size,
+            engine.architecture()
+        );
+    }
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| {
@@ -755,8 +783,12 @@ async fn serve(
                     .as_ref()
                     .map(|s| format!(" ({:.1} MB at {:.2} GB/s)", s.data_bytes as f64 / 1e6, s.data_bytes as f64 / s.restore_seconds.max(1e-9) / 1e9))
                     .unwrap_or_default();
+                let batching = engine
+                    .batching()
+                    .map(|b| format!(" · batches of up to {} ({} ms wait)", b.max_batch_size, b.max_wait.as_secs_f64() * 1000.0))
+                    .unwrap_or_default();
                 stderr_line(&format!(
-                    "runner: ready at {url} · model {} (candle:{}) · device {} · weights {}{restored} · ready in {:.2}s",
+                    "runner: ready at {url} · model {} (candle:{}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
                     engine.model_name(),
                     engine.architecture(),
                     loaded.device,

@@ -20,10 +20,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod batcher;
 pub mod files;
 pub mod metrics;
 pub mod prediction;
 
+pub use batcher::BatchOptions;
 pub use files::FileConfig;
 pub use prediction::{PredictionStatus, Running, StreamEvent, Subscription};
 
@@ -86,6 +88,8 @@ pub struct EngineOptions {
     pub concurrency: Option<u32>,
     /// Predictions that may wait for a slot; 0 answers "at capacity" at once, as Cog does.
     pub max_queue: usize,
+    /// Dynamic batching, for architectures that allow it (ignored by the others).
+    pub batching: BatchOptions,
     pub files: FileConfig,
     pub snapshot: SnapshotOptions,
     /// Keep the tensors the model takes at load, for [`Engine::write_snapshot`].
@@ -147,6 +151,11 @@ pub struct Engine {
     total_slots: usize,
     max_queue: usize,
     queued: AtomicUsize,
+    /// Predictions accepted and not yet finished (the batcher's hint that more are coming).
+    accepted: Arc<AtomicUsize>,
+    /// In effect only when the architecture allows batching and the batch size is over 1.
+    batching: Option<BatchOptions>,
+    batcher: OnceLock<batcher::Batcher>,
     files: FileConfig,
     http: OnceLock<reqwest::Client>,
     state: Mutex<State>,
@@ -183,6 +192,16 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// Hands the heap memory that loading used and freed (file buffers, JSON parsing,
+/// conversions) back to the system, so resident memory after setup is the model's own.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's heap; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Frees a queue place when a queued prediction gets its slot or gives up.
 struct QueuePlace<'a>(&'a AtomicUsize);
 impl Drop for QueuePlace<'_> {
@@ -205,11 +224,15 @@ impl Engine {
         let file_outputs = files::has_file_outputs(&signature.output);
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
         let openapi_json = openapi::to_cog_json(&openapi::document(&signature));
-        let total_slots = options
+        let batching = (architecture.batching && options.batching.max_batch_size > 1)
+            .then_some(options.batching);
+        let concurrency = options
             .concurrency
             .or(dir.config.concurrency_max)
             .unwrap_or(1)
             .max(1) as usize;
+        // A batch can only gather predictions that hold a slot.
+        let total_slots = concurrency.max(batching.map_or(1, |b| b.max_batch_size));
         Ok(Arc::new(Engine {
             dir,
             architecture,
@@ -221,6 +244,9 @@ impl Engine {
             total_slots,
             max_queue: options.max_queue,
             queued: AtomicUsize::new(0),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            batching,
+            batcher: OnceLock::new(),
             files: options.files,
             http: OnceLock::new(),
             state: Mutex::new(State {
@@ -267,6 +293,10 @@ impl Engine {
     }
     pub fn total_slots(&self) -> usize {
         self.total_slots
+    }
+    /// Dynamic batching, when in effect for this model.
+    pub fn batching(&self) -> Option<BatchOptions> {
+        self.batching
     }
     pub fn max_queue(&self) -> usize {
         self.max_queue
@@ -344,7 +374,17 @@ impl Engine {
                     loaded.setup_time.as_secs_f64()
                 ));
                 state.setup.status = SetupStatus::Succeeded;
-                let _ = self.model.set(Arc::from(model));
+                let model: Arc<dyn Model> = Arc::from(model);
+                if let Some(options) = self.batching {
+                    let _ = self.batcher.get_or_init(|| {
+                        batcher::Batcher::start(
+                            Arc::clone(&model),
+                            options,
+                            Arc::clone(&self.accepted),
+                        )
+                    });
+                }
+                let _ = self.model.set(model);
                 let _ = self.loaded.set(loaded.clone());
                 state.health_before_ready = Health::Ready;
                 Ok(loaded)
@@ -415,6 +455,7 @@ impl Engine {
             .map_err(|e| format!("warm-up prediction failed: {e}"))?;
         phases.push(("warm-up".to_string(), warm.elapsed()));
         self.setup_log(&format!("warm-up in {:.3}s", warm.elapsed().as_secs_f64()));
+        release_freed_heap();
         let _ = self.device.set(device);
         Ok((
             model,
@@ -632,6 +673,7 @@ impl Engine {
         };
         let running = Running::new(id.clone(), Value::Object(input.clone()));
         registry.insert(id, Arc::clone(&running));
+        self.accepted.fetch_add(1, Ordering::SeqCst);
         drop(registry);
         let engine = Arc::clone(self);
         let task_running = Arc::clone(&running);
@@ -699,6 +741,7 @@ impl Engine {
                 running.finish(PredictionStatus::Canceled, None, None)
             }
         }
+        self.accepted.fetch_sub(1, Ordering::SeqCst);
         self.metrics
             .finished(running.status(), running.predict_time());
         self.idle.notify_waiters();
@@ -754,9 +797,16 @@ impl Engine {
         }
         let worker_ctx = ctx.clone();
         let model_input = std::mem::take(input);
-        let result = tokio::task::spawn_blocking(move || model.predict(&model_input, &worker_ctx))
-            .await
-            .unwrap_or_else(|e| Err(PredictError::Failed(format!("the model panicked: {e}"))));
+        let result = match self.batcher.get() {
+            // A canceled caller leaves at once; its place in a running batch is discarded.
+            Some(batcher) => tokio::select! {
+                r = batcher.run(model_input, worker_ctx) => r,
+                _ = running.canceled() => Err(PredictError::Canceled),
+            },
+            None => tokio::task::spawn_blocking(move || model.predict(&model_input, &worker_ctx))
+                .await
+                .unwrap_or_else(|e| Err(PredictError::Failed(format!("the model panicked: {e}")))),
+        };
         let output = match result {
             Ok(v) => v,
             Err(PredictError::Canceled) => return Outcome::Canceled,

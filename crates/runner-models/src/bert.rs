@@ -6,16 +6,17 @@
 //! reads `sentence_bert_config.json` (max sequence length) and `1_Pooling/config.json` when
 //! present. Tested against sentence-transformers' vectors for all-MiniLM-L6-v2.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertModel, Config};
 use runner_spec::{FieldType, InputField, ModelDir, OutputType, Primitive, Signature};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::weights::{read_json_config, CheckedWeights, WeightsError};
 use crate::{
-    json as fjson, Architecture, LoadContext, LoadError, Model, PredictContext, PredictError,
+    json as fjson, Architecture, BatchItem, LoadContext, LoadError, Model, PredictContext,
+    PredictError,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -25,6 +26,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
     dtype_policy: "f32",
     example_input: |_| serde_json::json!({"text": "runner warms up"}),
+    batching: true,
 };
 
 /// Texts per forward pass: bounds memory for long lists.
@@ -74,6 +76,7 @@ pub struct Bert {
     model: BertModel,
     tokenizer: Tokenizer,
     pooling: Pooling,
+    pad_id: u32,
     device: Device,
 }
 
@@ -110,11 +113,8 @@ fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Mo
             ..Default::default()
         }))
         .map_err(|e| LoadError::Other(format!("tokenizer truncation: {e}")))?;
-    tokenizer.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::BatchLongest,
-        pad_id: config.pad_token_id as u32,
-        ..Default::default()
-    }));
+    // Padding is done per forward pass in `embed_pooled`, to that group's longest text.
+    tokenizer.with_padding(None);
 
     let pooling = pooling_of(dir)?;
     if !ctx.is_restore() {
@@ -139,6 +139,7 @@ fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Mo
         model,
         tokenizer,
         pooling,
+        pad_id: config.pad_token_id as u32,
         device: device.clone(),
     }))
 }
@@ -175,21 +176,44 @@ fn pooling_of(dir: &ModelDir) -> Result<Pooling, LoadError> {
 }
 
 impl Bert {
-    /// Embeds texts; one vector per text, in order.
+    /// Embeds texts; one vector per text, in order. Texts are tokenized one by one, sorted
+    /// by length and run `BATCH` at a time, each group padded only to its own longest
+    /// text: padding is masked out of attention and pooling, so a text's vector does not
+    /// depend on the texts it shares a forward pass with (up to float rounding).
     pub fn embed(&self, texts: &[String], normalize: bool) -> Result<Vec<Vec<f32>>, PredictError> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(BATCH) {
-            let encodings = self
-                .tokenizer
-                .encode_batch(chunk.to_vec(), true)
-                .map_err(|e| PredictError::Failed(format!("tokenizer: {e}")))?;
-            let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
-            let mask: Vec<Vec<u32>> = encodings
+        let mut vectors = self.embed_pooled(texts)?;
+        if normalize {
+            vectors.iter_mut().for_each(|v| l2_normalize(v));
+        }
+        Ok(vectors)
+    }
+
+    /// Pooled, unnormalised vectors, in the order of `texts`.
+    fn embed_pooled(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PredictError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| PredictError::Failed(format!("tokenizer: {e}")))?;
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| encodings[i].get_ids().len());
+        let mut out = vec![Vec::new(); texts.len()];
+        for group in order.chunks(BATCH) {
+            let longest = group
                 .iter()
-                .map(|e| e.get_attention_mask().to_vec())
-                .collect();
-            let input_ids = Tensor::new(ids, &self.device)?;
-            let attention_mask = Tensor::new(mask, &self.device)?;
+                .map(|&i| encodings[i].get_ids().len())
+                .max()
+                .unwrap_or(0);
+            let mut ids = Vec::with_capacity(group.len() * longest);
+            let mut mask = Vec::with_capacity(group.len() * longest);
+            for &i in group {
+                let own = encodings[i].get_ids();
+                ids.extend_from_slice(own);
+                ids.resize(ids.len() + longest - own.len(), self.pad_id);
+                mask.extend(std::iter::repeat_n(1u32, own.len()));
+                mask.resize(mask.len() + longest - own.len(), 0);
+            }
+            let input_ids = Tensor::from_vec(ids, (group.len(), longest), &self.device)?;
+            let attention_mask = Tensor::from_vec(mask, (group.len(), longest), &self.device)?;
             let token_type_ids = input_ids.zeros_like()?;
             let hidden = self
                 .model
@@ -203,19 +227,66 @@ impl Bert {
                     summed.broadcast_div(&counts)?
                 }
             };
-            let pooled = if normalize {
-                let norms = pooled
-                    .sqr()?
-                    .sum_keepdim(D::Minus1)?
-                    .sqrt()?
-                    .clamp(1e-12, f32::MAX as f64)?;
-                pooled.broadcast_div(&norms)?
-            } else {
-                pooled
-            };
-            out.extend(pooled.to_vec2::<f32>()?);
+            for (&i, vector) in group.iter().zip(pooled.to_vec2::<f32>()?) {
+                out[i] = vector;
+            }
         }
         Ok(out)
+    }
+}
+
+/// Scales a vector to unit length, as sentence-transformers' Normalize module does
+/// (torch.nn.functional.normalize: the norm is clamped at 1e-12).
+fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+/// A request's texts and options, checked.
+struct EmbedRequest {
+    texts: Vec<String>,
+    single: bool,
+    normalize: bool,
+}
+
+fn parse_request(input: &Map<String, Value>) -> Result<EmbedRequest, PredictError> {
+    let normalize = input
+        .get("normalize")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let (texts, single) = match input.get("text") {
+        Some(Value::String(s)) => (vec![s.clone()], true),
+        Some(Value::Array(items)) => (
+            items
+                .iter()
+                .map(|t| t.as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>(),
+            false,
+        ),
+        _ => {
+            return Err(PredictError::Failed(
+                "`text` must be a string or a list of strings".into(),
+            ))
+        }
+    };
+    if texts.len() > MAX_TEXTS {
+        return Err(PredictError::Failed(format!(
+            "{} texts in one request; the limit is {MAX_TEXTS}, send them in several requests",
+            texts.len()
+        )));
+    }
+    Ok(EmbedRequest {
+        texts,
+        single,
+        normalize,
+    })
+}
+
+fn output_of(request: &EmbedRequest, vectors: &[Vec<f32>]) -> Value {
+    if request.single {
+        fjson::f32_array(&vectors[0])
+    } else {
+        Value::Array(vectors.iter().map(|v| fjson::f32_array(v)).collect())
     }
 }
 
@@ -229,42 +300,70 @@ impl Model for Bert {
         input: &Map<String, Value>,
         ctx: &PredictContext,
     ) -> Result<Value, PredictError> {
-        let normalize = input
-            .get("normalize")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
-        let (texts, single) = match input.get("text") {
-            Some(Value::String(s)) => (vec![s.clone()], true),
-            Some(Value::Array(items)) => (
-                items
-                    .iter()
-                    .map(|t| t.as_str().unwrap_or_default().to_string())
-                    .collect::<Vec<_>>(),
-                false,
-            ),
-            _ => {
-                return Err(PredictError::Failed(
-                    "`text` must be a string or a list of strings".into(),
-                ))
-            }
-        };
-        if texts.len() > MAX_TEXTS {
-            return Err(PredictError::Failed(format!(
-                "{} texts in one request; the limit is {MAX_TEXTS}, send them in several requests",
-                texts.len()
-            )));
-        }
+        let request = parse_request(input)?;
         ctx.check_canceled()?;
-        let vectors = self.embed(&texts, normalize)?;
+        let vectors = self.embed(&request.texts, request.normalize)?;
         ctx.log(&format!(
             "embedded {} text(s) into {} dimensions",
-            texts.len(),
+            request.texts.len(),
             vectors.first().map_or(0, Vec::len)
         ));
-        Ok(if single {
-            fjson::f32_array(&vectors[0])
-        } else {
-            Value::Array(vectors.iter().map(|v| fjson::f32_array(v)).collect())
-        })
+        Ok(output_of(&request, &vectors))
+    }
+
+    /// All the batch's texts go through [`Bert::embed_pooled`] together; each prediction
+    /// gets back exactly its own vectors, normalised as it asked.
+    fn predict_batch(&self, batch: &[BatchItem<'_>]) -> Vec<Result<Value, PredictError>> {
+        let requests: Vec<Result<EmbedRequest, PredictError>> = batch
+            .iter()
+            .map(|item| {
+                let request = parse_request(item.input)?;
+                item.ctx.check_canceled()?;
+                Ok(request)
+            })
+            .collect();
+        let all_texts: Vec<String> = requests
+            .iter()
+            .flatten()
+            .flat_map(|r| r.texts.iter().cloned())
+            .collect();
+        let pooled = match self.embed_pooled(&all_texts) {
+            Ok(p) => p,
+            Err(e) => {
+                let message = match e {
+                    PredictError::Failed(m) => m,
+                    PredictError::Canceled => "canceled".into(),
+                };
+                return requests
+                    .into_iter()
+                    .map(|r| r.and(Err(PredictError::Failed(message.clone()))))
+                    .collect();
+            }
+        };
+        let mut vectors = pooled.into_iter();
+        requests
+            .into_iter()
+            .zip(batch)
+            .map(|(request, item)| {
+                let request = request?;
+                let mut own: Vec<Vec<f32>> = vectors.by_ref().take(request.texts.len()).collect();
+                if request.normalize {
+                    own.iter_mut().for_each(|v| l2_normalize(v));
+                }
+                item.ctx.log(&format!(
+                    "embedded {} text(s) into {} dimensions, in a batch of {} prediction(s) ({} texts)",
+                    request.texts.len(),
+                    own.first().map_or(0, Vec::len),
+                    batch.len(),
+                    all_texts.len()
+                ));
+                item.ctx.record_metric(
+                    "batch_size",
+                    Value::from(batch.len()),
+                    crate::MetricMode::Replace,
+                );
+                Ok(output_of(&request, &own))
+            })
+            .collect()
     }
 }

@@ -20,6 +20,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
     dtype_policy: "none",
     example_input: |_| serde_json::json!({"text": "hello"}),
+    batching: false,
 };
 
 pub fn signature() -> Signature {

@@ -17,6 +17,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
     dtype_policy: "none",
     example_input: |_| serde_json::json!({"source": "data:text/plain;base64,aGVsbG8K"}),
+    batching: false,
 };
 
 pub fn signature() -> Signature {

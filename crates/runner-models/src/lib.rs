@@ -281,6 +281,24 @@ pub trait Model: Send + Sync {
     fn warm_up(&self) -> Result<(), PredictError> {
         Ok(())
     }
+
+    /// Runs several predictions together (dynamic batching); one result per item, in
+    /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
+    /// own. Only called for architectures whose [`Architecture::batching`] is true; the
+    /// default runs the items one by one.
+    fn predict_batch(&self, batch: &[BatchItem<'_>]) -> Vec<Result<Value, PredictError>> {
+        batch
+            .iter()
+            .map(|item| self.predict(item.input, item.ctx))
+            .collect()
+    }
+}
+
+/// One prediction of a batch: its validated input and its own context.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub input: &'a Map<String, Value>,
+    pub ctx: &'a PredictContext,
 }
 
 /// Where setup reports progress; lines end up in `/health-check`'s setup logs.
@@ -302,6 +320,9 @@ pub struct Architecture {
     pub example_input: fn(&ModelDir) -> Value,
     /// How load converts weights; part of a snapshot's compatibility key.
     pub dtype_policy: &'static str,
+    /// Whether concurrent predictions may be gathered into one forward pass
+    /// ([`Model::predict_batch`] computes each item as if it ran alone).
+    pub batching: bool,
 }
 
 /// Every native architecture runner knows.

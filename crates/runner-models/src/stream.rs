@@ -19,6 +19,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     load,
     dtype_policy: "none",
     example_input: |_| serde_json::json!({"prompt": "hello world"}),
+    batching: false,
 };
 
 pub fn signature() -> Signature {

@@ -25,6 +25,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
             .unwrap_or_default();
         example_input(&config)
     },
+    batching: false,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
