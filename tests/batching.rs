@@ -13,9 +13,21 @@ use support::*;
 
 /// Distinct short sentences, one per caller.
 fn sentence(i: usize) -> String {
-    const SUBJECTS: [&str; 6] = ["A dog", "The committee", "My neighbour", "A robot", "The river", "Our team"];
+    const SUBJECTS: [&str; 6] = [
+        "A dog",
+        "The committee",
+        "My neighbour",
+        "A robot",
+        "The river",
+        "Our team",
+    ];
     const VERBS: [&str; 5] = ["quietly reads", "builds", "ignores", "paints", "measures"];
-    const OBJECTS: [&str; 4] = ["the old bridge", "a new theory", "every window", "the morning news"];
+    const OBJECTS: [&str; 4] = [
+        "the old bridge",
+        "a new theory",
+        "every window",
+        "the morning news",
+    ];
     format!(
         "{} {} {} ({i})",
         SUBJECTS[i % 6],
@@ -27,7 +39,9 @@ fn sentence(i: usize) -> String {
 /// Starts a long prediction (many texts) in the background and returns once the server
 /// is running it, so what is sent next has to wait and gather into one batch.
 fn occupy(server: &Server) -> std::thread::JoinHandle<(u16, String)> {
-    let texts: Vec<String> = (0..1024).map(|i| format!("keep the model busy {i}")).collect();
+    let texts: Vec<String> = (0..1024)
+        .map(|i| format!("keep the model busy {i}"))
+        .collect();
     let handle = server.predict_in_background(&json!({ "input": { "text": texts } }).to_string());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -38,14 +52,20 @@ fn occupy(server: &Server) -> std::thread::JoinHandle<(u16, String)> {
         {
             return handle;
         }
-        assert!(Instant::now() < deadline, "the long prediction never started");
+        assert!(
+            Instant::now() < deadline,
+            "the long prediction never started"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn put_prediction(addr: &str, id: &str, input: &Value) -> (u16, Value) {
@@ -68,7 +88,14 @@ fn batched_predictions_equal_unbatched_ones_and_stay_separate() {
     .unwrap();
     let server = Server::start(
         &minilm_dir(),
-        &["--snapshot", "off", "--max-batch-size", "32", "--max-queue", "64"],
+        &[
+            "--snapshot",
+            "off",
+            "--max-batch-size",
+            "32",
+            "--max-queue",
+            "64",
+        ],
     );
     assert!(
         server.status_line.contains("batches of up to 32"),
@@ -114,29 +141,46 @@ fn batched_predictions_equal_unbatched_ones_and_stay_separate() {
         let pairs: Vec<(Vec<f64>, Vec<f64>)> = if i == 5 {
             let (g, w) = (got.as_array().unwrap(), want.as_array().unwrap());
             assert_eq!(g.len(), 3, "prediction {i}: one vector per text");
-            g.iter().zip(w).map(|(a, b)| (floats(a), floats(b))).collect()
+            g.iter()
+                .zip(w)
+                .map(|(a, b)| (floats(a), floats(b)))
+                .collect()
         } else {
             vec![(floats(got), floats(want))]
         };
         for (g, w) in pairs {
             let diff = max_abs_diff(&g, &w);
-            assert!(diff < 1e-5, "prediction {i}: batched differs from unbatched by {diff}");
+            assert!(
+                diff < 1e-5,
+                "prediction {i}: batched differs from unbatched by {diff}"
+            );
         }
         // Its own logs: only its own text count.
         let texts = if i == 5 { 3 } else { 1 };
         let logs = p["logs"].as_str().unwrap();
         assert!(
-            logs.starts_with(&format!("embedded {texts} text(s) into 384 dimensions, in a batch of ")),
+            logs.starts_with(&format!(
+                "embedded {texts} text(s) into 384 dimensions, in a batch of "
+            )),
             "prediction {i}: {logs}"
         );
         if i < 2 {
-            let cos = cosine(&floats(&p["output"]), &floats(&reference["normalized_full384"][i]));
-            assert!(cos >= 0.9999, "reference sentence {i} in a batch: cosine {cos}");
+            let cos = cosine(
+                &floats(&p["output"]),
+                &floats(&reference["normalized_full384"][i]),
+            );
+            assert!(
+                cos >= 0.9999,
+                "reference sentence {i} in a batch: cosine {cos}"
+            );
         }
     }
     assert!(biggest_batch > 1, "nothing was batched");
     let norm = floats(&alone[7]).iter().map(|x| x * x).sum::<f64>().sqrt();
-    assert!((norm - 1.0).abs() > 1e-3, "normalize=false was applied to the whole batch");
+    assert!(
+        (norm - 1.0).abs() > 1e-3,
+        "normalize=false was applied to the whole batch"
+    );
     let (status, _) = busy.join().unwrap();
     assert_eq!(status, 200);
 }
@@ -145,7 +189,14 @@ fn batched_predictions_equal_unbatched_ones_and_stay_separate() {
 fn a_flood_beyond_the_queue_gets_429_and_loses_nothing() {
     let server = Server::start(
         &minilm_dir(),
-        &["--snapshot", "off", "--max-batch-size", "4", "--max-queue", "4"],
+        &[
+            "--snapshot",
+            "off",
+            "--max-batch-size",
+            "4",
+            "--max-queue",
+            "4",
+        ],
     );
     let expected: Vec<Vec<f64>> = (0..40)
         .map(|i| floats(&server.predict(json!({ "text": sentence(i) })).1["output"]))
@@ -157,7 +208,11 @@ fn a_flood_beyond_the_queue_gets_429_and_loses_nothing() {
         .map(|i| {
             let addr = server.addr.clone();
             std::thread::spawn(move || {
-                put_prediction(&addr, &format!("flood-{i}"), &json!({ "text": sentence(i) }))
+                put_prediction(
+                    &addr,
+                    &format!("flood-{i}"),
+                    &json!({ "text": sentence(i) }),
+                )
             })
         })
         .collect();
@@ -170,7 +225,10 @@ fn a_flood_beyond_the_queue_gets_429_and_loses_nothing() {
                 assert_eq!(p["status"], "succeeded", "{p}");
                 assert_eq!(p["id"], format!("flood-{i}"));
                 let diff = max_abs_diff(&floats(&p["output"]), &expected[i]);
-                assert!(diff < 1e-5, "flood-{i} got another caller's vector (diff {diff})");
+                assert!(
+                    diff < 1e-5,
+                    "flood-{i} got another caller's vector (diff {diff})"
+                );
                 succeeded += 1;
             }
             429 => refused += 1,
@@ -198,7 +256,11 @@ fn a_flood_beyond_the_queue_gets_429_and_loses_nothing() {
         40 + succeeded + 1,
         "{metrics}"
     );
-    assert_eq!(counter("runner_rejections_total{reason=\"queue_full\"}"), refused, "{metrics}");
+    assert_eq!(
+        counter("runner_rejections_total{reason=\"queue_full\"}"),
+        refused,
+        "{metrics}"
+    );
     // And the server still answers.
     let (status, _) = server.predict(json!({ "text": "still here" }));
     assert_eq!(status, 200);
@@ -212,14 +274,23 @@ fn a_prediction_canceled_inside_a_batch_leaves_the_others_alone() {
     );
     let expected: HashMap<usize, Vec<f64>> = [0, 1, 2]
         .into_iter()
-        .map(|i| (i, floats(&server.predict(json!({ "text": sentence(i) })).1["output"])))
+        .map(|i| {
+            (
+                i,
+                floats(&server.predict(json!({ "text": sentence(i) })).1["output"]),
+            )
+        })
         .collect();
     let busy = occupy(&server);
     let handles: Vec<_> = (0..3)
         .map(|i| {
             let addr = server.addr.clone();
             std::thread::spawn(move || {
-                put_prediction(&addr, &format!("batch-{i}"), &json!({ "text": sentence(i) }))
+                put_prediction(
+                    &addr,
+                    &format!("batch-{i}"),
+                    &json!({ "text": sentence(i) }),
+                )
             })
         })
         .collect();
@@ -231,7 +302,10 @@ fn a_prediction_canceled_inside_a_batch_leaves_the_others_alone() {
         .lines()
         .any(|l| l == "runner_predictions_in_flight 4")
     {
-        assert!(Instant::now() < deadline, "the three predictions never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "the three predictions never arrived"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let (status, body) = server.post_json("/predictions/batch-1/cancel", "");

@@ -11,6 +11,7 @@ use runner_spec::{ModelDir, RunTarget, Signature};
 use serde_json::{Map, Value};
 
 pub mod bert;
+mod bert_cpu;
 pub mod conformance;
 pub mod device;
 pub mod files;
