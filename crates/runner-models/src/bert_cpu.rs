@@ -103,7 +103,7 @@ impl CpuBert {
             vb
         };
         let h = config.hidden_size;
-        if h % config.num_attention_heads != 0 {
+        if !h.is_multiple_of(config.num_attention_heads) {
             candle_core::bail!(
                 "hidden size {h} is not a multiple of {} attention heads",
                 config.num_attention_heads
