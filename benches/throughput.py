@@ -133,8 +133,8 @@ def wrk(url, script, connections, seconds):
         "socket_errors": errors.group(1).strip() if errors else "",
         "ok_per_s": round((total - non2xx) / duration, 1),
         "all_per_s": round(total / duration, 1),
-        "p50_ms": lat.get("50"),
-        "p99_ms": lat.get("99"),
+        "p50_ms": round(lat["50"], 3) if "50" in lat else None,
+        "p99_ms": round(lat["99"], 3) if "99" in lat else None,
     }
 
 
@@ -216,7 +216,7 @@ def trivial(args, tmp):
                     print(f"  trivial round {round_no + 1} {name} c={conns}: {r['ok_per_s']}/s ok, "
                           f"{r['refused']} refused, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms",
                           file=sys.stderr)
-    return {name: {c: median_by(v, "ok_per_s") for c, v in by_c.items()} for name, by_c in runs.items()}
+    return {name: {str(c): median_by(v, "ok_per_s") for c, v in by_c.items()} for name, by_c in runs.items()}
 
 
 def pytorch_baseline(args):
@@ -309,6 +309,18 @@ def machine():
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def soak_line(mem, samples):
+    if len(samples) < 2:
+        return "- soak: too short to sample"
+    half = samples[len(samples) // 2]
+    last = samples[-1]
+    return (f"- {mem['soak_seconds']} s soak at 32 connections: {mem['soak_requests']} predictions, "
+            f"{mem['soak_refused']} refused. RSS at {samples[0]['t']} s {samples[0]['VmRSS'] / 1024:.1f} MiB "
+            f"(working buffers for batches of 32), at {half['t']} s {half['VmRSS'] / 1024:.1f} MiB, at "
+            f"{last['t']} s {last['VmRSS'] / 1024:.1f} MiB: **{(last['VmRSS'] - half['VmRSS']) / 1024:+.1f} MiB** "
+            f"over the second half (max {max(s['VmRSS'] for s in samples) / 1024:.1f} MiB)")
+
+
 def report(results):
     lines = [f"# Throughput, {results['machine']['date']}", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
@@ -323,9 +335,9 @@ def report(results):
                          f"{r['p50_ms']} | {r['p99_ms']} |")
     cog = t["coglet 0.23.1 (Python predictor)"]
     ours = t["runner, --max-queue 64"]
-    ratio8 = ours[8]["ok_per_s"] / max(cog[8]["ok_per_s"], 1e-9)
+    ratio8 = ours["8"]["ok_per_s"] / max(cog["8"]["ok_per_s"], 1e-9)
     lines += ["", f"- successful rate at 8 connections: runner (queue) / coglet = **{ratio8:.1f}x** (goal ≥ 5x)",
-              f"- runner p99 at 1 connection {ours[1]['p99_ms']} ms vs coglet p50 {cog[1]['p50_ms']} ms "
+              f"- runner p99 at 1 connection {ours['1']['p99_ms']} ms vs coglet p50 {cog['1']['p50_ms']} ms "
               f"(goal: ≤)", ""]
     m = results["minilm"]
     lines += ["## 2. MiniLM (all-MiniLM-L6-v2), 256-sentence corpus", "",
@@ -347,10 +359,7 @@ def report(results):
               f"- after load: RSS {a['VmRSS'] / 1024:.1f} MiB = **{a['VmRSS'] / w:.2f}x** the weights "
               f"(goal ≤ 1.15x); anonymous {a['RssAnon'] / 1024:.1f} MiB ({a['RssAnon'] / w:.2f}x), "
               f"file-backed (code) {a['RssFile'] / 1024:.1f} MiB",
-              f"- {mem['soak_seconds']} s soak at 32 connections: {mem['soak_requests']} predictions, "
-              f"{mem['soak_refused']} refused; RSS first sample {samples[0]['VmRSS'] / 1024:.1f} MiB, last "
-              f"{samples[-1]['VmRSS'] / 1024:.1f} MiB, max {max(s['VmRSS'] for s in samples) / 1024:.1f} MiB"
-              if samples else "- soak: no samples", ""]
+              soak_line(mem, samples), ""]
     return "\n".join(lines)
 
 

@@ -14,6 +14,8 @@ use runner_models::{BatchItem, Model, PredictContext, PredictError};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::EngineMetrics;
+
 /// How predictions are gathered into batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOptions {
@@ -48,9 +50,14 @@ pub(crate) struct Batcher {
 impl Batcher {
     /// Starts the gathering loop. `accepted` counts the predictions the engine has
     /// accepted and not yet finished (queued, gathering or running).
-    pub fn start(model: Arc<dyn Model>, options: BatchOptions, accepted: Arc<AtomicUsize>) -> Self {
+    pub fn start(
+        model: Arc<dyn Model>,
+        options: BatchOptions,
+        accepted: Arc<AtomicUsize>,
+        metrics: Arc<EngineMetrics>,
+    ) -> Self {
         let (jobs, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(gather_and_run(model, options, accepted, receiver));
+        tokio::spawn(gather_and_run(model, options, accepted, metrics, receiver));
         Self { jobs }
     }
 
@@ -78,6 +85,7 @@ async fn gather_and_run(
     model: Arc<dyn Model>,
     options: BatchOptions,
     accepted: Arc<AtomicUsize>,
+    metrics: Arc<EngineMetrics>,
     mut receiver: mpsc::UnboundedReceiver<BatchJob>,
 ) {
     let max = options.max_batch_size.max(1);
@@ -114,6 +122,7 @@ async fn gather_and_run(
             continue;
         }
         last_batch = jobs.len();
+        metrics.batch_ran(jobs.len());
         let batch_model = Arc::clone(&model);
         let finished = tokio::task::spawn_blocking(move || {
             let items: Vec<BatchItem<'_>> = jobs

@@ -166,7 +166,7 @@ pub struct Engine {
     snapshot_options: SnapshotOptions,
     recorded: Option<runner_models::load::Recorded>,
     device: OnceLock<candle_core::Device>,
-    metrics: metrics::EngineMetrics,
+    metrics: Arc<metrics::EngineMetrics>,
     /// Whether the signature has file inputs / file outputs (decided once, not per request).
     file_inputs: bool,
     file_outputs: bool,
@@ -381,6 +381,7 @@ impl Engine {
                             Arc::clone(&model),
                             options,
                             Arc::clone(&self.accepted),
+                            Arc::clone(&self.metrics),
                         )
                     });
                 }

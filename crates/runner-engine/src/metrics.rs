@@ -25,6 +25,9 @@ pub struct EngineMetrics {
     buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
     /// Sum of durations in microseconds.
     sum_micros: AtomicU64,
+    /// Forward passes run by the batcher, and the predictions they carried.
+    batches: AtomicU64,
+    batched_predictions: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -38,6 +41,8 @@ pub struct MetricsSnapshot {
     pub duration_buckets: Vec<(f64, u64)>,
     pub duration_count: u64,
     pub duration_sum: f64,
+    pub batches: u64,
+    pub batched_predictions: u64,
 }
 
 impl EngineMetrics {
@@ -60,6 +65,12 @@ impl EngineMetrics {
             self.sum_micros
                 .fetch_add(t.as_micros() as u64, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn batch_ran(&self, size: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batched_predictions
+            .fetch_add(size as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn rejected(&self, r: &Rejection) {
@@ -96,6 +107,8 @@ impl EngineMetrics {
             duration_buckets,
             duration_count: count,
             duration_sum: load(&self.sum_micros) as f64 / 1e6,
+            batches: load(&self.batches),
+            batched_predictions: load(&self.batched_predictions),
         }
     }
 }

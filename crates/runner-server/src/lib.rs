@@ -341,6 +341,22 @@ fn render_metrics(state: &AppState) -> String {
     for (reason, n) in &m.rejections {
         let _ = writeln!(out, "runner_rejections_total{{reason=\"{reason}\"}} {n}");
     }
+    if engine.batching().is_some() {
+        family(
+            &mut out,
+            "runner_batches_total",
+            "counter",
+            "Forward passes run by dynamic batching.",
+        );
+        let _ = writeln!(out, "runner_batches_total {}", m.batches);
+        family(
+            &mut out,
+            "runner_batched_predictions_total",
+            "counter",
+            "Predictions run by dynamic batching (divided by runner_batches_total: the mean batch size).",
+        );
+        let _ = writeln!(out, "runner_batched_predictions_total {}", m.batched_predictions);
+    }
     for (name, help, value) in [
         (
             "runner_predictions_in_flight",
