@@ -355,7 +355,11 @@ fn render_metrics(state: &AppState) -> String {
             "counter",
             "Predictions run by dynamic batching (divided by runner_batches_total: the mean batch size).",
         );
-        let _ = writeln!(out, "runner_batched_predictions_total {}", m.batched_predictions);
+        let _ = writeln!(
+            out,
+            "runner_batched_predictions_total {}",
+            m.batched_predictions
+        );
     }
     for (name, help, value) in [
         (
