@@ -30,8 +30,11 @@ pub const ARCHITECTURE: Architecture = Architecture {
     batching: true,
 };
 
-/// Texts per forward pass: bounds memory for long lists.
+/// Texts per forward pass on accelerators (padded to the group's longest): bounds memory.
 const BATCH: usize = 32;
+/// Tokens per forward pass of the CPU encoder (unpadded): big enough for efficient matrix
+/// products, small enough that activations stay a few tens of MB.
+const TOKEN_BUDGET: usize = 4096;
 /// Texts per request.
 const MAX_TEXTS: usize = 1024;
 
@@ -211,9 +214,38 @@ impl Bert {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| PredictError::Failed(format!("tokenizer: {e}")))?;
+        let mut out = vec![Vec::new(); texts.len()];
+        if let Encoder::Cpu(cpu) = &self.encoder {
+            // No padding: texts go end to end, up to a token budget per forward pass.
+            let mut start = 0;
+            while start < encodings.len() {
+                let mut end = start;
+                let mut tokens = 0;
+                while end < encodings.len()
+                    && (end == start || tokens + encodings[end].get_ids().len() <= TOKEN_BUDGET)
+                {
+                    tokens += encodings[end].get_ids().len();
+                    end += 1;
+                }
+                let group = &encodings[start..end];
+                let lengths: Vec<usize> = group.iter().map(|e| e.get_ids().len()).collect();
+                let ids: Vec<u32> = group
+                    .iter()
+                    .flat_map(|e| e.get_ids().iter().copied())
+                    .collect();
+                let hidden = cpu.forward(&ids, &lengths).map_err(PredictError::Failed)?;
+                let h = cpu.hidden_size();
+                let mut first = 0;
+                for (i, &len) in (start..end).zip(&lengths) {
+                    out[i] = pool_tokens(&hidden[first * h..(first + len) * h], h, self.pooling);
+                    first += len;
+                }
+                start = end;
+            }
+            return Ok(out);
+        }
         let mut order: Vec<usize> = (0..encodings.len()).collect();
         order.sort_by_key(|&i| encodings[i].get_ids().len());
-        let mut out = vec![Vec::new(); texts.len()];
         for group in order.chunks(BATCH) {
             let longest = group
                 .iter()
@@ -229,24 +261,8 @@ impl Bert {
                 mask.extend(std::iter::repeat_n(1u32, own.len()));
                 mask.resize(mask.len() + longest - own.len(), 0);
             }
-            let model = match &self.encoder {
-                Encoder::Cpu(cpu) => {
-                    let hidden = cpu
-                        .forward(&ids, &mask, group.len(), longest)
-                        .map_err(PredictError::Failed)?;
-                    for (row, &i) in group.iter().enumerate() {
-                        out[i] = pool_rows(
-                            &hidden,
-                            cpu.hidden_size(),
-                            row,
-                            longest,
-                            encodings[i].get_ids().len(),
-                            self.pooling,
-                        );
-                    }
-                    continue;
-                }
-                Encoder::Candle(model) => model,
+            let Encoder::Candle(model) = &self.encoder else {
+                unreachable!("the CPU encoder returned above");
             };
             let input_ids = Tensor::from_vec(ids, (group.len(), longest), &self.device)?;
             let attention_mask = Tensor::from_vec(mask, (group.len(), longest), &self.device)?;
@@ -269,31 +285,18 @@ impl Bert {
     }
 }
 
-/// Pools one sequence's rows of a (batch·len, hidden) buffer: the mean of its `real`
+/// Pools one sequence's hidden states (its tokens' rows, `h` wide): the mean over its
 /// tokens, or its first ([CLS]) token.
-fn pool_rows(
-    hidden: &[f32],
-    h: usize,
-    row: usize,
-    len: usize,
-    real: usize,
-    pooling: Pooling,
-) -> Vec<f32> {
-    let start = row * len * h;
+fn pool_tokens(rows: &[f32], h: usize, pooling: Pooling) -> Vec<f32> {
     match pooling {
-        Pooling::Cls => hidden[start..start + h].to_vec(),
+        Pooling::Cls => rows[..h].to_vec(),
         Pooling::Mean => {
+            let n = (rows.len() / h).max(1);
             let mut sum = vec![0f32; h];
-            for t in 0..real.max(1) {
-                for (s, v) in sum
-                    .iter_mut()
-                    .zip(&hidden[start + t * h..start + (t + 1) * h])
-                {
-                    *s += v;
-                }
+            for row in rows.chunks_exact(h) {
+                sum.iter_mut().zip(row).for_each(|(s, v)| *s += v);
             }
-            let n = real.max(1) as f32;
-            sum.iter_mut().for_each(|s| *s /= n);
+            sum.iter_mut().for_each(|s| *s /= n as f32);
             sum
         }
     }

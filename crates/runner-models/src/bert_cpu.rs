@@ -150,49 +150,52 @@ impl CpuBert {
         self.hidden
     }
 
-    /// Final hidden states for `batch` sequences of `len` tokens each (row-major ids, padded;
-    /// `mask` is 1 for real tokens): a (batch·len, hidden) buffer. Padding is left out of
-    /// attention, so a sequence's states do not depend on its batch-mates.
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        mask: &[u32],
-        batch: usize,
-        len: usize,
-    ) -> Result<Vec<f32>, String> {
+    /// Final hidden states of several sequences laid end to end without padding: `ids`
+    /// holds every sequence's tokens in turn and `lengths` their counts. Returns a
+    /// (total tokens, hidden) buffer in the same order. Only attention needs to know where a
+    /// sequence ends; every other step works token by token, so no work goes to padding and
+    /// a sequence's states do not depend on the others.
+    pub fn forward(&self, ids: &[u32], lengths: &[usize]) -> Result<Vec<f32>, String> {
         let h = self.hidden;
-        if len > self.max_positions {
+        let rows: usize = lengths.iter().sum();
+        if rows != ids.len() {
             return Err(format!(
-                "{len} tokens; the model takes at most {}",
+                "{} token ids for sequences of {rows} tokens in all",
+                ids.len()
+            ));
+        }
+        if let Some(&long) = lengths.iter().find(|&&l| l > self.max_positions) {
+            return Err(format!(
+                "{long} tokens; the model takes at most {}",
                 self.max_positions
             ));
         }
-        let rows = batch * len;
         let mut x = vec![0f32; rows * h];
-        for (r, row) in x.chunks_mut(h).enumerate() {
-            let id = ids[r] as usize;
-            if id >= self.vocab {
-                return Err(format!("token id {id} is outside the vocabulary"));
-            }
-            let word = &self.word[id * h..(id + 1) * h];
-            let pos = &self.position[(r % len) * h..(r % len + 1) * h];
-            let typ = &self.token_type[..h];
-            for i in 0..h {
-                row[i] = word[i] + pos[i] + typ[i];
+        let mut r = 0;
+        for &len in lengths {
+            for t in 0..len {
+                let id = ids[r] as usize;
+                if id >= self.vocab {
+                    return Err(format!("token id {id} is outside the vocabulary"));
+                }
+                let row = &mut x[r * h..(r + 1) * h];
+                let word = &self.word[id * h..(id + 1) * h];
+                let pos = &self.position[t * h..(t + 1) * h];
+                let typ = &self.token_type[..h];
+                for i in 0..h {
+                    row[i] = word[i] + pos[i] + typ[i];
+                }
+                r += 1;
             }
         }
         self.embeddings_norm.apply(&mut x, h, self.eps);
-        let lengths: Vec<usize> = mask
-            .chunks(len)
-            .map(|m| m.iter().filter(|&&v| v != 0).count())
-            .collect();
         let mut qkv = Vec::new();
         let mut context = vec![0f32; rows * h];
         let mut projected = Vec::new();
         let mut intermediate = Vec::new();
         for layer in &self.layers {
             layer.qkv.apply(&x, rows, &mut qkv);
-            self.attention(&qkv, &lengths, batch, len, &mut context);
+            self.attention(&qkv, lengths, &mut context);
             layer.attention_out.apply(&context, rows, &mut projected);
             add_in_place(&mut projected, &x);
             layer.attention_norm.apply(&mut projected, h, self.eps);
@@ -207,58 +210,52 @@ impl CpuBert {
         Ok(x)
     }
 
-    /// Scaled dot-product attention per (sequence, head), over the real tokens only.
-    fn attention(
-        &self,
-        qkv: &[f32],
-        lengths: &[usize],
-        batch: usize,
-        len: usize,
-        context: &mut [f32],
-    ) {
+    /// Scaled dot-product attention per (sequence, head), each sequence over its own tokens.
+    fn attention(&self, qkv: &[f32], lengths: &[usize], context: &mut [f32]) {
         let h = self.hidden;
         let d = h / self.heads;
         let scale = 1.0 / (d as f32).sqrt();
         let heads = self.heads;
-        // Each (sequence, head) writes its own columns of its own rows; hand the rows of a
-        // sequence to one task and loop over heads inside it.
-        context
-            .par_chunks_mut(len * h)
-            .zip(0..batch)
-            .for_each(|(out, b)| {
-                let real = lengths[b].max(1);
-                let mut scores = vec![0f32; real];
-                for head in 0..heads {
-                    let col = head * d;
-                    for t in 0..len {
-                        let row = (b * len + t) * 3 * h;
-                        let q = &qkv[row + col..row + col + d];
-                        let mut max = f32::NEG_INFINITY;
-                        for (s, score) in scores.iter_mut().enumerate() {
-                            let krow = (b * len + s) * 3 * h + h + col;
-                            let k = &qkv[krow..krow + d];
-                            *score = dot(q, k) * scale;
-                            max = max.max(*score);
-                        }
-                        let mut sum = 0f32;
-                        for score in scores.iter_mut() {
-                            *score = (*score - max).exp();
-                            sum += *score;
-                        }
-                        let inv = 1.0 / sum;
-                        let o = &mut out[t * h + col..t * h + col + d];
-                        o.fill(0.0);
-                        for (s, &p) in scores.iter().enumerate() {
-                            let vrow = (b * len + s) * 3 * h + 2 * h + col;
-                            let v = &qkv[vrow..vrow + d];
-                            let p = p * inv;
-                            for (oi, vi) in o.iter_mut().zip(v) {
-                                *oi += p * vi;
-                            }
+        // One task per sequence: it owns that sequence's rows of `context`.
+        let mut parts = Vec::with_capacity(lengths.len());
+        let (mut rest, mut first) = (context, 0);
+        for &len in lengths {
+            let (own, tail) = rest.split_at_mut(len * h);
+            parts.push((own, first, len));
+            rest = tail;
+            first += len;
+        }
+        parts.into_par_iter().for_each(|(out, first, len)| {
+            let mut scores = vec![0f32; len];
+            for head in 0..heads {
+                let col = head * d;
+                for t in 0..len {
+                    let row = (first + t) * 3 * h;
+                    let q = &qkv[row + col..row + col + d];
+                    let mut max = f32::NEG_INFINITY;
+                    for (s, score) in scores.iter_mut().enumerate() {
+                        let krow = (first + s) * 3 * h + h + col;
+                        *score = dot(q, &qkv[krow..krow + d]) * scale;
+                        max = max.max(*score);
+                    }
+                    let mut sum = 0f32;
+                    for score in scores.iter_mut() {
+                        *score = (*score - max).exp();
+                        sum += *score;
+                    }
+                    let inv = 1.0 / sum;
+                    let o = &mut out[t * h + col..t * h + col + d];
+                    o.fill(0.0);
+                    for (s, &p) in scores.iter().enumerate() {
+                        let vrow = (first + s) * 3 * h + 2 * h + col;
+                        let p = p * inv;
+                        for (oi, vi) in o.iter_mut().zip(&qkv[vrow..vrow + d]) {
+                            *oi += p * vi;
                         }
                     }
                 }
-            });
+            }
+        });
     }
 }
 
@@ -282,7 +279,7 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
-/// Rows per rayon task for the element-wise passes: big enough to amortise the hand-off.
+/// Rows per rayon task for the layer norms: big enough to amortise the hand-off.
 const ROWS_PER_TASK: usize = 16;
 
 fn activate(x: &mut [f32], act: HiddenAct) {
@@ -420,6 +417,10 @@ mod tests {
             &[101, 1037, 2158, 2003, 2652, 2858, 1012, 2023, 102],
             &[101, 7592, 102],
         ];
+        // Ours: the sequences end to end. candle's: padded to 9 with an attention mask.
+        let ragged: Vec<u32> = sequences.concat();
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        let hidden = ours.forward(&ragged, &lengths).unwrap();
         let len = 9;
         let (mut ids, mut mask) = (Vec::new(), Vec::new());
         for s in sequences {
@@ -428,8 +429,7 @@ mod tests {
             mask.extend(std::iter::repeat_n(1u32, s.len()));
             mask.resize(mask.len() + len - s.len(), 0);
         }
-        let hidden = ours.forward(&ids, &mask, 3, len).unwrap();
-        let input_ids = Tensor::from_vec(ids.clone(), (3, len), &device).unwrap();
+        let input_ids = Tensor::from_vec(ids, (3, len), &device).unwrap();
         let attention = Tensor::from_vec(mask, (3, len), &device).unwrap();
         let expected = theirs
             .forward(
@@ -444,21 +444,22 @@ mod tests {
             .unwrap();
         let h = config.hidden_size;
         let mut worst = 0f32;
+        let mut first = 0;
         for (b, s) in sequences.iter().enumerate() {
             for t in 0..s.len() {
-                let at = (b * len + t) * h;
+                let (at, ours_at) = ((b * len + t) * h, (first + t) * h);
                 for i in 0..h {
-                    worst = worst.max((hidden[at + i] - expected[at + i]).abs());
+                    worst = worst.max((hidden[ours_at + i] - expected[at + i]).abs());
                 }
             }
+            first += s.len();
         }
         assert!(worst < 1e-4, "largest difference {worst}");
 
-        // Out-of-range ids and over-long inputs are errors, not panics.
-        assert!(ours.forward(&[999_999], &[1], 1, 1).is_err());
+        // Out-of-range ids, over-long inputs and mismatched lengths are errors, not panics.
+        assert!(ours.forward(&[999_999], &[1]).is_err());
         let long = vec![101u32; config.max_position_embeddings + 1];
-        assert!(ours
-            .forward(&long, &vec![1; long.len()], 1, long.len())
-            .is_err());
+        assert!(ours.forward(&long, &[long.len()]).is_err());
+        assert!(ours.forward(&[101, 102], &[3]).is_err());
     }
 }
