@@ -80,6 +80,21 @@ fn put_prediction(addr: &str, id: &str, input: &Value) -> (u16, Value) {
     (status, v)
 }
 
+/// PUTs predictions `{prefix}-{i}` of `sentence(i)` for i in 0..count, each from its own
+/// thread; join the handles, in order, for (status, body).
+fn put_sentences_in_background(
+    server: &Server,
+    prefix: &str,
+    count: usize,
+) -> Vec<std::thread::JoinHandle<(u16, Value)>> {
+    (0..count)
+        .map(|i| {
+            let (addr, id) = (server.addr.clone(), format!("{prefix}-{i}"));
+            std::thread::spawn(move || put_prediction(&addr, &id, &json!({ "text": sentence(i) })))
+        })
+        .collect()
+}
+
 #[test]
 fn batched_predictions_equal_unbatched_ones_and_stay_separate() {
     let reference: Value = serde_json::from_str(
@@ -204,18 +219,7 @@ fn a_flood_beyond_the_queue_gets_429_and_loses_nothing() {
 
     // 4 slots (one taken by the long prediction) and 4 queue places for 40 callers.
     let busy = occupy(&server);
-    let handles: Vec<_> = (0..40)
-        .map(|i| {
-            let addr = server.addr.clone();
-            std::thread::spawn(move || {
-                put_prediction(
-                    &addr,
-                    &format!("flood-{i}"),
-                    &json!({ "text": sentence(i) }),
-                )
-            })
-        })
-        .collect();
+    let handles = put_sentences_in_background(&server, "flood", 40);
     let mut succeeded = 0;
     let mut refused = 0;
     for (i, handle) in handles.into_iter().enumerate() {
@@ -282,18 +286,7 @@ fn a_prediction_canceled_inside_a_batch_leaves_the_others_alone() {
         })
         .collect();
     let busy = occupy(&server);
-    let handles: Vec<_> = (0..3)
-        .map(|i| {
-            let addr = server.addr.clone();
-            std::thread::spawn(move || {
-                put_prediction(
-                    &addr,
-                    &format!("batch-{i}"),
-                    &json!({ "text": sentence(i) }),
-                )
-            })
-        })
-        .collect();
+    let handles = put_sentences_in_background(&server, "batch", 3);
     // Wait until all three are in flight, then cancel the middle one.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !server

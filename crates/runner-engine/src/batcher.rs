@@ -3,18 +3,17 @@
 //!
 //! One batch runs at a time; the next one gathers while it runs, so under load batches
 //! fill up without any wait. The wait is only spent when more predictions are on their
-//! way (more are accepted than gathered, or the last batch was bigger than this one): a
+//! way (more are in flight than gathered, or the last batch was bigger than this one): a
 //! lone sequential client never waits.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use runner_models::{BatchItem, Model, PredictContext, PredictError};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::EngineMetrics;
+use crate::Engine;
 
 /// How predictions are gathered into batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,16 +47,12 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    /// Starts the gathering loop. `accepted` counts the predictions the engine has
-    /// accepted and not yet finished (queued, gathering or running).
-    pub fn start(
-        model: Arc<dyn Model>,
-        options: BatchOptions,
-        accepted: Arc<AtomicUsize>,
-        metrics: Arc<EngineMetrics>,
-    ) -> Self {
+    /// Starts the gathering loop. The engine is held weakly (it owns the batcher): its
+    /// in-flight count says whether more predictions are coming, and its metrics count
+    /// the batches.
+    pub fn start(model: Arc<dyn Model>, options: BatchOptions, engine: Weak<Engine>) -> Self {
         let (jobs, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(gather_and_run(model, options, accepted, metrics, receiver));
+        tokio::spawn(gather_and_run(model, options, engine, receiver));
         Self { jobs }
     }
 
@@ -84,8 +79,7 @@ impl Batcher {
 async fn gather_and_run(
     model: Arc<dyn Model>,
     options: BatchOptions,
-    accepted: Arc<AtomicUsize>,
-    metrics: Arc<EngineMetrics>,
+    engine: Weak<Engine>,
     mut receiver: mpsc::UnboundedReceiver<BatchJob>,
 ) {
     let max = options.max_batch_size.max(1);
@@ -102,8 +96,8 @@ async fn gather_and_run(
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            let more_coming =
-                accepted.load(Ordering::SeqCst) > jobs.len() || last_batch > jobs.len();
+            let in_flight = engine.upgrade().map_or(0, |e| e.in_flight());
+            let more_coming = in_flight > jobs.len() || last_batch > jobs.len();
             if !more_coming || options.max_wait.is_zero() {
                 break;
             }
@@ -122,7 +116,9 @@ async fn gather_and_run(
             continue;
         }
         last_batch = jobs.len();
-        metrics.batch_ran(jobs.len());
+        if let Some(engine) = engine.upgrade() {
+            engine.metrics.batch_ran(jobs.len());
+        }
         let batch_model = Arc::clone(&model);
         let finished = tokio::task::spawn_blocking(move || {
             let items: Vec<BatchItem<'_>> = jobs

@@ -151,8 +151,6 @@ pub struct Engine {
     total_slots: usize,
     max_queue: usize,
     queued: AtomicUsize,
-    /// Predictions accepted and not yet finished (the batcher's hint that more are coming).
-    accepted: Arc<AtomicUsize>,
     /// In effect only when the architecture allows batching and the batch size is over 1.
     batching: Option<BatchOptions>,
     batcher: OnceLock<batcher::Batcher>,
@@ -166,7 +164,7 @@ pub struct Engine {
     snapshot_options: SnapshotOptions,
     recorded: Option<runner_models::load::Recorded>,
     device: OnceLock<candle_core::Device>,
-    metrics: Arc<metrics::EngineMetrics>,
+    metrics: metrics::EngineMetrics,
     /// Whether the signature has file inputs / file outputs (decided once, not per request).
     file_inputs: bool,
     file_outputs: bool,
@@ -244,7 +242,6 @@ impl Engine {
             total_slots,
             max_queue: options.max_queue,
             queued: AtomicUsize::new(0),
-            accepted: Arc::new(AtomicUsize::new(0)),
             batching,
             batcher: OnceLock::new(),
             files: options.files,
@@ -377,12 +374,7 @@ impl Engine {
                 let model: Arc<dyn Model> = Arc::from(model);
                 if let Some(options) = self.batching {
                     let _ = self.batcher.get_or_init(|| {
-                        batcher::Batcher::start(
-                            Arc::clone(&model),
-                            options,
-                            Arc::clone(&self.accepted),
-                            Arc::clone(&self.metrics),
-                        )
+                        batcher::Batcher::start(Arc::clone(&model), options, Arc::downgrade(self))
                     });
                 }
                 let _ = self.model.set(model);
@@ -674,7 +666,6 @@ impl Engine {
         };
         let running = Running::new(id.clone(), Value::Object(input.clone()));
         registry.insert(id, Arc::clone(&running));
-        self.accepted.fetch_add(1, Ordering::SeqCst);
         drop(registry);
         let engine = Arc::clone(self);
         let task_running = Arc::clone(&running);
@@ -742,7 +733,6 @@ impl Engine {
                 running.finish(PredictionStatus::Canceled, None, None)
             }
         }
-        self.accepted.fetch_sub(1, Ordering::SeqCst);
         self.metrics
             .finished(running.status(), running.predict_time());
         self.idle.notify_waiters();

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use runner_spec::{FieldType, InputField, ModelDir, OutputType, Primitive, Signature};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use crate::bert_cpu::CpuBert;
 use crate::weights::{read_json_config, CheckedWeights, WeightsError};
@@ -214,36 +214,58 @@ impl Bert {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| PredictError::Failed(format!("tokenizer: {e}")))?;
-        let mut out = vec![Vec::new(); texts.len()];
-        if let Encoder::Cpu(cpu) = &self.encoder {
-            // No padding: texts go end to end, up to a token budget per forward pass.
-            let mut start = 0;
-            while start < encodings.len() {
-                let mut end = start;
-                let mut tokens = 0;
-                while end < encodings.len()
-                    && (end == start || tokens + encodings[end].get_ids().len() <= TOKEN_BUDGET)
-                {
-                    tokens += encodings[end].get_ids().len();
-                    end += 1;
-                }
-                let group = &encodings[start..end];
-                let lengths: Vec<usize> = group.iter().map(|e| e.get_ids().len()).collect();
-                let ids: Vec<u32> = group
-                    .iter()
-                    .flat_map(|e| e.get_ids().iter().copied())
-                    .collect();
-                let hidden = cpu.forward(&ids, &lengths).map_err(PredictError::Failed)?;
-                let h = cpu.hidden_size();
-                let mut first = 0;
-                for (i, &len) in (start..end).zip(&lengths) {
-                    out[i] = pool_tokens(&hidden[first * h..(first + len) * h], h, self.pooling);
-                    first += len;
-                }
-                start = end;
-            }
-            return Ok(out);
+        match &self.encoder {
+            Encoder::Cpu(cpu) => self.pooled_on_cpu(cpu, &encodings),
+            Encoder::Candle(model) => self.pooled_with_candle(model, &encodings),
         }
+    }
+
+    /// No padding: texts go end to end, up to a token budget per forward pass.
+    fn pooled_on_cpu(
+        &self,
+        cpu: &CpuBert,
+        encodings: &[Encoding],
+    ) -> Result<Vec<Vec<f32>>, PredictError> {
+        let h = cpu.hidden_size();
+        let mut out = Vec::with_capacity(encodings.len());
+        let mut start = 0;
+        while start < encodings.len() {
+            let mut end = start;
+            let mut tokens = 0;
+            while end < encodings.len()
+                && (end == start || tokens + encodings[end].get_ids().len() <= TOKEN_BUDGET)
+            {
+                tokens += encodings[end].get_ids().len();
+                end += 1;
+            }
+            let group = &encodings[start..end];
+            let lengths: Vec<usize> = group.iter().map(|e| e.get_ids().len()).collect();
+            let ids: Vec<u32> = group
+                .iter()
+                .flat_map(|e| e.get_ids().iter().copied())
+                .collect();
+            let hidden = cpu.forward(&ids, &lengths).map_err(PredictError::Failed)?;
+            let mut first = 0;
+            for len in lengths {
+                out.push(pool_tokens(
+                    &hidden[first * h..(first + len) * h],
+                    h,
+                    self.pooling,
+                ));
+                first += len;
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Length-sorted groups of `BATCH`, each padded to its longest text and masked.
+    fn pooled_with_candle(
+        &self,
+        model: &BertModel,
+        encodings: &[Encoding],
+    ) -> Result<Vec<Vec<f32>>, PredictError> {
+        let mut out = vec![Vec::new(); encodings.len()];
         let mut order: Vec<usize> = (0..encodings.len()).collect();
         order.sort_by_key(|&i| encodings[i].get_ids().len());
         for group in order.chunks(BATCH) {
@@ -261,9 +283,6 @@ impl Bert {
                 mask.extend(std::iter::repeat_n(1u32, own.len()));
                 mask.resize(mask.len() + longest - own.len(), 0);
             }
-            let Encoder::Candle(model) = &self.encoder else {
-                unreachable!("the CPU encoder returned above");
-            };
             let input_ids = Tensor::from_vec(ids, (group.len(), longest), &self.device)?;
             let attention_mask = Tensor::from_vec(mask, (group.len(), longest), &self.device)?;
             let token_type_ids = input_ids.zeros_like()?;
