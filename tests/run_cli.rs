@@ -182,3 +182,60 @@ fn run_streams_text_and_writes_file_outputs() {
         );
     }
 }
+
+/// Byte progress bars appear on a terminal (a pseudo-terminal made by util-linux's
+/// `script`) for the weight load and the snapshot write and restore, and never when stderr
+/// is a pipe or with -q.
+#[test]
+fn progress_bars_on_a_terminal_only() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: util-linux's `script` is not installed");
+        return;
+    }
+    let d = scratch_model("tiny-mlp");
+    let dir = d.path().to_str().unwrap();
+    let weights = d.path().join("weights");
+    assert_eq!(
+        runner(&["generate", "tiny-mlp", weights.to_str().unwrap()]).0,
+        0
+    );
+    let snap = d.path().join("tiny.rsnap");
+    let on_a_terminal = |args: &str| -> String {
+        let out = std::process::Command::new("script")
+            .args(["-qec", &format!("{RUNNER} {args}"), "/dev/null"])
+            .env("TERM", "xterm")
+            .output()
+            .expect("script runs");
+        assert!(out.status.success(), "{args}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let taken = on_a_terminal(&format!(
+        "snapshot {dir} --device cpu -o {}",
+        snap.display()
+    ));
+    assert!(taken.contains("loading weights"), "{taken}");
+    assert!(taken.contains("writing snapshot"), "{taken}");
+    let run = format!(
+        "run {dir} --device cpu --snapshot {} --json '{{\"vector\": [{}]}}'",
+        snap.display(),
+        vec!["0.5"; TinyMlpConfig::default().input_size].join(",")
+    );
+    let restored = on_a_terminal(&run);
+    assert!(restored.contains("restoring snapshot"), "{restored}");
+    assert!(!on_a_terminal(&format!("-q {run}")).contains("restoring snapshot"));
+    // A pipe gets log lines only.
+    let (code, _, stderr) = runner(&[
+        "snapshot",
+        dir,
+        "--device",
+        "cpu",
+        "-o",
+        snap.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("writing snapshot ["), "{stderr}");
+}

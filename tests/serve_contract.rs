@@ -232,3 +232,164 @@ fn metrics_count_predictions_and_rejections_for_prometheus() {
         assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
     }
 }
+
+#[test]
+fn playground_page_is_self_contained_and_linked_from_the_root() {
+    let server = Server::start(&repo_root().join("models/conformance"), &[]);
+    let (_, root) = server.get("/");
+    let root: Value = serde_json::from_str(&root).unwrap();
+    assert_eq!(root["playground_url"], "/playground");
+    let page = support::request(&server.addr, "GET", "/playground", &[], None);
+    assert_eq!(page.status, 200);
+    assert_eq!(page.headers["content-type"], "text/html; charset=utf-8");
+    // Only this server: no CDN, no remote script, style or font.
+    assert!(
+        page.headers["content-security-policy"].contains("connect-src 'self'"),
+        "{:?}",
+        page.headers
+    );
+    for remote in ["<script src", "<link ", "@import", "cdn.", "googleapis"] {
+        assert!(!page.body.contains(remote), "the page loads {remote}");
+    }
+    assert!(page.body.contains("/openapi.json"));
+    // The model directory, as given on the command line, for the `runner run` line.
+    assert!(
+        page.body
+            .contains(r#"<meta name="runner-model-dir" content=""#)
+            && page.body.contains("models/conformance\">"),
+        "{}",
+        &page.body[..600]
+    );
+}
+
+#[test]
+fn every_response_has_a_request_id_that_its_log_lines_carry() {
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["--log-format", "json"],
+    );
+    // Made by the server when absent: on success, on a 404 and on a 422.
+    let mut seen = std::collections::HashSet::new();
+    for (method, path, body) in [
+        ("GET", "/health-check", None),
+        ("GET", "/nowhere", None),
+        ("POST", "/predictions", Some(r#"{"input": {"count": 99}}"#)),
+    ] {
+        let headers = [("Content-Type".to_string(), "application/json".to_string())];
+        let r = support::request(
+            &server.addr,
+            method,
+            path,
+            &headers,
+            body.map(str::as_bytes),
+        );
+        let id = r
+            .headers
+            .get("x-request-id")
+            .unwrap_or_else(|| panic!("{method} {path}: {:?}", r.headers))
+            .clone();
+        assert!(id.len() >= 16, "{id}");
+        assert!(seen.insert(id), "request ids are unique");
+    }
+    // A caller's plain id is kept; a hostile one (a forged log line) is replaced.
+    let ask = |id: &str| {
+        let headers = [
+            ("Content-Type".to_string(), "application/json".to_string()),
+            ("X-Request-Id".to_string(), id.to_string()),
+        ];
+        support::request(
+            &server.addr,
+            "POST",
+            "/predictions",
+            &headers,
+            Some(br#"{"id": "pred-with-logs", "input": {"text": "ab"}}"#),
+        )
+    };
+    let kept = ask("trace-7f3a.1");
+    assert_eq!(kept.status, 200, "{}", kept.body);
+    assert_eq!(kept.headers["x-request-id"], "trace-7f3a.1");
+    let replaced = ask("x\" level=error msg=forged");
+    assert_ne!(
+        replaced.headers["x-request-id"],
+        "x\" level=error msg=forged"
+    );
+    // The predictor's own log line names the request and the prediction.
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = server.drain_stderr();
+    let predictor_line = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["target"] == "runner::predictor" && l["spans"].to_string().contains("trace-7f3a.1")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no predictor log line with the request id in:\n{}",
+                lines.join("\n")
+            )
+        });
+    let spans = predictor_line["spans"].to_string();
+    assert!(spans.contains("pred-with-logs"), "{predictor_line}");
+}
+
+#[test]
+fn metrics_parse_with_the_prometheus_client_and_follow_predictions() {
+    let Some(venv) = std::env::var_os("RUNNER_PROMETHEUS_VENV").map(std::path::PathBuf::from)
+    else {
+        eprintln!("SKIPPED: RUNNER_PROMETHEUS_VENV is not set (scripts/test.sh sets it up with scripts/setup-prometheus.sh)");
+        return;
+    };
+    let server = Server::start(&repo_root().join("models/conformance"), &[]);
+    // The Prometheus project's own text-format parser; it raises on anything malformed.
+    let parse = |text: &str| -> Value {
+        let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        out[f"{s.name}{{{labels}}}"] = s.value
+    out[f"type:{family.name}"] = family.type
+print(json.dumps(out))
+"#;
+        let mut child = std::process::Command::new(venv.join("bin/python"))
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the prometheus venv's python runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "prometheus_client cannot parse /metrics: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let before = parse(&server.get("/metrics").1);
+    assert_eq!(
+        before["type:runner_prediction_duration_seconds"],
+        "histogram"
+    );
+    assert_eq!(before["type:runner_predictions"], "counter");
+    assert!(before["process_resident_memory_bytes{}"].as_f64().unwrap() > 1e6);
+    assert_eq!(before["runner_predictions_total{status=succeeded}"], 0.0);
+    for _ in 0..3 {
+        assert_eq!(server.predict(json!({"text": "a"})).0, 200);
+    }
+    let after = parse(&server.get("/metrics").1);
+    assert_eq!(after["runner_predictions_total{status=succeeded}"], 3.0);
+    assert_eq!(after["runner_prediction_duration_seconds_count{}"], 3.0);
+    assert_eq!(
+        after["runner_http_requests_total{method=POST,route=/predictions,status=200}"],
+        3.0
+    );
+}

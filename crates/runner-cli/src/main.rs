@@ -15,7 +15,7 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use runner_engine::{
     new_prediction_id, BatchOptions, Engine, EngineOptions, FileConfig, PredictionStatus,
-    Rejection, SnapshotMode, SnapshotOptions, StreamEvent,
+    ProgressBars, Rejection, SnapshotMode, SnapshotOptions, StreamEvent,
 };
 use runner_models::DeviceSpec;
 use runner_server::{Server, ServerOptions, WebhookConfig};
@@ -339,7 +339,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.logging);
+    // `runner run` prints the prediction's logs itself, as they come.
+    init_logging(&cli.logging, matches!(cli.command, Command::Run { .. }));
+    SHOW_PROGRESS.store(
+        !cli.logging.quiet && std::io::stderr().is_terminal(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     keep_cuda_kernels_beside_the_model(&cli.command);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -389,7 +394,37 @@ fn keep_cuda_kernels_beside_the_model(command: &Command) {
     }
 }
 
-fn init_logging(l: &Logging) {
+/// Progress bars only on a terminal, and not with `-q`; logs carry the same facts as
+/// plain lines (bytes, seconds, GB/s) when a step ends.
+static SHOW_PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Byte progress bars (indicatif) on stderr for weight loads and snapshot reads and writes.
+fn progress_bars() -> Option<ProgressBars> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if !SHOW_PROGRESS.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    Some(ProgressBars(Arc::new(|label: &str, total: u64| {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{msg:>18} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(label.to_string());
+        /// Clears the bar when the engine drops its progress callback.
+        struct ClearOnDrop(ProgressBar);
+        impl Drop for ClearOnDrop {
+            fn drop(&mut self) {
+                self.0.finish_and_clear();
+            }
+        }
+        let bar = ClearOnDrop(bar);
+        Arc::new(move |bytes| bar.0.inc(bytes))
+    })))
+}
+
+fn init_logging(l: &Logging, prints_prediction_logs: bool) {
     use tracing_subscriber::EnvFilter;
     let default = if l.quiet {
         "warn"
@@ -400,7 +435,16 @@ fn init_logging(l: &Logging) {
             _ => "trace",
         }
     };
-    let filter = EnvFilter::try_from_env("RUNNER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // RUNNER_LOG, else RUST_LOG, else the level -v/-q chose.
+    let filter = EnvFilter::try_from_env("RUNNER_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            if prints_prediction_logs {
+                EnvFilter::new(format!("{default},runner::predictor=off"))
+            } else {
+                EnvFilter::new(default)
+            }
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -717,6 +761,7 @@ async fn serve(
         },
         snapshot: snapshot.options(),
         record_for_snapshot: false,
+        progress: progress_bars(),
     };
     let engine = open_engine(dir, device, options)?;
     if serving.max_batch_size > 1 && engine.batching().is_none() {
@@ -754,6 +799,7 @@ async fn serve(
                 retry_deadline,
                 ..Default::default()
             },
+            model_dir_hint: Some(dir.display().to_string()),
         },
     );
     let app = server.router();
@@ -828,6 +874,7 @@ async fn serve(
 async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) -> Result<ExitCode> {
     let options = EngineOptions {
         record_for_snapshot: true,
+        progress: progress_bars(),
         ..Default::default()
     };
     let engine = open_engine(dir, device, options)?;
@@ -1001,6 +1048,7 @@ async fn run(
 ) -> Result<ExitCode> {
     let options = EngineOptions {
         snapshot,
+        progress: progress_bars(),
         ..Default::default()
     };
     let engine = open_engine(dir, device, options)?;

@@ -19,6 +19,7 @@ use runner_spec::{InputValidator, ModelDir, OutputType, Signature, ValidationIss
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 mod batcher;
 pub mod files;
@@ -94,6 +95,25 @@ pub struct EngineOptions {
     pub snapshot: SnapshotOptions,
     /// Keep the tensors the model takes at load, for [`Engine::write_snapshot`].
     pub record_for_snapshot: bool,
+    /// Progress reports for weight loads and snapshot reads and writes.
+    pub progress: Option<ProgressBars>,
+}
+
+/// Starts a progress report for a long step, given its label and total bytes; the
+/// returned callback is told bytes as they move, and the report ends when it is dropped.
+#[derive(Clone)]
+pub struct ProgressBars(pub Arc<StartProgress>);
+
+/// Starts one progress report: label, total bytes → the callback told bytes as they move.
+pub type StartProgress = dyn Fn(&str, u64) -> ProgressFn + Send + Sync;
+
+/// Told the number of bytes each time data moves; called from any thread.
+pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
+
+impl std::fmt::Debug for ProgressBars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressBars")
+    }
 }
 
 /// Which snapshot setup tries before loading the weights.
@@ -162,6 +182,7 @@ pub struct Engine {
     in_flight: Mutex<HashMap<String, Arc<Running>>>,
     idle: tokio::sync::Notify,
     snapshot_options: SnapshotOptions,
+    progress: Option<ProgressBars>,
     recorded: Option<runner_models::load::Recorded>,
     device: OnceLock<candle_core::Device>,
     metrics: metrics::EngineMetrics,
@@ -261,6 +282,7 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
             snapshot_options: options.snapshot,
+            progress: options.progress,
             recorded: options
                 .record_for_snapshot
                 .then(|| Arc::new(Mutex::new(Vec::new()))),
@@ -423,10 +445,13 @@ impl Engine {
             Some((model, info)) => (model, "snapshot", Some(info)),
             None => {
                 let t = Instant::now();
-                let ctx = match &self.recorded {
+                let mut ctx = match &self.recorded {
                     Some(r) => LoadContext::recording(&log, Arc::clone(r)),
                     None => LoadContext::new(&log),
                 };
+                if let Some(bar) = self.progress_bar("loading weights", self.weights_file_bytes()) {
+                    ctx = ctx.with_progress(bar);
+                }
                 let model = (self.architecture.load)(&self.dir, &device, &ctx)
                     .map_err(|e| e.to_string())?;
                 phases.push(("weights load".to_string(), t.elapsed()));
@@ -462,6 +487,12 @@ impl Engine {
         ))
     }
 
+    /// A progress report for a step moving `total` bytes, when the caller asked for them.
+    fn progress_bar(&self, label: &str, total: u64) -> Option<ProgressFn> {
+        let bars = self.progress.as_ref()?;
+        (total > 0).then(|| (bars.0)(label, total))
+    }
+
     /// The snapshot `--snapshot` points at, if it should be tried.
     fn chosen_snapshot(&self, device: &candle_core::Device) -> Result<Option<PathBuf>, String> {
         let path = match &self.snapshot_options.mode {
@@ -493,7 +524,10 @@ impl Engine {
         phases: &mut Vec<(String, Duration)>,
     ) -> Result<(Box<dyn Model>, SnapshotInfo), String> {
         let t = Instant::now();
-        let snapshot = Snapshot::open(path).map_err(|e| e.to_string())?;
+        let mut snapshot = Snapshot::open(path).map_err(|e| e.to_string())?;
+        if let Some(bar) = self.progress_bar("restoring snapshot", snapshot.header.data_bytes) {
+            snapshot = snapshot.with_progress(bar);
+        }
         snapshot
             .check_compatible(&self.compat_key(device)?)
             .map_err(|e| e.to_string())?;
@@ -548,7 +582,12 @@ impl Engine {
         let path = path
             .map(std::path::Path::to_path_buf)
             .unwrap_or_else(|| self.default_snapshot_path(&key.device_kind));
-        runner_snapshot::write(&path, &key, &tensors).map_err(|e| e.to_string())
+        let bytes = tensors
+            .iter()
+            .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum();
+        let bar = self.progress_bar("writing snapshot", bytes);
+        runner_snapshot::write_with_progress(&path, &key, &tensors, bar).map_err(|e| e.to_string())
     }
 
     /// Current health, and the setup report.
@@ -633,6 +672,11 @@ impl Engine {
             .sum()
     }
 
+    /// Device memory (in use, total) in bytes, where the device reports it (CUDA).
+    pub fn device_memory(&self) -> Option<(u64, u64)> {
+        runner_models::device::memory_in_use(self.device.get()?)
+    }
+
     /// Counters for operators (`/metrics`).
     pub fn metrics(&self) -> metrics::MetricsSnapshot {
         self.metrics.snapshot()
@@ -664,14 +708,20 @@ impl Engine {
                 None
             }
         };
-        let running = Running::new(id.clone(), Value::Object(input.clone()));
+        // A child of the caller's span (the HTTP request's, with its request id): every
+        // line logged for this prediction, on any thread, names both.
+        let span = tracing::info_span!("prediction", id = %id);
+        let running = Running::new(id.clone(), Value::Object(input.clone()), span.clone());
         registry.insert(id, Arc::clone(&running));
         drop(registry);
         let engine = Arc::clone(self);
         let task_running = Arc::clone(&running);
-        tokio::spawn(async move {
-            engine.drive(model, task_running, permit, input).await;
-        });
+        tokio::spawn(
+            async move {
+                engine.drive(model, task_running, permit, input).await;
+            }
+            .instrument(span),
+        );
         Ok(running)
     }
 
@@ -721,15 +771,15 @@ impl Engine {
         self.registry().remove(&id);
         match outcome {
             Outcome::Succeeded(output) => {
-                tracing::debug!(%id, "prediction succeeded");
+                tracing::debug!("prediction succeeded");
                 running.finish(PredictionStatus::Succeeded, Some(output), None)
             }
             Outcome::Failed(error) => {
-                tracing::warn!(%id, %error, "prediction failed");
+                tracing::warn!(%error, "prediction failed");
                 running.finish(PredictionStatus::Failed, None, Some(error))
             }
             Outcome::Canceled => {
-                tracing::info!(%id, "prediction canceled");
+                tracing::info!("prediction canceled");
                 running.finish(PredictionStatus::Canceled, None, None)
             }
         }
@@ -794,9 +844,14 @@ impl Engine {
                 r = batcher.run(model_input, worker_ctx) => r,
                 _ = running.canceled() => Err(PredictError::Canceled),
             },
-            None => tokio::task::spawn_blocking(move || model.predict(&model_input, &worker_ctx))
+            None => {
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| model.predict(&model_input, &worker_ctx))
+                })
                 .await
-                .unwrap_or_else(|e| Err(PredictError::Failed(format!("the model panicked: {e}")))),
+                .unwrap_or_else(|e| Err(PredictError::Failed(format!("the model panicked: {e}"))))
+            }
         };
         let output = match result {
             Ok(v) => v,

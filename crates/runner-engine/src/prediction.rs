@@ -123,7 +123,7 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    pub(crate) fn new(id: String, input: Value) -> Arc<Self> {
+    pub(crate) fn new(id: String, input: Value, span: tracing::Span) -> Arc<Self> {
         let (events, _) = broadcast::channel(HISTORY_CAPACITY);
         let (done, _) = watch::channel(false);
         Arc::new_cyclic(|weak: &std::sync::Weak<Running>| {
@@ -147,7 +147,7 @@ impl Running {
             Running {
                 id,
                 input,
-                ctx: PredictContext::with_sink(sink),
+                ctx: PredictContext::with_sink(sink).with_span(span),
                 inner: Mutex::new(Inner {
                     status: PredictionStatus::Starting,
                     started: None,

@@ -111,6 +111,29 @@ pub fn gpu_identity(device: &Device) -> GpuIdentity {
     }
 }
 
+/// Device memory in use and in total, in bytes, where the device reports it (CUDA: the
+/// driver's view of the whole GPU, other processes included; unverified on hardware so
+/// far). `None` on the CPU.
+pub fn memory_in_use(device: &Device) -> Option<(u64, u64)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(((total - free) as u64, total as u64))
+        }
+        _ => None,
+    }
+}
+
+/// This process's resident memory in bytes (Linux: /proc/self/statm).
+pub fn process_resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};

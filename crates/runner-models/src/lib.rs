@@ -110,6 +110,9 @@ pub struct PredictContext {
     canceled: Arc<AtomicBool>,
     sink: Option<EventSink>,
     output_dir: Option<Arc<std::path::Path>>,
+    /// The prediction's tracing span (request and prediction ids), so its log lines carry
+    /// them even when a batch runs on another thread.
+    span: Option<tracing::Span>,
 }
 
 impl std::fmt::Debug for PredictContext {
@@ -131,6 +134,11 @@ impl PredictContext {
             sink: Some(sink),
             ..Self::default()
         }
+    }
+    /// Log lines are also written to the operator's log inside `span`.
+    pub fn with_span(mut self, span: tracing::Span) -> Self {
+        self.span = Some(span);
+        self
     }
     /// Output files are written under `dir` (the engine removes it after the prediction).
     pub fn with_output_dir(mut self, dir: &std::path::Path) -> Self {
@@ -166,6 +174,9 @@ impl PredictContext {
         let mut text = line.to_string();
         if !text.ends_with('\n') {
             text.push('\n');
+        }
+        if let Some(span) = &self.span {
+            span.in_scope(|| tracing::info!(target: "runner::predictor", "{}", text.trim_end()));
         }
         self.record(PredictEvent::Log(text));
     }

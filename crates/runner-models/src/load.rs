@@ -16,11 +16,15 @@ use crate::SetupLog;
 /// Tensors taken by a model during load, in the order it took them.
 pub type Recorded = Arc<Mutex<Vec<(String, Tensor)>>>;
 
+/// Told the number of bytes each time weights are read (for a progress bar).
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// What an architecture's `load` gets besides the model directory and the device.
 pub struct LoadContext<'a> {
     log: SetupLog<'a>,
     restored: Option<HashMap<String, Tensor>>,
     recorder: Option<Recorded>,
+    progress: Option<Progress>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -30,6 +34,7 @@ impl<'a> LoadContext<'a> {
             log,
             restored: None,
             recorder: None,
+            progress: None,
         }
     }
     /// A load from a snapshot's tensors instead of the weights files.
@@ -38,6 +43,7 @@ impl<'a> LoadContext<'a> {
             log,
             restored: Some(tensors.into_iter().collect()),
             recorder: None,
+            progress: None,
         }
     }
     /// A cold load that records every tensor the model takes into `recorder`.
@@ -46,7 +52,23 @@ impl<'a> LoadContext<'a> {
             log,
             restored: None,
             recorder: Some(recorder),
+            progress: None,
         }
+    }
+    /// Reports weight bytes read to `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+    /// Tells the progress report that `bytes` more were read (for loaders that read
+    /// files themselves, such as GGUF).
+    pub fn advance(&self, bytes: u64) {
+        if let Some(p) = &self.progress {
+            p(bytes);
+        }
+    }
+    pub fn progress(&self) -> Option<&Progress> {
+        self.progress.as_ref()
     }
     pub fn log(&self, line: &str) {
         (self.log)(line)
@@ -66,7 +88,10 @@ impl<'a> LoadContext<'a> {
         let backend: Box<dyn SimpleBackend> = match &self.restored {
             Some(tensors) => Box::new(RestoredTensors(tensors.clone())),
             None => {
-                let checked = CheckedWeights::open(layout)?;
+                let mut checked = CheckedWeights::open(layout)?;
+                if let Some(p) = &self.progress {
+                    checked.set_progress(Arc::clone(p));
+                }
                 match &self.recorder {
                     Some(r) => Box::new(Recording {
                         inner: checked,

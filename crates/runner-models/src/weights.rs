@@ -160,6 +160,7 @@ pub struct CheckedWeights {
     tensors: HashMap<String, (PathBuf, TensorInfo)>,
     files: Vec<PathBuf>,
     mmaped: MmapedSafetensors,
+    progress: Option<crate::load::Progress>,
 }
 
 impl CheckedWeights {
@@ -209,7 +210,13 @@ impl CheckedWeights {
             tensors,
             files,
             mmaped,
+            progress: None,
         })
+    }
+
+    /// Reports each tensor's stored bytes as it is loaded.
+    pub fn set_progress(&mut self, progress: crate::load::Progress) {
+        self.progress = Some(progress);
     }
 
     pub fn files(&self) -> &[PathBuf] {
@@ -325,7 +332,11 @@ impl SimpleBackend for CheckedWeights {
                 info.dtype
             );
         }
-        self.mmaped.load(name, dev)?.to_dtype(dtype)
+        let t = self.mmaped.load(name, dev)?.to_dtype(dtype)?;
+        if let Some(p) = &self.progress {
+            p(info.offsets.1.saturating_sub(info.offsets.0));
+        }
+        Ok(t)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -37,6 +37,8 @@ pub const RUNNER_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
     pub webhooks: WebhookConfig,
+    /// The model directory as the user named it, for the playground's `runner run` line.
+    pub model_dir_hint: Option<String>,
 }
 
 /// Requests by route and status, and their latency, for `/metrics`. Labels stay bounded:
@@ -97,6 +99,73 @@ async fn count_requests(
     response
 }
 
+/// The header that carries a request's id, in both directions.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A caller's request id is kept when it is short and plain (so it cannot forge log
+/// lines or headers); otherwise, or when absent, the server makes one.
+fn caller_request_id(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(REQUEST_ID_HEADER)?.to_str().ok()?;
+    let plain = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b));
+    plain.then(|| value.to_string())
+}
+
+/// Gives every request an id: in the `x-request-id` response header and in every log line
+/// written while serving it (the prediction it starts included).
+async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let id = caller_request_id(request.headers()).unwrap_or_else(new_prediction_id);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = next.run(request).instrument(span).await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// The id of the request being served (an extension set by [`request_id`]).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// The playground with the model directory filled in (HTML-escaped).
+fn playground_page(model_dir: Option<&str>) -> String {
+    let escaped = model_dir
+        .unwrap_or("")
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    PLAYGROUND_HTML.replacen(
+        r#"<meta name="runner-model-dir" content="">"#,
+        &format!(r#"<meta name="runner-model-dir" content="{escaped}">"#),
+        1,
+    )
+}
+
+/// One self-contained page (HTML, CSS and JS inline): no CDN, works offline.
+const PLAYGROUND_HTML: &str = include_str!("playground.html");
+
+async fn playground(State(state): State<AppState>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // The page only talks to this server; nothing else may run in it.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob: https: http:; media-src 'self' data: blob: https: http:; connect-src 'self'",
+            ),
+        ],
+        state.playground.to_string(),
+    )
+        .into_response()
+}
+
 #[derive(Clone)]
 struct AppState {
     engine: Arc<Engine>,
@@ -105,6 +174,8 @@ struct AppState {
     tasks: Arc<TaskCounter>,
     shutdown: Arc<watch::Sender<bool>>,
     http_metrics: Arc<HttpMetrics>,
+    /// The playground page, rendered once.
+    playground: Arc<str>,
 }
 
 /// The HTTP server for one engine: its routes, its background webhook deliveries and its
@@ -135,6 +206,7 @@ impl Server {
                 tasks: Arc::new(TaskCounter::default()),
                 shutdown: Arc::new(shutdown),
                 http_metrics: Arc::new(HttpMetrics::default()),
+                playground: playground_page(options.model_dir_hint.as_deref()).into(),
             },
         }
     }
@@ -146,6 +218,7 @@ impl Server {
             .route("/openapi.json", get(openapi))
             .route("/shutdown", post(shutdown))
             .route("/metrics", get(metrics))
+            .route("/playground", get(playground))
             .route("/predictions", post(create_prediction))
             .route("/predictions/{id}", put(create_prediction_idempotent))
             .route("/predictions/{id}/cancel", post(cancel_prediction))
@@ -154,6 +227,7 @@ impl Server {
                 self.state.clone(),
                 count_requests,
             ))
+            .layer(axum::middleware::from_fn(request_id))
             .with_state(self.state.clone())
     }
 
@@ -206,6 +280,7 @@ async fn root() -> Json<Value> {
         "predictions_idempotent_url": "/predictions/{prediction_id}",
         "predictions_cancel_url": "/predictions/{prediction_id}/cancel",
         "metrics_url": "/metrics",
+        "playground_url": "/playground",
     }))
 }
 
@@ -373,6 +448,11 @@ fn render_metrics(state: &AppState) -> String {
             engine.queued(),
         ),
         (
+            "runner_predictions_running",
+            "Predictions running now (holding a slot).",
+            engine.in_flight().saturating_sub(engine.queued()),
+        ),
+        (
             "runner_slots",
             "Predictions that may run at once.",
             engine.total_slots(),
@@ -439,6 +519,15 @@ fn render_metrics(state: &AppState) -> String {
         );
     }
 
+    if let Some(rss) = runner_models::device::process_resident_bytes() {
+        gauge(
+            &mut out,
+            "process_resident_memory_bytes",
+            "Resident memory of the runner process (weights on the CPU live here).",
+            "",
+            rss,
+        );
+    }
     gauge(
         &mut out,
         "runner_build_info",
@@ -507,6 +596,23 @@ fn render_metrics(state: &AppState) -> String {
                 "runner_setup_phase_seconds{{phase=\"{}\"}} {}",
                 label(phase),
                 t.as_secs_f64()
+            );
+        }
+        if let Some((used, total)) = engine.device_memory() {
+            let device = format!("device=\"{}\"", label(&loaded.device));
+            gauge(
+                &mut out,
+                "runner_device_memory_used_bytes",
+                "Memory in use on the model's device (the whole GPU, as its driver reports it).",
+                &device,
+                used,
+            );
+            gauge(
+                &mut out,
+                "runner_device_memory_total_bytes",
+                "Memory on the model's device.",
+                &device,
+                total,
             );
         }
         if let Some(snap) = &loaded.snapshot {

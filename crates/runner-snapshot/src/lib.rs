@@ -267,6 +267,41 @@ pub fn write(
     key: &CompatKey,
     tensors: &[(String, Tensor)],
 ) -> Result<WriteReport, SnapshotError> {
+    write_with_progress(path, key, tensors, None)
+}
+
+/// Counts the bytes that pass through to a writer.
+struct CountingWriter<'a, W> {
+    inner: W,
+    progress: Option<&'a Progress>,
+}
+
+impl<W: Write> Write for CountingWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(p) = self.progress {
+            p(n as u64);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Seek> Seek for CountingWriter<'_, W> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// [`write`], telling `progress` the bytes written as they go.
+pub fn write_with_progress(
+    path: &Path,
+    key: &CompatKey,
+    tensors: &[(String, Tensor)],
+    progress: Option<Progress>,
+) -> Result<WriteReport, SnapshotError> {
     let started = Instant::now();
     if path.is_dir() {
         return Err(SnapshotError::IsDirectory {
@@ -289,8 +324,13 @@ pub fn write(
         rand::random::<u64>()
     ));
     let result = (|| {
-        let mut file = File::create(&tmp).map_err(io(&tmp, "cannot create"))?;
-        let (header, file_bytes) = write_to(&mut file, &tmp, key, tensors)?;
+        let file = File::create(&tmp).map_err(io(&tmp, "cannot create"))?;
+        let mut counted = CountingWriter {
+            inner: file,
+            progress: progress.as_ref(),
+        };
+        let (header, file_bytes) = write_to(&mut counted, &tmp, key, tensors)?;
+        let file = counted.inner;
         file.sync_all().map_err(io(&tmp, "cannot flush to disk"))?;
         drop(file);
         std::fs::rename(&tmp, path).map_err(io(path, "cannot move the snapshot into place"))?;
@@ -486,7 +526,22 @@ pub struct Snapshot {
     pub manifest: Manifest,
     data_offset: u64,
     file: File,
+    progress: ProgressHook,
 }
+
+/// The optional progress callback (no `Debug` of its own).
+#[derive(Default)]
+struct ProgressHook(Option<Progress>);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
+/// Told the number of bytes each time data moves (for a progress bar); called from any
+/// thread.
+pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 
 /// What a restore did, for phase timings and bandwidth.
 #[derive(Debug, Clone, Copy)]
@@ -590,12 +645,25 @@ impl Snapshot {
             serde_json::from_slice(manifest_json).map_err(|e| corrupt(format!("manifest: {e}")))?;
         validate_layout(&header, &manifest, data_bytes).map_err(corrupt)?;
         Ok(Snapshot {
+            progress: ProgressHook::default(),
             path: path.to_path_buf(),
             header,
             manifest,
             data_offset,
             file,
         })
+    }
+
+    /// Reports restored bytes to `progress` as they are read and checked.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = ProgressHook(Some(progress));
+        self
+    }
+
+    fn advance(&self, bytes: usize) {
+        if let Some(p) = &self.progress.0 {
+            p(bytes as u64);
+        }
     }
 
     /// Refuses a snapshot taken for another model, device or runner.
@@ -797,6 +865,7 @@ impl Snapshot {
             self.file
                 .read_exact_at(chunk, base + start)
                 .map_err(io(&self.path, "cannot read the snapshot's data"))?;
+            self.advance(chunk.len());
             if xxh3_64(chunk) != *expected {
                 return Err(SnapshotError::Corrupt {
                     path: self.path.clone(),
@@ -904,6 +973,7 @@ impl<'a> ChunkVerifier<'a> {
         }
     }
     fn update(&mut self, mut bytes: &[u8]) -> Result<(), SnapshotError> {
+        self.snapshot.advance(bytes.len());
         while !bytes.is_empty() {
             let take = ((self.arena.chunk_bytes - self.filled) as usize).min(bytes.len());
             self.hasher.update(&bytes[..take]);

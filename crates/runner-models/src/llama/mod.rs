@@ -336,6 +336,26 @@ fn stop_tokens(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
     ids
 }
 
+/// Tells the load's progress report how many bytes the GGUF reader has read.
+struct CountingReader<'a, 'b, R> {
+    inner: R,
+    ctx: &'a LoadContext<'b>,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<'_, '_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.ctx.advance(n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: std::io::Seek> std::io::Seek for CountingReader<'_, '_, R> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
 fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generator, LoadError> {
     let (content, mut file) = open_gguf(path)?;
     let tokenizer =
@@ -362,7 +382,11 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         .map(|i| format!("{:?}", i.ggml_dtype))
         .unwrap_or_else(|| "?".into());
     let started = Instant::now();
-    let weights = quantized::ModelWeights::from_gguf(content, &mut file, device, context)
+    let mut reader = CountingReader {
+        inner: &mut file,
+        ctx,
+    };
+    let weights = quantized::ModelWeights::from_gguf(content, &mut reader, device, context)
         .map_err(|e| other(format!("{}: {e}", path.display())))?;
     ctx.log(&format!(
         "llama: {} ({quant}) loaded in {:.2}s; context {context} tokens",
