@@ -99,6 +99,7 @@ fn every_input_kind_has_its_control_on_a_phone_screen() {
     }
     let server = Server::start(&repo_root().join("models/conformance"), &[]);
     let findings = drive("conformance", &server);
+    assert_eq!(findings["canceled"], true, "{findings}");
     let errors = findings["validation_error"].as_array().unwrap();
     assert_eq!(errors.len(), 2, "{findings}");
 }

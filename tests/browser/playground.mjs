@@ -116,6 +116,20 @@ try {
     const out = JSON.parse(await page.textContent("#output pre.json"));
     check(out.text === "hihi" && out.color === "blue" && out.api_key_length === 6, `output ${JSON.stringify(out)}`);
     check(!page.url().includes("s3cret"), "secrets stay out of the address");
+    // A failed prediction shows its error; a long one can be canceled from the page.
+    await page.check("#in-fail");
+    await page.click("#run");
+    await waitStatus("failed");
+    check((await page.textContent("#output .error")).includes("on purpose"), "the error is shown");
+    await page.uncheck("#in-fail");
+    await page.fill("#in-sleep", "60");
+    await page.click("#run");
+    await page.waitForSelector("#cancel:not([hidden])");
+    await page.waitForTimeout(300);
+    await page.click("#cancel");
+    await waitStatus("canceled", 30000);
+    findings.canceled = true;
+    await page.fill("#in-sleep", "0");
     // Two errors at once, each beside its own field.
     await page.fill("#in-count", "99");
     await page.fill("#in-code", "12ab");
