@@ -80,11 +80,18 @@ try {
     await page.fill("#in-prompt", "What is the capital of France?");
     await page.fill("#in-max_new_tokens", "12");
     await page.fill("#in-temperature", "0");
+    // Streamed: text appears while the prediction is still processing (recorded by a
+    // mutation observer, so no poll can miss it).
+    await page.evaluate(() => {
+      window.sawPartial = false;
+      new MutationObserver(() => {
+        const text = document.querySelector("#output pre.text");
+        if (text && text.textContent.length > 0 && document.querySelector("#status").dataset.status === "processing") window.sawPartial = true;
+      }).observe(document.querySelector("#output"), { childList: true, subtree: true, characterData: true });
+    });
     await page.click("#run");
-    // Streamed: text appears before the prediction ends.
-    await page.waitForFunction(() => document.querySelector("#status").dataset.status === "processing" && document.querySelector("#output pre.text")?.textContent.length > 0, null, { timeout: 120000 });
-    findings.saw_partial_output = true;
     await waitStatus("succeeded");
+    findings.saw_partial_output = await page.evaluate(() => window.sawPartial);
     findings.text = await page.textContent("#output pre.text");
     check(findings.text.length > 0, "generated text is shown");
     check((await page.textContent("#metrics")).includes("output_token_count"), "token metrics are shown");
