@@ -31,6 +31,7 @@ fn browser_ready() -> Option<()> {
 fn drive(scenario: &str, server: &Server) -> Value {
     let out = repo_root().join("target/playground-screenshots");
     let run = Command::new("node")
+        .env("RUNNER_TEST_API_KEY", TEST_API_KEY)
         .arg(repo_root().join("tests/browser/playground.mjs"))
         .args([scenario, &format!("http://{}", server.addr)])
         .arg(&out)
@@ -46,6 +47,8 @@ fn drive(scenario: &str, server: &Server) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("findings are not JSON ({e}): {stdout}"))
 }
+
+const TEST_API_KEY: &str = "playground-test-key-0b7e";
 
 #[test]
 fn embedding_model_runs_from_the_browser() {
@@ -118,4 +121,17 @@ fn files_go_up_from_the_picker_and_come_back_shown() {
             .contains("> violets"),
         "{findings}"
     );
+}
+
+#[test]
+fn the_page_asks_for_the_api_key_and_uses_it() {
+    if browser_ready().is_none() {
+        return;
+    }
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["--api-key", TEST_API_KEY],
+    );
+    let findings = drive("apikey", &server);
+    assert_eq!(findings["ran_with_key"], true, "{findings}");
 }

@@ -393,3 +393,126 @@ print(json.dumps(out))
         3.0
     );
 }
+
+#[test]
+fn an_api_key_guards_every_route_but_the_health_check_and_the_page() {
+    const KEY: &str = "k3y-for-the-test-6d1f";
+    let server = Server::start(&repo_root().join("models/conformance"), &["--api-key", KEY]);
+    let call = |method: &str, path: &str, auth: Option<&str>| {
+        let mut headers = vec![("Content-Type".to_string(), "application/json".to_string())];
+        if let Some(a) = auth {
+            headers.push(("Authorization".to_string(), a.to_string()));
+        }
+        let body = (method == "POST").then_some(&br#"{"input": {"text": "a"}}"#[..]);
+        support::request(&server.addr, method, path, &headers, body)
+    };
+    for (method, path) in [
+        ("GET", "/"),
+        ("GET", "/openapi.json"),
+        ("GET", "/metrics"),
+        ("POST", "/predictions"),
+        ("POST", "/predictions/x/cancel"),
+    ] {
+        let r = call(method, path, None);
+        assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
+        assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"runner\"");
+        assert!(
+            r.body.contains("--api-key"),
+            "says what to send: {}",
+            r.body
+        );
+        let wrong = call(method, path, Some("Bearer not-the-key"));
+        assert_eq!(wrong.status, 401, "{method} {path}");
+        assert!(wrong.body.contains("wrong API key"), "{}", wrong.body);
+    }
+    assert_eq!(call("GET", "/health-check", None).status, 200);
+    let page = call("GET", "/playground", None);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body
+            .contains(r#"<meta name="runner-model-dir" content="">"#),
+        "the open page does not say where the model lives"
+    );
+    let bearer = format!("Bearer {KEY}");
+    let ok = call("POST", "/predictions", Some(&bearer));
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(call("GET", "/metrics", Some(&bearer)).status, 200);
+    // Refusals are counted, and the key is never written anywhere.
+    let metrics = call("GET", "/metrics", Some(&bearer)).body;
+    assert!(
+        metrics.contains(
+            r#"runner_http_requests_total{route="/predictions",method="POST",status="401"} 2"#
+        ),
+        "{metrics}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = server.drain_stderr().join("\n");
+    assert!(!logs.contains(KEY) && !metrics.contains(KEY), "{logs}");
+}
+
+#[test]
+fn secrets_never_reach_logs_metrics_or_answers() {
+    const SECRET_INPUT: &str = "s3cret-input-value-91c2";
+    const WEBHOOK_TOKEN: &str = "webhook-token-value-44ab";
+    let fixtures = Fixtures::start();
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["-v", "--webhook-auth-token", WEBHOOK_TOKEN],
+    );
+    let (status, p) = server.predict(json!({"text": "a", "api_key": SECRET_INPUT}));
+    assert_eq!(status, 200);
+    assert_eq!(p["output"]["api_key_length"], SECRET_INPUT.len());
+    let (status, _) = server.predict(json!({"text": "a", "api_key": SECRET_INPUT, "fail": true}));
+    assert_eq!(status, 200);
+    let invalid = server.predict(json!({"count": 99, "api_key": SECRET_INPUT}));
+    assert_eq!(invalid.0, 422);
+    let body = json!({
+        "input": {"text": "a", "api_key": SECRET_INPUT},
+        "webhook": format!("{}/hooks/secret", fixtures.url()),
+    })
+    .to_string();
+    let headers = [
+        ("Content-Type".to_string(), "application/json".to_string()),
+        ("Prefer".to_string(), "respond-async".to_string()),
+    ];
+    let accepted = support::request(
+        &server.addr,
+        "POST",
+        "/predictions",
+        &headers,
+        Some(body.as_bytes()),
+    );
+    assert_eq!(accepted.status, 202);
+    wait_until("the terminal webhook", Duration::from_secs(10), || {
+        fixtures
+            .received("/hooks/secret")
+            .iter()
+            .any(|r| String::from_utf8_lossy(&r.body).contains("succeeded"))
+    });
+    // The receiver got the token; nothing else ever shows it or the secret input.
+    let hooks = fixtures.received("/hooks/secret");
+    assert_eq!(
+        hooks[0].headers["authorization"],
+        format!("Bearer {WEBHOOK_TOKEN}")
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = server.drain_stderr().join("\n");
+    let metrics = server.get("/metrics").1;
+    let health = server.get("/health-check").1;
+    for (what, text) in [
+        ("logs", &logs),
+        ("metrics", &metrics),
+        ("health-check", &health),
+        ("a 422", &invalid.1.to_string()),
+        ("a 202", &accepted.body),
+    ] {
+        assert!(
+            !text.contains(SECRET_INPUT),
+            "the secret input is in the {what}:\n{text}"
+        );
+        assert!(
+            !text.contains(WEBHOOK_TOKEN),
+            "the webhook token is in the {what}:\n{text}"
+        );
+    }
+}

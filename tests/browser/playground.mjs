@@ -34,6 +34,15 @@ try {
   page.on("request", (r) => { if (!r.url().startsWith(base) && !r.url().startsWith("data:")) external.push(r.url()); });
 
   await page.goto(`${base}/playground`);
+  if (scenario === "apikey") {
+    // The page asks for the key, says when it is refused, then works with it.
+    await page.waitForSelector("#key-form:not([hidden])", { timeout: 30000 });
+    await page.fill("#api-key", "not-the-key");
+    await page.click("#key-form button");
+    await page.waitForFunction(() => document.querySelector("#key-error").textContent.includes("refused"), null, { timeout: 30000 });
+    await page.fill("#api-key", process.env.RUNNER_TEST_API_KEY);
+    await page.click("#key-form button");
+  }
   await page.waitForSelector("body[data-ready=true]", { timeout: 30000 });
   const waitStatus = async (want, timeout = 120000) => {
     await page.waitForFunction((w) => document.querySelector("#status").dataset.status === w, want, { timeout });
@@ -146,6 +155,15 @@ try {
     const width = await page.evaluate(() => document.documentElement.scrollWidth);
     check(width <= 390, `no sideways scrolling on a phone-width screen (page is ${width}px wide)`);
     await page.screenshot({ path: join(outDir, "playground-phone.png"), fullPage: true });
+  } else if (scenario === "apikey") {
+    check(await page.isHidden("#key-form"), "the key form goes away once the key works");
+    await page.fill("#in-text", "hi");
+    await page.click("#run");
+    await waitStatus("succeeded");
+    const curl = await page.textContent("#curl");
+    check(curl.includes("Authorization: Bearer $RUNNER_API_KEY"), `curl sends the key by name: ${curl}`);
+    check(!curl.includes(process.env.RUNNER_TEST_API_KEY), "the key itself is not shown");
+    findings.ran_with_key = true;
   } else if (scenario === "files") {
     // A file picked in the browser goes as a data URI; file outputs are shown.
     check(await page.getAttribute("#in-source", "type") === "file", "format: uri → file picker");

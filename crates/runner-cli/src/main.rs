@@ -116,6 +116,10 @@ struct ServingArgs {
     /// Largest file input, downloaded or decoded, in bytes.
     #[arg(long, default_value_t = 512 * 1024 * 1024, env = "RUNNER_MAX_INPUT_FILE_BYTES")]
     max_input_file_bytes: u64,
+    /// Require `Authorization: Bearer <KEY>` on every route but /health-check and the
+    /// playground page (which asks for it). Never logged.
+    #[arg(long, env = "RUNNER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Exit when the process that started runner goes away (for runner as the child of a
     /// wrapper, such as a packaged Cog predictor, that may be killed without warning).
     #[arg(long, env = "RUNNER_EXIT_WITH_PARENT")]
@@ -800,6 +804,7 @@ async fn serve(
                 ..Default::default()
             },
             model_dir_hint: Some(dir.display().to_string()),
+            api_key: serving.api_key.clone().filter(|k| !k.is_empty()),
         },
     );
     let app = server.router();

@@ -39,6 +39,9 @@ pub struct ServerOptions {
     pub webhooks: WebhookConfig,
     /// The model directory as the user named it, for the playground's `runner run` line.
     pub model_dir_hint: Option<String>,
+    /// When set, every route but `/health-check` and the playground page asks for
+    /// `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 /// Requests by route and status, and their latency, for `/metrics`. Labels stay bounded:
@@ -97,6 +100,48 @@ async fn count_requests(
         started.elapsed().as_secs_f64(),
     );
     response
+}
+
+/// Routes open without the API key: the health check (for orchestrators) and the static
+/// playground page (which asks for the key itself).
+const OPEN_ROUTES: [&str; 2] = ["/health-check", "/playground"];
+
+/// Refuses requests without the server's API key (when `--api-key` is set) with 401.
+async fn require_api_key(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = &state.api_key else {
+        return next.run(request).await;
+    };
+    if request.method() == axum::http::Method::GET && OPEN_ROUTES.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"runner\"")],
+        Json(json!({"detail": if given.is_some() {
+            "wrong API key: send the key runner serve was given (--api-key, RUNNER_API_KEY) as Authorization: Bearer <key>"
+        } else {
+            "this server needs an API key: send Authorization: Bearer <key> (the key runner serve was given with --api-key or RUNNER_API_KEY)"
+        }})),
+    )
+        .into_response()
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The header that carries a request's id, in both directions.
@@ -176,6 +221,7 @@ struct AppState {
     http_metrics: Arc<HttpMetrics>,
     /// The playground page, rendered once.
     playground: Arc<str>,
+    api_key: Option<Arc<str>>,
 }
 
 /// The HTTP server for one engine: its routes, its background webhook deliveries and its
@@ -206,7 +252,15 @@ impl Server {
                 tasks: Arc::new(TaskCounter::default()),
                 shutdown: Arc::new(shutdown),
                 http_metrics: Arc::new(HttpMetrics::default()),
-                playground: playground_page(options.model_dir_hint.as_deref()).into(),
+                // With a key, the open page does not show where the model lives.
+                playground: playground_page(
+                    options
+                        .model_dir_hint
+                        .as_deref()
+                        .filter(|_| options.api_key.is_none()),
+                )
+                .into(),
+                api_key: options.api_key.map(Arc::from),
             },
         }
     }
@@ -223,6 +277,10 @@ impl Server {
             .route("/predictions/{id}", put(create_prediction_idempotent))
             .route("/predictions/{id}/cancel", post(cancel_prediction))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                require_api_key,
+            ))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),
                 count_requests,
