@@ -46,18 +46,8 @@ fn broken_cog_yaml_names_file_line_and_key() {
 }
 
 #[test]
-fn python_predictors_are_not_supported_yet() {
+fn unknown_architectures_are_named() {
     let d = tempfile::tempdir().unwrap();
-    write_cog_yaml(
-        d.path(),
-        "build:\n  python_version: \"3.11\"\npredict: \"predict.py:Predictor\"\n",
-    );
-    let (code, _, stderr) = runner(&["serve", d.path().to_str().unwrap(), "--port", "0"]);
-    assert_eq!(code, 1);
-    assert!(
-        stderr.contains("predict.py:Predictor") && stderr.contains("not supported yet"),
-        "{stderr}"
-    );
     write_cog_yaml(d.path(), "run: \"candle:gpt9\"\n");
     let (code, _, stderr) = runner(&["schema", d.path().to_str().unwrap()]);
     assert_eq!(code, 1);

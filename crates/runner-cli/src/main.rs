@@ -40,6 +40,10 @@ const VERSION: &str = concat!(
 struct Cli {
     #[command(flatten)]
     logging: Logging,
+    /// The Python interpreter for Python Cog predictors (`run: "predict.py:Predictor"`);
+    /// the `cog` package must be importable there. Default: python3 on PATH.
+    #[arg(long, global = true, env = "RUNNER_PYTHON", value_name = "PATH")]
+    python: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -345,6 +349,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // `runner run` prints the prediction's logs itself, as they come.
     init_logging(&cli.logging, matches!(cli.command, Command::Run { .. }));
+    let _ = PYTHON.set(cli.python.clone());
     SHOW_PROGRESS.store(
         !cli.logging.quiet && std::io::stderr().is_terminal(),
         std::sync::atomic::Ordering::Relaxed,
@@ -586,7 +591,14 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 fn package(args: PackageArgs) -> Result<ExitCode> {
     let model_dir = ModelDir::open(&args.dir)?;
-    let engine = Engine::new(model_dir.clone(), DeviceSpec::Cpu, Default::default())?;
+    let engine = Engine::new(
+        model_dir.clone(),
+        DeviceSpec::Cpu,
+        EngineOptions {
+            python: PYTHON.get().cloned().flatten(),
+            ..Default::default()
+        },
+    )?;
     // A package must not carry weights that would fail to load: check them now.
     if !model_dir.weights.safetensors.is_empty() {
         runner_models::weights::CheckedWeights::open(&model_dir.weights)
@@ -717,8 +729,14 @@ fn probe_runner_binary(path: &Path) -> runner_package::RunnerBinary {
     }
 }
 
-fn open_engine(dir: &Path, device: DeviceSpec, options: EngineOptions) -> Result<Arc<Engine>> {
+/// `--python`, for every command that opens an engine.
+static PYTHON: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+fn open_engine(dir: &Path, device: DeviceSpec, mut options: EngineOptions) -> Result<Arc<Engine>> {
     let model_dir = ModelDir::open(dir)?;
+    if options.python.is_none() {
+        options.python = PYTHON.get().cloned().flatten();
+    }
     Ok(Engine::new(model_dir, device, options)?)
 }
 
@@ -766,6 +784,7 @@ async fn serve(
         snapshot: snapshot.options(),
         record_for_snapshot: false,
         progress: progress_bars(),
+        python: None,
     };
     let engine = open_engine(dir, device, options)?;
     if serving.max_batch_size > 1 && engine.batching().is_none() {
@@ -839,9 +858,9 @@ async fn serve(
                     .map(|b| format!(" · batches of up to {} ({} ms wait)", b.max_batch_size, b.max_wait.as_secs_f64() * 1000.0))
                     .unwrap_or_default();
                 stderr_line(&format!(
-                    "runner: ready at {url} · model {} (candle:{}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
+                    "runner: ready at {url} · model {} ({}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
                     engine.model_name(),
-                    engine.architecture(),
+                    engine.run_target(),
                     loaded.device,
                     loaded.weights_source,
                     started.elapsed().as_secs_f64()

@@ -38,6 +38,8 @@ pub enum Health {
     Ready,
     Busy,
     SetupFailed,
+    /// The model can no longer predict (its Python worker died).
+    Defunct,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -97,6 +99,8 @@ pub struct EngineOptions {
     pub record_for_snapshot: bool,
     /// Progress reports for weight loads and snapshot reads and writes.
     pub progress: Option<ProgressBars>,
+    /// The interpreter for Python predictors (`--python`; default `python3`).
+    pub python: Option<PathBuf>,
 }
 
 /// Starts a progress report for a long step, given its label and total bytes; the
@@ -164,6 +168,7 @@ pub struct Engine {
     dir: ModelDir,
     architecture: &'static Architecture,
     signature: Signature,
+    python: Option<PathBuf>,
     validator: InputValidator,
     openapi_json: String,
     device_spec: DeviceSpec,
@@ -238,24 +243,45 @@ impl Engine {
         options: EngineOptions,
     ) -> Result<Arc<Self>, EngineError> {
         let architecture = architecture_for(&dir)?;
-        let signature = (architecture.signature)();
+        // A Python predictor declares its own signature; sync ones get one slot, as in Cog.
+        let (signature, python_sync) = match &dir.config.run {
+            runner_spec::RunTarget::Python { .. } => {
+                let described = runner_models::python::describe(&dir, options.python.as_deref())?;
+                (described.signature, !described.is_async)
+            }
+            _ => ((architecture.signature)(), false),
+        };
         let file_inputs = files::has_file_inputs(&signature);
         let file_outputs = files::has_file_outputs(&signature.output);
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
-        let openapi_json = openapi::to_cog_json(&openapi::document(&signature));
+        // A Python predictor built by Cog carries the schema Cog generated: serve that one.
+        let cog_schema = std::fs::read_to_string(dir.root.join(".cog/openapi_schema.json"))
+            .ok()
+            .filter(|_| matches!(dir.config.run, runner_spec::RunTarget::Python { .. }))
+            .filter(|text| serde_json::from_str::<Value>(text).is_ok());
+        let openapi_json =
+            cog_schema.unwrap_or_else(|| openapi::to_cog_json(&openapi::document(&signature)));
         let batching = (architecture.batching && options.batching.max_batch_size > 1)
             .then_some(options.batching);
-        let concurrency = options
+        let mut concurrency = options
             .concurrency
             .or(dir.config.concurrency_max)
             .unwrap_or(1)
             .max(1) as usize;
+        if python_sync && concurrency > 1 {
+            tracing::warn!(
+                "{}: a sync predict()/run() runs one prediction at a time; make it `async def` for concurrency {concurrency}",
+                dir.config.run
+            );
+            concurrency = 1;
+        }
         // A batch can only gather predictions that hold a slot.
         let total_slots = concurrency.max(batching.map_or(1, |b| b.max_batch_size));
         Ok(Arc::new(Engine {
             dir,
             architecture,
             signature,
+            python: options.python,
             validator,
             openapi_json,
             device_spec,
@@ -295,6 +321,10 @@ impl Engine {
 
     pub fn model_name(&self) -> String {
         self.dir.name()
+    }
+    /// What cog.yaml's `run` names: `candle:<architecture>` or `file.py:Class`.
+    pub fn run_target(&self) -> String {
+        self.dir.config.run.to_string()
     }
     pub fn architecture(&self) -> &'static str {
         self.architecture.name
@@ -421,9 +451,9 @@ impl Engine {
         let device_name = runner_models::device::describe(&device);
         phases.push(("device init".to_string(), t.elapsed()));
         self.setup_log(&format!(
-            "loading {} (candle:{}) on {device_name}",
+            "loading {} ({}) on {device_name}",
             self.dir.root.display(),
-            self.architecture.name
+            self.run_target()
         ));
         let log = |line: &str| self.setup_log(line);
         let mut restored = None;
@@ -448,7 +478,8 @@ impl Engine {
                 let mut ctx = match &self.recorded {
                     Some(r) => LoadContext::recording(&log, Arc::clone(r)),
                     None => LoadContext::new(&log),
-                };
+                }
+                .with_python(self.python.clone());
                 if let Some(bar) = self.progress_bar("loading weights", self.weights_file_bytes()) {
                     ctx = ctx.with_progress(bar);
                 }
@@ -567,6 +598,9 @@ impl Engine {
             .device
             .get()
             .ok_or("the model is not loaded: run setup first")?;
+        if self.architecture.name == runner_models::PYTHON.name {
+            return Err("a Python predictor's state lives in its worker process; snapshots hold native (candle) models only".into());
+        }
         let recorded = self
             .recorded
             .as_ref()
@@ -595,7 +629,9 @@ impl Engine {
         let state = self.lock();
         let mut setup = state.setup.clone();
         setup.logs = state.setup_logs.clone();
+        let defunct = self.model.get().and_then(|m| m.defunct());
         let health = match state.health_before_ready {
+            Health::Ready if defunct.is_some() => Health::Defunct,
             Health::Ready if self.slots.available_permits() == 0 => Health::Busy,
             h => h,
         };

@@ -18,6 +18,7 @@ pub mod files;
 pub mod json;
 pub mod llama;
 pub mod load;
+pub mod python;
 pub mod stream;
 pub mod tiny_mlp;
 pub mod weights;
@@ -28,12 +29,6 @@ pub use weights::WeightsError;
 /// Why a model could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("`run: {target}` in {cog_yaml}: Python predictors are not supported yet; use a native architecture (`run: \"candle:<architecture>\"`, one of: {known})")]
-    PythonNotSupported {
-        target: String,
-        cog_yaml: String,
-        known: String,
-    },
     #[error("`run: candle:{name}` in {cog_yaml}: unknown architecture; runner knows: {known}")]
     UnknownArchitecture {
         name: String,
@@ -298,6 +293,12 @@ pub trait Model: Send + Sync {
     /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
     /// own. Only called for architectures whose [`Architecture::batching`] is true; the
     /// default runs the items one by one.
+    /// Why the model can no longer predict (a Python worker that died), if it cannot:
+    /// `/health-check` then reports `DEFUNCT`.
+    fn defunct(&self) -> Option<String> {
+        None
+    }
+
     fn predict_batch(&self, batch: &[BatchItem<'_>]) -> Vec<Result<Value, PredictError>> {
         batch
             .iter()
@@ -337,6 +338,22 @@ pub struct Architecture {
     pub batching: bool,
 }
 
+/// A Python Cog predictor: its signature comes from the predictor
+/// ([`python::describe`]), not from this entry.
+pub const PYTHON: Architecture = Architecture {
+    name: "python",
+    summary: "a Python Cog predictor, run by a worker process in the user's Python",
+    signature: || Signature {
+        inputs: Vec::new(),
+        output: runner_spec::OutputType::Prim(runner_spec::Primitive::Any),
+        streaming: false,
+    },
+    load: python::load,
+    example_input: |_| serde_json::json!({}),
+    dtype_policy: "python",
+    batching: false,
+};
+
 /// Every native architecture runner knows.
 pub const ARCHITECTURES: &[Architecture] = &[
     bert::ARCHITECTURE,
@@ -359,11 +376,7 @@ fn known_names() -> String {
 pub fn architecture_for(dir: &ModelDir) -> Result<&'static Architecture, LoadError> {
     let cog_yaml = format!("{}:{}", dir.config.path.display(), dir.config.run_line);
     match &dir.config.run {
-        RunTarget::Python { .. } => Err(LoadError::PythonNotSupported {
-            target: dir.config.run.to_string(),
-            cog_yaml,
-            known: known_names(),
-        }),
+        RunTarget::Python { .. } => Ok(&PYTHON),
         RunTarget::Native { architecture } => ARCHITECTURES
             .iter()
             .find(|a| a.name == architecture)

@@ -25,6 +25,7 @@ pub struct LoadContext<'a> {
     restored: Option<HashMap<String, Tensor>>,
     recorder: Option<Recorded>,
     progress: Option<Progress>,
+    python: Option<std::path::PathBuf>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -35,6 +36,7 @@ impl<'a> LoadContext<'a> {
             restored: None,
             recorder: None,
             progress: None,
+            python: None,
         }
     }
     /// A load from a snapshot's tensors instead of the weights files.
@@ -44,6 +46,7 @@ impl<'a> LoadContext<'a> {
             restored: Some(tensors.into_iter().collect()),
             recorder: None,
             progress: None,
+            python: None,
         }
     }
     /// A cold load that records every tensor the model takes into `recorder`.
@@ -53,6 +56,7 @@ impl<'a> LoadContext<'a> {
             restored: None,
             recorder: Some(recorder),
             progress: None,
+            python: None,
         }
     }
     /// Reports weight bytes read to `progress`.
@@ -69,6 +73,14 @@ impl<'a> LoadContext<'a> {
     }
     pub fn progress(&self) -> Option<&Progress> {
         self.progress.as_ref()
+    }
+    /// The interpreter for Python predictors (`--python`).
+    pub fn with_python(mut self, python: Option<std::path::PathBuf>) -> Self {
+        self.python = python;
+        self
+    }
+    pub fn python(&self) -> Option<&std::path::Path> {
+        self.python.as_deref()
     }
     pub fn log(&self, line: &str) {
         (self.log)(line)

@@ -353,7 +353,7 @@ async fn health_check(State(state): State<AppState>) -> Json<Value> {
     if let Some(loaded) = engine.loaded() {
         body["runner"] = json!({
             "model": engine.model_name(),
-            "architecture": format!("candle:{}", engine.architecture()),
+            "architecture": engine.run_target(),
             "device": loaded.device,
             "weights_source": loaded.weights_source,
             "setup_time": loaded.setup_time.as_secs_f64(),
@@ -615,9 +615,9 @@ fn render_metrics(state: &AppState) -> String {
             "runner_model_info",
             "The served model.",
             &format!(
-                "model=\"{}\",architecture=\"candle:{}\",device=\"{}\",weights_source=\"{}\"",
+                "model=\"{}\",architecture=\"{}\",device=\"{}\",weights_source=\"{}\"",
                 label(&engine.model_name()),
-                label(engine.architecture()),
+                label(&engine.run_target()),
                 label(&loaded.device),
                 loaded.weights_source
             ),

@@ -1,0 +1,214 @@
+//! Python Cog predictors behind runner's server (issue 7), beyond the conformance suite
+//! (which replays every case against runner serving cog-spec's Python predictors): the
+//! schema Cog's own generator wrote, a sync generator, output below Python's sys.stdout,
+//! a worker killed mid-prediction (DEFUNCT), a prediction that ignores its cancellation
+//! (the worker is stopped and replaced), and an
+//! interpreter without the `cog` package. Needs RUNNER_COGLET_VENV (a virtualenv with
+//! cog==0.23.1; scripts/test.sh sets it up).
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{repo_root, runner, Server};
+
+fn cog_python() -> Option<String> {
+    match std::env::var("RUNNER_COGLET_VENV") {
+        Ok(v) => Some(PathBuf::from(v).join("bin/python").display().to_string()),
+        Err(_) => {
+            eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (scripts/test.sh sets it up with scripts/setup-coglet.sh)");
+            None
+        }
+    }
+}
+
+/// A copy of a predictor folder, so that nothing is written into the repository.
+fn copy_of(rel: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_root().join(rel)).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), d.path().join(entry.file_name())).unwrap();
+        }
+    }
+    d
+}
+
+fn health(server: &Server) -> Value {
+    serde_json::from_str(&server.get("/health-check").1).unwrap()
+}
+
+#[test]
+fn schemas_equal_the_ones_cogs_generator_wrote() {
+    let Some(python) = cog_python() else { return };
+    for dir in [
+        "cog-spec/predictors/conformance",
+        "cog-spec/cog-0.23.1-schemas/stream",
+        "cog-spec/cog-0.23.1-schemas/files",
+        "cog-spec/cog-0.23.1-schemas/setup_fail",
+    ] {
+        let copy = copy_of(dir);
+        let (code, stdout, stderr) =
+            runner(&["--python", &python, "schema", copy.path().to_str().unwrap()]);
+        assert_eq!(code, 0, "{dir}: {stderr}");
+        let cogs =
+            std::fs::read_to_string(repo_root().join(dir).join("openapi_schema.json")).unwrap();
+        assert_eq!(
+            stdout, cogs,
+            "{dir}: runner's schema differs from the one Cog wrote"
+        );
+    }
+}
+
+#[test]
+fn a_sync_generator_streams_and_prints_never_corrupt_the_channel() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("tests/data/python-predictors/edge");
+    let server = Server::start(dir.path(), &["--python", &python]);
+    assert!(
+        server.status_line.contains("predict.py:Predictor"),
+        "{}",
+        server.status_line
+    );
+    let (status, p) = server.predict(json!({"words": "one two three"}));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert_eq!(p["output"], json!(["one", "two", "three"]));
+    // print() to stdout or stderr inside a prediction: that prediction's logs, in order.
+    assert_eq!(
+        p["logs"], "edge: to stderr\nedge: one\nedge: two\nedge: three\n",
+        "{p}"
+    );
+    let h = health(&server);
+    assert!(
+        h["setup"]["logs"]
+            .as_str()
+            .unwrap()
+            .contains("edge: setup done"),
+        "{h}"
+    );
+    // Bytes written below Python (fd 1) went to runner's log, not into the channel.
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = server.drain_stderr().join("\n");
+    assert!(logs.contains("edge: raw bytes on fd 1"), "{logs}");
+    // Concurrent sync predictions take turns in the one slot.
+    let (status, p) = server.predict(json!({"words": "again"}));
+    assert_eq!((status, p["output"].clone()), (200, json!(["again"])));
+}
+
+#[test]
+fn a_worker_killed_mid_prediction_fails_it_and_the_server_keeps_answering() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("tests/data/python-predictors/edge");
+    let server = Server::start(dir.path(), &["--python", &python]);
+    let (status, p) = server.predict(json!({"mode": "crash"}));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["status"], "failed", "{p}");
+    assert!(
+        p["error"].as_str().unwrap().contains("Python worker"),
+        "{p}"
+    );
+    assert!(
+        p["logs"].as_str().unwrap().contains("edge: about to die"),
+        "{p}"
+    );
+    let h = health(&server);
+    assert_eq!(h["status"], "DEFUNCT", "{h}");
+    // Still answering: later predictions fail at once with the reason.
+    let started = Instant::now();
+    let (status, p) = server.predict(json!({}));
+    assert_eq!((status, p["status"].as_str()), (200, Some("failed")), "{p}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(server.get("/metrics").0, 200);
+}
+
+#[test]
+fn a_prediction_that_ignores_cancellation_is_stopped_after_the_grace_period() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("tests/data/python-predictors/edge");
+    let server = Server::start(dir.path(), &["--python", &python]);
+    let headers = [
+        ("Content-Type".to_string(), "application/json".to_string()),
+        ("Prefer".to_string(), "respond-async".to_string()),
+    ];
+    let r = support::request(
+        &server.addr,
+        "PUT",
+        "/predictions/stubborn-1",
+        &headers,
+        Some(br#"{"input": {"mode": "stubborn"}}"#),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    assert_eq!(
+        server.post_json("/predictions/stubborn-1/cancel", "").0,
+        200
+    );
+    while health(&server)["runner"]["in_flight"] != 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Stopped after the grace period (5 s), not before; the prediction ends canceled.
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // A new worker replaces the stopped one (setup runs again) and serves the next one.
+    let (status, p) = server.predict(json!({"words": "after restart"}));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["output"], json!(["after", "restart"]), "{p}");
+    assert_eq!(health(&server)["status"], "READY");
+    std::thread::sleep(Duration::from_millis(200));
+    let logs = server.drain_stderr().join("\n");
+    assert!(logs.contains("restarting the Python worker"), "{logs}");
+    assert!(logs.contains("edge: setup done"), "setup ran again: {logs}");
+}
+
+#[test]
+fn an_interpreter_without_cog_or_a_missing_file_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("cog.yaml"),
+        "build:\n  python_version: \"3.11\"\npredict: \"predict.py:Predictor\"\n",
+    )
+    .unwrap();
+    let dir = d.path().to_str().unwrap();
+    let (code, _, stderr) = runner(&["schema", dir]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("predict.py") && stderr.contains("not in the model directory"),
+        "{stderr}"
+    );
+    std::fs::write(
+        d.path().join("predict.py"),
+        "from cog import BasePredictor\nclass Predictor(BasePredictor):\n    def predict(self, x: str) -> str:\n        return x\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = runner(&["--python", "/nonexistent/python3", "schema", dir]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot start the Python interpreter"),
+        "{stderr}"
+    );
+    // An interpreter that has Python but not the cog package says how to install it.
+    let bare = tempfile::tempdir().unwrap();
+    let venv = bare.path().join("venv");
+    let made = std::process::Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status();
+    if made.is_ok_and(|s| s.success()) {
+        let python = venv.join("bin/python");
+        let (code, _, stderr) = runner(&["--python", python.to_str().unwrap(), "schema", dir]);
+        assert_eq!(code, 1);
+        assert!(
+            stderr.contains("`cog` package is not importable")
+                && stderr.contains("pip install cog==0.23.1"),
+            "{stderr}"
+        );
+    }
+}
