@@ -212,3 +212,33 @@ fn an_interpreter_without_cog_or_a_missing_file_is_a_clear_error() {
         );
     }
 }
+
+#[test]
+fn cog_concurrent_sets_the_slots_of_an_async_predictor() {
+    let Some(python) = cog_python() else { return };
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("cog.yaml"), "run: \"run.py:Runner\"\n").unwrap();
+    std::fs::write(
+        d.path().join("run.py"),
+        "import asyncio\nfrom cog import BaseRunner, concurrent\n\n\nclass Runner(BaseRunner):\n    @concurrent(max=3)\n    async def run(self, seconds: float = 0.0) -> str:\n        await asyncio.sleep(seconds)\n        return \"done\"\n",
+    )
+    .unwrap();
+    let server = Server::start(d.path(), &["--python", &python]);
+    assert_eq!(health(&server)["runner"]["slots"], 3);
+    // Three at once, in one worker: all three run, and a fourth finds no slot.
+    let calls: Vec<_> = (0..3)
+        .map(|_| server.predict_in_background(r#"{"input": {"seconds": 2.0}}"#))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health(&server)["status"] != "BUSY" {
+        assert!(Instant::now() < deadline, "never busy: {}", health(&server));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(health(&server)["runner"]["in_flight"], 3);
+    assert_eq!(server.predict(json!({})).0, 409);
+    for call in calls {
+        let (status, body) = call.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"done\""), "{body}");
+    }
+}

@@ -244,12 +244,16 @@ impl Engine {
     ) -> Result<Arc<Self>, EngineError> {
         let architecture = architecture_for(&dir)?;
         // A Python predictor declares its own signature; sync ones get one slot, as in Cog.
-        let (signature, python_sync) = match &dir.config.run {
+        let (signature, python_sync, declared_concurrency) = match &dir.config.run {
             runner_spec::RunTarget::Python { .. } => {
                 let described = runner_models::python::describe(&dir, options.python.as_deref())?;
-                (described.signature, !described.is_async)
+                (
+                    described.signature,
+                    !described.is_async,
+                    described.concurrent_max,
+                )
             }
-            _ => ((architecture.signature)(), false),
+            _ => ((architecture.signature)(), false, None),
         };
         let file_inputs = files::has_file_inputs(&signature);
         let file_outputs = files::has_file_outputs(&signature.output);
@@ -263,9 +267,11 @@ impl Engine {
             cog_schema.unwrap_or_else(|| openapi::to_cog_json(&openapi::document(&signature)));
         let batching = (architecture.batching && options.batching.max_batch_size > 1)
             .then_some(options.batching);
+        // The flag, then cog.yaml, then the predictor's own `@cog.concurrent(max=N)`.
         let mut concurrency = options
             .concurrency
             .or(dir.config.concurrency_max)
+            .or(declared_concurrency)
             .unwrap_or(1)
             .max(1) as usize;
         if python_sync && concurrency > 1 {

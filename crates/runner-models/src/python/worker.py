@@ -314,8 +314,14 @@ def serve(model_dir, module_file, class_name):
             kwargs = {}
             params = inspect.signature(setup).parameters
             if "weights" in params:
+                # Cog hands setup() the COG_WEIGHTS location: a URL as is, a local path as
+                # a cog.Path; None when there are none.
+                from cog.types import Path as CogPath
+
                 weights = os.environ.get("COG_WEIGHTS")
-                kwargs["weights"] = weights if weights else None
+                if weights and "://" not in weights:
+                    weights = CogPath(weights)
+                kwargs["weights"] = weights or None
             result = setup(**kwargs)
             if inspect.isawaitable(result):
                 asyncio.run_coroutine_threadsafe(result, loop).result()
