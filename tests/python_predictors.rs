@@ -60,6 +60,15 @@ fn schemas_equal_the_ones_cogs_generator_wrote() {
             "{dir}: runner's schema differs from the one Cog wrote"
         );
     }
+    // A directory `cog build` prepared carries its schema: that one is served as it is.
+    let copy = copy_of("cog-spec/cog-0.23.1-schemas/stream");
+    std::fs::create_dir_all(copy.path().join(".cog")).unwrap();
+    let marked = r#"{"openapi": "3.0.2", "info": {"title": "from .cog", "version": "0.1.0"}}"#;
+    std::fs::write(copy.path().join(".cog/openapi_schema.json"), marked).unwrap();
+    let (code, stdout, stderr) =
+        runner(&["--python", &python, "schema", copy.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, marked);
 }
 
 #[test]
