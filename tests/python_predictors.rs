@@ -251,3 +251,98 @@ fn cog_concurrent_sets_the_slots_of_an_async_predictor() {
         assert!(body.contains("\"done\""), "{body}");
     }
 }
+
+/// Cog's own server (coglet) on a copy of `dir`, with the schema runner derived.
+struct Coglet {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Coglet {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_coglet(dir: &std::path::Path, python: &str, stub: &str) -> Coglet {
+    let (code, schema, stderr) = runner(&["--python", python, "schema", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::create_dir_all(dir.join(".cog")).unwrap();
+    std::fs::write(dir.join(".cog/openapi_schema.json"), schema).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = PathBuf::from(python).parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = std::process::Command::new(python)
+        .args(["-m", "cog.server.http", "--host", "127.0.0.1"])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("PORT", port.to_string())
+        .env("COG_PREDICT_TYPE_STUB", stub)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("coglet starts");
+    let coglet = Coglet {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::net::TcpStream::connect(&coglet.addr).is_ok() {
+            let (_, body) = support::http(&coglet.addr, "GET", "/health-check", None, &[]);
+            if body.contains("READY") {
+                return coglet;
+            }
+        }
+        assert!(Instant::now() < deadline, "coglet did not get ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_sync_generator_answers_as_cogs_own_server_does() {
+    let Some(python) = cog_python() else { return };
+    let runner_dir = copy_of("tests/data/python-predictors/edge");
+    let coglet_dir = copy_of("tests/data/python-predictors/edge");
+    let server = Server::start(runner_dir.path(), &["--python", &python]);
+    let coglet = start_coglet(coglet_dir.path(), &python, "predict.py:Predictor");
+    let ask = |addr: &str, input: &Value| -> (u16, Value) {
+        let (status, body) = support::http(
+            addr,
+            "POST",
+            "/predictions",
+            Some(&json!({ "input": input }).to_string()),
+            &[("Content-Type", "application/json")],
+        );
+        (status, serde_json::from_str(&body).unwrap())
+    };
+    for input in [
+        json!({"words": "one two three"}),
+        json!({"words": ""}),
+        json!({"mode": "nope"}),
+    ] {
+        let ((ours_status, ours), (cogs_status, cogs)) =
+            (ask(&server.addr, &input), ask(&coglet.addr, &input));
+        let both = format!("{input}: runner {ours_status} {ours} / coglet {cogs_status} {cogs}");
+        assert_eq!(ours_status, cogs_status, "{both}");
+        assert_eq!(ours["status"], cogs["status"], "{both}");
+        assert_eq!(ours["output"], cogs["output"], "{both}");
+        if ours_status == 200 {
+            assert_eq!(ours["logs"], cogs["logs"], "{both}");
+        }
+        assert_eq!(
+            ours.get("error").is_some(),
+            cogs.get("error").is_some(),
+            "{both}"
+        );
+    }
+}
