@@ -591,6 +591,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 fn package(args: PackageArgs) -> Result<ExitCode> {
     let model_dir = ModelDir::open(&args.dir)?;
+    if let runner_spec::RunTarget::Python { .. } = &model_dir.config.run {
+        bail!(
+            "{}: `run: {}` is a Python Cog predictor, which is a Cog model already: push it with `cog push` (Replicate); `runner package` packages native (candle:) models",
+            model_dir.config.path.display(),
+            model_dir.config.run
+        );
+    }
     let engine = Engine::new(
         model_dir.clone(),
         DeviceSpec::Cpu,

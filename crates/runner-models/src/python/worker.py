@@ -429,6 +429,9 @@ def _start(pid, values, info, predict, loop, state):
             task = ctx.run(loop.create_task, run_async())
             with state.lock:
                 state.tasks[pid] = task
+                early = pid in state.canceled
+            if early:  # canceled before it was scheduled
+                task.cancel()
 
         loop.call_soon_threadsafe(schedule)
         return
@@ -437,7 +440,12 @@ def _start(pid, values, info, predict, loop, state):
         _current_prediction.set(pid)
         with state.lock:
             state.threads[pid] = threading.get_ident()
+            early = pid in state.canceled
         try:
+            if early:  # canceled before its thread started
+                from cog import CancelationException
+
+                raise CancelationException()
             result = predict(**kwargs)
             if inspect.isgenerator(result):
                 for chunk in result:
