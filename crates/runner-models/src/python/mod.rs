@@ -392,8 +392,7 @@ impl PythonModel {
         let (dir, python) = (self.dir.clone(), self.python.clone());
         let (slot, restarting) = (Arc::clone(&self.worker), Arc::clone(&self.restarting));
         std::thread::spawn(move || {
-            // Its setup output is already in the log, line by line (read_events).
-            let log = |_: &str| {};
+            let log = |line: &str| tracing::info!(target: "runner::predictor", "{line}");
             tracing::warn!(target: "runner::setup", "restarting the Python worker: a prediction ignored its cancellation");
             match start_worker(&dir, &python, &log) {
                 Ok(worker) => {
@@ -424,9 +423,12 @@ fn read_events(
         let id = message["id"].as_str().unwrap_or_default();
         let event = match message["event"].as_str().unwrap_or_default() {
             "setup_log" => {
+                // During setup the lines become setup logs (which are logged); after it, output
+                // outside any prediction (say, from the predictor's own threads) is logged here.
                 let data = message["data"].as_str().unwrap_or_default().to_string();
-                tracing::info!(target: "runner::predictor", "{}", data.trim_end());
-                let _ = setup_logs.send(data);
+                if let Err(mpsc::SendError(data)) = setup_logs.send(data) {
+                    tracing::info!(target: "runner::predictor", "{}", data.trim_end());
+                }
                 continue;
             }
             "ready" => {

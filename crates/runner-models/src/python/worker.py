@@ -126,14 +126,21 @@ def _install_scope():
 # --- the predictor's signature, in runner's terms ----------------------------------------
 
 
-def _explicit_defaults(fn):
-    """Which parameters declare a default in the source (`x=None`, `Input(default=None)`):
-    Cog's schema generator reads the source, and `default=None` differs from no default."""
+def _function_def(fn):
+    """The predict function's definition as parsed from its source (Cog's schema generator
+    reads the source), or None when the source is not available."""
+    import textwrap
+
     try:
-        tree = ast.parse(_dedent_source(fn))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return {}
-    fdef = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+        return None
+    return next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+
+
+def _explicit_defaults(fdef):
+    """Which parameters declare a default in the source (`x=None`, `Input(default=None)`):
+    `default=None` differs from no default."""
     if fdef is None:
         return {}
     args = fdef.args.args + fdef.args.kwonlyargs
@@ -149,13 +156,8 @@ def _explicit_defaults(fn):
     return out
 
 
-def _declared_streaming(fn):
-    """`@cog.streaming` leaves no trace at run time; Cog's generator reads it from the source."""
-    try:
-        tree = ast.parse(_dedent_source(fn))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    fdef = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+def _declared_streaming(fdef):
+    """`@cog.streaming` leaves no trace at run time, only in the source."""
     if fdef is None:
         return False
     for d in fdef.decorator_list:
@@ -163,12 +165,6 @@ def _declared_streaming(fn):
         if getattr(target, "id", None) == "streaming" or getattr(target, "attr", None) == "streaming":
             return True
     return False
-
-
-def _dedent_source(fn):
-    import textwrap
-
-    return textwrap.dedent(inspect.getsource(fn))
 
 
 def _field_type(ft):
@@ -244,7 +240,9 @@ def _predict_function(target):
 def describe(model_dir, module_file, class_name):
     info, target = _load(model_dir, module_file, class_name)
     _, fn = _predict_function(target)
-    explicit = _explicit_defaults(fn)
+    unwrapped = inspect.unwrap(fn)
+    fdef = _function_def(unwrapped)
+    explicit = _explicit_defaults(fdef)
     from cog import _adt as adt
 
     inputs = []
@@ -266,8 +264,7 @@ def describe(model_dir, module_file, class_name):
         if field.default is not None or explicit.get(field.name):
             entry["default"] = _encode_default(field.default)
         inputs.append(entry)
-    unwrapped = inspect.unwrap(fn)
-    streaming = _declared_streaming(unwrapped)
+    streaming = _declared_streaming(fdef)
     concurrent = getattr(fn, "__cog_concurrent_max__", None) or getattr(unwrapped, "__cog_concurrent_max__", None)
     send({
         "event": "describe",
