@@ -246,6 +246,10 @@ enum Command {
         /// where `--snapshot auto` looks).
         #[arg(short, long, env = "RUNNER_SNAPSHOT_OUTPUT")]
         output: Option<PathBuf>,
+        /// After writing, restore the snapshot onto the same device and check every tensor
+        /// bit for bit against the cold load.
+        #[arg(long, env = "RUNNER_SNAPSHOT_VERIFY")]
+        verify: bool,
     },
     /// Run one prediction and print its output on stdout.
     #[command(visible_alias = "predict")]
@@ -492,7 +496,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             dir,
             device,
             output,
-        } => take_snapshot(&dir, device.device, output.as_deref()).await,
+            verify,
+        } => take_snapshot(&dir, device.device, output.as_deref(), verify).await,
         Command::Run {
             dir,
             inputs,
@@ -902,7 +907,12 @@ async fn serve(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) -> Result<ExitCode> {
+async fn take_snapshot(
+    dir: &Path,
+    device: DeviceSpec,
+    output: Option<&Path>,
+    verify: bool,
+) -> Result<ExitCode> {
     let options = EngineOptions {
         record_for_snapshot: true,
         progress: progress_bars(),
@@ -945,6 +955,19 @@ async fn take_snapshot(dir: &Path, device: DeviceSpec, output: Option<&Path>) ->
         report.path.display(),
         report.elapsed.as_secs_f64()
     );
+    if verify {
+        let path = report.path.clone();
+        let checked = tokio::task::spawn_blocking(move || engine.verify_snapshot(&path))
+            .await
+            .context("snapshot verifier")?
+            .map_err(|e| anyhow::anyhow!("verify: {e}"))?;
+        eprintln!(
+            "runner: verified: {} restored tensors ({:.1} MB) are bit-identical to the cold load, restored at {:.2} GB/s",
+            checked.tensors,
+            checked.data_bytes as f64 / 1e6,
+            checked.gb_per_s
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

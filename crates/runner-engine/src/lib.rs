@@ -630,6 +630,60 @@ impl Engine {
         runner_snapshot::write_with_progress(&path, &key, &tensors, bar).map_err(|e| e.to_string())
     }
 
+    /// Restores the snapshot at `path` onto the model's device and compares every tensor,
+    /// bit for bit, with the one the cold load recorded (setup must have run with
+    /// [`EngineOptions::record_for_snapshot`]).
+    pub fn verify_snapshot(&self, path: &std::path::Path) -> Result<VerifyReport, String> {
+        let device = self
+            .device
+            .get()
+            .ok_or("the model is not loaded: run setup first")?;
+        let recorded = self
+            .recorded
+            .as_ref()
+            .ok_or("the engine was not set up to record a snapshot")?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let snapshot = Snapshot::open(path).map_err(|e| e.to_string())?;
+        snapshot
+            .check_compatible(&self.compat_key(device)?)
+            .map_err(|e| e.to_string())?;
+        let (restored, stats) = snapshot.restore(device).map_err(|e| e.to_string())?;
+        let restored: std::collections::HashMap<_, _> = restored.into_iter().collect();
+        for (name, cold) in &recorded {
+            let back = restored
+                .get(name)
+                .ok_or_else(|| format!("tensor `{name}` is missing from the snapshot"))?;
+            if back.dims() != cold.dims() || back.dtype() != cold.dtype() {
+                return Err(format!(
+                    "tensor `{name}`: restored as {:?} {:?}, loaded as {:?} {:?}",
+                    back.dtype(),
+                    back.dims(),
+                    cold.dtype(),
+                    cold.dims()
+                ));
+            }
+            if tensor_bytes(back)? != tensor_bytes(cold)? {
+                return Err(format!(
+                    "tensor `{name}`: restored bytes differ from the cold load"
+                ));
+            }
+        }
+        if restored.len() != recorded.len() {
+            return Err(format!(
+                "the snapshot holds {} tensors, the cold load {}",
+                restored.len(),
+                recorded.len()
+            ));
+        }
+        Ok(VerifyReport {
+            tensors: recorded.len(),
+            data_bytes: stats.data_bytes,
+            gb_per_s: stats.gb_per_s(),
+        })
+    }
+
     /// Current health, and the setup report.
     pub fn health(&self) -> (Health, SetupReport) {
         let state = self.lock();
@@ -969,6 +1023,45 @@ pub fn new_prediction_id() -> String {
     (0..26)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+/// What [`Engine::verify_snapshot`] checked.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyReport {
+    pub tensors: usize,
+    pub data_bytes: u64,
+    pub gb_per_s: f64,
+}
+
+/// A tensor's raw bytes, copied to the host (in row-major order whatever its layout).
+fn tensor_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, String> {
+    use candle_core::DType;
+    let flat = t
+        .flatten_all()
+        .and_then(|f| f.to_device(&candle_core::Device::Cpu))
+        .map_err(|e| e.to_string())?;
+    let bytes = match flat.dtype() {
+        DType::U8 => flat.to_vec1::<u8>().map_err(|e| e.to_string())?,
+        DType::U32 => bytes_of(flat.to_vec1::<u32>())?,
+        DType::I64 => bytes_of(flat.to_vec1::<i64>())?,
+        DType::F32 => bytes_of(flat.to_vec1::<f32>())?,
+        DType::F64 => bytes_of(flat.to_vec1::<f64>())?,
+        DType::BF16 => bytes_of(
+            flat.to_vec1::<half::bf16>()
+                .map(|v| v.into_iter().map(|x| x.to_bits()).collect::<Vec<u16>>()),
+        )?,
+        DType::F16 => bytes_of(
+            flat.to_vec1::<half::f16>()
+                .map(|v| v.into_iter().map(|x| x.to_bits()).collect::<Vec<u16>>()),
+        )?,
+        other => return Err(format!("cannot compare {other:?} tensors")),
+    };
+    Ok(bytes)
+}
+
+fn bytes_of<T: bytemuck::Pod>(v: candle_core::Result<Vec<T>>) -> Result<Vec<u8>, String> {
+    v.map(|v| bytemuck::cast_slice(&v).to_vec())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+#[cfg(feature = "cuda")]
+mod cuda_restore;
+
 #[cfg(not(target_endian = "little"))]
 compile_error!("runner snapshots are little-endian; this target is not");
 
@@ -692,6 +695,10 @@ impl Snapshot {
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         match device {
             Device::Cpu => self.restore_per_tensor(device),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) if cuda_restore::pinned_enabled() => {
+                self.restore_arenas_pinned(cuda)
+            }
             _ => self.restore_arenas(device),
         }
     }
@@ -798,6 +805,18 @@ impl Snapshot {
             })?;
         }
         let upload = upload_started.elapsed();
+        let tensors = self.views(&arenas)?;
+        let stats = RestoreStats {
+            data_bytes: self.header.data_bytes,
+            read,
+            upload,
+            total: started.elapsed(),
+        };
+        Ok((tensors, stats))
+    }
+
+    /// The manifest's tensors as views into their restored arenas.
+    fn views(&self, arenas: &[Tensor]) -> Result<Vec<(String, Tensor)>, SnapshotError> {
         let mut tensors = Vec::with_capacity(self.manifest.tensors.len());
         for entry in &self.manifest.tensors {
             let arena = &arenas[entry.arena];
@@ -812,13 +831,24 @@ impl Snapshot {
                 })?;
             tensors.push((entry.name.clone(), t));
         }
-        let stats = RestoreStats {
-            data_bytes: self.header.data_bytes,
-            read,
-            upload,
-            total: started.elapsed(),
-        };
-        Ok((tensors, stats))
+        Ok(tensors)
+    }
+
+    /// The error for a data chunk that fails its checksum.
+    fn chunk_error(&self, index: usize, chunk: usize) -> SnapshotError {
+        let arena = &self.manifest.arenas[index];
+        let base = self.data_offset + arena.offset;
+        let start = chunk as u64 * arena.chunk_bytes;
+        let end = (start + arena.chunk_bytes).min(arena.bytes);
+        SnapshotError::Corrupt {
+            path: self.path.clone(),
+            what: format!(
+                "data chunk {chunk} of arena {index} ({}, file bytes {}..{}) fails its checksum",
+                arena.dtype,
+                base + start,
+                base + end
+            ),
+        }
     }
 
     /// Fills `dst` from `offset`, large buffers split across a few threads: first-touch page
@@ -867,15 +897,7 @@ impl Snapshot {
                 .map_err(io(&self.path, "cannot read the snapshot's data"))?;
             self.advance(chunk.len());
             if xxh3_64(chunk) != *expected {
-                return Err(SnapshotError::Corrupt {
-                    path: self.path.clone(),
-                    what: format!(
-                        "data chunk {c} of arena {index} ({}, file bytes {}..{}) fails its checksum",
-                        arena.dtype,
-                        base + start,
-                        base + end
-                    ),
-                });
+                return Err(self.chunk_error(index, c));
             }
         }
         Ok(())

@@ -1,0 +1,301 @@
+//! The CUDA restore path: reader threads fill a small ring of pinned host buffers from the
+//! file, check each chunk, and copy each buffer asynchronously into one device allocation
+//! per arena, on a stream of their own; an event per buffer guards its reuse.
+//!
+//! Traps avoided (see DESIGN.md): candle's device works on the per-thread default stream,
+//! whose handle means "the calling thread's stream", so the copies go on a dedicated stream
+//! that is synchronized before the tensors are handed over; the pinned buffers are not
+//! write-combined, because the CPU reads them back to check the chunks; the arenas are
+//! allocated through the model's own `CudaDevice`.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use candle_core::cuda_backend::cudarc::driver::{result, CudaSlice, DevicePtrMut};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::{io, parse_dtype, RestoreStats, Snapshot, SnapshotError};
+
+/// Pinned bytes per buffer; each reader thread owns two, so one is copied while the next
+/// is read.
+const PIECE_BYTES: usize = 4 << 20;
+const BUFFERS_PER_THREAD: usize = 2;
+const MAX_THREADS: usize = 8;
+
+/// Which CUDA restore path to take: `RUNNER_CUDA_RESTORE=pageable` falls back to reading
+/// each arena into ordinary memory and uploading it with one copy.
+pub(crate) fn pinned_enabled() -> bool {
+    std::env::var("RUNNER_CUDA_RESTORE").map_or(true, |v| v != "pageable")
+}
+
+fn driver_err(what: &str) -> impl Fn(result::DriverError) -> SnapshotError + '_ {
+    move |e| SnapshotError::Tensor {
+        name: "device".into(),
+        message: format!("{what}: {e}"),
+    }
+}
+
+/// One page-locked host buffer, freed on drop (after its copy finished).
+struct PinnedBuffer {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain host memory owned by one reader thread at a time.
+unsafe impl Send for PinnedBuffer {}
+
+impl PinnedBuffer {
+    fn new(len: usize) -> Result<Self, SnapshotError> {
+        // SAFETY: flags 0 = ordinary (cached, not write-combined) page-locked memory.
+        let ptr = unsafe { result::malloc_host(len, 0) }
+            .map_err(driver_err("cannot allocate pinned host memory"))?;
+        Ok(Self {
+            ptr: ptr as *mut u8,
+            len,
+        })
+    }
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: `ptr` points at `self.len` bytes we own; len is clamped.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.len)) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host; every copy from it was waited for.
+        unsafe {
+            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+        }
+    }
+}
+
+/// A device allocation for one arena, typed as candle will hold it.
+enum DeviceArena {
+    U8(CudaSlice<u8>),
+    U32(CudaSlice<u32>),
+    I64(CudaSlice<i64>),
+    F32(CudaSlice<f32>),
+    F64(CudaSlice<f64>),
+    BF16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
+}
+
+macro_rules! each_arena {
+    ($arena:expr, $s:ident => $body:expr) => {
+        match $arena {
+            DeviceArena::U8($s) => $body,
+            DeviceArena::U32($s) => $body,
+            DeviceArena::I64($s) => $body,
+            DeviceArena::F32($s) => $body,
+            DeviceArena::F64($s) => $body,
+            DeviceArena::BF16($s) => $body,
+            DeviceArena::F16($s) => $body,
+        }
+    };
+}
+
+impl DeviceArena {
+    fn alloc(cuda: &CudaDevice, dtype: DType, bytes: usize) -> candle_core::Result<Self> {
+        let n = bytes / dtype.size_in_bytes();
+        // SAFETY: every byte is written by the restore before the tensors are used.
+        unsafe {
+            Ok(match dtype {
+                DType::U8 => Self::U8(cuda.alloc(n)?),
+                DType::U32 => Self::U32(cuda.alloc(n)?),
+                DType::I64 => Self::I64(cuda.alloc(n)?),
+                DType::F32 => Self::F32(cuda.alloc(n)?),
+                DType::F64 => Self::F64(cuda.alloc(n)?),
+                DType::BF16 => Self::BF16(cuda.alloc(n)?),
+                DType::F16 => Self::F16(cuda.alloc(n)?),
+                other => candle_core::bail!("snapshots cannot hold {other:?} tensors"),
+            })
+        }
+    }
+    fn into_tensor(self, cuda: &CudaDevice) -> Tensor {
+        let storage = each_arena!(self, s => {
+            let n = s.len();
+            (CudaStorage::wrap_cuda_slice(s, cuda.clone()), n)
+        });
+        Tensor::from_storage(
+            Storage::Cuda(storage.0),
+            storage.1,
+            BackpropOp::none(),
+            false,
+        )
+    }
+}
+
+/// One chunk of one arena: what a reader thread takes next.
+struct Job {
+    arena: usize,
+    chunk: usize,
+    /// Offset in the arena, and length.
+    start: u64,
+    len: u64,
+}
+
+impl Snapshot {
+    pub(crate) fn restore_arenas_pinned(
+        &self,
+        cuda: &CudaDevice,
+    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+        let started = Instant::now();
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()
+            .map_err(driver_err("cannot bind the CUDA context"))?;
+        let mut arenas = Vec::with_capacity(self.manifest.arenas.len());
+        for arena in &self.manifest.arenas {
+            let dtype = parse_dtype(&arena.dtype).expect("validated");
+            arenas.push(
+                DeviceArena::alloc(cuda, dtype, arena.bytes as usize).map_err(|e| {
+                    SnapshotError::Tensor {
+                        name: format!("arena {}", arena.dtype),
+                        message: format!("cannot allocate {} bytes on the GPU: {e}", arena.bytes),
+                    }
+                })?,
+            );
+        }
+        // The allocations may be stream-ordered on candle's stream: finish them before
+        // another stream writes into them.
+        stream
+            .synchronize()
+            .map_err(driver_err("cannot synchronize the device"))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("cannot create a copy stream"))?;
+        let mut bases = Vec::with_capacity(arenas.len());
+        let mut guards = Vec::with_capacity(arenas.len());
+        for a in arenas.iter_mut() {
+            let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
+            bases.push(ptr);
+            guards.push(guard);
+        }
+
+        let mut jobs = Vec::new();
+        for (a, arena) in self.manifest.arenas.iter().enumerate() {
+            for (c, _) in arena.chunk_checksums.iter().enumerate() {
+                let start = c as u64 * arena.chunk_bytes;
+                let len = arena.chunk_bytes.min(arena.bytes - start);
+                jobs.push(Job {
+                    arena: a,
+                    chunk: c,
+                    start,
+                    len,
+                });
+            }
+        }
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_THREADS)
+            .min(jobs.len().max(1));
+        let largest = jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
+        let piece = PIECE_BYTES.min(largest.max(1));
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let results: Vec<Result<(), SnapshotError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (jobs, next, failed, bases, ctx, copy_stream) =
+                        (&jobs, &next, &failed, &bases, &ctx, &copy_stream);
+                    scope.spawn(move || -> Result<(), SnapshotError> {
+                        ctx.bind_to_thread()
+                            .map_err(driver_err("cannot bind the CUDA context"))?;
+                        let mut ring = Vec::with_capacity(BUFFERS_PER_THREAD);
+                        for _ in 0..BUFFERS_PER_THREAD {
+                            let event = ctx
+                                .new_event(None)
+                                .map_err(driver_err("cannot create a CUDA event"))?;
+                            ring.push((PinnedBuffer::new(piece)?, event));
+                        }
+                        let mut turn = 0usize;
+                        let outcome = (|| {
+                            loop {
+                                if failed.load(Ordering::Relaxed) {
+                                    return Ok(());
+                                }
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                let Some(job) = jobs.get(i) else {
+                                    return Ok(());
+                                };
+                                let arena = &self.manifest.arenas[job.arena];
+                                let file_base = self.data_offset + arena.offset + job.start;
+                                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                                let mut done = 0u64;
+                                while done < job.len {
+                                    let len = (job.len - done).min(piece as u64) as usize;
+                                    let (buffer, event) = &mut ring[turn % BUFFERS_PER_THREAD];
+                                    turn += 1;
+                                    // The copy that last read this buffer must be finished.
+                                    event
+                                        .synchronize()
+                                        .map_err(driver_err("waiting for a copy"))?;
+                                    let bytes = buffer.bytes_mut(len);
+                                    self.file.read_exact_at(bytes, file_base + done).map_err(
+                                        io(&self.path, "cannot read the snapshot's data"),
+                                    )?;
+                                    hasher.update(bytes);
+                                    // SAFETY: the destination lies inside the arena's
+                                    // allocation (offsets validated when the snapshot was
+                                    // opened); the source stays pinned and untouched until
+                                    // the event recorded after the copy completes.
+                                    unsafe {
+                                        result::memcpy_htod_async(
+                                            bases[job.arena] + job.start + done,
+                                            &*bytes,
+                                            copy_stream.cu_stream(),
+                                        )
+                                    }
+                                    .map_err(driver_err("cannot copy to the GPU"))?;
+                                    event
+                                        .record(copy_stream)
+                                        .map_err(driver_err("cannot record a CUDA event"))?;
+                                    self.advance(len);
+                                    done += len as u64;
+                                }
+                                if hasher.digest() != arena.chunk_checksums[job.chunk] {
+                                    return Err(self.chunk_error(job.arena, job.chunk));
+                                }
+                            }
+                        })();
+                        if outcome.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        // No buffer is freed while a copy may still read it.
+                        for (_, event) in &ring {
+                            let _ = event.synchronize();
+                        }
+                        outcome
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a snapshot reader thread panicked"))
+                .collect()
+        });
+        drop(guards);
+        copy_stream
+            .synchronize()
+            .map_err(driver_err("cannot synchronize the copy stream"))?;
+        let read = started.elapsed();
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+
+        let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
+        let tensors = self.views(&arenas)?;
+        let total = started.elapsed();
+        Ok((
+            tensors,
+            RestoreStats {
+                data_bytes: self.header.data_bytes,
+                read,
+                upload: total - read,
+                total,
+            },
+        ))
+    }
+}
