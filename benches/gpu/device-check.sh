@@ -133,10 +133,10 @@ verify_big() {
 }
 export -f verify_big
 step "big model snapshot, verified tensor by tensor" 150 verify_big
-bench() {  # bench NAME DIR MODE ARGS...: uses DIR's snapshot when there is one
-  local name=$1 dir=$2 mode=$3; shift 3
+bench() {  # bench NAME DIR MODE RUNS ARGS...: uses DIR's snapshot when there is one
+  local name=$1 dir=$2 mode=$3 runs=$4; shift 4
   local snap; snap=$(ls "$dir"/.runner/*.rsnap 2>/dev/null | grep -v cpu | head -1)
-  RUNNER_CUDA_RESTORE=$mode ./runner bench "$dir" --cold-start --runs "$RUNS" --device "$DEVICE" --format json \
+  RUNNER_CUDA_RESTORE=$mode ./runner bench "$dir" --cold-start --runs "$runs" --device "$DEVICE" --format json \
     --chart "$WORK/$name.svg" ${snap:+--snapshot "$snap"} "$@" > "$WORK/bench-$name.json" 2> "$WORK/bench-$name.log"
 }
 export -f bench
@@ -158,12 +158,25 @@ print(round(time.time() - t, 3))
 PY
 }
 export -f pytorch_big
-step "bench big (pinned)" 150 bench big big pinned
+restore_sweep() {  # restore the big model with several reader-thread and buffer sizes
+  local threads piece addr
+  for threads in 4 8 16; do
+    for piece in 2 4 16; do
+      addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_MIB=$piece \
+        serve big "$WORK/sweep-$threads-$piece.log" --require-snapshot) || return 1
+      kill "$(cat "$WORK/sweep-$threads-$piece.log.pid")"
+      echo "threads $threads, piece $piece MiB: $(grep -ho 'restored .*' "$WORK/sweep-$threads-$piece.log" | tail -1) | $(grep -ho 'cuda restore: .*' "$WORK/sweep-$threads-$piece.log" | tail -1)"
+    done
+  done | tee "$WORK/restore-sweep.txt"
+}
+export -f restore_sweep
+step "bench big (pinned)" 150 bench big big pinned "$RUNS"
+step "restore sweep (big)" 60 restore_sweep
 step "PyTorch big cold start" 90 pytorch_big
-step "bench MiniLM (pinned)" 90 bench minilm minilm pinned
+step "bench MiniLM (pinned)" 90 bench minilm minilm pinned "$RUNS"
 step "PyTorch MiniLM cold start" 90 pytorch_minilm
-step "bench big (pageable)" 150 bench big-pageable big pageable
-step "bench big (pinned, page cache dropped)" 150 bench big-dropped big pinned --drop-caches
+step "bench big (pageable)" 150 bench big-pageable big pageable 2
+step "bench big (pinned, page cache dropped)" 150 bench big-dropped big pinned 2 --drop-caches
 
 report() {
   python3 - "$WORK" > "$WORK/results.md" <<'PY'
@@ -185,7 +198,11 @@ for name in ["minilm", "big", "big-pageable", "big-dropped"]:
         print(f"| {name} | not measured |"); continue
     for m in r["modes"]:
         print(f"| {name}: {m['mode']} → ready / first prediction (median of {m['runs']}) | {m['ready_seconds']['median']:.3f} s / {m['first_prediction_seconds']['median']:.3f} s |")
-    print(f"| {name}: speedup to first prediction | {r['speedup_first_prediction']:.2f}x |")
+    print(f"| {name}: snapshot speedup to first prediction, vs cold with the kernel cache warm | {r['speedup_first_prediction']:.2f}x |")
+    if r.get('speedup_first_prediction_vs_fresh_machine'):
+        print(f"| {name}: snapshot speedup to first prediction, vs cold on a fresh machine (empty kernel cache) | {r['speedup_first_prediction_vs_fresh_machine']:.2f}x |")
+    if r.get('pinned_h2d_gb_per_s'):
+        print(f"| {name}: pinned H2D measured by runner bench | {r['pinned_h2d_gb_per_s']:.1f} GB/s |")
     gbs = r['snapshot_restore_gb_per_s']
     vs = f"; {100 * gbs / float(h2d):.0f}% of pinned H2D" if h2d else ""
     print(f"| {name}: restore | {gbs:.2f} GB/s ({r['snapshot_data_bytes']/1e9:.2f} GB){vs}; page cache read {r.get('page_cache_read_gb_per_s', 0):.1f} GB/s |")
@@ -193,6 +210,7 @@ PY
 }
 report
 { echo; echo "failed steps: ${FAILED[*]:-none}"; } >> "$WORK/results.md"
+[ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null
 cp "$WORK"/bench-big.json "$WORK"/bench-minilm.json "$WORK"/big.svg "$OUT/" 2>/dev/null

@@ -23,9 +23,21 @@ pub struct StartRun {
     pub process_start: f64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeKind {
+    /// From the weights, with the GPU kernel cache that earlier starts (and `runner
+    /// snapshot`) left behind.
+    Cold,
+    /// From the weights on what a fresh machine has: an empty GPU kernel cache, so the
+    /// driver compiles candle's kernels again (CUDA only).
+    ColdFreshMachine,
+    Snapshot,
+}
+
 #[derive(Debug, Clone)]
 pub struct ModeResult {
     pub mode: &'static str,
+    pub kind: ModeKind,
     pub runs: Vec<StartRun>,
 }
 
@@ -109,10 +121,19 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16
 }
 
 /// Starts `runner serve`, waits for its ready line, runs one prediction, reads the phases.
-fn one_start(opts: &BenchOptions, snapshot_arg: &str, input: &Value) -> Result<StartRun> {
+fn one_start(
+    opts: &BenchOptions,
+    snapshot_arg: &str,
+    kernel_cache: Option<&Path>,
+    input: &Value,
+) -> Result<StartRun> {
     let exe = std::env::current_exe().context("finding the runner binary")?;
+    let mut command = Command::new(exe);
+    if let Some(dir) = kernel_cache {
+        command.env("CUDA_CACHE_PATH", dir);
+    }
     let started = Instant::now();
-    let mut child = Command::new(exe)
+    let mut child = command
         .arg("serve")
         .arg(opts.dir)
         .args([
@@ -192,23 +213,43 @@ fn one_start(opts: &BenchOptions, snapshot_arg: &str, input: &Value) -> Result<S
     result
 }
 
-/// Runs both modes, alternating, so drift on the machine hits both alike.
+/// Runs every mode, alternating, so drift on the machine hits all alike. On CUDA a third
+/// mode starts cold with an empty kernel cache, as a fresh machine would.
 pub fn cold_start(opts: &BenchOptions, input: &Value) -> Result<Vec<ModeResult>> {
-    let mut cold = ModeResult {
-        mode: "cold (safetensors)",
+    let mode = |mode, kind| ModeResult {
+        mode,
+        kind,
         runs: Vec::new(),
     };
-    let mut snap = ModeResult {
-        mode: "snapshot",
-        runs: Vec::new(),
-    };
+    let mut modes = Vec::new();
+    if opts.device.starts_with("cuda") {
+        modes.push(mode(
+            "cold, fresh machine (empty kernel cache)",
+            ModeKind::ColdFreshMachine,
+        ));
+    }
+    modes.push(mode("cold (safetensors)", ModeKind::Cold));
+    modes.push(mode("snapshot", ModeKind::Snapshot));
     let snapshot_arg = opts.snapshot.to_string_lossy().into_owned();
     for i in 0..opts.runs {
-        for (result, arg) in [(&mut cold, "off"), (&mut snap, snapshot_arg.as_str())] {
+        for result in modes.iter_mut() {
             if opts.drop_caches {
                 drop_page_cache()?;
             }
-            let run = one_start(opts, arg, input)
+            let arg = match result.kind {
+                ModeKind::Snapshot => snapshot_arg.as_str(),
+                _ => "off",
+            };
+            let fresh_cache = match result.kind {
+                ModeKind::ColdFreshMachine => Some(
+                    tempfile::Builder::new()
+                        .prefix("runner-bench-kernel-cache")
+                        .tempdir()
+                        .context("creating an empty kernel cache")?,
+                ),
+                _ => None,
+            };
+            let run = one_start(opts, arg, fresh_cache.as_ref().map(|d| d.path()), input)
                 .with_context(|| format!("{} run {}", result.mode, i + 1))?;
             eprintln!(
                 "bench: {:<20} run {}/{}: ready {:.3}s, first prediction {:.3}s",
@@ -221,7 +262,7 @@ pub fn cold_start(opts: &BenchOptions, input: &Value) -> Result<Vec<ModeResult>>
             result.runs.push(run);
         }
     }
-    Ok(vec![cold, snap])
+    Ok(modes)
 }
 
 /// Sequential read bandwidth of a file from the page cache (read it twice, time the
@@ -300,6 +341,8 @@ pub struct Report<'a> {
     pub fresh_memory_bytes_per_s: f64,
     pub results: &'a [ModeResult],
     pub caches_dropped: bool,
+    /// Pinned host-to-device bandwidth (CUDA only): the ceiling for a GPU restore.
+    pub pinned_h2d_bytes_per_s: Option<f64>,
 }
 
 pub fn to_json(c: &Report) -> Value {
@@ -330,23 +373,36 @@ pub fn to_json(c: &Report) -> Value {
         "fresh_memory_read_gb_per_s": c.fresh_memory_bytes_per_s / 1e9,
         "snapshot_restore_gb_per_s": restore / 1e9,
         "restore_vs_page_cache": restore / c.page_cache_bytes_per_s.max(1.0),
-        "speedup_ready": speedup(c, |r| r.ready),
-        "speedup_first_prediction": speedup(c, |r| r.first_prediction),
+        "pinned_h2d_gb_per_s": c.pinned_h2d_bytes_per_s.map(|b| b / 1e9),
+        "restore_vs_pinned_h2d": c.pinned_h2d_bytes_per_s.map(|b| restore / b.max(1.0)),
+        "speedup_ready": speedup(c, ModeKind::Cold, |r| r.ready),
+        "speedup_first_prediction": speedup(c, ModeKind::Cold, |r| r.first_prediction),
+        "speedup_first_prediction_vs_fresh_machine": c
+            .results
+            .iter()
+            .any(|m| m.kind == ModeKind::ColdFreshMachine)
+            .then(|| speedup(c, ModeKind::ColdFreshMachine, |r| r.first_prediction)),
         "modes": modes,
     })
 }
 
-fn speedup(c: &Report, f: impl Fn(&StartRun) -> f64) -> f64 {
-    let med = |m: &ModeResult| median(m.runs.iter().map(&f).collect());
-    match c.results {
-        [cold, snap] => med(cold) / med(snap).max(1e-9),
+/// How many times faster the snapshot mode is than `baseline` (medians).
+fn speedup(c: &Report, baseline: ModeKind, f: impl Fn(&StartRun) -> f64) -> f64 {
+    let med = |kind: ModeKind| {
+        c.results
+            .iter()
+            .find(|m| m.kind == kind)
+            .map(|m| median(m.runs.iter().map(&f).collect()))
+    };
+    match (med(baseline), med(ModeKind::Snapshot)) {
+        (Some(base), Some(snap)) => base / snap.max(1e-9),
         _ => 0.0,
     }
 }
 
 /// Bytes per second of the restore phase, median over the snapshot runs.
 fn restore_bandwidth(c: &Report) -> f64 {
-    let Some(snap) = c.results.get(1) else {
+    let Some(snap) = c.results.iter().find(|m| m.kind == ModeKind::Snapshot) else {
         return 0.0;
     };
     let t = median(
@@ -375,14 +431,14 @@ pub fn to_table(c: &Report) -> String {
         c.snapshot_bytes as f64 / 1e6
     ));
     out.push_str(&format!(
-        "{:<22} {:>5} {:>26} {:>26}\n",
+        "{:<42} {:>5} {:>26} {:>26}\n",
         "mode", "runs", "ready s (min/med/max)", "1st prediction s (min/med/max)"
     ));
     for m in c.results {
         let (a, b, d) = stats(m.runs.iter().map(|r| r.ready));
         let (e, f, g) = stats(m.runs.iter().map(|r| r.first_prediction));
         out.push_str(&format!(
-            "{:<22} {:>5} {:>26} {:>26}\n",
+            "{:<42} {:>5} {:>26} {:>26}\n",
             m.mode,
             m.runs.len(),
             format!("{a:.3}/{b:.3}/{d:.3}"),
@@ -395,7 +451,7 @@ pub fn to_table(c: &Report) -> String {
             .iter()
             .map(|(n, s)| format!("{n} {s:.3}"))
             .collect();
-        out.push_str(&format!("  {:<20} {}\n", m.mode, phases.join(" · ")));
+        out.push_str(&format!("  {:<40} {}\n", m.mode, phases.join(" · ")));
     }
     let restore = restore_bandwidth(c);
     out.push_str(&format!(
@@ -408,11 +464,27 @@ pub fn to_table(c: &Report) -> String {
         "(the same file read on one thread into freshly allocated memory: {:.2} GB/s)\n",
         c.fresh_memory_bytes_per_s / 1e9
     ));
+    if let Some(h2d) = c.pinned_h2d_bytes_per_s {
+        out.push_str(&format!(
+            "pinned host-to-device ceiling {:.2} GB/s · restore at {:.0}% of it\n",
+            h2d / 1e9,
+            100.0 * restore / h2d.max(1.0)
+        ));
+    }
     out.push_str(&format!(
         "speedup from the snapshot: {:.2}x to ready, {:.2}x to the first prediction\n",
-        speedup(c, |r| r.ready),
-        speedup(c, |r| r.first_prediction)
+        speedup(c, ModeKind::Cold, |r| r.ready),
+        speedup(c, ModeKind::Cold, |r| r.first_prediction)
     ));
+    if c.results
+        .iter()
+        .any(|m| m.kind == ModeKind::ColdFreshMachine)
+    {
+        out.push_str(&format!(
+            "against a fresh machine's cold start (empty kernel cache): {:.2}x to the first prediction\n",
+            speedup(c, ModeKind::ColdFreshMachine, |r| r.first_prediction)
+        ));
+    }
     out
 }
 

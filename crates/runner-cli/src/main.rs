@@ -1029,6 +1029,13 @@ fn bench_cold_start(
         snapshot: snapshot.clone(),
         drop_caches,
     };
+    let pinned_h2d = match device {
+        DeviceSpec::Cpu => None,
+        spec => {
+            let opened = spec.open()?;
+            runner_snapshot::pinned_h2d_bandwidth(&opened).transpose()?
+        }
+    };
     let results = bench::cold_start(&options, &input)?;
     let report = bench::Report {
         model: model_dir.name(),
@@ -1040,6 +1047,7 @@ fn bench_cold_start(
         fresh_memory_bytes_per_s: fresh_memory,
         results: &results,
         caches_dropped: drop_caches,
+        pinned_h2d_bytes_per_s: pinned_h2d,
     };
     let json = serde_json::to_string_pretty(&bench::to_json(&report))?;
     match outputs.format {

@@ -453,6 +453,7 @@ impl Engine {
     fn load_blocking(&self) -> Result<(Box<dyn Model>, Loaded), String> {
         let mut phases = Vec::new();
         let t = Instant::now();
+        self.prefetch_snapshot();
         let device = self.device_spec.open().map_err(|e| e.to_string())?;
         let device_name = runner_models::device::describe(&device);
         phases.push(("device init".to_string(), t.elapsed()));
@@ -531,6 +532,31 @@ impl Engine {
     }
 
     /// The snapshot `--snapshot` points at, if it should be tried.
+    /// Asks the kernel to start reading the snapshot this start will most likely use into
+    /// the page cache, so a disk read overlaps the device's initialisation (a CUDA context
+    /// takes a few hundred milliseconds). Best effort: a wrong guess costs only readahead.
+    fn prefetch_snapshot(&self) {
+        let kind = match self.device_spec {
+            DeviceSpec::Cpu => "cpu",
+            DeviceSpec::Cuda(_) => "cuda",
+            // candle answers from how it was built, without touching a GPU.
+            DeviceSpec::Auto if candle_core::utils::cuda_is_available() => "cuda",
+            DeviceSpec::Auto => "cpu",
+        };
+        let path = match &self.snapshot_options.mode {
+            SnapshotMode::Off => return,
+            SnapshotMode::Path(p) => p.clone(),
+            SnapshotMode::Auto => self.default_snapshot_path(kind),
+        };
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            if let Ok(file) = std::fs::File::open(&path) {
+                // SAFETY: an advisory call on a descriptor we own.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            }
+        });
+    }
+
     fn chosen_snapshot(&self, device: &candle_core::Device) -> Result<Option<PathBuf>, String> {
         let path = match &self.snapshot_options.mode {
             SnapshotMode::Off => return Ok(None),

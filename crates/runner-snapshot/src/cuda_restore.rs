@@ -19,11 +19,16 @@ use half::{bf16, f16};
 
 use super::{io, parse_dtype, RestoreStats, Snapshot, SnapshotError};
 
-/// Pinned bytes per buffer; each reader thread owns two, so one is copied while the next
-/// is read.
+/// Pinned bytes per buffer (`RUNNER_RESTORE_PIECE_MIB`); each reader thread owns two, so
+/// one is copied while the next is read.
 const PIECE_BYTES: usize = 4 << 20;
 const BUFFERS_PER_THREAD: usize = 2;
+/// Reader threads at most (`RUNNER_RESTORE_THREADS`).
 const MAX_THREADS: usize = 8;
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok().filter(|&n| n > 0)
+}
 
 /// Which CUDA restore path to take: `RUNNER_CUDA_RESTORE=pageable` falls back to reading
 /// each arena into ordinary memory and uploading it with one copy.
@@ -143,6 +148,7 @@ impl Snapshot {
         cuda: &CudaDevice,
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         let started = Instant::now();
+        let mut timings = Vec::new();
         let stream = cuda.cuda_stream();
         let ctx = stream.context().clone();
         ctx.bind_to_thread()
@@ -164,6 +170,7 @@ impl Snapshot {
         stream
             .synchronize()
             .map_err(driver_err("cannot synchronize the device"))?;
+        timings.push(("device alloc", started.elapsed()));
         let copy_stream = ctx
             .new_stream()
             .map_err(driver_err("cannot create a copy stream"))?;
@@ -188,23 +195,38 @@ impl Snapshot {
                 });
             }
         }
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, MAX_THREADS)
+        let threads = env_usize("RUNNER_RESTORE_THREADS")
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+                    .min(MAX_THREADS)
+            })
             .min(jobs.len().max(1));
         let largest = jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
-        let piece = PIECE_BYTES.min(largest.max(1));
+        let piece = env_usize("RUNNER_RESTORE_PIECE_MIB")
+            .map_or(PIECE_BYTES, |m| m << 20)
+            .min(largest.max(1));
+        let pipeline_started = Instant::now();
+        let pinned_alloc_nanos = AtomicUsize::new(0);
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let results: Vec<Result<(), SnapshotError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
-                    let (jobs, next, failed, bases, ctx, copy_stream) =
-                        (&jobs, &next, &failed, &bases, &ctx, &copy_stream);
+                    let (jobs, next, failed, bases, ctx, copy_stream, pinned_alloc_nanos) = (
+                        &jobs,
+                        &next,
+                        &failed,
+                        &bases,
+                        &ctx,
+                        &copy_stream,
+                        &pinned_alloc_nanos,
+                    );
                     scope.spawn(move || -> Result<(), SnapshotError> {
                         ctx.bind_to_thread()
                             .map_err(driver_err("cannot bind the CUDA context"))?;
+                        let alloc_started = Instant::now();
                         let mut ring = Vec::with_capacity(BUFFERS_PER_THREAD);
                         for _ in 0..BUFFERS_PER_THREAD {
                             let event = ctx
@@ -212,6 +234,10 @@ impl Snapshot {
                                 .map_err(driver_err("cannot create a CUDA event"))?;
                             ring.push((PinnedBuffer::new(piece)?, event));
                         }
+                        pinned_alloc_nanos.fetch_max(
+                            alloc_started.elapsed().as_nanos() as usize,
+                            Ordering::Relaxed,
+                        );
                         let mut turn = 0usize;
                         let outcome = (|| {
                             loop {
@@ -278,16 +304,34 @@ impl Snapshot {
                 .map(|h| h.join().expect("a snapshot reader thread panicked"))
                 .collect()
         });
+        timings.push((
+            "pinned alloc (slowest thread)",
+            std::time::Duration::from_nanos(pinned_alloc_nanos.into_inner() as u64),
+        ));
+        timings.push(("read + copy", pipeline_started.elapsed()));
         drop(guards);
+        let sync_started = Instant::now();
         copy_stream
             .synchronize()
             .map_err(driver_err("cannot synchronize the copy stream"))?;
+        timings.push(("final sync", sync_started.elapsed()));
         let read = started.elapsed();
         results.into_iter().collect::<Result<Vec<()>, _>>()?;
 
         let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
         let tensors = self.views(&arenas)?;
         let total = started.elapsed();
+        tracing::debug!(
+            target: "runner::setup",
+            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.1} MiB; {}; total {:.1} ms",
+            piece as f64 / (1u64 << 20) as f64,
+            timings
+                .iter()
+                .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
+                .collect::<Vec<_>>()
+                .join(", "),
+            total.as_secs_f64() * 1e3
+        );
         Ok((
             tensors,
             RestoreStats {
@@ -298,4 +342,43 @@ impl Snapshot {
             },
         ))
     }
+}
+
+/// Pinned host-to-device copy bandwidth of `cuda`'s GPU, in bytes per second: the ceiling
+/// for a restore (256 MiB copied four times on a stream of its own, after one warm-up copy).
+pub(crate) fn pinned_h2d_bandwidth(cuda: &CudaDevice) -> Result<f64, SnapshotError> {
+    const BYTES: usize = 256 << 20;
+    const COPIES: usize = 4;
+    let ctx = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread()
+        .map_err(driver_err("cannot bind the CUDA context"))?;
+    let stream = ctx
+        .new_stream()
+        .map_err(driver_err("cannot create a copy stream"))?;
+    let mut host = PinnedBuffer::new(BYTES)?;
+    host.bytes_mut(BYTES).fill(1);
+    // SAFETY: the copies below write every byte before anything reads it.
+    let mut device =
+        unsafe { stream.alloc::<u8>(BYTES) }.map_err(driver_err("cannot allocate GPU memory"))?;
+    let (dst, guard) = device.device_ptr_mut(&stream);
+    let copy = |host: &mut PinnedBuffer| {
+        // SAFETY: both buffers hold BYTES bytes; the host buffer outlives the copies (the
+        // stream is synchronized before it is dropped).
+        unsafe { result::memcpy_htod_async(dst, &*host.bytes_mut(BYTES), stream.cu_stream()) }
+            .map_err(driver_err("cannot copy to the GPU"))
+    };
+    copy(&mut host)?;
+    stream
+        .synchronize()
+        .map_err(driver_err("cannot synchronize"))?;
+    let started = Instant::now();
+    for _ in 0..COPIES {
+        copy(&mut host)?;
+    }
+    stream
+        .synchronize()
+        .map_err(driver_err("cannot synchronize"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(guard);
+    Ok((BYTES * COPIES) as f64 / seconds.max(1e-9))
 }

@@ -1116,6 +1116,16 @@ impl ArenaBuffer {
     }
 }
 
+/// The GPU's pinned host-to-device copy bandwidth in bytes per second (the ceiling for a
+/// CUDA restore); `None` on the CPU or in a build without CUDA.
+pub fn pinned_h2d_bandwidth(device: &Device) -> Option<Result<f64, SnapshotError>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => Some(cuda_restore::pinned_h2d_bandwidth(cuda)),
+        _ => None,
+    }
+}
+
 /// A digest of a model's files that changes when any of them does, without reading
 /// gigabytes of weights: small files (configs, tokenizers) are hashed whole; large ones by
 /// path, size, modification time, their first MiB and (for safetensors) their header.
