@@ -12,6 +12,8 @@
 # at most 8 files (the device tool's limit): results.md, correctness.txt, the bench JSON
 # reports and charts, and logs.tar.gz with everything else.
 # DEVICE=cpu runs the same steps on a CPU build, as a dry run of the script itself.
+# ONLY=REGEX runs only the steps whose names match (a short re-check); RUNS, BUDGET,
+# SWEEP_THREADS and SWEEP_PIECES_MIB size the rest.
 set -uo pipefail
 DEVICE="${DEVICE:-cuda:0}"
 BIG_HIDDEN="${BIG_HIDDEN:-4096}"   # 16 layers of 4096x4096 f32: 1.07 GB of weights
@@ -32,6 +34,7 @@ DEADLINE=$(( $(date +%s) + ${BUDGET:-420} ))
 step() {  # step NAME SECONDS COMMAND...: runs a step with a time limit; a failure is noted
   local name=$1 limit=$2; shift 2
   local left=$(( DEADLINE - $(date +%s) ))
+  if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ $ONLY ]]; then echo "== $name: not selected (ONLY)"; return; fi
   if (( left < 15 )); then echo "== $name: SKIPPED (out of time)"; FAILED+=("$name (skipped)"); return; fi
   (( limit > left )) && limit=$left
   echo "== $name (limit ${limit}s)"
@@ -85,7 +88,7 @@ diff = max(abs(a - b) for g, w in zip(got, ref["normalized_full384"]) for a, b i
 print(f"MiniLM on {sys.argv[1] and 'the device'}: cosine vs sentence-transformers' reference, min {min(cos):.7f}; max abs diff {diff:.2e}")
 PY
 }
-export DEVICE RUNS WORK
+export DEVICE RUNS WORK SWEEP_THREADS SWEEP_PIECES_MIB
 export -f serve embed serve_and_embed cold_correctness
 step "MiniLM cold, against the reference" 180 cold_correctness
 
@@ -160,8 +163,8 @@ PY
 export -f pytorch_big
 restore_sweep() {  # restore the big model with several reader-thread and buffer sizes
   local threads piece addr
-  for threads in 4 8 16; do
-    for piece in 2 4 16; do
+  for threads in ${SWEEP_THREADS:-4 8 16}; do
+    for piece in ${SWEEP_PIECES_MIB:-1 2 4 16}; do
       addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_MIB=$piece \
         serve big "$WORK/sweep-$threads-$piece.log" --require-snapshot) || return 1
       kill "$(cat "$WORK/sweep-$threads-$piece.log.pid")"

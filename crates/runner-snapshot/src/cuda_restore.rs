@@ -10,9 +10,10 @@
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use candle_core::cuda_backend::cudarc::driver::{result, CudaSlice, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{result, CudaSlice, CudaStream, DevicePtrMut};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
@@ -21,7 +22,7 @@ use super::{io, parse_dtype, RestoreStats, Snapshot, SnapshotError};
 
 /// Pinned bytes per buffer (`RUNNER_RESTORE_PIECE_MIB`); each reader thread owns two, so
 /// one is copied while the next is read.
-const PIECE_BYTES: usize = 4 << 20;
+const PIECE_BYTES: usize = 2 << 20;
 const BUFFERS_PER_THREAD: usize = 2;
 /// Reader threads at most (`RUNNER_RESTORE_THREADS`).
 const MAX_THREADS: usize = 8;
@@ -148,39 +149,13 @@ impl Snapshot {
         cuda: &CudaDevice,
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         let started = Instant::now();
-        let mut timings = Vec::new();
         let stream = cuda.cuda_stream();
         let ctx = stream.context().clone();
         ctx.bind_to_thread()
             .map_err(driver_err("cannot bind the CUDA context"))?;
-        let mut arenas = Vec::with_capacity(self.manifest.arenas.len());
-        for arena in &self.manifest.arenas {
-            let dtype = parse_dtype(&arena.dtype).expect("validated");
-            arenas.push(
-                DeviceArena::alloc(cuda, dtype, arena.bytes as usize).map_err(|e| {
-                    SnapshotError::Tensor {
-                        name: format!("arena {}", arena.dtype),
-                        message: format!("cannot allocate {} bytes on the GPU: {e}", arena.bytes),
-                    }
-                })?,
-            );
-        }
-        // The allocations may be stream-ordered on candle's stream: finish them before
-        // another stream writes into them.
-        stream
-            .synchronize()
-            .map_err(driver_err("cannot synchronize the device"))?;
-        timings.push(("device alloc", started.elapsed()));
         let copy_stream = ctx
             .new_stream()
             .map_err(driver_err("cannot create a copy stream"))?;
-        let mut bases = Vec::with_capacity(arenas.len());
-        let mut guards = Vec::with_capacity(arenas.len());
-        for a in arenas.iter_mut() {
-            let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
-            bases.push(ptr);
-            guards.push(guard);
-        }
 
         let mut jobs = Vec::new();
         for (a, arena) in self.manifest.arenas.iter().enumerate() {
@@ -207,11 +182,14 @@ impl Snapshot {
         let piece = env_usize("RUNNER_RESTORE_PIECE_MIB")
             .map_or(PIECE_BYTES, |m| m << 20)
             .min(largest.max(1));
-        let pipeline_started = Instant::now();
-        let pinned_alloc_nanos = AtomicUsize::new(0);
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
-        let results: Vec<Result<(), SnapshotError>> = std::thread::scope(|scope| {
+        let pinned_alloc_nanos = AtomicUsize::new(0);
+        // The arenas' device addresses, once allocated; the reader threads pin their
+        // buffers meanwhile (pinning costs about as much as the device allocation).
+        let bases: OnceLock<Option<Vec<u64>>> = OnceLock::new();
+        let mut device_alloc = Duration::ZERO;
+        let (arenas, results) = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
                     let (jobs, next, failed, bases, ctx, copy_stream, pinned_alloc_nanos) = (
@@ -238,6 +216,9 @@ impl Snapshot {
                             alloc_started.elapsed().as_nanos() as usize,
                             Ordering::Relaxed,
                         );
+                        let Some(bases) = bases.wait() else {
+                            return Ok(()); // the device allocation failed; it says why
+                        };
                         let mut turn = 0usize;
                         let outcome = (|| {
                             loop {
@@ -299,37 +280,56 @@ impl Snapshot {
                     })
                 })
                 .collect();
-            handles
+
+            let alloc_started = Instant::now();
+            let allocated = self.alloc_arenas(cuda, &stream);
+            device_alloc = alloc_started.elapsed();
+            let mut arenas = match allocated {
+                Ok(arenas) => arenas,
+                Err(e) => {
+                    let _ = bases.set(None);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return (Err(e), Vec::new());
+                }
+            };
+            let mut guards = Vec::with_capacity(arenas.len());
+            let mut pointers = Vec::with_capacity(arenas.len());
+            for a in arenas.iter_mut() {
+                let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
+                pointers.push(ptr);
+                guards.push(guard);
+            }
+            let _ = bases.set(Some(pointers));
+            let results: Vec<Result<(), SnapshotError>> = handles
                 .into_iter()
                 .map(|h| h.join().expect("a snapshot reader thread panicked"))
-                .collect()
+                .collect();
+            drop(guards);
+            (Ok(arenas), results)
         });
-        timings.push((
-            "pinned alloc (slowest thread)",
-            std::time::Duration::from_nanos(pinned_alloc_nanos.into_inner() as u64),
-        ));
-        timings.push(("read + copy", pipeline_started.elapsed()));
-        drop(guards);
+        let pipeline = started.elapsed();
         let sync_started = Instant::now();
         copy_stream
             .synchronize()
             .map_err(driver_err("cannot synchronize the copy stream"))?;
-        timings.push(("final sync", sync_started.elapsed()));
-        let read = started.elapsed();
+        let sync = sync_started.elapsed();
+        let arenas = arenas?;
         results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        let read = started.elapsed();
 
         let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
         let tensors = self.views(&arenas)?;
         let total = started.elapsed();
         tracing::debug!(
             target: "runner::setup",
-            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.1} MiB; {}; total {:.1} ms",
+            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.1} MiB; device alloc {:.1} ms, pinned alloc (slowest thread, alongside) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
             piece as f64 / (1u64 << 20) as f64,
-            timings
-                .iter()
-                .map(|(n, d)| format!("{n} {:.1} ms", d.as_secs_f64() * 1e3))
-                .collect::<Vec<_>>()
-                .join(", "),
+            device_alloc.as_secs_f64() * 1e3,
+            pinned_alloc_nanos.into_inner() as f64 / 1e6,
+            pipeline.as_secs_f64() * 1e3,
+            sync.as_secs_f64() * 1e3,
             total.as_secs_f64() * 1e3
         );
         Ok((
@@ -341,6 +341,32 @@ impl Snapshot {
                 total,
             },
         ))
+    }
+
+    /// One device allocation per arena, through the model's own device.
+    fn alloc_arenas(
+        &self,
+        cuda: &CudaDevice,
+        stream: &CudaStream,
+    ) -> Result<Vec<DeviceArena>, SnapshotError> {
+        let mut arenas = Vec::with_capacity(self.manifest.arenas.len());
+        for arena in &self.manifest.arenas {
+            let dtype = parse_dtype(&arena.dtype).expect("validated");
+            arenas.push(
+                DeviceArena::alloc(cuda, dtype, arena.bytes as usize).map_err(|e| {
+                    SnapshotError::Tensor {
+                        name: format!("arena {}", arena.dtype),
+                        message: format!("cannot allocate {} bytes on the GPU: {e}", arena.bytes),
+                    }
+                })?,
+            );
+        }
+        // The allocations may be stream-ordered on candle's stream: finish them before
+        // another stream writes into them.
+        stream
+            .synchronize()
+            .map_err(driver_err("cannot synchronize the device"))?;
+        Ok(arenas)
     }
 }
 
