@@ -258,6 +258,28 @@ fn bench_reports_both_modes_as_json_and_svg() {
     assert!(phases.contains(&"snapshot restore"), "{phases:?}");
     assert!(report["snapshot_restore_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["page_cache_read_gb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["speedup_first_prediction"].as_f64().unwrap() > 0.0);
+    // The pinned ceiling and the fresh-machine mode exist on CUDA only.
+    assert!(report["pinned_h2d_gb_per_s"].is_null(), "{report}");
+    assert!(report["speedup_first_prediction_vs_fresh_machine"].is_null());
     let svg = std::fs::read_to_string(&chart).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("snapshot restore"));
+}
+
+#[test]
+fn snapshot_verify_checks_every_restored_tensor() {
+    let model = generated_model(2, "bf16");
+    let (code, stdout, stderr) = runner(&[
+        "snapshot",
+        model.path().to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--verify",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("verified: 8 restored tensors") && stderr.contains("bit-identical"),
+        "{stderr}"
+    );
+    assert!(std::path::Path::new(stdout.trim()).is_file());
 }

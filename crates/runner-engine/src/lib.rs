@@ -1336,6 +1336,17 @@ mod tests {
             );
         }
 
+        // --verify's check passes on the good file and refuses a damaged one.
+        let checked = cold.verify_snapshot(&report.path).unwrap();
+        assert_eq!(checked.tensors, 8);
+        let mut bytes = std::fs::read(&report.path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last - 4096] ^= 0x10;
+        let damaged = d.path().join("damaged.rsnap");
+        std::fs::write(&damaged, &bytes).unwrap();
+        let e = cold.verify_snapshot(&damaged).unwrap_err();
+        assert!(e.contains("checksum"), "{e}");
+
         // Served from the snapshot: same outputs, and the source says so.
         let options = EngineOptions {
             snapshot: SnapshotOptions {
