@@ -692,9 +692,10 @@ impl Snapshot {
     /// ring of pinned buffers (`cuda_restore`), or with one pageable upload per arena when
     /// `RUNNER_CUDA_RESTORE=pageable`.
     ///
-    /// Asking for transparent huge pages on the CPU buffers (so that first touches fault
-    /// 2 MiB at a time) was measured slower here: 0.97–1.10 GB/s against 1.71–1.90 GB/s for
-    /// a 538 MB restore on the 2-core VM, so the buffers keep ordinary pages.
+    /// Two ways to fault the fresh CPU buffers in faster were measured slower on the 2-core
+    /// VM (538 MB restore, against 1.71–1.90 GB/s): transparent huge pages (0.97–1.10 GB/s)
+    /// and `MADV_POPULATE_WRITE` per reader thread before its read (1.35–1.40 GB/s). So the
+    /// buffers keep ordinary pages, faulted in by the read itself.
     pub fn restore(
         &self,
         device: &Device,
