@@ -4,7 +4,7 @@
 # directory with its weights converted to f16 (44 MB, under the 64 MiB carry limit; runner
 # loads them as f32). Then, from the device tool:
 #   run(command="bash benches/gpu/device-check.sh", carry=["benches/gpu/stage"])
-# UNVERIFIED: no GPU run of this script has been recorded yet.
+# Run on an H200 on 2026-11-28; results in benches/results/2026-11-28-h200-snapshots/
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
