@@ -690,7 +690,8 @@ impl Engine {
                     cold.dims()
                 ));
             }
-            if tensor_bytes(back)? != tensor_bytes(cold)? {
+            let bytes = |t| runner_snapshot::tensor_bytes(name, t).map_err(|e| e.to_string());
+            if bytes(back)? != bytes(cold)? {
                 return Err(format!(
                     "tensor `{name}`: restored bytes differ from the cold load"
                 ));
@@ -1057,37 +1058,6 @@ pub struct VerifyReport {
     pub tensors: usize,
     pub data_bytes: u64,
     pub gb_per_s: f64,
-}
-
-/// A tensor's raw bytes, copied to the host (in row-major order whatever its layout).
-fn tensor_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, String> {
-    use candle_core::DType;
-    let flat = t
-        .flatten_all()
-        .and_then(|f| f.to_device(&candle_core::Device::Cpu))
-        .map_err(|e| e.to_string())?;
-    let bytes = match flat.dtype() {
-        DType::U8 => flat.to_vec1::<u8>().map_err(|e| e.to_string())?,
-        DType::U32 => bytes_of(flat.to_vec1::<u32>())?,
-        DType::I64 => bytes_of(flat.to_vec1::<i64>())?,
-        DType::F32 => bytes_of(flat.to_vec1::<f32>())?,
-        DType::F64 => bytes_of(flat.to_vec1::<f64>())?,
-        DType::BF16 => bytes_of(
-            flat.to_vec1::<half::bf16>()
-                .map(|v| v.into_iter().map(|x| x.to_bits()).collect::<Vec<u16>>()),
-        )?,
-        DType::F16 => bytes_of(
-            flat.to_vec1::<half::f16>()
-                .map(|v| v.into_iter().map(|x| x.to_bits()).collect::<Vec<u16>>()),
-        )?,
-        other => return Err(format!("cannot compare {other:?} tensors")),
-    };
-    Ok(bytes)
-}
-
-fn bytes_of<T: bytemuck::Pod>(v: candle_core::Result<Vec<T>>) -> Result<Vec<u8>, String> {
-    v.map(|v| bytemuck::cast_slice(&v).to_vec())
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

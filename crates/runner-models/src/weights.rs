@@ -509,14 +509,10 @@ mod tests {
         .unwrap();
         let good = std::fs::read(&p).unwrap();
         let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            // xorshift64*: fixed seed, so a failure replays exactly.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        };
+        // A fixed seed, so a failure replays exactly.
+        let mut rng =
+            <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0x2545_F491_4F6C_DD1D);
+        let mut next = move || rand::Rng::random::<u64>(&mut rng);
         let damaged = d.path().join("damaged.safetensors");
         let mut refused = 0;
         for round in 0..2000 {

@@ -218,7 +218,9 @@ fn parse_dtype(s: &str) -> Option<DType> {
 }
 
 /// A tensor's bytes, as it is laid out in memory (little-endian).
-fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, SnapshotError> {
+/// A tensor's bytes as a snapshot stores them (little-endian, row-major), copied to the
+/// host.
+pub fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, SnapshotError> {
     let err = |e: candle_core::Error| SnapshotError::Tensor {
         name: name.to_string(),
         message: e.to_string(),
