@@ -375,29 +375,23 @@ pub fn to_json(c: &Report) -> Value {
         "restore_vs_page_cache": restore / c.page_cache_bytes_per_s.max(1.0),
         "pinned_h2d_gb_per_s": c.pinned_h2d_bytes_per_s.map(|b| b / 1e9),
         "restore_vs_pinned_h2d": c.pinned_h2d_bytes_per_s.map(|b| restore / b.max(1.0)),
-        "speedup_ready": speedup(c, ModeKind::Cold, |r| r.ready),
-        "speedup_first_prediction": speedup(c, ModeKind::Cold, |r| r.first_prediction),
-        "speedup_first_prediction_vs_fresh_machine": c
-            .results
-            .iter()
-            .any(|m| m.kind == ModeKind::ColdFreshMachine)
-            .then(|| speedup(c, ModeKind::ColdFreshMachine, |r| r.first_prediction)),
+        "speedup_ready": speedup(c, ModeKind::Cold, |r| r.ready).unwrap_or(0.0),
+        "speedup_first_prediction": speedup(c, ModeKind::Cold, |r| r.first_prediction).unwrap_or(0.0),
+        "speedup_first_prediction_vs_fresh_machine": speedup(c, ModeKind::ColdFreshMachine, |r| r.first_prediction),
         "modes": modes,
     })
 }
 
-/// How many times faster the snapshot mode is than `baseline` (medians).
-fn speedup(c: &Report, baseline: ModeKind, f: impl Fn(&StartRun) -> f64) -> f64 {
+/// How many times faster the snapshot mode is than `baseline` (medians); `None` when either
+/// mode was not run.
+fn speedup(c: &Report, baseline: ModeKind, f: impl Fn(&StartRun) -> f64) -> Option<f64> {
     let med = |kind: ModeKind| {
         c.results
             .iter()
             .find(|m| m.kind == kind)
             .map(|m| median(m.runs.iter().map(&f).collect()))
     };
-    match (med(baseline), med(ModeKind::Snapshot)) {
-        (Some(base), Some(snap)) => base / snap.max(1e-9),
-        _ => 0.0,
-    }
+    Some(med(baseline)? / med(ModeKind::Snapshot)?.max(1e-9))
 }
 
 /// Bytes per second of the restore phase, median over the snapshot runs.
@@ -473,16 +467,12 @@ pub fn to_table(c: &Report) -> String {
     }
     out.push_str(&format!(
         "speedup from the snapshot: {:.2}x to ready, {:.2}x to the first prediction\n",
-        speedup(c, ModeKind::Cold, |r| r.ready),
-        speedup(c, ModeKind::Cold, |r| r.first_prediction)
+        speedup(c, ModeKind::Cold, |r| r.ready).unwrap_or(0.0),
+        speedup(c, ModeKind::Cold, |r| r.first_prediction).unwrap_or(0.0)
     ));
-    if c.results
-        .iter()
-        .any(|m| m.kind == ModeKind::ColdFreshMachine)
-    {
+    if let Some(fresh) = speedup(c, ModeKind::ColdFreshMachine, |r| r.first_prediction) {
         out.push_str(&format!(
-            "against a fresh machine's cold start (empty kernel cache): {:.2}x to the first prediction\n",
-            speedup(c, ModeKind::ColdFreshMachine, |r| r.first_prediction)
+            "against a fresh machine's cold start (empty kernel cache): {fresh:.2}x to the first prediction\n"
         ));
     }
     out

@@ -543,10 +543,8 @@ impl Engine {
             DeviceSpec::Auto if candle_core::utils::cuda_is_available() => "cuda",
             DeviceSpec::Auto => "cpu",
         };
-        let path = match &self.snapshot_options.mode {
-            SnapshotMode::Off => return,
-            SnapshotMode::Path(p) => p.clone(),
-            SnapshotMode::Auto => self.default_snapshot_path(kind),
+        let Some(path) = self.snapshot_candidate(kind) else {
+            return;
         };
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
@@ -557,11 +555,18 @@ impl Engine {
         });
     }
 
+    /// The snapshot `--snapshot` points at for a device kind, whether or not it exists.
+    fn snapshot_candidate(&self, device_kind: &str) -> Option<PathBuf> {
+        match &self.snapshot_options.mode {
+            SnapshotMode::Off => None,
+            SnapshotMode::Path(p) => Some(p.clone()),
+            SnapshotMode::Auto => Some(self.default_snapshot_path(device_kind)),
+        }
+    }
+
     fn chosen_snapshot(&self, device: &candle_core::Device) -> Result<Option<PathBuf>, String> {
-        let path = match &self.snapshot_options.mode {
-            SnapshotMode::Off => return Ok(None),
-            SnapshotMode::Path(p) => p.clone(),
-            SnapshotMode::Auto => self.default_snapshot_path(device_kind(device)),
+        let Some(path) = self.snapshot_candidate(device_kind(device)) else {
+            return Ok(None);
         };
         if path.exists() {
             return Ok(Some(path));
