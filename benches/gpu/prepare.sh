@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CUDA runner binary here (no GPU needed) and stages what the GPU machine needs
-# under benches/gpu/stage/ (git-ignored): the xz-compressed binary and the MiniLM model
-# directory with its weights converted to f16 (44 MB, under the 64 MiB carry limit; runner
-# loads them as f32). Then, from the device tool:
+# under benches/gpu/stage/ (git-ignored), under the 64 MiB carry limit: the xz-compressed
+# binary, MiniLM's configuration and tokenizer (the GPU machine generates weights), and
+# SmolLM2's first 10 blocks, xz-compressed. Then, from the device tool:
 #   run(command="bash benches/gpu/device-check.sh", carry=["benches/gpu/stage"])
 # Run on an H200 on 2026-11-28; results in benches/results/2026-11-28-h200-snapshots/
 set -euo pipefail
@@ -10,36 +10,26 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 eval "$(bash "$ROOT/../shared/cuda/setup-toolkit.sh")"
 CUDAFORGE_THREADS=2 cargo build --release --locked --features cuda -p runner-cli --target-dir target/cuda
-scripts/fetch-minilm.sh
+scripts/fetch-smollm2.sh
 STAGE=benches/gpu/stage
 rm -rf "$STAGE" && mkdir -p "$STAGE"
 xz -T0 -6 -c target/cuda/release/runner > "$STAGE/runner.xz"
-mkdir -p "$STAGE/minilm"
+# MiniLM without its weights: the GPU machine generates random ones of the same shapes and
+# compares runner with sentence-transformers on them.
+mkdir -p "$STAGE/minilm/weights"
 cp models/all-minilm-l6-v2/cog.yaml "$STAGE/minilm/"
-cp -r models/all-minilm-l6-v2/weights "$STAGE/minilm/weights"
-# f32 → f16 with the standard library only (struct's 'e' format), tensor by tensor.
-python3 - "$STAGE/minilm/weights/model.safetensors" <<'PY'
-import json, struct, sys
-path = sys.argv[1]
-raw = open(path, "rb").read()
-n = struct.unpack("<Q", raw[:8])[0]
-header = json.loads(raw[8:8 + n]); data = raw[8 + n:]
-out_header, chunks, offset = {}, [], 0
-for name, t in header.items():
-    if name == "__metadata__":
-        out_header[name] = t; continue
-    b, e = t["data_offsets"]; blob = data[b:e]
-    if t["dtype"] == "F32":
-        count = len(blob) // 4
-        blob = struct.pack(f"<{count}e", *struct.unpack(f"<{count}f", blob))
-        t = dict(t, dtype="F16")
-    out_header[name] = dict(t, data_offsets=[offset, offset + len(blob)])
-    chunks.append(blob); offset += len(blob)
-h = json.dumps(out_header).encode(); h += b" " * (-len(h) % 8)
-with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(h))); f.write(h); [f.write(c) for c in chunks]
-PY
-cp tests/data/minilm_reference.json "$STAGE/"
-# The large benchmark model is generated on the GPU machine; only its cog.yaml travels.
-mkdir -p "$STAGE/big" && cp models/tiny-mlp/cog.yaml "$STAGE/big/"
+(cd models/all-minilm-l6-v2/weights && cp -r config.json modules.json sentence_bert_config.json tokenizer.json 1_Pooling "$ROOT/$STAGE/minilm/weights/")
+# SmolLM2's first 10 of 30 blocks (with the real embeddings, tokenizer and quantization):
+# the whole GGUF (98 MB) does not fit the 64 MiB carry limit.
+mkdir -p "$STAGE/smollm2/weights"
+cp models/smollm2-135m-instruct/cog.yaml "$STAGE/smollm2/"
+python3 benches/gpu/trim_gguf.py models/smollm2-135m-instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf \
+  "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-10-blocks.Q4_1.gguf" 10
+xz -T0 -6 "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-10-blocks.Q4_1.gguf"
+cp tests/data/minilm_reference.json tests/data/smollm2_reference.json benches/data/sentences.txt benches/gpu/checks.py "$STAGE/"
+# The large benchmark models are generated on the GPU machine; only their cog.yaml travels.
+mkdir -p "$STAGE/big" "$STAGE/huge"
+cp models/tiny-mlp/cog.yaml "$STAGE/big/"
+cp models/tiny-mlp/cog.yaml "$STAGE/huge/"
 du -sh "$STAGE"
+du -sb "$STAGE"

@@ -13,16 +13,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use candle_core::cuda_backend::cudarc::driver::{result, CudaSlice, CudaStream, DevicePtrMut};
+use candle_core::cuda_backend::cudarc::driver::{
+    result, sys, CudaSlice, CudaStream, DevicePtrMut,
+};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::{io, parse_dtype, RestoreStats, Snapshot, SnapshotError};
 
-/// Pinned bytes per buffer (`RUNNER_RESTORE_PIECE_MIB`); each reader thread owns two, so
-/// one is copied while the next is read.
-const PIECE_BYTES: usize = 2 << 20;
+/// Pinned bytes per buffer (`RUNNER_RESTORE_PIECE_KIB` or `_MIB`); each reader thread owns
+/// two, so one is copied while the next is read. Pinning costs time in proportion to the
+/// bytes, and on an H200 1 MiB restored faster than 2, 4 or 16 MiB.
+const PIECE_BYTES: usize = 1 << 20;
 const BUFFERS_PER_THREAD: usize = 2;
 /// Reader threads at most (`RUNNER_RESTORE_THREADS`).
 const MAX_THREADS: usize = 8;
@@ -44,10 +47,19 @@ fn driver_err(what: &str) -> impl Fn(result::DriverError) -> SnapshotError + '_ 
     }
 }
 
+/// How the reader threads pin their buffers (`RUNNER_RESTORE_PIN`): `alloc` asks the
+/// driver for page-locked memory (`cuMemHostAlloc`); `register` maps and touches ordinary
+/// memory first and then page-locks it (`cuMemHostRegister`), which takes the driver's
+/// lock for less time. Which is faster depends on the driver; the GPU script sweeps both.
+fn pin_by_registering() -> bool {
+    std::env::var("RUNNER_RESTORE_PIN").is_ok_and(|v| v == "register")
+}
+
 /// One page-locked host buffer, freed on drop (after its copy finished).
 struct PinnedBuffer {
     ptr: *mut u8,
     len: usize,
+    registered: bool,
 }
 
 // SAFETY: the buffer is plain host memory owned by one reader thread at a time.
@@ -55,14 +67,56 @@ unsafe impl Send for PinnedBuffer {}
 
 impl PinnedBuffer {
     fn new(len: usize) -> Result<Self, SnapshotError> {
+        if pin_by_registering() {
+            return Self::registered(len);
+        }
         // SAFETY: flags 0 = ordinary (cached, not write-combined) page-locked memory.
         let ptr = unsafe { result::malloc_host(len, 0) }
             .map_err(driver_err("cannot allocate pinned host memory"))?;
         Ok(Self {
             ptr: ptr as *mut u8,
             len,
+            registered: false,
         })
     }
+
+    fn registered(len: usize) -> Result<Self, SnapshotError> {
+        // SAFETY: a private anonymous mapping, populated now so registering only locks it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(SnapshotError::Tensor {
+                name: "device".into(),
+                message: format!(
+                    "cannot map {len} bytes of host memory: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+        // SAFETY: `ptr` is a live mapping of `len` bytes; flags 0 = ordinary locking.
+        let status = unsafe { sys::cuMemHostRegister_v2(ptr, len, 0) };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: the mapping made above, not registered.
+            unsafe { libc::munmap(ptr, len) };
+            return Err(driver_err("cannot page-lock host memory")(
+                result::DriverError(status),
+            ));
+        }
+        Ok(Self {
+            ptr: ptr as *mut u8,
+            len,
+            registered: true,
+        })
+    }
+
     fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
         // SAFETY: `ptr` points at `self.len` bytes we own; len is clamped.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.len)) }
@@ -71,9 +125,15 @@ impl PinnedBuffer {
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
-        // SAFETY: allocated by malloc_host; every copy from it was waited for.
+        // SAFETY: allocated (or mapped and registered) above; every copy from it was
+        // waited for.
         unsafe {
-            let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+            if self.registered {
+                let _ = sys::cuMemHostUnregister(self.ptr as *mut std::ffi::c_void);
+                libc::munmap(self.ptr as *mut libc::c_void, self.len);
+            } else {
+                let _ = result::free_host(self.ptr as *mut std::ffi::c_void);
+            }
         }
     }
 }
@@ -179,9 +239,14 @@ impl Snapshot {
             })
             .min(jobs.len().max(1));
         let largest = jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
-        let piece = env_usize("RUNNER_RESTORE_PIECE_MIB")
-            .map_or(PIECE_BYTES, |m| m << 20)
+        let piece = env_usize("RUNNER_RESTORE_PIECE_KIB")
+            .map(|k| k << 10)
+            .or_else(|| env_usize("RUNNER_RESTORE_PIECE_MIB").map(|m| m << 20))
+            .unwrap_or(PIECE_BYTES)
             .min(largest.max(1));
+        // `RUNNER_RESTORE_ALLOC=first` allocates the arenas before the readers pin their
+        // buffers, instead of alongside (both take the driver's locks).
+        let alloc_first = std::env::var("RUNNER_RESTORE_ALLOC").is_ok_and(|v| v == "first");
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let pinned_alloc_nanos = AtomicUsize::new(0);
@@ -190,6 +255,16 @@ impl Snapshot {
         let bases: OnceLock<Option<Vec<u64>>> = OnceLock::new();
         let mut device_alloc = Duration::ZERO;
         let (arenas, results) = std::thread::scope(|scope| {
+            let mut allocate = || {
+                let alloc_started = Instant::now();
+                let allocated = self.alloc_arenas(cuda, &stream);
+                device_alloc = alloc_started.elapsed();
+                allocated
+            };
+            let allocated_first = alloc_first.then(&mut allocate);
+            if let Some(Err(e)) = allocated_first {
+                return (Err(e), Vec::new());
+            }
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
                     let (jobs, next, failed, bases, ctx, copy_stream, pinned_alloc_nanos) = (
@@ -216,9 +291,6 @@ impl Snapshot {
                             alloc_started.elapsed().as_nanos() as usize,
                             Ordering::Relaxed,
                         );
-                        let Some(bases) = bases.wait() else {
-                            return Ok(()); // the device allocation failed; it says why
-                        };
                         let mut turn = 0usize;
                         let outcome = (|| {
                             loop {
@@ -246,6 +318,11 @@ impl Snapshot {
                                         io(&self.path, "cannot read the snapshot's data"),
                                     )?;
                                     hasher.update(bytes);
+                                    // The first piece is read while the arenas are still
+                                    // being allocated; only the copy waits for them.
+                                    let Some(bases) = bases.wait() else {
+                                        return Ok(()); // the allocation failed; it says why
+                                    };
                                     // SAFETY: the destination lies inside the arena's
                                     // allocation (offsets validated when the snapshot was
                                     // opened); the source stays pinned and untouched until
@@ -281,9 +358,7 @@ impl Snapshot {
                 })
                 .collect();
 
-            let alloc_started = Instant::now();
-            let allocated = self.alloc_arenas(cuda, &stream);
-            device_alloc = alloc_started.elapsed();
+            let allocated = allocated_first.unwrap_or_else(allocate);
             let mut arenas = match allocated {
                 Ok(arenas) => arenas,
                 Err(e) => {
@@ -324,9 +399,11 @@ impl Snapshot {
         let total = started.elapsed();
         tracing::debug!(
             target: "runner::setup",
-            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.1} MiB; device alloc {:.1} ms, pinned alloc (slowest thread, alongside) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
+            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.2} MiB ({}); device alloc {:.1} ms ({}), pinned alloc (slowest thread) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
             piece as f64 / (1u64 << 20) as f64,
+            if pin_by_registering() { "registered" } else { "cuMemHostAlloc" },
             device_alloc.as_secs_f64() * 1e3,
+            if alloc_first { "first" } else { "alongside the pinning" },
             pinned_alloc_nanos.into_inner() as f64 / 1e6,
             pipeline.as_secs_f64() * 1e3,
             sync.as_secs_f64() * 1e3,
