@@ -15,7 +15,7 @@ export RUSTC_BOOTSTRAP=1
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Zsanitizer=address -Cdebug-assertions"
 TARGET_DIR="$ROOT/target/fuzz"
 cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR/build" --bins >&2
-targets=(cog_yaml prediction_input)
+targets=(cog_yaml prediction_input safetensors gguf snapshot data_uri cli_inputs)
 seconds="${FUZZ_SECONDS:-60}"
 if [ $# -ge 1 ]; then targets=("$1"); fi
 if [ $# -ge 2 ]; then seconds="$2"; fi

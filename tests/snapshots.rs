@@ -283,3 +283,176 @@ fn snapshot_verify_checks_every_restored_tensor() {
     );
     assert!(std::path::Path::new(stdout.trim()).is_file());
 }
+
+/// Every tensor of a snapshot file, restored on the CPU, as raw bytes by name.
+fn restored_bytes(path: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let snapshot = runner_snapshot::Snapshot::open(path).map_err(|e| e.to_string())?;
+    let (tensors, _) = snapshot
+        .restore(&candle_core::Device::Cpu)
+        .map_err(|e| e.to_string())?;
+    Ok(tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), runner_snapshot::tensor_bytes(n, t).unwrap()))
+        .collect())
+}
+
+/// Fault run (issue 10): `runner snapshot` killed with SIGKILL at 50 random points, from
+/// before the model loads to after the rename. Afterwards the target either does not exist
+/// or is a whole snapshot that restores the same bits as an undisturbed one; no leftover
+/// file looks like a snapshot; the next writer removes the dead writers' temporary files;
+/// and `serve` starts from the survivor (or cold).
+#[test]
+fn sigkill_while_snapshotting_never_leaves_a_bad_snapshot() {
+    use rand::{Rng, SeedableRng};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = generated_model(6, "f32"); // 6.3 MB of weights: the write takes a while
+    let model = dir.path().to_str().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let good = out_dir.path().join("good.rsnap");
+    let started = Instant::now();
+    let (code, _, stderr) = runner(&[
+        "snapshot",
+        model,
+        "--device",
+        "cpu",
+        "-o",
+        good.to_str().unwrap(),
+    ]);
+    let whole_run = started.elapsed();
+    assert_eq!(code, 0, "{stderr}");
+    let want = restored_bytes(&good).unwrap();
+
+    let target = out_dir.path().join("killed.rsnap");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED_0F_4B1D);
+    let (mut survived, mut absent, mut mid_write) = (0, 0, 0);
+    for round in 0..50 {
+        let _ = std::fs::remove_file(&target);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runner"))
+            .args([
+                "-q",
+                "snapshot",
+                model,
+                "--device",
+                "cpu",
+                "-o",
+                target.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Anywhere from the start to a little past a whole run.
+        let delay = whole_run.mul_f64(rng.random_range(0.0..1.3));
+        std::thread::sleep(delay.min(Duration::from_secs(20)));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let its_temporary = format!(".killed.rsnap.tmp-{}-", child.id());
+        if std::fs::read_dir(out_dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&its_temporary)
+        }) {
+            mid_write += 1;
+        }
+        if target.exists() {
+            let got = restored_bytes(&target)
+                .unwrap_or_else(|e| panic!("round {round}: a snapshot that does not restore: {e}"));
+            assert!(
+                got == want,
+                "round {round}: the snapshot restores other bits"
+            );
+            survived += 1;
+        } else {
+            absent += 1;
+        }
+        for entry in std::fs::read_dir(out_dir.path()).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                name == "good.rsnap"
+                    || name == "killed.rsnap"
+                    || name.starts_with(".killed.rsnap.tmp-"),
+                "round {round}: unexpected file {name}"
+            );
+        }
+    }
+    eprintln!(
+        "50 kills: {survived} left a whole snapshot, {absent} left none ({mid_write} of them mid-write)"
+    );
+    assert!(
+        mid_write > 0,
+        "no kill landed mid-write: the delays miss the write"
+    );
+
+    // The next writer sweeps the dead writers' temporary files away.
+    let (code, _, stderr) = runner(&[
+        "snapshot",
+        model,
+        "--device",
+        "cpu",
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let leftovers: Vec<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let server = Server::start(
+        dir.path(),
+        &["--snapshot", target.to_str().unwrap(), "--require-snapshot"],
+    );
+    assert_eq!(health(&server)["status"], "READY");
+}
+
+/// Fault run (issue 10): a real full filesystem (a 2 MiB tmpfs, mounted in a private mount
+/// namespace by `unshare`) under a 6 MB snapshot: a clear "disk full" error naming the path
+/// and the space needed, a failing exit code, and nothing left on the filesystem.
+#[test]
+fn a_full_filesystem_fails_the_snapshot_cleanly() {
+    let dir = generated_model(6, "f32");
+    let script = r#"
+        set -e
+        mnt=$(mktemp -d)
+        mount -t tmpfs -o size=2m tmpfs "$mnt"
+        set +e
+        "$RUNNER" snapshot "$MODEL" --device cpu -o "$mnt/full.rsnap"
+        echo "exit=$?"
+        echo "left=[$(ls -A "$mnt")]"
+        echo "free=$(df -k --output=used "$mnt" | tail -1 | tr -d ' ')"
+    "#;
+    // As root a mount namespace is enough; otherwise a user namespace maps us to root.
+    let unshare_args: &[&str] = if unsafe { libc::geteuid() } == 0 {
+        &["-m"]
+    } else {
+        &["-rm"]
+    };
+    let out = std::process::Command::new("unshare")
+        .args(unshare_args)
+        .args(["sh", "-c", script])
+        .env("RUNNER", env!("CARGO_BIN_EXE_runner"))
+        .env("MODEL", dir.path())
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "this test mounts a small tmpfs in a private mount namespace (unshare -m, or -rm \
+         without root), which this machine refused:\n{stderr}"
+    );
+    assert!(stdout.contains("exit=1"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("left=[]"),
+        "files left on the full disk: {stdout}"
+    );
+    assert!(stdout.contains("free=0"), "space still used: {stdout}");
+    assert!(
+        stderr.contains("disk") && stderr.contains("full.rsnap"),
+        "{stderr}"
+    );
+}

@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 mod batcher;
+pub mod cli_inputs;
 pub mod files;
 pub mod metrics;
 pub mod prediction;

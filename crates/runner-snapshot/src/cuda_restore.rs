@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaSlice, CudaStream, DevicePtrMut,
-};
+use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaSlice, CudaStream, DevicePtrMut};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};

@@ -322,6 +322,7 @@ pub fn write_with_progress(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    remove_stale_temporaries(dir, &file_name);
     // A name no other writer uses: concurrent writers each rename a complete file.
     let tmp = dir.join(format!(
         ".{file_name}.tmp-{}-{:016x}",
@@ -363,6 +364,38 @@ pub fn write_with_progress(
         },
         other => other,
     })
+}
+
+/// Removes the temporary files that writers of `file_name` killed mid-write left in `dir`
+/// (`.NAME.tmp-PID-RANDOM` whose process is gone), so repeated crashes do not fill the
+/// disk. A live writer's file is left alone; so is anything else.
+fn remove_stale_temporaries(dir: &Path, file_name: &str) {
+    let prefix = format!(".{file_name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.map_while(Result::ok) {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left by a snapshot writer that was killed",
+                    entry.path().display()
+                ),
+                Err(e) => tracing::debug!("cannot remove {}: {e}", entry.path().display()),
+            }
+        }
+    }
 }
 
 fn is_disk_full(e: &std::io::Error) -> bool {

@@ -1,0 +1,74 @@
+//! Replays the corpora of the file and argument fuzz targets (fuzz/corpus/<target>/, seeds
+//! plus what the fuzzers found, and fuzz/regressions/<target>/, every crash ever found)
+//! through the targets' own checks, without instrumentation: a cheap regression test that
+//! runs with `cargo test`. (cog.yaml and prediction input replay in runner-spec.)
+#![allow(dead_code)] // shared.rs also holds checks replayed elsewhere
+
+use std::path::PathBuf;
+
+include!("../../../fuzz/fuzz_targets/shared.rs");
+include!("../../../fuzz/fuzz_targets/shared_files.rs");
+
+fn replay(target: &str, check: impl Fn(&[u8])) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let mut count = 0;
+    for dir in ["corpus", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
+            continue;
+        };
+        for e in entries.map_while(Result::ok) {
+            let data = std::fs::read(e.path()).unwrap();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&data)));
+            assert!(outcome.is_ok(), "{} panics", e.path().display());
+            count += 1;
+        }
+    }
+    assert!(count > 0, "no corpus for {target}");
+}
+
+#[test]
+fn safetensors_corpus() {
+    replay("safetensors", check_safetensors);
+}
+
+#[test]
+fn gguf_corpus() {
+    replay("gguf", check_gguf);
+}
+
+#[test]
+fn snapshot_corpus() {
+    replay("snapshot", check_snapshot);
+}
+
+#[test]
+fn data_uri_corpus() {
+    replay("data_uri", check_data_uri);
+}
+
+#[test]
+fn cli_inputs_corpus() {
+    let signature = every_input_kind();
+    replay("cli_inputs", |data| check_cli_inputs(&signature, data));
+}
+
+/// The seeds are what they claim: the valid ones open (so the fuzzers start from inputs
+/// that reach deep into the readers).
+#[test]
+fn valid_seeds_are_accepted() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let gguf = scratch("seed.gguf");
+    std::fs::copy(root.join("gguf/tiny-llama"), &gguf).unwrap();
+    let (content, _) = runner_models::llama::open_gguf(&gguf).unwrap();
+    let tokenizer = runner_models::llama::tokenizer::from_gguf(&content).unwrap();
+    let ids = tokenizer.encode("hello", false).unwrap().get_ids().to_vec();
+    assert_eq!(tokenizer.id_to_token(ids[0]).as_deref(), Some("hello"));
+    runner_snapshot::Snapshot::open(&root.join("snapshot/tiny-mlp.rsnap"))
+        .unwrap()
+        .restore(&candle_core::Device::Cpu)
+        .unwrap();
+    let single = std::fs::read(root.join("safetensors/single")).unwrap();
+    let path = scratch("seed.safetensors");
+    std::fs::write(&path, &single[1..]).unwrap();
+    assert_eq!(runner_models::weights::read_header(&path).unwrap().len(), 2);
+}
