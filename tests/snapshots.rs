@@ -325,7 +325,7 @@ fn sigkill_while_snapshotting_never_leaves_a_bad_snapshot() {
     let want = restored_bytes(&good).unwrap();
 
     let target = out_dir.path().join("killed.rsnap");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED_0F_4B1D);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED_0F4B_1D00);
     let (mut survived, mut absent, mut mid_write) = (0, 0, 0);
     for round in 0..50 {
         let _ = std::fs::remove_file(&target);
