@@ -516,3 +516,107 @@ fn secrets_never_reach_logs_metrics_or_answers() {
         );
     }
 }
+
+/// Fault run (issue 10): webhook receivers that refuse connections, hang, drop the
+/// connection or answer 500 for a while. Every accepted async prediction still reaches its
+/// terminal state, and its terminal webhook is delivered once the receiver recovers, exactly
+/// once (never again after a 2xx), carrying the final state.
+#[test]
+fn terminal_webhooks_survive_refusing_hanging_and_failing_receivers() {
+    use support::fixtures::{DROP, HANG};
+    let fixtures = Fixtures::start();
+    // A port nobody listens on yet: connections are refused until a receiver starts there.
+    let refused_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let server = Server::start(
+        &repo_root().join("models/conformance"),
+        &["--webhook-timeout", "0.5", "--max-queue", "64"],
+    );
+    const PER_KIND: usize = 4;
+    let kinds: [(&str, u16, u32); 3] = [("hang", HANG, 2), ("drop", DROP, 3), ("error", 500, 4)];
+    let mut hooks = Vec::new(); // (base url, path, failures first)
+    for (kind, status, times) in kinds {
+        for i in 0..PER_KIND {
+            let path = format!("/hooks/{kind}/{i}");
+            fixtures
+                .lock()
+                .failures
+                .insert(path.clone(), (times, status));
+            hooks.push((fixtures.url(), path, times as usize));
+        }
+    }
+    for i in 0..PER_KIND {
+        hooks.push((
+            format!("http://{refused_addr}"),
+            format!("/hooks/refused/{i}"),
+            0,
+        ));
+    }
+    let headers = [
+        ("Content-Type".to_string(), "application/json".to_string()),
+        ("Prefer".to_string(), "respond-async".to_string()),
+    ];
+    for (n, (base, path, _)) in hooks.iter().enumerate() {
+        let body = json!({
+            "id": format!("hook-{n}"),
+            "input": {"text": format!("prediction {n}")},
+            "webhook": format!("{base}{path}"),
+            "webhook_events_filter": ["completed"],
+        })
+        .to_string();
+        let accepted = support::request(
+            &server.addr,
+            "POST",
+            "/predictions",
+            &headers,
+            Some(body.as_bytes()),
+        );
+        assert_eq!(accepted.status, 202, "{}", accepted.body);
+    }
+    // The refusing receiver recovers after a while.
+    std::thread::sleep(Duration::from_millis(1500));
+    let late = Fixtures::start_on(&refused_addr);
+    let delivered = |base: &str, path: &str| -> Vec<support::fixtures::Received> {
+        let receiver = if base == fixtures.url() {
+            &fixtures
+        } else {
+            &late
+        };
+        receiver.received(path)
+    };
+    wait_until("every terminal webhook", Duration::from_secs(60), || {
+        hooks
+            .iter()
+            .all(|(base, path, _)| delivered(base, path).iter().any(|r| r.answered == 200))
+    });
+    // Long enough for any duplicate to arrive (the backoff is 0.1 s doubling).
+    std::thread::sleep(Duration::from_secs(2));
+    for (n, (base, path, failures)) in hooks.iter().enumerate() {
+        let got = delivered(base, path);
+        let ok: Vec<_> = got.iter().filter(|r| r.answered == 200).collect();
+        assert_eq!(ok.len(), 1, "{path}: delivered {} times", ok.len());
+        assert_eq!(
+            got.len(),
+            failures + 1,
+            "{path}: {} attempts for {failures} failures",
+            got.len()
+        );
+        assert!(
+            std::ptr::eq(*ok.last().unwrap(), got.last().unwrap()),
+            "{path}: attempts after a 2xx"
+        );
+        let body: Value = serde_json::from_slice(&ok[0].body).unwrap();
+        assert_eq!(body["status"], "succeeded", "{path}: {body}");
+        assert_eq!(body["id"], format!("hook-{n}"));
+        let (status, state) = server.get(&format!("/predictions/hook-{n}"));
+        if status == 200 {
+            assert_eq!(
+                serde_json::from_str::<Value>(&state).unwrap()["status"],
+                "succeeded"
+            );
+        }
+    }
+}

@@ -7,6 +7,11 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A failure "status" that never answers: the connection stays open for a minute.
+pub const HANG: u16 = 1;
+/// A failure "status" that closes the connection without an answer.
+pub const DROP: u16 = 2;
+
 #[derive(Debug, Clone)]
 pub struct Received {
     pub method: String,
@@ -19,7 +24,8 @@ pub struct Received {
 #[derive(Default)]
 pub struct FixtureState {
     pub requests: Vec<Received>,
-    /// Per hook path: how many requests still get an error, and which status.
+    /// Per hook path: how many requests still get an error, and which status
+    /// ([`HANG`] and [`DROP`] are not statuses: see there).
     pub failures: HashMap<String, (u32, u16)>,
     pub files: HashMap<String, Vec<u8>>,
 }
@@ -31,7 +37,11 @@ pub struct Fixtures {
 
 impl Fixtures {
     pub fn start() -> Fixtures {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0")
+    }
+    /// On a given address (e.g. a port that refused connections until now).
+    pub fn start_on(addr: &str) -> Fixtures {
+        let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let state = Arc::new(Mutex::new(FixtureState::default()));
         let st = Arc::clone(&state);
@@ -134,6 +144,14 @@ fn serve_fixture(
         status
     };
     let mut stream = stream;
+    match status {
+        HANG => {
+            std::thread::sleep(Duration::from_secs(60));
+            return Ok(());
+        }
+        DROP => return Ok(()),
+        _ => {}
+    }
     write!(
         stream,
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n",

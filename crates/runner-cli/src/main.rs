@@ -116,6 +116,9 @@ struct ServingArgs {
     /// Seconds the terminal webhook of a prediction is retried before giving up.
     #[arg(long, default_value_t = 600.0, env = "RUNNER_WEBHOOK_RETRY_DEADLINE")]
     webhook_retry_deadline: f64,
+    /// Seconds one webhook request may take (a receiver that hangs is retried after it).
+    #[arg(long, default_value_t = 30.0, env = "RUNNER_WEBHOOK_TIMEOUT")]
+    webhook_timeout: f64,
     /// Largest file input, downloaded or decoded, in bytes.
     #[arg(long, default_value_t = 512 * 1024 * 1024, env = "RUNNER_MAX_INPUT_FILE_BYTES")]
     max_input_file_bytes: u64,
@@ -768,6 +771,7 @@ async fn serve(
     let started = Instant::now();
     let shutdown_timeout = seconds("shutdown-timeout", serving.shutdown_timeout)?;
     let retry_deadline = seconds("webhook-retry-deadline", serving.webhook_retry_deadline)?;
+    let webhook_timeout = seconds("webhook-timeout", serving.webhook_timeout)?;
     if let Some(url) = &serving.upload_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             bail!("--upload-url {url}: expected an http:// or https:// URL prefix");
@@ -831,6 +835,7 @@ async fn serve(
             webhooks: WebhookConfig {
                 auth_token: serving.webhook_auth_token.clone(),
                 retry_deadline,
+                request_timeout: webhook_timeout,
                 ..Default::default()
             },
             model_dir_hint: Some(dir.display().to_string()),
