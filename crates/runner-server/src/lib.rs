@@ -770,6 +770,19 @@ async fn create_prediction(
     let request = body
         .map(|Json(r)| r)
         .unwrap_or_else(PredictionRequest::empty);
+    if request.id.as_deref() == Some("") {
+        // A prediction nobody could cancel or attach to (`/predictions//cancel` routes
+        // nowhere); Cog would accept it. See cog-spec/deviations.md.
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"detail": [{
+                "loc": ["body", "id"],
+                "msg": "the prediction ID must not be empty (leave it out to get a generated one)",
+                "type": "value_error",
+            }]})),
+        )
+            .into_response();
+    }
     let id = request.id.clone().unwrap_or_else(new_prediction_id);
     start(state, id, request, response_mode(&headers)).await
 }
@@ -1052,6 +1065,8 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let (status, body) = call(&engine, post(r#"{"id": "", "input": {"text": "hi"}}"#)).await;
+        assert_eq!(status, 422, "{body}");
         let (status, _) = call(&engine, post(r#"{"id": 5}"#)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         // No body at all: an empty input, so the required `text` is reported missing.

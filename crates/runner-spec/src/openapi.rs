@@ -261,6 +261,9 @@ fn input_schema(inputs: &[InputField]) -> (Value, Vec<(String, Value)>) {
 
 fn output_schema(t: &OutputType, top_level: bool) -> Value {
     let mut schema = match t {
+        // Any value (pydantic's `Any`: no type). A model that answers a vector or a list of
+        // vectors must not be documented as an object.
+        OutputType::Prim(Primitive::Any) => json!({}),
         OutputType::Prim(p) => primitive_schema(*p),
         OutputType::List(items) => json!({"type": "array", "items": output_schema(items, false)}),
         OutputType::Iterator(items) => json!({
