@@ -6,9 +6,17 @@ pub fn every_input_kind() -> runner_spec::Signature {
     use runner_spec::{FieldType, InputField, OutputType, Primitive, Signature};
     use serde_json::{json, Value};
     let inputs = vec![
-        InputField::prim("text", Primitive::Str).min_length(1).max_length(200),
-        InputField::prim("count", Primitive::Int).default(json!(3)).ge(1.0).le(10.0),
-        InputField::prim("ratio", Primitive::Float).default(json!(0.5)).ge(0.0).le(1.0),
+        InputField::prim("text", Primitive::Str)
+            .min_length(1)
+            .max_length(200),
+        InputField::prim("count", Primitive::Int)
+            .default(json!(3))
+            .ge(1.0)
+            .le(10.0),
+        InputField::prim("ratio", Primitive::Float)
+            .default(json!(0.5))
+            .ge(0.0)
+            .le(1.0),
         InputField::prim("flag", Primitive::Bool).default(json!(false)),
         InputField::prim("color", Primitive::Str)
             .default(json!("red"))
@@ -16,7 +24,9 @@ pub fn every_input_kind() -> runner_spec::Signature {
         InputField::prim("size", Primitive::Int)
             .default(json!(1))
             .choices(vec![json!(1), json!(2), json!(3)]),
-        InputField::prim("code", Primitive::Str).default(json!("ab12")).regex("^[a-z]+[0-9]+$"),
+        InputField::prim("code", Primitive::Str)
+            .default(json!("ab12"))
+            .regex("^[a-z]+[0-9]+$"),
         InputField::prim("api_key", Primitive::Secret).default(Value::Null),
         InputField::prim("note", Primitive::Str).optional(),
         InputField::list("tags", Primitive::Str).default(json!(["a", "b"])),

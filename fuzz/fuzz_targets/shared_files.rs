@@ -69,7 +69,11 @@ pub fn check_safetensors(data: &[u8]) {
     let vb = weights.var_builder(candle_core::DType::F32, &candle_core::Device::Cpu);
     for (name, shape) in declared {
         if let Ok(t) = vb.get(shape.clone(), &name) {
-            assert_eq!(t.dims(), shape.as_slice(), "{name} loaded with another shape");
+            assert_eq!(
+                t.dims(),
+                shape.as_slice(),
+                "{name} loaded with another shape"
+            );
         }
     }
 }
@@ -101,7 +105,11 @@ pub fn check_data_uri(data: &[u8]) {
         return;
     };
     if let Ok((_mime, bytes)) = runner_engine::files::decode_data_uri(text, LIMIT) {
-        assert!(bytes.len() as u64 <= LIMIT, "{} bytes past the limit", bytes.len());
+        assert!(
+            bytes.len() as u64 <= LIMIT,
+            "{} bytes past the limit",
+            bytes.len()
+        );
     }
 }
 
@@ -120,7 +128,10 @@ pub fn check_cli_inputs(signature: &runner_spec::Signature, data: &[u8]) {
     let mut input = serde_json::Map::new();
     if runner_engine::cli_inputs::parse_inputs(signature, &args, &mut input).is_ok() {
         for name in input.keys() {
-            assert!(signature.inputs.iter().any(|f| &f.name == name), "{name} is no input");
+            assert!(
+                signature.inputs.iter().any(|f| &f.name == name),
+                "{name} is no input"
+            );
         }
     }
 }

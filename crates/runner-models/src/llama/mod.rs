@@ -311,10 +311,28 @@ pub fn open_gguf(path: &Path) -> Result<(gguf_file::Content, File), LoadError> {
         )));
     }
     for (name, info) in &content.tensor_infos {
-        let blocks = info.shape.elem_count() / info.ggml_dtype.block_size();
-        let end = content.tensor_data_offset
-            + info.offset
-            + (blocks * info.ggml_dtype.type_size()) as u64;
+        // Checked: a hostile header can declare dimensions and offsets whose products and
+        // sums overflow (found by the `gguf` fuzz target).
+        let bytes = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .map(|elements| elements / info.ggml_dtype.block_size())
+            .and_then(|blocks| blocks.checked_mul(info.ggml_dtype.type_size()));
+        let end = bytes.and_then(|b| {
+            content
+                .tensor_data_offset
+                .checked_add(info.offset)?
+                .checked_add(b as u64)
+        });
+        let Some(end) = end else {
+            return Err(fail(format!(
+                "tensor `{name}` declares a size or offset past any file ({:?} at offset {}); the file is damaged",
+                info.shape.dims(),
+                info.offset
+            )));
+        };
         if end > size {
             return Err(fail(format!(
                 "truncated: tensor `{name}` ends at byte {end}, the file has {size}; download it again"
