@@ -620,3 +620,63 @@ fn terminal_webhooks_survive_refusing_hanging_and_failing_receivers() {
         }
     }
 }
+
+/// The API under attack (issue 10): file servers that never stop sending or never send, and
+/// data URIs that lie. Each prediction fails with a clear error within a bounded time, the
+/// server's memory stays bounded, and it keeps answering.
+#[test]
+fn hostile_file_servers_and_lying_data_uris_are_cut_off() {
+    let fixtures = Fixtures::start();
+    let server = Server::start(
+        &repo_root().join("models/files"),
+        &[
+            "--max-input-file-bytes",
+            "1000000",
+            "--input-download-timeout",
+            "2",
+        ],
+    );
+    let rss_before = server.rss_kib();
+    let started = Instant::now();
+    let (status, v) =
+        server.predict(json!({"source": format!("{}/files/endless", fixtures.url())}));
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("limit"), "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "an endless body took {:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    let (_, v) = server.predict(json!({"source": format!("{}/files/stall", fixtures.url())}));
+    assert_eq!(v["status"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains("2s") || error.contains("time"), "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a stalled server took {:?}",
+        started.elapsed()
+    );
+
+    for (lie, why) in [
+        ("data:text/plain;base64,!!!!", "not base64"),
+        ("data:text/plain;base64,eHh4eA=x", "padding in the middle"),
+        // (A `%` without two hex digits stays as it is, as the URL standard decodes it.)
+        ("data:;base64", "no comma"),
+    ] {
+        let (status, v) = server.predict(json!({"source": lie}));
+        assert!(
+            (status == 200 && v["status"] == "failed") || status == 422,
+            "{why}: {status} {v}"
+        );
+        assert!(!v.to_string().is_empty());
+    }
+    // Bounded memory: the endless body never accumulated (64 MiB is far above the limit).
+    let growth = server.rss_kib().saturating_sub(rss_before);
+    assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
+    let (status, v) = server.predict(json!({"source": "data:text/plain,hello"}));
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "succeeded", "{v}");
+}

@@ -102,6 +102,7 @@ fn serve_fixture(
     let mut body = vec![0; len];
     reader.read_exact(&mut body)?;
 
+    let hostile = path.clone();
     let mut extra_headers = String::new();
     let mut out_body = Vec::new();
     let status = {
@@ -144,6 +145,21 @@ fn serve_fixture(
         status
     };
     let mut stream = stream;
+    // Hostile file servers: one that never stops sending, one that never sends.
+    if hostile == "/files/endless" {
+        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
+        let chunk = vec![b'x'; 64 * 1024];
+        loop {
+            stream.write_all(&chunk)?; // until runner hangs up
+        }
+    }
+    if hostile == "/files/stall" {
+        stream.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\nConnection: close\r\n\r\nabc",
+        )?;
+        std::thread::sleep(Duration::from_secs(60));
+        return Ok(());
+    }
     match status {
         HANG => {
             std::thread::sleep(Duration::from_secs(60));

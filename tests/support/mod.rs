@@ -40,6 +40,19 @@ pub struct Server {
 }
 
 impl Server {
+    /// The server process's resident memory, in KiB (Linux).
+    #[allow(dead_code)]
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Starts `runner serve DIR --port 0 ARGS` and waits for its ready or setup-failed line.
     pub fn start(dir: &Path, args: &[&str]) -> Server {
         let mut child = Command::new(RUNNER)

@@ -122,6 +122,9 @@ struct ServingArgs {
     /// Largest file input, downloaded or decoded, in bytes.
     #[arg(long, default_value_t = 512 * 1024 * 1024, env = "RUNNER_MAX_INPUT_FILE_BYTES")]
     max_input_file_bytes: u64,
+    /// Seconds a file input's download may take, slow or endless servers included.
+    #[arg(long, default_value_t = 120.0, env = "RUNNER_INPUT_DOWNLOAD_TIMEOUT")]
+    input_download_timeout: f64,
     /// Require `Authorization: Bearer <KEY>` on every route but /health-check and the
     /// playground page (which asks for it). Never logged.
     #[arg(long, env = "RUNNER_API_KEY", hide_env_values = true)]
@@ -794,6 +797,7 @@ async fn serve(
         files: FileConfig {
             upload_url: serving.upload_url.clone(),
             max_input_bytes: serving.max_input_file_bytes,
+            download_timeout: seconds("input-download-timeout", serving.input_download_timeout)?,
             ..Default::default()
         },
         snapshot: snapshot.options(),
