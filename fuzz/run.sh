@@ -27,6 +27,8 @@ cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR/buil
 seconds="${FUZZ_SECONDS:-60}"
 if [ $# -ge 1 ]; then targets=("$1"); fi
 if [ $# -ge 2 ]; then seconds="$2"; fi
+# The file targets write each input to a scratch file: keep those in memory.
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then export TMPDIR="${TMPDIR:-/dev/shm}"; fi
 status=0
 for t in "${targets[@]}"; do
   corpus="$TARGET_DIR/corpus/$t"

@@ -154,3 +154,89 @@ fn mismatched_weights_name_the_tensor() {
         "{logs}"
     );
 }
+
+/// A memory cgroup (v2, else v1) limiting what it holds to `limit` bytes; removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn create(limit: u64) -> Result<MemoryCgroup, String> {
+        let name = format!("runner-test-oom-{}", std::process::id());
+        let unified = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let (dir, limit_file) = if unified {
+            (
+                std::path::Path::new("/sys/fs/cgroup").join(&name),
+                "memory.max",
+            )
+        } else {
+            (
+                std::path::Path::new("/sys/fs/cgroup/memory").join(&name),
+                "memory.limit_in_bytes",
+            )
+        };
+        fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let group = MemoryCgroup { dir };
+        fs::write(group.dir.join(limit_file), limit.to_string())
+            .map_err(|e| format!("setting {limit_file}: {e}"))?;
+        Ok(group)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Fault run (issue 10): a model too big for the memory the process may use. `runner
+/// serve` runs in a memory cgroup limited to 256 MiB with 537 MB of weights: setup fails
+/// (SETUP_FAILED) with both sizes named and the server keeps answering, instead of the
+/// kernel's OOM killer ending it halfway through the load.
+#[test]
+fn a_model_too_big_for_memory_fails_setup_instead_of_being_killed() {
+    let group = match MemoryCgroup::create(256 << 20) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED: this machine does not let the test create a memory cgroup ({e})");
+            return;
+        }
+    };
+    let dir = scratch_model("tiny-mlp");
+    let weights = dir.path().join("weights");
+    let (code, _, stderr) = runner(&[
+        "generate",
+        "tiny-mlp",
+        weights.to_str().unwrap(),
+        "--hidden-size",
+        "2048",
+        "--layers",
+        "32",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let mut shell = std::process::Command::new("sh");
+    shell
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&group.dir)
+        .arg(RUNNER);
+    let server = Server::start_with(shell, dir.path(), &["--snapshot", "off"]);
+    assert!(
+        server.status_line.contains("setup failed"),
+        "{}",
+        server.status_line
+    );
+    let h: Value = serde_json::from_str(&server.get("/health-check").1).unwrap();
+    assert_eq!(h["status"], "SETUP_FAILED", "{h}");
+    let logs = h["setup"]["logs"].as_str().unwrap();
+    assert!(
+        logs.contains("out of memory") && logs.contains("0.54 GB"),
+        "{logs}"
+    );
+    // Still answering, and a prediction is refused with the reason, not a crash.
+    let input = runner_models::tiny_mlp::example_input(&Default::default());
+    let (status, body) = server.predict(input);
+    assert_eq!(status, 503, "{body}");
+    drop(server);
+}

@@ -55,7 +55,14 @@ impl Server {
 
     /// Starts `runner serve DIR --port 0 ARGS` and waits for its ready or setup-failed line.
     pub fn start(dir: &Path, args: &[&str]) -> Server {
-        let mut child = Command::new(RUNNER)
+        Self::start_with(Command::new(RUNNER), dir, args)
+    }
+
+    /// [`Server::start`] through another command (e.g. a shell that moves itself into a
+    /// cgroup and then `exec`s runner), given with the runner binary as its last argument.
+    pub fn start_with(command: Command, dir: &Path, args: &[&str]) -> Server {
+        let mut command = command;
+        let mut child = command
             .arg("serve")
             .arg(dir)
             .args(["--port", "0", "--device", "cpu"])

@@ -491,6 +491,15 @@ impl Engine {
                 if let Some(bar) = self.progress_bar("loading weights", self.weights_file_bytes()) {
                     ctx = ctx.with_progress(bar);
                 }
+                // Native models hold their weights in memory (a Python predictor loads what
+                // it likes, so its files say little).
+                if self.run_target().starts_with("candle:") {
+                    runner_models::device::check_fits(
+                        &device,
+                        self.weights_file_bytes(),
+                        "the weights",
+                    )?;
+                }
                 let model = (self.architecture.load)(&self.dir, &device, &ctx)
                     .map_err(|e| e.to_string())?;
                 phases.push(("weights load".to_string(), t.elapsed()));
@@ -601,6 +610,11 @@ impl Engine {
             .check_compatible(&self.compat_key(device)?)
             .map_err(|e| e.to_string())?;
         phases.push(("snapshot check".to_string(), t.elapsed()));
+        runner_models::device::check_fits(
+            device,
+            snapshot.header.data_bytes,
+            "the snapshot's tensors",
+        )?;
         let (tensors, stats) = snapshot.restore(device).map_err(|e| e.to_string())?;
         phases.push(("snapshot restore".to_string(), stats.total));
         self.setup_log(&format!(

@@ -125,6 +125,98 @@ pub fn memory_in_use(device: &Device) -> Option<(u64, u64)> {
     }
 }
 
+/// Memory this process may still take on `device`, in bytes, where that can be told: on
+/// CUDA the GPU's free memory; on the CPU the smaller of the kernel's `MemAvailable` and
+/// what this process's memory cgroup (v1 or v2, and every cgroup above it) still allows.
+pub fn available_memory(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, _) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+            let available = meminfo.as_deref().and_then(|m| {
+                let kib: u64 = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("MemAvailable:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some(kib * 1024)
+            });
+            [available, cgroup_room()].into_iter().flatten().min()
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// What the memory cgroups this process is in still allow (limit minus usage), tightest
+/// first; `None` without a limit. The process's cgroup and each one above it count.
+fn cgroup_room() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut tightest: Option<u64> = None;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        // v2: "0::/path" with memory.max / memory.current; v1: "N:memory:/path".
+        let (root, limit_file, usage_file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max", "memory.current")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (
+                "/sys/fs/cgroup/memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(format!("{root}{path}"));
+        loop {
+            let read = |f: &str| -> Option<u64> {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            if let (Some(limit), Some(usage)) = (read(limit_file), read(usage_file)) {
+                // v1 writes "no limit" as a huge number (and v2 as "max", which does not parse).
+                if limit < 1 << 60 {
+                    let room = limit.saturating_sub(usage);
+                    tightest = Some(tightest.map_or(room, |t| t.min(room)));
+                }
+            }
+            if dir.as_os_str().len() <= root.len() || !dir.pop() {
+                break;
+            }
+        }
+    }
+    tightest
+}
+
+/// Refuses to load `needed` bytes of weights that cannot fit in what `device` has left:
+/// a clear setup failure instead of the OOM killer halfway through the load (and a
+/// supervisor restarting into the same death).
+pub fn check_fits(device: &Device, needed: u64, what: &str) -> Result<(), String> {
+    let Some(available) = available_memory(device) else {
+        return Ok(());
+    };
+    if needed > available {
+        let gb = |b: u64| b as f64 / 1e9;
+        return Err(format!(
+            "out of memory: {what} need {:.2} GB but only {:.2} GB is free on {} (memory limits of this process's cgroup included); free memory, raise the limit, or use a larger device",
+            gb(needed),
+            gb(available),
+            describe(device)
+        ));
+    }
+    Ok(())
+}
+
 /// This process's resident memory in bytes (Linux: /proc/self/statm).
 pub fn process_resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
