@@ -89,10 +89,25 @@ pub fn check_gguf(data: &[u8]) {
 }
 
 /// The snapshot reader and the CPU restore: a snapshot that opens either restores, with
-/// every tensor as its manifest says, or fails with an error; never a panic.
+/// every tensor as its manifest says, or fails with an error; never a panic. An input that
+/// starts with `SEAL` is `header JSON \0 manifest JSON \0 data`, sealed into a file with a
+/// valid preamble and checksum (a crafted snapshot, so the fuzzer gets past the checksum
+/// to the layout checks and the restore); anything else is the file itself.
 pub fn check_snapshot(data: &[u8]) {
     let path = scratch("model.rsnap");
-    std::fs::write(&path, data).expect("writing the scratch file");
+    let file = match data.strip_prefix(b"SEAL") {
+        Some(rest) => {
+            let mut parts = rest.splitn(3, |&b| b == 0);
+            let (header, manifest, body) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            runner_snapshot::seal(header, manifest, body)
+        }
+        None => data.to_vec(),
+    };
+    std::fs::write(&path, file).expect("writing the scratch file");
     if let Ok(snapshot) = runner_snapshot::Snapshot::open(&path) {
         let _ = snapshot.restore(&candle_core::Device::Cpu);
     }

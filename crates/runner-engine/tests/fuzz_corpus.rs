@@ -72,3 +72,24 @@ fn valid_seeds_are_accepted() {
     std::fs::write(&path, &single[1..]).unwrap();
     assert_eq!(runner_models::weights::read_header(&path).unwrap().len(), 2);
 }
+
+/// The sealed seed is the real snapshot again: sealing adds nothing of its own.
+#[test]
+fn the_sealed_snapshot_seed_restores() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/snapshot");
+    let sealed = std::fs::read(root.join("tiny-mlp-sealed")).unwrap();
+    let mut parts = sealed[4..].splitn(3, |&b| b == 0);
+    let (h, m, d) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let path = scratch("sealed.rsnap");
+    std::fs::write(&path, runner_snapshot::seal(h, m, d)).unwrap();
+    let original = std::fs::read(root.join("tiny-mlp.rsnap")).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), original);
+    runner_snapshot::Snapshot::open(&path)
+        .unwrap()
+        .restore(&candle_core::Device::Cpu)
+        .unwrap();
+}

@@ -483,6 +483,18 @@ pub fn write_to<W: Write + Seek>(
         .map_err(io(path, "cannot write"))?;
     out.write_all(&manifest_json)
         .map_err(io(path, "cannot write"))?;
+    let preamble = preamble(data_bytes, &header_json, &manifest_json);
+    out.seek(SeekFrom::Start(0))
+        .map_err(io(path, "cannot seek"))?;
+    out.write_all(&preamble).map_err(io(path, "cannot write"))?;
+    out.flush().map_err(io(path, "cannot write"))?;
+    let file_bytes =
+        PREAMBLE_BYTES + data_bytes + header_json.len() as u64 + manifest_json.len() as u64;
+    Ok((header, file_bytes))
+}
+
+/// The used part of the preamble, its checksum over header and manifest included.
+fn preamble(data_bytes: u64, header_json: &[u8], manifest_json: &[u8]) -> Vec<u8> {
     let mut preamble = Vec::with_capacity(PREAMBLE_USED + 8);
     preamble.extend_from_slice(MAGIC);
     preamble.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -492,15 +504,22 @@ pub fn write_to<W: Write + Seek>(
     preamble.extend_from_slice(&(header_json.len() as u64).to_le_bytes());
     preamble.extend_from_slice(&(manifest_json.len() as u64).to_le_bytes());
     debug_assert_eq!(preamble.len(), PREAMBLE_USED);
-    let checksum = meta_checksum(&preamble, &header_json, &manifest_json);
+    let checksum = meta_checksum(&preamble, header_json, manifest_json);
     preamble.extend_from_slice(&checksum.to_le_bytes());
-    out.seek(SeekFrom::Start(0))
-        .map_err(io(path, "cannot seek"))?;
-    out.write_all(&preamble).map_err(io(path, "cannot write"))?;
-    out.flush().map_err(io(path, "cannot write"))?;
-    let file_bytes =
-        PREAMBLE_BYTES + data_bytes + header_json.len() as u64 + manifest_json.len() as u64;
-    Ok((header, file_bytes))
+    preamble
+}
+
+/// A whole snapshot file around arbitrary header and manifest JSON and data, with a valid
+/// preamble and checksum: what a crafted (rather than damaged) snapshot looks like. For
+/// the fuzz target, which would otherwise stop at the checksum almost every time.
+#[doc(hidden)]
+pub fn seal(header_json: &[u8], manifest_json: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut file = preamble(data.len() as u64, header_json, manifest_json);
+    file.resize(PREAMBLE_BYTES as usize, 0);
+    file.extend_from_slice(data);
+    file.extend_from_slice(header_json);
+    file.extend_from_slice(manifest_json);
+    file
 }
 
 fn meta_checksum(preamble: &[u8], header: &[u8], manifest: &[u8]) -> u64 {
