@@ -680,3 +680,56 @@ fn hostile_file_servers_and_lying_data_uris_are_cut_off() {
     assert_eq!(status, 200);
     assert_eq!(v["status"], "succeeded", "{v}");
 }
+
+/// The API under attack (issue 10): a body over the 100 MiB limit, JSON nested 100,000 deep,
+/// and huge strings and arrays inside the Input's limits. Each gets a clear answer, the
+/// server's memory stays bounded, and it keeps answering.
+#[test]
+fn oversized_deep_and_huge_bodies_get_clear_answers_in_bounded_memory() {
+    let server = Server::start(&repo_root().join("models/conformance"), &[]);
+    let rss_before = server.rss_kib();
+    let post = |body: &[u8]| {
+        support::request(
+            &server.addr,
+            "POST",
+            "/predictions",
+            &[("Content-Type".to_string(), "application/json".to_string())],
+            Some(body),
+        )
+    };
+    // Over the limit: 413, before the body is held in memory.
+    let mut big = br#"{"input": {"text": ""#.to_vec();
+    big.resize(101 << 20, b'a');
+    big.extend_from_slice(br#""}}"#);
+    let r = post(&big);
+    assert_eq!(r.status, 413, "{}", r.body);
+    drop(big);
+    // Nested 100,000 deep: refused by the parser's depth limit, not a stack overflow.
+    let deep = format!(
+        r#"{{"input": {{"text": "x", "note": {}{}}}}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let r = post(deep.as_bytes());
+    assert!(matches!(r.status, 400 | 422), "{} {}", r.status, r.body);
+    // Huge but allowed: a 20 MB string where only 200 characters are allowed, a 1M-item list.
+    let r = post(format!(r#"{{"input": {{"text": "{}"}}}}"#, "a".repeat(20_000_000)).as_bytes());
+    assert_eq!(r.status, 422, "{}", &r.body[..r.body.len().min(300)]);
+    assert!(
+        r.body.len() < 10_000,
+        "the error echoes the whole input: {} bytes",
+        r.body.len()
+    );
+    let list = vec!["\"t\""; 1_000_000].join(",");
+    let r = post(format!(r#"{{"input": {{"text": "x", "tags": [{list}]}}}}"#).as_bytes());
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(300)]);
+    // Bounded: nothing above kept more than a few copies of the largest accepted body.
+    let growth = server.rss_kib().saturating_sub(rss_before);
+    assert!(growth < 512 * 1024, "RSS grew by {growth} KiB");
+    let (status, v) = server.predict(json!({"text": "still here"}));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("succeeded")),
+        "{v}"
+    );
+}

@@ -112,7 +112,7 @@ impl InputValidator {
             }
             issues.push(ValidationIssue {
                 loc,
-                msg: error.to_string(),
+                msg: shorten_echo(error.to_string(), error.instance()),
                 kind: "value_error".into(),
             });
         }
@@ -272,5 +272,47 @@ mod tests {
             .is_err());
         let errs = validator().prepare(&json!([1])).unwrap_err();
         assert_eq!(errs[0].loc, vec![json!("body"), json!("input")]);
+    }
+}
+
+/// jsonschema's messages quote the offending value whole, so a 20 MB string came back in
+/// its 422 (found by the oversized-body test). A long value is shown as a preview and its
+/// size instead.
+fn shorten_echo(msg: String, instance: &Value) -> String {
+    const PREVIEW: usize = 120;
+    let whole = instance.to_string();
+    if whole.len() <= PREVIEW || !msg.contains(&whole) {
+        return msg;
+    }
+    let mut cut = PREVIEW;
+    while !whole.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    msg.replacen(
+        &whole,
+        &format!("{}… ({} bytes)", &whole[..cut], whole.len()),
+        1,
+    )
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_not_echoed_whole() {
+        let value = json!("a".repeat(10_000));
+        let msg = format!("{value} is longer than 200 characters");
+        let short = shorten_echo(msg, &value);
+        assert!(short.len() < 200, "{short}");
+        assert!(
+            short.ends_with("(10002 bytes) is longer than 200 characters"),
+            "{short}"
+        );
+        let small = json!("abc");
+        assert_eq!(
+            shorten_echo(format!("{small} is too short"), &small),
+            "\"abc\" is too short"
+        );
     }
 }
