@@ -733,3 +733,55 @@ fn oversized_deep_and_huge_bodies_get_clear_answers_in_bounded_memory() {
         "{v}"
     );
 }
+
+/// Fault run (issue 10): a full disk under the file inputs' scratch folder (a 1 MiB tmpfs as
+/// TMPDIR, mounted in a private mount namespace by `unshare`) and a 2 MiB download: the
+/// prediction fails saying the disk is full, its scratch space is freed, and the next
+/// prediction works.
+#[test]
+fn a_full_disk_under_file_inputs_fails_the_prediction_cleanly() {
+    let fixtures = Fixtures::start();
+    fixtures
+        .lock()
+        .files
+        .insert("two-mib.bin".into(), vec![b'x'; 2 << 20]);
+    // As root a mount namespace is enough; otherwise a user namespace maps us to root.
+    let unshare_args: &[&str] = if unsafe { libc::geteuid() } == 0 {
+        &["-m"]
+    } else {
+        &["-rm"]
+    };
+    let mut command = std::process::Command::new("unshare");
+    command.args(unshare_args).args([
+        "sh",
+        "-c",
+        r#"mnt=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs "$mnt" && TMPDIR="$mnt" exec "$@""#,
+        "sh",
+        support::RUNNER,
+    ]);
+    let server = Server::start_with(command, &repo_root().join("models/files"), &[]);
+    assert!(
+        server.status_line.contains("ready"),
+        "{}",
+        server.status_line
+    );
+    for _ in 0..2 {
+        let (status, v) =
+            server.predict(json!({"source": format!("{}/files/two-mib.bin", fixtures.url())}));
+        assert_eq!(status, 200);
+        assert_eq!(v["status"], "failed", "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("disk holding the scratch folder is full"),
+            "{v}"
+        );
+    }
+    let (status, v) = server.predict(json!({"source": "data:text/plain,hello"}));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("succeeded")),
+        "{v}"
+    );
+}

@@ -239,11 +239,11 @@ async fn fetch_one(
             }
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
                 .await
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                .map_err(|e| cannot_write(&path, &e))?;
         }
         tokio::io::AsyncWriteExt::flush(&mut file)
             .await
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(|e| cannot_write(&path, &e))?;
         Ok(())
     };
     tokio::time::timeout(config.download_timeout, download)
@@ -300,6 +300,18 @@ fn percent_decode(input: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+/// A failed write of a file input, saying what to do when the disk is full.
+fn cannot_write(path: &Path, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28) {
+        format!(
+            "cannot write {}: the disk holding the scratch folder is full; free space there or point TMPDIR at a folder with room",
+            path.display()
+        )
+    } else {
+        format!("cannot write {}: {e}", path.display())
+    }
 }
 
 /// Decodes the part of a data URI after `data:`; returns its media type and bytes.
