@@ -202,18 +202,7 @@ fn a_model_too_big_for_memory_fails_setup_instead_of_being_killed() {
             return;
         }
     };
-    let dir = scratch_model("tiny-mlp");
-    let weights = dir.path().join("weights");
-    let (code, _, stderr) = runner(&[
-        "generate",
-        "tiny-mlp",
-        weights.to_str().unwrap(),
-        "--hidden-size",
-        "2048",
-        "--layers",
-        "32",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
+    let dir = generated_tiny_mlp(2048, 32, "f32"); // 537 MB of weights
     let mut shell = std::process::Command::new("sh");
     shell
         .arg("-c")

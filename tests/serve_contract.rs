@@ -16,6 +16,21 @@ fn health(server: &Server) -> Value {
     serde_json::from_str(&server.get("/health-check").1).unwrap()
 }
 
+/// `POST /predictions` with `Prefer: respond-async`.
+fn post_async(server: &Server, body: &str) -> support::Response {
+    let headers = [
+        ("Content-Type".to_string(), "application/json".to_string()),
+        ("Prefer".to_string(), "respond-async".to_string()),
+    ];
+    support::request(
+        &server.addr,
+        "POST",
+        "/predictions",
+        &headers,
+        Some(body.as_bytes()),
+    )
+}
+
 fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !ok() {
@@ -471,17 +486,7 @@ fn secrets_never_reach_logs_metrics_or_answers() {
         "webhook": format!("{}/hooks/secret", fixtures.url()),
     })
     .to_string();
-    let headers = [
-        ("Content-Type".to_string(), "application/json".to_string()),
-        ("Prefer".to_string(), "respond-async".to_string()),
-    ];
-    let accepted = support::request(
-        &server.addr,
-        "POST",
-        "/predictions",
-        &headers,
-        Some(body.as_bytes()),
-    );
+    let accepted = post_async(&server, &body);
     assert_eq!(accepted.status, 202);
     wait_until("the terminal webhook", Duration::from_secs(10), || {
         fixtures
@@ -555,10 +560,6 @@ fn terminal_webhooks_survive_refusing_hanging_and_failing_receivers() {
             0,
         ));
     }
-    let headers = [
-        ("Content-Type".to_string(), "application/json".to_string()),
-        ("Prefer".to_string(), "respond-async".to_string()),
-    ];
     for (n, (base, path, _)) in hooks.iter().enumerate() {
         let body = json!({
             "id": format!("hook-{n}"),
@@ -567,13 +568,7 @@ fn terminal_webhooks_survive_refusing_hanging_and_failing_receivers() {
             "webhook_events_filter": ["completed"],
         })
         .to_string();
-        let accepted = support::request(
-            &server.addr,
-            "POST",
-            "/predictions",
-            &headers,
-            Some(body.as_bytes()),
-        );
+        let accepted = post_async(&server, &body);
         assert_eq!(accepted.status, 202, "{}", accepted.body);
     }
     // The refusing receiver recovers after a while.

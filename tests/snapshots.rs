@@ -10,21 +10,7 @@ use serde_json::Value;
 use support::*;
 
 fn generated_model(layers: usize, dtype: &str) -> tempfile::TempDir {
-    let d = scratch_model("tiny-mlp");
-    let weights = d.path().join("weights");
-    let (code, _, stderr) = runner(&[
-        "generate",
-        "tiny-mlp",
-        weights.to_str().unwrap(),
-        "--hidden-size",
-        "512",
-        "--layers",
-        &layers.to_string(),
-        "--dtype",
-        dtype,
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    d
+    generated_tiny_mlp(512, layers, dtype)
 }
 
 fn take_snapshot(dir: &Path) -> std::path::PathBuf {
@@ -284,6 +270,27 @@ fn snapshot_verify_checks_every_restored_tensor() {
     assert!(std::path::Path::new(stdout.trim()).is_file());
 }
 
+/// `runner snapshot MODEL --device cpu -o OUT`: (exit code, stderr).
+fn snapshot_to(model: &str, out: &Path) -> (i32, String) {
+    let (code, _, stderr) = runner(&[
+        "snapshot",
+        model,
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    (code, stderr)
+}
+
+/// The names of the files in `dir`.
+fn file_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Every tensor of a snapshot file, restored on the CPU, as raw bytes by name.
 fn restored_bytes(path: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
     let snapshot = runner_snapshot::Snapshot::open(path).map_err(|e| e.to_string())?;
@@ -312,14 +319,7 @@ fn sigkill_while_snapshotting_never_leaves_a_bad_snapshot() {
     let out_dir = tempfile::tempdir().unwrap();
     let good = out_dir.path().join("good.rsnap");
     let started = Instant::now();
-    let (code, _, stderr) = runner(&[
-        "snapshot",
-        model,
-        "--device",
-        "cpu",
-        "-o",
-        good.to_str().unwrap(),
-    ]);
+    let (code, stderr) = snapshot_to(model, &good);
     let whole_run = started.elapsed();
     assert_eq!(code, 0, "{stderr}");
     let want = restored_bytes(&good).unwrap();
@@ -348,13 +348,9 @@ fn sigkill_while_snapshotting_never_leaves_a_bad_snapshot() {
         std::thread::sleep(delay.min(Duration::from_secs(20)));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
+        let names = file_names(out_dir.path());
         let its_temporary = format!(".killed.rsnap.tmp-{}-", child.id());
-        if std::fs::read_dir(out_dir.path()).unwrap().any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with(&its_temporary)
-        }) {
+        if names.iter().any(|n| n.starts_with(&its_temporary)) {
             mid_write += 1;
         }
         if target.exists() {
@@ -368,8 +364,7 @@ fn sigkill_while_snapshotting_never_leaves_a_bad_snapshot() {
         } else {
             absent += 1;
         }
-        for entry in std::fs::read_dir(out_dir.path()).unwrap() {
-            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        for name in names {
             assert!(
                 name == "good.rsnap"
                     || name == "killed.rsnap"
@@ -387,18 +382,10 @@ fn sigkill_while_snapshotting_never_leaves_a_bad_snapshot() {
     );
 
     // The next writer sweeps the dead writers' temporary files away.
-    let (code, _, stderr) = runner(&[
-        "snapshot",
-        model,
-        "--device",
-        "cpu",
-        "-o",
-        target.to_str().unwrap(),
-    ]);
+    let (code, stderr) = snapshot_to(model, &target);
     assert_eq!(code, 0, "{stderr}");
-    let leftovers: Vec<String> = std::fs::read_dir(out_dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let leftovers: Vec<String> = file_names(out_dir.path())
+        .into_iter()
         .filter(|n| n.contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");

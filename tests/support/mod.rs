@@ -277,6 +277,27 @@ pub fn runner(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A tiny-mlp model directory with generated weights (`runner generate`): `layers`
+/// hidden-to-hidden layers of `hidden` x `hidden` f32, computing in `dtype`.
+#[allow(dead_code)]
+pub fn generated_tiny_mlp(hidden: usize, layers: usize, dtype: &str) -> tempfile::TempDir {
+    let d = scratch_model("tiny-mlp");
+    let weights = d.path().join("weights");
+    let (code, _, stderr) = runner(&[
+        "generate",
+        "tiny-mlp",
+        weights.to_str().unwrap(),
+        "--hidden-size",
+        &hidden.to_string(),
+        "--layers",
+        &layers.to_string(),
+        "--dtype",
+        dtype,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    d
+}
+
 /// Copies a committed model directory (cog.yaml only) into a temporary folder.
 pub fn scratch_model(name: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();

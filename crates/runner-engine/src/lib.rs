@@ -488,17 +488,14 @@ impl Engine {
                     None => LoadContext::new(&log),
                 }
                 .with_python(self.python.clone());
-                if let Some(bar) = self.progress_bar("loading weights", self.weights_file_bytes()) {
+                let weights_bytes = self.weights_file_bytes();
+                if let Some(bar) = self.progress_bar("loading weights", weights_bytes) {
                     ctx = ctx.with_progress(bar);
                 }
                 // Native models hold their weights in memory (a Python predictor loads what
                 // it likes, so its files say little).
                 if self.run_target().starts_with("candle:") {
-                    runner_models::device::check_fits(
-                        &device,
-                        self.weights_file_bytes(),
-                        "the weights",
-                    )?;
+                    runner_models::device::check_fits(&device, weights_bytes, "the weights")?;
                 }
                 let model = (self.architecture.load)(&self.dir, &device, &ctx)
                     .map_err(|e| e.to_string())?;

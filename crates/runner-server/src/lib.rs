@@ -773,18 +773,21 @@ async fn create_prediction(
     if request.id.as_deref() == Some("") {
         // A prediction nobody could cancel or attach to (`/predictions//cancel` routes
         // nowhere); Cog would accept it. See cog-spec/deviations.md.
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({"detail": [{
-                "loc": ["body", "id"],
-                "msg": "the prediction ID must not be empty (leave it out to get a generated one)",
-                "type": "value_error",
-            }]})),
-        )
-            .into_response();
+        return invalid_body_id(
+            "the prediction ID must not be empty (leave it out to get a generated one)",
+        );
     }
     let id = request.id.clone().unwrap_or_else(new_prediction_id);
     start(state, id, request, response_mode(&headers)).await
+}
+
+/// A 422 for the `id` in a prediction request's body, shaped as Cog's validation errors.
+fn invalid_body_id(msg: &str) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Json(json!({"detail": [{"loc": ["body", "id"], "msg": msg, "type": "value_error"}]})),
+    )
+        .into_response()
 }
 
 async fn create_prediction_idempotent(
@@ -797,15 +800,7 @@ async fn create_prediction_idempotent(
         .map(|Json(r)| r)
         .unwrap_or_else(PredictionRequest::empty);
     if request.id.as_ref().is_some_and(|body_id| *body_id != id) {
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(json!({"detail": [{
-                "loc": ["body", "id"],
-                "msg": "prediction ID must match the ID supplied in the URL",
-                "type": "value_error",
-            }]})),
-        )
-            .into_response();
+        return invalid_body_id("prediction ID must match the ID supplied in the URL");
     }
     let mode = response_mode(&headers);
     // In flight already: attach to it instead of starting another.
