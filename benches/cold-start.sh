@@ -4,6 +4,8 @@
 # $RUNNER_CACHE_DIR, outside the clone), and runs `runner bench --cold-start` on both.
 # Writes benches/results/<date>-<host kind>/ with the tables, JSON reports and charts.
 #   benches/cold-start.sh [RUNS] [--drop-caches]
+# RUNNER_RESTORE_CPU=copy measures the copying CPU restore instead of the mapped one (its
+# files end in -copy), for the same-session comparison.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -22,6 +24,8 @@ if [ ! -f "$BIG/weights/model.safetensors" ]; then
 fi
 for model in models/all-minilm-l6-v2 "$BIG"; do
   name=$(basename "$model")
+  if [ "${RUNNER_RESTORE_CPU:-}" = copy ]; then name="$name-copy"; fi
+  case " $* " in *" --drop-caches "*) name="$name-dropped-caches" ;; esac
   "$RUNNER" -q bench "$model" --cold-start --runs "$RUNS" --device cpu "$@" \
     --chart "$OUTDIR/$name.svg" --json-out "$OUTDIR/$name.json" | tee "$OUTDIR/$name.txt"
 done

@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# Builds the fuzz targets with libFuzzer and AddressSanitizer on the machine's stable Rust
-# (RUSTC_BOOTSTRAP unlocks the -Z flags that cargo-fuzz would pass; no nightly, no
-# cargo-fuzz needed) and runs them from the committed seed corpora.
-#   fuzz/run.sh                   every target, FUZZ_SECONDS (default 60) each
+# Builds the fuzz targets with libFuzzer on the machine's stable Rust (RUSTC_BOOTSTRAP unlocks
+# the -Z flags that cargo-fuzz would pass; no nightly, no cargo-fuzz needed) and runs them from
+# the committed seed corpora.
+#   fuzz/run.sh                   every target, FUZZ_SECONDS (default 60) each: everything
+#                                 instrumented, AddressSanitizer on (about 23 min to build on
+#                                 two cores); the runs recorded in fuzz/RESULTS.md
 #   fuzz/run.sh cog_yaml 600      one target for 600 s
-#   FUZZ_LIGHT=1 fuzz/run.sh      only the targets that do not need the model stack
-#                                 (cog_yaml, prediction_input): builds in minutes, for CI
-# New corpus entries go to target/fuzz/corpus/<target>/ (the seeds in fuzz/corpus/ stay as
-# they are); a crash is written to target/fuzz/artifacts/<target>/ and fails the run. Each
-# run ends with one line: target, executions, seconds, coverage, result.
+#   FUZZ_CI=1 fuzz/run.sh         every target, built in about 4 min: coverage of runner's own
+#                                 crates only, no AddressSanitizer, dependencies unoptimised
+#                                 (fuzz/rustc-instrument-runner.sh); what CI runs
+# FUZZ_TARGET_DIR (default target/fuzz) holds the build; new corpus entries go to
+# $FUZZ_TARGET_DIR/corpus/<target>/ (the seeds in fuzz/corpus/ stay as they are); a crash is
+# written to $FUZZ_TARGET_DIR/artifacts/<target>/ and fails the run. Each run ends with one
+# line: target, executions, seconds, coverage, result.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT/fuzz"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTC_BOOTSTRAP=1
-export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Zsanitizer=address -Cdebug-assertions"
-TARGET_DIR="$ROOT/target/fuzz"
-if [ -n "${FUZZ_LIGHT:-}" ]; then
-  features=(--no-default-features)
-  targets=(cog_yaml prediction_input)
+TARGET_DIR="${FUZZ_TARGET_DIR:-$ROOT/target/fuzz}"
+targets=(cog_yaml prediction_input safetensors gguf snapshot data_uri cli_inputs)
+if [ -n "${FUZZ_CI:-}" ]; then
+  RUSTC_WRAPPER="$ROOT/fuzz/rustc-instrument-runner.sh" cargo build --locked --target "$TRIPLE" \
+    --target-dir "$TARGET_DIR/ci" --bins --config 'profile.dev.debug=0' \
+    --config 'profile.dev.opt-level=1' --config 'profile.dev.package."*".opt-level=0' >&2
+  BIN_DIR="$TARGET_DIR/ci/$TRIPLE/debug"
 else
-  features=()
-  targets=(cog_yaml prediction_input safetensors gguf snapshot data_uri cli_inputs)
+  export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Zsanitizer=address -Cdebug-assertions"
+  cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR/build" --bins >&2
+  BIN_DIR="$TARGET_DIR/build/$TRIPLE/release"
 fi
-cargo build --release --locked --target "$TRIPLE" --target-dir "$TARGET_DIR/build" --bins "${features[@]}" >&2
 seconds="${FUZZ_SECONDS:-60}"
 if [ $# -ge 1 ]; then targets=("$1"); fi
 if [ $# -ge 2 ]; then seconds="$2"; fi
@@ -36,7 +42,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$corpus" "$artifacts"
   log="$TARGET_DIR/$t.log"
   set +e
-  "$TARGET_DIR/build/$TRIPLE/release/$t" "$corpus" "$ROOT/fuzz/corpus/$t" \
+  "$BIN_DIR/$t" "$corpus" "$ROOT/fuzz/corpus/$t" \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
     -artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1
   rc=$?

@@ -207,10 +207,26 @@ fn minilm_restores_to_identical_embeddings() {
         "{}",
         restored.status_line
     );
+    // The CPU restore maps the snapshot instead of copying it.
+    assert!(restored.mappings_of(&snap) >= 1, "the snapshot is mapped");
+    let mut copying = std::process::Command::new(RUNNER);
+    copying.env("RUNNER_RESTORE_CPU", "copy");
+    let copied = Server::start_with(
+        copying,
+        &dir,
+        &["--snapshot", snap.to_str().unwrap(), "--require-snapshot"],
+    );
+    assert_eq!(
+        copied.mappings_of(&snap),
+        0,
+        "RUNNER_RESTORE_CPU=copy copies"
+    );
     let input = serde_json::json!({"text": ["The cat sits outside", "A man is playing guitar"]});
     let a = cold.predict(input.clone()).1["output"].to_string();
-    let b = restored.predict(input).1["output"].to_string();
+    let b = restored.predict(input.clone()).1["output"].to_string();
+    let c = copied.predict(input).1["output"].to_string();
     assert_eq!(a, b);
+    assert_eq!(a, c);
 }
 
 #[test]

@@ -53,6 +53,14 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// How many of the server process's memory mappings map `path` (Linux).
+    pub fn mappings_of(&self, path: &Path) -> usize {
+        let maps =
+            std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap_or_default();
+        let name = path.to_str().unwrap();
+        maps.lines().filter(|l| l.ends_with(name)).count()
+    }
+
     /// Starts `runner serve DIR --port 0 ARGS` and waits for its ready or setup-failed line.
     pub fn start(dir: &Path, args: &[&str]) -> Server {
         Self::start_with(Command::new(RUNNER), dir, args)

@@ -21,6 +21,11 @@ use runner_server::{Server, ServerOptions, WebhookConfig};
 use runner_spec::ModelDir;
 use serde_json::{Map, Value};
 
+/// The system allocator, plus restored CPU tensors that live in a snapshot's copy-on-write
+/// mapping of the page cache instead of a copy (see `runner_snapshot::SnapshotAllocator`).
+#[global_allocator]
+static ALLOCATOR: runner_snapshot::SnapshotAllocator = runner_snapshot::SnapshotAllocator;
+
 /// `runner --version`: says whether CUDA is compiled in (`runner package` reads it).
 #[cfg(feature = "cuda")]
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (cuda)");

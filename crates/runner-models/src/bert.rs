@@ -143,7 +143,7 @@ fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Mo
     let vb = ctx.var_builder(layout, DType::F32, device)?;
     let encoder = if device.is_cpu() {
         Encoder::Cpu(
-            CpuBert::load(vb, &config)
+            CpuBert::load(vb, &config, ctx)
                 .map_err(|e| LoadError::Other(format!("loading BERT weights: {e}")))?,
         )
     } else {

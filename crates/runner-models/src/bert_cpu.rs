@@ -9,22 +9,68 @@
 //! formulas as Hugging Face's BertModel; the tests compare both against
 //! sentence-transformers' vectors.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Storage, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
+use crate::LoadContext;
+
+/// An f32 weight kept as the contiguous CPU tensor that owns it (the cold load's buffer, or
+/// a snapshot's mapping) and read as a slice. Keeping the tensor rather than a copy is what
+/// lets a snapshot hold the prepared (transposed, fused) forms and a restore use them as
+/// they are.
+struct Weight {
+    /// Owns the memory `ptr` points into; never written to.
+    _tensor: Tensor,
+    ptr: *const f32,
+    len: usize,
+}
+
+// SAFETY: the weight is read-only, and the tensor that owns its memory is Send and Sync.
+unsafe impl Send for Weight {}
+unsafe impl Sync for Weight {}
+
+impl Weight {
+    fn new(t: Tensor) -> candle_core::Result<Self> {
+        let t = t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+        let (ptr, len) = {
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("runner's CPU BERT encoder needs its weights on the CPU");
+            };
+            let all = cpu.as_slice::<f32>()?;
+            let own = &all[layout.start_offset()..layout.start_offset() + t.elem_count()];
+            (own.as_ptr(), own.len())
+        };
+        Ok(Self {
+            _tensor: t,
+            ptr,
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for Weight {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `ptr` and `len` describe the contiguous f32 storage of `_tensor`, which
+        // lives as long as `self` and which nothing writes to or reallocates.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
 /// Linear layer: weight stored transposed, (in, out) row-major, for the matrix product.
 struct Linear {
-    weight_t: Vec<f32>,
-    bias: Vec<f32>,
+    weight_t: Weight,
+    bias: Weight,
     inputs: usize,
     outputs: usize,
 }
 
 struct LayerNorm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
+    weight: Weight,
+    bias: Weight,
 }
 
 struct Layer {
@@ -37,9 +83,9 @@ struct Layer {
 }
 
 pub struct CpuBert {
-    word: Vec<f32>,
-    position: Vec<f32>,
-    token_type: Vec<f32>,
+    word: Weight,
+    position: Weight,
+    token_type: Weight,
     embeddings_norm: LayerNorm,
     layers: Vec<Layer>,
     hidden: usize,
@@ -50,17 +96,29 @@ pub struct CpuBert {
     act: HiddenAct,
 }
 
-fn values(vb: &VarBuilder, shape: &[usize], name: &str) -> candle_core::Result<Vec<f32>> {
-    vb.get(shape, name)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()
+fn values(vb: &VarBuilder, shape: &[usize], name: &str) -> candle_core::Result<Weight> {
+    Weight::new(vb.get(shape, name)?)
 }
 
-fn linear(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Linear> {
-    let w = vb.get((outputs, inputs), "weight")?.to_dtype(DType::F32)?;
+/// The name a prepared tensor is saved under in a snapshot.
+fn prepared_name(vb: &VarBuilder, what: &str) -> String {
+    format!("runner.cpu-bert.{}.{what}", vb.prefix())
+}
+
+fn linear(
+    vb: &VarBuilder,
+    inputs: usize,
+    outputs: usize,
+    ctx: &LoadContext,
+) -> candle_core::Result<Linear> {
+    let weight_t = ctx.prepared(&prepared_name(vb, "weight_t"), || {
+        vb.get((outputs, inputs), "weight")?
+            .to_dtype(DType::F32)?
+            .t()?
+            .contiguous()
+    })?;
     Ok(Linear {
-        weight_t: w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        weight_t: Weight::new(weight_t)?,
         bias: values(vb, &[outputs], "bias")?,
         inputs,
         outputs,
@@ -68,19 +126,28 @@ fn linear(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result
 }
 
 /// Query, key and value as one (in, 3·out) product: one pass over the activations.
-fn fused_qkv(vb: &VarBuilder, hidden: usize) -> candle_core::Result<Linear> {
-    let parts = ["query", "key", "value"]
-        .iter()
-        .map(|p| vb.pp(p).get((hidden, hidden), "weight"))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let w = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?;
-    let mut bias = Vec::with_capacity(3 * hidden);
-    for p in ["query", "key", "value"] {
-        bias.extend(values(&vb.pp(p), &[hidden], "bias")?);
-    }
+fn fused_qkv(vb: &VarBuilder, hidden: usize, ctx: &LoadContext) -> candle_core::Result<Linear> {
+    const PARTS: [&str; 3] = ["query", "key", "value"];
+    let weight_t = ctx.prepared(&prepared_name(vb, "qkv.weight_t"), || {
+        let parts = PARTS
+            .iter()
+            .map(|p| vb.pp(p).get((hidden, hidden), "weight"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?
+            .to_dtype(DType::F32)?
+            .t()?
+            .contiguous()
+    })?;
+    let bias = ctx.prepared(&prepared_name(vb, "qkv.bias"), || {
+        let parts = PARTS
+            .iter()
+            .map(|p| vb.pp(p).get(hidden, "bias"))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.to_dtype(DType::F32)
+    })?;
     Ok(Linear {
-        weight_t: w.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        bias,
+        weight_t: Weight::new(weight_t)?,
+        bias: Weight::new(bias)?,
         inputs: hidden,
         outputs: 3 * hidden,
     })
@@ -96,7 +163,9 @@ fn layer_norm(vb: &VarBuilder, size: usize) -> candle_core::Result<LayerNorm> {
 impl CpuBert {
     /// Loads the encoder from the same tensor names candle's `BertModel` reads (with or
     /// without a `bert.` prefix).
-    pub fn load(vb: VarBuilder, config: &Config) -> candle_core::Result<Self> {
+    /// The transposed and fused weights it makes at load go through `ctx.prepared`, so a
+    /// snapshot holds them and a restore takes them as they are.
+    pub fn load(vb: VarBuilder, config: &Config, ctx: &LoadContext) -> candle_core::Result<Self> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else {
@@ -114,11 +183,16 @@ impl CpuBert {
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 Ok(Layer {
-                    qkv: fused_qkv(&l.pp("attention.self"), h)?,
-                    attention_out: linear(&l.pp("attention.output.dense"), h, h)?,
+                    qkv: fused_qkv(&l.pp("attention.self"), h, ctx)?,
+                    attention_out: linear(&l.pp("attention.output.dense"), h, h, ctx)?,
                     attention_norm: layer_norm(&l.pp("attention.output.LayerNorm"), h)?,
-                    intermediate: linear(&l.pp("intermediate.dense"), h, config.intermediate_size)?,
-                    output: linear(&l.pp("output.dense"), config.intermediate_size, h)?,
+                    intermediate: linear(
+                        &l.pp("intermediate.dense"),
+                        h,
+                        config.intermediate_size,
+                        ctx,
+                    )?,
+                    output: linear(&l.pp("output.dense"), config.intermediate_size, h, ctx)?,
                     output_norm: layer_norm(&l.pp("output.LayerNorm"), h)?,
                 })
             })
@@ -376,7 +450,7 @@ impl LayerNorm {
                 let mean = row.iter().sum::<f32>() / n;
                 let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
                 let inv = 1.0 / (var + eps).sqrt();
-                for ((v, w), b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
+                for ((v, w), b) in row.iter_mut().zip(self.weight.iter()).zip(self.bias.iter()) {
                     *v = (*v - mean) * inv * w + b;
                 }
             }
@@ -409,7 +483,7 @@ mod tests {
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device).unwrap()
         };
-        let ours = CpuBert::load(vb.clone(), &config).unwrap();
+        let ours = CpuBert::load(vb.clone(), &config, &LoadContext::new(&|_| {})).unwrap();
         let theirs = BertModel::load(vb, &config).unwrap();
 
         let sequences: [&[u32]; 3] = [

@@ -89,6 +89,35 @@ impl<'a> LoadContext<'a> {
         self.restored.is_some()
     }
 
+    /// A tensor the model derives from its weights at load (transposed, fused, converted):
+    /// from a snapshot it is taken as saved, so a restore skips the work; on a cold load it
+    /// is made, and a recording keeps it in place of the weights it was made from, so the
+    /// snapshot holds what the model holds. `name` must not be a weight's name.
+    pub fn prepared(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(t) = self.restored.as_ref().and_then(|r| r.get(name)) {
+            return Ok(t.clone());
+        }
+        let Some(recorder) = &self.recorder else {
+            return make();
+        };
+        let taken_before: std::collections::HashSet<String> = recorder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        let t = make()?;
+        let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
+        // The weights taken only to make this tensor are not needed again.
+        recorded.retain(|(n, _)| taken_before.contains(n));
+        recorded.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
     /// The VarBuilder a model builds itself from. From a snapshot, tensors are used as they
     /// are (a dtype or device conversion only happens if the model asks for another).
     pub fn var_builder(

@@ -32,6 +32,14 @@ use xxhash_rust::xxh3::xxh3_64;
 
 #[cfg(feature = "cuda")]
 mod cuda_restore;
+mod mapped;
+
+pub use mapped::{allocator_installed, live_mappings, SnapshotAllocator};
+
+// The unit tests run the mapped restore too.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: SnapshotAllocator = SnapshotAllocator;
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("runner snapshots are little-endian; this target is not");
@@ -746,21 +754,138 @@ impl Snapshot {
     /// ring of pinned buffers (`cuda_restore`), or with one pageable upload per arena when
     /// `RUNNER_CUDA_RESTORE=pageable`.
     ///
-    /// Two ways to fault the fresh CPU buffers in faster were measured slower on the 2-core
-    /// VM (538 MB restore, against 1.71–1.90 GB/s): transparent huge pages (0.97–1.10 GB/s)
-    /// and `MADV_POPULATE_WRITE` per reader thread before its read (1.35–1.40 GB/s). So the
-    /// buffers keep ordinary pages, faulted in by the read itself.
+    /// Where the binary installed [`SnapshotAllocator`], the CPU tensors are not copied at
+    /// all: each arena is mapped copy-on-write from the page cache and every tensor's
+    /// storage points into the mapping (`mapped`); the checksum pass faults the pages in.
+    /// `RUNNER_RESTORE_CPU=copy` (or a binary without the allocator) reads into fresh
+    /// buffers instead. For that copying path, two ways to fault the fresh buffers in
+    /// faster were measured slower on the 2-core VM (538 MB restore, against
+    /// 1.71–1.90 GB/s): transparent huge pages (0.97–1.10 GB/s) and `MADV_POPULATE_WRITE`
+    /// per reader thread before its read (1.35–1.40 GB/s). So its buffers keep ordinary
+    /// pages, faulted in by the read itself.
     pub fn restore(
         &self,
         device: &Device,
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         match device {
+            Device::Cpu if cpu_restore_maps() => self.restore_mapped(device),
             Device::Cpu => self.restore_per_tensor(device),
             #[cfg(feature = "cuda")]
             Device::Cuda(cuda) if cuda_restore::pinned_enabled() => {
                 self.restore_arenas_pinned(cuda)
             }
             _ => self.restore_arenas(device),
+        }
+    }
+
+    /// The CPU restore without a copy: see [`mapped`](crate::mapped).
+    fn restore_mapped(
+        &self,
+        device: &Device,
+    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+        let started = Instant::now();
+        let mut restored: Vec<Option<Tensor>> = vec![None; self.manifest.tensors.len()];
+        for (a, arena) in self.manifest.arenas.iter().enumerate() {
+            let members: Vec<usize> = (0..self.manifest.tensors.len())
+                .filter(|&i| self.manifest.tensors[i].arena == a)
+                .collect();
+            if arena.bytes == 0 {
+                continue;
+            }
+            let offset = self.data_offset + arena.offset;
+            let mapping = mapped::Mapping::new(&self.file, offset, arena.bytes as usize)
+                .map_err(io(&self.path, "cannot map the snapshot's data"))?;
+            let Some(mapping) = mapping else {
+                // Every mapping slot is taken: this arena is copied instead.
+                let (tensors, _) = self.restore_per_tensor(device)?;
+                tracing::debug!("snapshot restore: no mapping slot left, copied instead");
+                return Ok((tensors, self.stats(started)));
+            };
+            self.verify_parallel(a, arena, mapping.bytes())?;
+            for i in members {
+                let entry = &self.manifest.tensors[i];
+                let dtype = parse_dtype(&entry.dtype).expect("validated");
+                let numel: usize = entry.shape.iter().product();
+                let at = entry.offset as usize;
+                let len = numel * dtype.size_in_bytes();
+                let t = match ArenaBuffer::mapped(&mapping, dtype, at, numel) {
+                    Some(buf) => buf,
+                    None => {
+                        // Empty, or not handed out: an ordinary buffer with the same bytes.
+                        let mut buf = ArenaBuffer::new(dtype, len);
+                        buf.bytes_mut()
+                            .copy_from_slice(&mapping.bytes()[at..at + len]);
+                        buf
+                    }
+                }
+                .into_tensor(device)
+                .and_then(|t| t.reshape(entry.shape.as_slice()))
+                .map_err(|e| SnapshotError::Tensor {
+                    name: entry.name.clone(),
+                    message: e.to_string(),
+                })?;
+                restored[i] = Some(t);
+            }
+        }
+        let tensors = self
+            .manifest
+            .tensors
+            .iter()
+            .zip(restored)
+            .map(|(e, t)| (e.name.clone(), t.expect("every tensor sits in an arena")))
+            .collect();
+        Ok((tensors, self.stats(started)))
+    }
+
+    fn stats(&self, started: Instant) -> RestoreStats {
+        let total = started.elapsed();
+        RestoreStats {
+            data_bytes: self.header.data_bytes,
+            read: total,
+            upload: Duration::ZERO,
+            total,
+        }
+    }
+
+    /// Checks every data chunk of an arena already in memory (mapped), the chunks spread
+    /// over the cores: reading them is also what faults a mapping's pages in.
+    fn verify_parallel(
+        &self,
+        index: usize,
+        arena: &Arena,
+        bytes: &[u8],
+    ) -> Result<(), SnapshotError> {
+        let chunk = arena.chunk_bytes as usize;
+        let chunks = arena.chunk_checksums.len();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8)
+            .min(chunks.max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let work = || loop {
+            let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if c >= chunks || failed.load(std::sync::atomic::Ordering::Relaxed) != usize::MAX {
+                return;
+            }
+            let start = c * chunk;
+            let end = (start + chunk).min(bytes.len());
+            if xxh3_64(&bytes[start..end]) != arena.chunk_checksums[c] {
+                failed.fetch_min(c, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            self.advance(end - start);
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+        match failed.into_inner() {
+            usize::MAX => Ok(()),
+            c => Err(self.chunk_error(index, c)),
         }
     }
 
@@ -1031,6 +1156,23 @@ fn validate_layout(header: &Header, manifest: &Manifest, data_bytes: u64) -> Res
             return Err(format!("tensor `{}` lies outside its arena", t.name));
         }
     }
+    // No two tensors may share bytes (on the CPU each owns its memory).
+    let mut spans: Vec<(usize, u64, u64, &str)> = manifest
+        .tensors
+        .iter()
+        .map(|t| {
+            let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+            let elem = parse_dtype(&t.dtype).expect("checked").size_in_bytes() as u64;
+            (t.arena, t.offset, t.offset + numel * elem, t.name.as_str())
+        })
+        .collect();
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        let ((a1, _, end1, _), (a2, start2, _, name)) = (pair[0], pair[1]);
+        if a1 == a2 && start2 < end1 {
+            return Err(format!("tensor `{name}` overlaps the one before it"));
+        }
+    }
     Ok(())
 }
 
@@ -1116,6 +1258,12 @@ fn zeroed_halves<T: Copy>(n: usize) -> Vec<T> {
     unsafe { Vec::from_raw_parts(raw.as_mut_ptr() as *mut T, raw.len(), raw.capacity()) }
 }
 
+/// Whether a CPU restore maps the snapshot instead of copying it: only where the binary
+/// installed [`SnapshotAllocator`], and not with `RUNNER_RESTORE_CPU=copy`.
+fn cpu_restore_maps() -> bool {
+    std::env::var("RUNNER_RESTORE_CPU").map_or(true, |v| v != "copy") && allocator_installed()
+}
+
 /// A typed host buffer for one arena, so the tensor takes it over without a copy.
 enum ArenaBuffer {
     U8(Vec<u8>),
@@ -1140,6 +1288,25 @@ impl ArenaBuffer {
             DType::F16 => Self::F16(zeroed_halves(n)),
             other => unreachable!("validated dtype {other:?}"),
         }
+    }
+    /// `numel` values of `dtype` at `offset` inside a mapping, without a copy; `None` for
+    /// an empty tensor or where the allocator did not hand the mapping out.
+    fn mapped(
+        mapping: &mapped::Mapping,
+        dtype: DType,
+        offset: usize,
+        numel: usize,
+    ) -> Option<Self> {
+        Some(match dtype {
+            DType::U8 => Self::U8(mapping.take_vec(offset, numel)?),
+            DType::U32 => Self::U32(mapping.take_vec(offset, numel)?),
+            DType::I64 => Self::I64(mapping.take_vec(offset, numel)?),
+            DType::F32 => Self::F32(mapping.take_vec(offset, numel)?),
+            DType::F64 => Self::F64(mapping.take_vec(offset, numel)?),
+            DType::BF16 => Self::BF16(mapping.take_vec(offset, numel)?),
+            DType::F16 => Self::F16(mapping.take_vec(offset, numel)?),
+            _ => return None,
+        })
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         match self {

@@ -79,6 +79,76 @@ fn roundtrip_is_bit_identical() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
+/// Lines of this process's memory map that map `path`.
+fn mappings_of(path: &Path) -> usize {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let name = path.to_str().unwrap();
+    maps.lines().filter(|l| l.ends_with(name)).count()
+}
+
+#[test]
+fn the_cpu_restore_maps_the_file_and_unmaps_it_with_the_last_tensor() {
+    assert!(
+        allocator_installed(),
+        "the test binary installs SnapshotAllocator"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mapped.rsnap");
+    let originals = tensors();
+    write(&path, &key(), &originals).unwrap();
+    let snap = Snapshot::open(&path).unwrap();
+    let arenas = snap.manifest.arenas.len();
+    let (mut restored, _) = snap.restore_mapped(&Device::Cpu).unwrap();
+    let (copied, _) = snap.restore_per_tensor(&Device::Cpu).unwrap();
+    drop(snap);
+    // One mapping per arena (the kernel may show neighbours as one line).
+    assert!((1..=arenas).contains(&mappings_of(&path)));
+    for (((n1, t1), (_, t2)), (_, t3)) in originals.iter().zip(&restored).zip(&copied) {
+        assert!(same_bits(t1, t2), "{n1} differs in the mapped restore");
+        assert!(same_bits(t1, t3), "{n1} differs in the copied restore");
+    }
+    // A new snapshot renamed over the file, and then the file removed, change nothing for
+    // the tensors already restored: they map the old file's pages.
+    let other: Vec<(String, Tensor)> = originals
+        .iter()
+        .map(|(n, t)| (n.clone(), t.zeros_like().unwrap()))
+        .collect();
+    write(&path, &key(), &other).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    for ((n1, t1), (_, t2)) in originals.iter().zip(&restored) {
+        assert!(same_bits(t1, t2), "{n1} changed under the tensor");
+    }
+    let x = Tensor::ones((1, 10), DType::F32, &Device::Cpu).unwrap();
+    let y1 = x.matmul(&originals[0].1).unwrap();
+    let y2 = x.matmul(&restored[0].1).unwrap();
+    assert!(same_bits(&y1, &y2));
+    // Each arena's mapping goes with the last tensor in it.
+    let deleted = PathBuf::from(format!("{} (deleted)", path.display()));
+    assert!(mappings_of(&deleted) >= 1);
+    while let Some((_, t)) = restored.pop() {
+        drop(t);
+    }
+    assert_eq!(
+        mappings_of(&deleted),
+        0,
+        "every mapping is gone with its tensors"
+    );
+}
+
+#[test]
+fn a_damaged_chunk_is_caught_by_the_mapped_restore_and_nothing_stays_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.rsnap");
+    // Three 16 MiB chunks; the last one damaged.
+    let t = Tensor::arange(0f32, (10 << 20) as f32, &Device::Cpu).unwrap();
+    write(&path, &key(), &[("big".into(), t)]).unwrap();
+    flip_bit(&path, 4096 + (40 << 20) - 5);
+    let snap = Snapshot::open(&path).unwrap();
+    let err = snap.restore_mapped(&Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("data chunk 2 of arena 0"), "{err}");
+    assert_eq!(mappings_of(&path), 0);
+}
+
 #[test]
 fn many_chunks_are_checked() {
     let dir = tempfile::tempdir().unwrap();
