@@ -207,6 +207,16 @@ fn minilm_restores_to_identical_embeddings() {
         "{}",
         restored.status_line
     );
+    // The encoder's prepared (transposed, fused) weights replace the raw ones in the
+    // snapshot rather than sitting beside them.
+    let weights_bytes = std::fs::metadata(dir.join("weights/model.safetensors"))
+        .unwrap()
+        .len();
+    let snapshot_bytes = std::fs::metadata(&snap).unwrap().len();
+    assert!(
+        snapshot_bytes < weights_bytes + weights_bytes / 20,
+        "snapshot {snapshot_bytes} bytes for {weights_bytes} bytes of weights"
+    );
     // The CPU restore maps the snapshot instead of copying it.
     assert!(restored.mappings_of(&snap) >= 1, "the snapshot is mapped");
     let mut copying = std::process::Command::new(RUNNER);

@@ -6,6 +6,11 @@
 
 use std::path::PathBuf;
 
+// runner's allocator, so the snapshot corpus goes through the mapped CPU restore as in the
+// server.
+#[global_allocator]
+static ALLOCATOR: runner_snapshot::SnapshotAllocator = runner_snapshot::SnapshotAllocator;
+
 include!("../../../fuzz/fuzz_targets/shared.rs");
 include!("../../../fuzz/fuzz_targets/shared_files.rs");
 

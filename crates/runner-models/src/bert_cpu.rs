@@ -461,6 +461,45 @@ impl LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Time of one forward pass over 32 sentences of 12 tokens (a batch as the HTTP
+    /// benchmark forms them): `cargo test --release -p runner-models --lib forward_time --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn forward_time() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/all-minilm-l6-v2/weights");
+        let config: Config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        // SAFETY: the weights file is not modified while the test maps it.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+        };
+        let bert = CpuBert::load(vb, &config, &LoadContext::new(&|_| {})).unwrap();
+        let ids: Vec<u32> = (0..32 * 12)
+            .map(|i| 1000 + (i * 37 % 20000) as u32)
+            .collect();
+        let lengths = vec![12; 32];
+        bert.forward(&ids, &lengths).unwrap();
+        let mut times = Vec::new();
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            std::hint::black_box(bert.forward(&ids, &lengths).unwrap());
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "forward, 32 x 12 tokens: median {:.2} ms, min {:.2} ms",
+            times[10], times[0]
+        );
+    }
     use candle_core::Device;
     use candle_transformers::models::bert::BertModel;
 
