@@ -458,6 +458,13 @@ pub fn to_table(c: &Report) -> String {
         "(the same file read on one thread into freshly allocated memory: {:.2} GB/s)\n",
         c.fresh_memory_bytes_per_s / 1e9
     ));
+    let copying = std::env::var("RUNNER_RESTORE_CPU").is_ok_and(|v| v == "copy");
+    if c.pinned_h2d_bytes_per_s.is_none() && !copying {
+        out.push_str(
+            "(the CPU restore maps the snapshot instead of copying it, so it can pass the read \
+             ceiling; RUNNER_RESTORE_CPU=copy measures a copying restore)\n",
+        );
+    }
     if let Some(h2d) = c.pinned_h2d_bytes_per_s {
         out.push_str(&format!(
             "pinned host-to-device ceiling {:.2} GB/s · restore at {:.0}% of it\n",
