@@ -76,6 +76,25 @@ fn a_restored_model_predicts_exactly_as_a_cold_one() {
     );
 }
 
+/// A server restored from a snapshot maps it; `runner snapshot` writing a new one over the
+/// same path (a new file renamed into place) and the file then being removed must not
+/// change what that server computes.
+#[test]
+fn a_snapshot_replaced_or_removed_under_a_server_changes_nothing() {
+    let model = generated_model(2, "bf16");
+    let path = take_snapshot(model.path());
+    let server = Server::start(model.path(), &["--require-snapshot"]);
+    assert!(server.mappings_of(&path) >= 1, "the snapshot is mapped");
+    let before = predict_raw(&server);
+    let again = take_snapshot(model.path());
+    assert_eq!(again, path);
+    assert_eq!(predict_raw(&server), before);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(predict_raw(&server), before);
+    let h = health(&server);
+    assert_eq!(h["status"], "READY", "{h}");
+}
+
 #[test]
 fn bad_snapshots_fall_back_to_a_cold_load_and_say_why() {
     let model = generated_model(1, "f32");
