@@ -100,6 +100,35 @@ fn values(vb: &VarBuilder, shape: &[usize], name: &str) -> candle_core::Result<W
     Weight::new(vb.get(shape, name)?)
 }
 
+/// `w` (rows × cols) transposed into a new (cols × rows) f32 tensor, tile by tile: candle's
+/// `t()?.contiguous()` copies element by element through a strided index, which took
+/// two fifths of MiniLM's cold start.
+fn transposed(w: Tensor) -> candle_core::Result<Tensor> {
+    const TILE: usize = 32;
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    let (rows, cols) = w.dims2()?;
+    let mut out = vec![0f32; rows * cols];
+    {
+        let (storage, layout) = w.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("runner's CPU BERT encoder needs its weights on the CPU");
+        };
+        let start = layout.start_offset();
+        let src = &cpu.as_slice::<f32>()?[start..start + rows * cols];
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let row = &src[r * cols..(r + 1) * cols];
+                    for c in c0..(c0 + TILE).min(cols) {
+                        out[c * rows + r] = row[c];
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(out, (cols, rows), w.device())
+}
+
 /// The name a prepared tensor is saved under in a snapshot.
 fn prepared_name(vb: &VarBuilder, what: &str) -> String {
     format!("runner.cpu-bert.{}.{what}", vb.prefix())
@@ -112,10 +141,7 @@ fn linear(
     ctx: &LoadContext,
 ) -> candle_core::Result<Linear> {
     let weight_t = ctx.prepared(&prepared_name(vb, "weight_t"), || {
-        vb.get((outputs, inputs), "weight")?
-            .to_dtype(DType::F32)?
-            .t()?
-            .contiguous()
+        transposed(vb.get((outputs, inputs), "weight")?)
     })?;
     Ok(Linear {
         weight_t: Weight::new(weight_t)?,
@@ -133,10 +159,7 @@ fn fused_qkv(vb: &VarBuilder, hidden: usize, ctx: &LoadContext) -> candle_core::
             .iter()
             .map(|p| vb.pp(p).get((hidden, hidden), "weight"))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 0)?
-            .to_dtype(DType::F32)?
-            .t()?
-            .contiguous()
+        transposed(Tensor::cat(&parts, 0)?)
     })?;
     let bias = ctx.prepared(&prepared_name(vb, "qkv.bias"), || {
         let parts = PARTS
