@@ -31,18 +31,20 @@ struct Weight {
 unsafe impl Send for Weight {}
 unsafe impl Sync for Weight {}
 
+/// `f` on the values of a contiguous f32 tensor on the CPU.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("runner's CPU BERT encoder needs its weights on the CPU");
+    };
+    let start = layout.start_offset();
+    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
+}
+
 impl Weight {
     fn new(t: Tensor) -> candle_core::Result<Self> {
         let t = t.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
-        let (ptr, len) = {
-            let (storage, layout) = t.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                candle_core::bail!("runner's CPU BERT encoder needs its weights on the CPU");
-            };
-            let all = cpu.as_slice::<f32>()?;
-            let own = &all[layout.start_offset()..layout.start_offset() + t.elem_count()];
-            (own.as_ptr(), own.len())
-        };
+        let (ptr, len) = with_cpu_f32(&t, |own| (own.as_ptr(), own.len()))?;
         Ok(Self {
             _tensor: t,
             ptr,
@@ -108,13 +110,7 @@ fn transposed(w: Tensor) -> candle_core::Result<Tensor> {
     let w = w.to_dtype(DType::F32)?.contiguous()?;
     let (rows, cols) = w.dims2()?;
     let mut out = vec![0f32; rows * cols];
-    {
-        let (storage, layout) = w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("runner's CPU BERT encoder needs its weights on the CPU");
-        };
-        let start = layout.start_offset();
-        let src = &cpu.as_slice::<f32>()?[start..start + rows * cols];
+    with_cpu_f32(&w, |src| {
         for r0 in (0..rows).step_by(TILE) {
             for c0 in (0..cols).step_by(TILE) {
                 for r in r0..(r0 + TILE).min(rows) {
@@ -125,7 +121,7 @@ fn transposed(w: Tensor) -> candle_core::Result<Tensor> {
                 }
             }
         }
-    }
+    })?;
     Tensor::from_vec(out, (cols, rows), w.device())
 }
 

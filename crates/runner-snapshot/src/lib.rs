@@ -24,6 +24,7 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -786,17 +787,17 @@ impl Snapshot {
         let started = Instant::now();
         let mut restored: Vec<Option<Tensor>> = vec![None; self.manifest.tensors.len()];
         for (a, arena) in self.manifest.arenas.iter().enumerate() {
-            let members: Vec<usize> = (0..self.manifest.tensors.len())
-                .filter(|&i| self.manifest.tensors[i].arena == a)
-                .collect();
             if arena.bytes == 0 {
                 continue;
             }
+            let members: Vec<usize> = (0..self.manifest.tensors.len())
+                .filter(|&i| self.manifest.tensors[i].arena == a)
+                .collect();
             let offset = self.data_offset + arena.offset;
             let mapping = mapped::Mapping::new(&self.file, offset, arena.bytes as usize)
                 .map_err(io(&self.path, "cannot map the snapshot's data"))?;
             let Some(mapping) = mapping else {
-                // Every mapping slot is taken: this arena is copied instead.
+                // Every mapping slot is taken: the whole snapshot is copied instead.
                 let (tensors, _) = self.restore_per_tensor(device)?;
                 tracing::debug!("snapshot restore: no mapping slot left, copied instead");
                 return Ok((tensors, self.stats(started)));
@@ -818,25 +819,24 @@ impl Snapshot {
                         buf
                     }
                 }
-                .into_tensor(device)
-                .and_then(|t| t.reshape(entry.shape.as_slice()))
-                .map_err(|e| SnapshotError::Tensor {
-                    name: entry.name.clone(),
-                    message: e.to_string(),
-                })?;
+                .into_tensor_of(entry, device)?;
                 restored[i] = Some(t);
             }
         }
-        let tensors = self
-            .manifest
+        Ok((self.named(restored), self.stats(started)))
+    }
+
+    /// The restored tensors with their manifest names, in manifest order.
+    fn named(&self, restored: Vec<Option<Tensor>>) -> Vec<(String, Tensor)> {
+        self.manifest
             .tensors
             .iter()
             .zip(restored)
             .map(|(e, t)| (e.name.clone(), t.expect("every tensor sits in an arena")))
-            .collect();
-        Ok((tensors, self.stats(started)))
+            .collect()
     }
 
+    /// A host-only restore's figures (nothing to upload).
     fn stats(&self, started: Instant) -> RestoreStats {
         let total = started.elapsed();
         RestoreStats {
@@ -862,17 +862,17 @@ impl Snapshot {
             .unwrap_or(1)
             .clamp(1, 8)
             .min(chunks.max(1));
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let next = AtomicUsize::new(0);
+        let failed = AtomicUsize::new(usize::MAX);
         let work = || loop {
-            let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if c >= chunks || failed.load(std::sync::atomic::Ordering::Relaxed) != usize::MAX {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks || failed.load(Ordering::Relaxed) != usize::MAX {
                 return;
             }
             let start = c * chunk;
             let end = (start + chunk).min(bytes.len());
             if xxh3_64(&bytes[start..end]) != arena.chunk_checksums[c] {
-                failed.fetch_min(c, std::sync::atomic::Ordering::Relaxed);
+                failed.fetch_min(c, Ordering::Relaxed);
                 return;
             }
             self.advance(end - start);
@@ -931,35 +931,12 @@ impl Snapshot {
                 self.read_parallel(bytes, base + entry.offset)?;
                 verifier.update(bytes)?;
                 pos = entry.offset + bytes.len() as u64;
-                let t = buf
-                    .into_tensor(device)
-                    .and_then(|t| t.reshape(entry.shape.as_slice()))
-                    .map_err(|e| SnapshotError::Tensor {
-                        name: entry.name.clone(),
-                        message: e.to_string(),
-                    })?;
-                restored[i] = Some(t);
+                restored[i] = Some(buf.into_tensor_of(entry, device)?);
             }
             read_gap(pos, arena.bytes, &mut verifier)?;
             verifier.finish()?;
         }
-        let total = started.elapsed();
-        let tensors = self
-            .manifest
-            .tensors
-            .iter()
-            .zip(restored)
-            .map(|(e, t)| (e.name.clone(), t.expect("every tensor sits in an arena")))
-            .collect();
-        Ok((
-            tensors,
-            RestoreStats {
-                data_bytes: self.header.data_bytes,
-                read: total,
-                upload: Duration::ZERO,
-                total,
-            },
-        ))
+        Ok((self.named(restored), self.stats(started)))
     }
 
     fn restore_arenas(
@@ -1323,6 +1300,15 @@ impl ArenaBuffer {
                 std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 2)
             },
         }
+    }
+    /// The tensor a manifest entry describes, its shape and name in any error.
+    fn into_tensor_of(self, entry: &TensorEntry, device: &Device) -> Result<Tensor, SnapshotError> {
+        self.into_tensor(device)
+            .and_then(|t| t.reshape(entry.shape.as_slice()))
+            .map_err(|e| SnapshotError::Tensor {
+                name: entry.name.clone(),
+                message: e.to_string(),
+            })
     }
     fn into_tensor(self, device: &Device) -> candle_core::Result<Tensor> {
         macro_rules! t {
