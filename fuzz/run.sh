@@ -47,8 +47,8 @@ for t in "${targets[@]}"; do
     -artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1
   rc=$?
   set -e
-  runs="$(grep -o 'Done [0-9]* runs' "$log" | grep -o '[0-9]*' | tail -1)"
-  cov="$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1)"
+  runs="$(grep -o 'Done [0-9]* runs' "$log" | grep -o '[0-9]*' | tail -1 || true)"
+  cov="$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 || true)"
   if [ "$rc" = 0 ]; then result="ok"; else result="FAILED (exit $rc; see $log and $artifacts)"; status=1; fi
   printf '%s: %s executions in %s s, %s, %s\n' "$t" "${runs:-?}" "$seconds" "${cov:-cov: ?}" "$result"
 done

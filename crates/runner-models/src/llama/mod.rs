@@ -17,7 +17,7 @@ pub mod quantized;
 pub mod tokenizer;
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -285,12 +285,120 @@ pub fn load_generator(
     }
 }
 
+/// `general.alignment` as the GGUF's metadata declares it, read the way candle reads the
+/// metadata, without reading anything else: candle divides by it without checking for zero
+/// (found by the `gguf` fuzz target). `None` when absent, not an integer, or the metadata
+/// does not parse (candle then reports that itself).
+fn declared_alignment(file: &mut File, size: u64) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    fn u32_of(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_of(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    /// A count or length: 64-bit from GGUF v2 on, 32-bit in v1.
+    fn len_of(r: &mut impl Read, wide: bool) -> Option<u64> {
+        if wide {
+            u64_of(r)
+        } else {
+            u32_of(r).map(u64::from)
+        }
+    }
+    /// Skips one value of GGUF type `kind`; arrays nest at most a few levels.
+    fn width(kind: u32) -> Option<u64> {
+        Some(match kind {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            _ => return None,
+        })
+    }
+    /// Skips one value of GGUF type `kind`; arrays nest at most a few levels, and no count
+    /// may exceed the file's size (every element takes at least a byte).
+    fn skip(
+        r: &mut (impl Read + Seek),
+        kind: u32,
+        wide: bool,
+        depth: u32,
+        size: u64,
+    ) -> Option<()> {
+        let bytes = match (width(kind), kind) {
+            (Some(w), _) => w,
+            (None, 8) => len_of(r, wide)?,
+            (None, 9) if depth < 4 => {
+                let inner = u32_of(r)?;
+                let count = len_of(r, wide)?;
+                if count > size {
+                    return None;
+                }
+                match width(inner) {
+                    Some(w) => count.checked_mul(w)?,
+                    None => {
+                        for _ in 0..count {
+                            skip(r, inner, wide, depth + 1, size)?;
+                        }
+                        return Some(());
+                    }
+                }
+            }
+            _ => return None,
+        };
+        if bytes > size {
+            return None;
+        }
+        r.seek(SeekFrom::Current(i64::try_from(bytes).ok()?)).ok()?;
+        Some(())
+    }
+    let mut r = BufReader::new(file);
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).ok()?;
+    let wide = u32_of(&mut r)? >= 2; // GGUF v1 has 32-bit counts and lengths
+    let _tensors = len_of(&mut r, wide)?;
+    let mut found = None;
+    let entries = len_of(&mut r, wide)?;
+    if entries > size {
+        return None;
+    }
+    for _ in 0..entries {
+        let key_len = len_of(&mut r, wide)?;
+        if key_len > 1 << 16 {
+            return None;
+        }
+        let mut key = vec![0u8; key_len as usize];
+        r.read_exact(&mut key).ok()?;
+        let kind = u32_of(&mut r)?;
+        if key == b"general.alignment" && kind <= 5 {
+            let mut b = [0u8; 4];
+            let width = [1, 1, 2, 2, 4, 4][kind as usize];
+            r.read_exact(&mut b[..width]).ok()?;
+            // Unsigned and non-negative signed values count, as in candle.
+            let negative = kind % 2 == 1 && b[width - 1] & 0x80 != 0;
+            found = (!negative).then(|| u64::from(u32::from_le_bytes(b)));
+        } else {
+            skip(&mut r, kind, wide, 0, size)?;
+        }
+    }
+    found
+}
+
 /// Reads a GGUF's header and checks what runner's Llama needs before any tensor is read:
 /// the architecture, and that every tensor lies inside the file (a truncated download).
 pub fn open_gguf(path: &Path) -> Result<(gguf_file::Content, File), LoadError> {
     let fail = |what: String| other(format!("{}: {what}", path.display()));
     let mut file = File::open(path).map_err(|e| fail(format!("cannot open it ({e})")))?;
     let size = file.metadata().map_err(|e| fail(e.to_string()))?.len();
+    if declared_alignment(&mut file, size) == Some(0) {
+        return Err(fail(
+            "general.alignment is 0; a GGUF's tensor data must be aligned to at least 1 byte (the file is damaged)".into(),
+        ));
+    }
+    file.rewind().map_err(|e| fail(e.to_string()))?;
     let content = gguf_file::Content::read(&mut BufReader::new(&mut file)).map_err(|e| {
         let e = e.to_string();
         if e.contains("unknown dtype") {
