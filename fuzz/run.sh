@@ -9,7 +9,8 @@
 #   FUZZ_CI=1 fuzz/run.sh         every target, built in about 4 min: coverage of runner's own
 #                                 crates only, no AddressSanitizer, dependencies unoptimised
 #                                 (fuzz/rustc-instrument-runner.sh); what CI runs
-# FUZZ_TARGET_DIR (default target/fuzz) holds the build; new corpus entries go to
+# FUZZ_SEED fixes libFuzzer's random seed (0, the default, draws one); CI fixes it so a red
+# run reproduces. FUZZ_TARGET_DIR (default target/fuzz) holds the build; new corpus entries go to
 # $FUZZ_TARGET_DIR/corpus/<target>/ (the seeds in fuzz/corpus/ stay as they are); a crash is
 # written to $FUZZ_TARGET_DIR/artifacts/<target>/ and fails the run. Each run ends with one
 # line: target, executions, seconds, coverage, result.
@@ -44,7 +45,7 @@ for t in "${targets[@]}"; do
   set +e
   "$BIN_DIR/$t" "$corpus" "$ROOT/fuzz/corpus/$t" \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
-    -artifact_prefix="$artifacts/" -print_final_stats=1 >"$log" 2>&1
+    -artifact_prefix="$artifacts/" -print_final_stats=1 -seed="${FUZZ_SEED:-0}" >"$log" 2>&1
   rc=$?
   set -e
   runs="$(grep -o 'Done [0-9]* runs' "$log" | grep -o '[0-9]*' | tail -1 || true)"
