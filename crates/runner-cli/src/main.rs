@@ -369,6 +369,7 @@ fn main() -> ExitCode {
         std::sync::atomic::Ordering::Relaxed,
     );
     keep_cuda_kernels_beside_the_model(&cli.command);
+    fix_the_cpu_thread_count();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -389,6 +390,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// candle asks for its thread count on every float matrix product and, unless
+/// `RAYON_NUM_THREADS` is set, counts physical cores by reading `/proc/cpuinfo` each time
+/// (about 1 % of a generation's CPU time). Count once, here, and give rayon's pool (runner's
+/// own kernels) the same number: compute-bound kernels gain nothing from SMT siblings.
+/// Set before any thread starts.
+fn fix_the_cpu_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = num_cpus::get_physical().clamp(1, logical);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 }
 
 /// candle's kernels are PTX that the CUDA driver compiles on first use; its JIT cache

@@ -15,6 +15,7 @@ pub mod convert;
 mod fast_q4_1;
 pub mod quantized;
 pub mod tokenizer;
+mod vnni;
 
 use std::fs::File;
 use std::io::{BufReader, Seek};

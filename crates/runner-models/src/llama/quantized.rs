@@ -1,9 +1,10 @@
 //! candle-transformers 0.11.1's quantized Llama (`quantized_llama.rs`, Apache-2.0/MIT),
 //! trimmed to dense Llama models, with two changes:
-//! - On the CPU, Q4_1 matrices are multiplied by [`FastQ4_1`]: candle 0.11 has no SIMD
-//!   kernel for Q4_1 and runs it with scalar code (a tenth of llama.cpp's speed on this
-//!   model). The AVX2 kernel computes each block's integer dot product with SIMD (exact)
-//!   and accumulates the floats in candle's order, so outputs are bit-identical to candle's.
+//! - On the CPU, Q4_1 and Q8_0 matrices are multiplied by runner's own kernels: with
+//!   AVX-512 VNNI, [`VnniMatrix`] (register tiles, several times llama.cpp's matmul speed on
+//!   prompts); with only AVX2, Q4_1 by [`FastQ4_1`] (candle 0.11 runs Q4_1 with scalar
+//!   code, a tenth of llama.cpp's speed on this model; this kernel's outputs are
+//!   bit-identical to candle's).
 //! - The rotary tables cover the model's whole context (candle fixes them at 4096).
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::fast_q4_1::FastQ4_1;
+use super::vnni::VnniMatrix;
 
 /// Projections that read the same input, as one matrix whose output is split: one
 /// multiplication (and one quantization of the input) instead of several per layer.
@@ -65,13 +67,12 @@ enum Projections {
 
 impl Projections {
     fn new(parts: Vec<QTensor>, device: &Device) -> Result<Self> {
-        // Only Q4_1 on the CPU, where runner's own kernel computes every output the same
-        // way whatever the width. candle picks kernels (and so float order) by shape for
-        // other types, so fusing them would change results; CUDA is unmeasured.
+        // Only where runner's own kernels run (the CPU), which compute every output the
+        // same way whatever the width. candle picks kernels (and so float order) by shape
+        // for other types, so fusing them would change results; CUDA is unmeasured.
         let k = |p: &QTensor| p.shape().dims2().map(|(_, k)| k).ok();
         let fusable = device.is_cpu()
-            && FastQ4_1::available()
-            && parts[0].dtype() == GgmlDType::Q4_1
+            && own_kernel(parts[0].dtype())
             && parts
                 .iter()
                 .all(|p| p.dtype() == parts[0].dtype() && k(p).is_some() && k(p) == k(&parts[0]));
@@ -248,8 +249,23 @@ fn rotary_tables(
     Ok((idx_theta.cos()?, idx_theta.sin()?))
 }
 
-/// A matrix for `QMatMul`: Q4_1 on the CPU goes through the AVX2 kernel.
+/// Whether runner's own CPU kernel multiplies this weight type on this CPU.
+fn own_kernel(dtype: GgmlDType) -> bool {
+    if VnniMatrix::available() {
+        VnniMatrix::supports(dtype)
+    } else {
+        dtype == GgmlDType::Q4_1 && FastQ4_1::available()
+    }
+}
+
+/// A matrix for `QMatMul`: on the CPU, Q4_1 and Q8_0 go through runner's kernels.
 fn matrix(q: QTensor) -> Result<QMatMul> {
+    if q.device().is_cpu() && VnniMatrix::available() && VnniMatrix::supports(q.dtype()) {
+        let shape = q.shape().clone();
+        let (n, k) = shape.dims2()?;
+        let fast = VnniMatrix::from_bytes(q.dtype(), &q.data()?, n, k)?;
+        return QMatMul::from_qtensor(QTensor::new(QStorage::Cpu(Box::new(fast)), shape)?);
+    }
     if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && FastQ4_1::available() {
         let shape = q.shape().clone();
         let data = q.data()?;
@@ -388,11 +404,8 @@ mod tests {
                     .collect()
             };
             let fused = Projections::new(quantized(), &dev).unwrap();
-            // Only Q4_1 is fused (runner's kernel); other types keep candle's own kernels.
-            assert_eq!(
-                matches!(fused, Projections::Fused(_)),
-                dtype == GgmlDType::Q4_1
-            );
+            // Only runner's kernels' types are fused; others keep candle's own kernels.
+            assert_eq!(matches!(fused, Projections::Fused(_)), own_kernel(dtype));
             let separate = Projections::Separate(
                 quantized()
                     .into_iter()
