@@ -112,6 +112,74 @@ fn the_quantized_gguf_path_matches_the_references() {
     }
 }
 
+/// runner's own CPU forward pass (AVX-512 VNNI) against candle's quantized Llama on the same
+/// GGUF: the same first-step logits to rounding, and the same greedy tokens, prompt and
+/// decoding steps alike (a cache fed one token at a time, then re-fed from an earlier position).
+#[test]
+fn runners_cpu_forward_pass_agrees_with_candles() {
+    use candle_core::{Device, Tensor};
+    use runner_models::llama::quantized::ModelWeights;
+    let path = model_dir().join(GGUF);
+    let load = |native: bool| {
+        let (content, mut file) = llama::open_gguf(&path).unwrap();
+        ModelWeights::from_gguf_with(content, &mut file, &Device::Cpu, 512, native).unwrap()
+    };
+    let mut ours = load(true);
+    if !ours.is_native() {
+        eprintln!("this CPU has no AVX-512 VNNI: candle's path serves it, nothing to compare");
+        return;
+    }
+    let mut candle = load(false);
+    assert!(!candle.is_native());
+    let step = |m: &mut ModelWeights, tokens: &[u32], position: usize| -> Vec<f32> {
+        let x = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        m.forward(&x, position)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0 as u32
+    };
+    for case in reference()["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let (a, b) = (step(&mut ours, &prompt, 0), step(&mut candle, &prompt, 0));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{prompt:?}: first-step logits differ by at most {worst}");
+        assert!(
+            worst <= 0.05,
+            "{prompt:?}: first-step logits differ by {worst}"
+        );
+        let (mut next_a, mut next_b) = (argmax(&a), argmax(&b));
+        let mut generated = vec![];
+        for i in 0..8 {
+            assert_eq!(next_a, next_b, "{prompt:?}: step {i}");
+            generated.push(next_a);
+            let position = prompt.len() + i;
+            next_a = argmax(&step(&mut ours, &[next_a], position));
+            next_b = argmax(&step(&mut candle, &[next_b], position));
+        }
+        // Feeding the generated tokens again from the prompt's end replaces the cache's tail.
+        let again = step(&mut ours, &generated, prompt.len());
+        assert_eq!(argmax(&again), next_a, "{prompt:?}: re-fed");
+    }
+}
+
 #[test]
 fn converted_f32_safetensors_match_transformers_exactly() {
     let out = tempfile::tempdir().unwrap();

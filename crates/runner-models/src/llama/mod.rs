@@ -13,6 +13,7 @@
 
 pub mod convert;
 mod fast_q4_1;
+mod native;
 pub mod quantized;
 pub mod tokenizer;
 mod vnni;

@@ -15,6 +15,7 @@ use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::fast_q4_1::FastQ4_1;
+use super::native;
 use super::vnni::VnniMatrix;
 
 /// Projections that read the same input, as one matrix whose output is split: one
@@ -221,9 +222,217 @@ impl Layer {
 }
 
 /// A dense Llama from a GGUF, with its KV cache (clone it for a fresh cache: the weights
-/// are shared).
+/// are shared): on CPUs with AVX-512 VNNI runner's own forward pass, else candle's.
+#[derive(Clone)]
+pub enum ModelWeights {
+    Candle(CandleWeights),
+    Native(native::Model),
+}
+
+impl std::fmt::Debug for ModelWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Candle(_) => f.write_str("ModelWeights::Candle"),
+            Self::Native(_) => f.write_str("ModelWeights::Native"),
+        }
+    }
+}
+
+impl ModelWeights {
+    /// Runner's own forward pass where it runs (CPU, AVX-512 VNNI, Q4_1/Q8_0 matrices) unless
+    /// `RUNNER_LLAMA_CPU=candle`; candle's otherwise.
+    pub fn from_gguf<R: std::io::Seek + std::io::Read>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        context: usize,
+    ) -> Result<Self> {
+        let native = std::env::var("RUNNER_LLAMA_CPU").map_or(true, |v| v != "candle");
+        Self::from_gguf_with(ct, reader, device, context, native)
+    }
+
+    pub fn from_gguf_with<R: std::io::Seek + std::io::Read>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        context: usize,
+        allow_native: bool,
+    ) -> Result<Self> {
+        if allow_native && device.is_cpu() && VnniMatrix::available() {
+            if let Some(weights) = native_weights(&ct, reader, context)? {
+                return Ok(Self::Native(native::Model::new(weights)));
+            }
+        }
+        Ok(Self::Candle(CandleWeights::from_gguf(
+            ct, reader, device, context,
+        )?))
+    }
+
+    pub fn is_native(&self) -> bool {
+        matches!(self, Self::Native(_))
+    }
+
+    /// Feeds `x` (1 × seq_len token ids) at `index_pos`; the last position's logits (1 × vocab).
+    pub fn forward(&mut self, x: &Tensor, index_pos: usize) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => m.forward(x, index_pos),
+            Self::Native(m) => {
+                let ids = x.to_vec2::<u32>()?;
+                let tokens = ids.first().map(Vec::as_slice).unwrap_or_default();
+                let logits = m.forward(tokens, index_pos)?;
+                let vocab = m.vocab();
+                Tensor::from_vec(logits, (1, vocab), &Device::Cpu)
+            }
+        }
+    }
+}
+
+/// The weights for runner's own forward pass, or `None` where it does not apply (another
+/// weight type, a partial rotary embedding, a mixture of experts): candle's path then.
+fn native_weights<R: std::io::Seek + std::io::Read>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    context: usize,
+) -> Result<Option<native::Weights>> {
+    let md = |s: &str| match ct.metadata.get(s) {
+        None => candle_core::bail!("cannot find {s} in the GGUF metadata"),
+        Some(v) => Ok(v),
+    };
+    let info = |name: &str| ct.tensor_infos.get(name);
+    let own = |name: &str| info(name).is_some_and(|i| VnniMatrix::supports(i.ggml_dtype));
+    let block_count = md("llama.block_count")?.to_u32()? as usize;
+    let expert_count = md("llama.expert_count")
+        .and_then(|v| v.to_u32())
+        .unwrap_or(0);
+    let heads = md("llama.attention.head_count")?.to_u32()? as usize;
+    let kv_heads = md("llama.attention.head_count_kv")?.to_u32()? as usize;
+    let embedding_length = md("llama.embedding_length")?.to_u32()? as usize;
+    let rope_dim = md("llama.rope.dimension_count")?.to_u32()? as usize;
+    if heads == 0
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || !embedding_length.is_multiple_of(heads)
+    {
+        return Ok(None);
+    }
+    let head_dim = embedding_length / heads;
+    let names = [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    let all_own = (0..block_count)
+        .all(|i| names.iter().all(|n| own(&format!("blk.{i}.{n}.weight"))))
+        && own("token_embd.weight")
+        && (info("output.weight").is_none() || own("output.weight"));
+    if expert_count > 1 || rope_dim != head_dim || !head_dim.is_multiple_of(2) || !all_own {
+        return Ok(None);
+    }
+    let eps = md("llama.attention.layer_norm_rms_epsilon")?.to_f32()?;
+    let freq_base = md("llama.rope.freq_base")
+        .and_then(|m| m.to_f32())
+        .unwrap_or(10000f32);
+    let cpu = Device::Cpu;
+    let matrices = |reader: &mut R, names: &[String]| -> Result<Option<VnniMatrix>> {
+        let mut parts = Vec::with_capacity(names.len());
+        for name in names {
+            parts.push(ct.tensor(reader, name, &cpu)?);
+        }
+        let dtype = parts[0].dtype();
+        let (_, k) = parts[0].shape().dims2()?;
+        let mut rows = 0;
+        let mut bytes = Vec::new();
+        for p in &parts {
+            let (r, pk) = p.shape().dims2()?;
+            if p.dtype() != dtype || pk != k {
+                return Ok(None);
+            }
+            rows += r;
+            bytes.extend_from_slice(&p.data()?);
+        }
+        Ok(Some(VnniMatrix::from_bytes(dtype, &bytes, rows, k)?))
+    };
+    let vector = |reader: &mut R, name: &str| -> Result<Vec<f32>> {
+        ct.tensor(reader, name, &cpu)?
+            .dequantize(&cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
+    let mut layers = Vec::with_capacity(block_count);
+    let mut ffn_length = 0;
+    for i in 0..block_count {
+        let n = |name: &str| format!("blk.{i}.{name}.weight");
+        let (Some(qkv), Some(output), Some(gate_up), Some(down)) = (
+            matrices(reader, &[n("attn_q"), n("attn_k"), n("attn_v")])?,
+            matrices(reader, &[n("attn_output")])?,
+            matrices(reader, &[n("ffn_gate"), n("ffn_up")])?,
+            matrices(reader, &[n("ffn_down")])?,
+        ) else {
+            return Ok(None);
+        };
+        ffn_length = gate_up.columns() / 2;
+        if qkv.columns() != (heads + 2 * kv_heads) * head_dim
+            || output.columns() != embedding_length
+            || down.columns() != embedding_length
+        {
+            return Ok(None);
+        }
+        layers.push(native::Layer {
+            attention_norm: vector(reader, &n("attn_norm"))?,
+            qkv,
+            output,
+            ffn_norm: vector(reader, &n("ffn_norm"))?,
+            gate_up,
+            down,
+        });
+    }
+    let Some(embeddings) = matrices(reader, &["token_embd.weight".to_string()])? else {
+        return Ok(None);
+    };
+    let output = match info("output.weight") {
+        Some(_) => matrices(reader, &["output.weight".to_string()])?,
+        None => None,
+    };
+    let vocab = output.as_ref().unwrap_or(&embeddings).columns();
+    // candle's tables: θ_i = base^(−2i/d), angle = position × θ_i, in f32.
+    let half = head_dim / 2;
+    let theta: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / freq_base.powf(i as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(context * half);
+    let mut sin = Vec::with_capacity(context * half);
+    for pos in 0..context {
+        for t in &theta {
+            let angle = pos as f32 * t;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok(Some(native::Weights {
+        embeddings,
+        output,
+        norm: vector(reader, "output_norm.weight")?,
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+        embedding_length,
+        ffn_length,
+        vocab,
+        eps,
+        cos,
+        sin,
+    }))
+}
+
+/// candle's quantized Llama.
 #[derive(Debug, Clone)]
-pub struct ModelWeights {
+pub struct CandleWeights {
     embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -275,7 +484,7 @@ fn matrix(q: QTensor) -> Result<QMatMul> {
     QMatMul::from_qtensor(q)
 }
 
-impl ModelWeights {
+impl CandleWeights {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: gguf_file::Content,
         reader: &mut R,

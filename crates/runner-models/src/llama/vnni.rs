@@ -35,6 +35,8 @@ const STRIP: usize = 16;
 const TILE_COLS: usize = 4;
 /// Activation rows per register tile.
 const TILE_ROWS: usize = 4;
+/// How far ahead of the weights being read generation prefetches, in bytes.
+const PREFETCH_AHEAD: usize = 4096;
 
 pub struct VnniMatrix {
     dtype: GgmlDType,
@@ -113,7 +115,11 @@ impl VnniMatrix {
                     mins_t[b * n_padded + col] = f16_at(at + 2);
                     let qs = &bytes[at + 4..at + 20];
                     for j in 0..BLOCK {
-                        let u = if j < 16 { qs[j] & 0x0F } else { qs[j - 16] >> 4 };
+                        let u = if j < 16 {
+                            qs[j] & 0x0F
+                        } else {
+                            qs[j - 16] >> 4
+                        };
                         out[j] |= u << (4 * second);
                     }
                 } else {
@@ -134,6 +140,38 @@ impl VnniMatrix {
             mins_t,
             original: OnceLock::new(),
         })
+    }
+
+    /// Output columns.
+    pub fn columns(&self) -> usize {
+        self.n
+    }
+
+    /// `dst (m × n) = lhs (m × k) × selfᵀ`.
+    pub fn product(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        self.matmul_t((m, self.blocks * BLOCK, self.n), lhs, dst)
+    }
+
+    /// Weight row `col` in f32 (an embedding lookup), as candle dequantizes it.
+    pub fn dequantize_row(&self, col: usize, out: &mut [f32]) {
+        let pair_bytes = pair_bytes(self.dtype);
+        let n_padded = self.n.div_ceil(STRIP) * STRIP;
+        for b in 0..self.blocks.min(out.len() / BLOCK) {
+            let (slot, second) = (slot(col, b / 2, self.pairs), b % 2);
+            let packed = &self.packed[slot * pair_bytes..][..pair_bytes];
+            let scale = self.scales[slot * 2 + second].to_f32();
+            let out = &mut out[b * BLOCK..][..BLOCK];
+            if self.dtype == GgmlDType::Q4_1 {
+                let min = self.mins_t[b * n_padded + col].to_f32();
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = ((packed[j] >> (4 * second)) & 0x0F) as f32 * scale + min;
+                }
+            } else {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = (packed[second * BLOCK + j] as i16 - 128) as f32 * scale;
+                }
+            }
+        }
     }
 
     /// The blocks in GGUF layout again (exactly: every field round-trips).
@@ -244,7 +282,13 @@ impl QuantizedType for VnniMatrix {
         self.original().dequantize(elem_count)
     }
     fn storage_size_in_bytes(&self) -> usize {
-        self.n * self.blocks * if self.dtype == GgmlDType::Q4_1 { 20 } else { 34 }
+        self.n
+            * self.blocks
+            * if self.dtype == GgmlDType::Q4_1 {
+                20
+            } else {
+                34
+            }
     }
     fn as_ptr(&self) -> *const u8 {
         self.original().as_ptr()
@@ -306,13 +350,15 @@ impl VnniMatrix {
             // SAFETY: each strip writes only its own columns of dst, in bounds.
             unsafe { self.strip_avx512(strip, m, &acts, dst_addr as *mut f32, scratch) }
         };
+        // Fewer rows than a tile read the packed weights directly: no scratch.
+        let scratch_pairs = if m < TILE_ROWS { 0 } else { self.pairs };
         if strips == 1 || m * n * self.blocks < 1 << 16 {
-            let mut scratch = Scratch::new(self.pairs);
+            let mut scratch = Scratch::new(scratch_pairs);
             (0..strips).for_each(|s| job(&mut scratch, s));
         } else {
             (0..strips)
                 .into_par_iter()
-                .for_each_init(|| Scratch::new(self.pairs), job);
+                .for_each_init(|| Scratch::new(scratch_pairs), job);
         }
     }
 
@@ -408,9 +454,18 @@ impl VnniMatrix {
         let zero = _mm512_setzero_si512();
         let spread = scale_spreads();
         let mut acc = [[_mm512_setzero_ps(); TILE_COLS]; R];
-        let packed = self.packed.as_ptr().add(tile_index * pairs * TILE_COLS * pair_bytes);
+        let packed = self
+            .packed
+            .as_ptr()
+            .add(tile_index * pairs * TILE_COLS * pair_bytes);
         let scales = self.scales.as_ptr().add(tile_index * pairs * TILE_COLS * 2);
         for p in 0..pairs {
+            // The tiles a thread reads follow each other in memory: fetch ahead of the
+            // hardware prefetcher, which stops at each 4 KiB page.
+            let ahead = packed.wrapping_add((p * TILE_COLS) * pair_bytes + PREFETCH_AHEAD);
+            for line in (0..TILE_COLS * pair_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+            }
             let mut w = [zero; TILE_COLS];
             for (c, w) in w.iter_mut().enumerate() {
                 let src = packed.add((p * TILE_COLS + c) * pair_bytes);
@@ -438,11 +493,8 @@ impl VnniMatrix {
                 };
                 for c in 0..TILE_COLS {
                     let sums = _mm512_dpbusd_epi32(start, w[c], a);
-                    acc[c] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(sums),
-                        _mm512_mul_ps(ws[c], d8),
-                        acc[c],
-                    );
+                    acc[c] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws[c], d8), acc[c]);
                 }
             }
         }
@@ -461,7 +513,10 @@ impl VnniMatrix {
         let pair_bytes = pair_bytes(self.dtype);
         let low_nibbles = _mm256_set1_epi8(0x0F);
         let spread = scale_spreads();
-        let packed = self.packed.as_ptr().add(tile_index * pairs * TILE_COLS * pair_bytes);
+        let packed = self
+            .packed
+            .as_ptr()
+            .add(tile_index * pairs * TILE_COLS * pair_bytes);
         let scales = self.scales.as_ptr().add(tile_index * pairs * TILE_COLS * 2);
         for p in 0..pairs {
             let eight = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
@@ -570,11 +625,8 @@ unsafe fn tile<const R: usize, const Q4: bool>(
             };
             for c in 0..TILE_COLS {
                 let sums = _mm512_dpbusd_epi32(start, w[c], a);
-                acc[c] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(sums),
-                    _mm512_mul_ps(ws[c], d8),
-                    acc[c],
-                );
+                acc[c] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws[c], d8), acc[c]);
             }
         }
     }
@@ -618,10 +670,8 @@ unsafe fn quantize_rows(
             let round = |x: __m512| {
                 let v = _mm512_mul_ps(x, inverse);
                 let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-                let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
-                    _mm512_abs_ps(_mm512_sub_ps(v, t)),
-                    half,
-                );
+                let away =
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(v, t)), half);
                 let signed_one = _mm512_castsi512_ps(_mm512_or_si512(
                     _mm512_castps_si512(one),
                     _mm512_and_si512(_mm512_castps_si512(v), sign_bit),
