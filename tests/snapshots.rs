@@ -250,12 +250,26 @@ fn minilm_restores_to_identical_embeddings() {
         0,
         "RUNNER_RESTORE_CPU=copy copies"
     );
+    // A cold load maps the large tensors it keeps as stored (the word embeddings) instead of
+    // copying them; RUNNER_LOAD_CPU=copy copies everything.
+    let weights = dir.join("weights/model.safetensors");
+    assert!(cold.mappings_of(&weights) >= 1, "the embeddings are mapped");
+    let mut copying_load = std::process::Command::new(RUNNER);
+    copying_load.env("RUNNER_LOAD_CPU", "copy");
+    let cold_copied = Server::start_with(copying_load, &dir, &["--snapshot", "off"]);
+    assert_eq!(
+        cold_copied.mappings_of(&weights),
+        0,
+        "RUNNER_LOAD_CPU=copy copies"
+    );
     let input = serde_json::json!({"text": ["The cat sits outside", "A man is playing guitar"]});
     let a = cold.predict(input.clone()).1["output"].to_string();
     let b = restored.predict(input.clone()).1["output"].to_string();
-    let c = copied.predict(input).1["output"].to_string();
+    let c = copied.predict(input.clone()).1["output"].to_string();
+    let d = cold_copied.predict(input).1["output"].to_string();
     assert_eq!(a, b);
     assert_eq!(a, c);
+    assert_eq!(a, d);
 }
 
 #[test]

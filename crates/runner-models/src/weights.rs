@@ -38,6 +38,8 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// Byte range within the data section.
     pub offsets: (u64, u64),
+    /// Where the data section starts in the file.
+    pub data_start: u64,
 }
 
 /// Header limit: safetensors headers are small; a huge length means a corrupt file.
@@ -149,6 +151,7 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorInfo>, WeightsE
                 dtype,
                 shape,
                 offsets: (begin, end),
+                data_start: 8 + header_len,
             },
         );
     }
@@ -161,7 +164,13 @@ pub struct CheckedWeights {
     files: Vec<PathBuf>,
     mmaped: MmapedSafetensors,
     progress: Option<crate::load::Progress>,
+    /// Large CPU tensors stored in the dtype the model wants are mapped, not copied.
+    map_on_cpu: bool,
 }
+
+/// Tensors at least this large are mapped (each gets its own mapping, so a tensor the model
+/// only reads to build another one is unmapped when it is dropped).
+const MAP_AT_LEAST: u64 = 1 << 20;
 
 impl CheckedWeights {
     /// Opens the safetensors weights of a layout: through `*.safetensors.index.json` when
@@ -211,6 +220,8 @@ impl CheckedWeights {
             files,
             mmaped,
             progress: None,
+            map_on_cpu: runner_snapshot::allocator_installed()
+                && std::env::var("RUNNER_LOAD_CPU").map_or(true, |v| v != "copy"),
         })
     }
 
@@ -291,6 +302,41 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
         .collect()
 }
 
+impl CheckedWeights {
+    /// A large CPU tensor whose stored dtype is the one asked for, as a vector pointing
+    /// into a private mapping of its bytes (no copy: pages come in from the page cache as
+    /// they are read, so embedding rows no token uses never take memory). `None` means
+    /// copy it: another device or dtype, a small tensor, no mapping slot, or
+    /// `RUNNER_LOAD_CPU=copy`.
+    fn mapped(&self, file: &Path, info: &TensorInfo, dtype: DType, dev: &Device) -> Option<Tensor> {
+        let (begin, end) = info.offsets;
+        if !self.map_on_cpu || !dev.is_cpu() || end - begin < MAP_AT_LEAST {
+            return None;
+        }
+        let stored = match info.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            _ => return None,
+        };
+        if stored != dtype {
+            return None;
+        }
+        let handle = std::fs::File::open(file).ok()?;
+        let mapping =
+            runner_snapshot::Mapping::new(&handle, info.data_start + begin, (end - begin) as usize)
+                .ok()??;
+        let n = info.shape.iter().product::<usize>();
+        let shape = info.shape.as_slice();
+        match dtype {
+            DType::F32 => Tensor::from_vec(mapping.take_vec::<f32>(0, n)?, shape, dev).ok(),
+            DType::F16 => Tensor::from_vec(mapping.take_vec::<half::f16>(0, n)?, shape, dev).ok(),
+            DType::BF16 => Tensor::from_vec(mapping.take_vec::<half::bf16>(0, n)?, shape, dev).ok(),
+            _ => None,
+        }
+    }
+}
+
 fn is_float(dtype: &str) -> bool {
     matches!(dtype, "F16" | "BF16" | "F32" | "F64")
 }
@@ -332,7 +378,10 @@ impl SimpleBackend for CheckedWeights {
                 info.dtype
             );
         }
-        let t = self.mmaped.load(name, dev)?.to_dtype(dtype)?;
+        let t = match self.mapped(file, info, dtype, dev) {
+            Some(t) => t,
+            None => self.mmaped.load(name, dev)?.to_dtype(dtype)?,
+        };
         if let Some(p) = &self.progress {
             p(info.offsets.1.saturating_sub(info.offsets.0));
         }

@@ -35,7 +35,7 @@ use xxhash_rust::xxh3::xxh3_64;
 mod cuda_restore;
 mod mapped;
 
-pub use mapped::{allocator_installed, live_mappings, SnapshotAllocator};
+pub use mapped::{allocator_installed, live_mappings, Mapping, SnapshotAllocator};
 
 // The unit tests run the mapped restore too.
 #[cfg(test)]

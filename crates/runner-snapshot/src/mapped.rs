@@ -147,8 +147,9 @@ pub fn allocator_installed() -> bool {
 }
 
 /// One private, copy-on-write mapping of a byte range of a file, registered with the
-/// allocator. The restore holds one reference; every buffer taken from it holds another.
-pub(crate) struct Mapping {
+/// allocator. The restore (or a cold load of safetensors weights) holds one reference;
+/// every buffer taken from it holds another.
+pub struct Mapping {
     slot: &'static Slot,
     /// Where the requested range starts inside the mapping (the mapping itself starts on a
     /// page boundary).
@@ -159,7 +160,7 @@ pub(crate) struct Mapping {
 impl Mapping {
     /// Maps `len` bytes of `file` from `offset`; `None` when no slot is free (the caller
     /// copies instead).
-    pub(crate) fn new(file: &File, offset: u64, len: usize) -> std::io::Result<Option<Mapping>> {
+    pub fn new(file: &File, offset: u64, len: usize) -> std::io::Result<Option<Mapping>> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
         let start = offset / page * page;
@@ -203,7 +204,7 @@ impl Mapping {
     }
 
     /// The mapped bytes (read-only here: the restore only checks them).
-    pub(crate) fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: `len` bytes from `base` are mapped for as long as `self` holds its
         // reference.
         unsafe { std::slice::from_raw_parts(self.base as *const u8, self.len) }
@@ -212,7 +213,7 @@ impl Mapping {
     /// A vector of `n` values of `T` over the mapped bytes from `offset`, or `None` where
     /// the allocator did not hand the mapping out (the caller copies instead). `T` must be
     /// a plain number type for which every bit pattern is a value.
-    pub(crate) fn take_vec<T: Copy>(&self, offset: usize, n: usize) -> Option<Vec<T>> {
+    pub fn take_vec<T: Copy>(&self, offset: usize, n: usize) -> Option<Vec<T>> {
         let bytes = n.checked_mul(std::mem::size_of::<T>())?;
         if n == 0 || offset.checked_add(bytes)? > self.len {
             return None;
