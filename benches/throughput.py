@@ -371,7 +371,7 @@ def report(results):
               f"- weights: {mem['weights_bytes'] / 1e6:.1f} MB (model.safetensors)",
               f"- after load: RSS {a['VmRSS'] / 1024:.1f} MiB = **{a['VmRSS'] / w:.2f}x** the weights "
               f"(goal ≤ 1.15x); anonymous {a['RssAnon'] / 1024:.1f} MiB ({a['RssAnon'] / w:.2f}x), "
-              f"file-backed (code) {a['RssFile'] / 1024:.1f} MiB",
+              f"file-backed (code, and weight pages mapped from the safetensors file) {a['RssFile'] / 1024:.1f} MiB",
               soak_line(mem, samples), ""]
     return "\n".join(lines)
 
