@@ -201,19 +201,18 @@ impl VnniMatrix {
         out
     }
 
+    /// candle's storage of these blocks, built from them.
+    fn rebuilt_original(&self) -> Box<dyn QuantizedType> {
+        match QStorage::from_data(Cow::Owned(self.original_bytes()), &Device::Cpu, self.dtype) {
+            Ok(QStorage::Cpu(storage)) => storage,
+            // The bytes are the GGUF blocks this matrix was built from.
+            _ => unreachable!("candle rebuilds CPU storage from well-formed blocks"),
+        }
+    }
+
     fn original(&self) -> &dyn QuantizedType {
         self.original
-            .get_or_init(|| {
-                match QStorage::from_data(
-                    Cow::Owned(self.original_bytes()),
-                    &Device::Cpu,
-                    self.dtype,
-                ) {
-                    Ok(QStorage::Cpu(storage)) => storage,
-                    // The bytes are the GGUF blocks this matrix was built from.
-                    _ => unreachable!("candle rebuilds CPU storage from well-formed blocks"),
-                }
-            })
+            .get_or_init(|| self.rebuilt_original())
             .as_ref()
     }
 }
@@ -298,26 +297,12 @@ impl QuantizedType for VnniMatrix {
     }
     fn from_float(&mut self, xs: &[f32]) {
         // Quantize through candle's storage, then repack: this matrix follows the new values.
-        let mut original = match QStorage::from_data(
-            Cow::Owned(self.original_bytes()),
-            &Device::Cpu,
-            self.dtype,
-        ) {
-            Ok(QStorage::Cpu(storage)) => storage,
-            _ => unreachable!("candle rebuilds CPU storage from well-formed blocks"),
-        };
+        let mut original = self.rebuilt_original();
         original.from_float(xs);
         self.replace_with(original);
     }
     fn from_float_imatrix(&mut self, xs: &[f32], imatrix_weights: &[f32], n_per_row: usize) {
-        let mut original = match QStorage::from_data(
-            Cow::Owned(self.original_bytes()),
-            &Device::Cpu,
-            self.dtype,
-        ) {
-            Ok(QStorage::Cpu(storage)) => storage,
-            _ => unreachable!("candle rebuilds CPU storage from well-formed blocks"),
-        };
+        let mut original = self.rebuilt_original();
         original.from_float_imatrix(xs, imatrix_weights, n_per_row);
         self.replace_with(original);
     }
