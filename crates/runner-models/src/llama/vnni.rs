@@ -467,27 +467,9 @@ impl VnniMatrix {
                 scales.add(p * TILE_COLS * 2) as *const __m128i,
             )));
             let ws = spread.map(|s| _mm512_permutexvar_ps(s, eight));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let at = (r * pairs + p) * 16;
-                let a = _mm512_loadu_si512(acts.values.as_ptr().add(at * 4) as *const __m512i);
-                let d8 = _mm512_loadu_ps(acts.scales.as_ptr().add(at));
-                let start = if Q4 {
-                    zero
-                } else {
-                    _mm512_loadu_si512(acts.corrections.as_ptr().add(at) as *const __m512i)
-                };
-                for c in 0..TILE_COLS {
-                    let sums = _mm512_dpbusd_epi32(start, w[c], a);
-                    acc[c] =
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws[c], d8), acc[c]);
-                }
-            }
+            accumulate_pair::<R, Q4>(&mut acc, &w, &ws, acts, 0, pairs, p);
         }
-        for r in 0..R {
-            for c in 0..TILE_COLS {
-                out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
-            }
-        }
+        reduce_tile(&acc, out);
     }
 
     /// Expands one tile into `scratch`: 64 `u` bytes and 16 scale lanes per column and pair.
@@ -599,22 +581,53 @@ unsafe fn tile<const R: usize, const Q4: bool>(
             w[c] = _mm512_loadu_si512(values.add((c * pairs + p) * 64) as *const __m512i);
             ws[c] = _mm512_loadu_ps(scales.add((c * pairs + p) * 16));
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let at = ((row + r) * pairs + p) * 16;
-            let a = _mm512_loadu_si512(acts.values.as_ptr().add(at * 4) as *const __m512i);
-            let d8 = _mm512_loadu_ps(acts.scales.as_ptr().add(at));
-            let start = if Q4 {
-                zero
-            } else {
-                _mm512_loadu_si512(acts.corrections.as_ptr().add(at) as *const __m512i)
-            };
-            for c in 0..TILE_COLS {
-                let sums = _mm512_dpbusd_epi32(start, w[c], a);
-                acc[c] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws[c], d8), acc[c]);
-            }
+        accumulate_pair::<R, Q4>(&mut acc, &w, &ws, acts, row, pairs, p);
+    }
+    reduce_tile(&acc, out);
+}
+
+/// Adds pair `p` of activation rows `row..row + R` times the tile's 4 columns (`u` in `w`,
+/// scales spread in `ws`) to `acc`: `vpdpbusd` (from `−128 Σq` for Q8_0), then
+/// `scale × d8 ×` the sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_pair<const R: usize, const Q4: bool>(
+    acc: &mut [[std::arch::x86_64::__m512; TILE_COLS]; R],
+    w: &[std::arch::x86_64::__m512i; TILE_COLS],
+    ws: &[std::arch::x86_64::__m512; TILE_COLS],
+    acts: &Activations,
+    row: usize,
+    pairs: usize,
+    p: usize,
+) {
+    use std::arch::x86_64::*;
+    for (r, acc) in acc.iter_mut().enumerate() {
+        let at = ((row + r) * pairs + p) * 16;
+        let a = _mm512_loadu_si512(acts.values.as_ptr().add(at * 4) as *const __m512i);
+        let d8 = _mm512_loadu_ps(acts.scales.as_ptr().add(at));
+        let start = if Q4 {
+            _mm512_setzero_si512()
+        } else {
+            _mm512_loadu_si512(acts.corrections.as_ptr().add(at) as *const __m512i)
+        };
+        for c in 0..TILE_COLS {
+            let sums = _mm512_dpbusd_epi32(start, w[c], a);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws[c], d8), acc[c]);
         }
     }
+}
+
+/// Each accumulator's 16 lanes summed into `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn reduce_tile<const R: usize>(
+    acc: &[[std::arch::x86_64::__m512; TILE_COLS]; R],
+    out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+) {
+    use std::arch::x86_64::*;
     for r in 0..R {
         for c in 0..TILE_COLS {
             out[r][c] = _mm512_reduce_add_ps(acc[r][c]);
