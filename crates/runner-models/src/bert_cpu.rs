@@ -376,16 +376,92 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 const ROWS_PER_TASK: usize = 16;
 
 fn activate(x: &mut [f32], act: HiddenAct) {
+    #[cfg(target_arch = "x86_64")]
+    let simd_gelu = is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd_gelu = false;
     x.par_chunks_mut(4096).for_each(|chunk| match act {
-        HiddenAct::Gelu => chunk
-            .iter_mut()
-            .for_each(|v| *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2))),
+        // SAFETY: AVX-512 F is present.
+        #[cfg(target_arch = "x86_64")]
+        HiddenAct::Gelu if simd_gelu => unsafe { gelu_avx512(chunk) },
+        HiddenAct::Gelu => chunk.iter_mut().for_each(|v| *v = gelu(*v)),
         HiddenAct::GeluApproximate => chunk.iter_mut().for_each(|v| {
             let x = *v;
             *v = 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh())
         }),
         HiddenAct::Relu => chunk.iter_mut().for_each(|v| *v = v.max(0.0)),
     });
+}
+
+/// GELU with the exact (erf) form.
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// [`gelu`] on 16 values at a time: the same erfc approximation, with `exp` evaluated as
+/// `2^n × e^r` (`|r| ≤ ln 2 / 2`, a degree-6 polynomial, within 2 ulps). The scalar form's
+/// `expf` calls were a fifth of the encoder's time under batched load.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_avx512(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let split = x.len() / 16 * 16;
+    let set = _mm512_set1_ps;
+    for i in (0..split).step_by(16) {
+        let p = x.as_mut_ptr().add(i);
+        let v = _mm512_loadu_ps(p);
+        let s = _mm512_mul_ps(v, set(std::f32::consts::FRAC_1_SQRT_2));
+        let z = _mm512_abs_ps(s);
+        let t = _mm512_div_ps(set(1.0), _mm512_fmadd_ps(set(0.5), z, set(1.0)));
+        let mut poly = set(0.170_872_77);
+        for c in [
+            -0.822_152_2,
+            1.488_515_9,
+            -1.135_204,
+            0.278_868_07,
+            -0.186_288_06,
+            0.096_784_18,
+            0.374_091_96,
+            1.000_023_7,
+        ] {
+            poly = _mm512_fmadd_ps(poly, t, set(c));
+        }
+        // −z² − 1.2655122 + t × poly
+        let y = _mm512_sub_ps(
+            _mm512_fmadd_ps(t, poly, set(-1.265_512_2)),
+            _mm512_mul_ps(z, z),
+        );
+        let erfc = _mm512_mul_ps(t, exp_avx512(y));
+        let negative = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(s, _mm512_setzero_ps());
+        let erf = _mm512_mask_sub_ps(_mm512_sub_ps(set(1.0), erfc), negative, erfc, set(1.0));
+        let out = _mm512_mul_ps(_mm512_mul_ps(set(0.5), v), _mm512_add_ps(set(1.0), erf));
+        _mm512_storeu_ps(p, out);
+    }
+    for v in &mut x[split..] {
+        *v = gelu(*v);
+    }
+}
+
+/// `e^y` for 16 values: `y = n ln 2 + r`, `e^r` by its Taylor polynomial to degree 6,
+/// scaled by `2^n` (`vscalefps` goes to 0 below the smallest float, as `expf` does).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn exp_avx512(y: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let set = _mm512_set1_ps;
+    let y = _mm512_max_ps(y, set(-104.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(y, set(std::f32::consts::LOG2_E)),
+    );
+    // Cody–Waite: ln 2 in two parts, so r keeps its low bits.
+    let r = _mm512_fnmadd_ps(n, set(0.693_145_75), y);
+    let r = _mm512_fnmadd_ps(n, set(1.428_606_8e-6), r);
+    let mut p = set(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, set(c));
+    }
+    _mm512_scalef_ps(p, n)
 }
 
 /// erf from the Numerical Recipes erfc approximation (fractional error below 1.2e-7 over
@@ -480,6 +556,31 @@ impl LayerNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simd_gelu_matches_the_scalar_form() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // −12..12 in small steps, the extremes, and a tail shorter than 16.
+            let mut xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 * 1e-3).collect();
+            xs.extend([
+                -100.0, -30.0, -9.5, 0.0, -0.0, 9.5, 30.0, 100.0, 1e-20, -1e-20,
+            ]);
+            xs.extend([0.25, -0.5, 3.0]);
+            let mut simd = xs.clone();
+            // SAFETY: AVX-512 F is present.
+            unsafe { gelu_avx512(&mut simd) };
+            for (x, got) in xs.iter().zip(&simd) {
+                let want = gelu(*x);
+                assert!(
+                    (got - want).abs() <= 2e-7 + 2e-6 * want.abs(),
+                    "gelu({x}): {got} vs {want}"
+                );
+            }
+            return;
+        }
+        eprintln!("no AVX-512 here: the SIMD GELU is not exercised");
+    }
 
     /// Time of one forward pass over 32 sentences of 12 tokens (a batch as the HTTP
     /// benchmark forms them): `cargo test --release -p runner-models --lib forward_time --
