@@ -435,7 +435,6 @@ impl VnniMatrix {
         use std::arch::x86_64::*;
         let pairs = self.pairs;
         let pair_bytes = if Q4 { 32 } else { 64 };
-        let low_nibbles = _mm256_set1_epi8(0x0F);
         let zero = _mm512_setzero_si512();
         let spread = scale_spreads();
         let mut acc = [[_mm512_setzero_ps(); TILE_COLS]; R];
@@ -453,19 +452,9 @@ impl VnniMatrix {
             }
             let mut w = [zero; TILE_COLS];
             for (c, w) in w.iter_mut().enumerate() {
-                let src = packed.add((p * TILE_COLS + c) * pair_bytes);
-                *w = if Q4 {
-                    let x = _mm256_loadu_si256(src as *const __m256i);
-                    let low = _mm256_and_si256(x, low_nibbles);
-                    let high = _mm256_and_si256(_mm256_srli_epi16(x, 4), low_nibbles);
-                    _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1)
-                } else {
-                    _mm512_loadu_si512(src as *const __m512i)
-                };
+                *w = pair_values(packed.add((p * TILE_COLS + c) * pair_bytes), Q4);
             }
-            let eight = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
-                scales.add(p * TILE_COLS * 2) as *const __m128i,
-            )));
+            let eight = tile_scales(scales, p);
             let ws = spread.map(|s| _mm512_permutexvar_ps(s, eight));
             accumulate_pair::<R, Q4>(&mut acc, &w, &ws, acts, 0, pairs, p);
         }
@@ -478,7 +467,7 @@ impl VnniMatrix {
         use std::arch::x86_64::*;
         let pairs = self.pairs;
         let pair_bytes = pair_bytes(self.dtype);
-        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let q4 = self.dtype == GgmlDType::Q4_1;
         let spread = scale_spreads();
         let packed = self
             .packed
@@ -486,19 +475,9 @@ impl VnniMatrix {
             .add(tile_index * pairs * TILE_COLS * pair_bytes);
         let scales = self.scales.as_ptr().add(tile_index * pairs * TILE_COLS * 2);
         for p in 0..pairs {
-            let eight = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
-                scales.add(p * TILE_COLS * 2) as *const __m128i,
-            )));
+            let eight = tile_scales(scales, p);
             for (c, spread) in spread.iter().enumerate() {
-                let src = packed.add((p * TILE_COLS + c) * pair_bytes);
-                let values = if pair_bytes == 32 {
-                    let x = _mm256_loadu_si256(src as *const __m256i);
-                    let low = _mm256_and_si256(x, low_nibbles);
-                    let high = _mm256_and_si256(_mm256_srli_epi16(x, 4), low_nibbles);
-                    _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1)
-                } else {
-                    _mm512_loadu_si512(src as *const __m512i)
-                };
+                let values = pair_values(packed.add((p * TILE_COLS + c) * pair_bytes), q4);
                 let at = (c * pairs + p) * 16;
                 _mm512_storeu_si512(
                     scratch.values.as_mut_ptr().add(at * 4) as *mut __m512i,
@@ -511,6 +490,35 @@ impl VnniMatrix {
             }
         }
     }
+}
+
+/// One column's pair of blocks at `src` as 64 `u` bytes: Q4_1's 32 packed bytes split into
+/// low nibbles (first block) and high nibbles (second), or Q8_0's 64 bytes as they are.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn pair_values(src: *const u8, q4: bool) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    if q4 {
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let x = _mm256_loadu_si256(src as *const __m256i);
+        let low = _mm256_and_si256(x, low_nibbles);
+        let high = _mm256_and_si256(_mm256_srli_epi16(x, 4), low_nibbles);
+        _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1)
+    } else {
+        _mm512_loadu_si512(src as *const __m512i)
+    }
+}
+
+/// A tile's eight scales (4 columns × 2 blocks) of pair `p`, as f32 in the low lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn tile_scales(scales: *const f16, p: usize) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128(
+        scales.add(p * TILE_COLS * 2) as *const __m128i,
+    )))
 }
 
 /// Stores a tile's sums (`rows` × `cols` of them) into `dst` at (`row`, `col`).
