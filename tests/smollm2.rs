@@ -112,25 +112,68 @@ fn the_quantized_gguf_path_matches_the_references() {
     }
 }
 
-/// runner's own CPU forward pass (AVX-512 VNNI) against candle's quantized Llama on the same
-/// GGUF: the same first-step logits to rounding, and the same greedy tokens, prompt and
-/// decoding steps alike (a cache fed one token at a time, then re-fed from an earlier position).
+/// runner's own CPU forward pass, with each kernel this CPU runs (AVX-512 VNNI, AVX2),
+/// against candle's quantized Llama on the same GGUF: the same first-step logits to
+/// rounding, and the same greedy tokens, prompt and decoding steps alike (a cache fed one
+/// token at a time, then re-fed from an earlier position).
 #[test]
 fn runners_cpu_forward_pass_agrees_with_candles() {
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
     use runner_models::llama::quantized::ModelWeights;
+    use runner_models::llama::Kernel;
     let path = model_dir().join(GGUF);
-    let load = |native: bool| {
+    let load = |native: Option<Kernel>| {
         let (content, mut file) = llama::open_gguf(&path).unwrap();
         ModelWeights::from_gguf_with(content, &mut file, &Device::Cpu, 512, native).unwrap()
     };
-    let mut ours = load(true);
-    if !ours.is_native() {
-        eprintln!("this CPU has no AVX-512 VNNI: candle's path serves it, nothing to compare");
+    let kernels = Kernel::all_here();
+    if kernels.is_empty() {
+        eprintln!("this CPU has neither AVX-512 VNNI nor AVX2: only candle's path serves it");
         return;
     }
-    let mut candle = load(false);
-    assert!(!candle.is_native());
+    let candle = load(None);
+    assert_eq!(candle.native_kernel(), None);
+    let mut first_logits: Option<(Kernel, Vec<Vec<u32>>)> = None;
+    for kernel in kernels {
+        let mut ours = load(Some(kernel));
+        assert_eq!(ours.native_kernel(), Some(kernel));
+        // The kernels compute bit-identical products: the whole model's logits are too.
+        let bits: Vec<Vec<u32>> = reference()["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|case| {
+                let x = candle_core::Tensor::new(ids(&case["prompt_ids"]).as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let logits = ours.forward(&x, 0).unwrap().flatten_all().unwrap();
+                logits
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect()
+            })
+            .collect();
+        match &first_logits {
+            None => first_logits = Some((kernel, bits)),
+            Some((other, theirs)) => assert!(
+                bits == *theirs,
+                "{kernel:?} and {other:?} give different first-step logits"
+            ),
+        }
+        forward_passes_agree(ours, candle.clone(), &format!("{kernel:?}"));
+    }
+}
+
+fn forward_passes_agree(
+    mut ours: runner_models::llama::quantized::ModelWeights,
+    mut candle: runner_models::llama::quantized::ModelWeights,
+    kernel: &str,
+) {
+    use candle_core::{Device, Tensor};
+    use runner_models::llama::quantized::ModelWeights;
     let step = |m: &mut ModelWeights, tokens: &[u32], position: usize| -> Vec<f32> {
         let x = Tensor::new(tokens, &Device::Cpu)
             .unwrap()
@@ -160,15 +203,15 @@ fn runners_cpu_forward_pass_agrees_with_candles() {
             .zip(&b)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
-        eprintln!("{prompt:?}: first-step logits differ by at most {worst}");
+        eprintln!("{kernel} {prompt:?}: first-step logits differ by at most {worst}");
         assert!(
             worst <= 0.05,
-            "{prompt:?}: first-step logits differ by {worst}"
+            "{kernel} {prompt:?}: first-step logits differ by {worst}"
         );
         let (mut next_a, mut next_b) = (argmax(&a), argmax(&b));
         let mut generated = vec![];
         for i in 0..8 {
-            assert_eq!(next_a, next_b, "{prompt:?}: step {i}");
+            assert_eq!(next_a, next_b, "{kernel} {prompt:?}: step {i}");
             generated.push(next_a);
             let position = prompt.len() + i;
             next_a = argmax(&step(&mut ours, &[next_a], position));
@@ -176,7 +219,7 @@ fn runners_cpu_forward_pass_agrees_with_candles() {
         }
         // Feeding the generated tokens again from the prompt's end replaces the cache's tail.
         let again = step(&mut ours, &generated, prompt.len());
-        assert_eq!(argmax(&again), next_a, "{prompt:?}: re-fed");
+        assert_eq!(argmax(&again), next_a, "{kernel} {prompt:?}: re-fed");
     }
 }
 

@@ -12,11 +12,11 @@
 //! a stop sequence's beginning), and notices cancellation between tokens.
 
 pub mod convert;
-mod fast_q4_1;
 mod native;
+mod packed;
 pub mod quantized;
 pub mod tokenizer;
-mod vnni;
+pub use packed::Kernel;
 
 use std::fs::File;
 use std::io::{BufReader, Seek};

@@ -1,4 +1,4 @@
-//! candle:llama's forward pass on CPUs with AVX-512 VNNI, on plain `f32` buffers.
+//! candle:llama's forward pass on x86 CPUs with AVX-512 VNNI or AVX2, on plain `f32` buffers.
 //!
 //! Generating one token runs about 25 small tensor operations per layer; through candle each
 //! allocates its result and dispatches on its own, which cost more than the matrix products
@@ -6,7 +6,7 @@
 //! arithmetic written out: RMS norm, the fused q/k/v product, interleaved rotary embedding,
 //! a growing KV cache, grouped-query attention, the output product, the residual, RMS norm,
 //! the fused gate/up product, SiLU × up, the down product. Matrix products are
-//! [`VnniMatrix`]'s; attention and the row-wise steps are split over rows and heads with rayon
+//! [`PackedMatrix`]'s; attention and the row-wise steps are split over rows and heads with rayon
 //! when a prompt makes them large.
 //!
 //! The arithmetic is candle's, operation for operation (the same formulas, in f32), with
@@ -17,25 +17,29 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::vnni::VnniMatrix;
+#[cfg(target_arch = "x86_64")]
+use super::packed::{sum_512, sum_lanes};
+use super::packed::{Kernel, PackedMatrix};
 
 /// One transformer block's weights.
 pub struct Layer {
     pub attention_norm: Vec<f32>,
     /// q, k and v rows stacked: `(heads + 2 × kv_heads) × head_dim` outputs.
-    pub qkv: VnniMatrix,
-    pub output: VnniMatrix,
+    pub qkv: PackedMatrix,
+    pub output: PackedMatrix,
     pub ffn_norm: Vec<f32>,
     /// gate and up rows stacked: `2 × hidden` outputs.
-    pub gate_up: VnniMatrix,
-    pub down: VnniMatrix,
+    pub gate_up: PackedMatrix,
+    pub down: PackedMatrix,
 }
 
 /// The model's weights, shared by every session.
 pub struct Weights {
+    /// What every matrix multiplies with, and the vector steps run on (one the CPU has).
+    pub kernel: Kernel,
     /// Token embeddings, also the output projection when `output` is `None` (tied).
-    pub embeddings: VnniMatrix,
-    pub output: Option<VnniMatrix>,
+    pub embeddings: PackedMatrix,
+    pub output: Option<PackedMatrix>,
     pub norm: Vec<f32>,
     pub layers: Vec<Layer>,
     pub heads: usize,
@@ -74,6 +78,10 @@ impl Model {
             weights: Arc::new(weights),
             caches,
         }
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.weights.kernel
     }
 
     pub fn vocab(&self) -> usize {
@@ -251,7 +259,7 @@ fn attention(
         for j in 0..visible {
             let k = &cache.k[j * kv_width + kv * hd..][..hd];
             for (g, q) in queries.chunks(hd).enumerate() {
-                scores[g * visible + j] = dot(q, k) / scale;
+                scores[g * visible + j] = dot(w.kernel, q, k) / scale;
             }
         }
         let mut sums = vec![0f32; group];
@@ -266,7 +274,7 @@ fn attention(
         for j in 0..visible {
             let v = &cache.v[j * kv_width + kv * hd..][..hd];
             for (g, o) in out.chunks_mut(hd).enumerate() {
-                axpy(scores[g * visible + j] / sums[g], v, o);
+                axpy(w.kernel, scores[g * visible + j] / sums[g], v, o);
             }
         }
     };
@@ -281,21 +289,27 @@ fn attention(
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if a.len().is_multiple_of(16) {
-        // SAFETY: this module runs only where VnniMatrix::available (AVX-512 F).
-        return unsafe { dot_avx512(a, b) };
+    match kernel {
+        // SAFETY (both): `Weights::kernel` is one this CPU runs.
+        Kernel::Avx512Vnni if a.len().is_multiple_of(16) => return unsafe { dot_avx512(a, b) },
+        Kernel::Avx2 if a.len().is_multiple_of(16) => return unsafe { dot_avx2(a, b) },
+        _ => {}
     }
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// `out += s × x`
-fn axpy(s: f32, x: &[f32], out: &mut [f32]) {
+fn axpy(kernel: Kernel, s: f32, x: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if x.len().is_multiple_of(16) {
-        // SAFETY: as in `dot`.
-        return unsafe { axpy_avx512(s, x, out) };
+    match kernel {
+        // SAFETY (both): as in `dot`.
+        Kernel::Avx512Vnni if x.len().is_multiple_of(16) => {
+            return unsafe { axpy_avx512(s, x, out) }
+        }
+        Kernel::Avx2 if x.len().is_multiple_of(8) => return unsafe { axpy_avx2(s, x, out) },
+        _ => {}
     }
     for (o, v) in out.iter_mut().zip(x) {
         *o += s * v;
@@ -314,7 +328,7 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
             acc,
         );
     }
-    _mm512_reduce_add_ps(acc)
+    sum_512(acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -327,6 +341,39 @@ unsafe fn axpy_avx512(s: f32, x: &[f32], out: &mut [f32]) {
         _mm512_storeu_ps(
             o,
             _mm512_fmadd_ps(s, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(o)),
+        );
+    }
+}
+
+/// `dot_avx512`'s arithmetic, lane for lane: 16 lanes in two registers, the same sum order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for i in (0..a.len().min(b.len()) / 16 * 16).step_by(16) {
+        for (half, acc) in acc.iter_mut().enumerate() {
+            let at = i + 8 * half;
+            *acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(at)),
+                _mm256_loadu_ps(b.as_ptr().add(at)),
+                *acc,
+            );
+        }
+    }
+    sum_lanes(acc[0], acc[1])
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(s: f32, x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let s = _mm256_set1_ps(s);
+    for i in (0..x.len().min(out.len()) / 8 * 8).step_by(8) {
+        let o = out.as_mut_ptr().add(i);
+        _mm256_storeu_ps(
+            o,
+            _mm256_fmadd_ps(s, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(o)),
         );
     }
 }

@@ -1,10 +1,8 @@
 //! candle-transformers 0.11.1's quantized Llama (`quantized_llama.rs`, Apache-2.0/MIT),
 //! trimmed to dense Llama models, with two changes:
-//! - On the CPU, Q4_1 and Q8_0 matrices are multiplied by runner's own kernels: with
-//!   AVX-512 VNNI, [`VnniMatrix`] (register tiles, several times llama.cpp's matmul speed on
-//!   prompts); with only AVX2, Q4_1 by [`FastQ4_1`] (candle 0.11 runs Q4_1 with scalar
-//!   code, a tenth of llama.cpp's speed on this model; this kernel's outputs are
-//!   bit-identical to candle's).
+//! - On the CPU, Q4_1 and Q8_0 matrices are multiplied by runner's own kernels,
+//!   [`PackedMatrix`] (AVX-512 VNNI or AVX2 register tiles; candle 0.11 runs Q4_1 with
+//!   scalar code, a tenth of llama.cpp's speed on this model).
 //! - The rotary tables cover the model's whole context (candle fixes them at 4096).
 
 use std::collections::HashMap;
@@ -14,9 +12,8 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
-use super::fast_q4_1::FastQ4_1;
 use super::native;
-use super::vnni::VnniMatrix;
+use super::packed::{Kernel, PackedMatrix};
 
 /// Projections that read the same input, as one matrix whose output is split: one
 /// multiplication (and one quantization of the input) instead of several per layer.
@@ -239,27 +236,31 @@ impl std::fmt::Debug for ModelWeights {
 }
 
 impl ModelWeights {
-    /// Runner's own forward pass where it runs (CPU, AVX-512 VNNI, Q4_1/Q8_0 matrices) unless
-    /// `RUNNER_LLAMA_CPU=candle`; candle's otherwise.
+    /// Runner's own forward pass where it runs (CPU with AVX-512 VNNI or AVX2, Q4_1/Q8_0
+    /// matrices) unless `RUNNER_LLAMA_CPU=candle`; candle's otherwise.
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
         context: usize,
     ) -> Result<Self> {
-        let native = std::env::var("RUNNER_LLAMA_CPU").map_or(true, |v| v != "candle");
+        let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
+        let native = if candle { None } else { Kernel::detect() };
         Self::from_gguf_with(ct, reader, device, context, native)
     }
 
+    /// `native`: the kernel runner's own forward pass multiplies with, where the model
+    /// suits it; `None` (or a kernel this CPU lacks): candle's forward pass.
     pub fn from_gguf_with<R: std::io::Seek + std::io::Read>(
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
         context: usize,
-        allow_native: bool,
+        native: Option<Kernel>,
     ) -> Result<Self> {
-        if allow_native && device.is_cpu() && VnniMatrix::available() {
-            if let Some(weights) = native_weights(&ct, reader, context)? {
+        let native = native.filter(|k| device.is_cpu() && k.runs_here());
+        if let Some(kernel) = native {
+            if let Some(weights) = native_weights(&ct, reader, context, kernel)? {
                 return Ok(Self::Native(native::Model::new(weights)));
             }
         }
@@ -268,8 +269,12 @@ impl ModelWeights {
         )?))
     }
 
-    pub fn is_native(&self) -> bool {
-        matches!(self, Self::Native(_))
+    /// The kernel runner's own forward pass runs with; `None` on candle's.
+    pub fn native_kernel(&self) -> Option<Kernel> {
+        match self {
+            Self::Native(m) => Some(m.kernel()),
+            Self::Candle(_) => None,
+        }
     }
 
     /// Feeds `x` (1 × seq_len token ids) at `index_pos`; the last position's logits (1 × vocab).
@@ -293,13 +298,14 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
     ct: &gguf_file::Content,
     reader: &mut R,
     context: usize,
+    kernel: Kernel,
 ) -> Result<Option<native::Weights>> {
     let md = |s: &str| match ct.metadata.get(s) {
         None => candle_core::bail!("cannot find {s} in the GGUF metadata"),
         Some(v) => Ok(v),
     };
     let info = |name: &str| ct.tensor_infos.get(name);
-    let own = |name: &str| info(name).is_some_and(|i| VnniMatrix::supports(i.ggml_dtype));
+    let own = |name: &str| info(name).is_some_and(|i| PackedMatrix::supports(i.ggml_dtype));
     let block_count = md("llama.block_count")?.to_u32()? as usize;
     let expert_count = md("llama.expert_count")
         .and_then(|v| v.to_u32())
@@ -337,7 +343,7 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
         .and_then(|m| m.to_f32())
         .unwrap_or(10000f32);
     let cpu = Device::Cpu;
-    let matrices = |reader: &mut R, names: &[String]| -> Result<Option<VnniMatrix>> {
+    let matrices = |reader: &mut R, names: &[String]| -> Result<Option<PackedMatrix>> {
         let mut parts = Vec::with_capacity(names.len());
         for name in names {
             parts.push(ct.tensor(reader, name, &cpu)?);
@@ -354,7 +360,9 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
             rows += r;
             bytes.extend_from_slice(&p.data()?);
         }
-        Ok(Some(VnniMatrix::from_bytes(dtype, &bytes, rows, k)?))
+        Ok(Some(
+            PackedMatrix::from_bytes(dtype, &bytes, rows, k)?.with_kernel(kernel),
+        ))
     };
     let vector = |reader: &mut R, name: &str| -> Result<Vec<f32>> {
         ct.tensor(reader, name, &cpu)?
@@ -414,6 +422,7 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
         }
     }
     Ok(Some(native::Weights {
+        kernel,
         embeddings,
         output,
         norm: vector(reader, "output_norm.weight")?,
@@ -460,25 +469,15 @@ fn rotary_tables(
 
 /// Whether runner's own CPU kernel multiplies this weight type on this CPU.
 fn own_kernel(dtype: GgmlDType) -> bool {
-    if VnniMatrix::available() {
-        VnniMatrix::supports(dtype)
-    } else {
-        dtype == GgmlDType::Q4_1 && FastQ4_1::available()
-    }
+    Kernel::detect().is_some() && PackedMatrix::supports(dtype)
 }
 
 /// A matrix for `QMatMul`: on the CPU, Q4_1 and Q8_0 go through runner's kernels.
 fn matrix(q: QTensor) -> Result<QMatMul> {
-    if q.device().is_cpu() && VnniMatrix::available() && VnniMatrix::supports(q.dtype()) {
+    if q.device().is_cpu() && own_kernel(q.dtype()) {
         let shape = q.shape().clone();
         let (n, k) = shape.dims2()?;
-        let fast = VnniMatrix::from_bytes(q.dtype(), &q.data()?, n, k)?;
-        return QMatMul::from_qtensor(QTensor::new(QStorage::Cpu(Box::new(fast)), shape)?);
-    }
-    if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && FastQ4_1::available() {
-        let shape = q.shape().clone();
-        let data = q.data()?;
-        let fast = FastQ4_1::from_bytes(&data)?;
+        let fast = PackedMatrix::from_bytes(q.dtype(), &q.data()?, n, k)?;
         return QMatMul::from_qtensor(QTensor::new(QStorage::Cpu(Box::new(fast)), shape)?);
     }
     QMatMul::from_qtensor(q)

@@ -1,0 +1,607 @@
+//! Q4_1 and Q8_0 matrix products with x86 SIMD, as a candle `QuantizedType`: AVX-512 VNNI
+//! where the CPU has it ([`avx512`]), AVX2 otherwise ([`avx2`]).
+//!
+//! Both weight types are written as `scale × u + min` with `u` an unsigned byte: Q4_1 is
+//! that already (`u` = the nibble), Q8_0 is `d × (u − 128)`. The activations are quantized
+//! per 32-value block to signed bytes (`d8 × q`), as llama.cpp and candle do, so one output is
+//!
+//! `Σ_blocks scale × d8 × Σ(u × q)  +  Σ_blocks min × d8 × Σq`.
+//!
+//! The integer sums run in `vpdpbusd` (u8 × i8, 64 pairs per instruction, two blocks per
+//! register) or, with AVX2, `vpmaddubsw` + `vpmaddwd` (32 pairs), in register tiles of
+//! several activation rows × 4 weight columns, so each load feeds several products. The Q4_1
+//! minimums' sum is a small float matrix product over 16 columns at a time.
+//!
+//! Generation reads every weight once per token, so the layout is built for streaming: at
+//! load the blocks are repacked so that each 4-column tile is one contiguous run (the `u` of
+//! two blocks per 32 or 64 bytes, then the tile's f16 scales), no larger than the GGUF's.
+//!
+//! The float sums are in a different order than candle's scalar code (and llama.cpp's), so
+//! results differ from both in the last bits; `tests` bounds the error against exact
+//! arithmetic on the same quantized values.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QStorage, QuantizedType};
+use candle_core::{CpuStorage, Device, Result};
+use half::f16;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(super) use avx512::sum_512;
+
+/// Values per quantization block (Q4_1, Q8_0, Q8_1).
+const BLOCK: usize = 32;
+/// Columns per parallel work item: one register of minimums.
+const STRIP: usize = 16;
+/// Weight columns per register tile.
+const TILE_COLS: usize = 4;
+/// Activation rows per register tile, at most.
+const TILE_ROWS: usize = 4;
+/// How far ahead of the weights being read generation prefetches, in bytes.
+const PREFETCH_AHEAD: usize = 4096;
+
+/// The SIMD code a [`PackedMatrix`] multiplies with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512 F/BW/VNNI: Intel Xeons since Cascade Lake, AMD since Zen 4.
+    Avx512Vnni,
+    /// AVX2, FMA and F16C: every x86-64 CPU of the last decade (Haswell, Zen 1 on).
+    Avx2,
+}
+
+impl Kernel {
+    /// Whether this CPU has the instructions.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Self::Avx512Vnni => {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+                Self::Avx2 => {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Every kernel this CPU runs, best first.
+    pub fn all_here() -> Vec<Self> {
+        [Self::Avx512Vnni, Self::Avx2]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// The best kernel this CPU runs, or `None` (candle's own code then).
+    /// `RUNNER_CPU_KERNEL=avx2` or `=none` picks a lesser one, to measure or test it on a
+    /// bigger CPU; a kernel the CPU lacks is never picked.
+    pub fn detect() -> Option<Self> {
+        static CHOSEN: OnceLock<Option<Kernel>> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Self::all_here().first().copied();
+            match std::env::var("RUNNER_CPU_KERNEL").ok().as_deref() {
+                None | Some("" | "auto") => best,
+                Some("none") => None,
+                Some("avx2") if Self::Avx2.runs_here() => Some(Self::Avx2),
+                Some("avx512") if Self::Avx512Vnni.runs_here() => Some(Self::Avx512Vnni),
+                Some(other) => {
+                    tracing::warn!(
+                        "RUNNER_CPU_KERNEL={other}: not one this CPU runs (auto, avx512, avx2, \
+                         none); using {best:?}"
+                    );
+                    best
+                }
+            }
+        })
+    }
+}
+
+pub struct PackedMatrix {
+    dtype: GgmlDType,
+    /// What `matmul_t` runs; `None`: candle's code on [`Self::original`].
+    kernel: Option<Kernel>,
+    /// Output columns (rows of the weight matrix).
+    n: usize,
+    /// Blocks per weight row, and block pairs (the last pair padded with a zero block).
+    blocks: usize,
+    pairs: usize,
+    /// Per tile of 4 columns, per pair, per column: the `u` of both blocks. Q4_1: 32 bytes,
+    /// the first block's value `j` in the low nibble of byte `j`, the second block's in the
+    /// high nibble. Q8_0: 64 bytes, `q + 128`. Columns past `n` are zeros.
+    packed: Vec<u8>,
+    /// Per tile, per pair, per column: both blocks' scales (8 values, 16 bytes).
+    scales: Vec<f16>,
+    /// Q4_1 only: per block (`2 × pairs`), per column (padded to a multiple of 16): the
+    /// minimum.
+    mins_t: Vec<f16>,
+    /// candle's own storage of the same blocks, rebuilt on first use, for the operations
+    /// other than `matmul_t` (nothing on the generation path uses them).
+    original: OnceLock<Box<dyn QuantizedType>>,
+}
+
+impl PackedMatrix {
+    /// Whether the kernel handles this weight type.
+    pub fn supports(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+    }
+
+    /// From the raw blocks of an `n × k` matrix (`k` a multiple of 32), as a GGUF holds them;
+    /// multiplied with [`Kernel::detect`]'s kernel.
+    pub fn from_bytes(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
+        let block_bytes = match dtype {
+            GgmlDType::Q4_1 => 20,
+            GgmlDType::Q8_0 => 34,
+            other => candle_core::bail!("runner's CPU kernels do not handle {other:?}"),
+        };
+        if !k.is_multiple_of(BLOCK) || bytes.len() != n * (k / BLOCK) * block_bytes {
+            candle_core::bail!(
+                "{dtype:?} matrix of {n} × {k}: {} bytes does not match",
+                bytes.len()
+            );
+        }
+        let blocks = k / BLOCK;
+        let pairs = blocks.div_ceil(2);
+        let tiles = n.div_ceil(TILE_COLS);
+        let n_padded = n.div_ceil(STRIP) * STRIP;
+        let pair_bytes = pair_bytes(dtype);
+        let mut packed = vec![0u8; tiles * pairs * TILE_COLS * pair_bytes];
+        let mut scales = vec![f16::ZERO; tiles * pairs * TILE_COLS * 2];
+        let mut mins_t = if dtype == GgmlDType::Q4_1 {
+            vec![f16::ZERO; pairs * 2 * n_padded]
+        } else {
+            Vec::new()
+        };
+        let f16_at = |at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]);
+        for col in 0..n {
+            for b in 0..blocks {
+                let at = (col * blocks + b) * block_bytes;
+                let (slot, second) = (slot(col, b / 2, pairs), b % 2);
+                let out = &mut packed[slot * pair_bytes..][..pair_bytes];
+                scales[slot * 2 + second] = f16_at(at);
+                if dtype == GgmlDType::Q4_1 {
+                    mins_t[b * n_padded + col] = f16_at(at + 2);
+                    let qs = &bytes[at + 4..at + 20];
+                    for j in 0..BLOCK {
+                        let u = if j < 16 {
+                            qs[j] & 0x0F
+                        } else {
+                            qs[j - 16] >> 4
+                        };
+                        out[j] |= u << (4 * second);
+                    }
+                } else {
+                    for j in 0..BLOCK {
+                        let q = bytes[at + 2 + j] as i8;
+                        out[second * BLOCK + j] = (q as i16 + 128) as u8;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            dtype,
+            kernel: Kernel::detect(),
+            n,
+            blocks,
+            pairs,
+            packed,
+            scales,
+            mins_t,
+            original: OnceLock::new(),
+        })
+    }
+
+    /// The same matrix multiplied with `kernel` (one this CPU runs; otherwise unchanged).
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        if kernel.runs_here() {
+            self.kernel = Some(kernel);
+        }
+        self
+    }
+
+    pub fn kernel(&self) -> Option<Kernel> {
+        self.kernel
+    }
+
+    /// Output columns.
+    pub fn columns(&self) -> usize {
+        self.n
+    }
+
+    /// `dst (m × n) = lhs (m × k) × selfᵀ`.
+    pub fn product(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        self.matmul_t((m, self.blocks * BLOCK, self.n), lhs, dst)
+    }
+
+    /// Weight row `col` in f32 (an embedding lookup), as candle dequantizes it.
+    pub fn dequantize_row(&self, col: usize, out: &mut [f32]) {
+        let pair_bytes = pair_bytes(self.dtype);
+        let n_padded = self.n.div_ceil(STRIP) * STRIP;
+        for b in 0..self.blocks.min(out.len() / BLOCK) {
+            let (slot, second) = (slot(col, b / 2, self.pairs), b % 2);
+            let packed = &self.packed[slot * pair_bytes..][..pair_bytes];
+            let scale = self.scales[slot * 2 + second].to_f32();
+            let out = &mut out[b * BLOCK..][..BLOCK];
+            if self.dtype == GgmlDType::Q4_1 {
+                let min = self.mins_t[b * n_padded + col].to_f32();
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = ((packed[j] >> (4 * second)) & 0x0F) as f32 * scale + min;
+                }
+            } else {
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o = (packed[second * BLOCK + j] as i16 - 128) as f32 * scale;
+                }
+            }
+        }
+    }
+
+    /// The blocks in GGUF layout again (exactly: every field round-trips).
+    fn original_bytes(&self) -> Vec<u8> {
+        let pair_bytes = pair_bytes(self.dtype);
+        let n_padded = self.n.div_ceil(STRIP) * STRIP;
+        let mut out = Vec::with_capacity(self.n * self.blocks * 34);
+        for col in 0..self.n {
+            for b in 0..self.blocks {
+                let (slot, second) = (slot(col, b / 2, self.pairs), b % 2);
+                let packed = &self.packed[slot * pair_bytes..][..pair_bytes];
+                out.extend_from_slice(&self.scales[slot * 2 + second].to_le_bytes());
+                if self.dtype == GgmlDType::Q4_1 {
+                    out.extend_from_slice(&self.mins_t[b * n_padded + col].to_le_bytes());
+                    for j in 0..16 {
+                        let low = (packed[j] >> (4 * second)) & 0x0F;
+                        let high = (packed[j + 16] >> (4 * second)) & 0x0F;
+                        out.push(low | (high << 4));
+                    }
+                } else {
+                    for j in 0..BLOCK {
+                        out.push((packed[second * BLOCK + j] as i16 - 128) as i8 as u8);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// candle's storage of these blocks, built from them.
+    fn rebuilt_original(&self) -> Box<dyn QuantizedType> {
+        match QStorage::from_data(Cow::Owned(self.original_bytes()), &Device::Cpu, self.dtype) {
+            Ok(QStorage::Cpu(storage)) => storage,
+            // The bytes are the GGUF blocks this matrix was built from.
+            _ => unreachable!("candle rebuilds CPU storage from well-formed blocks"),
+        }
+    }
+
+    fn original(&self) -> &dyn QuantizedType {
+        self.original
+            .get_or_init(|| self.rebuilt_original())
+            .as_ref()
+    }
+}
+
+/// Where column `col`'s pair `pair` sits, counted in pair-sized slots.
+fn slot(col: usize, pair: usize, pairs: usize) -> usize {
+    ((col / TILE_COLS) * pairs + pair) * TILE_COLS + col % TILE_COLS
+}
+
+fn pair_bytes(dtype: GgmlDType) -> usize {
+    if dtype == GgmlDType::Q4_1 {
+        32
+    } else {
+        64
+    }
+}
+
+/// The sum of 16 lanes, `lo` (0..8) and `hi` (8..16), in one fixed order: lane `i` plus
+/// lane `i + 8`, then the halves of what is left, and so on. Both kernels reduce this way
+/// (AVX-512's own reduction may reassociate), so their results are bit-identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+pub(super) unsafe fn sum_lanes(
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm256_add_ps(lo, hi);
+    let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps::<1>(x, x)))
+}
+
+/// Stores a tile's sums (`rows` × `cols` of them) into `dst` at (`row`, `col`).
+unsafe fn write_tile(
+    out: &[[f32; TILE_COLS]; TILE_ROWS],
+    dst: *mut f32,
+    n: usize,
+    row: usize,
+    rows: usize,
+    col: usize,
+    cols: usize,
+) {
+    for (r, sums) in out.iter().enumerate().take(rows) {
+        for (c, &sum) in sums.iter().enumerate().take(cols) {
+            *dst.add((row + r) * n + col + c) = sum;
+        }
+    }
+}
+
+/// Activation rows quantized to signed bytes per 32-value block.
+struct Activations {
+    /// Per row, per pair: 64 values (the padding block is zeros).
+    values: Vec<i8>,
+    /// Per row, per pair, the blocks' `d8`. AVX-512: 16 lanes, the first block's eight
+    /// times, then the second's. AVX2: the two values.
+    scales: Vec<f32>,
+    /// Per row, per block (`2 × pairs`): `d8 × Σq`.
+    sums: Vec<f32>,
+    /// AVX-512 with Q8_0 weights (`u = q + 128`): per row, per pair, the 16 lanes of
+    /// `−128 Σq` that `vpdpbusd` starts from, so its sums are `Σ(q_w × q)`. Otherwise empty.
+    corrections: Vec<i32>,
+}
+
+impl QuantizedType for PackedMatrix {
+    fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    fn matmul_t(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        lhs: &[f32],
+        dst: &mut [f32],
+    ) -> Result<()> {
+        if k != self.blocks * BLOCK || n != self.n || lhs.len() < m * k || dst.len() < m * n {
+            candle_core::bail!(
+                "{:?} matmul: shapes ({m}, {k}, {n}) against a {} × {} matrix",
+                self.dtype,
+                self.n,
+                self.blocks * BLOCK
+            );
+        }
+        match self.kernel {
+            // SAFETY (both): `kernel` is only set where the CPU runs it; shapes checked above.
+            #[cfg(target_arch = "x86_64")]
+            Some(Kernel::Avx512Vnni) => unsafe { self.matmul_avx512(m, lhs, dst) },
+            #[cfg(target_arch = "x86_64")]
+            Some(Kernel::Avx2) => unsafe { self.matmul_avx2(m, lhs, dst) },
+            _ => return self.original().matmul_t((m, k, n), lhs, dst),
+        }
+        Ok(())
+    }
+
+    fn matmul_t_f16(&self, mkn: (usize, usize, usize), lhs: &[f16], dst: &mut [f16]) -> Result<()> {
+        self.original().matmul_t_f16(mkn, lhs, dst)
+    }
+    fn embedding(&self, ids: &[u32], rows: usize, hidden: usize) -> Result<CpuStorage> {
+        self.original().embedding(ids, rows, hidden)
+    }
+    fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
+        self.original().dequantize(elem_count)
+    }
+    fn storage_size_in_bytes(&self) -> usize {
+        self.n
+            * self.blocks
+            * if self.dtype == GgmlDType::Q4_1 {
+                20
+            } else {
+                34
+            }
+    }
+    fn as_ptr(&self) -> *const u8 {
+        self.original().as_ptr()
+    }
+    fn block_size(&self) -> usize {
+        BLOCK
+    }
+    fn from_float(&mut self, xs: &[f32]) {
+        // Quantize through candle's storage, then repack: this matrix follows the new values.
+        let mut original = self.rebuilt_original();
+        original.from_float(xs);
+        self.replace_with(original);
+    }
+    fn from_float_imatrix(&mut self, xs: &[f32], imatrix_weights: &[f32], n_per_row: usize) {
+        let mut original = self.rebuilt_original();
+        original.from_float_imatrix(xs, imatrix_weights, n_per_row);
+        self.replace_with(original);
+    }
+    fn size(&self) -> usize {
+        self.storage_size_in_bytes()
+    }
+}
+
+impl PackedMatrix {
+    fn replace_with(&mut self, original: Box<dyn QuantizedType>) {
+        // SAFETY: as_ptr/storage_size_in_bytes describe candle's live block vector.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(original.as_ptr(), original.storage_size_in_bytes())
+        };
+        if let Ok(mut fresh) = Self::from_bytes(self.dtype, bytes, self.n, self.blocks * BLOCK) {
+            fresh.kernel = self.kernel;
+            *self = fresh;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{QMatMul, QTensor};
+    use candle_core::{Module, Tensor};
+
+    /// Exact arithmetic (f64) on the same quantized weights and activations.
+    fn exact(w: &QTensor, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let weights: Vec<f32> = w
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut out = vec![0f64; m * n];
+        for r in 0..m {
+            let mut q = vec![0f64; k];
+            for b in 0..k / BLOCK {
+                let xs = &x[r * k + b * BLOCK..][..BLOCK];
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let d16 = f16::from_f32(d).to_f32() as f64;
+                for j in 0..BLOCK {
+                    q[b * BLOCK + j] = (xs[j] * inv).round() as f64 * d16;
+                }
+            }
+            for c in 0..n {
+                out[r * n + c] = (0..k).map(|i| weights[c * k + i] as f64 * q[i]).sum();
+            }
+        }
+        out
+    }
+
+    /// `m × k` activations times the quantized `n × k` weights with `kernel`, through candle.
+    fn product(kernel: Kernel, q: &QTensor, x: &Tensor) -> Vec<f32> {
+        let (n, k) = q.shape().dims2().unwrap();
+        let fast = PackedMatrix::from_bytes(q.dtype(), &q.data().unwrap(), n, k)
+            .unwrap()
+            .with_kernel(kernel);
+        assert_eq!(fast.kernel(), Some(kernel));
+        assert_eq!(&*q.data().unwrap(), fast.original_bytes().as_slice());
+        let fast = QTensor::new(QStorage::Cpu(Box::new(fast)), (n, k)).unwrap();
+        QMatMul::from_qtensor(fast)
+            .unwrap()
+            .forward(x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64], k: usize) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (&g, &e)) in got.iter().zip(want).enumerate() {
+            // f32 sums of k products of magnitude ~1: a few ulps of √k.
+            let tolerance = 2e-6 * (k as f64).sqrt() * (1.0 + e.abs());
+            assert!(
+                (g as f64 - e).abs() <= tolerance,
+                "{what} output {i}: {g} vs exact {e}"
+            );
+        }
+    }
+
+    /// Each kernel against exact arithmetic, and the kernels against each other: bit for bit,
+    /// so a model gives the same tokens on any of them.
+    #[test]
+    fn products_match_exact_arithmetic_on_the_quantized_values() {
+        let kernels = Kernel::all_here();
+        if kernels.is_empty() {
+            eprintln!("neither AVX-512 VNNI nor AVX2 here: no kernel is exercised");
+            return;
+        }
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            for &(m, k, n) in &[
+                (1, 32, 1),
+                (1, 96, 17),
+                (2, 576, 5),
+                (3, 64, 33),
+                (4, 576, 16),
+                (5, 96, 20),
+                (7, 160, 9),
+                (9, 1536, 37),
+                (6, 576, 200),
+                (1, 1536, 600),
+            ] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let want = exact(&q, &xs, m, k, n);
+                let mut first: Option<(Kernel, Vec<f32>)> = None;
+                for &kernel in &kernels {
+                    let got = product(kernel, &q, &x);
+                    let what = format!("{kernel:?} {dtype:?} ({m},{k},{n})");
+                    assert_close(&what, &got, &want, k);
+                    match &first {
+                        None => first = Some((kernel, got)),
+                        Some((other, theirs)) => {
+                            let bits =
+                                |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&got), bits(theirs), "{what} against {other:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The largest products each kernel can meet: Q8_0 weights of −128 (no quantizer writes
+    /// them, a GGUF may hold them) and 127 against activations of ±127, where 16-bit pair
+    /// sums saturate unless the kernel avoids them; Q4_1 nibbles of 15.
+    #[test]
+    fn extreme_weights_do_not_saturate() {
+        let (m, k, n) = (3, 64, 8);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let x = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let one = f16::ONE.to_le_bytes();
+        let mut q8 = Vec::new();
+        let mut q4 = Vec::new();
+        for col in 0..n * k / BLOCK {
+            q8.extend_from_slice(&one);
+            let value = if col % 2 == 0 { 0x80u8 } else { 0x7F };
+            q8.extend(std::iter::repeat_n(value, BLOCK));
+            q4.extend_from_slice(&one);
+            q4.extend_from_slice(&f16::from_f32(-8.0).to_le_bytes());
+            q4.extend(std::iter::repeat_n(0xFFu8, BLOCK / 2));
+        }
+        for kernel in Kernel::all_here() {
+            for (dtype, bytes) in [(GgmlDType::Q8_0, &q8), (GgmlDType::Q4_1, &q4)] {
+                let q = QTensor::new(
+                    QStorage::from_data(Cow::Borrowed(bytes), &Device::Cpu, dtype).unwrap(),
+                    (n, k),
+                )
+                .unwrap();
+                let got = product(kernel, &q, &x);
+                let what = format!("{kernel:?} {dtype:?}");
+                assert_close(&what, &got, &exact(&q, &xs, m, k, n), k);
+            }
+        }
+    }
+
+    #[test]
+    fn candles_other_operations_see_the_original_blocks() {
+        let (n, k) = (7, 96);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let fast = PackedMatrix::from_bytes(dtype, &q.data().unwrap(), n, k).unwrap();
+            let fast = QTensor::new(QStorage::Cpu(Box::new(fast)), (n, k)).unwrap();
+            assert_eq!(fast.data().unwrap(), q.data().unwrap());
+            let deq = |t: &QTensor| -> Vec<f32> {
+                t.dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(deq(&fast), deq(&q));
+        }
+        assert!(PackedMatrix::from_bytes(GgmlDType::Q4_1, &[0; 19], 1, 32).is_err());
+        assert!(PackedMatrix::from_bytes(GgmlDType::Q4K, &[0; 144], 1, 256).is_err());
+    }
+}
