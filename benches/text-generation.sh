@@ -4,6 +4,8 @@
 # llama-cpp-python 0.3.36 from source once into $RUNNER_CACHE_DIR/bench-llama-cpp (several
 # minutes; never in CI). Writes benches/results/<date>-cpu-text-generation/.
 #   benches/text-generation.sh [RUNS]
+# BENCH_ISA=avx2 holds both engines to AVX2 (what a CPU without AVX-512 runs): runner with
+# RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512 and AVX-VNNI (its own venv).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -11,17 +13,31 @@ RUNS="${1:-3}"
 CACHE="${RUNNER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/runner}"
 OUTDIR="benches/results/$(date -u +%Y-%m-%d)-cpu-text-generation"
 VENV="$CACHE/bench-llama-cpp"
+CMAKE_FLAGS="-DGGML_NATIVE=ON"
+NAME=text-generation
+ISA_NOTE=""
+if [ "${BENCH_ISA:-}" = avx2 ]; then
+  VENV="$CACHE/bench-llama-cpp-avx2"
+  CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF"
+  NAME=text-generation-avx2
+  ISA_NOTE="both held to AVX2: runner RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512/AVX-VNNI"
+  export RUNNER_CPU_KERNEL=avx2
+elif [ -n "${BENCH_ISA:-}" ]; then
+  echo "text-generation: BENCH_ISA=${BENCH_ISA} is not one this script knows (avx2)" >&2
+  exit 2
+fi
 mkdir -p "$OUTDIR"
 cargo build --release --locked -p runner-cli
 scripts/fetch-smollm2.sh
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "text-generation: building llama-cpp-python 0.3.36 from source into $VENV (once)" >&2
   python3 -m venv "$VENV"
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install --no-input llama-cpp-python==0.3.36
+  # --no-cache-dir: pip would otherwise reuse a wheel built with other flags.
+  CMAKE_ARGS="$CMAKE_FLAGS" "$VENV/bin/pip" install --no-input --no-cache-dir llama-cpp-python==0.3.36
 fi
 "$VENV/bin/python" benches/text_generation.py \
   --runner "$ROOT/target/release/runner" \
   --model-dir models/smollm2-135m-instruct \
   --gguf models/smollm2-135m-instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf \
-  --runs "$RUNS" --json-out "$OUTDIR/text-generation.json" | tee "$OUTDIR/text-generation.md"
+  --runs "$RUNS" --isa "$ISA_NOTE" --json-out "$OUTDIR/$NAME.json" | tee "$OUTDIR/$NAME.md"
 echo "results in $OUTDIR"

@@ -138,6 +138,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", default="16,256")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--isa", default="", help="what both engines were limited to, for the report")
     ap.add_argument("--json-out")
     args = ap.parse_args()
 
@@ -165,6 +166,8 @@ def main():
         machine = f"{model}, {os.cpu_count()} cores, {args.threads} threads"
     except (OSError, StopIteration):
         pass
+    if args.isa:
+        machine = f"{machine}; {args.isa}"
     report = {"machine": machine, "new_tokens": args.new_tokens, "runs": args.runs, "cases": []}
     lines = [
         f"SmolLM2-135M-Instruct Q4_1, greedy, {args.new_tokens} new tokens, median of {args.runs} runs; {machine}",

@@ -255,13 +255,9 @@ fn attention(
         let (t, kv) = (index / w.kv_heads, index % w.kv_heads);
         let visible = position + t + 1;
         let queries = &qkv[t * qkv_width + kv * group * hd..][..group * hd];
+        let (keys, values) = (&cache.k[kv * hd..], &cache.v[kv * hd..]);
         let mut scores = vec![0f32; group * visible];
-        for j in 0..visible {
-            let k = &cache.k[j * kv_width + kv * hd..][..hd];
-            for (g, q) in queries.chunks(hd).enumerate() {
-                scores[g * visible + j] = dot(w.kernel, q, k) / scale;
-            }
-        }
+        scores_into(w.kernel, queries, hd, keys, kv_width, scale, &mut scores);
         let mut sums = vec![0f32; group];
         for (row, sum) in scores.chunks_mut(visible).zip(&mut sums) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -270,13 +266,7 @@ fn attention(
                 *sum += *s;
             }
         }
-        out.fill(0.0);
-        for j in 0..visible {
-            let v = &cache.v[j * kv_width + kv * hd..][..hd];
-            for (g, o) in out.chunks_mut(hd).enumerate() {
-                axpy(w.kernel, scores[g * visible + j] / sums[g], v, o);
-            }
-        }
+        weighted_values(w.kernel, &scores, &sums, values, kv_width, out);
     };
     if t_len > 1 && t_len * w.heads * seen * hd >= PARALLEL_WORK * 2 {
         out.par_chunks_mut(group * hd)
@@ -289,91 +279,238 @@ fn attention(
     }
 }
 
-fn dot(kernel: Kernel, a: &[f32], b: &[f32]) -> f32 {
+/// `scores[g × visible + j] = q_g · k_j / scale` for the `group` queries (`hd` values each)
+/// and the keys `k_j = keys[j × stride ..][..hd]`, `visible = scores.len() / group`.
+///
+/// Both kernels sum a dot product in 16 lanes, then in [`sum_lanes`]'s order, so their
+/// results are bit-identical.
+fn scores_into(
+    kernel: Kernel,
+    queries: &[f32],
+    hd: usize,
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let group = queries.len() / hd;
+    let visible = scores.len() / group;
+    assert!(visible == 0 || keys.len() >= (visible - 1) * stride + hd);
     #[cfg(target_arch = "x86_64")]
-    match kernel {
-        // SAFETY (both): `Weights::kernel` is one this CPU runs.
-        Kernel::Avx512Vnni if a.len().is_multiple_of(16) => return unsafe { dot_avx512(a, b) },
-        Kernel::Avx2 if a.len().is_multiple_of(16) => return unsafe { dot_avx2(a, b) },
-        _ => {}
+    if hd.is_multiple_of(16) {
+        // SAFETY (both): `Weights::kernel` is one this CPU runs; every key and query read is
+        // in bounds (asserted above; `hd` divides the queries).
+        match kernel {
+            Kernel::Avx512Vnni => unsafe {
+                scores_avx512(queries, hd, keys, stride, scale, scores)
+            },
+            Kernel::Avx2 => unsafe { scores_avx2(queries, hd, keys, stride, scale, scores) },
+        }
+        return;
     }
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let _ = kernel;
+    for j in 0..visible {
+        let k = &keys[j * stride..][..hd];
+        for (g, q) in queries.chunks(hd).enumerate() {
+            scores[g * visible + j] = q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() / scale;
+        }
+    }
 }
 
-/// `out += s × x`
-fn axpy(kernel: Kernel, s: f32, x: &[f32], out: &mut [f32]) {
+/// `out_g = Σ_j (scores[g × visible + j] / sums[g]) × v_j` with `v_j = values[j × stride ..]`:
+/// the softmax-weighted values of each query head. Per output value, one multiply-add per
+/// position, in position order, whatever the kernel.
+fn weighted_values(
+    kernel: Kernel,
+    scores: &[f32],
+    sums: &[f32],
+    values: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let group = sums.len();
+    let hd = out.len() / group;
+    let visible = scores.len() / group;
+    assert!(visible == 0 || values.len() >= (visible - 1) * stride + hd);
     #[cfg(target_arch = "x86_64")]
-    match kernel {
-        // SAFETY (both): as in `dot`.
-        Kernel::Avx512Vnni if x.len().is_multiple_of(16) => {
-            return unsafe { axpy_avx512(s, x, out) }
+    if hd.is_multiple_of(16) {
+        // SAFETY (both): as in `scores_into`.
+        match kernel {
+            Kernel::Avx512Vnni => unsafe { values_avx512(scores, sums, values, stride, out) },
+            Kernel::Avx2 => unsafe { values_avx2(scores, sums, values, stride, out) },
         }
-        Kernel::Avx2 if x.len().is_multiple_of(8) => return unsafe { axpy_avx2(s, x, out) },
-        _ => {}
+        return;
     }
-    for (o, v) in out.iter_mut().zip(x) {
-        *o += s * v;
+    let _ = kernel;
+    out.fill(0.0);
+    for j in 0..visible {
+        let v = &values[j * stride..][..hd];
+        for (g, o) in out.chunks_mut(hd).enumerate() {
+            let p = scores[g * visible + j] / sums[g];
+            for (o, v) in o.iter_mut().zip(v) {
+                *o = p.mul_add(*v, *o);
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn scores_avx512(
+    queries: &[f32],
+    hd: usize,
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let mut acc = _mm512_setzero_ps();
-    for i in (0..a.len().min(b.len()) / 16 * 16).step_by(16) {
-        acc = _mm512_fmadd_ps(
-            _mm512_loadu_ps(a.as_ptr().add(i)),
-            _mm512_loadu_ps(b.as_ptr().add(i)),
-            acc,
-        );
+    let group = queries.len() / hd;
+    let visible = scores.len() / group;
+    for j in 0..visible {
+        let k = keys.as_ptr().add(j * stride);
+        for g in 0..group {
+            let q = queries.as_ptr().add(g * hd);
+            let mut acc = _mm512_setzero_ps();
+            for i in (0..hd).step_by(16) {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(i)), _mm512_loadu_ps(k.add(i)), acc);
+            }
+            scores[g * visible + j] = sum_512(acc) / scale;
+        }
     }
-    sum_512(acc)
+}
+
+/// [`scores_avx512`]'s arithmetic, lane for lane: 16 lanes in two registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(
+    queries: &[f32],
+    hd: usize,
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let group = queries.len() / hd;
+    let visible = scores.len() / group;
+    for j in 0..visible {
+        let k = keys.as_ptr().add(j * stride);
+        for g in 0..group {
+            let q = queries.as_ptr().add(g * hd);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for i in (0..hd).step_by(16) {
+                for (half, acc) in acc.iter_mut().enumerate() {
+                    let at = i + 8 * half;
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(q.add(at)),
+                        _mm256_loadu_ps(k.add(at)),
+                        *acc,
+                    );
+                }
+            }
+            scores[g * visible + j] = sum_lanes(acc[0], acc[1]) / scale;
+        }
+    }
+}
+
+/// Up to 64 output values of one head kept in registers over every position.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn values_avx512(
+    scores: &[f32],
+    sums: &[f32],
+    values: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let hd = out.len() / sums.len();
+    for chunk in (0..hd).step_by(64) {
+        let v = values.as_ptr().add(chunk);
+        match (hd - chunk).min(64) / 16 {
+            4 => values_chunk_avx512::<4>(scores, sums, v, stride, hd, chunk, out),
+            3 => values_chunk_avx512::<3>(scores, sums, v, stride, hd, chunk, out),
+            2 => values_chunk_avx512::<2>(scores, sums, v, stride, hd, chunk, out),
+            _ => values_chunk_avx512::<1>(scores, sums, v, stride, hd, chunk, out),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn axpy_avx512(s: f32, x: &[f32], out: &mut [f32]) {
+unsafe fn values_chunk_avx512<const N: usize>(
+    scores: &[f32],
+    sums: &[f32],
+    v: *const f32,
+    stride: usize,
+    hd: usize,
+    chunk: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let s = _mm512_set1_ps(s);
-    for i in (0..x.len().min(out.len()) / 16 * 16).step_by(16) {
-        let o = out.as_mut_ptr().add(i);
-        _mm512_storeu_ps(
-            o,
-            _mm512_fmadd_ps(s, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(o)),
-        );
-    }
-}
-
-/// `dot_avx512`'s arithmetic, lane for lane: 16 lanes in two registers, the same sum order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for i in (0..a.len().min(b.len()) / 16 * 16).step_by(16) {
-        for (half, acc) in acc.iter_mut().enumerate() {
-            let at = i + 8 * half;
-            *acc = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(at)),
-                _mm256_loadu_ps(b.as_ptr().add(at)),
-                *acc,
-            );
+    let visible = scores.len() / sums.len();
+    for (g, &sum) in sums.iter().enumerate() {
+        let mut acc = [_mm512_setzero_ps(); N];
+        for j in 0..visible {
+            let p = _mm512_set1_ps(scores[g * visible + j] / sum);
+            let row = v.add(j * stride);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(16 * i)), *acc);
+            }
+        }
+        let o = out.as_mut_ptr().add(g * hd + chunk);
+        for (i, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(o.add(16 * i), *acc);
         }
     }
-    sum_lanes(acc[0], acc[1])
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(s: f32, x: &[f32], out: &mut [f32]) {
+unsafe fn values_avx2(
+    scores: &[f32],
+    sums: &[f32],
+    values: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let hd = out.len() / sums.len();
+    for chunk in (0..hd).step_by(64) {
+        let v = values.as_ptr().add(chunk);
+        match (hd - chunk).min(64) / 8 {
+            8 => values_chunk_avx2::<8>(scores, sums, v, stride, hd, chunk, out),
+            6 => values_chunk_avx2::<6>(scores, sums, v, stride, hd, chunk, out),
+            4 => values_chunk_avx2::<4>(scores, sums, v, stride, hd, chunk, out),
+            _ => values_chunk_avx2::<2>(scores, sums, v, stride, hd, chunk, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn values_chunk_avx2<const N: usize>(
+    scores: &[f32],
+    sums: &[f32],
+    v: *const f32,
+    stride: usize,
+    hd: usize,
+    chunk: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
-    let s = _mm256_set1_ps(s);
-    for i in (0..x.len().min(out.len()) / 8 * 8).step_by(8) {
-        let o = out.as_mut_ptr().add(i);
-        _mm256_storeu_ps(
-            o,
-            _mm256_fmadd_ps(s, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(o)),
-        );
+    let visible = scores.len() / sums.len();
+    for (g, &sum) in sums.iter().enumerate() {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for j in 0..visible {
+            let p = _mm256_set1_ps(scores[g * visible + j] / sum);
+            let row = v.add(j * stride);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(p, _mm256_loadu_ps(row.add(8 * i)), *acc);
+            }
+        }
+        let o = out.as_mut_ptr().add(g * hd + chunk);
+        for (i, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(8 * i), *acc);
+        }
     }
 }

@@ -605,3 +605,47 @@ mod tests {
         assert!(PackedMatrix::from_bytes(GgmlDType::Q4K, &[0; 144], 1, 256).is_err());
     }
 }
+/// Not a test: the kernels' speed on this CPU, for tuning (debug assertions slow the dev
+/// profile several times over, so use release):
+/// `cargo test --release --workspace --lib kernel_speed -- --ignored --nocapture`
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        use candle_core::quantized::QTensor;
+        use candle_core::Tensor;
+        for (m, k, n) in [(256usize, 576usize, 3072usize), (1, 576, 3072)] {
+            for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let mut dst = vec![0f32; m * n];
+                for kernel in Kernel::all_here() {
+                    let p = PackedMatrix::from_bytes(dtype, &q.data().unwrap(), n, k)
+                        .unwrap()
+                        .with_kernel(kernel);
+                    let reps = if m == 1 { 2000 } else { 20 };
+                    p.product(m, &x, &mut dst).unwrap();
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        p.product(m, &x, &mut dst).unwrap();
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    eprintln!(
+                        "{kernel:?} {dtype:?} m={m}: {:.3} ms, {:.1} GMAC/s",
+                        s * 1e3,
+                        (m * k * n) as f64 / s / 1e9
+                    );
+                }
+            }
+        }
+    }
+}
