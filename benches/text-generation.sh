@@ -6,6 +6,7 @@
 #   benches/text-generation.sh [RUNS]
 # BENCH_ISA=avx2 holds both engines to AVX2 (what a CPU without AVX-512 runs): runner with
 # RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512 and AVX-VNNI (its own venv).
+# BENCH_TAG=name adds "-name" to the result files, so a second run the same day keeps the first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,6 +27,7 @@ elif [ -n "${BENCH_ISA:-}" ]; then
   echo "text-generation: BENCH_ISA=${BENCH_ISA} is not one this script knows (avx2)" >&2
   exit 2
 fi
+NAME="$NAME${BENCH_TAG:+-$BENCH_TAG}"
 mkdir -p "$OUTDIR"
 cargo build --release --locked -p runner-cli
 scripts/fetch-smollm2.sh
