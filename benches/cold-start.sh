@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cold start vs snapshot restore on this machine, in one command: builds the release
-# binary, fetches MiniLM, generates a 1.1 GB model whose load converts f32 to bf16 (in
-# $RUNNER_CACHE_DIR, outside the clone), and runs `runner bench --cold-start` on both.
+# binary, fetches MiniLM and SmolLM2 (GGUF Q4_1, repacked at load), generates a 1.1 GB model
+# whose load converts f32 to bf16 (in $RUNNER_CACHE_DIR, outside the clone), and runs
+# `runner bench --cold-start` on each.
 # Writes benches/results/<date>-<host kind>/ with the tables, JSON reports and charts.
 #   benches/cold-start.sh [RUNS] [--drop-caches]
 # RUNNER_RESTORE_CPU=copy measures the copying CPU restore instead of the mapped one (its
@@ -16,13 +17,14 @@ mkdir -p "$OUTDIR"
 cargo build --release --locked -p runner-cli
 RUNNER="$ROOT/target/release/runner"
 scripts/fetch-minilm.sh
+scripts/fetch-smollm2.sh
 BIG="$CACHE/bench-models/tiny-mlp-1g"
 if [ ! -f "$BIG/weights/model.safetensors" ]; then
   mkdir -p "$BIG"
   cp models/tiny-mlp/cog.yaml "$BIG/"
   "$RUNNER" generate tiny-mlp "$BIG/weights" --hidden-size 4096 --layers 16 --dtype bf16
 fi
-for model in models/all-minilm-l6-v2 "$BIG"; do
+for model in models/all-minilm-l6-v2 models/smollm2-135m-instruct "$BIG"; do
   name=$(basename "$model")
   if [ "${RUNNER_RESTORE_CPU:-}" = copy ]; then name="$name-copy"; fi
   case " $* " in *" --drop-caches "*) name="$name-dropped-caches" ;; esac

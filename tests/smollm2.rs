@@ -497,3 +497,85 @@ fn bad_gguf_files_get_clear_errors() {
     let err = run_error(garbage.path());
     assert!(err.contains("not a readable GGUF file"), "{err}");
 }
+
+/// A snapshot of the GGUF model holds runner's packed CPU weights: a restore reads none of
+/// the GGUF's tensors, maps the snapshot, and generates exactly what a cold load does; a
+/// load that runs candle's forward pass cannot use it and says so.
+#[test]
+fn a_gguf_snapshot_restores_to_identical_generations() {
+    use runner_models::llama::Kernel;
+    let dir = model_dir();
+    let scratch = tempfile::tempdir().unwrap();
+    let snap = scratch.path().join("smollm2.rsnap");
+    let (dir_arg, snap_arg) = (dir.to_str().unwrap(), snap.to_str().unwrap());
+    let (code, _, stderr) = runner(&[
+        "snapshot", dir_arg, "--device", "cpu", "-o", snap_arg, "--verify",
+    ]);
+    if Kernel::detect().is_none() {
+        // candle's forward pass (no AVX2 here) has no snapshot form.
+        assert_ne!(code, 0);
+        assert!(stderr.contains("--snapshot off"), "{stderr}");
+        return;
+    }
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("bit-identical to the cold load"),
+        "{stderr}"
+    );
+    // The packed form is no larger than the GGUF it was made from.
+    let gguf_bytes = std::fs::metadata(dir.join(GGUF)).unwrap().len();
+    let snapshot_bytes = std::fs::metadata(&snap).unwrap().len();
+    assert!(
+        snapshot_bytes < gguf_bytes + gguf_bytes / 20,
+        "snapshot {snapshot_bytes} bytes for a {gguf_bytes}-byte GGUF"
+    );
+
+    let cold = Server::start(&dir, &["--snapshot", "off"]);
+    let restored = Server::start(&dir, &["--snapshot", snap_arg, "--require-snapshot"]);
+    assert!(
+        restored.status_line.contains("weights snapshot"),
+        "{}",
+        restored.status_line
+    );
+    assert!(restored.mappings_of(&snap) >= 1, "the snapshot is mapped");
+    for case in reference()["cases"].as_array().unwrap() {
+        let input = greedy_input(case["prompt"].as_str().unwrap(), 20);
+        let (a, b) = (cold.predict(input.clone()).1, restored.predict(input).1);
+        assert_eq!(b["status"], "succeeded", "{b}");
+        assert_eq!(a["output"], b["output"], "{}", case["prompt"]);
+        if case["primary"] == true {
+            let text: String = b["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap())
+                .collect();
+            assert_eq!(text, case["hf_f32_generated_text"].as_str().unwrap());
+        }
+    }
+
+    // candle's forward pass cannot use runner's packed weights.
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--snapshot", snap_arg];
+        args.extend_from_slice(extra);
+        args.extend([dir_arg, "-i", "prompt=Hi", "-i", "max_new_tokens=2"]);
+        let out = std::process::Command::new(support::RUNNER)
+            .env("RUNNER_LLAMA_CPU", "candle")
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stderr) = run(&["--require-snapshot"]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("candle's forward pass"), "{stderr}");
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("snapshot not used") && stderr.contains("candle's forward pass"),
+        "{stderr}"
+    );
+}

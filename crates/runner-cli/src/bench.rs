@@ -47,6 +47,8 @@ pub struct BenchOptions<'a> {
     pub runs: usize,
     pub snapshot: PathBuf,
     pub drop_caches: bool,
+    /// What a cold start loads: `safetensors` or `gguf`.
+    pub weights_format: &'a str,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -228,7 +230,11 @@ pub fn cold_start(opts: &BenchOptions, input: &Value) -> Result<Vec<ModeResult>>
             ModeKind::ColdFreshMachine,
         ));
     }
-    modes.push(mode("cold (safetensors)", ModeKind::Cold));
+    let cold = match opts.weights_format {
+        "gguf" => "cold (gguf)",
+        _ => "cold (safetensors)",
+    };
+    modes.push(mode(cold, ModeKind::Cold));
     modes.push(mode("snapshot", ModeKind::Snapshot));
     let snapshot_arg = opts.snapshot.to_string_lossy().into_owned();
     for i in 0..opts.runs {

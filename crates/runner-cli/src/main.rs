@@ -951,12 +951,6 @@ async fn take_snapshot(
         .setup()
         .await
         .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
-    if loaded.weights_source == "gguf" {
-        bail!(
-            "candle:{} holds its GGUF weights quantized, and snapshots do not hold quantized tensors yet; serve it without one, or `runner convert` it to safetensors and snapshot that",
-            engine.architecture()
-        );
-    }
     if loaded.weights_source == "none" {
         bail!(
             "candle:{} has no weights: there is nothing to snapshot",
@@ -1041,10 +1035,16 @@ fn bench_cold_start(
     let snap = runner_snapshot::Snapshot::open(&snapshot)?;
     let snapshot_bytes = snap.header.data_bytes;
     drop(snap);
+    let weights_format = if model_dir.weights.gguf.is_empty() {
+        "safetensors"
+    } else {
+        "gguf"
+    };
     let weights_bytes: u64 = model_dir
         .weights
         .safetensors
         .iter()
+        .chain(&model_dir.weights.gguf)
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
@@ -1056,6 +1056,7 @@ fn bench_cold_start(
         runs,
         snapshot: snapshot.clone(),
         drop_caches,
+        weights_format,
     };
     let pinned_h2d = match device {
         DeviceSpec::Cpu => None,

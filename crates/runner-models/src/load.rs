@@ -88,6 +88,10 @@ impl<'a> LoadContext<'a> {
     pub fn is_restore(&self) -> bool {
         self.restored.is_some()
     }
+    /// Whether the tensors the model takes are being recorded for a snapshot.
+    pub fn is_recording(&self) -> bool {
+        self.recorder.is_some()
+    }
 
     /// A tensor the model derives from its weights at load (transposed, fused, converted):
     /// from a snapshot it is taken as saved, so a restore skips the work; on a cold load it

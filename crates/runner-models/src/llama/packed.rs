@@ -24,7 +24,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QStorage, QuantizedType};
-use candle_core::{CpuStorage, Device, Result};
+use candle_core::{CpuStorage, Device, Result, Storage, Tensor, WithDType};
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
@@ -110,6 +110,71 @@ impl Kernel {
     }
 }
 
+/// One of a matrix's arrays: built at load, or a restored snapshot tensor's memory (mapped
+/// from the snapshot file on the CPU, nothing copied).
+enum Data<T> {
+    Built(Vec<T>),
+    Restored {
+        /// Keeps the memory alive.
+        _tensor: Tensor,
+        ptr: *const T,
+        len: usize,
+    },
+}
+
+// SAFETY: `Restored` points into the CPU storage of the tensor it holds, which lives as long
+// as that handle and is only ever read (candle writes a tensor's storage in place only
+// through operations runner never applies to weights); `Tensor` is Send + Sync.
+unsafe impl<T: Send> Send for Data<T> {}
+unsafe impl<T: Sync> Sync for Data<T> {}
+
+impl<T> std::ops::Deref for Data<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Self::Built(v) => v,
+            // SAFETY: see the Send/Sync impls: `len` values at `ptr`, alive and unchanged.
+            Self::Restored { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
+impl<T: WithDType> Data<T> {
+    /// A contiguous CPU tensor of `T`, flattened.
+    fn restored(tensor: &Tensor, name: &str) -> Result<Self> {
+        let tensor = tensor.flatten_all()?;
+        if tensor.dtype() != T::DTYPE || !tensor.device().is_cpu() {
+            candle_core::bail!(
+                "snapshot tensor `{name}`: {:?} on {:?}, expected {:?} on the CPU",
+                tensor.dtype(),
+                tensor.device(),
+                T::DTYPE
+            );
+        }
+        let (ptr, len) = {
+            let (storage, layout) = tensor.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("snapshot tensor `{name}` is not in CPU memory");
+            };
+            let Some((start, end)) = layout.contiguous_offsets() else {
+                candle_core::bail!("snapshot tensor `{name}` is not contiguous");
+            };
+            let all = cpu.as_slice::<T>()?;
+            let values = &all[start..end];
+            (values.as_ptr(), values.len())
+        };
+        Ok(Self::Restored {
+            _tensor: tensor,
+            ptr,
+            len,
+        })
+    }
+
+    fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_slice(self, self.len(), &Device::Cpu)
+    }
+}
+
 pub struct PackedMatrix {
     dtype: GgmlDType,
     /// What `matmul_t` runs; `None`: candle's code on [`Self::original`].
@@ -122,12 +187,12 @@ pub struct PackedMatrix {
     /// Per tile of 4 columns, per pair, per column: the `u` of both blocks. Q4_1: 32 bytes,
     /// the first block's value `j` in the low nibble of byte `j`, the second block's in the
     /// high nibble. Q8_0: 64 bytes, `q + 128`. Columns past `n` are zeros.
-    packed: Vec<u8>,
+    packed: Data<u8>,
     /// Per tile, per pair, per column: both blocks' scales (8 values, 16 bytes).
-    scales: Vec<f16>,
+    scales: Data<f16>,
     /// Q4_1 only: per block (`2 × pairs`), per column (padded to a multiple of 16): the
     /// minimum.
-    mins_t: Vec<f16>,
+    mins_t: Data<f16>,
     /// candle's own storage of the same blocks, rebuilt on first use, for the operations
     /// other than `matmul_t` (nothing on the generation path uses them).
     original: OnceLock<Box<dyn QuantizedType>>,
@@ -197,6 +262,84 @@ impl PackedMatrix {
             n,
             blocks,
             pairs,
+            packed: Data::Built(packed),
+            scales: Data::Built(scales),
+            mins_t: Data::Built(mins_t),
+            original: OnceLock::new(),
+        })
+    }
+
+    /// The arrays a snapshot keeps, by part name: the matrix as it is held, so a restore
+    /// skips the repacking.
+    pub fn snapshot_parts(&self) -> Result<Vec<(&'static str, Tensor)>> {
+        let code = if self.dtype == GgmlDType::Q4_1 { 0 } else { 1 };
+        let shape = [code, self.n as u32, self.blocks as u32];
+        let mut parts = vec![
+            ("shape", Tensor::new(&shape, &Device::Cpu)?),
+            ("packed", self.packed.to_tensor()?),
+            ("scales", self.scales.to_tensor()?),
+        ];
+        if self.dtype == GgmlDType::Q4_1 {
+            parts.push(("mins", self.mins_t.to_tensor()?));
+        }
+        Ok(parts)
+    }
+
+    /// A matrix from [`Self::snapshot_parts`]' tensors (`part` gives each by name), using
+    /// their memory as it is. Every array's length is checked against the shape, so the
+    /// kernels never read past one.
+    pub fn from_snapshot_parts(part: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
+        let shape: Vec<u32> = part("shape")?.flatten_all()?.to_vec1()?;
+        let &[code, n, blocks] = shape.as_slice() else {
+            candle_core::bail!("snapshot matrix shape {shape:?}: expected 3 values");
+        };
+        let dtype = match code {
+            0 => GgmlDType::Q4_1,
+            1 => GgmlDType::Q8_0,
+            other => candle_core::bail!("snapshot matrix of unknown type {other}"),
+        };
+        let (n, blocks) = (n as usize, blocks as usize);
+        let pairs = blocks.div_ceil(2);
+        let tiles = n.div_ceil(TILE_COLS);
+        let n_padded = n.div_ceil(STRIP) * STRIP;
+        let packed = Data::restored(&part("packed")?, "packed")?;
+        let scales = Data::restored(&part("scales")?, "scales")?;
+        let mins_t = if dtype == GgmlDType::Q4_1 {
+            Data::restored(&part("mins")?, "mins")?
+        } else {
+            Data::Built(Vec::new())
+        };
+        let expected = [
+            (
+                "packed",
+                packed.len(),
+                tiles * pairs * TILE_COLS * pair_bytes(dtype),
+            ),
+            ("scales", scales.len(), tiles * pairs * TILE_COLS * 2),
+            (
+                "mins",
+                mins_t.len(),
+                if dtype == GgmlDType::Q4_1 {
+                    pairs * 2 * n_padded
+                } else {
+                    0
+                },
+            ),
+        ];
+        for (what, got, want) in expected {
+            if got != want || n == 0 || blocks == 0 {
+                candle_core::bail!(
+                    "snapshot {dtype:?} matrix of {n} × {}: {what} holds {got} values, expected {want}",
+                    blocks * BLOCK
+                );
+            }
+        }
+        Ok(Self {
+            dtype,
+            kernel: Kernel::detect(),
+            n,
+            blocks,
+            pairs,
             packed,
             scales,
             mins_t,
@@ -219,6 +362,11 @@ impl PackedMatrix {
     /// Output columns.
     pub fn columns(&self) -> usize {
         self.n
+    }
+
+    /// Values per input row (`k`).
+    pub fn inner(&self) -> usize {
+        self.blocks * BLOCK
     }
 
     /// `dst (m × n) = lhs (m × k) × selfᵀ`.

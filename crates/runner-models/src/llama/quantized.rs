@@ -14,6 +14,7 @@ use candle_transformers::quantized_nn::RmsNorm;
 
 use super::native;
 use super::packed::{Kernel, PackedMatrix};
+use crate::load::LoadContext;
 
 /// Projections that read the same input, as one matrix whose output is split: one
 /// multiplication (and one quantization of the input) instead of several per layer.
@@ -238,15 +239,21 @@ impl std::fmt::Debug for ModelWeights {
 impl ModelWeights {
     /// Runner's own forward pass where it runs (CPU with AVX-512 VNNI or AVX2, Q4_1/Q8_0
     /// matrices) unless `RUNNER_LLAMA_CPU=candle`; candle's otherwise.
+    ///
+    /// `ctx` (a model load's context) makes the load snapshot-aware: recording keeps the
+    /// native weights as they are held (packed matrices, norms), and a restore takes them
+    /// from the snapshot instead of reading and repacking the GGUF's tensors. Only runner's
+    /// own forward pass has a snapshot form.
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: gguf_file::Content,
         reader: &mut R,
         device: &Device,
         context: usize,
+        ctx: Option<&LoadContext>,
     ) -> Result<Self> {
         let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
         let native = if candle { None } else { Kernel::detect() };
-        Self::from_gguf_with(ct, reader, device, context, native)
+        Self::load(ct, reader, device, context, native, ctx)
     }
 
     /// `native`: the kernel runner's own forward pass multiplies with, where the model
@@ -258,11 +265,35 @@ impl ModelWeights {
         context: usize,
         native: Option<Kernel>,
     ) -> Result<Self> {
+        Self::load(ct, reader, device, context, native, None)
+    }
+
+    fn load<R: std::io::Seek + std::io::Read>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        context: usize,
+        native: Option<Kernel>,
+        ctx: Option<&LoadContext>,
+    ) -> Result<Self> {
         let native = native.filter(|k| device.is_cpu() && k.runs_here());
         if let Some(kernel) = native {
-            if let Some(weights) = native_weights(&ct, reader, context, kernel)? {
+            if let Some(weights) = native_weights(&ct, reader, context, kernel, ctx)? {
                 return Ok(Self::Native(native::Model::new(weights)));
             }
+        }
+        if ctx.is_some_and(|c| c.is_restore() || c.is_recording()) {
+            candle_core::bail!(
+                "snapshots of GGUF models hold runner's own CPU form of the weights, and this \
+                 load runs candle's forward pass ({}): serve it with --snapshot off",
+                if !device.is_cpu() {
+                    "on a GPU"
+                } else if native.is_none() {
+                    "RUNNER_LLAMA_CPU=candle, RUNNER_CPU_KERNEL=none, or a CPU without AVX2"
+                } else {
+                    "a weight type or architecture runner's forward pass does not handle"
+                }
+            );
         }
         Ok(Self::Candle(CandleWeights::from_gguf(
             ct, reader, device, context,
@@ -299,6 +330,7 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
     reader: &mut R,
     context: usize,
     kernel: Kernel,
+    ctx: Option<&LoadContext>,
 ) -> Result<Option<native::Weights>> {
     let md = |s: &str| match ct.metadata.get(s) {
         None => candle_core::bail!("cannot find {s} in the GGUF metadata"),
@@ -370,42 +402,115 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
             .flatten_all()?
             .to_vec1::<f32>()
     };
+    // With a snapshot: each matrix and norm under its own key, taken from the snapshot on a
+    // restore (the GGUF's tensors are not read), kept in it when recording.
+    let restoring = ctx.filter(|c| c.is_restore());
+    let recording = ctx.filter(|c| c.is_recording());
+    let from_snapshot = |ctx: &LoadContext, key: &str| {
+        ctx.prepared(key, || {
+            candle_core::bail!(
+                "tensor `{key}` is missing from the snapshot; take a new one with `runner snapshot`"
+            )
+        })
+    };
+    let matrix = |reader: &mut R, key: &str, names: &[String]| -> Result<Option<PackedMatrix>> {
+        if let Some(ctx) = restoring {
+            let part = |p: &str| from_snapshot(ctx, &format!("{key}.{p}"));
+            let m = PackedMatrix::from_snapshot_parts(part)
+                .map_err(|e| candle_core::Error::Msg(format!("{key}: {e}")))?;
+            return Ok(Some(m.with_kernel(kernel)));
+        }
+        let m = matrices(reader, names)?;
+        if let (Some(ctx), Some(m)) = (recording, &m) {
+            for (p, t) in m.snapshot_parts()? {
+                ctx.prepared(&format!("{key}.{p}"), || Ok(t))?;
+            }
+        }
+        Ok(m)
+    };
+    let norm = |reader: &mut R, key: &str, name: &str| -> Result<Vec<f32>> {
+        let v = match restoring {
+            Some(ctx) => from_snapshot(ctx, key)?.flatten_all()?.to_vec1::<f32>()?,
+            None => vector(reader, name)?,
+        };
+        if v.len() != embedding_length {
+            candle_core::bail!(
+                "{name}: {} values, the model needs {embedding_length}",
+                v.len()
+            );
+        }
+        if let Some(ctx) = recording.filter(|_| restoring.is_none()) {
+            ctx.prepared(key, || Tensor::from_slice(&v, v.len(), &cpu))?;
+        }
+        Ok(v)
+    };
+    // Shapes the forward pass relies on (a restored matrix is checked here, not only when the
+    // GGUF was read).
+    let fits = |m: &PackedMatrix, columns: usize, inner: usize| -> Result<bool> {
+        let fits = m.columns() == columns && m.inner() == inner;
+        if !fits && restoring.is_some() {
+            candle_core::bail!(
+                "snapshot matrix of {} × {}, the model needs {columns} × {inner}; take a new snapshot",
+                m.columns(),
+                m.inner()
+            );
+        }
+        Ok(fits)
+    };
     let mut layers = Vec::with_capacity(block_count);
     let mut ffn_length = 0;
     for i in 0..block_count {
         let n = |name: &str| format!("blk.{i}.{name}.weight");
+        let key = |part: &str| format!("runner.llama.blk.{i}.{part}");
         let (Some(qkv), Some(output), Some(gate_up), Some(down)) = (
-            matrices(reader, &[n("attn_q"), n("attn_k"), n("attn_v")])?,
-            matrices(reader, &[n("attn_output")])?,
-            matrices(reader, &[n("ffn_gate"), n("ffn_up")])?,
-            matrices(reader, &[n("ffn_down")])?,
+            matrix(
+                reader,
+                &key("qkv"),
+                &[n("attn_q"), n("attn_k"), n("attn_v")],
+            )?,
+            matrix(reader, &key("attn_output"), &[n("attn_output")])?,
+            matrix(reader, &key("gate_up"), &[n("ffn_gate"), n("ffn_up")])?,
+            matrix(reader, &key("ffn_down"), &[n("ffn_down")])?,
         ) else {
             return Ok(None);
         };
         ffn_length = gate_up.columns() / 2;
-        if qkv.columns() != (heads + 2 * kv_heads) * head_dim
-            || output.columns() != embedding_length
-            || down.columns() != embedding_length
+        if !fits(&qkv, (heads + 2 * kv_heads) * head_dim, embedding_length)?
+            || !fits(&output, embedding_length, heads * head_dim)?
+            || !fits(&gate_up, 2 * ffn_length, embedding_length)?
+            || !fits(&down, embedding_length, ffn_length)?
         {
             return Ok(None);
         }
         layers.push(native::Layer {
-            attention_norm: vector(reader, &n("attn_norm"))?,
+            attention_norm: norm(reader, &key("attn_norm"), &n("attn_norm"))?,
             qkv,
             output,
-            ffn_norm: vector(reader, &n("ffn_norm"))?,
+            ffn_norm: norm(reader, &key("ffn_norm"), &n("ffn_norm"))?,
             gate_up,
             down,
         });
     }
-    let Some(embeddings) = matrices(reader, &["token_embd.weight".to_string()])? else {
+    let token_embd = ["token_embd.weight".to_string()];
+    let Some(embeddings) = matrix(reader, "runner.llama.token_embd", &token_embd)? else {
         return Ok(None);
     };
     let output = match info("output.weight") {
-        Some(_) => matrices(reader, &["output.weight".to_string()])?,
+        Some(_) => matrix(
+            reader,
+            "runner.llama.output",
+            &["output.weight".to_string()],
+        )?,
         None => None,
     };
     let vocab = output.as_ref().unwrap_or(&embeddings).columns();
+    if !fits(&embeddings, embeddings.columns(), embedding_length)?
+        || !output
+            .as_ref()
+            .map_or(Ok(true), |o| fits(o, vocab, embedding_length))?
+    {
+        return Ok(None);
+    }
     // candle's tables: θ_i = base^(−2i/d), angle = position × θ_i, in f32.
     let half = head_dim / 2;
     let theta: Vec<f32> = (0..head_dim)
@@ -425,7 +530,7 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
         kernel,
         embeddings,
         output,
-        norm: vector(reader, "output_norm.weight")?,
+        norm: norm(reader, "runner.llama.output_norm", "output_norm.weight")?,
         layers,
         heads,
         kv_heads,
