@@ -588,6 +588,7 @@ mod tests {
     use super::*;
     use candle_core::quantized::{QMatMul, QTensor};
     use candle_core::{Module, Tensor};
+    use std::collections::HashMap;
 
     /// Exact arithmetic (f64) on the same quantized weights and activations.
     fn exact(w: &QTensor, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -691,6 +692,65 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A matrix rebuilt from its snapshot parts multiplies bit for bit as the original; parts
+    /// of the wrong size or type are refused, never read past.
+    #[test]
+    fn snapshot_parts_round_trip_and_bad_ones_are_refused() {
+        let (m, k, n) = (3, 96, 21);
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let built = PackedMatrix::from_bytes(dtype, &q.data().unwrap(), n, k).unwrap();
+            let parts: HashMap<&str, Tensor> =
+                built.snapshot_parts().unwrap().into_iter().collect();
+            fn get<'a>(
+                parts: &'a HashMap<&'static str, Tensor>,
+            ) -> impl Fn(&str) -> Result<Tensor> + 'a {
+                move |p: &str| {
+                    parts
+                        .get(p)
+                        .cloned()
+                        .ok_or_else(|| candle_core::Error::Msg(format!("no {p}")))
+                }
+            }
+            let rebuilt = PackedMatrix::from_snapshot_parts(get(&parts)).unwrap();
+            assert!(matches!(rebuilt.packed, Data::Restored { .. }));
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            built.product(m, &xs, &mut a).unwrap();
+            rebuilt.product(m, &xs, &mut b).unwrap();
+            assert_eq!(a, b, "{dtype:?}");
+            assert_eq!(rebuilt.original_bytes(), built.original_bytes());
+
+            let mut short = parts.clone();
+            let packed = &parts["packed"];
+            short.insert(
+                "packed",
+                packed.narrow(0, 0, packed.dim(0).unwrap() - 1).unwrap(),
+            );
+            let e = PackedMatrix::from_snapshot_parts(get(&short))
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("packed holds"), "{e}");
+            let mut wrong_type = parts.clone();
+            wrong_type.insert(
+                "scales",
+                parts["scales"].to_dtype(candle_core::DType::F32).unwrap(),
+            );
+            assert!(PackedMatrix::from_snapshot_parts(get(&wrong_type)).is_err());
+            let mut unknown = parts.clone();
+            unknown.insert(
+                "shape",
+                Tensor::new(&[7u32, n as u32, 3], &Device::Cpu).unwrap(),
+            );
+            let e = PackedMatrix::from_snapshot_parts(get(&unknown))
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("unknown type"), "{e}");
         }
     }
 
