@@ -6,6 +6,7 @@
 #   benches/text-generation.sh [RUNS]
 # BENCH_ISA=avx2 holds both engines to AVX2 (what a CPU without AVX-512 runs): runner with
 # RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512 and AVX-VNNI (its own venv).
+# BENCH_ISA=avxvnni: AVX2 plus AVX-VNNI (Intel's client CPUs since Alder Lake), both engines.
 # BENCH_TAG=name adds "-name" to the result files, so a second run the same day keeps the first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,8 +24,14 @@ if [ "${BENCH_ISA:-}" = avx2 ]; then
   NAME=text-generation-avx2
   ISA_NOTE="both held to AVX2: runner RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512/AVX-VNNI"
   export RUNNER_CPU_KERNEL=avx2
+elif [ "${BENCH_ISA:-}" = avxvnni ]; then
+  VENV="$CACHE/bench-llama-cpp-avxvnni"
+  CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=ON"
+  NAME=text-generation-avxvnni
+  ISA_NOTE="both held to AVX2 + AVX-VNNI: runner RUNNER_CPU_KERNEL=avxvnni, llama.cpp built with AVX-VNNI and without AVX-512"
+  export RUNNER_CPU_KERNEL=avxvnni
 elif [ -n "${BENCH_ISA:-}" ]; then
-  echo "text-generation: BENCH_ISA=${BENCH_ISA} is not one this script knows (avx2)" >&2
+  echo "text-generation: BENCH_ISA=${BENCH_ISA} is not one this script knows (avx2, avxvnni)" >&2
   exit 2
 fi
 NAME="$NAME${BENCH_TAG:+-$BENCH_TAG}"

@@ -304,7 +304,9 @@ fn scores_into(
             Kernel::Avx512Vnni => unsafe {
                 scores_avx512(queries, hd, keys, stride, scale, scores)
             },
-            Kernel::Avx2 => unsafe { scores_avx2(queries, hd, keys, stride, scale, scores) },
+            Kernel::AvxVnni | Kernel::Avx2 => unsafe {
+                scores_avx2(queries, hd, keys, stride, scale, scores)
+            },
         }
         return;
     }
@@ -337,7 +339,9 @@ fn weighted_values(
         // SAFETY (both): as in `scores_into`.
         match kernel {
             Kernel::Avx512Vnni => unsafe { values_avx512(scores, sums, values, stride, out) },
-            Kernel::Avx2 => unsafe { values_avx2(scores, sums, values, stride, out) },
+            Kernel::AvxVnni | Kernel::Avx2 => unsafe {
+                values_avx2(scores, sums, values, stride, out)
+            },
         }
         return;
     }

@@ -1,5 +1,6 @@
 //! Q4_1 and Q8_0 matrix products with x86 SIMD, as a candle `QuantizedType`: AVX-512 VNNI
-//! where the CPU has it ([`avx512`]), AVX2 otherwise ([`avx2`]).
+//! where the CPU has it ([`avx512`]), AVX2 otherwise ([`avx2`], with AVX-VNNI's `vpdpbusd`
+//! where there is one). All give bit-identical results.
 //!
 //! Both weight types are written as `scale × u + min` with `u` an unsigned byte: Q4_1 is
 //! that already (`u` = the nibble), Q8_0 is `d × (u − 128)`. The activations are quantized
@@ -50,6 +51,9 @@ const PREFETCH_AHEAD: usize = 4096;
 pub enum Kernel {
     /// AVX-512 F/BW/VNNI: Intel Xeons since Cascade Lake, AMD since Zen 4.
     Avx512Vnni,
+    /// The AVX2 kernel with AVX-VNNI's 256-bit `vpdpbusd` for the integer sums: Intel's
+    /// client CPUs since Alder Lake, which have no AVX-512.
+    AvxVnni,
     /// AVX2, FMA and F16C: every x86-64 CPU of the last decade (Haswell, Zen 1 on).
     Avx2,
 }
@@ -65,6 +69,7 @@ impl Kernel {
                         && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vnni")
                 }
+                Self::AvxVnni => Self::Avx2.runs_here() && is_x86_feature_detected!("avxvnni"),
                 Self::Avx2 => {
                     is_x86_feature_detected!("avx2")
                         && is_x86_feature_detected!("fma")
@@ -80,15 +85,15 @@ impl Kernel {
 
     /// Every kernel this CPU runs, best first.
     pub fn all_here() -> Vec<Self> {
-        [Self::Avx512Vnni, Self::Avx2]
+        [Self::Avx512Vnni, Self::AvxVnni, Self::Avx2]
             .into_iter()
             .filter(|k| k.runs_here())
             .collect()
     }
 
     /// The best kernel this CPU runs, or `None` (candle's own code then).
-    /// `RUNNER_CPU_KERNEL=avx2` or `=none` picks a lesser one, to measure or test it on a
-    /// bigger CPU; a kernel the CPU lacks is never picked.
+    /// `RUNNER_CPU_KERNEL=avxvnni`, `=avx2` or `=none` picks a lesser one, to measure or test
+    /// it on a bigger CPU; a kernel the CPU lacks is never picked.
     pub fn detect() -> Option<Self> {
         static CHOSEN: OnceLock<Option<Kernel>> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
@@ -97,11 +102,12 @@ impl Kernel {
                 None | Some("" | "auto") => best,
                 Some("none") => None,
                 Some("avx2") if Self::Avx2.runs_here() => Some(Self::Avx2),
+                Some("avxvnni") if Self::AvxVnni.runs_here() => Some(Self::AvxVnni),
                 Some("avx512") if Self::Avx512Vnni.runs_here() => Some(Self::Avx512Vnni),
                 Some(other) => {
                     tracing::warn!(
-                        "RUNNER_CPU_KERNEL={other}: not one this CPU runs (auto, avx512, avx2, \
-                         none); using {best:?}"
+                        "RUNNER_CPU_KERNEL={other}: not one this CPU runs (auto, avx512, \
+                         avxvnni, avx2, none); using {best:?}"
                     );
                     best
                 }
@@ -524,7 +530,9 @@ impl QuantizedType for PackedMatrix {
             #[cfg(target_arch = "x86_64")]
             Some(Kernel::Avx512Vnni) => unsafe { self.matmul_avx512(m, lhs, dst) },
             #[cfg(target_arch = "x86_64")]
-            Some(Kernel::Avx2) => unsafe { self.matmul_avx2(m, lhs, dst) },
+            Some(Kernel::AvxVnni) => unsafe { self.matmul_avx2(m, lhs, dst, true) },
+            #[cfg(target_arch = "x86_64")]
+            Some(Kernel::Avx2) => unsafe { self.matmul_avx2(m, lhs, dst, false) },
             _ => return self.original().matmul_t((m, k, n), lhs, dst),
         }
         Ok(())

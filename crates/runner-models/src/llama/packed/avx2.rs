@@ -33,15 +33,25 @@ const ROWS: usize = 4;
 const COLS: usize = 1;
 
 impl PackedMatrix {
+    /// `vnni`: the integer sums by AVX-VNNI's `vpdpbusd` (256-bit, VEX) instead of
+    /// `vpmaddubsw` + `vpmaddwd`; the same sums, so the same results.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn matmul_avx2(&self, m: usize, lhs: &[f32], dst: &mut [f32]) {
+    pub(super) unsafe fn matmul_avx2(&self, m: usize, lhs: &[f32], dst: &mut [f32], vnni: bool) {
         let acts = quantize_rows(lhs, m, self.blocks, self.pairs);
         let n = self.n;
         let strips = n.div_ceil(STRIP);
         let dst_addr = dst.as_mut_ptr() as usize;
         let job = |scratch: &mut Scratch, strip: usize| {
-            // SAFETY: each strip writes only its own columns of dst, in bounds.
-            unsafe { self.strip_avx2(strip, m, &acts, dst_addr as *mut f32, scratch) }
+            let dst = dst_addr as *mut f32;
+            // SAFETY: each strip writes only its own columns of dst, in bounds; `vnni` only
+            // where the CPU has AVX-VNNI (`Kernel::AvxVnni`).
+            unsafe {
+                if vnni {
+                    self.strip_avxvnni(strip, m, &acts, dst, scratch)
+                } else {
+                    self.strip_avx2(strip, m, &acts, dst, scratch)
+                }
+            }
         };
         // A single row reads the packed weights directly: no scratch.
         let scratch_pairs = if m == 1 { 0 } else { self.pairs };
@@ -55,9 +65,36 @@ impl PackedMatrix {
         }
     }
 
-    /// Columns `16 × strip ..` for every row: the tiles, then (Q4_1) the minimums' sum.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn strip_avx2(
+        &self,
+        strip: usize,
+        m: usize,
+        acts: &Activations,
+        dst: *mut f32,
+        scratch: &mut Scratch,
+    ) {
+        self.strip::<false>(strip, m, acts, dst, scratch)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn strip_avxvnni(
+        &self,
+        strip: usize,
+        m: usize,
+        acts: &Activations,
+        dst: *mut f32,
+        scratch: &mut Scratch,
+    ) {
+        self.strip::<true>(strip, m, acts, dst, scratch)
+    }
+
+    /// Columns `16 × strip ..` for every row: the tiles, then (Q4_1) the minimums' sum.
+    /// Everything below is inlined into [`Self::strip_avx2`] or [`Self::strip_avxvnni`], so
+    /// it is compiled with that function's instructions and no others (no AVX-VNNI
+    /// instruction can reach the plain AVX2 path).
+    #[inline(always)]
+    unsafe fn strip<const VNNI: bool>(
         &self,
         strip: usize,
         m: usize,
@@ -77,9 +114,9 @@ impl PackedMatrix {
                 // Generation: unpacking into scratch would cost more than the products it
                 // feeds, so the tile reads the packed weights itself.
                 if q4 {
-                    self.tile_packed_avx2::<true>(tile_index, acts, &mut out[0]);
+                    self.tile_packed_avx2::<true, VNNI>(tile_index, acts, &mut out[0]);
                 } else {
-                    self.tile_packed_avx2::<false>(tile_index, acts, &mut out[0]);
+                    self.tile_packed_avx2::<false, VNNI>(tile_index, acts, &mut out[0]);
                 }
                 write_tile(&out, dst, n, 0, 1, tile_first, cols);
                 continue;
@@ -91,14 +128,30 @@ impl PackedMatrix {
                 for col in (0..TILE_COLS).step_by(COLS) {
                     let pairs = self.pairs;
                     match (rows, q4) {
-                        (4, true) => tile::<4, true>(pairs, scratch, acts, row, col, &mut out),
-                        (4, false) => tile::<4, false>(pairs, scratch, acts, row, col, &mut out),
-                        (3, true) => tile::<3, true>(pairs, scratch, acts, row, col, &mut out),
-                        (3, false) => tile::<3, false>(pairs, scratch, acts, row, col, &mut out),
-                        (2, true) => tile::<2, true>(pairs, scratch, acts, row, col, &mut out),
-                        (2, false) => tile::<2, false>(pairs, scratch, acts, row, col, &mut out),
-                        (_, true) => tile::<1, true>(pairs, scratch, acts, row, col, &mut out),
-                        (_, false) => tile::<1, false>(pairs, scratch, acts, row, col, &mut out),
+                        (4, true) => {
+                            tile::<4, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (4, false) => {
+                            tile::<4, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (3, true) => {
+                            tile::<3, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (3, false) => {
+                            tile::<3, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (2, true) => {
+                            tile::<2, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (2, false) => {
+                            tile::<2, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (_, true) => {
+                            tile::<1, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
+                        (_, false) => {
+                            tile::<1, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
+                        }
                     }
                 }
                 write_tile(&out, dst, n, row, rows, tile_first, cols);
@@ -133,8 +186,8 @@ impl PackedMatrix {
     }
 
     /// One activation row × one 4-column tile, straight from the packed weights.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile_packed_avx2<const Q4: bool>(
+    #[inline(always)]
+    unsafe fn tile_packed_avx2<const Q4: bool, const VNNI: bool>(
         &self,
         tile_index: usize,
         acts: &Activations,
@@ -168,7 +221,7 @@ impl PackedMatrix {
                     _mm256_set1_ps(eight[2 * c]),
                     _mm256_set1_ps(eight[2 * c + 1]),
                 ];
-                accumulate::<1, Q4>(acc, w, ws, acts, 0, pairs, p);
+                accumulate::<1, Q4, VNNI>(acc, w, ws, acts, 0, pairs, p);
             }
         }
         for (o, acc) in out.iter_mut().zip(&acc) {
@@ -178,7 +231,7 @@ impl PackedMatrix {
 
     /// Expands one tile into `scratch`: 64 weight bytes (as [`pair_values`] gives them) and
     /// both blocks' scales per column and pair.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn unpack_tile_avx2(&self, tile_index: usize, scratch: &mut Scratch) {
         let pairs = self.pairs;
         let pair_bytes = pair_bytes(self.dtype);
@@ -210,8 +263,7 @@ impl PackedMatrix {
 
 /// One column's pair of blocks at `src`, 32 bytes per block: Q4_1's nibbles (`u`, low
 /// nibbles the first block, high the second), or Q8_0's `q` (signed again).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
+#[inline(always)]
 unsafe fn pair_values<const Q4: bool>(src: *const u8) -> [__m256i; 2] {
     if Q4 {
         let low_nibbles = _mm256_set1_epi8(0x0F);
@@ -248,8 +300,8 @@ impl Scratch {
 
 /// `R` activation rows from `row` × the tile's columns `col..col + COLS` in `scratch`, into
 /// `out`.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const Q4: bool>(
+#[inline(always)]
+unsafe fn tile<const R: usize, const Q4: bool, const VNNI: bool>(
     pairs: usize,
     scratch: &Scratch,
     acts: &Activations,
@@ -269,7 +321,7 @@ unsafe fn tile<const R: usize, const Q4: bool>(
                 _mm256_broadcast_ss(&*scales.add(at * 2)),
                 _mm256_broadcast_ss(&*scales.add(at * 2 + 1)),
             ];
-            accumulate::<R, Q4>(acc, w, ws, acts, row, pairs, p);
+            accumulate::<R, Q4, VNNI>(acc, w, ws, acts, row, pairs, p);
         }
     }
     for (c, acc) in acc.iter().enumerate() {
@@ -282,9 +334,8 @@ unsafe fn tile<const R: usize, const Q4: bool>(
 /// Adds pair `p` of activation rows `row..row + R` times one column (`w` as
 /// [`pair_values`] gives it, its blocks' scales broadcast in `ws`) to that column's
 /// accumulators, a pair per block: per lane, `fma(Σ of 4 products, scale × d8, acc)`.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn accumulate<const R: usize, const Q4: bool>(
+#[inline(always)]
+unsafe fn accumulate<const R: usize, const Q4: bool, const VNNI: bool>(
     acc: &mut [[__m256; 2]; R],
     w: [__m256i; 2],
     ws: [__m256; 2],
@@ -309,7 +360,12 @@ unsafe fn accumulate<const R: usize, const Q4: bool>(
             if !Q4 {
                 a = _mm256_sign_epi8(a, w[block]);
             }
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(u[block], a), ones);
+            // Four products per i32 lane either way (a `vpdpbusd` lane's four).
+            let sums = if VNNI {
+                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u[block], a)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u[block], a), ones)
+            };
             let scale = _mm256_mul_ps(ws[block], _mm256_broadcast_ss(&*d8.add(block)));
             acc[block] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[block]);
         }
