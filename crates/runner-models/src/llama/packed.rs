@@ -27,6 +27,7 @@ use std::sync::OnceLock;
 use candle_core::quantized::{GgmlDType, QStorage, QuantizedType};
 use candle_core::{CpuStorage, Device, Result, Storage, Tensor, WithDType};
 use half::f16;
+use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -213,54 +214,95 @@ impl PackedMatrix {
     /// From the raw blocks of an `n × k` matrix (`k` a multiple of 32), as a GGUF holds them;
     /// multiplied with [`Kernel::detect`]'s kernel.
     pub fn from_bytes(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        let block_bytes = match dtype {
-            GgmlDType::Q4_1 => 20,
-            GgmlDType::Q8_0 => 34,
-            other => candle_core::bail!("runner's CPU kernels do not handle {other:?}"),
-        };
-        if !k.is_multiple_of(BLOCK) || bytes.len() != n * (k / BLOCK) * block_bytes {
+        let row_bytes = k / BLOCK * block_bytes(dtype)?;
+        if !k.is_multiple_of(BLOCK) || bytes.len() != n * row_bytes {
             candle_core::bail!(
                 "{dtype:?} matrix of {n} × {k}: {} bytes does not match",
                 bytes.len()
             );
+        }
+        let rows: Vec<&[u8]> = bytes.chunks_exact(row_bytes.max(1)).take(n).collect();
+        Self::from_rows(dtype, &rows, k)
+    }
+
+    /// From each weight row's raw blocks (`k` values per row, a multiple of 32): rows of
+    /// several tensors (q, k and v) make one matrix without being copied together first.
+    /// Tiles are packed in parallel.
+    pub fn from_rows(dtype: GgmlDType, rows: &[&[u8]], k: usize) -> Result<Self> {
+        let block_bytes = block_bytes(dtype)?;
+        let n = rows.len();
+        if !k.is_multiple_of(BLOCK) || rows.iter().any(|r| r.len() != k / BLOCK * block_bytes) {
+            candle_core::bail!("{dtype:?} matrix of {n} × {k}: a row's bytes do not match");
         }
         let blocks = k / BLOCK;
         let pairs = blocks.div_ceil(2);
         let tiles = n.div_ceil(TILE_COLS);
         let n_padded = n.div_ceil(STRIP) * STRIP;
         let pair_bytes = pair_bytes(dtype);
+        let q4 = dtype == GgmlDType::Q4_1;
         let mut packed = vec![0u8; tiles * pairs * TILE_COLS * pair_bytes];
         let mut scales = vec![f16::ZERO; tiles * pairs * TILE_COLS * 2];
-        let mut mins_t = if dtype == GgmlDType::Q4_1 {
+        let f16_at = |row: &[u8], at: usize| f16::from_le_bytes([row[at], row[at + 1]]);
+        let pack_tile = |tile: usize, packed: &mut [u8], scales: &mut [f16]| {
+            for (c, row) in rows
+                .iter()
+                .skip(tile * TILE_COLS)
+                .take(TILE_COLS)
+                .enumerate()
+            {
+                for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+                    // This tile's slot of column c, pair b / 2.
+                    let (slot, second) = ((b / 2) * TILE_COLS + c, b % 2);
+                    let out = &mut packed[slot * pair_bytes..][..pair_bytes];
+                    scales[slot * 2 + second] = f16_at(block, 0);
+                    if q4 {
+                        let qs = &block[4..20];
+                        let shift = 4 * second;
+                        let (low, high) = out.split_at_mut(16);
+                        for j in 0..16 {
+                            low[j] |= (qs[j] & 0x0F) << shift;
+                            high[j] |= (qs[j] >> 4) << shift;
+                        }
+                    } else {
+                        // q as a byte, plus 128: its sign bit flipped.
+                        let out = &mut out[second * BLOCK..][..BLOCK];
+                        for (o, q) in out.iter_mut().zip(&block[2..2 + BLOCK]) {
+                            *o = q ^ 0x80;
+                        }
+                    }
+                }
+            }
+        };
+        let tile_bytes = pairs * TILE_COLS * pair_bytes;
+        let tile_scales = pairs * TILE_COLS * 2;
+        if n * k < 1 << 16 {
+            packed
+                .chunks_mut(tile_bytes)
+                .zip(scales.chunks_mut(tile_scales))
+                .enumerate()
+                .for_each(|(t, (p, s))| pack_tile(t, p, s));
+        } else {
+            packed
+                .par_chunks_mut(tile_bytes)
+                .zip(scales.par_chunks_mut(tile_scales))
+                .enumerate()
+                .for_each(|(t, (p, s))| pack_tile(t, p, s));
+        }
+        let mut mins_t = if q4 {
             vec![f16::ZERO; pairs * 2 * n_padded]
         } else {
             Vec::new()
         };
-        let f16_at = |at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]);
-        for col in 0..n {
-            for b in 0..blocks {
-                let at = (col * blocks + b) * block_bytes;
-                let (slot, second) = (slot(col, b / 2, pairs), b % 2);
-                let out = &mut packed[slot * pair_bytes..][..pair_bytes];
-                scales[slot * 2 + second] = f16_at(at);
-                if dtype == GgmlDType::Q4_1 {
-                    mins_t[b * n_padded + col] = f16_at(at + 2);
-                    let qs = &bytes[at + 4..at + 20];
-                    for j in 0..BLOCK {
-                        let u = if j < 16 {
-                            qs[j] & 0x0F
-                        } else {
-                            qs[j - 16] >> 4
-                        };
-                        out[j] |= u << (4 * second);
+        if q4 {
+            mins_t
+                .par_chunks_mut(n_padded)
+                .take(blocks)
+                .enumerate()
+                .for_each(|(b, mins)| {
+                    for (m, row) in mins.iter_mut().zip(rows) {
+                        *m = f16_at(row, b * block_bytes + 2);
                     }
-                } else {
-                    for j in 0..BLOCK {
-                        let q = bytes[at + 2 + j] as i8;
-                        out[second * BLOCK + j] = (q as i16 + 128) as u8;
-                    }
-                }
-            }
+                });
         }
         Ok(Self {
             dtype,
@@ -448,6 +490,15 @@ impl PackedMatrix {
 /// Where column `col`'s pair `pair` sits, counted in pair-sized slots.
 fn slot(col: usize, pair: usize, pairs: usize) -> usize {
     ((col / TILE_COLS) * pairs + pair) * TILE_COLS + col % TILE_COLS
+}
+
+/// Bytes per block of 32 values as a GGUF stores them.
+fn block_bytes(dtype: GgmlDType) -> Result<usize> {
+    Ok(match dtype {
+        GgmlDType::Q4_1 => 20,
+        GgmlDType::Q8_0 => 34,
+        other => candle_core::bail!("runner's CPU kernels do not handle {other:?}"),
+    })
 }
 
 fn pair_bytes(dtype: GgmlDType) -> usize {

@@ -250,10 +250,12 @@ impl ModelWeights {
         device: &Device,
         context: usize,
         ctx: Option<&LoadContext>,
+        mapped: Option<&[u8]>,
     ) -> Result<Self> {
         let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
         let native = if candle { None } else { Kernel::detect() };
-        Self::load(ct, reader, device, context, native, ctx)
+        let source = Source { ctx, mapped };
+        Self::load(ct, reader, device, context, native, source)
     }
 
     /// `native`: the kernel runner's own forward pass multiplies with, where the model
@@ -265,7 +267,7 @@ impl ModelWeights {
         context: usize,
         native: Option<Kernel>,
     ) -> Result<Self> {
-        Self::load(ct, reader, device, context, native, None)
+        Self::load(ct, reader, device, context, native, Source::default())
     }
 
     fn load<R: std::io::Seek + std::io::Read>(
@@ -274,11 +276,12 @@ impl ModelWeights {
         device: &Device,
         context: usize,
         native: Option<Kernel>,
-        ctx: Option<&LoadContext>,
+        source: Source,
     ) -> Result<Self> {
+        let ctx = source.ctx;
         let native = native.filter(|k| device.is_cpu() && k.runs_here());
         if let Some(kernel) = native {
-            if let Some(weights) = native_weights(&ct, reader, context, kernel, ctx)? {
+            if let Some(weights) = native_weights(&ct, reader, context, kernel, source)? {
                 return Ok(Self::Native(native::Model::new(weights)));
             }
         }
@@ -323,6 +326,16 @@ impl ModelWeights {
     }
 }
 
+/// Where a load's tensors come from besides the GGUF reader.
+#[derive(Clone, Copy, Default)]
+pub struct Source<'a, 'b> {
+    /// The model load's context: snapshot recording or restoring, progress.
+    pub ctx: Option<&'a LoadContext<'b>>,
+    /// The whole GGUF file mapped: runner's own forward pass packs its matrices straight
+    /// from it instead of reading each tensor into a buffer first.
+    pub mapped: Option<&'a [u8]>,
+}
+
 /// The weights for runner's own forward pass, or `None` where it does not apply (another
 /// weight type, a partial rotary embedding, a mixture of experts): candle's path then.
 fn native_weights<R: std::io::Seek + std::io::Read>(
@@ -330,8 +343,9 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
     reader: &mut R,
     context: usize,
     kernel: Kernel,
-    ctx: Option<&LoadContext>,
+    source: Source,
 ) -> Result<Option<native::Weights>> {
+    let ctx = source.ctx;
     let md = |s: &str| match ct.metadata.get(s) {
         None => candle_core::bail!("cannot find {s} in the GGUF metadata"),
         Some(v) => Ok(v),
@@ -376,6 +390,37 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
         .unwrap_or(10000f32);
     let cpu = Device::Cpu;
     let matrices = |reader: &mut R, names: &[String]| -> Result<Option<PackedMatrix>> {
+        if let Some(file) = source.mapped {
+            // Rows straight from the mapping (open_gguf checked every tensor lies inside the
+            // file; checked again here).
+            let mut rows: Vec<&[u8]> = Vec::new();
+            let mut kind: Option<(GgmlDType, usize)> = None;
+            for name in names {
+                let Some(i) = info(name) else {
+                    candle_core::bail!("cannot find tensor {name} in the GGUF");
+                };
+                let (r, k) = i.shape.dims2()?;
+                if kind.is_some_and(|kind| kind != (i.ggml_dtype, k)) {
+                    return Ok(None);
+                }
+                kind = Some((i.ggml_dtype, k));
+                let row_bytes = k / i.ggml_dtype.block_size() * i.ggml_dtype.type_size();
+                let start = (ct.tensor_data_offset + i.offset) as usize;
+                let Some(data) = file.get(start..start.saturating_add(r * row_bytes)) else {
+                    candle_core::bail!("tensor {name} lies past the end of the GGUF");
+                };
+                if let Some(ctx) = ctx {
+                    ctx.advance(data.len() as u64);
+                }
+                rows.extend(data.chunks_exact(row_bytes.max(1)));
+            }
+            let Some((dtype, k)) = kind else {
+                return Ok(None);
+            };
+            return Ok(Some(
+                PackedMatrix::from_rows(dtype, &rows, k)?.with_kernel(kernel),
+            ));
+        }
         let mut parts = Vec::with_capacity(names.len());
         for name in names {
             parts.push(ct.tensor(reader, name, &cpu)?);
