@@ -492,6 +492,24 @@ fn slot(col: usize, pair: usize, pairs: usize) -> usize {
     ((col / TILE_COLS) * pairs + pair) * TILE_COLS + col % TILE_COLS
 }
 
+/// Runs `job(scratch, strip)` for each of a matrix's 16-column strips (each writes only its
+/// own columns): on this thread when the product is small (waking the pool costs more), else
+/// over rayon with one scratch per worker.
+fn for_each_strip<S>(
+    matrix: &PackedMatrix,
+    m: usize,
+    new_scratch: impl Fn() -> S + Send + Sync,
+    job: impl Fn(&mut S, usize) + Send + Sync,
+) {
+    let strips = matrix.n.div_ceil(STRIP);
+    if strips == 1 || m * matrix.n * matrix.blocks < 1 << 16 {
+        let mut scratch = new_scratch();
+        (0..strips).for_each(|s| job(&mut scratch, s));
+    } else {
+        (0..strips).into_par_iter().for_each_init(new_scratch, job);
+    }
+}
+
 /// Bytes per block of 32 values as a GGUF stores them.
 fn block_bytes(dtype: GgmlDType) -> Result<usize> {
     Ok(match dtype {

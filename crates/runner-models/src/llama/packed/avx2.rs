@@ -20,11 +20,10 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
-use rayon::prelude::*;
 
 use super::{
-    pair_bytes, sum_lanes, write_tile, Activations, PackedMatrix, BLOCK, PREFETCH_AHEAD, STRIP,
-    TILE_COLS, TILE_ROWS,
+    for_each_strip, pair_bytes, sum_lanes, write_tile, Activations, PackedMatrix, BLOCK,
+    PREFETCH_AHEAD, STRIP, TILE_COLS, TILE_ROWS,
 };
 
 /// Activation rows per register tile on prompts.
@@ -38,31 +37,26 @@ impl PackedMatrix {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn matmul_avx2(&self, m: usize, lhs: &[f32], dst: &mut [f32], vnni: bool) {
         let acts = quantize_rows(lhs, m, self.blocks, self.pairs);
-        let n = self.n;
-        let strips = n.div_ceil(STRIP);
         let dst_addr = dst.as_mut_ptr() as usize;
-        let job = |scratch: &mut Scratch, strip: usize| {
-            let dst = dst_addr as *mut f32;
-            // SAFETY: each strip writes only its own columns of dst, in bounds; `vnni` only
-            // where the CPU has AVX-VNNI (`Kernel::AvxVnni`).
-            unsafe {
-                if vnni {
-                    self.strip_avxvnni(strip, m, &acts, dst, scratch)
-                } else {
-                    self.strip_avx2(strip, m, &acts, dst, scratch)
-                }
-            }
-        };
         // A single row reads the packed weights directly: no scratch.
         let scratch_pairs = if m == 1 { 0 } else { self.pairs };
-        if strips == 1 || m * n * self.blocks < 1 << 16 {
-            let mut scratch = Scratch::new(scratch_pairs);
-            (0..strips).for_each(|s| job(&mut scratch, s));
-        } else {
-            (0..strips)
-                .into_par_iter()
-                .for_each_init(|| Scratch::new(scratch_pairs), job);
-        }
+        for_each_strip(
+            self,
+            m,
+            || Scratch::new(scratch_pairs),
+            |scratch, strip| {
+                let dst = dst_addr as *mut f32;
+                // SAFETY: each strip writes only its own columns of dst, in bounds; `vnni`
+                // only where the CPU has AVX-VNNI (`Kernel::AvxVnni`).
+                unsafe {
+                    if vnni {
+                        self.strip_avxvnni(strip, m, &acts, dst, scratch)
+                    } else {
+                        self.strip_avx2(strip, m, &acts, dst, scratch)
+                    }
+                }
+            },
+        );
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

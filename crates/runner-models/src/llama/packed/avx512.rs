@@ -5,34 +5,28 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
-use rayon::prelude::*;
 
 use super::{
-    pair_bytes, sum_lanes, write_tile, Activations, PackedMatrix, BLOCK, PREFETCH_AHEAD, STRIP,
-    TILE_COLS, TILE_ROWS,
+    for_each_strip, pair_bytes, sum_lanes, write_tile, Activations, PackedMatrix, BLOCK,
+    PREFETCH_AHEAD, STRIP, TILE_COLS, TILE_ROWS,
 };
 
 impl PackedMatrix {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn matmul_avx512(&self, m: usize, lhs: &[f32], dst: &mut [f32]) {
         let acts = quantize_rows(lhs, m, self.blocks, self.pairs, self.dtype);
-        let n = self.n;
-        let strips = n.div_ceil(STRIP);
         let dst_addr = dst.as_mut_ptr() as usize;
-        let job = |scratch: &mut Scratch, strip: usize| {
-            // SAFETY: each strip writes only its own columns of dst, in bounds.
-            unsafe { self.strip_avx512(strip, m, &acts, dst_addr as *mut f32, scratch) }
-        };
         // Fewer rows than a tile read the packed weights directly: no scratch.
         let scratch_pairs = if m < TILE_ROWS { 0 } else { self.pairs };
-        if strips == 1 || m * n * self.blocks < 1 << 16 {
-            let mut scratch = Scratch::new(scratch_pairs);
-            (0..strips).for_each(|s| job(&mut scratch, s));
-        } else {
-            (0..strips)
-                .into_par_iter()
-                .for_each_init(|| Scratch::new(scratch_pairs), job);
-        }
+        for_each_strip(
+            self,
+            m,
+            || Scratch::new(scratch_pairs),
+            |scratch, strip| {
+                // SAFETY: each strip writes only its own columns of dst, in bounds.
+                unsafe { self.strip_avx512(strip, m, &acts, dst_addr as *mut f32, scratch) }
+            },
+        );
     }
 
     /// Columns `16 × strip ..` for every row: the tiles, then (Q4_1) the minimums' sum.
