@@ -495,6 +495,7 @@ fn slot(col: usize, pair: usize, pairs: usize) -> usize {
 /// Runs `job(scratch, strip)` for each of a matrix's 16-column strips (each writes only its
 /// own columns): on this thread when the product is small (waking the pool costs more), else
 /// over rayon with one scratch per worker.
+#[cfg(target_arch = "x86_64")]
 fn for_each_strip<S>(
     matrix: &PackedMatrix,
     m: usize,
@@ -545,6 +546,7 @@ pub(super) unsafe fn sum_lanes(
 }
 
 /// Stores a tile's sums (`rows` × `cols` of them) into `dst` at (`row`, `col`).
+#[cfg(target_arch = "x86_64")]
 unsafe fn write_tile(
     out: &[[f32; TILE_COLS]; TILE_ROWS],
     dst: *mut f32,
