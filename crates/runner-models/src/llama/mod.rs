@@ -571,14 +571,18 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
     .map_err(|e| other(format!("{}: {e}", path.display())))?;
     drop(view);
     ctx.log(&format!(
-        "llama: {} ({quant}) {} in {:.2}s; context {context} tokens",
+        "llama: {} ({quant}) {} in {:.2}s; context {context} tokens; {}",
         path.file_name().unwrap_or_default().to_string_lossy(),
         if ctx.is_restore() {
             "restored from the snapshot (the GGUF's metadata and tokenizer read)"
         } else {
             "loaded"
         },
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        match weights.native_kernel() {
+            Some(kernel) => format!("runner's forward pass, {kernel:?} kernel"),
+            None => "candle's forward pass".to_string(),
+        }
     ));
     Ok(Generator {
         network: Network::Quantized(weights),
