@@ -18,21 +18,24 @@ VENV="$CACHE/bench-llama-cpp"
 CMAKE_FLAGS="-DGGML_NATIVE=ON"
 NAME=text-generation
 ISA_NOTE=""
-if [ "${BENCH_ISA:-}" = avx2 ]; then
-  VENV="$CACHE/bench-llama-cpp-avx2"
-  CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF"
-  NAME=text-generation-avx2
-  ISA_NOTE="both held to AVX2: runner RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512/AVX-VNNI"
-  export RUNNER_CPU_KERNEL=avx2
-elif [ "${BENCH_ISA:-}" = avxvnni ]; then
-  VENV="$CACHE/bench-llama-cpp-avxvnni"
-  CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=ON"
-  NAME=text-generation-avxvnni
-  ISA_NOTE="both held to AVX2 + AVX-VNNI: runner RUNNER_CPU_KERNEL=avxvnni, llama.cpp built with AVX-VNNI and without AVX-512"
-  export RUNNER_CPU_KERNEL=avxvnni
-elif [ -n "${BENCH_ISA:-}" ]; then
-  echo "text-generation: BENCH_ISA=${BENCH_ISA} is not one this script knows (avx2, avxvnni)" >&2
-  exit 2
+# llama.cpp held to AVX2, without AVX-512; AVX-VNNI on or off by BENCH_ISA.
+AVX2_ONLY="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF"
+case "${BENCH_ISA:-}" in
+  "") ;;
+  avx2)
+    CMAKE_FLAGS="$AVX2_ONLY -DGGML_AVX_VNNI=OFF"
+    ISA_NOTE="both held to AVX2: runner RUNNER_CPU_KERNEL=avx2, llama.cpp built without AVX-512/AVX-VNNI" ;;
+  avxvnni)
+    CMAKE_FLAGS="$AVX2_ONLY -DGGML_AVX_VNNI=ON"
+    ISA_NOTE="both held to AVX2 + AVX-VNNI: runner RUNNER_CPU_KERNEL=avxvnni, llama.cpp built with AVX-VNNI and without AVX-512" ;;
+  *)
+    echo "text-generation: BENCH_ISA=${BENCH_ISA} is not one this script knows (avx2, avxvnni)" >&2
+    exit 2 ;;
+esac
+if [ -n "${BENCH_ISA:-}" ]; then
+  VENV="$CACHE/bench-llama-cpp-$BENCH_ISA"
+  NAME="text-generation-$BENCH_ISA"
+  export RUNNER_CPU_KERNEL="$BENCH_ISA"
 fi
 NAME="$NAME${BENCH_TAG:+-$BENCH_TAG}"
 mkdir -p "$OUTDIR"

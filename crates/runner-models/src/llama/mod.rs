@@ -461,49 +461,6 @@ fn stop_tokens(tokenizer: &Tokenizer, declared: &[u32]) -> Vec<u32> {
     ids
 }
 
-/// A read-only mapping of a whole file, for the span of a load: the GGUF's tensors are
-/// packed straight from the page cache instead of being read into buffers first. As with
-/// any mapped load, rewriting the file in place meanwhile would fault the process.
-struct FileView {
-    ptr: *mut libc::c_void,
-    len: usize,
-}
-
-impl FileView {
-    /// `None` when the file cannot be mapped (the reader path is used then).
-    fn map(file: &File) -> Option<Self> {
-        use std::os::fd::AsRawFd;
-        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
-        if len == 0 {
-            return None;
-        }
-        // SAFETY: a fresh read-only private mapping of an open file; checked for failure.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        (ptr != libc::MAP_FAILED).then_some(Self { ptr, len })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` readable bytes at `ptr`, mapped until drop.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
-    }
-}
-
-impl Drop for FileView {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`; nothing borrowed from it outlives `self`.
-        unsafe { libc::munmap(self.ptr, self.len) };
-    }
-}
-
 /// Tells the load's progress report how many bytes the GGUF reader has read.
 struct CountingReader<'a, 'b, R> {
     inner: R,
@@ -550,12 +507,8 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         .map(|i| format!("{:?}", i.ggml_dtype))
         .unwrap_or_else(|| "?".into());
     let started = Instant::now();
-    // Runner's own forward pass packs its matrices straight from a mapping of the file; a
-    // restore reads none of them.
-    let view = (device.is_cpu() && !ctx.is_restore())
-        .then(|| FileView::map(&file))
-        .flatten();
-    let mapped = view.as_ref().map(FileView::bytes);
+    // Runner's own forward pass maps the file to pack its matrices from.
+    let file_for_mapping = file.try_clone().ok();
     let mut reader = CountingReader {
         inner: &mut file,
         ctx,
@@ -566,10 +519,9 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         device,
         context,
         Some(ctx),
-        mapped,
+        file_for_mapping.as_ref(),
     )
     .map_err(|e| other(format!("{}: {e}", path.display())))?;
-    drop(view);
     ctx.log(&format!(
         "llama: {} ({quant}) {} in {:.2}s; context {context} tokens; {}",
         path.file_name().unwrap_or_default().to_string_lossy(),

@@ -250,11 +250,11 @@ impl ModelWeights {
         device: &Device,
         context: usize,
         ctx: Option<&LoadContext>,
-        mapped: Option<&[u8]>,
+        file: Option<&std::fs::File>,
     ) -> Result<Self> {
         let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
         let native = if candle { None } else { Kernel::detect() };
-        let source = Source { ctx, mapped };
+        let source = Source { ctx, file };
         Self::load(ct, reader, device, context, native, source)
     }
 
@@ -331,9 +331,10 @@ impl ModelWeights {
 pub struct Source<'a, 'b> {
     /// The model load's context: snapshot recording or restoring, progress.
     pub ctx: Option<&'a LoadContext<'b>>,
-    /// The whole GGUF file mapped: runner's own forward pass packs its matrices straight
-    /// from it instead of reading each tensor into a buffer first.
-    pub mapped: Option<&'a [u8]>,
+    /// The GGUF file: runner's own forward pass maps it and packs its matrices straight
+    /// from the mapping instead of reading each tensor into a buffer first (candle's path
+    /// and a restore do not map it).
+    pub file: Option<&'a std::fs::File>,
 }
 
 /// The weights for runner's own forward pass, or `None` where it does not apply (another
@@ -389,8 +390,13 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
         .and_then(|m| m.to_f32())
         .unwrap_or(10000f32);
     let cpu = Device::Cpu;
+    let view = match source.file {
+        Some(file) if !ctx.is_some_and(|c| c.is_restore()) => FileView::map(file),
+        _ => None,
+    };
+    let mapped = view.as_ref().map(FileView::bytes);
     let matrices = |reader: &mut R, names: &[String]| -> Result<Option<PackedMatrix>> {
-        if let Some(file) = source.mapped {
+        if let Some(file) = mapped {
             // Rows straight from the mapping (open_gguf checked every tensor lies inside the
             // file; checked again here).
             let mut rows: Vec<&[u8]> = Vec::new();
@@ -484,7 +490,7 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
                 v.len()
             );
         }
-        if let Some(ctx) = recording.filter(|_| restoring.is_none()) {
+        if let Some(ctx) = recording {
             ctx.prepared(key, || Tensor::from_slice(&v, v.len(), &cpu))?;
         }
         Ok(v)
@@ -733,6 +739,49 @@ impl CandleWeights {
         }
         let h = self.norm.forward(&h)?;
         self.output.forward(&h.i((.., seq_len - 1, ..))?)
+    }
+}
+
+/// A read-only mapping of a whole file, for the span of a load: the GGUF's tensors are
+/// packed straight from the page cache instead of being read into buffers first. As with
+/// any mapped load, rewriting the file in place meanwhile would fault the process.
+struct FileView {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl FileView {
+    /// `None` when the file cannot be mapped (the reader path is used then).
+    fn map(file: &std::fs::File) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a fresh read-only private mapping of an open file; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then_some(Self { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes at `ptr`, mapped until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for FileView {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`; nothing borrowed from it outlives `self`.
+        unsafe { libc::munmap(self.ptr, self.len) };
     }
 }
 

@@ -121,31 +121,10 @@ impl PackedMatrix {
                 let rows = ROWS.min(m - row);
                 for col in (0..TILE_COLS).step_by(COLS) {
                     let pairs = self.pairs;
-                    match (rows, q4) {
-                        (4, true) => {
-                            tile::<4, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (4, false) => {
-                            tile::<4, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (3, true) => {
-                            tile::<3, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (3, false) => {
-                            tile::<3, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (2, true) => {
-                            tile::<2, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (2, false) => {
-                            tile::<2, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (_, true) => {
-                            tile::<1, true, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
-                        (_, false) => {
-                            tile::<1, false, VNNI>(pairs, scratch, acts, row, col, &mut out)
-                        }
+                    if q4 {
+                        tile_rows::<true, VNNI>(rows, pairs, scratch, acts, row, col, &mut out);
+                    } else {
+                        tile_rows::<false, VNNI>(rows, pairs, scratch, acts, row, col, &mut out);
                     }
                 }
                 write_tile(&out, dst, n, row, rows, tile_first, cols);
@@ -289,6 +268,26 @@ impl Scratch {
             values: vec![0; TILE_COLS * pairs * 64],
             scales: vec![0.0; TILE_COLS * pairs * 2],
         }
+    }
+}
+
+/// [`tile`] for `rows` (1 to 4) activation rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows<const Q4: bool, const VNNI: bool>(
+    rows: usize,
+    pairs: usize,
+    scratch: &Scratch,
+    acts: &Activations,
+    row: usize,
+    col: usize,
+    out: &mut [[f32; TILE_COLS]; TILE_ROWS],
+) {
+    match rows {
+        4 => tile::<4, Q4, VNNI>(pairs, scratch, acts, row, col, out),
+        3 => tile::<3, Q4, VNNI>(pairs, scratch, acts, row, col, out),
+        2 => tile::<2, Q4, VNNI>(pairs, scratch, acts, row, col, out),
+        _ => tile::<1, Q4, VNNI>(pairs, scratch, acts, row, col, out),
     }
 }
 
