@@ -19,7 +19,7 @@ pub mod tokenizer;
 pub use packed::Kernel;
 
 use std::fs::File;
-use std::io::{BufReader, Seek};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -287,7 +287,6 @@ pub fn load_generator(
 /// (found by the `gguf` fuzz target). `None` when absent, not an integer, or the metadata
 /// does not parse (candle then reports that itself).
 fn declared_alignment(file: &mut File, size: u64) -> Option<u64> {
-    use std::io::Read;
     fn u32_of(r: &mut impl Read) -> Option<u32> {
         let mut b = [0u8; 4];
         r.read_exact(&mut b).ok()?;
@@ -386,6 +385,51 @@ fn declared_alignment(file: &mut File, size: u64) -> Option<u64> {
     found
 }
 
+/// A buffered reader that knows its own position. candle's GGUF parser asks for the
+/// position before every string, and `BufReader` answers that with a system call: 100,000
+/// of them for a 49,152-token vocabulary (about 25 ms).
+struct PositionedReader<R> {
+    inner: BufReader<R>,
+    position: u64,
+}
+
+impl<R: Read + Seek> PositionedReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner: BufReader::with_capacity(1 << 16, inner),
+            position: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for PositionedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read + Seek> Seek for PositionedReader<R> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.position = match to {
+            SeekFrom::Current(0) => return Ok(self.position),
+            SeekFrom::Current(by) => {
+                self.inner.seek_relative(by)?;
+                self.position
+                    .checked_add_signed(by)
+                    .ok_or_else(|| std::io::Error::other("seek before the start of the file"))?
+            }
+            other => self.inner.seek(other)?,
+        };
+        Ok(self.position)
+    }
+
+    fn stream_position(&mut self) -> std::io::Result<u64> {
+        Ok(self.position)
+    }
+}
+
 /// Reads a GGUF's header and checks what runner's Llama needs before any tensor is read:
 /// the architecture, and that every tensor lies inside the file (a truncated download).
 pub fn open_gguf(path: &Path) -> Result<(gguf_file::Content, File), LoadError> {
@@ -398,7 +442,7 @@ pub fn open_gguf(path: &Path) -> Result<(gguf_file::Content, File), LoadError> {
         ));
     }
     file.rewind().map_err(|e| fail(e.to_string()))?;
-    let content = gguf_file::Content::read(&mut BufReader::new(&mut file)).map_err(|e| {
+    let content = gguf_file::Content::read(&mut PositionedReader::new(&mut file)).map_err(|e| {
         let e = e.to_string();
         if e.contains("unknown dtype") {
             fail(format!("{e}: a quantization type candle cannot read; requantize it (e.g. to Q4_K_M or Q8_0) with llama.cpp"))
@@ -482,9 +526,7 @@ impl<R: std::io::Seek> std::io::Seek for CountingReader<'_, '_, R> {
 }
 
 fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generator, LoadError> {
-    let (content, mut file) = open_gguf(path)?;
-    let tokenizer =
-        tokenizer::from_gguf(&content).map_err(|e| other(format!("{}: {e}", path.display())))?;
+    let (mut content, mut file) = open_gguf(path)?;
     let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
     let meta_str = |key: &str| {
         content
@@ -496,10 +538,6 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
     let context = meta_u32("llama.context_length").unwrap_or(2048) as usize;
     let eos = meta_u32("tokenizer.ggml.eos_token_id");
     let bos = meta_u32("tokenizer.ggml.bos_token_id");
-    let token_text = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.id_to_token(i))
-            .unwrap_or_default()
-    };
     let chat_template = meta_str("tokenizer.chat_template");
     let quant = content
         .tensor_infos
@@ -513,15 +551,34 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         inner: &mut file,
         ctx,
     };
-    let weights = quantized::ModelWeights::from_gguf(
-        content,
-        &mut reader,
-        device,
-        context,
-        Some(ctx),
-        file_for_mapping.as_ref(),
-    )
-    .map_err(|e| other(format!("{}: {e}", path.display())))?;
+    // The tokenizer (tens of milliseconds of string hashing for a 49,152-token vocabulary)
+    // is built on its own thread while the weights load or restore: it needs only its keys.
+    let tokenizer_metadata: tokenizer::Metadata = content
+        .metadata
+        .extract_if(|key, _| tokenizer::is_tokenizer_key(key))
+        .collect();
+    let (tokenizer, weights) = std::thread::scope(|scope| {
+        let tokenizer = scope.spawn(move || tokenizer::from_metadata(&tokenizer_metadata));
+        let weights = quantized::ModelWeights::from_gguf(
+            content,
+            &mut reader,
+            device,
+            context,
+            Some(ctx),
+            file_for_mapping.as_ref(),
+        );
+        let tokenizer = tokenizer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (tokenizer, weights)
+    });
+    // A tokenizer the GGUF cannot give is reported first: it says what to put beside it.
+    let tokenizer = tokenizer.map_err(|e| other(format!("{}: {e}", path.display())))?;
+    let weights = weights.map_err(|e| other(format!("{}: {e}", path.display())))?;
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
     ctx.log(&format!(
         "llama: {} ({quant}) {} in {:.2}s; context {context} tokens; {}",
         path.file_name().unwrap_or_default().to_string_lossy(),
@@ -897,5 +954,31 @@ mod tests {
             Sampling::TopKThenTopP { k: 50, .. }
         ));
         assert!(matches!(sampling(0.7, 0, 1.0), Sampling::All { .. }));
+    }
+
+    #[test]
+    fn the_positioned_reader_reads_and_seeks_as_the_file_does() {
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut expected = std::io::Cursor::new(bytes.clone());
+        let mut reader = PositionedReader::new(std::io::Cursor::new(bytes));
+        let steps = [
+            SeekFrom::Current(0),
+            SeekFrom::Current(3),
+            SeekFrom::Current(-2),
+            SeekFrom::Current(70_000), // past the buffer
+            SeekFrom::Start(5),
+            SeekFrom::End(-10),
+            SeekFrom::Current(0),
+        ];
+        for step in steps {
+            let mut want = [0u8; 7];
+            let mut got = [0u8; 7];
+            let n = expected.read(&mut want).unwrap();
+            assert_eq!(reader.read(&mut got).unwrap(), n);
+            assert_eq!(got[..n], want[..n]);
+            assert_eq!(reader.stream_position().unwrap(), expected.position());
+            assert_eq!(reader.seek(step).unwrap(), expected.seek(step).unwrap());
+        }
+        assert!(reader.seek(SeekFrom::Current(-1_000_000)).is_err());
     }
 }

@@ -2,6 +2,8 @@
 //! byte-level BPE (`tokenizer.ggml.model = gpt2`), with its pre-tokenizer, decoder and
 //! special tokens, so a GGUF needs no `tokenizer.json` beside it.
 
+use std::collections::HashMap;
+
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -14,9 +16,16 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 
-fn strings<'a>(content: &'a Content, key: &str) -> Result<Vec<&'a str>, String> {
-    let value = content
-        .metadata
+/// A GGUF's metadata, key by key.
+pub type Metadata = HashMap<String, Value>;
+
+/// The metadata keys the tokenizer is built from.
+pub fn is_tokenizer_key(key: &str) -> bool {
+    key.starts_with("tokenizer.ggml.")
+}
+
+fn strings<'a>(metadata: &'a Metadata, key: &str) -> Result<Vec<&'a str>, String> {
+    let value = metadata
         .get(key)
         .ok_or_else(|| format!("the GGUF has no `{key}`; it does not carry a tokenizer"))?;
     value
@@ -31,9 +40,8 @@ fn strings<'a>(content: &'a Content, key: &str) -> Result<Vec<&'a str>, String> 
         .collect()
 }
 
-fn metadata_str<'a>(content: &'a Content, key: &str) -> Option<&'a str> {
-    content
-        .metadata
+fn metadata_str<'a>(metadata: &'a Metadata, key: &str) -> Option<&'a str> {
+    metadata
         .get(key)
         .and_then(|v| v.to_string().ok())
         .map(String::as_str)
@@ -42,14 +50,20 @@ fn metadata_str<'a>(content: &'a Content, key: &str) -> Option<&'a str> {
 /// Builds the tokenizer. Supports `tokenizer.ggml.model = gpt2` (byte-level BPE, as
 /// SmolLM, Llama 3, Qwen and GPT-2 ship it); other models say so.
 pub fn from_gguf(content: &Content) -> Result<Tokenizer, String> {
-    let model = metadata_str(content, "tokenizer.ggml.model").unwrap_or("(none)");
+    from_metadata(&content.metadata)
+}
+
+/// [`from_gguf`] from the metadata alone: the keys [`is_tokenizer_key`] names are enough, so
+/// a load can move them to another thread and build the tokenizer beside the weights.
+pub fn from_metadata(metadata: &Metadata) -> Result<Tokenizer, String> {
+    let model = metadata_str(metadata, "tokenizer.ggml.model").unwrap_or("(none)");
     if model != "gpt2" {
         return Err(format!(
             "tokenizer.ggml.model is `{model}`; runner builds only byte-level BPE (`gpt2`) tokenizers from GGUF metadata; put a tokenizer.json beside the weights instead"
         ));
     }
-    let tokens = strings(content, "tokenizer.ggml.tokens")?;
-    let merges: Vec<(String, String)> = strings(content, "tokenizer.ggml.merges")?
+    let tokens = strings(metadata, "tokenizer.ggml.tokens")?;
+    let merges: Vec<(String, String)> = strings(metadata, "tokenizer.ggml.merges")?
         .into_iter()
         .map(|m| {
             m.split_once(' ')
@@ -70,7 +84,7 @@ pub fn from_gguf(content: &Content) -> Result<Tokenizer, String> {
 
     // llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`): SmolLM splits every digit on
     // its own before the GPT-2 byte-level split, as its tokenizer.json does.
-    let pre = metadata_str(content, "tokenizer.ggml.pre").unwrap_or("default");
+    let pre = metadata_str(metadata, "tokenizer.ggml.pre").unwrap_or("default");
     let byte_level = ByteLevel::new(false, true, true);
     match pre {
         "smollm" => {
@@ -91,7 +105,7 @@ pub fn from_gguf(content: &Content) -> Result<Tokenizer, String> {
     tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
 
     // Control and user-defined tokens are matched whole, never split by the BPE.
-    let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
+    let types: Vec<i32> = match metadata.get("tokenizer.ggml.token_type") {
         Some(Value::Array(values)) => values.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
         _ => Vec::new(),
     };
