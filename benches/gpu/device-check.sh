@@ -13,8 +13,9 @@
 #     bit-identically;
 #  4. measures pinned host-to-device bandwidth with PyTorch (the ceiling for a restore);
 #  5. runs `runner bench --cold-start` for a generated 1.1 GB model and a 4.3 GB one (f32
-#     converted to bf16 at load), sweeps the restore ring's settings, and times PyTorch cold
-#     starts of the same models beside them.
+#     converted to bf16 at load), through the pinned ring and through the page-locked
+#     mapping (`RUNNER_CUDA_RESTORE=mapped`), sweeps the restore's settings, and times
+#     PyTorch cold starts of the same models beside them.
 # Every step has its own time limit and a failed step does not stop the others. $OUT gets
 # at most 8 files (the device tool's limit): results.md, correctness.txt, the bench JSON
 # reports and a chart, and logs.tar.gz with everything else.
@@ -101,12 +102,12 @@ step "SmolLM2 (first blocks): runner GGUF and safetensors, CPU and GPU, vs trans
 # 2. Snapshot on the GPU; restore through each path and compare bit for bit.
 snapshot_roundtrip() {
   local mode
-  for mode in pageable pinned; do  # the pinned path's snapshot stays for the servers
+  for mode in pageable mapped pinned; do  # the pinned path's snapshot stays for the servers
     RUNNER_CUDA_RESTORE=$mode ./runner snapshot minilm --device "$DEVICE" --verify > "$WORK/snapshot-path.txt" 2> "$WORK/snapshot-$mode.log" || { tail -3 "$WORK/snapshot-$mode.log"; return 1; }
     grep -h "verified" "$WORK/snapshot-$mode.log" | sed "s/^/MiniLM ($mode): /" | tee -a "$WORK/correctness.txt"
   done
   serve_and_embed "$WORK/serve-cold.log" "$WORK/cold.json" --snapshot off || return 1
-  for mode in pinned pageable; do
+  for mode in pinned mapped pageable; do
     RUNNER_CUDA_RESTORE=$mode serve_and_embed "$WORK/serve-restored-$mode.log" "$WORK/restored-$mode.json" --require-snapshot || return 1
     if cmp -s "$WORK/cold.json" "$WORK/restored-$mode.json"; then
       echo "restored ($mode) == cold: bit-identical outputs"
@@ -142,7 +143,7 @@ verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way
   done
 }
 export -f verify_model
-step "big model snapshot, verified tensor by tensor" 150 verify_model big pinned pageable
+step "big model snapshot, verified tensor by tensor" 150 verify_model big mapped pageable pinned
 bench() {  # bench NAME DIR MODE RUNS ARGS...: uses DIR's snapshot when there is one
   local name=$1 dir=$2 mode=$3 runs=$4; shift 4
   local snap; snap=$(ls "$dir"/.runner/*.rsnap 2>/dev/null | grep -v cpu | head -1)
@@ -165,24 +166,28 @@ PY
 }
 export -f pytorch_big
 restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
-  local dir=$1 setting threads piece pin alloc addr log
-  # threads:piece KiB:pinning:allocation order
-  for setting in ${SWEEP:-8:1024:alloc:alongside 8:1024:register:alongside 8:1024:alloc:first 8:1024:register:first 8:512:register:first 4:1024:register:first 16:512:register:first 8:1024:alloc:alongside}; do
-    IFS=: read -r threads piece pin alloc <<< "$setting"
-    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc.log"
+  local dir=$1 setting threads piece pin alloc path addr log
+  # threads:piece KiB:pinning:allocation order[:path]; path `mapped` locks the mapped file
+  # itself (piece, pinning and order do not apply to it)
+  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 16:0:-:-:mapped 8:1024:register:first 8:512:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
+    IFS=: read -r threads piece pin alloc path <<< "$setting"
+    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}.log"
     addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
-      RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc serve "$dir" "$log" --require-snapshot) || return 1
+      RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
+      serve "$dir" "$log" --require-snapshot) || return 1
     kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
     echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
   done | tee -a "$WORK/restore-sweep.txt"
 }
 export -f restore_sweep
 step "bench big (pinned)" 150 bench big big pinned "$RUNS"
+step "bench big (mapped)" 150 bench big-mapped big mapped "$RUNS" --no-fresh-machine
 step "restore sweep (big)" 60 restore_sweep big
 step "PyTorch big cold start" 90 pytorch_big big
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
 step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
 step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
+step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
 step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
 
@@ -199,7 +204,7 @@ print(f"| GPU | {text('gpu.txt')} ({text('cpus.txt')} CPUs) |")
 print(f"| pinned H2D, PyTorch, 1 GiB x5 | {h2d or 'not measured'} GB/s |")
 print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pytorch_big.txt')} s |")
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
-for name in ["big", "huge"]:
+for name in ["big", "big-mapped", "huge", "huge-mapped"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
@@ -222,7 +227,7 @@ for f in minilm.md smollm2.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; }
 [ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null
-cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
+cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-big-mapped.json "$WORK"/bench-huge-mapped.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
 rm -rf big/weights huge/weights minilm/weights/model.safetensors
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.rsnap' .
 cat "$OUT/results.md" "$OUT/correctness.txt" 2>/dev/null

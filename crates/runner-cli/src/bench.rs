@@ -47,6 +47,8 @@ pub struct BenchOptions<'a> {
     pub runs: usize,
     pub snapshot: PathBuf,
     pub drop_caches: bool,
+    /// On CUDA, also start cold on an empty kernel cache (what a fresh machine has).
+    pub fresh_machine: bool,
     /// What a cold start loads: `safetensors` or `gguf`.
     pub weights_format: &'a str,
 }
@@ -224,7 +226,7 @@ pub fn cold_start(opts: &BenchOptions, input: &Value) -> Result<Vec<ModeResult>>
         runs: Vec::new(),
     };
     let mut modes = Vec::new();
-    if opts.device.starts_with("cuda") {
+    if opts.device.starts_with("cuda") && opts.fresh_machine {
         modes.push(mode(
             "cold, fresh machine (empty kernel cache)",
             ModeKind::ColdFreshMachine,

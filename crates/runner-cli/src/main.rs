@@ -302,6 +302,10 @@ enum Command {
         /// Drop the page cache before every start (needs root): cold-disk numbers.
         #[arg(long, env = "RUNNER_BENCH_DROP_CACHES")]
         drop_caches: bool,
+        /// On CUDA, leave out the cold start on an empty kernel cache (a fresh machine's),
+        /// which compiles candle's kernels every time: for comparing restore settings.
+        #[arg(long, env = "RUNNER_BENCH_NO_FRESH_MACHINE")]
+        no_fresh_machine: bool,
         /// Result format on stdout.
         #[arg(long, value_enum, default_value = "table", env = "RUNNER_BENCH_FORMAT")]
         format: BenchFormat,
@@ -548,6 +552,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             device,
             snapshot,
             drop_caches,
+            no_fresh_machine,
             format,
             chart,
             json_out,
@@ -558,7 +563,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     chart,
                     json_out,
                 };
-                bench_cold_start(&dir, runs, device.device, snapshot, drop_caches, outputs)
+                bench_cold_start(
+                    &dir,
+                    runs,
+                    device.device,
+                    snapshot,
+                    drop_caches,
+                    !no_fresh_machine,
+                    outputs,
+                )
             })
             .await?
         }
@@ -1005,6 +1018,7 @@ fn bench_cold_start(
     device: DeviceSpec,
     snapshot: Option<PathBuf>,
     drop_caches: bool,
+    fresh_machine: bool,
     outputs: BenchOutputs,
 ) -> Result<ExitCode> {
     if runs == 0 {
@@ -1056,6 +1070,7 @@ fn bench_cold_start(
         runs,
         snapshot: snapshot.clone(),
         drop_caches,
+        fresh_machine,
         weights_format,
     };
     let pinned_h2d = match device {

@@ -32,10 +32,26 @@ fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok()?.parse().ok().filter(|&n| n > 0)
 }
 
-/// Which CUDA restore path to take: `RUNNER_CUDA_RESTORE=pageable` falls back to reading
-/// each arena into ordinary memory and uploading it with one copy.
-pub(crate) fn pinned_enabled() -> bool {
-    std::env::var("RUNNER_CUDA_RESTORE").map_or(true, |v| v != "pageable")
+/// The CUDA restore paths (`RUNNER_CUDA_RESTORE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CudaRestorePath {
+    /// The default: reader threads copy the file into a ring of pinned buffers.
+    Pinned,
+    /// `mapped`: the snapshot file's page-cache pages are themselves page-locked
+    /// (`cuMemHostRegister`, read-only) chunk by chunk and copied from directly, so the CPU
+    /// reads each byte once (for its checksum) and copies nothing. Unverified on a GPU so far:
+    /// the GPU script measures it beside the ring.
+    Mapped,
+    /// `pageable`: read each arena into ordinary memory and upload it with one copy.
+    Pageable,
+}
+
+pub(crate) fn restore_path() -> CudaRestorePath {
+    match std::env::var("RUNNER_CUDA_RESTORE").as_deref() {
+        Ok("pageable") => CudaRestorePath::Pageable,
+        Ok("mapped") => CudaRestorePath::Mapped,
+        _ => CudaRestorePath::Pinned,
+    }
 }
 
 fn driver_err(what: &str) -> impl Fn(result::DriverError) -> SnapshotError + '_ {
@@ -202,19 +218,8 @@ struct Job {
 }
 
 impl Snapshot {
-    pub(crate) fn restore_arenas_pinned(
-        &self,
-        cuda: &CudaDevice,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
-        let started = Instant::now();
-        let stream = cuda.cuda_stream();
-        let ctx = stream.context().clone();
-        ctx.bind_to_thread()
-            .map_err(driver_err("cannot bind the CUDA context"))?;
-        let copy_stream = ctx
-            .new_stream()
-            .map_err(driver_err("cannot create a copy stream"))?;
-
+    /// Every data chunk of every arena, in file order: the reader threads' work list.
+    fn chunk_jobs(&self) -> Vec<Job> {
         let mut jobs = Vec::new();
         for (a, arena) in self.manifest.arenas.iter().enumerate() {
             for (c, _) in arena.chunk_checksums.iter().enumerate() {
@@ -228,14 +233,24 @@ impl Snapshot {
                 });
             }
         }
-        let threads = env_usize("RUNNER_RESTORE_THREADS")
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-                    .min(MAX_THREADS)
-            })
-            .min(jobs.len().max(1));
+        jobs
+    }
+
+    pub(crate) fn restore_arenas_pinned(
+        &self,
+        cuda: &CudaDevice,
+    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+        let started = Instant::now();
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()
+            .map_err(driver_err("cannot bind the CUDA context"))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("cannot create a copy stream"))?;
+
+        let jobs = self.chunk_jobs();
+        let threads = reader_threads(jobs.len());
         let largest = jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
         let piece = env_usize("RUNNER_RESTORE_PIECE_KIB")
             .map(|k| k << 10)
@@ -418,6 +433,202 @@ impl Snapshot {
         ))
     }
 
+    /// The `mapped` path ([`CudaRestorePath::Mapped`]): the file mapped read-only, each
+    /// 16 MiB chunk page-locked where it lies in the page cache and copied to the GPU from
+    /// there while a CPU thread checks it; the chunks are unlocked once their copies are
+    /// done. The tensors are handed over only after every chunk checked out, so bad bytes
+    /// never reach the model. Falls back to the ring when the driver cannot lock a
+    /// read-only file mapping, or the chunks do not start on page boundaries.
+    pub(crate) fn restore_arenas_registered(
+        &self,
+        cuda: &CudaDevice,
+    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+        let started = Instant::now();
+        let page = page_size();
+        let aligned = self.manifest.arenas.iter().all(|a| {
+            (self.data_offset + a.offset).is_multiple_of(page) && a.chunk_bytes.is_multiple_of(page)
+        });
+        let file_len = self.data_offset + self.header.data_bytes;
+        if !aligned || self.header.data_bytes == 0 {
+            tracing::debug!("cuda restore: the chunks are not page-aligned; using the pinned ring");
+            return self.restore_arenas_pinned(cuda);
+        }
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()
+            .map_err(driver_err("cannot bind the CUDA context"))?;
+        let mapping = ReadOnlyMapping::new(&self.file, file_len as usize)
+            .map_err(io(&self.path, "cannot map the snapshot"))?;
+        // Can this driver lock a read-only file mapping at all? One page tells.
+        let probe = mapping.range(
+            self.data_offset as usize,
+            page.min(self.header.data_bytes) as usize,
+        );
+        if let Err(e) = register_read_only(probe) {
+            tracing::debug!(
+                "cuda restore: cannot page-lock the mapped snapshot ({e}); using the pinned ring"
+            );
+            drop(mapping);
+            return self.restore_arenas_pinned(cuda);
+        }
+        unregister(probe);
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("cannot create a copy stream"))?;
+
+        let jobs = self.chunk_jobs();
+        let threads = reader_threads(jobs.len());
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let lock_nanos = AtomicUsize::new(0);
+        let unlock_nanos = AtomicUsize::new(0);
+        let bases: OnceLock<Option<Vec<u64>>> = OnceLock::new();
+        let mut device_alloc = Duration::ZERO;
+        let (arenas, results) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (jobs, next, failed, bases, ctx, copy_stream, mapping) =
+                        (&jobs, &next, &failed, &bases, &ctx, &copy_stream, &mapping);
+                    let (lock_nanos, unlock_nanos) = (&lock_nanos, &unlock_nanos);
+                    scope.spawn(move || -> Result<(), SnapshotError> {
+                        ctx.bind_to_thread()
+                            .map_err(driver_err("cannot bind the CUDA context"))?;
+                        // Chunks locked by this thread, with the event after their copy.
+                        let mut locked = Vec::new();
+                        let outcome = (|| loop {
+                            if failed.load(Ordering::Relaxed) {
+                                return Ok(());
+                            }
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(job) = jobs.get(i) else {
+                                return Ok(());
+                            };
+                            let arena = &self.manifest.arenas[job.arena];
+                            let at = (self.data_offset + arena.offset + job.start) as usize;
+                            let bytes = mapping.range(at, job.len as usize);
+                            let lock_started = Instant::now();
+                            register_read_only(bytes)
+                                .map_err(driver_err("cannot page-lock the mapped snapshot"))?;
+                            lock_nanos.fetch_add(
+                                lock_started.elapsed().as_nanos() as usize,
+                                Ordering::Relaxed,
+                            );
+                            let event = ctx.new_event(None);
+                            let event = match event {
+                                Ok(event) => event,
+                                Err(e) => {
+                                    unregister(bytes);
+                                    return Err(driver_err("cannot create a CUDA event")(e));
+                                }
+                            };
+                            locked.push((bytes, event));
+                            let Some(bases) = bases.wait() else {
+                                return Ok(()); // the allocation failed; it says why
+                            };
+                            // SAFETY: the destination lies inside the arena's allocation
+                            // (offsets validated when the snapshot was opened); the source
+                            // stays mapped and locked until the event after the copy is
+                            // waited for below.
+                            unsafe {
+                                result::memcpy_htod_async(
+                                    bases[job.arena] + job.start,
+                                    bytes,
+                                    copy_stream.cu_stream(),
+                                )
+                            }
+                            .map_err(driver_err("cannot copy to the GPU"))?;
+                            let (_, event) = locked.last().expect("just pushed");
+                            if let Err(e) = event.record(copy_stream) {
+                                // Without the event, only the stream says when the copy
+                                // has read the locked pages.
+                                let _ = copy_stream.synchronize();
+                                return Err(driver_err("cannot record a CUDA event")(e));
+                            }
+                            // Checked while the GPU copies the same pages.
+                            if xxhash_rust::xxh3::xxh3_64(bytes) != arena.chunk_checksums[job.chunk]
+                            {
+                                return Err(self.chunk_error(job.arena, job.chunk));
+                            }
+                            self.advance(bytes.len());
+                        })();
+                        if outcome.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        // No chunk is unlocked while a copy may still read it.
+                        let unlock_started = Instant::now();
+                        for (bytes, event) in locked {
+                            let _ = event.synchronize();
+                            unregister(bytes);
+                        }
+                        unlock_nanos.fetch_add(
+                            unlock_started.elapsed().as_nanos() as usize,
+                            Ordering::Relaxed,
+                        );
+                        outcome
+                    })
+                })
+                .collect();
+
+            let alloc_started = Instant::now();
+            let allocated = self.alloc_arenas(cuda, &stream);
+            device_alloc = alloc_started.elapsed();
+            let mut arenas = match allocated {
+                Ok(arenas) => arenas,
+                Err(e) => {
+                    let _ = bases.set(None);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return (Err(e), Vec::new());
+                }
+            };
+            let mut guards = Vec::with_capacity(arenas.len());
+            let mut pointers = Vec::with_capacity(arenas.len());
+            for a in arenas.iter_mut() {
+                let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
+                pointers.push(ptr);
+                guards.push(guard);
+            }
+            let _ = bases.set(Some(pointers));
+            let results: Vec<Result<(), SnapshotError>> = handles
+                .into_iter()
+                .map(|h| h.join().expect("a snapshot reader thread panicked"))
+                .collect();
+            drop(guards);
+            (Ok(arenas), results)
+        });
+        let pipeline = started.elapsed();
+        copy_stream
+            .synchronize()
+            .map_err(driver_err("cannot synchronize the copy stream"))?;
+        drop(mapping);
+        let arenas = arenas?;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        let read = started.elapsed();
+        let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
+        let tensors = self.views(&arenas)?;
+        let total = started.elapsed();
+        tracing::debug!(
+            target: "runner::setup",
+            "cuda restore (mapped): {threads} threads locking {} chunks of the mapped file; device alloc {:.1} ms, locking {:.1} ms and unlocking {:.1} ms (all threads together), lock + copy + check {:.1} ms; total {:.1} ms",
+            jobs.len(),
+            device_alloc.as_secs_f64() * 1e3,
+            lock_nanos.into_inner() as f64 / 1e6,
+            unlock_nanos.into_inner() as f64 / 1e6,
+            pipeline.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3
+        );
+        Ok((
+            tensors,
+            RestoreStats {
+                data_bytes: self.header.data_bytes,
+                read,
+                upload: total - read,
+                total,
+            },
+        ))
+    }
+
     /// One device allocation per arena, through the model's own device.
     fn alloc_arenas(
         &self,
@@ -443,6 +654,94 @@ impl Snapshot {
             .map_err(driver_err("cannot synchronize the device"))?;
         Ok(arenas)
     }
+}
+
+/// Reader threads for `jobs` chunks: the cores, at most [`MAX_THREADS`]
+/// (`RUNNER_RESTORE_THREADS` overrides).
+fn reader_threads(jobs: usize) -> usize {
+    env_usize("RUNNER_RESTORE_THREADS")
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(MAX_THREADS)
+        })
+        .min(jobs.max(1))
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+/// The whole snapshot file mapped read-only and shared: its pages are the page cache's.
+struct ReadOnlyMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a read-only mapping; the threads only read it.
+unsafe impl Sync for ReadOnlyMapping {}
+
+impl ReadOnlyMapping {
+    fn new(file: &std::fs::File, len: usize) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared read-only mapping of `len` bytes of an open file; the
+        // snapshot's length was checked against the file when it was opened.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr as *mut u8,
+            len,
+        })
+    }
+
+    fn range(&self, at: usize, len: usize) -> &[u8] {
+        assert!(at.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: inside the live mapping (asserted); nothing writes to it.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(at), len) }
+    }
+}
+
+impl Drop for ReadOnlyMapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new`; every registration of it was undone before the drop.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Page-locks host memory the GPU will only read (`CU_MEMHOSTREGISTER_READ_ONLY`, which a
+/// read-only file mapping needs).
+fn register_read_only(bytes: &[u8]) -> Result<(), result::DriverError> {
+    // SAFETY: `bytes` is live mapped memory; it is unregistered before it is unmapped.
+    let status = unsafe {
+        sys::cuMemHostRegister_v2(
+            bytes.as_ptr() as *mut std::ffi::c_void,
+            bytes.len(),
+            sys::CU_MEMHOSTREGISTER_READ_ONLY,
+        )
+    };
+    match status {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        other => Err(result::DriverError(other)),
+    }
+}
+
+fn unregister(bytes: &[u8]) {
+    // SAFETY: registered by `register_read_only`; no copy from it is still in flight.
+    let _ = unsafe { sys::cuMemHostUnregister(bytes.as_ptr() as *mut std::ffi::c_void) };
 }
 
 /// Pinned host-to-device copy bandwidth of `cuda`'s GPU, in bytes per second: the ceiling

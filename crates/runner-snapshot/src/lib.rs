@@ -753,7 +753,8 @@ impl Snapshot {
     /// arena measured 3.5x slower), so views would make restored models slow. On a GPU each
     /// arena is one device allocation with the tensors as views into it, filled through a
     /// ring of pinned buffers (`cuda_restore`), or with one pageable upload per arena when
-    /// `RUNNER_CUDA_RESTORE=pageable`.
+    /// `RUNNER_CUDA_RESTORE=pageable`, or straight from the page-locked mapped file when
+    /// `RUNNER_CUDA_RESTORE=mapped` (unverified on a GPU so far).
     ///
     /// Where the binary installed [`SnapshotAllocator`], the CPU tensors are not copied at
     /// all: each arena is mapped copy-on-write from the page cache and every tensor's
@@ -772,9 +773,11 @@ impl Snapshot {
             Device::Cpu if cpu_restore_maps() => self.restore_mapped(device),
             Device::Cpu => self.restore_per_tensor(device),
             #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) if cuda_restore::pinned_enabled() => {
-                self.restore_arenas_pinned(cuda)
-            }
+            Device::Cuda(cuda) => match cuda_restore::restore_path() {
+                cuda_restore::CudaRestorePath::Pinned => self.restore_arenas_pinned(cuda),
+                cuda_restore::CudaRestorePath::Mapped => self.restore_arenas_registered(cuda),
+                cuda_restore::CudaRestorePath::Pageable => self.restore_arenas(device),
+            },
             _ => self.restore_arenas(device),
         }
     }
