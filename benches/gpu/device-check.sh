@@ -12,10 +12,10 @@
 #     tensor bit for bit against the cold load, and that restored servers answer
 #     bit-identically;
 #  4. measures pinned host-to-device bandwidth with PyTorch (the ceiling for a restore);
-#  5. runs `runner bench --cold-start` for a generated 1.1 GB model and a 4.3 GB one (f32
-#     converted to bf16 at load), through the pinned ring and through the page-locked
-#     mapping (`RUNNER_CUDA_RESTORE=mapped`), sweeps the restore's settings, and times
-#     PyTorch cold starts of the same models beside them.
+#  5. runs `runner bench --cold-start` for a generated 1.1 GB model, a 4.3 GB one and, when
+#     time is left, a 17 GB one (f32 converted to bf16 at load), through the pinned ring and
+#     through the page-locked mapping (`RUNNER_CUDA_RESTORE=mapped`), sweeps the restore's
+#     settings, and times PyTorch cold starts of the same models beside them.
 # Every step has its own time limit and a failed step does not stop the others. $OUT gets
 # at most 8 files (the device tool's limit): results.md, correctness.txt, the bench JSON
 # reports and a chart, and logs.tar.gz with everything else.
@@ -26,6 +26,7 @@ set -uo pipefail
 DEVICE="${DEVICE:-cuda:0}"
 BIG_HIDDEN="${BIG_HIDDEN:-4096}"   # 16 layers of 4096x4096 f32: 1.07 GB of weights
 HUGE_HIDDEN="${HUGE_HIDDEN:-8192}" # 16 layers of 8192x8192 f32: 4.3 GB of weights
+GIANT_HIDDEN="${GIANT_HIDDEN:-16384}" # 16 layers of 16384x16384 f32: 17.2 GB of weights
 RUNS="${RUNS:-2}"
 STAGE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/stage"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
@@ -90,7 +91,7 @@ serve_and_embed() {  # serve_and_embed LOG OUTFILE SERVE-ARGS...
 }
 
 # 1-2. MiniLM-shaped BERT and SmolLM2's first blocks against the Python libraries.
-export DEVICE RUNS WORK SWEEP HUGE_HIDDEN
+export DEVICE RUNS WORK SWEEP HUGE_HIDDEN GIANT_HIDDEN
 export -f serve embed serve_and_embed
 step "MiniLM: generate random weights" 60 python3 checks.py minilm-generate minilm/weights
 minilm_checks() { python3 checks.py minilm "$DEVICE" minilm > "$WORK/minilm.md"; }
@@ -190,6 +191,15 @@ step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
 step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
 step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
+# Last, where time is left: a 17 GB model (16 layers of 16384x16384 f32, 8.6 GB as bf16),
+# the size of a 7-8B LLM in bf16, where loading is most of a cold start.
+giant_snapshot() { rm -rf huge/weights huge/.runner; ./runner -q snapshot giant --device "$DEVICE" > /dev/null 2> "$WORK/snapshot-giant.log"; }
+export -f giant_snapshot
+step "generate the 17 GB model" 150 ./runner -q generate tiny-mlp giant/weights --hidden-size "$GIANT_HIDDEN" --layers 16 --dtype bf16
+step "17 GB model snapshot" 150 giant_snapshot
+step "bench 17 GB model (mapped)" 150 bench giant-mapped giant mapped 1 --no-fresh-machine
+step "bench 17 GB model (pinned)" 150 bench giant giant pinned 1 --no-fresh-machine
+step "PyTorch 17 GB model cold start" 120 pytorch_big giant
 
 report() {
   python3 - "$WORK" > "$WORK/results.md" <<'PY'
@@ -204,7 +214,8 @@ print(f"| GPU | {text('gpu.txt')} ({text('cpus.txt')} CPUs) |")
 print(f"| pinned H2D, PyTorch, 1 GiB x5 | {h2d or 'not measured'} GB/s |")
 print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pytorch_big.txt')} s |")
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
-for name in ["big", "big-mapped", "huge", "huge-mapped"]:
+print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
+for name in ["big", "big-mapped", "huge", "huge-mapped", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
@@ -228,6 +239,6 @@ for f in minilm.md smollm2.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; }
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null
 cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-big-mapped.json "$WORK"/bench-huge-mapped.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
-rm -rf big/weights huge/weights minilm/weights/model.safetensors
+rm -rf big/weights huge/weights giant/weights minilm/weights/model.safetensors
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.rsnap' .
 cat "$OUT/results.md" "$OUT/correctness.txt" 2>/dev/null

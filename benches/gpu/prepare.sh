@@ -28,8 +28,9 @@ python3 benches/gpu/trim_gguf.py models/smollm2-135m-instruct/weights/SmolLM2-13
 xz -T0 -6 "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-10-blocks.Q4_1.gguf"
 cp tests/data/minilm_reference.json tests/data/smollm2_reference.json benches/data/sentences.txt benches/gpu/checks.py "$STAGE/"
 # The large benchmark models are generated on the GPU machine; only their cog.yaml travels.
-mkdir -p "$STAGE/big" "$STAGE/huge"
+mkdir -p "$STAGE/big" "$STAGE/huge" "$STAGE/giant"
 cp models/tiny-mlp/cog.yaml "$STAGE/big/"
 cp models/tiny-mlp/cog.yaml "$STAGE/huge/"
+cp models/tiny-mlp/cog.yaml "$STAGE/giant/"
 du -sh "$STAGE"
 du -sb "$STAGE"
