@@ -372,30 +372,7 @@ impl Snapshot {
                 .collect();
 
             let allocated = allocated_first.unwrap_or_else(allocate);
-            let mut arenas = match allocated {
-                Ok(arenas) => arenas,
-                Err(e) => {
-                    let _ = bases.set(None);
-                    for h in handles {
-                        let _ = h.join();
-                    }
-                    return (Err(e), Vec::new());
-                }
-            };
-            let mut guards = Vec::with_capacity(arenas.len());
-            let mut pointers = Vec::with_capacity(arenas.len());
-            for a in arenas.iter_mut() {
-                let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
-                pointers.push(ptr);
-                guards.push(guard);
-            }
-            let _ = bases.set(Some(pointers));
-            let results: Vec<Result<(), SnapshotError>> = handles
-                .into_iter()
-                .map(|h| h.join().expect("a snapshot reader thread panicked"))
-                .collect();
-            drop(guards);
-            (Ok(arenas), results)
+            hand_over(allocated, &bases, &copy_stream, handles)
         });
         let pipeline = started.elapsed();
         let sync_started = Instant::now();
@@ -572,30 +549,7 @@ impl Snapshot {
             let alloc_started = Instant::now();
             let allocated = self.alloc_arenas(cuda, &stream);
             device_alloc = alloc_started.elapsed();
-            let mut arenas = match allocated {
-                Ok(arenas) => arenas,
-                Err(e) => {
-                    let _ = bases.set(None);
-                    for h in handles {
-                        let _ = h.join();
-                    }
-                    return (Err(e), Vec::new());
-                }
-            };
-            let mut guards = Vec::with_capacity(arenas.len());
-            let mut pointers = Vec::with_capacity(arenas.len());
-            for a in arenas.iter_mut() {
-                let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
-                pointers.push(ptr);
-                guards.push(guard);
-            }
-            let _ = bases.set(Some(pointers));
-            let results: Vec<Result<(), SnapshotError>> = handles
-                .into_iter()
-                .map(|h| h.join().expect("a snapshot reader thread panicked"))
-                .collect();
-            drop(guards);
-            (Ok(arenas), results)
+            hand_over(allocated, &bases, &copy_stream, handles)
         });
         let pipeline = started.elapsed();
         copy_stream
@@ -654,6 +608,44 @@ impl Snapshot {
             .map_err(driver_err("cannot synchronize the device"))?;
         Ok(arenas)
     }
+}
+
+/// What the reader threads report, one result each.
+type ReaderResults = Vec<Result<(), SnapshotError>>;
+
+/// Gives the reader threads the arenas' device addresses once they are allocated (or tells
+/// them the allocation failed), and waits for them; the arenas are not touched by the host
+/// meanwhile.
+fn hand_over(
+    allocated: Result<Vec<DeviceArena>, SnapshotError>,
+    bases: &OnceLock<Option<Vec<u64>>>,
+    copy_stream: &CudaStream,
+    readers: Vec<std::thread::ScopedJoinHandle<'_, Result<(), SnapshotError>>>,
+) -> (Result<Vec<DeviceArena>, SnapshotError>, ReaderResults) {
+    let mut arenas = match allocated {
+        Ok(arenas) => arenas,
+        Err(e) => {
+            let _ = bases.set(None);
+            for h in readers {
+                let _ = h.join();
+            }
+            return (Err(e), Vec::new());
+        }
+    };
+    let mut guards = Vec::with_capacity(arenas.len());
+    let mut pointers = Vec::with_capacity(arenas.len());
+    for a in arenas.iter_mut() {
+        let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(copy_stream));
+        pointers.push(ptr);
+        guards.push(guard);
+    }
+    let _ = bases.set(Some(pointers));
+    let results = readers
+        .into_iter()
+        .map(|h| h.join().expect("a snapshot reader thread panicked"))
+        .collect();
+    drop(guards);
+    (Ok(arenas), results)
 }
 
 /// Reader threads for `jobs` chunks: the cores, at most [`MAX_THREADS`]
