@@ -217,9 +217,32 @@ struct Job {
     len: u64,
 }
 
+/// The chunks still to restore, shared by the reader threads; empty for all of them once
+/// one has failed.
+struct JobQueue {
+    jobs: Vec<Job>,
+    next: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl JobQueue {
+    fn take(&self) -> Option<&Job> {
+        if self.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.jobs.get(self.next.fetch_add(1, Ordering::Relaxed))
+    }
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
 impl Snapshot {
     /// Every data chunk of every arena, in file order: the reader threads' work list.
-    fn chunk_jobs(&self) -> Vec<Job> {
+    fn chunk_jobs(&self) -> JobQueue {
         let mut jobs = Vec::new();
         for (a, arena) in self.manifest.arenas.iter().enumerate() {
             for (c, _) in arena.chunk_checksums.iter().enumerate() {
@@ -233,7 +256,11 @@ impl Snapshot {
                 });
             }
         }
-        jobs
+        JobQueue {
+            jobs,
+            next: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn restore_arenas_pinned(
@@ -251,7 +278,7 @@ impl Snapshot {
 
         let jobs = self.chunk_jobs();
         let threads = reader_threads(jobs.len());
-        let largest = jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
+        let largest = jobs.jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
         let piece = env_usize("RUNNER_RESTORE_PIECE_KIB")
             .map(|k| k << 10)
             .or_else(|| env_usize("RUNNER_RESTORE_PIECE_MIB").map(|m| m << 20))
@@ -260,8 +287,6 @@ impl Snapshot {
         // `RUNNER_RESTORE_ALLOC=first` allocates the arenas before the readers pin their
         // buffers, instead of alongside (both take the driver's locks).
         let alloc_first = std::env::var("RUNNER_RESTORE_ALLOC").is_ok_and(|v| v == "first");
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
         let pinned_alloc_nanos = AtomicUsize::new(0);
         // The arenas' device addresses, once allocated; the reader threads pin their
         // buffers meanwhile (pinning costs about as much as the device allocation).
@@ -280,15 +305,8 @@ impl Snapshot {
             }
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
-                    let (jobs, next, failed, bases, ctx, copy_stream, pinned_alloc_nanos) = (
-                        &jobs,
-                        &next,
-                        &failed,
-                        &bases,
-                        &ctx,
-                        &copy_stream,
-                        &pinned_alloc_nanos,
-                    );
+                    let (jobs, bases, ctx, copy_stream, pinned_alloc_nanos) =
+                        (&jobs, &bases, &ctx, &copy_stream, &pinned_alloc_nanos);
                     scope.spawn(move || -> Result<(), SnapshotError> {
                         ctx.bind_to_thread()
                             .map_err(driver_err("cannot bind the CUDA context"))?;
@@ -307,11 +325,7 @@ impl Snapshot {
                         let mut turn = 0usize;
                         let outcome = (|| {
                             loop {
-                                if failed.load(Ordering::Relaxed) {
-                                    return Ok(());
-                                }
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                let Some(job) = jobs.get(i) else {
+                                let Some(job) = jobs.take() else {
                                     return Ok(());
                                 };
                                 let arena = &self.manifest.arenas[job.arena];
@@ -360,7 +374,7 @@ impl Snapshot {
                             }
                         })();
                         if outcome.is_err() {
-                            failed.store(true, Ordering::Relaxed);
+                            jobs.fail();
                         }
                         // No buffer is freed while a copy may still read it.
                         for (_, event) in &ring {
@@ -380,12 +394,8 @@ impl Snapshot {
             .synchronize()
             .map_err(driver_err("cannot synchronize the copy stream"))?;
         let sync = sync_started.elapsed();
-        let arenas = arenas?;
-        results.into_iter().collect::<Result<Vec<()>, _>>()?;
         let read = started.elapsed();
-
-        let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
-        let tensors = self.views(&arenas)?;
+        let tensors = self.checked_views(cuda, arenas, results)?;
         let total = started.elapsed();
         tracing::debug!(
             target: "runner::setup",
@@ -399,15 +409,7 @@ impl Snapshot {
             sync.as_secs_f64() * 1e3,
             total.as_secs_f64() * 1e3
         );
-        Ok((
-            tensors,
-            RestoreStats {
-                data_bytes: self.header.data_bytes,
-                read,
-                upload: total - read,
-                total,
-            },
-        ))
+        Ok((tensors, self.device_stats(read, total)))
     }
 
     /// The `mapped` path ([`CudaRestorePath::Mapped`]): the file mapped read-only, each
@@ -455,8 +457,6 @@ impl Snapshot {
 
         let jobs = self.chunk_jobs();
         let threads = reader_threads(jobs.len());
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
         let lock_nanos = AtomicUsize::new(0);
         let unlock_nanos = AtomicUsize::new(0);
         let bases: OnceLock<Option<Vec<u64>>> = OnceLock::new();
@@ -464,8 +464,8 @@ impl Snapshot {
         let (arenas, results) = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|_| {
-                    let (jobs, next, failed, bases, ctx, copy_stream, mapping) =
-                        (&jobs, &next, &failed, &bases, &ctx, &copy_stream, &mapping);
+                    let (jobs, bases, ctx, copy_stream, mapping) =
+                        (&jobs, &bases, &ctx, &copy_stream, &mapping);
                     let (lock_nanos, unlock_nanos) = (&lock_nanos, &unlock_nanos);
                     scope.spawn(move || -> Result<(), SnapshotError> {
                         ctx.bind_to_thread()
@@ -473,11 +473,7 @@ impl Snapshot {
                         // Chunks locked by this thread, with the event after their copy.
                         let mut locked = Vec::new();
                         let outcome = (|| loop {
-                            if failed.load(Ordering::Relaxed) {
-                                return Ok(());
-                            }
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(job) = jobs.get(i) else {
+                            let Some(job) = jobs.take() else {
                                 return Ok(());
                             };
                             let arena = &self.manifest.arenas[job.arena];
@@ -529,7 +525,7 @@ impl Snapshot {
                             self.advance(bytes.len());
                         })();
                         if outcome.is_err() {
-                            failed.store(true, Ordering::Relaxed);
+                            jobs.fail();
                         }
                         // No chunk is unlocked while a copy may still read it.
                         let unlock_started = Instant::now();
@@ -556,11 +552,8 @@ impl Snapshot {
             .synchronize()
             .map_err(driver_err("cannot synchronize the copy stream"))?;
         drop(mapping);
-        let arenas = arenas?;
-        results.into_iter().collect::<Result<Vec<()>, _>>()?;
         let read = started.elapsed();
-        let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
-        let tensors = self.views(&arenas)?;
+        let tensors = self.checked_views(cuda, arenas, results)?;
         let total = started.elapsed();
         tracing::debug!(
             target: "runner::setup",
@@ -572,15 +565,30 @@ impl Snapshot {
             pipeline.as_secs_f64() * 1e3,
             total.as_secs_f64() * 1e3
         );
-        Ok((
-            tensors,
-            RestoreStats {
-                data_bytes: self.header.data_bytes,
-                read,
-                upload: total - read,
-                total,
-            },
-        ))
+        Ok((tensors, self.device_stats(read, total)))
+    }
+
+    /// The restored tensors (views into the arenas), once every reader thread succeeded:
+    /// the first error otherwise, and the arenas are freed.
+    fn checked_views(
+        &self,
+        cuda: &CudaDevice,
+        arenas: Result<Vec<DeviceArena>, SnapshotError>,
+        results: ReaderResults,
+    ) -> Result<Vec<(String, Tensor)>, SnapshotError> {
+        let arenas = arenas?;
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        let arenas: Vec<Tensor> = arenas.into_iter().map(|a| a.into_tensor(cuda)).collect();
+        self.views(&arenas)
+    }
+
+    fn device_stats(&self, read: Duration, total: Duration) -> RestoreStats {
+        RestoreStats {
+            data_bytes: self.header.data_bytes,
+            read,
+            upload: total - read,
+            total,
+        }
     }
 
     /// One device allocation per arena, through the model's own device.
