@@ -229,3 +229,39 @@ fn a_model_too_big_for_memory_fails_setup_instead_of_being_killed() {
     assert_eq!(status, 503, "{body}");
     drop(server);
 }
+
+#[test]
+fn a_missing_or_broken_bert_tokenizer_is_named() {
+    let d = scratch_model("all-minilm-l6-v2");
+    let weights = d.path().join("weights");
+    fs::create_dir(&weights).unwrap();
+    let real = repo_root().join("models/all-minilm-l6-v2/weights");
+    // Copies (links out of the model directory are refused), all but the tokenizer.
+    for entry in fs::read_dir(&real).unwrap() {
+        let entry = entry.unwrap();
+        let to = weights.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            fs::create_dir(&to).unwrap();
+            for inner in fs::read_dir(entry.path()).unwrap() {
+                let inner = inner.unwrap();
+                fs::copy(inner.path(), to.join(inner.file_name())).unwrap();
+            }
+        } else if entry.file_name() != "tokenizer.json" {
+            fs::copy(entry.path(), to).unwrap();
+        }
+    }
+    let dir = d.path().to_str().unwrap();
+    let (code, _, stderr) = runner(&["run", dir, "-i", "text=hello", "--device", "cpu"]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("tokenizer.json not found") && stderr.contains("candle:bert"),
+        "{stderr}"
+    );
+    fs::write(weights.join("tokenizer.json"), r#"{"model": 7}"#).unwrap();
+    let (code, _, stderr) = runner(&["run", dir, "-i", "text=hello", "--device", "cpu"]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("tokenizer.json") && stderr.contains("not a usable tokenizer.json"),
+        "{stderr}"
+    );
+}

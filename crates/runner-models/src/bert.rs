@@ -92,15 +92,41 @@ pub struct Bert {
 }
 
 fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Model>, LoadError> {
-    let layout = &dir.weights;
-    let (config_path, config): (_, Config) = read_json_config(layout, "config.json", "bert")?;
+    let (config_path, config): (_, Config) = read_json_config(&dir.weights, "config.json", "bert")?;
     ctx.log(&format!(
         "config: {} ({} layers, hidden {})",
         config_path.display(),
         config.num_hidden_layers,
         config.hidden_size
     ));
+    // tokenizer.json takes a good part of a restore to parse: on its own thread, while the
+    // weights load.
+    let (tokenizer, encoder) = std::thread::scope(|scope| {
+        let tokenizer = scope.spawn(|| tokenizer_for(dir, &config));
+        let encoder = load_encoder(dir, &config, device, ctx);
+        let tokenizer = tokenizer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (tokenizer, encoder)
+    });
+    let (tokenizer, max_len) = tokenizer?;
+    let encoder = encoder?;
+    let pooling = pooling_of(dir)?;
+    ctx.log(&format!(
+        "max sequence length {max_len}, {pooling:?} pooling"
+    ));
+    Ok(Box::new(Bert {
+        encoder,
+        tokenizer,
+        pooling,
+        pad_id: config.pad_token_id as u32,
+        device: device.clone(),
+    }))
+}
 
+/// The model's tokenizer, truncating to its maximum sequence length (also returned).
+fn tokenizer_for(dir: &ModelDir, config: &Config) -> Result<(Tokenizer, usize), LoadError> {
+    let layout = &dir.weights;
     let tokenizer_path = layout.file_named("tokenizer.json").ok_or_else(|| {
         WeightsError::Missing("tokenizer.json not found among the weights files; candle:bert needs it beside config.json".into())
     })?;
@@ -126,8 +152,16 @@ fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Mo
         .map_err(|e| LoadError::Other(format!("tokenizer truncation: {e}")))?;
     // Padding is done per forward pass in `embed_pooled`, to that group's longest text.
     tokenizer.with_padding(None);
+    Ok((tokenizer, max_len))
+}
 
-    let pooling = pooling_of(dir)?;
+fn load_encoder(
+    dir: &ModelDir,
+    config: &Config,
+    device: &Device,
+    ctx: &LoadContext,
+) -> Result<Encoder, LoadError> {
+    let layout = &dir.weights;
     if !ctx.is_restore() {
         let weights = CheckedWeights::open(layout)?;
         ctx.log(&format!(
@@ -141,27 +175,17 @@ fn load(dir: &ModelDir, device: &Device, ctx: &LoadContext) -> Result<Box<dyn Mo
         ));
     }
     let vb = ctx.var_builder(layout, DType::F32, device)?;
-    let encoder = if device.is_cpu() {
+    Ok(if device.is_cpu() {
         Encoder::Cpu(
-            CpuBert::load(vb, &config, ctx)
+            CpuBert::load(vb, config, ctx)
                 .map_err(|e| LoadError::Other(format!("loading BERT weights: {e}")))?,
         )
     } else {
         Encoder::Candle(
-            BertModel::load(vb, &config)
+            BertModel::load(vb, config)
                 .map_err(|e| LoadError::Other(format!("loading BERT weights: {e}")))?,
         )
-    };
-    ctx.log(&format!(
-        "max sequence length {max_len}, {pooling:?} pooling"
-    ));
-    Ok(Box::new(Bert {
-        encoder,
-        tokenizer,
-        pooling,
-        pad_id: config.pad_token_id as u32,
-        device: device.clone(),
-    }))
+    })
 }
 
 fn pooling_of(dir: &ModelDir) -> Result<Pooling, LoadError> {
