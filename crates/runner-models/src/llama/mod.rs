@@ -558,7 +558,7 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         .extract_if(|key, _| tokenizer::is_tokenizer_key(key))
         .collect();
     let (tokenizer, weights) = std::thread::scope(|scope| {
-        let tokenizer = scope.spawn(move || tokenizer::from_metadata(&tokenizer_metadata));
+        let tokenizer = scope.spawn(move || tokenizer::from_metadata(tokenizer_metadata));
         let weights = quantized::ModelWeights::from_gguf(
             content,
             &mut reader,
