@@ -436,8 +436,15 @@ impl Snapshot {
         let ctx = stream.context().clone();
         ctx.bind_to_thread()
             .map_err(driver_err("cannot bind the CUDA context"))?;
-        let mapping = ReadOnlyMapping::new(&self.file, file_len as usize)
-            .map_err(io(&self.path, "cannot map the snapshot"))?;
+        let mapping = match ReadOnlyMapping::new(&self.file, file_len as usize) {
+            Ok(mapping) => mapping,
+            Err(e) => {
+                tracing::debug!(
+                    "cuda restore: cannot map the snapshot ({e}); using the pinned ring"
+                );
+                return self.restore_arenas_pinned(cuda);
+            }
+        };
         // Can this driver lock a read-only file mapping at all? One page tells.
         let probe = mapping.range(
             self.data_offset as usize,
