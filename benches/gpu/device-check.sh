@@ -199,6 +199,10 @@ step "generate the 17 GB model" 150 ./runner -q generate tiny-mlp giant/weights 
 step "17 GB model snapshot" 150 giant_snapshot
 step "bench 17 GB model (mapped)" 150 bench giant-mapped giant mapped 1 --no-fresh-machine
 step "bench 17 GB model (pinned)" 150 bench giant giant pinned 1 --no-fresh-machine
+# At this size pinning is paid off: do more reader threads help either path?
+giant_sweep() { SWEEP="8:1024:alloc:alongside 16:1024:alloc:alongside 16:4096:alloc:alongside 8:0:-:-:mapped 16:0:-:-:mapped" restore_sweep giant; }
+export -f giant_sweep
+step "restore sweep (17 GB model)" 90 giant_sweep
 step "PyTorch 17 GB model cold start" 120 pytorch_big giant
 
 report() {
