@@ -612,21 +612,48 @@ impl Engine {
             snapshot.header.data_bytes,
             "the snapshot's tensors",
         )?;
-        let (tensors, stats) = snapshot.restore(device).map_err(|e| e.to_string())?;
+        // The restore runs on its own thread while the model starts building (reading its
+        // configuration, parsing its tokenizer); the model waits for the tensors when it
+        // first asks for one.
+        let finished: Arc<Mutex<Option<(usize, runner_snapshot::RestoreStats, Instant)>>> =
+            Arc::default();
+        let job = {
+            let (device, finished) = (device.clone(), Arc::clone(&finished));
+            std::thread::Builder::new()
+                .name("snapshot-restore".into())
+                .spawn(move || {
+                    let (tensors, stats) = snapshot.restore(&device).map_err(|e| e.to_string())?;
+                    *finished.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((tensors.len(), stats, Instant::now()));
+                    Ok(tensors)
+                })
+                .map_err(|e| format!("cannot start the snapshot restore: {e}"))?
+        };
+        let ctx = LoadContext::restoring(log, job);
+        let built = (self.architecture.load)(&self.dir, device, &ctx);
+        // A failed restore (a damaged chunk, say) is what to report, not what the model's
+        // load made of the missing tensors.
+        ctx.finish_restore()?;
+        let model = built.map_err(|e| format!("the snapshot does not fit the model: {e}"))?;
+        let built_at = Instant::now();
+        let (count, stats, restored_at) = finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or("the snapshot restore did not report")?;
         phases.push(("snapshot restore".to_string(), stats.total));
+        // What the build added after the restore finished (the rest overlapped it).
+        phases.push((
+            "model build".to_string(),
+            built_at.saturating_duration_since(restored_at),
+        ));
         self.setup_log(&format!(
-            "restored {} tensors ({:.1} MB) from {} in {:.3}s ({:.2} GB/s)",
-            tensors.len(),
+            "restored {count} tensors ({:.1} MB) from {} in {:.3}s ({:.2} GB/s)",
             stats.data_bytes as f64 / 1e6,
             path.display(),
             stats.total.as_secs_f64(),
             stats.gb_per_s()
         ));
-        let t = Instant::now();
-        let ctx = LoadContext::restored(log, tensors);
-        let model = (self.architecture.load)(&self.dir, device, &ctx)
-            .map_err(|e| format!("the snapshot does not fit the model: {e}"))?;
-        phases.push(("model build".to_string(), t.elapsed()));
         Ok((
             model,
             SnapshotInfo {

@@ -3,7 +3,8 @@
 //! can also record every tensor the model takes, as the model holds it, for a snapshot.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -19,10 +20,50 @@ pub type Recorded = Arc<Mutex<Vec<(String, Tensor)>>>;
 /// Told the number of bytes each time weights are read (for a progress bar).
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// A snapshot restore running on a thread of its own: its tensors, or why it failed.
+pub type RestoreJob = JoinHandle<Result<Vec<(String, Tensor)>, String>>;
+
+/// A snapshot's tensors, restored or still being restored: the model starts building
+/// (reading its configuration, parsing its tokenizer) while the restore runs, and waits for
+/// the tensors when it first asks for one.
+struct Restoring {
+    job: Mutex<Option<RestoreJob>>,
+    tensors: OnceLock<Result<HashMap<String, Tensor>, String>>,
+}
+
+impl Restoring {
+    fn ready(tensors: Vec<(String, Tensor)>) -> Self {
+        Self {
+            job: Mutex::new(None),
+            tensors: OnceLock::from(Ok(tensors.into_iter().collect())),
+        }
+    }
+    fn running(job: RestoreJob) -> Self {
+        Self {
+            job: Mutex::new(Some(job)),
+            tensors: OnceLock::new(),
+        }
+    }
+    /// Waits for the restore, once; every later call answers at once.
+    fn tensors(&self) -> Result<&HashMap<String, Tensor>, &str> {
+        self.tensors
+            .get_or_init(|| {
+                let job = self.job.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match job.map(JoinHandle::join) {
+                    Some(Ok(restored)) => restored.map(|t| t.into_iter().collect()),
+                    Some(Err(_)) => Err("the snapshot restore panicked".to_string()),
+                    None => Err("the snapshot restore was already waited for".to_string()),
+                }
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}
+
 /// What an architecture's `load` gets besides the model directory and the device.
 pub struct LoadContext<'a> {
     log: SetupLog<'a>,
-    restored: Option<HashMap<String, Tensor>>,
+    restored: Option<Restoring>,
     recorder: Option<Recorded>,
     progress: Option<Progress>,
     python: Option<std::path::PathBuf>,
@@ -43,10 +84,29 @@ impl<'a> LoadContext<'a> {
     pub fn restored(log: SetupLog<'a>, tensors: Vec<(String, Tensor)>) -> Self {
         Self {
             log,
-            restored: Some(tensors.into_iter().collect()),
+            restored: Some(Restoring::ready(tensors)),
             recorder: None,
             progress: None,
             python: None,
+        }
+    }
+    /// A load from a snapshot whose restore is still running on `job`'s thread.
+    pub fn restoring(log: SetupLog<'a>, job: RestoreJob) -> Self {
+        Self {
+            log,
+            restored: Some(Restoring::running(job)),
+            recorder: None,
+            progress: None,
+            python: None,
+        }
+    }
+    /// Waits for the snapshot restore (if the model never asked for a tensor) and says
+    /// whether it succeeded: a failed restore is the error to report, whatever the model's
+    /// load made of it.
+    pub fn finish_restore(&self) -> Result<(), String> {
+        match &self.restored {
+            Some(r) => r.tensors().map(|_| ()).map_err(str::to_string),
+            None => Ok(()),
         }
     }
     /// A cold load that records every tensor the model takes into `recorder`.
@@ -102,8 +162,11 @@ impl<'a> LoadContext<'a> {
         name: &str,
         make: impl FnOnce() -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Tensor> {
-        if let Some(t) = self.restored.as_ref().and_then(|r| r.get(name)) {
-            return Ok(t.clone());
+        if let Some(restoring) = &self.restored {
+            let tensors = restoring.tensors().map_err(candle_core::Error::msg)?;
+            if let Some(t) = tensors.get(name) {
+                return Ok(t.clone());
+            }
         }
         let Some(recorder) = &self.recorder else {
             return make();
@@ -131,7 +194,12 @@ impl<'a> LoadContext<'a> {
         device: &Device,
     ) -> Result<VarBuilder<'static>, WeightsError> {
         let backend: Box<dyn SimpleBackend> = match &self.restored {
-            Some(tensors) => Box::new(RestoredTensors(tensors.clone())),
+            Some(restoring) => Box::new(RestoredTensors(
+                restoring
+                    .tensors()
+                    .map_err(|e| WeightsError::Missing(format!("the snapshot: {e}")))?
+                    .clone(),
+            )),
             None => {
                 let mut checked = CheckedWeights::open(layout)?;
                 if let Some(p) = &self.progress {
