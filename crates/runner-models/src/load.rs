@@ -293,3 +293,67 @@ impl SimpleBackend for RestoredTensors {
         self.0.contains_key(name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> WeightsLayout {
+        WeightsLayout {
+            files: vec![],
+            safetensors: vec![],
+            safetensors_index: None,
+            gguf: vec![],
+        }
+    }
+
+    #[test]
+    fn a_running_restore_is_waited_for_when_a_tensor_is_first_asked_for() {
+        let log = |_: &str| {};
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let job = std::thread::spawn(move || {
+            rx.recv().unwrap(); // holds the restore until the test lets it finish
+            let t = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu).map_err(|e| e.to_string())?;
+            Ok(vec![("w".to_string(), t)])
+        });
+        let ctx = LoadContext::restoring(&log, job);
+        assert!(ctx.is_restore());
+        tx.send(()).unwrap();
+        let vb = ctx
+            .var_builder(&layout(), DType::F32, &Device::Cpu)
+            .unwrap();
+        let w = vb.get(3, "w").unwrap();
+        assert_eq!(w.to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        let made = ctx
+            .prepared("w", || unreachable!("taken from the snapshot"))
+            .unwrap();
+        assert_eq!(made.to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        assert!(ctx.finish_restore().is_ok());
+    }
+
+    #[test]
+    fn a_failed_restore_is_the_error_everywhere() {
+        let log = |_: &str| {};
+        let job = std::thread::spawn(|| Err("chunk 3 of the bf16 arena fails its checksum".into()));
+        let ctx = LoadContext::restoring(&log, job);
+        let e = ctx
+            .prepared("w", || unreachable!())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fails its checksum"), "{e}");
+        let e = ctx
+            .var_builder(&layout(), DType::F32, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("fails its checksum"), "{e}");
+        assert!(ctx
+            .finish_restore()
+            .unwrap_err()
+            .contains("fails its checksum"));
+        // A model that never asks still learns it.
+        let job = std::thread::spawn(|| Err("truncated".into()));
+        let untouched = LoadContext::restoring(&log, job);
+        assert_eq!(untouched.finish_restore().unwrap_err(), "truncated");
+    }
+}
