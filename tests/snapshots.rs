@@ -74,6 +74,18 @@ fn a_restored_model_predicts_exactly_as_a_cold_one() {
         predict_raw(&restored),
         "bit-identical outputs"
     );
+
+    // The restore first and then the build (what CUDA does by default), instead of the
+    // restore on its own thread beside the build.
+    let mut command = std::process::Command::new(RUNNER);
+    command.env("RUNNER_RESTORE_OVERLAP", "off");
+    let sequential = Server::start_with(command, model.path(), &[]);
+    assert!(
+        sequential.status_line.contains("weights snapshot"),
+        "{}",
+        sequential.status_line
+    );
+    assert_eq!(predict_raw(&cold), predict_raw(&sequential));
 }
 
 /// A server restored from a snapshot maps it; `runner snapshot` writing a new one over the

@@ -117,6 +117,13 @@ snapshot_roundtrip() {
     fi | tee -a "$WORK/correctness.txt"
     grep -h "restored .* tensors" "$WORK/serve-restored-$mode.log" | tail -1 | tee -a "$WORK/correctness.txt"
   done
+  # The restore on its own thread while the model builds (the CPU default; opt-in on CUDA).
+  RUNNER_RESTORE_OVERLAP=on serve_and_embed "$WORK/serve-restored-overlap.log" "$WORK/restored-overlap.json" --require-snapshot || return 1
+  if cmp -s "$WORK/cold.json" "$WORK/restored-overlap.json"; then
+    echo "restored (pinned, beside the model build) == cold: bit-identical outputs"
+  else
+    echo "restored (pinned, beside the model build) != cold: DIFFERENT"; return 1
+  fi | tee -a "$WORK/correctness.txt"
 }
 export -f snapshot_roundtrip
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip

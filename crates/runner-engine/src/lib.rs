@@ -150,6 +150,18 @@ pub struct SnapshotInfo {
 /// candle's version, part of a snapshot's compatibility key.
 pub const CANDLE_VERSION: &str = "0.11.1";
 
+/// Whether a snapshot restore runs on its own thread while the model starts building:
+/// on the CPU, yes; on CUDA only with `RUNNER_RESTORE_OVERLAP=on` until a GPU run has
+/// checked it (the restore then allocates on its own thread's default stream).
+/// `RUNNER_RESTORE_OVERLAP=off` restores first everywhere.
+fn restore_beside_build(device: &candle_core::Device) -> bool {
+    match std::env::var("RUNNER_RESTORE_OVERLAP").as_deref() {
+        Ok("on") => true,
+        Ok("off") => false,
+        _ => device.is_cpu(),
+    }
+}
+
 fn device_kind(device: &candle_core::Device) -> &'static str {
     match device {
         candle_core::Device::Cpu => "cpu",
@@ -617,19 +629,24 @@ impl Engine {
         // first asks for one.
         let finished: Arc<Mutex<Option<(usize, runner_snapshot::RestoreStats, Instant)>>> =
             Arc::default();
-        let job = {
+        let restore = {
             let (device, finished) = (device.clone(), Arc::clone(&finished));
-            std::thread::Builder::new()
-                .name("snapshot-restore".into())
-                .spawn(move || {
-                    let (tensors, stats) = snapshot.restore(&device).map_err(|e| e.to_string())?;
-                    *finished.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some((tensors.len(), stats, Instant::now()));
-                    Ok(tensors)
-                })
-                .map_err(|e| format!("cannot start the snapshot restore: {e}"))?
+            move || -> Result<Vec<(String, candle_core::Tensor)>, String> {
+                let (tensors, stats) = snapshot.restore(&device).map_err(|e| e.to_string())?;
+                *finished.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((tensors.len(), stats, Instant::now()));
+                Ok(tensors)
+            }
         };
-        let ctx = LoadContext::restoring(log, job);
+        let ctx = if restore_beside_build(device) {
+            let job = std::thread::Builder::new()
+                .name("snapshot-restore".into())
+                .spawn(restore)
+                .map_err(|e| format!("cannot start the snapshot restore: {e}"))?;
+            LoadContext::restoring(log, job)
+        } else {
+            LoadContext::restored(log, restore()?)
+        };
         let built = (self.architecture.load)(&self.dir, device, &ctx);
         // A failed restore (a damaged chunk, say) is what to report, not what the model's
         // load made of the missing tensors.
