@@ -238,6 +238,9 @@ impl JobQueue {
     fn len(&self) -> usize {
         self.jobs.len()
     }
+    fn largest_chunk(&self) -> usize {
+        self.jobs.iter().map(|j| j.len as usize).max().unwrap_or(0)
+    }
 }
 
 impl Snapshot {
@@ -278,7 +281,7 @@ impl Snapshot {
 
         let jobs = self.chunk_jobs();
         let threads = reader_threads(jobs.len());
-        let largest = jobs.jobs.iter().map(|j| j.len as usize).max().unwrap_or(0);
+        let largest = jobs.largest_chunk();
         let piece = env_usize("RUNNER_RESTORE_PIECE_KIB")
             .map(|k| k << 10)
             .or_else(|| env_usize("RUNNER_RESTORE_PIECE_MIB").map(|m| m << 20))
