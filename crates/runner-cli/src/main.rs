@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use runner_engine::{
-    new_prediction_id, BatchOptions, Engine, EngineOptions, FileConfig, PredictionStatus,
+    new_prediction_id, BatchOptions, Engine, EngineOptions, FileConfig, Mode, PredictionStatus,
     ProgressBars, Rejection, SnapshotMode, SnapshotOptions, StreamEvent,
 };
 use runner_models::DeviceSpec;
@@ -88,6 +88,30 @@ struct DeviceArgs {
     /// Where the model runs: auto (CUDA when built with it and present, else CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", env = "RUNNER_DEVICE")]
     device: DeviceSpec,
+}
+
+#[derive(Args, Clone)]
+struct ModeArgs {
+    /// What to serve: predictions (cog.yaml's `run`), or trainings (its `train`, a Python
+    /// function), as Cog's `--x-mode train` does. A training server answers on
+    /// /trainings and /predictions alike.
+    #[arg(long, value_enum, default_value = "predict", env = "RUNNER_MODE")]
+    mode: ModeArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Predict,
+    Train,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Predict => Mode::Predict,
+            ModeArg::Train => Mode::Train,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -236,6 +260,8 @@ enum Command {
         port: u16,
         #[command(flatten)]
         device: DeviceArgs,
+        #[command(flatten)]
+        mode: ModeArgs,
         /// Predictions that may run at once (default: cog.yaml's concurrency.max, else 1).
         #[arg(long, env = "COG_MAX_CONCURRENCY")]
         concurrency: Option<u32>,
@@ -278,6 +304,8 @@ enum Command {
         output: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
+        #[command(flatten)]
+        mode: ModeArgs,
         #[command(flatten)]
         snapshot: SnapshotArgs,
     },
@@ -503,6 +531,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             host,
             port,
             device,
+            mode,
             concurrency,
             serving,
             snapshot,
@@ -515,6 +544,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 &host,
                 port,
                 device.device,
+                mode.mode.into(),
                 concurrency,
                 serving,
                 snapshot,
@@ -533,6 +563,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             json,
             output,
             device,
+            mode,
             snapshot,
         } => {
             run(
@@ -541,6 +572,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 json.as_deref(),
                 output.as_deref(),
                 device.device,
+                mode.mode.into(),
                 snapshot.options(),
             )
             .await
@@ -800,6 +832,7 @@ async fn serve(
     host: &str,
     port: u16,
     device: DeviceSpec,
+    mode: Mode,
     concurrency: Option<u32>,
     serving: ServingArgs,
     snapshot: SnapshotArgs,
@@ -837,6 +870,7 @@ async fn serve(
         record_for_snapshot: false,
         progress: progress_bars(),
         python: None,
+        mode,
     };
     let engine = open_engine(dir, device, options)?;
     if serving.max_batch_size > 1 && engine.batching().is_none() {
@@ -1150,9 +1184,11 @@ async fn run(
     json: Option<&str>,
     output: Option<&Path>,
     device: DeviceSpec,
+    mode: Mode,
     snapshot: SnapshotOptions,
 ) -> Result<ExitCode> {
     let options = EngineOptions {
+        mode,
         snapshot,
         progress: progress_bars(),
         ..Default::default()

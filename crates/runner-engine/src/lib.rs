@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use runner_models::{
     architecture_for, Architecture, DeviceSpec, LoadContext, LoadError, Model, PredictError,
 };
 use runner_snapshot::{CompatKey, Snapshot};
 use runner_spec::openapi;
+pub use runner_spec::Mode;
 use runner_spec::{InputValidator, ModelDir, OutputType, Signature, ValidationIssue};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -66,6 +67,8 @@ pub struct SetupReport {
 pub enum EngineError {
     #[error(transparent)]
     Load(#[from] LoadError),
+    #[error("{0}: no `train:` key, so there is no training to serve: add `train: \"train.py:train\"` (a Python training function), or serve predictions without --mode train")]
+    NoTrainer(String),
     #[error("{0}")]
     Schema(String),
 }
@@ -102,6 +105,8 @@ pub struct EngineOptions {
     pub progress: Option<ProgressBars>,
     /// The interpreter for Python predictors (`--python`; default `python3`).
     pub python: Option<PathBuf>,
+    /// Predictions (`run:`), or trainings (`train:`), as Cog's `--x-mode train` serves them.
+    pub mode: Mode,
 }
 
 /// Starts a progress report for a long step, given its label and total bytes; the
@@ -179,6 +184,8 @@ struct State {
 /// The engine for one model directory.
 pub struct Engine {
     dir: ModelDir,
+    /// Predictions or trainings; in train mode `dir.config.run` is the `train:` target.
+    mode: Mode,
     architecture: &'static Architecture,
     signature: Signature,
     python: Option<PathBuf>,
@@ -229,6 +236,18 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// The signature of the target a server does not run, for the combined document.
+fn other_signature(dir: &ModelDir, python: Option<&Path>) -> Result<Signature, String> {
+    match &dir.config.run {
+        runner_spec::RunTarget::Python { .. } => runner_models::python::describe(dir, python)
+            .map(|d| d.signature)
+            .map_err(|e| e.to_string()),
+        _ => architecture_for(dir)
+            .map(|a| (a.signature)())
+            .map_err(|e| e.to_string()),
+    }
+}
+
 /// Hands the heap memory that loading used and freed (file buffers, JSON parsing,
 /// conversions) back to the system, so resident memory after setup is the model's own.
 fn release_freed_heap() {
@@ -255,29 +274,80 @@ impl Engine {
         device_spec: DeviceSpec,
         options: EngineOptions,
     ) -> Result<Arc<Self>, EngineError> {
+        // A training server is the same server around the `train:` function, as in Cog.
+        let mut dir = dir;
+        let mode = options.mode;
+        let other_target = match mode {
+            Mode::Train => {
+                let train =
+                    dir.config.train.clone().ok_or_else(|| {
+                        EngineError::NoTrainer(dir.config.path.display().to_string())
+                    })?;
+                Some(std::mem::replace(&mut dir.config.run, train))
+            }
+            Mode::Predict => dir.config.train.clone(),
+        };
         let architecture = architecture_for(&dir)?;
         // A Python predictor declares its own signature; sync ones get one slot, as in Cog.
-        let (signature, python_sync, declared_concurrency) = match &dir.config.run {
-            runner_spec::RunTarget::Python { .. } => {
-                let described = runner_models::python::describe(&dir, options.python.as_deref())?;
-                (
-                    described.signature,
-                    !described.is_async,
-                    described.concurrent_max,
-                )
-            }
-            _ => ((architecture.signature)(), false, None),
-        };
+        // With both `run:` and `train:`, the other one is described alongside for the
+        // document, which covers both as Cog's does.
+        let (served, other) = std::thread::scope(|scope| {
+            let other = other_target.as_ref().map(|target| {
+                let mut other_dir = dir.clone();
+                other_dir.config.run = target.clone();
+                let python = options.python.as_deref();
+                scope.spawn(move || other_signature(&other_dir, python))
+            });
+            let served = match &dir.config.run {
+                runner_spec::RunTarget::Python { .. } => {
+                    runner_models::python::describe(&dir, options.python.as_deref()).map(
+                        |described| {
+                            (
+                                described.signature,
+                                !described.is_async,
+                                described.concurrent_max,
+                            )
+                        },
+                    )
+                }
+                _ => Ok(((architecture.signature)(), false, None)),
+            };
+            (
+                served,
+                other.map(|h| h.join().unwrap_or_else(|_| Err("it panicked".into()))),
+            )
+        });
+        let (signature, python_sync, declared_concurrency) = served?;
         let file_inputs = files::has_file_inputs(&signature);
         let file_outputs = files::has_file_outputs(&signature.output);
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
+        let served_doc = openapi::document_for(&signature, mode);
+        let document = match (other, mode) {
+            (None, _) => served_doc,
+            (Some(Ok(other)), Mode::Predict) => {
+                openapi::combined(&served_doc, &openapi::document_for(&other, Mode::Train))
+            }
+            (Some(Ok(other)), Mode::Train) => {
+                openapi::combined(&openapi::document_for(&other, Mode::Predict), &served_doc)
+            }
+            (Some(Err(why)), _) => {
+                let other = other_target
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                tracing::warn!(
+                    "{}: cannot read `{other}` ({why}); /openapi.json describes only what this server runs",
+                    dir.config.path.display()
+                );
+                served_doc
+            }
+        };
         // A Python predictor built by Cog carries the schema Cog generated: serve that one.
         let cog_schema = std::fs::read_to_string(dir.root.join(".cog/openapi_schema.json"))
             .ok()
             .filter(|_| matches!(dir.config.run, runner_spec::RunTarget::Python { .. }))
             .filter(|text| serde_json::from_str::<Value>(text).is_ok());
-        let openapi_json =
-            cog_schema.unwrap_or_else(|| openapi::to_cog_json(&openapi::document(&signature)));
+        let openapi_json = cog_schema.unwrap_or_else(|| openapi::to_cog_json(&document));
         let batching = (architecture.batching && options.batching.max_batch_size > 1)
             .then_some(options.batching);
         // The flag, then cog.yaml, then the predictor's own `@cog.concurrent(max=N)`.
@@ -298,6 +368,7 @@ impl Engine {
         let total_slots = concurrency.max(batching.map_or(1, |b| b.max_batch_size));
         Ok(Arc::new(Engine {
             dir,
+            mode,
             architecture,
             signature,
             python: options.python,
@@ -341,9 +412,14 @@ impl Engine {
     pub fn model_name(&self) -> String {
         self.dir.name()
     }
-    /// What cog.yaml's `run` names: `candle:<architecture>` or `file.py:Class`.
+    /// What this server runs: cog.yaml's `run` (`candle:<architecture>` or
+    /// `file.py:Class`), or its `train` in train mode.
     pub fn run_target(&self) -> String {
         self.dir.config.run.to_string()
+    }
+    /// Predictions, or trainings (`--mode train`).
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
     pub fn architecture(&self) -> &'static str {
         self.architecture.name

@@ -276,6 +276,9 @@ impl Server {
             .route("/predictions", post(create_prediction))
             .route("/predictions/{id}", put(create_prediction_idempotent))
             .route("/predictions/{id}/cancel", post(cancel_prediction))
+            .route("/trainings", post(create_training))
+            .route("/trainings/{id}", put(create_training_idempotent))
+            .route("/trainings/{id}/cancel", post(cancel_training))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),
@@ -327,8 +330,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Server::new(engine, ServerOptions::default()).router()
 }
 
-async fn root() -> Json<Value> {
-    Json(json!({
+async fn root(State(state): State<AppState>) -> Json<Value> {
+    let mut doc = json!({
         "cog_version": runner_spec::COG_VERSION,
         "runner_version": RUNNER_VERSION,
         "openapi_url": "/openapi.json",
@@ -339,7 +342,13 @@ async fn root() -> Json<Value> {
         "predictions_cancel_url": "/predictions/{prediction_id}/cancel",
         "metrics_url": "/metrics",
         "playground_url": "/playground",
-    }))
+    });
+    if state.engine.mode() == runner_engine::Mode::Train {
+        doc["trainings_url"] = json!("/trainings");
+        doc["trainings_idempotent_url"] = json!("/trainings/{training_id}");
+        doc["trainings_cancel_url"] = json!("/trainings/{training_id}/cancel");
+    }
+    Json(doc)
 }
 
 async fn health_check(State(state): State<AppState>) -> Json<Value> {
@@ -762,10 +771,69 @@ fn not_streaming() -> Response {
         .into_response()
 }
 
+/// Which of Cog's route families a request came in on. A training server (`--mode
+/// train`) runs its `train:` function on both, as Cog's does; a prediction server has no
+/// trainings to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Predictions,
+    Trainings,
+}
+
+impl Family {
+    fn noun(self) -> &'static str {
+        match self {
+            Family::Predictions => "prediction",
+            Family::Trainings => "training",
+        }
+    }
+}
+
+/// Why a trainings route cannot be served here, if it cannot.
+fn refuse_training(state: &AppState, wants_stream: bool) -> Option<Response> {
+    if state.engine.mode() != runner_engine::Mode::Train {
+        return Some(
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "This server runs predictions. Trainings run on a server started with `--mode train` (Cog: `--x-mode train`), which needs `train:` in cog.yaml."})),
+            )
+                .into_response(),
+        );
+    }
+    // Cog's words; a training's output is its result, not a stream.
+    wants_stream.then(|| {
+        (
+            StatusCode::NOT_ACCEPTABLE,
+            Json(json!({"error": "Training endpoints do not support streaming responses."})),
+        )
+            .into_response()
+    })
+}
+
 async fn create_prediction(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Option<Json<PredictionRequest>>,
+) -> Response {
+    create(state, headers, body, Family::Predictions).await
+}
+
+async fn create_training(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Option<Json<PredictionRequest>>,
+) -> Response {
+    if let Some(refusal) = refuse_training(&state, response_mode(&headers) == Mode::Sse) {
+        return refusal;
+    }
+    create(state, headers, body, Family::Trainings).await
+}
+
+async fn create(
+    state: AppState,
+    headers: HeaderMap,
+    body: Option<Json<PredictionRequest>>,
+    family: Family,
 ) -> Response {
     let request = body
         .map(|Json(r)| r)
@@ -773,9 +841,10 @@ async fn create_prediction(
     if request.id.as_deref() == Some("") {
         // A prediction nobody could cancel or attach to (`/predictions//cancel` routes
         // nowhere); Cog would accept it. See cog-spec/deviations.md.
-        return invalid_body_id(
-            "the prediction ID must not be empty (leave it out to get a generated one)",
-        );
+        return invalid_body_id(&format!(
+            "the {} ID must not be empty (leave it out to get a generated one)",
+            family.noun()
+        ));
     }
     let id = request.id.clone().unwrap_or_else(new_prediction_id);
     start(state, id, request, response_mode(&headers)).await
@@ -796,11 +865,36 @@ async fn create_prediction_idempotent(
     headers: HeaderMap,
     body: Option<Json<PredictionRequest>>,
 ) -> Response {
+    create_idempotent(state, id, headers, body, Family::Predictions).await
+}
+
+async fn create_training_idempotent(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<PredictionRequest>>,
+) -> Response {
+    if let Some(refusal) = refuse_training(&state, response_mode(&headers) == Mode::Sse) {
+        return refusal;
+    }
+    create_idempotent(state, id, headers, body, Family::Trainings).await
+}
+
+async fn create_idempotent(
+    state: AppState,
+    id: String,
+    headers: HeaderMap,
+    body: Option<Json<PredictionRequest>>,
+    family: Family,
+) -> Response {
     let request = body
         .map(|Json(r)| r)
         .unwrap_or_else(PredictionRequest::empty);
     if request.id.as_ref().is_some_and(|body_id| *body_id != id) {
-        return invalid_body_id("prediction ID must match the ID supplied in the URL");
+        return invalid_body_id(&format!(
+            "{} ID must match the ID supplied in the URL",
+            family.noun()
+        ));
     }
     let mode = response_mode(&headers);
     // In flight already: attach to it instead of starting another.
@@ -861,6 +955,13 @@ async fn start(state: AppState, id: String, request: PredictionRequest, mode: Mo
             (StatusCode::OK, Json(running.sync_body())).into_response()
         }
     }
+}
+
+async fn cancel_training(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    if let Some(refusal) = refuse_training(&state, false) {
+        return refusal;
+    }
+    cancel_prediction(State(state), Path(id)).await
 }
 
 async fn cancel_prediction(State(state): State<AppState>, Path(id): Path<String>) -> Response {

@@ -48,6 +48,9 @@ pub struct CogConfig {
     pub run: RunTarget,
     /// 1-based line of the `run:`/`predict:` key.
     pub run_line: u64,
+    /// `train:`: the Python training function (or class) served by `runner serve --mode
+    /// train`, as Cog's `--x-mode train` serves it.
+    pub train: Option<RunTarget>,
     pub gpu: bool,
     pub model: Option<String>,
     pub image: Option<String>,
@@ -272,18 +275,35 @@ impl CogConfig {
         let run_line = line_of(&run.referenced);
         let target = parse_run_target(&run.value).map_err(|m| err(run_line, run_key, m))?;
 
-        if let Some(train) = &raw.train {
-            if !train.value.is_empty() && train.value.split(".py:").count() != 2 {
-                return Err(err(
-                    line_of(&train.referenced),
-                    "train",
-                    format!(
-                        "`train: {}` must be in the form 'train.py:Trainer'",
-                        train.value
-                    ),
-                ));
+        let train = match &raw.train {
+            Some(train) if !train.value.is_empty() => {
+                let line = line_of(&train.referenced);
+                match parse_run_target(&train.value) {
+                    Ok(t @ RunTarget::Python { .. }) => Some(t),
+                    Ok(RunTarget::Native { .. }) => {
+                        return Err(err(
+                            line,
+                            "train",
+                            format!(
+                                "`train: {}`: trainings run Python code; name a training function as 'train.py:train' (native candle: architectures only predict)",
+                                train.value
+                            ),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(err(
+                            line,
+                            "train",
+                            format!(
+                                "`train: {}` must be in the form 'train.py:train' (a Python training function)",
+                                train.value
+                            ),
+                        ))
+                    }
+                }
             }
-        }
+            _ => None,
+        };
 
         let mut gpu = false;
         if let Some(build) = &raw.build {
@@ -419,6 +439,7 @@ impl CogConfig {
             path: path.to_path_buf(),
             run: target,
             run_line: run_line.unwrap_or(0),
+            train,
             gpu,
             model,
             image,
@@ -673,6 +694,30 @@ mod tests {
             }
         );
         assert_eq!(c.run_line, 3);
+    }
+
+    #[test]
+    fn train_names_a_python_function() {
+        let c = parse("run: predict.py:Predictor\ntrain: \"train.py:train\"\n").unwrap();
+        assert_eq!(
+            c.train,
+            Some(RunTarget::Python {
+                file: "train.py".into(),
+                class: "train".into()
+            })
+        );
+        assert_eq!(parse("run: predict.py:Predictor\n").unwrap().train, None);
+        let native = parse("run: candle:bert\ntrain: candle:bert\n").unwrap_err();
+        assert_eq!((native.key.as_str(), native.line), ("train", Some(2)));
+        assert!(
+            native.message.contains("trainings run Python code"),
+            "{native}"
+        );
+        let malformed = parse("run: candle:bert\ntrain: train\n").unwrap_err();
+        assert!(
+            malformed.message.contains("'train.py:train'"),
+            "{malformed}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod signature;
 pub use config::{CogConfig, ConfigError, RunTarget};
 pub use input::{InputValidator, ValidationIssue};
 pub use model_dir::{ModelDir, ModelDirError, WeightsLayout};
+pub use openapi::Mode;
 pub use signature::{FieldType, InputField, OutputType, Primitive, Signature};
 
 /// The Cog version whose contract runner reproduces (schema `info.version`, `cog_version`).

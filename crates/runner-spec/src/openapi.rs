@@ -11,28 +11,96 @@ use serde_json::{json, Map, Value};
 use crate::signature::{FieldType, InputField, OutputType, Primitive, Signature};
 use crate::COG_VERSION;
 
-/// The OpenAPI document as a JSON value (key order as Cog's).
+/// Which of Cog's two servers a document describes: predictions, or trainings (what Cog
+/// serves with `--x-mode train`, and runner with `--mode train`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Predict,
+    Train,
+}
+
+/// The names Cog's generator gives each mode's schemas, routes and operations.
+struct ModeNames {
+    input: &'static str,
+    output: &'static str,
+    request: &'static str,
+    response: &'static str,
+    endpoint: &'static str,
+    cancel: &'static str,
+    summary: &'static str,
+    description: &'static str,
+    operation: &'static str,
+    cancel_operation: &'static str,
+    id_param: &'static str,
+}
+
+impl Mode {
+    fn names(self) -> ModeNames {
+        match self {
+            Mode::Predict => ModeNames {
+                input: "Input",
+                output: "Output",
+                request: "PredictionRequest",
+                response: "PredictionResponse",
+                endpoint: "/predictions",
+                cancel: "/predictions/{prediction_id}/cancel",
+                summary: "Predict",
+                description: "Run a single prediction on the model",
+                operation: "predict_predictions_post",
+                cancel_operation: "cancel_predictions__prediction_id__cancel_post",
+                id_param: "prediction_id",
+            },
+            Mode::Train => ModeNames {
+                input: "TrainingInput",
+                output: "TrainingOutput",
+                request: "TrainingRequest",
+                response: "TrainingResponse",
+                endpoint: "/trainings",
+                cancel: "/trainings/{training_id}/cancel",
+                summary: "Train",
+                description: "Run a single training on the model",
+                operation: "train_trainings_post",
+                cancel_operation: "cancel_trainings__training_id__cancel_post",
+                id_param: "training_id",
+            },
+        }
+    }
+}
+
+/// The predictions document as a JSON value (key order as Cog's).
 pub fn document(signature: &Signature) -> Value {
-    let (input, enums) = input_schema(&signature.inputs);
+    document_for(signature, Mode::Predict)
+}
+
+/// The document Cog's generator writes for one mode (`pkg/schema/openapi_spec.go`):
+/// trainings get `TrainingInput`/`TrainingOutput`, `/trainings` and its cancel route; the
+/// output keeps the title `Output` in both.
+pub fn document_for(signature: &Signature, mode: Mode) -> Value {
+    let names = mode.names();
+    let (mut input, enums) = input_schema(&signature.inputs);
+    input["title"] = json!(names.input);
+    let input_ref = format!("#/components/schemas/{}", names.input);
+    let output_ref = format!("#/components/schemas/{}", names.output);
     let mut schemas = Map::new();
-    schemas.insert("Input".into(), input);
-    schemas.insert("Output".into(), output_schema(&signature.output, true));
+    schemas.insert(names.input.into(), input);
+    schemas.insert(names.output.into(), output_schema(&signature.output, true));
     for (name, schema) in enums {
         schemas.insert(name, schema);
     }
     let fixed = sorted(json!({
-        "PredictionRequest": {
-            "title": "PredictionRequest", "type": "object",
+        "Request": {
+            "title": names.request, "type": "object",
             "properties": {
                 "id": {"title": "Id", "type": "string"},
-                "input": {"$ref": "#/components/schemas/Input"}
+                "input": {"$ref": input_ref}
             }
         },
-        "PredictionResponse": {
-            "title": "PredictionResponse", "type": "object",
+        "Response": {
+            "title": names.response, "type": "object",
             "properties": {
-                "input": {"$ref": "#/components/schemas/Input"},
-                "output": {"$ref": "#/components/schemas/Output"},
+                "input": {"$ref": input_ref},
+                "output": {"$ref": output_ref},
                 "id": {"title": "Id", "type": "string"},
                 "version": {"title": "Version", "type": "string"},
                 "created_at": {"title": "Created At", "type": "string", "format": "date-time"},
@@ -67,30 +135,30 @@ pub fn document(signature: &Signature) -> Value {
         }
     }));
     // Insertion order of the fixed components is Cog's, not alphabetical.
-    for name in [
-        "PredictionRequest",
-        "PredictionResponse",
-        "Status",
-        "HTTPValidationError",
-        "ValidationError",
+    for (key, name) in [
+        ("Request", names.request),
+        ("Response", names.response),
+        ("Status", "Status"),
+        ("HTTPValidationError", "HTTPValidationError"),
+        ("ValidationError", "ValidationError"),
     ] {
-        schemas.insert(name.into(), fixed[name].clone());
+        schemas.insert(name.into(), fixed[key].clone());
     }
 
-    let mut predict = json!({
-        "summary": "Predict",
-        "description": "Run a single prediction on the model",
-        "operationId": "predict_predictions_post",
-        "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
+    let mut operation = json!({
+        "summary": names.summary,
+        "description": names.description,
+        "operationId": names.operation,
+        "requestBody": {"content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", names.request)}}}},
         "responses": {
             "200": {"description": "Successful Response",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionResponse"}}}},
+                    "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{}", names.response)}}}},
             "422": {"description": "Validation Error",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}}}
         }
     });
-    if signature.streaming {
-        predict["x-cog-streaming"] = json!(true);
+    if signature.streaming && mode == Mode::Predict {
+        operation["x-cog-streaming"] = json!(true);
     }
     let any_ok = json!({"200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}});
     let mut paths = Map::new();
@@ -104,13 +172,13 @@ pub fn document(signature: &Signature) -> Value {
         "/health-check".into(),
         sorted(json!({"get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": any_ok}})),
     );
-    paths.insert("/predictions".into(), sorted(json!({ "post": predict })));
+    paths.insert(names.endpoint.into(), sorted(json!({ "post": operation })));
     paths.insert(
-        "/predictions/{prediction_id}/cancel".into(),
+        names.cancel.into(),
         sorted(json!({"post": {
             "summary": "Cancel",
-            "operationId": "cancel_predictions__prediction_id__cancel_post",
-            "parameters": [{"required": true, "schema": {"title": "Prediction Id", "type": "string"}, "name": "prediction_id", "in": "path"}],
+            "operationId": names.cancel_operation,
+            "parameters": [{"required": true, "schema": {"title": title_case(names.id_param), "type": "string"}, "name": names.id_param, "in": "path"}],
             "responses": {
                 "200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}},
                 "422": {"description": "Validation Error",
@@ -130,6 +198,33 @@ pub fn document(signature: &Signature) -> Value {
     doc.insert("openapi".into(), json!("3.0.2"));
     doc.insert("paths".into(), Value::Object(paths));
     Value::Object(doc)
+}
+
+/// One document for a model with both `run:` and `train:`, merged as Cog's generator
+/// merges them (`GenerateCombined`): the predictions document, plus the trainings
+/// document's paths and component schemas it does not have already. Cog merges after a
+/// round trip through Go's plain maps, so every object's keys come out sorted.
+pub fn combined(predict: &Value, train: &Value) -> Value {
+    let mut merged = predict.clone();
+    for section in ["paths", "components"] {
+        let (Some(Value::Object(into)), Some(Value::Object(from))) =
+            (merged.get_mut(section), train.get(section))
+        else {
+            continue;
+        };
+        if section == "paths" {
+            for (k, v) in from {
+                into.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        } else if let (Some(Value::Object(into)), Some(Value::Object(from))) =
+            (into.get_mut("schemas"), from.get("schemas"))
+        {
+            for (k, v) in from {
+                into.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+    }
+    sorted(merged)
 }
 
 /// The document as Cog writes `.cog/openapi_schema.json`: two-space indent, trailing newline.
@@ -345,6 +440,131 @@ mod tests {
         assert_eq!(title_case("fail_at"), "Fail At");
         assert_eq!(title_case("prompt"), "Prompt");
         assert_eq!(title_case("max__len"), "Max  Len");
+    }
+
+    fn signature(input: &str, output: OutputType, streaming: bool) -> Signature {
+        let mut field = InputField::new(input, FieldType::Prim(Primitive::Int));
+        field.default = Some(json!(3));
+        field.ge = Some(1.0);
+        Signature {
+            inputs: vec![field],
+            output,
+            streaming,
+        }
+    }
+
+    #[test]
+    fn training_document_names_what_cog_names() {
+        let output = OutputType::Object(vec![(
+            "weights".into(),
+            OutputType::Prim(Primitive::Path),
+            true,
+        )]);
+        let doc = document_for(&signature("steps", output, true), Mode::Train);
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let keys: Vec<&str> = schemas.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "TrainingInput",
+                "TrainingOutput",
+                "TrainingRequest",
+                "TrainingResponse",
+                "Status",
+                "HTTPValidationError",
+                "ValidationError"
+            ]
+        );
+        assert_eq!(schemas["TrainingInput"]["title"], "TrainingInput");
+        assert_eq!(
+            schemas["TrainingInput"]["properties"]["steps"]["minimum"],
+            1
+        );
+        // The output schema is titled `Output` in both modes, as Cog's generator titles it.
+        assert_eq!(schemas["TrainingOutput"]["title"], "Output");
+        assert_eq!(
+            schemas["TrainingResponse"]["properties"]["output"]["$ref"],
+            "#/components/schemas/TrainingOutput"
+        );
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/",
+                "/health-check",
+                "/trainings",
+                "/trainings/{training_id}/cancel"
+            ]
+        );
+        let train = &doc["paths"]["/trainings"]["post"];
+        assert_eq!(train["operationId"], "train_trainings_post");
+        assert_eq!(train["summary"], "Train");
+        // Trainings never stream, whatever the function returns.
+        assert!(train.get("x-cog-streaming").is_none());
+        let cancel = &doc["paths"]["/trainings/{training_id}/cancel"]["post"];
+        assert_eq!(cancel["parameters"][0]["schema"]["title"], "Training Id");
+        assert_eq!(
+            cancel["operationId"],
+            "cancel_trainings__training_id__cancel_post"
+        );
+    }
+
+    #[test]
+    fn combined_document_keeps_both_modes_sorted_like_cog() {
+        let predict = document(&signature("zeta", OutputType::Prim(Primitive::Str), true));
+        let train = document_for(
+            &signature("steps", OutputType::Prim(Primitive::Path), false),
+            Mode::Train,
+        );
+        let doc = combined(&predict, &train);
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/",
+                "/health-check",
+                "/predictions",
+                "/predictions/{prediction_id}/cancel",
+                "/trainings",
+                "/trainings/{training_id}/cancel"
+            ]
+        );
+        let schemas = &doc["components"]["schemas"];
+        for name in [
+            "Input",
+            "Output",
+            "PredictionRequest",
+            "TrainingInput",
+            "TrainingOutput",
+        ] {
+            assert!(schemas.get(name).is_some(), "{name} missing");
+        }
+        // The predictions document wins where both have an entry.
+        assert_eq!(schemas["Input"]["properties"]["zeta"]["x-order"], 0);
+        assert_eq!(
+            doc["paths"]["/predictions"]["post"]["x-cog-streaming"],
+            true
+        );
+        // Go's maps: every object sorted, input properties included.
+        let keys: Vec<&str> = schemas["Input"]["properties"]["zeta"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut sorted_keys = keys.clone();
+        sorted_keys.sort();
+        assert_eq!(keys, sorted_keys);
     }
 
     #[test]
