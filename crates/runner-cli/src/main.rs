@@ -116,6 +116,9 @@ impl From<ModeArg> for Mode {
 
 #[derive(Args, Clone)]
 struct ServingArgs {
+    /// Predictions that may run at once (default: cog.yaml's concurrency.max, else 1).
+    #[arg(long, env = "COG_MAX_CONCURRENCY")]
+    concurrency: Option<u32>,
     /// Predictions that may wait for a busy slot; when full the server answers 429. 0 answers
     /// 409 at once, as Cog does.
     #[arg(long, default_value_t = 0, env = "RUNNER_MAX_QUEUE")]
@@ -262,9 +265,6 @@ enum Command {
         device: DeviceArgs,
         #[command(flatten)]
         mode: ModeArgs,
-        /// Predictions that may run at once (default: cog.yaml's concurrency.max, else 1).
-        #[arg(long, env = "COG_MAX_CONCURRENCY")]
-        concurrency: Option<u32>,
         #[command(flatten)]
         serving: ServingArgs,
         #[command(flatten)]
@@ -532,7 +532,6 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             port,
             device,
             mode,
-            concurrency,
             serving,
             snapshot,
         } => {
@@ -545,7 +544,6 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 port,
                 device.device,
                 mode.mode.into(),
-                concurrency,
                 serving,
                 snapshot,
             )
@@ -833,7 +831,6 @@ async fn serve(
     port: u16,
     device: DeviceSpec,
     mode: Mode,
-    concurrency: Option<u32>,
     serving: ServingArgs,
     snapshot: SnapshotArgs,
 ) -> Result<ExitCode> {
@@ -854,7 +851,7 @@ async fn serve(
             )
         })?;
     let options = EngineOptions {
-        concurrency,
+        concurrency: serving.concurrency,
         max_queue: serving.max_queue,
         batching: BatchOptions {
             max_batch_size: serving.max_batch_size as usize,
@@ -944,8 +941,13 @@ async fn serve(
                     .batching()
                     .map(|b| format!(" · batches of up to {} ({} ms wait)", b.max_batch_size, b.max_wait.as_secs_f64() * 1000.0))
                     .unwrap_or_default();
+                let trainings = if engine.mode() == Mode::Train {
+                    " · trainings at /trainings"
+                } else {
+                    ""
+                };
                 stderr_line(&format!(
-                    "runner: ready at {url} · model {} ({}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
+                    "runner: ready at {url}{trainings} · model {} ({}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
                     engine.model_name(),
                     engine.run_target(),
                     loaded.device,

@@ -378,6 +378,12 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
 
     let hardware = choose_hardware(req, weights_bytes)?;
     let mut warnings = Vec::new();
+    if let Some(train) = &req.model.config.train {
+        // The package carries runner, not a Python environment for the training function.
+        warnings.push(format!(
+            "cog.yaml's `train: {train}` is not packaged: the package serves predictions only (its `--x-mode train` is refused); run trainings with `runner serve --mode train`"
+        ));
+    }
     if let Hardware::Gpu(g) = hardware {
         let need = gpu::required_gb(weights_bytes);
         if g.memory_gb < need {

@@ -1121,6 +1121,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prediction_server_refuses_trainings_and_does_not_list_them() {
+        let (_d, engine) = engine(true).await;
+        for req in [
+            Request::post("/trainings")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"input": {"text": "hi"}}"#))
+                .unwrap(),
+            Request::put("/trainings/t1")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"input": {"text": "hi"}}"#))
+                .unwrap(),
+            Request::post("/trainings/t1/cancel")
+                .body(Body::empty())
+                .unwrap(),
+        ] {
+            let (status, body) = call(&engine, req).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+            assert!(body.contains("--mode train"), "{body}");
+        }
+        // Nothing ran: the refused request must not have become a prediction.
+        assert_eq!(engine.in_flight(), 0);
+        let (status, body) = call(&engine, Request::get("/").body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!body.contains("trainings"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn train_mode_needs_a_train_key() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cog.yaml"), "run: candle:conformance\n").unwrap();
+        let options = runner_engine::EngineOptions {
+            mode: runner_engine::Mode::Train,
+            ..Default::default()
+        };
+        let err = Engine::new(ModelDir::open(d.path()).unwrap(), DeviceSpec::Cpu, options)
+            .err()
+            .expect("no train: key");
+        assert!(err.to_string().contains("no `train:` key"), "{err}");
+    }
+
+    #[tokio::test]
     async fn predictions_and_errors() {
         let (_d, engine) = engine(true).await;
         let (status, body) = call(
