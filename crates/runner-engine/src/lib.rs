@@ -288,16 +288,25 @@ impl Engine {
             Mode::Predict => dir.config.train.clone(),
         };
         let architecture = architecture_for(&dir)?;
+        // A Python predictor built by Cog carries the schema Cog generated: serve that one.
+        let cog_schema = std::fs::read_to_string(dir.root.join(".cog/openapi_schema.json"))
+            .ok()
+            .filter(|_| matches!(dir.config.run, runner_spec::RunTarget::Python { .. }))
+            .filter(|text| serde_json::from_str::<Value>(text).is_ok());
         // A Python predictor declares its own signature; sync ones get one slot, as in Cog.
         // With both `run:` and `train:`, the other one is described alongside for the
-        // document, which covers both as Cog's does.
+        // document, which covers both as Cog's does (unless Cog's own document is there:
+        // describing imports the module, which may take seconds).
         let (served, other) = std::thread::scope(|scope| {
-            let other = other_target.as_ref().map(|target| {
-                let mut other_dir = dir.clone();
-                other_dir.config.run = target.clone();
-                let python = options.python.as_deref();
-                scope.spawn(move || other_signature(&other_dir, python))
-            });
+            let other = other_target
+                .as_ref()
+                .filter(|_| cog_schema.is_none())
+                .map(|target| {
+                    let mut other_dir = dir.clone();
+                    other_dir.config.run = target.clone();
+                    let python = options.python.as_deref();
+                    scope.spawn(move || other_signature(&other_dir, python))
+                });
             let served = match &dir.config.run {
                 runner_spec::RunTarget::Python { .. } => {
                     runner_models::python::describe(&dir, options.python.as_deref()).map(
@@ -342,11 +351,6 @@ impl Engine {
                 served_doc
             }
         };
-        // A Python predictor built by Cog carries the schema Cog generated: serve that one.
-        let cog_schema = std::fs::read_to_string(dir.root.join(".cog/openapi_schema.json"))
-            .ok()
-            .filter(|_| matches!(dir.config.run, runner_spec::RunTarget::Python { .. }))
-            .filter(|text| serde_json::from_str::<Value>(text).is_ok());
         let openapi_json = cog_schema.unwrap_or_else(|| openapi::to_cog_json(&document));
         let batching = (architecture.batching && options.batching.max_batch_size > 1)
             .then_some(options.batching);
