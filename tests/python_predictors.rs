@@ -2,8 +2,8 @@
 //! (which replays every case against runner serving cog-spec's Python predictors): the
 //! schema Cog's own generator wrote, a sync generator, output below Python's sys.stdout,
 //! a worker killed mid-prediction (DEFUNCT), a prediction that ignores its cancellation
-//! (the worker is stopped and replaced), and an
-//! interpreter without the `cog` package. Needs RUNNER_COGLET_VENV (a virtualenv with
+//! (the worker is stopped and replaced), an interpreter without the `cog` package, and a
+//! training module that does not import. Needs RUNNER_COGLET_VENV (a virtualenv with
 //! cog==0.23.1; scripts/test.sh sets it up).
 
 mod support;
@@ -372,4 +372,47 @@ fn packaging_a_python_predictor_points_at_cog_push() {
     assert_eq!(code, 1);
     assert!(stderr.contains("cog push"), "{stderr}");
     assert!(!out.path().join("pkg").exists());
+}
+
+#[test]
+fn a_broken_training_module_leaves_predictions_served_and_fails_a_training_server() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("cog-spec/predictors/trainer");
+    std::fs::write(
+        dir.path().join("train.py"),
+        "raise ImportError('no module named torchy')\n",
+    )
+    .unwrap();
+    // Predictions do not need the trainer: served, with a warning and a document without
+    // the trainings routes.
+    let server = Server::start(dir.path(), &["--python", &python]);
+    assert!(
+        server.status_line.contains("ready at"),
+        "{}",
+        server.status_line
+    );
+    let (status, p) = server.predict(json!({"text": "hi"}));
+    assert_eq!((status, p["output"].clone()), (200, json!("HI")), "{p}");
+    let (_, doc) = server.get("/openapi.json");
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert!(doc["paths"].get("/predictions").is_some(), "{doc}");
+    assert!(doc["paths"].get("/trainings").is_none(), "{doc}");
+    drop(server);
+    let (code, _, stderr) = runner(&["--python", &python, "schema", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("cannot read `train.py:train`") && stderr.contains("torchy"),
+        "{stderr}"
+    );
+    // A training server cannot start without it, and says why.
+    let (code, _, stderr) = runner(&[
+        "--python",
+        &python,
+        "run",
+        dir.path().to_str().unwrap(),
+        "--mode",
+        "train",
+    ]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("no module named torchy"), "{stderr}");
 }
