@@ -1,6 +1,7 @@
 //! The playground in a real browser: Debian's Chromium, driven by playwright-core
 //! (tests/browser/playground.mjs), against `runner serve` on loopback: the embedding model,
-//! the streamed text generator and the model with every input kind (at phone width).
+//! the streamed text generator, the model with every input kind (at phone width), and a
+//! training server (train()'s form, posted to /trainings).
 //! scripts/setup-browser.sh installs both; RUNNER_SKIP_BROWSER=1 skips these tests.
 
 mod support;
@@ -134,4 +135,25 @@ fn the_page_asks_for_the_api_key_and_uses_it() {
     );
     let findings = drive("apikey", &server);
     assert_eq!(findings["ran_with_key"], true, "{findings}");
+}
+
+#[test]
+fn a_training_server_shows_the_training_form() {
+    if browser_ready().is_none() {
+        return;
+    }
+    let Ok(venv) = std::env::var("RUNNER_COGLET_VENV") else {
+        eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (the trainer is a Python model)");
+        return;
+    };
+    let python = PathBuf::from(venv).join("bin/python");
+    let server = Server::start(
+        &repo_root().join("cog-spec/predictors/trainer"),
+        &["--mode", "train", "--python", python.to_str().unwrap()],
+    );
+    let findings = drive("training", &server);
+    assert!(
+        findings["output"].as_str().unwrap().contains("steps"),
+        "{findings}"
+    );
 }

@@ -177,6 +177,21 @@ try {
     findings.file_text = shown[0];
     const runLine = await page.textContent("#runner-run");
     check(runLine.includes("-i 'source=@poem.txt'"), `runner run names the file: ${runLine}`);
+  } else if (scenario === "training") {
+    // A training server's page is train()'s form, posted to /trainings.
+    check(await page.isVisible("#in-steps"), "a field for train()'s `steps`");
+    check(!(await page.isVisible("#in-text")), "no field for predict()'s `text`");
+    await page.fill("#in-steps", "2");
+    await page.fill("#in-word", "ab");
+    await page.click("#run");
+    await waitStatus("succeeded");
+    const output = await page.textContent("#output");
+    check(output.includes("steps") && output.includes("weights"), `the training's output: ${output.slice(0, 200)}`);
+    const curl = await page.textContent("#curl");
+    check(curl.includes("/trainings"), `curl posts to /trainings: ${curl}`);
+    const runLine = await page.textContent("#runner-run");
+    check(runLine.includes("--mode train"), `runner run trains: ${runLine}`);
+    findings.output = output.slice(0, 300);
   } else {
     throw new Error(`unknown scenario ${scenario}`);
   }
