@@ -10,7 +10,8 @@
 //! with the answers Cog's server really gives, as the README's HTTP API table lists them
 //! (plain-text 400/413/415/422 for bodies that are not a JSON prediction request, 409, 429,
 //! 503, and 404 `{}` from cancel for a prediction not in flight), and with `input` required
-//! when the model has required inputs (as both servers treat a missing `input`), a
+//! when the model has required inputs (as both servers treat a missing `input`; null when it
+//! has none, as both read a null `input` as an empty one), a
 //! request id that may be null (read as absent, by both) but not empty (runner refuses an
 //! empty id: no one could cancel that prediction), and ids that can be routed. Nothing else is added: any other answer fails the run.
 //!
@@ -34,11 +35,27 @@ fn schemathesis() -> Option<PathBuf> {
     venv.map(|v| v.join("bin/schemathesis"))
 }
 
-/// Cog's document plus the answers Cog's server gives that its generator leaves out.
-fn completed(mut doc: Value) -> Value {
+/// Cog's document plus the answers Cog's server gives that its generator leaves out, for the
+/// routes the server runs: predictions, or with `train` the trainings.
+fn completed(mut doc: Value, train: bool) -> Value {
+    let (route, cancel, request, input) = if train {
+        (
+            "/trainings",
+            "/trainings/{training_id}/cancel",
+            "TrainingRequest",
+            "TrainingInput",
+        )
+    } else {
+        (
+            "/predictions",
+            "/predictions/{prediction_id}/cancel",
+            "PredictionRequest",
+            "Input",
+        )
+    };
     let text = json!({"text/plain": {"schema": {"type": "string"}}});
     let any_json = json!({"application/json": {"schema": {}}});
-    let predict = &mut doc["paths"]["/predictions"]["post"]["responses"];
+    let predict = &mut doc["paths"][route]["post"]["responses"];
     predict["202"] =
         json!({"description": "Accepted (Prefer: respond-async)", "content": any_json});
     for (status, why) in [
@@ -56,24 +73,29 @@ fn completed(mut doc: Value) -> Value {
     ] {
         predict[status] = json!({"description": why, "content": any_json});
     }
-    doc["paths"]["/predictions/{prediction_id}/cancel"]["post"]["responses"]["404"] =
+    doc["paths"][cancel]["post"]["responses"]["404"] =
         json!({"description": "No such prediction in flight", "content": any_json});
-    let has_required = doc["components"]["schemas"]["Input"]["required"]
+    let has_required = doc["components"]["schemas"][input]["required"]
         .as_array()
         .is_some_and(|r| !r.is_empty());
     if has_required {
-        doc["components"]["schemas"]["PredictionRequest"]["required"] = json!(["input"]);
-        doc["paths"]["/predictions"]["post"]["requestBody"]["required"] = json!(true);
+        doc["components"]["schemas"][request]["required"] = json!(["input"]);
+        doc["paths"][route]["post"]["requestBody"]["required"] = json!(true);
+    } else {
+        // Both servers read a null `input` as an empty one, which is valid when nothing is
+        // required.
+        let reference = format!("#/components/schemas/{input}");
+        doc["components"]["schemas"][request]["properties"]["input"] =
+            json!({"allOf": [{"$ref": reference}], "nullable": true});
     }
     // Both servers read the id as optional: null is the same as no id. runner refuses an
     // empty one (cog-spec/deviations.md).
-    let id = &mut doc["components"]["schemas"]["PredictionRequest"]["properties"]["id"];
+    let id = &mut doc["components"]["schemas"][request]["properties"]["id"];
     id["nullable"] = json!(true);
     id["minLength"] = json!(1);
     // An id that is empty, or starts with a dot (`.`, `..`: the client normalises the path
     // away), cannot be routed to `/predictions/{id}/cancel`.
-    doc["paths"]["/predictions/{prediction_id}/cancel"]["post"]["parameters"][0]["schema"]
-        ["pattern"] = json!("^[^/.][^/]*$");
+    doc["paths"][cancel]["post"]["parameters"][0]["schema"]["pattern"] = json!("^[^/.][^/]*$");
     doc
 }
 
@@ -90,7 +112,8 @@ fn attack(
     let server = Server::start(model, args);
     let (status, served) = server.get("/openapi.json");
     assert_eq!(status, 200);
-    let mut doc = completed(serde_json::from_str(&served).unwrap());
+    let train = args.contains(&"train");
+    let mut doc = completed(serde_json::from_str(&served).unwrap(), train);
     tweak(&mut doc);
     let work = tempfile::tempdir().unwrap();
     let schema = work.path().join("openapi.json");
@@ -175,6 +198,40 @@ fn schemathesis_finds_nothing_in_the_text_generation_model() {
                 Some(required) => required.push(json!("max_new_tokens")),
                 None => input["required"] = json!(["max_new_tokens"]),
             }
+        },
+    );
+}
+
+/// A training server (`--mode train`, a Python `train()`): the trainings routes of the
+/// combined document. Its `/predictions` also runs `train()` (as Cog's does) while the
+/// document describes `predict()` there, so those routes are left out. `step_seconds` is
+/// left out so that every training is short.
+#[test]
+fn schemathesis_finds_nothing_in_a_training_server() {
+    let Ok(venv) = std::env::var("RUNNER_COGLET_VENV") else {
+        eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (the trainer is a Python model)");
+        return;
+    };
+    let python = PathBuf::from(venv).join("bin/python");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["cog.yaml", "predict.py", "train.py"] {
+        std::fs::copy(
+            repo_root().join("cog-spec/predictors/trainer").join(name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    attack(
+        dir.path(),
+        &["--python", python.to_str().unwrap(), "--mode", "train"],
+        40,
+        &[],
+        |doc| {
+            let paths = doc["paths"].as_object_mut().unwrap();
+            paths.remove("/predictions");
+            paths.remove("/predictions/{prediction_id}/cancel");
+            let input = &mut doc["components"]["schemas"]["TrainingInput"]["properties"];
+            input.as_object_mut().unwrap().remove("step_seconds");
         },
     );
 }
