@@ -920,7 +920,18 @@ impl Engine {
     /// Validates the input, takes a slot (or a queue place) and starts the prediction in
     /// the background. Await [`Running::wait`] for its end, or follow its events.
     pub fn submit(self: &Arc<Self>, id: String, input: &Value) -> Result<Arc<Running>, Rejection> {
-        self.submit_inner(id, input)
+        self.submit_with_context(id, input, Default::default())
+    }
+
+    /// [`Engine::submit`] with the request's `context` (strings the caller passed beside
+    /// the input; Python predictors read them as `current_scope().context`).
+    pub fn submit_with_context(
+        self: &Arc<Self>,
+        id: String,
+        input: &Value,
+        context: std::collections::BTreeMap<String, String>,
+    ) -> Result<Arc<Running>, Rejection> {
+        self.submit_inner(id, input, context)
             .inspect_err(|r| self.metrics.rejected(r))
     }
 
@@ -950,6 +961,7 @@ impl Engine {
         self: &Arc<Self>,
         id: String,
         input: &Value,
+        context: std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<Running>, Rejection> {
         let input = self.validate(input).map_err(Rejection::InvalidInput)?;
         let Some(model) = self.model.get().cloned() else {
@@ -975,7 +987,12 @@ impl Engine {
         // A child of the caller's span (the HTTP request's, with its request id): every
         // line logged for this prediction, on any thread, names both.
         let span = tracing::info_span!("prediction", id = %id);
-        let running = Running::new(id.clone(), Value::Object(input.clone()), span.clone());
+        let running = Running::new(
+            id.clone(),
+            Value::Object(input.clone()),
+            context,
+            span.clone(),
+        );
         registry.insert(id, Arc::clone(&running));
         drop(registry);
         let engine = Arc::clone(self);

@@ -123,7 +123,12 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    pub(crate) fn new(id: String, input: Value, span: tracing::Span) -> Arc<Self> {
+    pub(crate) fn new(
+        id: String,
+        input: Value,
+        request_context: std::collections::BTreeMap<String, String>,
+        span: tracing::Span,
+    ) -> Arc<Self> {
         let (events, _) = broadcast::channel(HISTORY_CAPACITY);
         let (done, _) = watch::channel(false);
         Arc::new_cyclic(|weak: &std::sync::Weak<Running>| {
@@ -147,7 +152,9 @@ impl Running {
             Running {
                 id,
                 input,
-                ctx: PredictContext::with_sink(sink).with_span(span),
+                ctx: PredictContext::with_sink(sink)
+                    .with_span(span)
+                    .with_request_context(request_context),
                 inner: Mutex::new(Inner {
                     status: PredictionStatus::Starting,
                     started: None,

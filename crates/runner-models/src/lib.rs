@@ -4,6 +4,7 @@
 //! onto a device; a loaded [`Model`] turns validated inputs into an output. The engine
 //! only sees these two things, never a concrete architecture.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -108,6 +109,9 @@ pub struct PredictContext {
     /// The prediction's tracing span (request and prediction ids), so its log lines carry
     /// them even when a batch runs on another thread.
     span: Option<tracing::Span>,
+    /// The request's `context` (Cog hands it to Python predictors as
+    /// `current_scope().context`).
+    request_context: Arc<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for PredictContext {
@@ -134,6 +138,14 @@ impl PredictContext {
     pub fn with_span(mut self, span: tracing::Span) -> Self {
         self.span = Some(span);
         self
+    }
+    /// The request's `context`: strings the caller passed beside the input.
+    pub fn with_request_context(mut self, context: BTreeMap<String, String>) -> Self {
+        self.request_context = Arc::new(context);
+        self
+    }
+    pub fn request_context(&self) -> &BTreeMap<String, String> {
+        &self.request_context
     }
     /// Output files are written under `dir` (the engine removes it after the prediction).
     pub fn with_output_dir(mut self, dir: &std::path::Path) -> Self {

@@ -7,7 +7,7 @@
 //! succeeded, and axum's plain-text 400/415/422 for bodies that are not a JSON prediction
 //! request. Differences kept on purpose are listed in `cog-spec/deviations.md`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -716,10 +716,10 @@ struct PredictionRequest {
     input: Value,
     webhook: Option<String>,
     webhook_events_filter: Option<Vec<WebhookEvent>>,
-    /// Per-prediction context (Cog passes it to Python predictors); accepted, unused.
+    /// Per-prediction context: strings Python predictors read as
+    /// `current_scope().context`, as in Cog.
     #[serde(default)]
-    #[allow(dead_code)]
-    context: HashMap<String, String>,
+    context: std::collections::BTreeMap<String, String>,
 }
 
 impl PredictionRequest {
@@ -729,7 +729,7 @@ impl PredictionRequest {
             input: Value::Null,
             webhook: None,
             webhook_events_filter: None,
-            context: HashMap::new(),
+            context: Default::default(),
         }
     }
 }
@@ -918,7 +918,10 @@ async fn start(state: AppState, id: String, request: PredictionRequest, mode: Mo
     } else {
         request.input
     };
-    let running = match state.engine.submit(id, &input) {
+    let running = match state
+        .engine
+        .submit_with_context(id, &input, request.context)
+    {
         Ok(r) => r,
         Err(rejection) => return rejection_response(rejection),
     };

@@ -497,7 +497,9 @@ impl Model for PythonModel {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
         };
-        if let Err(e) = worker.send(&json!({"op": "predict", "id": id, "input": input})) {
+        if let Err(e) = worker.send(
+            &json!({"op": "predict", "id": id, "input": input, "context": ctx.request_context()}),
+        ) {
             unregister();
             return Err(PredictError::Failed(e));
         }

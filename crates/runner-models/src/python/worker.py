@@ -102,11 +102,48 @@ class _Capture(io.TextIOBase):
 # --- metrics (cog.current_scope()) -------------------------------------------------------
 
 
+_METRIC_MODES = ("replace", "incr", "append")
+
+# Each prediction's `context` from its request (Cog: a dict of strings), by prediction id.
+_contexts = {}
+
+
+def _record(key, value, mode):
+    mode = "replace" if mode is None else str(mode).lower()
+    if mode not in _METRIC_MODES:
+        raise TypeError(f"Invalid metric mode: '{mode}'. Expected 'replace', 'incr', or 'append'.")
+    if mode == "incr" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"Increment mode requires int or float, got {type(value).__name__}")
+    pid = _current_prediction.get()
+    if pid is not None:
+        send({"event": "metric", "id": pid, "name": key, "value": value, "mode": mode})
+
+
+class _Metrics:
+    """`scope.metrics`, as Cog's: `record(key, value, mode)`, `metrics[key] = value`
+    (replace), `del metrics[key]`."""
+
+    def record(self, key, value, mode=None):
+        _record(key, value, mode)
+
+    def __setitem__(self, key, value):
+        _record(key, value, "replace")
+
+    def __delitem__(self, key):
+        _record(key, None, "replace")
+
+
 class _Scope:
-    def record_metric(self, name, value, mode="replace"):
-        pid = _current_prediction.get()
-        if pid is not None:
-            send({"event": "metric", "id": pid, "name": name, "value": value, "mode": str(mode).lower()})
+    """`cog.current_scope()`: the running prediction's metrics and request context."""
+
+    metrics = _Metrics()
+
+    def record_metric(self, key, value, mode=None):
+        _record(key, value, mode)
+
+    @property
+    def context(self):
+        return dict(_contexts.get(_current_prediction.get(), {}))
 
     def __getattr__(self, name):
         raise AttributeError(f"runner's scope has no `{name}`")
@@ -338,6 +375,7 @@ def serve(model_dir, module_file, class_name):
             continue
         op = request.get("op")
         if op == "predict":
+            _contexts[request["id"]] = request.get("context") or {}
             _start(request["id"], request.get("input") or {}, info, predict, loop, state)
         elif op == "cancel":
             _cancel(request["id"], loop, state)
@@ -370,6 +408,7 @@ def _inputs(values, info):
 
 
 def _finish(pid, state, message):
+    _contexts.pop(pid, None)
     with state.lock:
         state.threads.pop(pid, None)
         state.tasks.pop(pid, None)
@@ -400,6 +439,7 @@ def _start(pid, values, info, predict, loop, state):
     try:
         kwargs = _inputs(values, info)
     except Exception:  # noqa: BLE001
+        _contexts.pop(pid, None)
         send({"event": "done", "id": pid, "status": "failed", "error": traceback.format_exc(limit=1)})
         return
     fn = inspect.unwrap(predict)
