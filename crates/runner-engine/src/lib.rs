@@ -42,6 +42,8 @@ pub enum Health {
     SetupFailed,
     /// The model can no longer predict (its Python worker died).
     Defunct,
+    /// Ready, but the predictor's own `healthcheck()` failed (Cog's state of that name).
+    Unhealthy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -206,6 +208,8 @@ pub struct Engine {
     loaded: OnceLock<Loaded>,
     in_flight: Mutex<HashMap<String, Arc<Running>>>,
     idle: tokio::sync::Notify,
+    /// When the last user health check finished, and its answer.
+    last_healthcheck: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
     snapshot_options: SnapshotOptions,
     progress: Option<ProgressBars>,
     recorded: Option<runner_models::load::Recorded>,
@@ -401,6 +405,7 @@ impl Engine {
             loaded: OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
+            last_healthcheck: tokio::sync::Mutex::new(None),
             snapshot_options: options.snapshot,
             progress: options.progress,
             recorded: options
@@ -853,6 +858,27 @@ impl Engine {
     }
 
     /// Current health, and the setup report.
+    /// The predictor's own health check (a Python predictor's `healthcheck()`), for a
+    /// server that is ready. Checks asked while one runs share its answer, so a check that
+    /// hangs (up to its 5 s limit) does not pile up.
+    pub async fn user_healthcheck(&self) -> Result<(), String> {
+        let Some(model) = self.model.get().cloned() else {
+            return Ok(());
+        };
+        let asked = Instant::now();
+        let mut last = self.last_healthcheck.lock().await;
+        if let Some((finished, answer)) = &*last {
+            if *finished >= asked {
+                return answer.clone();
+            }
+        }
+        let answer = tokio::task::spawn_blocking(move || model.healthcheck())
+            .await
+            .unwrap_or_else(|e| Err(format!("Healthcheck failed: {e}")));
+        *last = Some((Instant::now(), answer.clone()));
+        answer
+    }
+
     pub fn health(&self) -> (Health, SetupReport) {
         let state = self.lock();
         let mut setup = state.setup.clone();

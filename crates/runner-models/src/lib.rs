@@ -301,16 +301,24 @@ pub trait Model: Send + Sync {
         Ok(())
     }
 
-    /// Runs several predictions together (dynamic batching); one result per item, in
-    /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
-    /// own. Only called for architectures whose [`Architecture::batching`] is true; the
-    /// default runs the items one by one.
     /// Why the model can no longer predict (a Python worker that died), if it cannot:
     /// `/health-check` then reports `DEFUNCT`.
     fn defunct(&self) -> Option<String> {
         None
     }
 
+    /// The model's own health check, asked on `GET /health-check` while the server is
+    /// ready: a Python predictor's `healthcheck()`, as Cog runs it. `Err` says why the
+    /// model is unhealthy (`/health-check` then reports `UNHEALTHY`); it may block for a
+    /// few seconds.
+    fn healthcheck(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Runs several predictions together (dynamic batching); one result per item, in
+    /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
+    /// own. Only called for architectures whose [`Architecture::batching`] is true; the
+    /// default runs the items one by one.
     fn predict_batch(&self, batch: &[BatchItem<'_>]) -> Vec<Result<Value, PredictError>> {
         batch
             .iter()

@@ -353,12 +353,23 @@ async fn root(State(state): State<AppState>) -> Json<Value> {
 
 async fn health_check(State(state): State<AppState>) -> Json<Value> {
     let engine = &state.engine;
-    let (health, setup) = engine.health();
+    let (mut health, setup) = engine.health();
+    // A ready model's own check runs on every call, as in Cog; a busy one is not asked.
+    let mut user_error = None;
+    if health == Health::Ready {
+        if let Err(why) = engine.user_healthcheck().await {
+            health = Health::Unhealthy;
+            user_error = Some(why);
+        }
+    }
     let mut body = json!({
         "status": health,
         "setup": setup,
         "version": {"runner": RUNNER_VERSION, "cog": runner_spec::COG_VERSION},
     });
+    if let Some(why) = user_error {
+        body["user_healthcheck_error"] = json!(why);
+    }
     if let Some(loaded) = engine.loaded() {
         body["runner"] = json!({
             "model": engine.model_name(),

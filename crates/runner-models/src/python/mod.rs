@@ -29,6 +29,9 @@ const WORKER_PY: &str = include_str!("worker.py");
 /// How long a canceled prediction may ignore the cancellation before the worker is stopped.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a predictor's own `healthcheck()` may take, as in Cog (the worker enforces it).
+pub const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the predictor declares, read from its source by the `cog` package.
 #[derive(Debug, Clone)]
 pub struct Described {
@@ -214,6 +217,8 @@ enum Event {
     Output(Value),
     Metric(String, Value, MetricMode),
     Done(Result<Value, PredictError>),
+    /// The answer of the predictor's `healthcheck()`: why it is unhealthy, if it is.
+    Healthcheck(Option<String>),
 }
 
 /// The worker process and the predictions waiting on it.
@@ -454,6 +459,7 @@ fn read_events(
                     _ => MetricMode::Replace,
                 },
             ),
+            "healthcheck" => Event::Healthcheck(message["error"].as_str().map(str::to_string)),
             "done" => Event::Done(match message["status"].as_str() {
                 Some("succeeded") => Ok(message["output"].clone()),
                 Some("canceled") => Err(PredictError::Canceled),
@@ -509,6 +515,8 @@ impl Model for PythonModel {
                 Ok(Event::Log(text)) => ctx.log(&text),
                 Ok(Event::Output(chunk)) => ctx.emit_output(chunk),
                 Ok(Event::Metric(name, value, mode)) => ctx.record_metric(&name, value, mode),
+                // Never sent under a prediction's id.
+                Ok(Event::Healthcheck(_)) => {}
                 Ok(Event::Done(result)) => {
                     unregister();
                     return result;
@@ -537,6 +545,37 @@ impl Model for PythonModel {
                     Some(_) => {}
                 }
             }
+        }
+    }
+
+    fn healthcheck(&self) -> Result<(), String> {
+        let worker = self.current();
+        if worker.gone().is_some() {
+            // DEFUNCT says it already.
+            return Ok(());
+        }
+        let id = format!("h{}", worker.next_id.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::channel();
+        let waiting = || worker.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting().insert(id.clone(), tx);
+        let sent = worker.send(&json!({"op": "healthcheck", "id": id}));
+        // The worker gives up on the check after HEALTHCHECK_TIMEOUT itself; the margin
+        // covers a worker too busy to say so.
+        let answer = sent.and_then(|()| {
+            rx.recv_timeout(HEALTHCHECK_TIMEOUT + Duration::from_secs(1))
+                .map_err(|_| {
+                    format!(
+                        "Healthcheck failed: user-defined healthcheck timed out after {:.1} seconds",
+                        HEALTHCHECK_TIMEOUT.as_secs_f64()
+                    )
+                })
+        });
+        waiting().remove(&id);
+        match answer {
+            Ok(Event::Healthcheck(None)) => Ok(()),
+            Ok(Event::Healthcheck(Some(why))) => Err(why),
+            Ok(_) => Err("Healthcheck failed: the Python worker answered out of turn".into()),
+            Err(why) => Err(why),
         }
     }
 

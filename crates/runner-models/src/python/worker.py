@@ -11,6 +11,7 @@
 # Messages from runner: predict {id, input}, cancel {id}, shutdown.
 import ast
 import asyncio
+import concurrent.futures
 import contextvars
 import ctypes
 import importlib
@@ -379,9 +380,54 @@ def serve(model_dir, module_file, class_name):
             _start(request["id"], request.get("input") or {}, info, predict, loop, state)
         elif op == "cancel":
             _cancel(request["id"], loop, state)
+        elif op == "healthcheck":
+            _healthcheck(request["id"], getattr(instance, "healthcheck", None), loop)
         elif op == "shutdown":
             break
     os._exit(0)
+
+
+# Cog's limit on a user-defined healthcheck().
+_HEALTHCHECK_SECONDS = 5.0  # HEALTHCHECK_TIMEOUT in mod.rs
+
+
+def _healthcheck(hid, check, loop):
+    """Runs the predictor's own `healthcheck()` (sync or async) off the request loop, as
+    Cog does on GET /health-check, and reports healthy or why not, in Cog's words."""
+
+    def run():
+        error = None
+        try:
+            if check is None:
+                healthy = True
+            elif inspect.iscoroutinefunction(inspect.unwrap(check)):
+                healthy = asyncio.run_coroutine_threadsafe(check(), loop).result(_HEALTHCHECK_SECONDS)
+            else:
+                result = {}
+
+                def call():
+                    try:
+                        result["value"] = check()
+                    except BaseException as e:  # noqa: BLE001
+                        result["error"] = e
+
+                t = threading.Thread(target=call, name="healthcheck", daemon=True)
+                t.start()
+                t.join(_HEALTHCHECK_SECONDS)
+                if t.is_alive():
+                    raise TimeoutError()
+                if "error" in result:
+                    raise result["error"]
+                healthy = result["value"]
+            if healthy is False:
+                error = "Healthcheck failed: user-defined healthcheck returned False"
+        except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            error = f"Healthcheck failed: user-defined healthcheck timed out after {_HEALTHCHECK_SECONDS} seconds"
+        except BaseException as e:  # noqa: BLE001
+            error = f"Healthcheck failed: {type(e).__name__}: {e}"
+        send({"event": "healthcheck", "id": hid, "error": error})
+
+    threading.Thread(target=run, name=f"healthcheck-{hid}", daemon=True).start()
 
 
 def _inputs(values, info):
