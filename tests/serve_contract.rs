@@ -780,3 +780,60 @@ fn a_full_disk_under_file_inputs_fails_the_prediction_cleanly() {
         "{v}"
     );
 }
+
+/// `--ready-file` (Cog's `/var/run/cog/ready` on Kubernetes, for a readiness probe): gone
+/// while the model loads, even when an earlier run left one; there once it is ready; never
+/// written when setup fails.
+#[test]
+fn the_ready_file_appears_only_once_the_model_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("run/cog/ready");
+    std::fs::create_dir_all(ready.parent().unwrap()).unwrap();
+    std::fs::write(&ready, b"left by an earlier run").unwrap();
+    let mut command = std::process::Command::new(support::RUNNER);
+    command
+        .env("RUNNER_READY_FILE", &ready)
+        .env("CONFORMANCE_SETUP_DELAY", "1.5");
+    let starting = std::thread::spawn({
+        let ready = ready.clone();
+        move || {
+            // While setup sleeps: the stale file is removed, and no new one is there yet.
+            wait_until(
+                "the stale ready file is removed",
+                Duration::from_secs(20),
+                || !ready.exists(),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !ready.exists(),
+                "the ready file appeared before setup finished"
+            );
+        }
+    });
+    let server = Server::start_with(command, &repo_root().join("models/conformance"), &[]);
+    assert!(
+        server.status_line.contains("ready at"),
+        "{}",
+        server.status_line
+    );
+    starting.join().unwrap();
+    assert!(ready.is_file(), "no ready file once ready");
+    assert_eq!(std::fs::read(&ready).unwrap(), b"");
+    drop(server);
+
+    let failed = dir.path().join("failed/ready");
+    let mut command = std::process::Command::new(support::RUNNER);
+    command
+        .env("RUNNER_READY_FILE", &failed)
+        .env("CONFORMANCE_SETUP_FAIL", "1");
+    let server = Server::start_with(command, &repo_root().join("models/conformance"), &[]);
+    assert!(
+        server.status_line.contains("setup failed"),
+        "{}",
+        server.status_line
+    );
+    assert!(
+        !failed.exists(),
+        "a server whose setup failed marked itself ready"
+    );
+}

@@ -165,6 +165,10 @@ struct ServingArgs {
     /// wrapper, such as a packaged Cog predictor, that may be killed without warning).
     #[arg(long, env = "RUNNER_EXIT_WITH_PARENT")]
     exit_with_parent: bool,
+    /// Create this file once the model is ready (a readiness probe's `test -f`). Default on
+    /// Kubernetes (KUBERNETES_SERVICE_HOST set): /var/run/cog/ready, as Cog's server does.
+    #[arg(long, env = "RUNNER_READY_FILE")]
+    ready_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -820,6 +824,29 @@ fn open_engine(dir: &Path, device: DeviceSpec, mut options: EngineOptions) -> Re
     Ok(Engine::new(model_dir, device, options)?)
 }
 
+/// Where to mark readiness: `--ready-file`, else Cog's file on Kubernetes.
+fn ready_file(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| {
+        std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| PathBuf::from("/var/run/cog/ready"))
+    })
+}
+
+/// Creates the readiness file (and its folder). A failure is logged, not fatal: the server
+/// itself is ready.
+fn mark_ready(path: &Path) {
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, b""));
+    match written {
+        Ok(()) => tracing::debug!("readiness marked at {}", path.display()),
+        Err(e) => tracing::warn!(
+            "cannot write the readiness file {} ({e}); a probe that tests for it will not see this server ready",
+            path.display()
+        ),
+    }
+}
+
 fn seconds(flag: &str, value: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| anyhow::anyhow!("--{flag} {value}: expected a number of seconds, 0 or more"))
@@ -869,6 +896,10 @@ async fn serve(
         python: None,
         mode,
     };
+    // A file left by an earlier run must not say ready before this one is.
+    if let Some(path) = ready_file(serving.ready_file.clone()) {
+        let _ = std::fs::remove_file(path);
+    }
     let engine = open_engine(dir, device, options)?;
     if serving.max_batch_size > 1 && engine.batching().is_none() {
         tracing::warn!(
@@ -946,6 +977,9 @@ async fn serve(
                 } else {
                     ""
                 };
+                if let Some(path) = ready_file(serving.ready_file.clone()) {
+                    mark_ready(&path);
+                }
                 stderr_line(&format!(
                     "runner: ready at {url}{trainings} · model {} ({}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
                     engine.model_name(),
