@@ -139,6 +139,10 @@ struct ServingArgs {
     /// Ignore SIGTERM; stop only on POST /shutdown or SIGINT (as Cog on Kubernetes).
     #[arg(long, env = "RUNNER_AWAIT_EXPLICIT_SHUTDOWN", num_args = 0..=1, default_missing_value = "true")]
     await_explicit_shutdown: Option<bool>,
+    /// Seconds setup (loading the model) may take before it fails with SETUP_FAILED; no
+    /// limit when unset or 0. Cog's variable.
+    #[arg(long, env = "COG_SETUP_TIMEOUT", value_name = "SECONDS")]
+    setup_timeout: Option<f64>,
     /// Seconds a shutdown waits for running predictions before canceling them.
     #[arg(long, default_value_t = 60.0, env = "RUNNER_SHUTDOWN_TIMEOUT")]
     shutdown_timeout: f64,
@@ -895,6 +899,12 @@ async fn serve(
         progress: progress_bars(),
         python: None,
         mode,
+        // 0, like unset, is no limit.
+        setup_timeout: serving
+            .setup_timeout
+            .filter(|s| *s != 0.0)
+            .map(|s| seconds("setup-timeout", s))
+            .transpose()?,
     };
     // A file left by an earlier run must not say ready before this one is.
     if let Some(path) = ready_file(serving.ready_file.clone()) {

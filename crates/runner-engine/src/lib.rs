@@ -109,6 +109,8 @@ pub struct EngineOptions {
     pub python: Option<PathBuf>,
     /// Predictions (`run:`), or trainings (`train:`), as Cog's `--x-mode train` serves them.
     pub mode: Mode,
+    /// Setup that takes longer fails (`SETUP_FAILED`), as with Cog's `COG_SETUP_TIMEOUT`.
+    pub setup_timeout: Option<Duration>,
 }
 
 /// Starts a progress report for a long step, given its label and total bytes; the
@@ -210,6 +212,7 @@ pub struct Engine {
     idle: tokio::sync::Notify,
     /// When the last user health check finished, and its answer.
     last_healthcheck: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    setup_timeout: Option<Duration>,
     snapshot_options: SnapshotOptions,
     progress: Option<ProgressBars>,
     recorded: Option<runner_models::load::Recorded>,
@@ -406,6 +409,7 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
             last_healthcheck: tokio::sync::Mutex::new(None),
+            setup_timeout: options.setup_timeout,
             snapshot_options: options.snapshot,
             progress: options.progress,
             recorded: options
@@ -513,10 +517,22 @@ impl Engine {
         let engine = Arc::clone(self);
         let started = Instant::now();
         engine.lock().setup.started_at = now_rfc3339();
-        let result = tokio::task::spawn_blocking(move || engine.load_blocking())
-            .await
-            .map_err(|e| format!("setup panicked: {e}"))
-            .and_then(|r| r);
+        let loading = tokio::task::spawn_blocking(move || engine.load_blocking());
+        let joined = match self.setup_timeout {
+            // A load past its time is left to finish on its own; what it built is dropped
+            // (a Python worker with it).
+            Some(limit) => tokio::time::timeout(limit, loading).await.map_err(|_| {
+                format!(
+                    "setup timed out after {} s (--setup-timeout, COG_SETUP_TIMEOUT); raise the limit if loading this model takes longer",
+                    limit.as_secs_f64()
+                )
+            }),
+            None => Ok(loading.await),
+        };
+        let result = joined.and_then(|j| {
+            j.map_err(|e| format!("setup panicked: {e}"))
+                .and_then(|r| r)
+        });
         let mut state = self.lock();
         state.setup.completed_at = Some(now_rfc3339());
         match result {
