@@ -837,3 +837,51 @@ fn the_ready_file_appears_only_once_the_model_is_ready() {
         "a server whose setup failed marked itself ready"
     );
 }
+
+/// `COG_THROTTLE_RESPONSE_INTERVAL` (`--webhook-throttle`): with 0, every log line of a
+/// prediction gets its `logs` webhook; with the default half second, lines 100 ms apart are
+/// gathered into fewer. Either way the terminal webhook carries every line.
+#[test]
+fn the_webhook_throttle_is_cogs_variable() {
+    let fixtures = Fixtures::start();
+    let logs_webhooks = |throttle: &str| -> usize {
+        let mut command = std::process::Command::new(support::RUNNER);
+        command.env("COG_THROTTLE_RESPONSE_INTERVAL", throttle);
+        let server = Server::start_with(command, &repo_root().join("models/stream"), &[]);
+        let path = format!("/hooks/throttle-{throttle}");
+        let body = json!({
+            "input": {"prompt": "a b c d e f", "delay": 0.1},
+            "webhook": format!("{}{path}", fixtures.url()),
+            "webhook_events_filter": ["logs", "completed"],
+        })
+        .to_string();
+        assert_eq!(post_async(&server, &body).status, 202);
+        wait_until("the terminal webhook", Duration::from_secs(20), || {
+            fixtures.received(&path).iter().any(|r| {
+                serde_json::from_slice::<Value>(&r.body).is_ok_and(|v| v["status"] == "succeeded")
+            })
+        });
+        let received = fixtures.received(&path);
+        let terminal: Value = serde_json::from_slice(&received.last().unwrap().body).unwrap();
+        assert_eq!(
+            terminal["logs"]
+                .as_str()
+                .unwrap()
+                .matches("stream: token")
+                .count(),
+            6,
+            "{terminal}"
+        );
+        received.len() - 1
+    };
+    let unthrottled = logs_webhooks("0");
+    let throttled = logs_webhooks("0.5");
+    assert!(
+        unthrottled >= 6,
+        "{unthrottled} logs webhooks without a throttle"
+    );
+    assert!(
+        throttled < unthrottled,
+        "{throttled} throttled against {unthrottled}"
+    );
+}

@@ -152,6 +152,10 @@ struct ServingArgs {
     /// Seconds the terminal webhook of a prediction is retried before giving up.
     #[arg(long, default_value_t = 600.0, env = "RUNNER_WEBHOOK_RETRY_DEADLINE")]
     webhook_retry_deadline: f64,
+    /// Least seconds between a prediction's `start`/`logs` webhooks (output and terminal
+    /// webhooks are never held back). Cog's variable.
+    #[arg(long, default_value_t = 0.5, env = "COG_THROTTLE_RESPONSE_INTERVAL")]
+    webhook_throttle: f64,
     /// Seconds one webhook request may take (a receiver that hangs is retried after it).
     #[arg(long, default_value_t = 30.0, env = "RUNNER_WEBHOOK_TIMEOUT")]
     webhook_timeout: f64,
@@ -945,6 +949,7 @@ async fn serve(
                 auth_token: serving.webhook_auth_token.clone(),
                 retry_deadline,
                 request_timeout: webhook_timeout,
+                throttle: seconds("webhook-throttle", serving.webhook_throttle)?,
                 ..Default::default()
             },
             model_dir_hint: Some(dir.display().to_string()),
