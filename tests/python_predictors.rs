@@ -419,3 +419,30 @@ fn a_broken_training_module_leaves_predictions_served_and_fails_a_training_serve
     assert_ne!(code, 0);
     assert!(stderr.contains("no module named torchy"), "{stderr}");
 }
+
+#[test]
+fn metrics_report_the_last_answer_of_the_predictors_own_healthcheck() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("cog-spec/predictors/healthcheck");
+    let server = Server::start(dir.path(), &["--python", &python]);
+    let state = |server: &Server| -> String {
+        let (_, metrics) = server.get("/metrics");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("runner_health{"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (status, p) = server.predict(json!({"health": "false"}));
+    assert_eq!((status, p["output"].clone()), (200, json!("false")), "{p}");
+    assert_eq!(health(&server)["status"], "UNHEALTHY");
+    assert_eq!(state(&server), "runner_health{state=\"UNHEALTHY\"} 1");
+    let (status, _) = server.predict(json!({"health": "ok"}));
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&server)["status"] != "READY" {
+        assert!(Instant::now() < deadline, "never READY again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(state(&server), "runner_health{state=\"READY\"} 1");
+}

@@ -895,6 +895,14 @@ impl Engine {
         answer
     }
 
+    /// Whether the last user health check (see [`Engine::user_healthcheck`]) failed;
+    /// false while one runs. Never waits.
+    pub fn last_user_healthcheck_failed(&self) -> bool {
+        self.last_healthcheck
+            .try_lock()
+            .is_ok_and(|last| matches!(&*last, Some((_, Err(_)))))
+    }
+
     pub fn health(&self) -> (Health, SetupReport) {
         let state = self.lock();
         let mut setup = state.setup.clone();

@@ -617,7 +617,11 @@ fn render_metrics(state: &AppState) -> String {
         ),
         1,
     );
-    let (health, _) = engine.health();
+    let (mut health, _) = engine.health();
+    // Scraping never runs the predictor's own check; it reports the last answer.
+    if health == Health::Ready && engine.last_user_healthcheck_failed() {
+        health = Health::Unhealthy;
+    }
     let health = serde_json::to_value(health)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
