@@ -213,6 +213,8 @@ pub struct Engine {
     /// When the last user health check finished, and its answer.
     last_healthcheck: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
     setup_timeout: Option<Duration>,
+    /// The Python worker that described the predictor, until setup takes it.
+    python_started: Mutex<Option<runner_models::python::Started>>,
     snapshot_options: SnapshotOptions,
     progress: Option<ProgressBars>,
     recorded: Option<runner_models::load::Recorded>,
@@ -314,26 +316,28 @@ impl Engine {
                     let python = options.python.as_deref();
                     scope.spawn(move || other_signature(&other_dir, python))
                 });
+            // A Python predictor is described by the worker that will serve it.
             let served = match &dir.config.run {
                 runner_spec::RunTarget::Python { .. } => {
-                    runner_models::python::describe(&dir, options.python.as_deref()).map(
-                        |described| {
+                    runner_models::python::start(&dir, options.python.as_deref()).map(
+                        |(described, started)| {
                             (
                                 described.signature,
                                 !described.is_async,
                                 described.concurrent_max,
+                                Some(started),
                             )
                         },
                     )
                 }
-                _ => Ok(((architecture.signature)(), false, None)),
+                _ => Ok(((architecture.signature)(), false, None, None)),
             };
             (
                 served,
                 other.map(|h| h.join().unwrap_or_else(|_| Err("it panicked".into()))),
             )
         });
-        let (signature, python_sync, declared_concurrency) = served?;
+        let (signature, python_sync, declared_concurrency, python_started) = served?;
         let file_inputs = files::has_file_inputs(&signature);
         let file_outputs = files::has_file_outputs(&signature.output);
         let validator = InputValidator::new(&signature).map_err(EngineError::Schema)?;
@@ -409,6 +413,7 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             idle: tokio::sync::Notify::new(),
             last_healthcheck: tokio::sync::Mutex::new(None),
+            python_started: Mutex::new(python_started),
             setup_timeout: options.setup_timeout,
             snapshot_options: options.snapshot,
             progress: options.progress,
@@ -600,7 +605,13 @@ impl Engine {
                     Some(r) => LoadContext::recording(&log, Arc::clone(r)),
                     None => LoadContext::new(&log),
                 }
-                .with_python(self.python.clone());
+                .with_python(self.python.clone())
+                .with_python_started(
+                    self.python_started
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(),
+                );
                 let weights_bytes = self.weights_file_bytes();
                 if let Some(bar) = self.progress_bar("loading weights", weights_bytes) {
                     ctx = ctx.with_progress(bar);

@@ -67,6 +67,9 @@ pub struct LoadContext<'a> {
     recorder: Option<Recorded>,
     progress: Option<Progress>,
     python: Option<std::path::PathBuf>,
+    /// A Python worker already started (it imported the predictor to describe it), to set
+    /// up instead of starting another.
+    python_started: std::sync::Mutex<Option<crate::python::Started>>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -78,6 +81,7 @@ impl<'a> LoadContext<'a> {
             recorder: None,
             progress: None,
             python: None,
+            python_started: Default::default(),
         }
     }
     /// A load from a snapshot's tensors instead of the weights files.
@@ -88,6 +92,7 @@ impl<'a> LoadContext<'a> {
             recorder: None,
             progress: None,
             python: None,
+            python_started: Default::default(),
         }
     }
     /// A load from a snapshot whose restore is still running on `job`'s thread.
@@ -98,6 +103,7 @@ impl<'a> LoadContext<'a> {
             recorder: None,
             progress: None,
             python: None,
+            python_started: Default::default(),
         }
     }
     /// Waits for the snapshot restore (if the model never asked for a tensor) and says
@@ -117,6 +123,7 @@ impl<'a> LoadContext<'a> {
             recorder: Some(recorder),
             progress: None,
             python: None,
+            python_started: Default::default(),
         }
     }
     /// Reports weight bytes read to `progress`.
@@ -141,6 +148,17 @@ impl<'a> LoadContext<'a> {
     }
     pub fn python(&self) -> Option<&std::path::Path> {
         self.python.as_deref()
+    }
+    /// The Python worker that described the predictor, for the load to set up.
+    pub fn with_python_started(mut self, started: Option<crate::python::Started>) -> Self {
+        self.python_started = std::sync::Mutex::new(started);
+        self
+    }
+    pub(crate) fn take_python_started(&self) -> Option<crate::python::Started> {
+        self.python_started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
     pub fn log(&self, line: &str) {
         (self.log)(line)

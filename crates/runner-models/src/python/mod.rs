@@ -89,7 +89,8 @@ fn spawn_error(python: &Path, e: std::io::Error) -> LoadError {
     ))
 }
 
-/// Reads the predictor's signature by importing it in a short-lived worker.
+/// Reads the predictor's signature by importing it in a short-lived worker (for a target
+/// that is not served: a server reads it from its own worker, see [`start`]).
 pub fn describe(dir: &ModelDir, python: Option<&Path>) -> Result<Described, LoadError> {
     let python = interpreter(python);
     let out = worker_command(&python, "describe", dir)?
@@ -108,6 +109,11 @@ pub fn describe(dir: &ModelDir, python: Option<&Path>) -> Result<Described, Load
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         })?;
+    described_from(dir, &message)
+}
+
+/// The worker's `describe` event, or its error, as runner's terms.
+fn described_from(dir: &ModelDir, message: &Value) -> Result<Described, LoadError> {
     match message["event"].as_str() {
         Some("describe") => Ok(Described {
             signature: signature_from_json(&message["signature"])
@@ -120,6 +126,7 @@ pub fn describe(dir: &ModelDir, python: Option<&Path>) -> Result<Described, Load
             dir.config.run,
             message["message"]
                 .as_str()
+                .or(message["error"].as_str())
                 .unwrap_or("unknown error")
                 .trim()
         ))),
@@ -280,14 +287,19 @@ pub struct PythonModel {
     restarting: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Starts the worker and runs the predictor's `setup()`; its prints become setup logs.
+/// Runs the predictor's `setup()` in the worker that described it (else in a new one); its
+/// prints become setup logs.
 pub fn load(
     dir: &ModelDir,
     _device: &candle_core::Device,
     ctx: &LoadContext,
 ) -> Result<Box<dyn Model>, LoadError> {
     let python = interpreter(ctx.python());
-    let worker = start_worker(dir, &python, &|line| ctx.log(line))?;
+    let log = |line: &str| ctx.log(line);
+    let worker = match ctx.take_python_started() {
+        Some(started) => started.set_up(&log)?,
+        None => start_worker(dir, &python, &log)?,
+    };
     Ok(Box::new(PythonModel {
         dir: dir.clone(),
         python,
@@ -296,8 +308,26 @@ pub fn load(
     }))
 }
 
-fn start_worker(dir: &ModelDir, python: &Path, log: &dyn Fn(&str)) -> Result<Worker, LoadError> {
-    let mut cmd = worker_command(python, "serve", dir)?;
+/// A worker that imported the predictor and described it, waiting to be told to set up.
+/// Dropped unused (`runner schema`), it is stopped.
+pub struct Started {
+    worker: Worker,
+    setup: mpsc::Receiver<Result<(), String>>,
+    logs: mpsc::Receiver<String>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started").finish_non_exhaustive()
+    }
+}
+
+/// Starts the serving worker and reads the predictor's signature from it: one Python
+/// process and one import of the predictor's module for both (a module that imports torch
+/// takes seconds). Setup waits for [`Started::set_up`].
+pub fn start(dir: &ModelDir, python: Option<&Path>) -> Result<(Described, Started), LoadError> {
+    let python = interpreter(python);
+    let mut cmd = worker_command(&python, "serve", dir)?;
     if let Some(weights) = dir.weights.safetensors.first().and_then(|p| p.parent()) {
         cmd.env("COG_WEIGHTS", weights);
     }
@@ -306,25 +336,28 @@ fn start_worker(dir: &ModelDir, python: &Path, log: &dyn Fn(&str)) -> Result<Wor
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| spawn_error(python, e))?;
+        .map_err(|e| spawn_error(&python, e))?;
     let stdin = child.stdin.take().expect("piped");
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     // Output the predictor writes outside the channel (C extensions, warnings).
+    let (stderr_tx, stderr_rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             tracing::info!(target: "runner::predictor", "{line}");
+            let _ = stderr_tx.send(line);
         }
     });
     let waiting: Arc<Mutex<HashMap<String, mpsc::Sender<Event>>>> = Arc::default();
     let gone: Arc<Mutex<Option<String>>> = Arc::default();
     let (setup_tx, setup_rx) = mpsc::channel::<Result<(), String>>();
     let (log_tx, log_rx) = mpsc::channel::<String>();
+    let (described_tx, described_rx) = mpsc::channel::<Value>();
     {
         let waiting = Arc::clone(&waiting);
         let gone = Arc::clone(&gone);
         std::thread::spawn(move || {
-            read_events(stdout, &waiting, setup_tx, log_tx);
+            read_events(stdout, &waiting, described_tx, setup_tx, log_tx);
             let mut why = gone.lock().unwrap_or_else(|e| e.into_inner());
             let reason = why
                 .get_or_insert_with(|| "the Python worker exited".to_string())
@@ -342,37 +375,91 @@ fn start_worker(dir: &ModelDir, python: &Path, log: &dyn Fn(&str)) -> Result<Wor
         gone,
         next_id: AtomicU64::new(0),
     };
-    let drain_logs = || {
-        while let Ok(line) = log_rx.try_recv() {
-            log(line.trim_end_matches('\n'));
+    // The import's failure comes as `setup_failed` (or `error`, when `cog` is missing);
+    // the channel closes when the worker exits first.
+    let message = match described_rx.recv() {
+        Ok(message) => message,
+        Err(_) => {
+            let failure = match setup_rx.try_recv() {
+                Ok(Err(e)) => e,
+                _ => {
+                    let printed: Vec<String> = stderr_rx.try_iter().collect();
+                    format!(
+                        "the Python worker ({}) exited before describing the predictor: {}",
+                        python.display(),
+                        printed.join("\n").trim()
+                    )
+                }
+            };
+            return Err(other_err(format!(
+                "cannot read the predictor {}: {}",
+                dir.config.run,
+                failure.trim()
+            )));
         }
     };
-    loop {
-        drain_logs();
-        match setup_rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Ok(())) => break,
-            Ok(Err(e)) => {
-                drain_logs();
-                return Err(other_err(format!("the predictor's setup failed:\n{e}")));
+    let described = described_from(dir, &message)?;
+    Ok((
+        described,
+        Started {
+            worker,
+            setup: setup_rx,
+            logs: log_rx,
+        },
+    ))
+}
+
+impl Started {
+    /// Runs `setup()`; its prints (and the import's) become setup logs.
+    fn set_up(self, log: &dyn Fn(&str)) -> Result<Worker, LoadError> {
+        let Started {
+            worker,
+            setup,
+            logs,
+        } = self;
+        let drain_logs = || {
+            while let Ok(line) = logs.try_recv() {
+                log(line.trim_end_matches('\n'));
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                drain_logs();
-                let status = worker
-                    .child
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .wait()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                return Err(other_err(format!(
-                    "the Python worker exited during setup ({status}); its output is in the setup logs"
-                )));
+        };
+        if let Err(e) = worker.send(&json!({"op": "setup"})) {
+            drain_logs();
+            return Err(other_err(format!(
+                "cannot start the predictor's setup: {e}"
+            )));
+        }
+        loop {
+            drain_logs();
+            match setup.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    drain_logs();
+                    return Err(other_err(format!("the predictor's setup failed:\n{e}")));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    drain_logs();
+                    let status = worker
+                        .child
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .wait()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    return Err(other_err(format!(
+                        "the Python worker exited during setup ({status}); its output is in the setup logs"
+                    )));
+                }
             }
         }
+        drain_logs();
+        Ok(worker)
     }
-    drain_logs();
-    Ok(worker)
+}
+
+fn start_worker(dir: &ModelDir, python: &Path, log: &dyn Fn(&str)) -> Result<Worker, LoadError> {
+    let (_, started) = start(dir, Some(python))?;
+    started.set_up(log)
 }
 
 impl PythonModel {
@@ -417,6 +504,7 @@ impl PythonModel {
 fn read_events(
     stdout: std::process::ChildStdout,
     waiting: &Mutex<HashMap<String, mpsc::Sender<Event>>>,
+    described: mpsc::Sender<Value>,
     setup: mpsc::Sender<Result<(), String>>,
     setup_logs: mpsc::Sender<String>,
 ) {
@@ -434,6 +522,10 @@ fn read_events(
                 if let Err(mpsc::SendError(data)) = setup_logs.send(data) {
                     tracing::info!(target: "runner::predictor", "{}", data.trim_end());
                 }
+                continue;
+            }
+            "describe" => {
+                let _ = described.send(message);
                 continue;
             }
             "ready" => {

@@ -5,10 +5,13 @@
 # or C level) goes to stderr or into the prediction's logs, never into the channel.
 #
 #   python worker.py describe MODEL_DIR MODULE_FILE CLASS  -> {"event": "describe", ...}
-#   python worker.py serve MODEL_DIR MODULE_FILE CLASS     -> setup, then predictions
+#   python worker.py serve MODEL_DIR MODULE_FILE CLASS     -> describe; on `setup`: setup,
+#                                                              then predictions
 #
-# Messages to runner: describe, setup_log, ready, setup_failed, log, output, metric, done.
-# Messages from runner: predict {id, input}, cancel {id}, shutdown.
+# Messages to runner: describe, setup_log, ready, setup_failed, log, output, metric,
+# healthcheck, done.
+# Messages from runner: setup, predict {id, input, context}, cancel {id}, healthcheck {id},
+# shutdown.
 import ast
 import asyncio
 import concurrent.futures
@@ -277,6 +280,11 @@ def _predict_function(target):
 
 def describe(model_dir, module_file, class_name):
     info, target = _load(model_dir, module_file, class_name)
+    send(_description(info, target))
+
+
+def _description(info, target):
+    """The predictor's signature, in runner's terms (the `describe` event)."""
     _, fn = _predict_function(target)
     unwrapped = inspect.unwrap(fn)
     fdef = _function_def(unwrapped)
@@ -304,12 +312,12 @@ def describe(model_dir, module_file, class_name):
         inputs.append(entry)
     streaming = _declared_streaming(fdef)
     concurrent = getattr(fn, "__cog_concurrent_max__", None) or getattr(unwrapped, "__cog_concurrent_max__", None)
-    send({
+    return {
         "event": "describe",
         "signature": {"inputs": inputs, "output": _output_type(info.output), "streaming": streaming},
         "is_async": inspect.iscoroutinefunction(unwrapped) or inspect.isasyncgenfunction(unwrapped),
         "concurrent_max": concurrent,
-    })
+    }
 
 
 def _encode_default(value):
@@ -339,6 +347,24 @@ def serve(model_dir, module_file, class_name):
     _install_scope()
     try:
         info, target = _load(model_dir, module_file, class_name)
+        description = _description(info, target)
+    except BaseException:  # noqa: BLE001 - an import that fails is reported
+        sys.stdout.flush()
+        sys.stderr.flush()
+        send({"event": "setup_failed", "error": traceback.format_exc()})
+        return
+    # One import serves both: runner reads the signature, then says when to set up (or
+    # stops the worker, when it only wanted the signature).
+    send(description)
+    for line in sys.stdin:
+        op = json.loads(line).get("op") if line.strip() else None
+        if op == "setup":
+            break
+        if op == "shutdown":
+            os._exit(0)
+    else:
+        os._exit(0)
+    try:
         instance = target() if inspect.isclass(target) else None
         _, fn = _predict_function(target)
         predict = getattr(instance, fn.__name__) if instance is not None else fn
