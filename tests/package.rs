@@ -863,3 +863,135 @@ fn bad_inputs_get_clear_errors_and_write_nothing() {
         "{leftovers:?}"
     );
 }
+
+/// A Python Cog model on Modal: the image installs what cog.yaml's `build:` asks for (with
+/// Cog's package), the package carries the predictor's source but nothing hidden or cached,
+/// runner serves it with the image's Python, and what cannot travel is said. Replicate
+/// gets it with `cog push` instead.
+#[test]
+fn a_python_predictor_packages_for_modal_with_its_build() {
+    let scratch = tempfile::tempdir().unwrap();
+    let fake = fake_runner_binary(scratch.path());
+    let fake = fake.to_str().unwrap();
+    let model = scratch.path().join("model");
+    let source = repo_root().join("tests/data/python-predictors/modal");
+    std::fs::create_dir_all(model.join("helpers/__pycache__")).unwrap();
+    for rel in [
+        "cog.yaml",
+        "predict.py",
+        "requirements.txt",
+        "helpers/__init__.py",
+        "helpers/words.py",
+    ] {
+        std::fs::copy(source.join(rel), model.join(rel)).unwrap();
+    }
+    std::fs::write(
+        model.join("helpers/__pycache__/words.cpython-311.pyc"),
+        b"x",
+    )
+    .unwrap();
+    std::fs::create_dir_all(model.join(".git")).unwrap();
+    std::fs::write(model.join(".git/HEAD"), b"ref: refs/heads/main\n").unwrap();
+
+    // Replicate: refused before anything is imported, with what to do.
+    let (code, _, stderr) = package(
+        &model,
+        &scratch.path().join("replicate"),
+        &["--target", "replicate", "--runner-bin", fake],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cog push") && stderr.contains("--target modal"),
+        "{stderr}"
+    );
+
+    let Ok(coglet) = std::env::var("RUNNER_COGLET_VENV") else {
+        eprintln!("SKIPPED (Modal half): RUNNER_COGLET_VENV is not set (reading the predictor's signature needs `cog`)");
+        return;
+    };
+    let python = PathBuf::from(coglet).join("bin/python");
+    let out = scratch.path().join("modal");
+    let (code, _, stderr) = runner(&[
+        "--python",
+        python.to_str().unwrap(),
+        "package",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--target",
+        "modal",
+        "--name",
+        "shout",
+        "--runner-bin",
+        fake,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("build secrets (pip)"), "{stderr}");
+    assert!(stderr.contains("pass --gpu NAME"), "{stderr}");
+    let files: Vec<String> = tree(&out).into_keys().collect();
+    for want in [
+        "model/cog.yaml",
+        "model/predict.py",
+        "model/requirements.txt",
+        "model/helpers/__init__.py",
+        "model/helpers/words.py",
+        "modal_app.py",
+        "openapi.json",
+        "bin/runner",
+    ] {
+        assert!(
+            files.contains(&want.to_string()),
+            "{want} missing: {files:?}"
+        );
+    }
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.contains(".git") || f.contains("__pycache__")),
+        "{files:?}"
+    );
+    let app = std::fs::read_to_string(out.join("modal_app.py")).unwrap();
+    for want in [
+        r#"modal.Image.debian_slim(python_version="3.11")"#,
+        r#".apt_install("libgomp1")"#,
+        r#".pip_install("cog==0.23.1", "numpy==2.1.3")"#,
+        r#".pip_install_from_requirements(str(HERE / "model" / "requirements.txt"))"#,
+        r#".run_commands("echo 'built for runner' > /etc/runner-build-note", "pip download --no-deps tqdm==4.67.1 -d /tmp/wheels")"#,
+        r#""--device", "cpu", "--python", "python"]"#,
+        "CONCURRENCY = 2",
+    ] {
+        assert!(app.contains(want), "modal_app.py lacks {want}:\n{app}");
+    }
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("openapi.json")).unwrap()).unwrap();
+    assert_eq!(
+        doc["components"]["schemas"]["Input"]["required"],
+        json!(["text"])
+    );
+
+    let Some(venv) = std::env::var_os("RUNNER_MODAL_VENV").map(PathBuf::from) else {
+        eprintln!("SKIPPED (import): RUNNER_MODAL_VENV is not set");
+        return;
+    };
+    let probe = r#"
+import json, warnings
+warnings.simplefilter("ignore")
+import modal_app
+print(json.dumps({"app": modal_app.app.name, "classes": sorted(modal_app.app.registered_classes)}))
+"#;
+    let output = Command::new(venv.join("bin/python"))
+        .args(["-c", probe])
+        .current_dir(&out)
+        .env("HOME", scratch.path())
+        .env_remove("MODAL_TOKEN_ID")
+        .env_remove("MODAL_TOKEN_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "modal_app.py does not import:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(got, json!({"app": "shout", "classes": ["Runner"]}));
+}

@@ -676,11 +676,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 fn package(args: PackageArgs) -> Result<ExitCode> {
     let model_dir = ModelDir::open(&args.dir)?;
-    if let runner_spec::RunTarget::Python { .. } = &model_dir.config.run {
+    let python = matches!(model_dir.config.run, runner_spec::RunTarget::Python { .. });
+    if python && matches!(args.target, PackageTarget::Replicate) {
+        // Said before the predictor is imported to read its signature.
         bail!(
-            "{}: `run: {}` is a Python Cog predictor, which is a Cog model already: push it with `cog push` (Replicate); `runner package` packages native (candle:) models",
+            "{}: {}",
             model_dir.config.path.display(),
-            model_dir.config.run
+            runner_package::PackageError::PythonForReplicate(model_dir.config.run.to_string())
         );
     }
     let engine = Engine::new(

@@ -86,6 +86,8 @@ pub enum PackageError {
     RunnerBinary { path: PathBuf, reason: String },
     #[error("cannot package this model as a standard Cog project: {0}")]
     Unsupported(String),
+    #[error("`run: {0}` is a Python Cog predictor, which is a Cog model already: push it to Replicate with `cog push`; `runner package --target modal` packages it for Modal")]
+    PythonForReplicate(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -328,6 +330,98 @@ fn relative_to_root(model: &ModelDir, file: &Path) -> String {
         .join("/")
 }
 
+/// Every file of a Python predictor's directory, sorted, but hidden entries (`.git`,
+/// `.runner`, `.cog`), `__pycache__` and compiled Python.
+fn source_files(root: &Path) -> Result<Vec<PathBuf>, PackageError> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == "__pycache__" || name.ends_with(".pyc") {
+                continue;
+            }
+            let path = entry.path();
+            let kind = entry.file_type().map_err(io_err(&path))?;
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_file() {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A Python string literal (JSON's escapes are Python's for these strings).
+fn py_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string always serializes")
+}
+
+/// The image's environment: unbuffered Python, and cog.yaml's `environment:`.
+fn image_env(req: &Request) -> String {
+    let mut entries = vec![(py_str("PYTHONUNBUFFERED"), py_str("1"))];
+    for (k, v) in &req.model.config.environment {
+        entries.push((py_str(k), py_str(v)));
+    }
+    let body = entries
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{{{body}}}")
+}
+
+/// Modal's image steps for a Python predictor, from cog.yaml's `build:`.
+fn python_image(req: &Request) -> Result<String, PackageError> {
+    let build = &req.model.config.build;
+    let version = build.python_version.as_deref().unwrap_or(PYTHON_VERSION);
+    let mut steps = match req.base_image {
+        Some(b) => format!(
+            "modal.Image.from_registry({}, add_python={})",
+            py_str(b),
+            py_str(version)
+        ),
+        None => format!(
+            "modal.Image.debian_slim(python_version={})",
+            py_str(version)
+        ),
+    };
+    let list = |items: &[String]| {
+        items
+            .iter()
+            .map(|i| py_str(i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !build.system_packages.is_empty() {
+        steps += &format!("\n    .apt_install({})", list(&build.system_packages));
+    }
+    let mut packages = vec![format!("cog=={}", runner_spec::COG_VERSION)];
+    packages.extend(build.python_packages.iter().cloned());
+    steps += &format!("\n    .pip_install({})", list(&packages));
+    if let Some(requirements) = &build.python_requirements {
+        let file = req.model.root.join(requirements);
+        if !file.is_file() {
+            return Err(PackageError::Unsupported(format!(
+                "build.python_requirements names {requirements}, which is not in {}",
+                req.model.root.display()
+            )));
+        }
+        let rel = relative_to_root(req.model, &file);
+        steps += &format!(
+            "\n    .pip_install_from_requirements(str(HERE / \"model\" / {}))",
+            py_str(&rel)
+        );
+    }
+    if !build.run.is_empty() {
+        steps += &format!("\n    .run_commands({})", list(&build.run));
+    }
+    Ok(steps)
+}
+
 /// Seconds runner may take to load the model before a platform gives up on it: generous,
 /// scaled by the weights (a slow network disk reads ~100 MB/s).
 fn startup_timeout_seconds(weights_bytes: u64) -> u64 {
@@ -369,6 +463,20 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
             false,
         );
     }
+    let python = matches!(req.model.config.run, runner_spec::RunTarget::Python { .. });
+    if python {
+        if req.target == Target::Replicate {
+            return Err(PackageError::PythonForReplicate(
+                req.model.config.run.to_string(),
+            ));
+        }
+        // The predictor's source beside its weights, as Cog copies the directory into its
+        // image (hidden entries and Python caches left out).
+        for file in source_files(&req.model.root)? {
+            let rel = relative_to_root(req.model, &file);
+            add(&format!("model/{rel}"), Content::Copy(file), false);
+        }
+    }
     add("bin/runner", Content::Copy(req.runner.path.clone()), true);
     add(
         "openapi.json",
@@ -393,6 +501,8 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
             ));
         }
         match req.runner.cuda {
+            // A Python predictor uses the GPU itself; runner only serves it.
+            _ if python => {}
             Some(true) => {}
             Some(false) => warnings.push(format!(
                 "{} was built without CUDA, so on the {} it would run on the CPU. Build the CUDA binary (`cargo build --release --features cuda -p runner-cli`, with the CUDA 13 toolkit) and pass it with --runner-bin target/release/runner",
@@ -530,7 +640,7 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
             }
         }
         Target::Modal => {
-            let (gpu_literal, device, gpu_snapshot_option, snapshot_kind, image_base) =
+            let (gpu_literal, mut device, gpu_snapshot_option, snapshot_kind, mut image_base) =
                 match hardware {
                     Hardware::Gpu(g) => (
                         format!("\"{}\"", g.name),
@@ -555,12 +665,34 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
                         },
                     ),
                 };
+            let mut serve_args = String::new();
+            if python {
+                let build = &req.model.config.build;
+                if !build.secret_mounts.is_empty() {
+                    warnings.push(format!(
+                        "cog.yaml's build.run mounts build secrets ({}); Modal's image build does not get them: pass them with modal.Secret in modal_app.py",
+                        build.secret_mounts.join(", ")
+                    ));
+                }
+                if req.gpu.is_none() && matches!(hardware, Hardware::Gpu(_)) {
+                    warnings.push(
+                        "a Python predictor's GPU memory is its own business: the smallest GPU was chosen; pass --gpu NAME for the one it needs".into(),
+                    );
+                }
+                // The Python environment cog.yaml's `build:` describes, with Cog's package
+                // for the predictor; runner itself stays on the CPU.
+                image_base = python_image(req)?;
+                device = "cpu";
+                serve_args = ", \"--python\", \"python\"".into();
+            }
             add(
                 "modal_app.py",
                 Content::Bytes(
                     fill(
                         include_str!("../templates/modal_app.py.tmpl"),
                         &[
+                            ("serve_args", &serve_args),
+                            ("env", &image_env(req)),
                             ("name", &name),
                             ("gpu_literal", &gpu_literal),
                             ("concurrency", &concurrency.to_string()),

@@ -57,6 +57,24 @@ pub struct CogConfig {
     pub concurrency_max: Option<u32>,
     pub environment: BTreeMap<String, String>,
     pub weights: Vec<WeightEntry>,
+    /// `build:`, as far as a package that builds the Python environment needs it.
+    pub build: BuildConfig,
+}
+
+/// What `build:` asks of the image a Python predictor runs in (runner does not build
+/// images; `runner package --target modal` turns this into Modal's image steps).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildConfig {
+    pub python_version: Option<String>,
+    pub python_packages: Vec<String>,
+    /// A requirements file, relative to the model directory.
+    pub python_requirements: Option<String>,
+    pub system_packages: Vec<String>,
+    /// `build.run` commands, in order.
+    pub run: Vec<String>,
+    /// The ids of the build secrets `build.run` mounts (Cog's `mounts`), which a package
+    /// for another platform cannot carry.
+    pub secret_mounts: Vec<String>,
 }
 
 /// One entry of Cog's `weights:` list.
@@ -306,6 +324,7 @@ impl CogConfig {
         };
 
         let mut gpu = false;
+        let mut build_config = BuildConfig::default();
         if let Some(build) = &raw.build {
             gpu = build.value.gpu.unwrap_or(false);
             if let Some(v) = &build.value.python_version {
@@ -315,7 +334,32 @@ impl CogConfig {
                 };
                 validate_python_version(&version)
                     .map_err(|m| err(line_of(&v.referenced), "build.python_version", m))?;
+                build_config.python_version = Some(version);
             }
+            build_config.python_packages = build.value.python_packages.clone().unwrap_or_default();
+            build_config.python_requirements = build.value.python_requirements.clone();
+            build_config.system_packages = build.value.system_packages.clone().unwrap_or_default();
+            build_config.run = build
+                .value
+                .run
+                .iter()
+                .flatten()
+                .map(|item| match item {
+                    RawRunItem::Command(c) | RawRunItem::WithMounts { command: c, .. } => c.clone(),
+                })
+                .collect();
+            build_config.secret_mounts = build
+                .value
+                .run
+                .iter()
+                .flatten()
+                .filter_map(|item| match item {
+                    RawRunItem::WithMounts { mounts, .. } => Some(mounts),
+                    RawRunItem::Command(_) => None,
+                })
+                .flatten()
+                .map(|m| m.id.clone())
+                .collect();
             if let Some(cuda) = &build.value.cuda {
                 let major = cuda
                     .value
@@ -440,6 +484,7 @@ impl CogConfig {
             run: target,
             run_line: run_line.unwrap_or(0),
             train,
+            build: build_config,
             gpu,
             model,
             image,
@@ -717,6 +762,29 @@ mod tests {
         assert!(
             malformed.message.contains("'train.py:train'"),
             "{malformed}"
+        );
+    }
+
+    #[test]
+    fn build_is_kept_for_packages() {
+        let c = parse(
+            "build:\n  python_version: \"3.11\"\n  system_packages: [ffmpeg]\n  python_packages: [\"numpy==2.1.3\"]\n  python_requirements: requirements.txt\n  run:\n    - echo one\n    - command: echo two\n      mounts:\n        - type: secret\n          id: pip\n          target: /etc/pip.conf\nrun: predict.py:Predictor\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.build,
+            BuildConfig {
+                python_version: Some("3.11".into()),
+                python_packages: vec!["numpy==2.1.3".into()],
+                python_requirements: Some("requirements.txt".into()),
+                system_packages: vec!["ffmpeg".into()],
+                run: vec!["echo one".into(), "echo two".into()],
+                secret_mounts: vec!["pip".into()],
+            }
+        );
+        assert_eq!(
+            parse("run: candle:bert\n").unwrap().build,
+            BuildConfig::default()
         );
     }
 
