@@ -667,6 +667,26 @@ fn base64_of(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// Runs `probe` (Python that imports modal_app and prints JSON) in the package folder with
+/// the pinned Modal client; its JSON.
+fn import_modal_app(venv: &Path, package: &Path, home: &Path, probe: &str) -> Value {
+    let output = Command::new(venv.join("bin/python"))
+        .args(["-c", probe])
+        .current_dir(package)
+        // No credentials: defining the app must not need a Modal account.
+        .env("HOME", home)
+        .env_remove("MODAL_TOKEN_ID")
+        .env_remove("MODAL_TOKEN_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "modal_app.py does not import:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 #[test]
 fn modal_app_imports_with_the_pinned_client_and_defines_what_modal_needs() {
     let Some(venv) = std::env::var_os("RUNNER_MODAL_VENV").map(PathBuf::from) else {
@@ -715,21 +735,7 @@ print(json.dumps({
     "concurrency": modal_app.CONCURRENCY,
 }))
 "#;
-    let output = Command::new(venv.join("bin/python"))
-        .args(["-c", probe])
-        .current_dir(&out)
-        // No credentials: defining the app must not need a Modal account.
-        .env("HOME", scratch.path())
-        .env_remove("MODAL_TOKEN_ID")
-        .env_remove("MODAL_TOKEN_SECRET")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "modal_app.py does not import:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let got = import_modal_app(&venv, &out, scratch.path(), probe);
     assert_eq!(got["modal"], "1.6.4");
     assert_eq!(got["app"], "stream-demo");
     assert_eq!(got["classes"], json!(["Runner"]));
@@ -979,19 +985,6 @@ warnings.simplefilter("ignore")
 import modal_app
 print(json.dumps({"app": modal_app.app.name, "classes": sorted(modal_app.app.registered_classes)}))
 "#;
-    let output = Command::new(venv.join("bin/python"))
-        .args(["-c", probe])
-        .current_dir(&out)
-        .env("HOME", scratch.path())
-        .env_remove("MODAL_TOKEN_ID")
-        .env_remove("MODAL_TOKEN_SECRET")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "modal_app.py does not import:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let got: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let got = import_modal_app(&venv, &out, scratch.path(), probe);
     assert_eq!(got, json!({"app": "shout", "classes": ["Runner"]}));
 }

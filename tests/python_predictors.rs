@@ -446,3 +446,32 @@ fn metrics_report_the_last_answer_of_the_predictors_own_healthcheck() {
     }
     assert_eq!(state(&server), "runner_health{state=\"READY\"} 1");
 }
+
+/// A Python predictor chooses its own device: runner opens none for it (a CUDA context in
+/// runner's process would hold GPU memory the predictor needs), whatever `--device` says,
+/// and a CPU build serves it even when asked for CUDA.
+#[test]
+fn runner_opens_no_device_for_a_python_predictor() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("cog-spec/predictors/scope");
+    let (code, stdout, stderr) = runner(&[
+        "--python",
+        &python,
+        "run",
+        dir.path().to_str().unwrap(),
+        "--device",
+        "cuda",
+        "-i",
+        "n=1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), "dict:-:");
+    assert!(
+        stderr.contains("a Python predictor chooses its own device"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join(".runner").exists(),
+        "runner wrote into the model directory"
+    );
+}

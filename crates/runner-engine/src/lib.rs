@@ -573,7 +573,20 @@ impl Engine {
         let mut phases = Vec::new();
         let t = Instant::now();
         self.prefetch_snapshot();
-        let device = self.device_spec.open().map_err(|e| e.to_string())?;
+        // A Python predictor picks its own device; runner only talks to it, so it opens no
+        // GPU of its own (a CUDA context would hold GPU memory the predictor needs).
+        let python = matches!(self.dir.config.run, runner_spec::RunTarget::Python { .. });
+        let device = if python {
+            if !matches!(self.device_spec, DeviceSpec::Cpu | DeviceSpec::Auto) {
+                self.setup_log(&format!(
+                    "--device {}: a Python predictor chooses its own device; runner itself stays on the CPU",
+                    self.device_spec
+                ));
+            }
+            candle_core::Device::Cpu
+        } else {
+            self.device_spec.open().map_err(|e| e.to_string())?
+        };
         let device_name = runner_models::device::describe(&device);
         phases.push(("device init".to_string(), t.elapsed()));
         self.setup_log(&format!(
