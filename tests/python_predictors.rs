@@ -475,3 +475,54 @@ fn runner_opens_no_device_for_a_python_predictor() {
         "runner wrote into the model directory"
     );
 }
+
+/// An output file bigger than runner should ever hold (a training's weights): uploaded with
+/// `--upload-url` straight from disk, so runner's peak memory stays far below its size.
+#[test]
+fn a_large_output_file_is_uploaded_from_disk_not_memory() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let Some(python) = cog_python() else { return };
+    // An upload server that counts the bytes and keeps none.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upload = format!("http://{}/up/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0u64;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let got =
+                std::io::copy(&mut reader.by_ref().take(length), &mut std::io::sink()).unwrap_or(0);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 201 Created\r\nLocation: /stored/{got}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    let dir = copy_of("tests/data/python-predictors/big-output");
+    let server = Server::start(dir.path(), &["--python", &python, "--upload-url", &upload]);
+    const MB: u64 = 256;
+    let (status, p) = server.predict(json!({"mb": MB}));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert!(
+        p["output"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/stored/{}", MB << 20)),
+        "{p}"
+    );
+    let peak_kib = server.peak_rss_kib();
+    assert!(
+        peak_kib < (MB << 10) / 2,
+        "runner peaked at {peak_kib} KiB uploading a {MB} MiB file"
+    );
+}

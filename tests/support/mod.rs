@@ -53,6 +53,19 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// The server process's peak resident memory so far, in KiB (Linux).
+    #[allow(dead_code)]
+    pub fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// How many of the server process's memory mappings map `path` (Linux).
     pub fn mappings_of(&self, path: &Path) -> usize {
         let maps =

@@ -454,25 +454,50 @@ async fn encode(
     }
 }
 
+/// A file's bytes, 1 MiB at a time; a read error ends the stream with that error.
+fn file_chunks(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
+    futures_util::stream::unfold(Some(file), |file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file?;
+        let mut chunk = vec![0u8; 1 << 20];
+        match file.read(&mut chunk).await {
+            Ok(0) => None,
+            Ok(n) => {
+                chunk.truncate(n);
+                Some((Ok(chunk), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
 async fn encode_file(
     path: &Path,
     prediction_id: &str,
     config: &FileConfig,
     client: &reqwest::Client,
 ) -> Result<String, String> {
-    let bytes = tokio::fs::read(path).await.map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         format!(
             "the model's output file {} cannot be read: {e}",
             path.display()
         )
-    })?;
+    };
     let mime = mime_for_path(path);
     match &config.upload_url {
-        None => Ok(format!(
-            "data:{mime};base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(&bytes)
-        )),
+        None => {
+            let bytes = tokio::fs::read(path).await.map_err(unreadable)?;
+            Ok(format!(
+                "data:{mime};base64,{}",
+                base64::engine::general_purpose::STANDARD.encode(&bytes)
+            ))
+        }
         Some(base) => {
+            // Streamed from disk: an output may be gigabytes (a training's weights).
+            let file = tokio::fs::File::open(path).await.map_err(unreadable)?;
+            let length = file.metadata().await.map_err(unreadable)?.len();
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -486,8 +511,9 @@ async fn encode_file(
             let response = client
                 .put(&url)
                 .header("content-type", mime)
+                .header("content-length", length)
                 .header("x-prediction-id", prediction_id)
-                .body(bytes)
+                .body(reqwest::Body::wrap_stream(file_chunks(file)))
                 .timeout(config.upload_timeout)
                 .send()
                 .await
