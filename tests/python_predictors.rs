@@ -526,3 +526,37 @@ fn a_large_output_file_is_uploaded_from_disk_not_memory() {
         "runner peaked at {peak_kib} KiB uploading a {MB} MiB file"
     );
 }
+
+/// `COG_SETUP_TIMEOUT` covers the predictor's import too (runner imports it once, to read
+/// its signature and then to serve it): an import past the limit stops runner with the
+/// reason, and leaves no worker behind.
+#[test]
+fn an_import_past_the_setup_timeout_stops_runner_with_the_reason() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("cog-spec/predictors/scope");
+    let source = std::fs::read_to_string(dir.path().join("predict.py")).unwrap();
+    std::fs::write(
+        dir.path().join("predict.py"),
+        format!("import time\ntime.sleep(30)\n{source}"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(support::RUNNER)
+        .args(["--python", &python, "serve", dir.path().to_str().unwrap()])
+        .args(["--port", "0"])
+        .env("COG_SETUP_TIMEOUT", "1")
+        .env_remove("RUNNER_PORT")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("importing it took longer than the setup limit of 1 s"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}

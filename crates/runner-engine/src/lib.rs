@@ -318,18 +318,19 @@ impl Engine {
                 });
             // A Python predictor is described by the worker that will serve it.
             let served = match &dir.config.run {
-                runner_spec::RunTarget::Python { .. } => {
-                    runner_models::python::start(&dir, options.python.as_deref()).map(
-                        |(described, started)| {
-                            (
-                                described.signature,
-                                !described.is_async,
-                                described.concurrent_max,
-                                Some(started),
-                            )
-                        },
+                runner_spec::RunTarget::Python { .. } => runner_models::python::start(
+                    &dir,
+                    options.python.as_deref(),
+                    options.setup_timeout,
+                )
+                .map(|(described, started)| {
+                    (
+                        described.signature,
+                        !described.is_async,
+                        described.concurrent_max,
+                        Some(started),
                     )
-                }
+                }),
                 _ => Ok(((architecture.signature)(), false, None, None)),
             };
             (

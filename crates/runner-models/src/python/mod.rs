@@ -325,7 +325,12 @@ impl std::fmt::Debug for Started {
 /// Starts the serving worker and reads the predictor's signature from it: one Python
 /// process and one import of the predictor's module for both (a module that imports torch
 /// takes seconds). Setup waits for [`Started::set_up`].
-pub fn start(dir: &ModelDir, python: Option<&Path>) -> Result<(Described, Started), LoadError> {
+/// `limit` bounds the import (Cog's `COG_SETUP_TIMEOUT` covers it too).
+pub fn start(
+    dir: &ModelDir,
+    python: Option<&Path>,
+    limit: Option<Duration>,
+) -> Result<(Described, Started), LoadError> {
     let python = interpreter(python);
     let mut cmd = worker_command(&python, "serve", dir)?;
     if let Some(weights) = dir.weights.safetensors.first().and_then(|p| p.parent()) {
@@ -377,9 +382,24 @@ pub fn start(dir: &ModelDir, python: Option<&Path>) -> Result<(Described, Starte
     };
     // The import's failure comes as `setup_failed` (or `error`, when `cog` is missing);
     // the channel closes when the worker exits first.
-    let message = match described_rx.recv() {
+    let answer = match limit {
+        Some(limit) => described_rx.recv_timeout(limit).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => Some(limit),
+            mpsc::RecvTimeoutError::Disconnected => None,
+        }),
+        None => described_rx.recv().map_err(|_| None),
+    };
+    let message = match answer {
         Ok(message) => message,
-        Err(_) => {
+        Err(Some(limit)) => {
+            // Dropping the worker stops it.
+            return Err(other_err(format!(
+                "cannot read the predictor {}: importing it took longer than the setup limit of {} s (--setup-timeout, COG_SETUP_TIMEOUT)",
+                dir.config.run,
+                limit.as_secs_f64()
+            )));
+        }
+        Err(None) => {
             let failure = match setup_rx.try_recv() {
                 Ok(Err(e)) => e,
                 _ => {
@@ -458,7 +478,7 @@ impl Started {
 }
 
 fn start_worker(dir: &ModelDir, python: &Path, log: &dyn Fn(&str)) -> Result<Worker, LoadError> {
-    let (_, started) = start(dir, Some(python))?;
+    let (_, started) = start(dir, Some(python), None)?;
     started.set_up(log)
 }
 
