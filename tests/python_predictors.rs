@@ -560,3 +560,61 @@ fn an_import_past_the_setup_timeout_stops_runner_with_the_reason() {
         started.elapsed()
     );
 }
+
+/// runner listens before it imports the predictor (which reads its signature): while a slow
+/// import runs, `/health-check` says STARTING and predictions get 503, as with Cog's server.
+#[test]
+fn health_says_starting_while_the_predictor_imports() {
+    let Some(python) = cog_python() else { return };
+    let dir = copy_of("cog-spec/predictors/scope");
+    let source = std::fs::read_to_string(dir.path().join("predict.py")).unwrap();
+    std::fs::write(
+        dir.path().join("predict.py"),
+        format!("import time\ntime.sleep(3)\n{source}"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(support::RUNNER)
+        .args(["--python", &python, "serve", dir.path().to_str().unwrap()])
+        .args(["--port", &port.to_string()])
+        .env_remove("RUNNER_PORT")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "not listening 2 s after start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = support::http(&addr, "GET", "/health-check", None, &[]);
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, health["status"].clone()),
+        (200, json!("STARTING")),
+        "{body}"
+    );
+    let (status, body) = support::http(
+        &addr,
+        "POST",
+        "/predictions",
+        Some(r#"{"input": {}}"#),
+        &[("Content-Type", "application/json")],
+    );
+    assert_eq!(status, 503, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = support::http(&addr, "GET", "/health-check", None, &[]);
+        if serde_json::from_str::<Value>(&body).unwrap()["status"] == "READY" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never READY: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -920,14 +920,6 @@ async fn serve(
     if let Some(path) = ready_file(serving.ready_file.clone()) {
         let _ = std::fs::remove_file(path);
     }
-    let engine = open_engine(dir, device, options)?;
-    if serving.max_batch_size > 1 && engine.batching().is_none() {
-        tracing::warn!(
-            "--max-batch-size {}: candle:{} does not batch predictions; serving them one by one",
-            serving.max_batch_size,
-            engine.architecture()
-        );
-    }
     let addr: SocketAddr = format!("{host}:{port}")
         .parse()
         .or_else(|_| {
@@ -941,12 +933,53 @@ async fn serve(
         .map_err(|_| {
             anyhow::anyhow!("--host {host}: not an address to listen on (try 127.0.0.1 or 0.0.0.0)")
         })?;
-    // Bind before loading, as Cog does: /health-check answers STARTING meanwhile.
+    // Bind before anything loads, as Cog does: /health-check answers STARTING meanwhile,
+    // while a Python predictor is imported too.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}; is another server using port {port}? (choose another with --port)"))?;
     let url = format!("http://{}", listener.local_addr()?);
     tracing::info!("listening on {url}; loading the model");
+    let routes = Arc::new(std::sync::OnceLock::new());
+    let app = runner_server::until_ready(Arc::clone(&routes));
+    let await_explicit = serving.await_explicit_shutdown.unwrap_or(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let making = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || open_engine(&dir, device, options))
+    };
+    let made = tokio::select! {
+        made = making => made.context("making the engine panicked"),
+        _ = shutdown_signal(None, await_explicit) => {
+            let _ = stop_tx.send(true);
+            let _ = http.await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let engine = match made.and_then(|m| m) {
+        Ok(engine) => engine,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = http.await;
+            return Err(e);
+        }
+    };
+    if serving.max_batch_size > 1 && engine.batching().is_none() {
+        tracing::warn!(
+            "--max-batch-size {}: candle:{} does not batch predictions; serving them one by one",
+            serving.max_batch_size,
+            engine.architecture()
+        );
+    }
 
     let server = Server::new(
         Arc::clone(&engine),
@@ -962,21 +995,11 @@ async fn serve(
             api_key: serving.api_key.clone().filter(|k| !k.is_empty()),
         },
     );
-    let app = server.router();
-    let await_explicit = serving.await_explicit_shutdown.unwrap_or(false);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let _ = routes.set(server.router());
     let signal_server = server.clone();
     tokio::spawn(async move {
-        shutdown_signal(&signal_server, await_explicit).await;
+        shutdown_signal(Some(&signal_server), await_explicit).await;
         let _ = stop_tx.send(true);
-    });
-    let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
     });
 
     let setup = engine.setup();
@@ -1206,7 +1229,9 @@ fn bench_cold_start(
 }
 
 /// Resolves on SIGINT, on SIGTERM (unless `await_explicit`), or on POST /shutdown.
-async fn shutdown_signal(server: &Server, await_explicit: bool) {
+/// Resolves on SIGINT, SIGTERM (unless `await_explicit`), or `POST /shutdown` once there
+/// is a server to receive it.
+async fn shutdown_signal(server: Option<&Server>, await_explicit: bool) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -1231,7 +1256,12 @@ async fn shutdown_signal(server: &Server, await_explicit: bool) {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = terminate => tracing::info!("SIGTERM received"),
-        _ = server.shutdown_requested() => tracing::info!("POST /shutdown received"),
+        _ = async {
+            match server {
+                Some(server) => server.shutdown_requested().await,
+                None => std::future::pending().await,
+            }
+        } => tracing::info!("POST /shutdown received"),
     }
 }
 

@@ -325,6 +325,42 @@ impl Server {
     }
 }
 
+/// What listens while the engine is being made (a Python predictor's import, which reads
+/// its signature, can take seconds): `/health-check` says STARTING and the rest answers
+/// 503, as Cog's server does before its worker has loaded. Once `routes` is set, every
+/// request goes to them.
+pub fn until_ready(routes: Arc<std::sync::OnceLock<Router>>) -> Router {
+    use tower::ServiceExt;
+    let started_at = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    Router::new().fallback(move |request: axum::extract::Request| {
+        let routes = Arc::clone(&routes);
+        let started_at = started_at.clone();
+        async move {
+            if let Some(router) = routes.get() {
+                return match router.clone().oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+            }
+            if request.uri().path() == "/health-check" {
+                return Json(json!({
+                    "status": Health::Starting,
+                    "setup": {"started_at": started_at, "status": "starting", "logs": ""},
+                    "version": {"runner": RUNNER_VERSION, "cog": runner_spec::COG_VERSION},
+                }))
+                .into_response();
+            }
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "failed", "error": "Setup has not finished yet. Wait until it has finished, or GET /health-check for status."})),
+            )
+                .into_response()
+        }
+    })
+}
+
 /// The routes for an engine with default options.
 pub fn router(engine: Arc<Engine>) -> Router {
     Server::new(engine, ServerOptions::default()).router()
