@@ -607,6 +607,16 @@ fn health_says_starting_while_the_predictor_imports() {
         &[("Content-Type", "application/json")],
     );
     assert_eq!(status, 503, "{body}");
+    // Cog's answers before its worker has loaded the predictor.
+    let (status, body) = support::http(&addr, "GET", "/openapi.json", None, &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("OpenAPI schema not available"), "{body}");
+    let (status, body) = support::http(&addr, "GET", "/", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"predictions_url\":\"/predictions\""),
+        "{body}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, body) = support::http(&addr, "GET", "/health-check", None, &[]);

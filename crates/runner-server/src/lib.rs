@@ -329,7 +329,7 @@ impl Server {
 /// its signature, can take seconds): `/health-check` says STARTING and the rest answers
 /// 503, as Cog's server does before its worker has loaded. Once `routes` is set, every
 /// request goes to them.
-pub fn until_ready(routes: Arc<std::sync::OnceLock<Router>>) -> Router {
+pub fn until_ready(routes: Arc<std::sync::OnceLock<Router>>, mode: runner_engine::Mode) -> Router {
     use tower::ServiceExt;
     let started_at = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -344,13 +344,25 @@ pub fn until_ready(routes: Arc<std::sync::OnceLock<Router>>) -> Router {
                     Err(never) => match never {},
                 };
             }
-            if request.uri().path() == "/health-check" {
-                return Json(json!({
-                    "status": Health::Starting,
-                    "setup": {"started_at": started_at, "status": "starting", "logs": ""},
-                    "version": {"runner": RUNNER_VERSION, "cog": runner_spec::COG_VERSION},
-                }))
-                .into_response();
+            match request.uri().path() {
+                "/health-check" => {
+                    return Json(json!({
+                        "status": Health::Starting,
+                        "setup": {"started_at": started_at, "status": "starting", "logs": ""},
+                        "version": {"runner": RUNNER_VERSION, "cog": runner_spec::COG_VERSION},
+                    }))
+                    .into_response()
+                }
+                "/" => return Json(root_document(mode)).into_response(),
+                // Cog's answer while its worker has not loaded the predictor.
+                "/openapi.json" => {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"error": "OpenAPI schema not available"})),
+                    )
+                        .into_response()
+                }
+                _ => {}
             }
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -367,6 +379,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
 }
 
 async fn root(State(state): State<AppState>) -> Json<Value> {
+    Json(root_document(state.engine.mode()))
+}
+
+/// The routes this server answers, as Cog's root document lists them.
+fn root_document(mode: runner_engine::Mode) -> Value {
     let mut doc = json!({
         "cog_version": runner_spec::COG_VERSION,
         "runner_version": RUNNER_VERSION,
@@ -379,12 +396,12 @@ async fn root(State(state): State<AppState>) -> Json<Value> {
         "metrics_url": "/metrics",
         "playground_url": "/playground",
     });
-    if state.engine.mode() == runner_engine::Mode::Train {
+    if mode == runner_engine::Mode::Train {
         doc["trainings_url"] = json!("/trainings");
         doc["trainings_idempotent_url"] = json!("/trainings/{training_id}");
         doc["trainings_cancel_url"] = json!("/trainings/{training_id}/cancel");
     }
-    Json(doc)
+    doc
 }
 
 async fn health_check(State(state): State<AppState>) -> Json<Value> {
