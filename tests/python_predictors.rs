@@ -562,7 +562,8 @@ fn an_import_past_the_setup_timeout_stops_runner_with_the_reason() {
 }
 
 /// runner listens before it imports the predictor (which reads its signature): while a slow
-/// import runs, `/health-check` says STARTING and predictions get 503, as with Cog's server.
+/// import runs, `/health-check` says STARTING and predictions get 503, as with Cog's server,
+/// and the API key is asked for already.
 #[test]
 fn health_says_starting_while_the_predictor_imports() {
     let Some(python) = cog_python() else { return };
@@ -580,7 +581,7 @@ fn health_says_starting_while_the_predictor_imports() {
         .port();
     let mut child = std::process::Command::new(support::RUNNER)
         .args(["--python", &python, "serve", dir.path().to_str().unwrap()])
-        .args(["--port", &port.to_string()])
+        .args(["--port", &port.to_string(), "--api-key", "starting-key"])
         .env_remove("RUNNER_PORT")
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -599,19 +600,24 @@ fn health_says_starting_while_the_predictor_imports() {
         (200, json!("STARTING")),
         "{body}"
     );
-    let (status, body) = support::http(
-        &addr,
-        "POST",
-        "/predictions",
-        Some(r#"{"input": {}}"#),
-        &[("Content-Type", "application/json")],
-    );
-    assert_eq!(status, 503, "{body}");
+    let key = [("Authorization", "Bearer starting-key")];
+    let json_with_key = [
+        ("Content-Type", "application/json"),
+        ("Authorization", "Bearer starting-key"),
+    ];
+    let body = Some(r#"{"input": {}}"#);
+    // The API key is asked for already.
+    let (status, _) = support::http(&addr, "POST", "/predictions", body, &json_with_key[..1]);
+    assert_eq!(status, 401);
+    let (status, _) = support::http(&addr, "GET", "/", None, &[]);
+    assert_eq!(status, 401);
+    let (status, answer) = support::http(&addr, "POST", "/predictions", body, &json_with_key);
+    assert_eq!(status, 503, "{answer}");
     // Cog's answers before its worker has loaded the predictor.
-    let (status, body) = support::http(&addr, "GET", "/openapi.json", None, &[]);
+    let (status, body) = support::http(&addr, "GET", "/openapi.json", None, &key);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("OpenAPI schema not available"), "{body}");
-    let (status, body) = support::http(&addr, "GET", "/", None, &[]);
+    let (status, body) = support::http(&addr, "GET", "/", None, &key);
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("\"predictions_url\":\"/predictions\""),

@@ -941,7 +941,7 @@ async fn serve(
     let url = format!("http://{}", listener.local_addr()?);
     tracing::info!("listening on {url}; loading the model");
     let routes = Arc::new(std::sync::OnceLock::new());
-    let app = runner_server::until_ready(Arc::clone(&routes), mode);
+    let app = runner_server::until_ready(Arc::clone(&routes), mode, serving.api_key.clone());
     let await_explicit = serving.await_explicit_shutdown.unwrap_or(false);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut http_stop = stop_rx.clone();

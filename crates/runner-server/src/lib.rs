@@ -112,11 +112,17 @@ async fn require_api_key(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(key) = &state.api_key else {
-        return next.run(request).await;
-    };
+    match api_key_refusal(state.api_key.as_deref(), &request) {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
+    }
+}
+
+/// The 401 for a request that needs the API key and does not carry it, if it does not.
+fn api_key_refusal(key: Option<&str>, request: &axum::extract::Request) -> Option<Response> {
+    let key = key?;
     if request.method() == axum::http::Method::GET && OPEN_ROUTES.contains(&request.uri().path()) {
-        return next.run(request).await;
+        return None;
     }
     let given = request
         .headers()
@@ -125,18 +131,20 @@ async fn require_api_key(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     if given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
-        return next.run(request).await;
+        return None;
     }
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer realm=\"runner\"")],
-        Json(json!({"detail": if given.is_some() {
-            "wrong API key: send the key runner serve was given (--api-key, RUNNER_API_KEY) as Authorization: Bearer <key>"
-        } else {
-            "this server needs an API key: send Authorization: Bearer <key> (the key runner serve was given with --api-key or RUNNER_API_KEY)"
-        }})),
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"runner\"")],
+            Json(json!({"detail": if given.is_some() {
+                "wrong API key: send the key runner serve was given (--api-key, RUNNER_API_KEY) as Authorization: Bearer <key>"
+            } else {
+                "this server needs an API key: send Authorization: Bearer <key> (the key runner serve was given with --api-key or RUNNER_API_KEY)"
+            }})),
+        )
+            .into_response(),
     )
-        .into_response()
 }
 
 /// Compares two secrets in time that depends only on their lengths.
@@ -329,7 +337,12 @@ impl Server {
 /// its signature, can take seconds): `/health-check` says STARTING and the rest answers
 /// 503, as Cog's server does before its worker has loaded. Once `routes` is set, every
 /// request goes to them.
-pub fn until_ready(routes: Arc<std::sync::OnceLock<Router>>, mode: runner_engine::Mode) -> Router {
+pub fn until_ready(
+    routes: Arc<std::sync::OnceLock<Router>>,
+    mode: runner_engine::Mode,
+    api_key: Option<String>,
+) -> Router {
+    let api_key: Option<Arc<str>> = api_key.filter(|k| !k.is_empty()).map(Arc::from);
     use tower::ServiceExt;
     let started_at = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -337,12 +350,16 @@ pub fn until_ready(routes: Arc<std::sync::OnceLock<Router>>, mode: runner_engine
     Router::new().fallback(move |request: axum::extract::Request| {
         let routes = Arc::clone(&routes);
         let started_at = started_at.clone();
+        let api_key = api_key.clone();
         async move {
             if let Some(router) = routes.get() {
                 return match router.clone().oneshot(request).await {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
+            }
+            if let Some(refusal) = api_key_refusal(api_key.as_deref(), &request) {
+                return refusal;
             }
             match request.uri().path() {
                 "/health-check" => {
