@@ -36,6 +36,20 @@ fn copy_of(rel: &str) -> tempfile::TempDir {
     d
 }
 
+/// [`copy_of`] a predictor folder whose predict.py sleeps `seconds` at import (standing in
+/// for `import torch`).
+fn slow_importing_copy_of(rel: &str, seconds: u32) -> tempfile::TempDir {
+    let dir = copy_of(rel);
+    let predict = dir.path().join("predict.py");
+    let source = std::fs::read_to_string(&predict).unwrap();
+    std::fs::write(
+        &predict,
+        format!("import time\ntime.sleep({seconds})\n{source}"),
+    )
+    .unwrap();
+    dir
+}
+
 fn health(server: &Server) -> Value {
     serde_json::from_str(&server.get("/health-check").1).unwrap()
 }
@@ -533,13 +547,7 @@ fn a_large_output_file_is_uploaded_from_disk_not_memory() {
 #[test]
 fn an_import_past_the_setup_timeout_stops_runner_with_the_reason() {
     let Some(python) = cog_python() else { return };
-    let dir = copy_of("cog-spec/predictors/scope");
-    let source = std::fs::read_to_string(dir.path().join("predict.py")).unwrap();
-    std::fs::write(
-        dir.path().join("predict.py"),
-        format!("import time\ntime.sleep(30)\n{source}"),
-    )
-    .unwrap();
+    let dir = slow_importing_copy_of("cog-spec/predictors/scope", 30);
     let started = Instant::now();
     let out = std::process::Command::new(support::RUNNER)
         .args(["--python", &python, "serve", dir.path().to_str().unwrap()])
@@ -567,13 +575,7 @@ fn an_import_past_the_setup_timeout_stops_runner_with_the_reason() {
 #[test]
 fn health_says_starting_while_the_predictor_imports() {
     let Some(python) = cog_python() else { return };
-    let dir = copy_of("cog-spec/predictors/scope");
-    let source = std::fs::read_to_string(dir.path().join("predict.py")).unwrap();
-    std::fs::write(
-        dir.path().join("predict.py"),
-        format!("import time\ntime.sleep(8)\n{source}"),
-    )
-    .unwrap();
+    let dir = slow_importing_copy_of("cog-spec/predictors/scope", 8);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

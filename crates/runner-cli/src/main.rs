@@ -460,14 +460,17 @@ fn keep_cuda_kernels_beside_the_model(command: &Command) {
         | Command::Run { dir, device, .. } => (dir, device),
         _ => return,
     };
-    // A Python predictor keeps its own kernel cache (runner opens no GPU for it).
-    let python = runner_spec::CogConfig::load(&dir.join("cog.yaml"))
-        .is_ok_and(|c| matches!(c.run, runner_spec::RunTarget::Python { .. }));
     if !cfg!(feature = "cuda")
-        || python
         || matches!(device.device, DeviceSpec::Cpu)
         || std::env::var_os("CUDA_CACHE_PATH").is_some()
     {
+        return;
+    }
+    // A Python predictor keeps its own kernel cache (runner opens no GPU for it). Read
+    // only here: a CPU start does not parse cog.yaml twice.
+    let python = runner_spec::CogConfig::load(&dir.join("cog.yaml"))
+        .is_ok_and(|c| matches!(c.run, runner_spec::RunTarget::Python { .. }));
+    if python {
         return;
     }
     let cache = dir.join(".runner").join("cuda-kernel-cache");

@@ -903,7 +903,7 @@ impl Engine {
     /// server that is ready. Checks asked while one runs share its answer, so a check that
     /// hangs (up to its 5 s limit) does not pile up.
     pub async fn user_healthcheck(&self) -> Result<(), String> {
-        let Some(model) = self.model.get().cloned() else {
+        let Some(model) = self.model.get().filter(|m| m.has_healthcheck()).cloned() else {
             return Ok(());
         };
         let asked = Instant::now();

@@ -315,6 +315,12 @@ pub trait Model: Send + Sync {
         Ok(())
     }
 
+    /// Whether [`Model::healthcheck`] checks anything (a Python predictor that defines
+    /// `healthcheck()`): when not, a health check asks the model nothing.
+    fn has_healthcheck(&self) -> bool {
+        false
+    }
+
     /// Runs several predictions together (dynamic batching); one result per item, in
     /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
     /// own. Only called for architectures whose [`Architecture::batching`] is true; the

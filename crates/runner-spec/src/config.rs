@@ -339,27 +339,17 @@ impl CogConfig {
             build_config.python_packages = build.value.python_packages.clone().unwrap_or_default();
             build_config.python_requirements = build.value.python_requirements.clone();
             build_config.system_packages = build.value.system_packages.clone().unwrap_or_default();
-            build_config.run = build
-                .value
-                .run
-                .iter()
-                .flatten()
-                .map(|item| match item {
-                    RawRunItem::Command(c) | RawRunItem::WithMounts { command: c, .. } => c.clone(),
-                })
-                .collect();
-            build_config.secret_mounts = build
-                .value
-                .run
-                .iter()
-                .flatten()
-                .filter_map(|item| match item {
-                    RawRunItem::WithMounts { mounts, .. } => Some(mounts),
-                    RawRunItem::Command(_) => None,
-                })
-                .flatten()
-                .map(|m| m.id.clone())
-                .collect();
+            for item in build.value.run.iter().flatten() {
+                match item {
+                    RawRunItem::Command(command) => build_config.run.push(command.clone()),
+                    RawRunItem::WithMounts { command, mounts } => {
+                        build_config.run.push(command.clone());
+                        build_config
+                            .secret_mounts
+                            .extend(mounts.iter().map(|m| m.id.clone()));
+                    }
+                }
+            }
             if let Some(cuda) = &build.value.cuda {
                 let major = cuda
                     .value

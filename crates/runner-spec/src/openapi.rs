@@ -442,6 +442,11 @@ mod tests {
         assert_eq!(title_case("max__len"), "Max  Len");
     }
 
+    /// An object's keys, in the document's order.
+    fn keys_of(v: &Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
     fn signature(input: &str, output: OutputType, streaming: bool) -> Signature {
         let mut field = InputField::new(input, FieldType::Prim(Primitive::Int));
         field.default = Some(json!(3));
@@ -462,7 +467,7 @@ mod tests {
         )]);
         let doc = document_for(&signature("steps", output, true), Mode::Train);
         let schemas = doc["components"]["schemas"].as_object().unwrap();
-        let keys: Vec<&str> = schemas.keys().map(String::as_str).collect();
+        let keys = keys_of(&doc["components"]["schemas"]);
         assert_eq!(
             keys,
             [
@@ -486,12 +491,7 @@ mod tests {
             schemas["TrainingResponse"]["properties"]["output"]["$ref"],
             "#/components/schemas/TrainingOutput"
         );
-        let paths: Vec<&str> = doc["paths"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let paths = keys_of(&doc["paths"]);
         assert_eq!(
             paths,
             [
@@ -522,12 +522,7 @@ mod tests {
             Mode::Train,
         );
         let doc = combined(&predict, &train);
-        let paths: Vec<&str> = doc["paths"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let paths = keys_of(&doc["paths"]);
         assert_eq!(
             paths,
             [
@@ -556,12 +551,7 @@ mod tests {
             true
         );
         // Go's maps: every object sorted, input properties included.
-        let keys: Vec<&str> = schemas["Input"]["properties"]["zeta"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let keys = keys_of(&schemas["Input"]["properties"]["zeta"]);
         let mut sorted_keys = keys.clone();
         sorted_keys.sort();
         assert_eq!(keys, sorted_keys);

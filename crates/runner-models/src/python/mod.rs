@@ -40,6 +40,8 @@ pub struct Described {
     pub is_async: bool,
     /// `@cog.concurrent(max=N)`.
     pub concurrent_max: Option<u32>,
+    /// The predictor defines its own `healthcheck()`.
+    pub has_healthcheck: bool,
 }
 
 /// The interpreter: `--python`, else `python3` on PATH.
@@ -120,6 +122,7 @@ fn described_from(dir: &ModelDir, message: &Value) -> Result<Described, LoadErro
                 .map_err(|e| other_err(format!("the predictor's signature: {e}")))?,
             is_async: message["is_async"].as_bool().unwrap_or(false),
             concurrent_max: message["concurrent_max"].as_u64().map(|n| n as u32),
+            has_healthcheck: message["has_healthcheck"].as_bool().unwrap_or(false),
         }),
         _ => Err(other_err(format!(
             "cannot read the predictor {}: {}",
@@ -285,6 +288,8 @@ pub struct PythonModel {
     worker: Arc<Mutex<Arc<Worker>>>,
     /// Set while a replacement worker runs its setup.
     restarting: Arc<std::sync::atomic::AtomicBool>,
+    /// The predictor defines `healthcheck()`: only then is the worker asked.
+    has_healthcheck: bool,
 }
 
 /// Runs the predictor's `setup()` in the worker that described it (else in a new one); its
@@ -296,15 +301,18 @@ pub fn load(
 ) -> Result<Box<dyn Model>, LoadError> {
     let python = interpreter(ctx.python());
     let log = |line: &str| ctx.log(line);
-    let worker = match ctx.take_python_started() {
-        Some(started) => started.set_up(&log)?,
-        None => start_worker(dir, &python, &log)?,
+    let started = match ctx.take_python_started() {
+        Some(started) => started,
+        None => start(dir, Some(&python), None)?.1,
     };
+    let has_healthcheck = started.has_healthcheck;
+    let worker = started.set_up(&log)?;
     Ok(Box::new(PythonModel {
         dir: dir.clone(),
         python,
         worker: Arc::new(Mutex::new(Arc::new(worker))),
         restarting: Arc::default(),
+        has_healthcheck,
     }))
 }
 
@@ -314,6 +322,7 @@ pub struct Started {
     worker: Worker,
     setup: mpsc::Receiver<Result<(), String>>,
     logs: mpsc::Receiver<String>,
+    has_healthcheck: bool,
 }
 
 impl std::fmt::Debug for Started {
@@ -419,12 +428,14 @@ pub fn start(
         }
     };
     let described = described_from(dir, &message)?;
+    let has_healthcheck = described.has_healthcheck;
     Ok((
         described,
         Started {
             worker,
             setup: setup_rx,
             logs: log_rx,
+            has_healthcheck,
         },
     ))
 }
@@ -436,6 +447,7 @@ impl Started {
             worker,
             setup,
             logs,
+            ..
         } = self;
         let drain_logs = || {
             while let Ok(line) = logs.try_recv() {
@@ -658,6 +670,10 @@ impl Model for PythonModel {
                 }
             }
         }
+    }
+
+    fn has_healthcheck(&self) -> bool {
+        self.has_healthcheck
     }
 
     fn healthcheck(&self) -> Result<(), String> {

@@ -317,6 +317,8 @@ def _description(info, target):
         "signature": {"inputs": inputs, "output": _output_type(info.output), "streaming": streaming},
         "is_async": inspect.iscoroutinefunction(unwrapped) or inspect.isasyncgenfunction(unwrapped),
         "concurrent_max": concurrent,
+        # Whether GET /health-check has a check of the predictor's own to run.
+        "has_healthcheck": inspect.isclass(target) and callable(getattr(target, "healthcheck", None)),
     }
 
 
