@@ -975,6 +975,38 @@ fn a_python_predictor_packages_for_modal_with_its_build() {
         json!(["text"])
     );
 
+    // A requirements file cog.yaml names but the directory lacks: a clear error, nothing written.
+    let cog_yaml = std::fs::read_to_string(model.join("cog.yaml")).unwrap();
+    std::fs::write(
+        model.join("cog.yaml"),
+        cog_yaml.replace("requirements.txt", "missing.txt"),
+    )
+    .unwrap();
+    let missing_out = scratch.path().join("missing");
+    let (code, _, stderr) = runner(&[
+        "--python",
+        python.to_str().unwrap(),
+        "package",
+        model.to_str().unwrap(),
+        "--out",
+        missing_out.to_str().unwrap(),
+        "--target",
+        "modal",
+        "--runner-bin",
+        fake,
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("build.python_requirements names missing.txt"),
+        "{stderr}"
+    );
+    assert!(
+        !missing_out.exists(),
+        "a failed package wrote {}",
+        missing_out.display()
+    );
+    std::fs::write(model.join("cog.yaml"), cog_yaml).unwrap();
+
     let Some(venv) = std::env::var_os("RUNNER_MODAL_VENV").map(PathBuf::from) else {
         eprintln!("SKIPPED (import): RUNNER_MODAL_VENV is not set");
         return;
