@@ -128,6 +128,14 @@ snapshot_roundtrip() {
 export -f snapshot_roundtrip
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip
 
+# runner doctor on the GPU: its name, driver, memory, kernel cache, the snapshot found
+# compatible, a load from it, and runner's own pinned H2D figure (unverified until here).
+doctor_gpu() {
+  ./runner doctor minilm --device "$DEVICE" --port 0 --load --measure 2> "$WORK/doctor.log" | sed 's/^/doctor: /' | tee -a "$WORK/correctness.txt"
+}
+export -f doctor_gpu
+step "runner doctor (MiniLM, GPU)" 60 doctor_gpu
+
 # 3. The ceiling: pinned host-to-device bandwidth.
 pinned_h2d() {
   python3 - <<'PY' | tee "$WORK/pinned_h2d.txt"

@@ -2,6 +2,7 @@
 //! print a model's OpenAPI schema.
 
 mod bench;
+mod doctor;
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
@@ -395,6 +396,43 @@ enum Command {
         #[arg(long, env = "RUNNER_CONVERT_FORCE")]
         force: bool,
     },
+    /// Check, before serving, everything `runner serve` depends on, with the flags serve
+    /// takes: the machine, the device, cog.yaml, the predictor or weights, the snapshot a
+    /// start would use (or exactly why it would not), room for a snapshot, the port. Each
+    /// problem says what to do; exit 1 when serve would not start.
+    Doctor {
+        /// The model directory (default: the current one, when it holds cog.yaml).
+        #[arg(env = "RUNNER_MODEL_DIR")]
+        dir: Option<PathBuf>,
+        /// Address serve would listen on.
+        #[arg(long, default_value = "127.0.0.1", env = "RUNNER_HOST")]
+        host: String,
+        /// Port serve would listen on (checked to be free; 0 skips the check).
+        #[arg(long, default_value_t = 5000, env = "RUNNER_PORT")]
+        port: u16,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        mode: ModeArgs,
+        #[command(flatten)]
+        snapshot: SnapshotArgs,
+        /// Also load the model as serve would (from the snapshot it would use, else the
+        /// weights) and run the warm-up prediction: reads every byte.
+        #[arg(long, env = "RUNNER_DOCTOR_LOAD")]
+        load: bool,
+        /// Also measure the page-cache read bandwidth and, on a GPU, the pinned
+        /// host-to-device bandwidth: the ceilings a restore is held to.
+        #[arg(long, env = "RUNNER_DOCTOR_MEASURE")]
+        measure: bool,
+        /// Result format on stdout.
+        #[arg(
+            long,
+            value_enum,
+            default_value = "table",
+            env = "RUNNER_DOCTOR_FORMAT"
+        )]
+        format: BenchFormat,
+    },
     /// Print the model's OpenAPI schema, as Cog's generator writes it.
     Schema {
         /// The model directory (holding cog.yaml).
@@ -458,6 +496,11 @@ fn keep_cuda_kernels_beside_the_model(command: &Command) {
         Command::Serve { dir, device, .. }
         | Command::Snapshot { dir, device, .. }
         | Command::Run { dir, device, .. } => (dir, device),
+        Command::Doctor {
+            dir: Some(dir),
+            device,
+            ..
+        } => (dir, device),
         _ => return,
     };
     if !cfg!(feature = "cuda")
@@ -672,6 +715,40 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             );
             println!("{}", converted.dir.display());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor {
+            dir,
+            host,
+            port,
+            device,
+            mode,
+            snapshot,
+            load,
+            measure,
+            format,
+        } => {
+            let report = doctor::run(doctor::Request {
+                dir,
+                device: device.device,
+                mode: mode.mode.into(),
+                snapshot: snapshot.options(),
+                host,
+                port,
+                python: PYTHON.get().cloned().flatten(),
+                load,
+                measure,
+                progress: progress_bars(),
+            })
+            .await;
+            match format {
+                BenchFormat::Table => print!("{}", report.to_text()),
+                BenchFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(if report.failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Schema { dir } => {
             let engine = open_engine(&dir, DeviceSpec::Cpu, Default::default())?;

@@ -28,6 +28,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     dtype_policy: "f32",
     example_input: |_| serde_json::json!({"text": "runner warms up"}),
     batching: true,
+    needs_weights: true,
 };
 
 /// Texts per forward pass on accelerators (padded to the group's longest): bounds memory.

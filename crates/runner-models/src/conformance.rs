@@ -21,6 +21,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     dtype_policy: "none",
     example_input: |_| serde_json::json!({"text": "hello"}),
     batching: false,
+    needs_weights: false,
 };
 
 pub fn signature() -> Signature {

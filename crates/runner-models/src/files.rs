@@ -18,6 +18,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     dtype_policy: "none",
     example_input: |_| serde_json::json!({"source": "data:text/plain;base64,aGVsbG8K"}),
     batching: false,
+    needs_weights: false,
 };
 
 pub fn signature() -> Signature {

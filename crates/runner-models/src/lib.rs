@@ -362,6 +362,8 @@ pub struct Architecture {
     /// Whether concurrent predictions may be gathered into one forward pass
     /// ([`Model::predict_batch`] computes each item as if it ran alone).
     pub batching: bool,
+    /// Whether loading reads weight files (the test architectures compute without any).
+    pub needs_weights: bool,
 }
 
 /// A Python Cog predictor: its signature comes from the predictor
@@ -378,6 +380,7 @@ pub const PYTHON: Architecture = Architecture {
     example_input: |_| serde_json::json!({}),
     dtype_policy: "python",
     batching: false,
+    needs_weights: false,
 };
 
 /// Every native architecture runner knows.

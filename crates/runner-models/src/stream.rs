@@ -20,6 +20,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     dtype_policy: "none",
     example_input: |_| serde_json::json!({"prompt": "hello world"}),
     batching: false,
+    needs_weights: false,
 };
 
 pub fn signature() -> Signature {

@@ -26,6 +26,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
         example_input(&config)
     },
     batching: false,
+    needs_weights: true,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -45,6 +45,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     dtype_policy: "gguf: as quantized; safetensors: f32 on cpu, bf16 on cuda",
     example_input: |_| json!({"prompt": "Hello", "max_new_tokens": 4, "temperature": 0.0}),
     batching: false,
+    needs_weights: true,
 };
 
 /// The most tokens one prediction may ask for.
