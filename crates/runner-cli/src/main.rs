@@ -3,6 +3,8 @@
 
 mod bench;
 mod doctor;
+#[cfg(test)]
+mod reference;
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
