@@ -3,7 +3,8 @@
 # the clone, sha256-verified) and runs every test in the workspace, end-to-end tests and
 # the conformance suite against runner and against coglet included.
 # It also installs Debian's Chromium and playwright-core for the playground's browser test
-# (scripts/setup-browser.sh), the Prometheus client whose parser reads /metrics, and
+# (scripts/setup-browser.sh), the Prometheus client whose parser reads /metrics, OpenAI's
+# Python client (tests/openai_api.rs drives the OpenAI-compatible routes with it), and
 # schemathesis, which attacks the API from its OpenAPI document (tests/openapi_attack.rs).
 # RUNNER_SKIP_COGLET=1 skips the coglet half, RUNNER_SKIP_MODAL=1 the import of the
 # generated modal_app.py, RUNNER_SKIP_BROWSER=1 the browser test (each test then says so
@@ -28,6 +29,10 @@ fi
 if [ -z "${RUNNER_PROMETHEUS_VENV:-}" ]; then
   RUNNER_PROMETHEUS_VENV="$(scripts/setup-prometheus.sh)"
   export RUNNER_PROMETHEUS_VENV
+fi
+if [ -z "${RUNNER_OPENAI_VENV:-}" ]; then
+  RUNNER_OPENAI_VENV="$(scripts/setup-openai.sh)"
+  export RUNNER_OPENAI_VENV
 fi
 if [ -z "${RUNNER_SCHEMATHESIS_VENV:-}" ]; then
   RUNNER_SCHEMATHESIS_VENV="$(scripts/setup-schemathesis.sh)"

@@ -446,6 +446,35 @@ impl Engine {
     pub fn signature(&self) -> &Signature {
         &self.signature
     }
+    /// The OpenAI-compatible routes this model answers (none on a training server).
+    pub fn openai(&self) -> runner_models::OpenAi {
+        match self.mode {
+            Mode::Predict => self.architecture.openai,
+            Mode::Train => runner_models::OpenAi::None,
+        }
+    }
+    /// The prompt a conversation makes through the loaded model's chat template; `None`
+    /// until the model is loaded, or when it has no chat form.
+    pub fn chat_prompt(
+        &self,
+        messages: &[runner_models::ChatMessage],
+    ) -> Option<Result<String, String>> {
+        let model = self.model.get()?;
+        model
+            .chat_prompt(messages)
+            .map(|r| r.map_err(|e| e.to_string()))
+    }
+    /// How many tokens `text` is as a prompt, for a loaded text generator.
+    pub fn count_tokens(&self, text: &str) -> Option<Result<usize, String>> {
+        let model = self.model.get()?;
+        model
+            .count_tokens(text)
+            .map(|r| r.map_err(|e| e.to_string()))
+    }
+    /// Tokens of prompt and output together, for a loaded text generator.
+    pub fn context_length(&self) -> Option<usize> {
+        self.model.get()?.context_length()
+    }
     /// Whether the model streams its output (`@cog.streaming`): SSE is offered.
     pub fn supports_streaming(&self) -> bool {
         self.signature.streaming

@@ -29,6 +29,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     example_input: |_| serde_json::json!({"text": "runner warms up"}),
     batching: true,
     needs_weights: true,
+    openai: crate::OpenAi::Embeddings,
 };
 
 /// Texts per forward pass on accelerators (padded to the group's longest): bounds memory.
@@ -226,23 +227,26 @@ impl Bert {
     /// text: padding is masked out of attention and pooling, so a text's vector does not
     /// depend on the texts it shares a forward pass with (up to float rounding).
     pub fn embed(&self, texts: &[String], normalize: bool) -> Result<Vec<Vec<f32>>, PredictError> {
-        let mut vectors = self.embed_pooled(texts)?;
+        let (mut vectors, _) = self.embed_pooled(texts)?;
         if normalize {
             vectors.iter_mut().for_each(|v| l2_normalize(v));
         }
         Ok(vectors)
     }
 
-    /// Pooled, unnormalised vectors, in the order of `texts`.
-    fn embed_pooled(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, PredictError> {
+    /// Pooled, unnormalised vectors, in the order of `texts`, and each text's token count
+    /// (special tokens included, after truncation).
+    fn embed_pooled(&self, texts: &[String]) -> Result<(Vec<Vec<f32>>, Vec<usize>), PredictError> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| PredictError::Failed(format!("tokenizer: {e}")))?;
-        match &self.encoder {
+        let tokens = encodings.iter().map(|e| e.get_ids().len()).collect();
+        let vectors = match &self.encoder {
             Encoder::Cpu(cpu) => self.pooled_on_cpu(cpu, &encodings),
             Encoder::Candle(model) => self.pooled_with_candle(model, &encodings),
-        }
+        }?;
+        Ok((vectors, tokens))
     }
 
     /// No padding: texts go end to end, up to a token budget per forward pass.
@@ -413,7 +417,15 @@ impl Model for Bert {
     ) -> Result<Value, PredictError> {
         let request = parse_request(input)?;
         ctx.check_canceled()?;
-        let vectors = self.embed(&request.texts, request.normalize)?;
+        let (mut vectors, tokens) = self.embed_pooled(&request.texts)?;
+        if request.normalize {
+            vectors.iter_mut().for_each(|v| l2_normalize(v));
+        }
+        ctx.record_metric(
+            "input_token_count",
+            Value::from(tokens.iter().sum::<usize>()),
+            crate::MetricMode::Replace,
+        );
         ctx.log(&format!(
             "embedded {} text(s) into {} dimensions",
             request.texts.len(),
@@ -438,7 +450,7 @@ impl Model for Bert {
             .flatten()
             .flat_map(|r| r.texts.iter().cloned())
             .collect();
-        let pooled = match self.embed_pooled(&all_texts) {
+        let (pooled, tokens) = match self.embed_pooled(&all_texts) {
             Ok(p) => p,
             Err(e) => {
                 let message = match e {
@@ -452,12 +464,19 @@ impl Model for Bert {
             }
         };
         let mut vectors = pooled.into_iter();
+        let mut token_counts = tokens.into_iter();
         requests
             .into_iter()
             .zip(batch)
             .map(|(request, item)| {
                 let request = request?;
                 let mut own: Vec<Vec<f32>> = vectors.by_ref().take(request.texts.len()).collect();
+                let own_tokens: usize = token_counts.by_ref().take(request.texts.len()).sum();
+                item.ctx.record_metric(
+                    "input_token_count",
+                    Value::from(own_tokens),
+                    crate::MetricMode::Replace,
+                );
                 if request.normalize {
                     own.iter_mut().for_each(|v| l2_normalize(v));
                 }

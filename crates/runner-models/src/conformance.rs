@@ -22,6 +22,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     example_input: |_| serde_json::json!({"text": "hello"}),
     batching: false,
     needs_weights: false,
+    openai: crate::OpenAi::None,
 };
 
 pub fn signature() -> Signature {

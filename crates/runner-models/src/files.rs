@@ -19,6 +19,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     example_input: |_| serde_json::json!({"source": "data:text/plain;base64,aGVsbG8K"}),
     batching: false,
     needs_weights: false,
+    openai: crate::OpenAi::None,
 };
 
 pub fn signature() -> Signature {

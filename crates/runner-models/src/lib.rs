@@ -321,6 +321,22 @@ pub trait Model: Send + Sync {
         false
     }
 
+    /// For text generators: the prompt a conversation makes through the model's chat
+    /// template (what OpenAI-style chat requests send). `None`: the model has no chat form.
+    fn chat_prompt(&self, _messages: &[ChatMessage]) -> Option<Result<String, PredictError>> {
+        None
+    }
+
+    /// For text generators: how many tokens `text` is as a prompt.
+    fn count_tokens(&self, _text: &str) -> Option<Result<usize, PredictError>> {
+        None
+    }
+
+    /// For text generators: how many tokens prompt and output may hold together.
+    fn context_length(&self) -> Option<usize> {
+        None
+    }
+
     /// Runs several predictions together (dynamic batching); one result per item, in
     /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
     /// own. Only called for architectures whose [`Architecture::batching`] is true; the
@@ -331,6 +347,26 @@ pub trait Model: Send + Sync {
             .map(|item| self.predict(item.input, item.ctx))
             .collect()
     }
+}
+
+/// One turn of a conversation, for [`Model::chat_prompt`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (or whatever else the template knows).
+    pub role: String,
+    pub content: String,
+}
+
+/// Which OpenAI-compatible routes an architecture answers (runner's addition to Cog's API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAi {
+    None,
+    /// `/v1/embeddings`: the input `text` takes a string or a list, and `normalize`.
+    Embeddings,
+    /// `/v1/chat/completions` and `/v1/completions`: the inputs `prompt`,
+    /// `use_chat_template`, `max_new_tokens`, `temperature`, `top_p`, `top_k`, `seed`,
+    /// `stop`, and the output a concatenate-iterator of strings.
+    TextGeneration,
 }
 
 /// One prediction of a batch: its validated input and its own context.
@@ -364,6 +400,8 @@ pub struct Architecture {
     pub batching: bool,
     /// Whether loading reads weight files (the test architectures compute without any).
     pub needs_weights: bool,
+    /// The OpenAI-compatible routes it answers.
+    pub openai: OpenAi,
 }
 
 /// A Python Cog predictor: its signature comes from the predictor
@@ -381,6 +419,7 @@ pub const PYTHON: Architecture = Architecture {
     dtype_policy: "python",
     batching: false,
     needs_weights: false,
+    openai: OpenAi::None,
 };
 
 /// Every native architecture runner knows.

@@ -21,6 +21,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     example_input: |_| serde_json::json!({"prompt": "hello world"}),
     batching: false,
     needs_weights: false,
+    openai: crate::OpenAi::None,
 };
 
 pub fn signature() -> Signature {

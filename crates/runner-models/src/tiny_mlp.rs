@@ -27,6 +27,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     },
     batching: false,
     needs_weights: true,
+    openai: crate::OpenAi::None,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 
+mod openai;
 pub mod webhook;
 
 pub use webhook::{TaskCounter, WebhookConfig, WebhookEvent};
@@ -287,6 +288,10 @@ impl Server {
             .route("/trainings", post(create_training))
             .route("/trainings/{id}", put(create_training_idempotent))
             .route("/trainings/{id}/cancel", post(cancel_training))
+            .route("/v1/models", get(openai::models))
+            .route("/v1/embeddings", post(openai::embeddings))
+            .route("/v1/chat/completions", post(openai::chat_completions))
+            .route("/v1/completions", post(openai::completions))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),

@@ -33,7 +33,8 @@ use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 use crate::{
-    Architecture, LoadContext, LoadError, MetricMode, Model, PredictContext, PredictError,
+    Architecture, ChatMessage, LoadContext, LoadError, MetricMode, Model, PredictContext,
+    PredictError,
 };
 
 pub const ARCHITECTURE: Architecture = Architecture {
@@ -46,6 +47,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     example_input: |_| json!({"prompt": "Hello", "max_new_tokens": 4, "temperature": 0.0}),
     batching: false,
     needs_weights: true,
+    openai: crate::OpenAi::TextGeneration,
 };
 
 /// The most tokens one prediction may ask for.
@@ -222,15 +224,30 @@ impl Generator {
         system: &str,
         chat: bool,
     ) -> Result<String, PredictError> {
-        let template = match (&self.chat_template, chat) {
-            (Some(t), true) => t,
-            _ => return Ok(prompt.to_string()),
-        };
+        if self.chat_template.is_none() || !chat {
+            return Ok(prompt.to_string());
+        }
         let mut messages = Vec::new();
         if !system.is_empty() {
-            messages.push(json!({"role": "system", "content": system}));
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            });
         }
-        messages.push(json!({"role": "user", "content": prompt}));
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: prompt.into(),
+        });
+        self.render_chat(&messages)
+    }
+
+    /// A conversation through the model's chat template, ready for the assistant's turn.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, PredictError> {
+        let Some(template) = &self.chat_template else {
+            return Err(PredictError::Failed(
+                "the model has no chat template; send the text to continue instead (/v1/completions, or use_chat_template=false)".into(),
+            ));
+        };
         let mut env = minijinja::Environment::new();
         env.add_function(
             "raise_exception",
@@ -924,6 +941,18 @@ impl Model for LlamaModel {
             g.source
         ));
         Ok(Value::Null)
+    }
+
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> Option<Result<String, PredictError>> {
+        Some(self.0.render_chat(messages))
+    }
+
+    fn count_tokens(&self, text: &str) -> Option<Result<usize, PredictError>> {
+        Some(self.0.encode(text).map(|ids| ids.len()))
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        Some(self.0.context)
     }
 
     fn warm_up(&self) -> Result<(), PredictError> {

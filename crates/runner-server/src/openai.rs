@@ -1,0 +1,922 @@
+//! OpenAI-compatible routes, runner's addition to Cog's API: `/v1/models`,
+//! `/v1/embeddings` for embedding models, and `/v1/chat/completions` and `/v1/completions`
+//! for text generators, so the OpenAI SDKs and the tools built on them can use a model
+//! runner serves. Each request becomes an ordinary prediction (slots, queue, cancellation,
+//! logs, `/metrics` and webhook-free), built from the model's own Cog inputs; answers and
+//! errors have OpenAI's shapes.
+//!
+//! Where OpenAI's defaults differ from the model's Cog defaults, OpenAI's hold here:
+//! temperature 1, top_p 1, no top-k, no repetition penalty, and generation until the end
+//! of the turn (chat) or 16 tokens (completions). Unsupported features (several choices,
+//! log probabilities, tools, penalties) are refused with a 400 naming the parameter,
+//! never silently ignored.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use runner_engine::{new_prediction_id, CancelOnDrop, Engine, Rejection, Running, StreamEvent};
+use runner_models::{ChatMessage, OpenAi};
+use serde_json::{json, Map, Value};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::AppState;
+
+/// The most tokens a request may ask for: the model's own bound on `max_new_tokens`.
+fn max_tokens_bound(engine: &Engine) -> u64 {
+    engine
+        .signature()
+        .inputs
+        .iter()
+        .find(|i| i.name == "max_new_tokens")
+        .and_then(|i| i.le)
+        .map_or(u64::MAX, |le| le as u64)
+}
+
+/// An OpenAI-shaped error answer.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+    fn unsupported(param: &str, what: &str) -> Self {
+        Self::invalid(
+            Some(param),
+            format!("`{param}`: {what} is not supported by runner"),
+        )
+    }
+    fn json(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.json())).into_response();
+        if matches!(
+            self.status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            // The SDKs honour it before their automatic retry.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The body as a JSON object, or OpenAI's 400.
+fn parse_body(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::invalid(
+            None,
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ApiError::invalid(
+            None,
+            format!("the request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// A route for another kind of model: 404, saying which routes this one answers.
+fn wrong_model(engine: &Engine, route: &str) -> ApiError {
+    let offered = match engine.openai() {
+        OpenAi::Embeddings => "it answers /v1/embeddings",
+        OpenAi::TextGeneration => "it answers /v1/chat/completions and /v1/completions",
+        OpenAi::None => "it has no OpenAI-compatible routes; use Cog's POST /predictions",
+    };
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "{route}: the model `{}` ({}) does not serve this route; {offered}",
+            engine.model_name(),
+            engine.run_target()
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unsupported_route"),
+    }
+}
+
+fn not_loaded() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the model is not loaded yet (GET /health-check says when it is)".into(),
+        kind: "server_error",
+        param: None,
+        code: Some("not_ready"),
+    }
+}
+
+/// Maps an engine refusal to OpenAI's statuses; `param_of` names an input's parameter.
+fn rejection(rejection: Rejection, param_of: &dyn Fn(&str) -> String) -> ApiError {
+    match rejection {
+        Rejection::InvalidInput(issues) => {
+            let first_param = issues
+                .first()
+                .and_then(|i| i.loc.get(2))
+                .and_then(Value::as_str)
+                .map(param_of);
+            let message = issues
+                .iter()
+                .map(|i| {
+                    let name = i.loc.get(2).and_then(Value::as_str).map(param_of);
+                    match name {
+                        Some(name) => format!("`{name}`: {}", i.msg),
+                        None => i.msg.clone(),
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            ApiError::invalid(first_param.as_deref(), message)
+        }
+        Rejection::AtCapacity | Rejection::QueueFull => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "every prediction slot is busy; retry shortly (runner serve --max-queue lets requests wait instead)".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("at_capacity"),
+        },
+        Rejection::DuplicateId(_) => ApiError::invalid(None, "duplicate request id"),
+        Rejection::NotReady { setup_failed } => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: if setup_failed {
+                "the model failed to load; GET /health-check for the setup logs".into()
+            } else {
+                "the model is not loaded yet (GET /health-check says when it is)".into()
+            },
+            kind: "server_error",
+            param: None,
+            code: Some("not_ready"),
+        },
+    }
+}
+
+/// A prediction that ended badly, as an OpenAI error.
+fn failed(body: &Value) -> ApiError {
+    ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!(
+            "the prediction {}: {}",
+            body["status"].as_str().unwrap_or("failed"),
+            body["error"].as_str().unwrap_or("no error message")
+        ),
+        kind: "server_error",
+        param: None,
+        code: None,
+    }
+}
+
+/// `GET /v1/models`: the one model this server runs.
+pub(crate) async fn models(State(state): State<AppState>) -> Response {
+    Json(json!({
+        "object": "list",
+        "data": [model_entry(&state.engine)],
+    }))
+    .into_response()
+}
+
+fn model_entry(engine: &Engine) -> Value {
+    let mut entry = json!({
+        "id": engine.model_name(),
+        "object": "model",
+        "created": 0,
+        "owned_by": "runner",
+    });
+    if let Some(n) = engine.context_length() {
+        entry["context_length"] = json!(n);
+    }
+    entry
+}
+
+/// `POST /v1/embeddings`.
+pub(crate) async fn embeddings(State(state): State<AppState>, body: Bytes) -> Response {
+    embed(&state, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn embed(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
+    let engine = &state.engine;
+    if engine.openai() != OpenAi::Embeddings {
+        return Err(wrong_model(engine, "/v1/embeddings"));
+    }
+    let request = parse_body(body)?;
+    let base64 = match request.get("encoding_format").and_then(Value::as_str) {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("encoding_format"),
+                format!("`encoding_format` {other:?}: use \"float\" or \"base64\""),
+            ))
+        }
+    };
+    let texts: Vec<String> = match request.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(ApiError::unsupported("input", "token ids (send text)")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(Some("input"), "`input` is an empty list"))
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("input"),
+                "`input` must be a string or a list of strings",
+            ))
+        }
+        None => return Err(ApiError::invalid(Some("input"), "`input` is required")),
+    };
+    if let Some(i) = texts.iter().position(String::is_empty) {
+        return Err(ApiError::invalid(
+            Some("input"),
+            format!("`input` {i} is an empty string"),
+        ));
+    }
+    // A list, even of one, so the output is always a list of vectors; OpenAI's vectors are
+    // unit length.
+    let input = json!({"text": texts, "normalize": true});
+    let running = submit(engine, &input, &|name| match name {
+        "text" => "input".into(),
+        other => other.into(),
+    })?;
+    let guard = CancelOnDrop::new(Arc::clone(&running));
+    running.wait().await;
+    guard.disarm();
+    let body = running.body();
+    if body["status"] != "succeeded" {
+        return Err(failed(&body));
+    }
+    let vectors = body["output"].as_array().cloned().unwrap_or_default();
+    let dimensions = match request.get("dimensions") {
+        None | Some(Value::Null) => None,
+        Some(d) => Some(d.as_u64().ok_or_else(|| {
+            ApiError::invalid(Some("dimensions"), "`dimensions` must be a whole number")
+        })?),
+    };
+    if let Some(dimensions) = dimensions {
+        let have = vectors
+            .first()
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        if dimensions as usize != have {
+            return Err(ApiError::invalid(
+                Some("dimensions"),
+                format!(
+                    "`dimensions` {dimensions}: this model's vectors have {have}, and it was not trained for shorter ones"
+                ),
+            ));
+        }
+    }
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let floats = vector.as_array().cloned().unwrap_or_default();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = floats
+                    .iter()
+                    .flat_map(|f| (f.as_f64().unwrap_or(0.0) as f32).to_le_bytes())
+                    .collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                Value::Array(floats)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens = body["metrics"]["input_token_count"].as_u64().unwrap_or(0);
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": engine.model_name(),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+fn submit(
+    engine: &Arc<Engine>,
+    input: &Value,
+    param_of: &dyn Fn(&str) -> String,
+) -> Result<Arc<Running>, ApiError> {
+    engine
+        .submit_with_context(new_prediction_id(), input, Default::default())
+        .map_err(|r| rejection(r, param_of))
+}
+
+/// Chat or legacy completions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// `POST /v1/chat/completions`.
+pub(crate) async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+    complete(&state, &body, Kind::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /v1/completions`.
+pub(crate) async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+    complete(&state, &body, Kind::Text)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The text of a message's `content`: a string, or a list of text parts.
+fn message_text(content: &Value, index: usize) -> Result<String, ApiError> {
+    let param = format!("messages[{index}].content");
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(
+                |part| match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(text)) => Ok(text),
+                    (Some(other), _) => Err(ApiError::unsupported(
+                        &param,
+                        &format!("a `{other}` content part (this model reads text)"),
+                    )),
+                    _ => Err(ApiError::invalid(
+                        Some(&param),
+                        format!("`{param}`: each part needs a `type` and, for text, a `text`"),
+                    )),
+                },
+            )
+            .collect::<Result<Vec<_>, _>>()
+            .map(|texts| texts.concat()),
+        _ => Err(ApiError::invalid(
+            Some(&param),
+            format!("`{param}` must be a string or a list of content parts"),
+        )),
+    }
+}
+
+fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "`messages` is required: a list of {\"role\", \"content\"}",
+        ));
+    };
+    if messages.is_empty() {
+        return Err(ApiError::invalid(Some("messages"), "`messages` is empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m["role"].as_str() {
+                // OpenAI's newer name for the system message.
+                Some("developer") => "system",
+                Some(r @ ("system" | "user" | "assistant")) => r,
+                Some(other) => {
+                    return Err(ApiError::unsupported(
+                        &format!("messages[{i}].role"),
+                        &format!("the role {other:?}"),
+                    ))
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        Some(&format!("messages[{i}].role")),
+                        format!("`messages[{i}]` has no `role`"),
+                    ))
+                }
+            };
+            if m.get("tool_calls").is_some_and(|t| !t.is_null()) {
+                return Err(ApiError::unsupported(
+                    &format!("messages[{i}].tool_calls"),
+                    "tool calling",
+                ));
+            }
+            Ok(ChatMessage {
+                role: role.into(),
+                content: message_text(&m["content"], i)?,
+            })
+        })
+        .collect()
+}
+
+/// Refuses what this server would otherwise silently get wrong.
+fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
+    let set = |k: &str| request.get(k).is_some_and(|v| !v.is_null());
+    if request
+        .get("n")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n != 1)
+    {
+        return Err(ApiError::unsupported("n", "more than one choice"));
+    }
+    if request
+        .get("best_of")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n != 1)
+    {
+        return Err(ApiError::unsupported("best_of", "more than one candidate"));
+    }
+    match request.get("logprobs") {
+        None | Some(Value::Null | Value::Bool(false)) => {}
+        Some(_) => return Err(ApiError::unsupported("logprobs", "log probabilities")),
+    }
+    if set("top_logprobs") {
+        return Err(ApiError::unsupported("top_logprobs", "log probabilities"));
+    }
+    for penalty in ["presence_penalty", "frequency_penalty"] {
+        if request
+            .get(penalty)
+            .and_then(Value::as_f64)
+            .is_some_and(|p| p != 0.0)
+        {
+            return Err(ApiError::unsupported(penalty, "a non-zero penalty"));
+        }
+    }
+    if request
+        .get("logit_bias")
+        .and_then(Value::as_object)
+        .is_some_and(|m| !m.is_empty())
+    {
+        return Err(ApiError::unsupported("logit_bias", "a logit bias"));
+    }
+    if request
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty())
+        || set("functions")
+    {
+        return Err(ApiError::unsupported("tools", "tool calling"));
+    }
+    if let Some(format) = request.get("response_format").filter(|v| !v.is_null()) {
+        if format["type"] != "text" {
+            return Err(ApiError::unsupported(
+                "response_format",
+                "a structured response format",
+            ));
+        }
+    }
+    if request
+        .get("suffix")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty())
+    {
+        return Err(ApiError::unsupported("suffix", "a suffix"));
+    }
+    Ok(())
+}
+
+/// `stop`: a string or up to four.
+fn stop_sequences(request: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
+    match request.get("stop") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(items)) if items.len() <= 4 => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::invalid(Some("stop"), "`stop` holds strings only"))
+            })
+            .collect(),
+        Some(Value::Array(_)) => Err(ApiError::invalid(
+            Some("stop"),
+            "`stop` holds at most 4 sequences",
+        )),
+        Some(_) => Err(ApiError::invalid(
+            Some("stop"),
+            "`stop` must be a string or a list of strings",
+        )),
+    }
+}
+
+/// A number parameter, if given; a non-number is a 400.
+fn number(request: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiError> {
+    match request.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid(Some(key), format!("`{key}` must be a number"))),
+    }
+}
+
+/// What a completion request asks of the model, checked, with the prompt rendered.
+struct Generation {
+    input: Value,
+    prompt: String,
+    prompt_tokens: usize,
+    /// The most tokens the model may generate (asked, and what the context leaves).
+    limit: u64,
+    /// Which request field bounded the output (for error messages).
+    max_param: &'static str,
+    stream: bool,
+    include_usage: bool,
+    echo: bool,
+}
+
+fn generation(
+    engine: &Engine,
+    request: &Map<String, Value>,
+    kind: Kind,
+) -> Result<Generation, ApiError> {
+    refuse_unsupported(request)?;
+    let prompt = match kind {
+        Kind::Chat => {
+            let messages = chat_messages(request)?;
+            match engine.chat_prompt(&messages) {
+                None => return Err(not_loaded()),
+                Some(Ok(p)) => p,
+                Some(Err(e)) => return Err(ApiError::invalid(Some("messages"), e)),
+            }
+        }
+        Kind::Text => match request.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_string()
+            }
+            Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+                return Err(ApiError::unsupported("prompt", "more than one prompt"))
+            }
+            Some(Value::Array(_)) => {
+                return Err(ApiError::unsupported("prompt", "token ids (send text)"))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("prompt"),
+                    "`prompt` is required: the text to continue",
+                ))
+            }
+        },
+    };
+    let prompt_tokens = match engine.count_tokens(&prompt) {
+        None => return Err(not_loaded()),
+        Some(Ok(n)) => n,
+        Some(Err(e)) => return Err(ApiError::invalid(None, e)),
+    };
+    let context = engine.context_length().unwrap_or(usize::MAX);
+    if prompt_tokens >= context {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid(
+                Some(if kind == Kind::Chat { "messages" } else { "prompt" }),
+                format!(
+                    "This model's maximum context length is {context} tokens; the prompt is {prompt_tokens} tokens. Shorten it."
+                ),
+            )
+        });
+    }
+    let (max_param, asked) = match (
+        request
+            .get("max_completion_tokens")
+            .filter(|v| !v.is_null()),
+        request.get("max_tokens").filter(|v| !v.is_null()),
+    ) {
+        (Some(v), _) => ("max_completion_tokens", Some(v)),
+        (None, Some(v)) => ("max_tokens", Some(v)),
+        (None, None) => ("max_tokens", None),
+    };
+    let bound = max_tokens_bound(engine);
+    let asked = match asked {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=bound).contains(&n) => Some(n),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some(max_param),
+                    format!("`{max_param}` must be a whole number from 1 to {bound}"),
+                ))
+            }
+        },
+    };
+    // OpenAI's defaults: chat runs to the end of the turn (or the context); the legacy
+    // completions endpoint stops after 16 tokens.
+    let max_new = asked.unwrap_or(match kind {
+        Kind::Chat => bound,
+        Kind::Text => 16,
+    });
+    let room = (context - prompt_tokens) as u64;
+    let mut input = json!({
+        "prompt": prompt,
+        "use_chat_template": false,
+        "max_new_tokens": max_new,
+        "temperature": number(request, "temperature")?.unwrap_or(1.0),
+        "top_p": number(request, "top_p")?.unwrap_or(1.0),
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "stop": stop_sequences(request)?,
+    });
+    match request.get("seed") {
+        None | Some(Value::Null) => {}
+        Some(seed) => match seed.as_i64() {
+            // Any 64-bit seed works; the model takes its bits as unsigned.
+            Some(s) => input["seed"] = json!(s as u64),
+            None => return Err(ApiError::invalid(Some("seed"), "`seed` must be an integer")),
+        },
+    }
+    let stream = request
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let include_usage = request
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(Generation {
+        input,
+        prompt,
+        prompt_tokens,
+        limit: max_new.min(room),
+        max_param,
+        stream,
+        include_usage,
+        echo: kind == Kind::Text && request.get("echo").and_then(Value::as_bool) == Some(true),
+    })
+}
+
+/// Maps a Cog input's name back to the OpenAI parameter it came from.
+fn generation_param(max_param: &'static str, kind: Kind) -> impl Fn(&str) -> String {
+    move |name| {
+        match name {
+            "max_new_tokens" => max_param,
+            "prompt" if kind == Kind::Chat => "messages",
+            other => other,
+        }
+        .to_string()
+    }
+}
+
+async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response, ApiError> {
+    let engine = &state.engine;
+    let route = match kind {
+        Kind::Chat => "/v1/chat/completions",
+        Kind::Text => "/v1/completions",
+    };
+    if engine.openai() != OpenAi::TextGeneration {
+        return Err(wrong_model(engine, route));
+    }
+    let request = parse_body(body)?;
+    let generation = generation(engine, &request, kind)?;
+    let running = submit(
+        engine,
+        &generation.input,
+        &generation_param(generation.max_param, kind),
+    )?;
+    let id = format!(
+        "{}-{}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        running.id()
+    );
+    let reply = Reply {
+        id,
+        created: unix_now(),
+        model: engine.model_name(),
+        kind,
+        prompt_tokens: generation.prompt_tokens,
+        limit: generation.limit,
+    };
+    if generation.stream {
+        return Ok(stream_reply(running, reply, generation));
+    }
+    let guard = CancelOnDrop::new(Arc::clone(&running));
+    running.wait().await;
+    guard.disarm();
+    let body = running.body();
+    if body["status"] != "succeeded" {
+        return Err(failed(&body));
+    }
+    let mut text: String = body["output"]
+        .as_array()
+        .map(|pieces| pieces.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if generation.echo {
+        text.insert_str(0, &generation.prompt);
+    }
+    let (finish, usage) = reply.ending(&body);
+    let choice = match kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish,
+        }),
+        Kind::Text => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": null,
+            "finish_reason": finish,
+        }),
+    };
+    Ok(Json(json!({
+        "id": reply.id,
+        "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
+        "created": reply.created,
+        "model": reply.model,
+        "choices": [choice],
+        "usage": usage,
+        "system_fingerprint": format!("runner-{}", crate::RUNNER_VERSION),
+    }))
+    .into_response())
+}
+
+/// What every answer of one completion shares.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    prompt_tokens: usize,
+    limit: u64,
+}
+
+impl Reply {
+    /// `finish_reason` and `usage` from the finished prediction: `length` when the output
+    /// reached its limit, `stop` when the model ended its turn or met a stop sequence.
+    fn ending(&self, body: &Value) -> (&'static str, Value) {
+        let metrics = &body["metrics"];
+        let completion = metrics["output_token_count"].as_u64().unwrap_or(0);
+        let prompt = metrics["input_token_count"]
+            .as_u64()
+            .unwrap_or(self.prompt_tokens as u64);
+        let finish = if completion >= self.limit {
+            "length"
+        } else {
+            "stop"
+        };
+        (
+            finish,
+            json!({
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }),
+        )
+    }
+
+    /// One streamed chunk with this text (or role, or finish reason).
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({
+                "index": 0,
+                "delta": delta,
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+            Kind::Text => json!({
+                "index": 0,
+                "text": delta.get("content").cloned().unwrap_or(json!("")),
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+        };
+        json!({
+            "id": self.id,
+            "object": if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": format!("runner-{}", crate::RUNNER_VERSION),
+            "choices": [choice],
+        })
+    }
+}
+
+/// The completion as OpenAI's event stream: a chunk per generated piece, then one with
+/// the finish reason, optionally one with the usage, then `[DONE]`. A client that goes
+/// away cancels the prediction.
+fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> Response {
+    struct StreamState {
+        subscription: runner_engine::Subscription,
+        reply: Reply,
+        include_usage: bool,
+        /// Chunks ready to send, in order.
+        pending: std::collections::VecDeque<String>,
+        guard: Option<CancelOnDrop>,
+        done: bool,
+    }
+    let data = |v: Value| v.to_string();
+    let mut pending = std::collections::VecDeque::new();
+    if reply.kind == Kind::Chat {
+        pending.push_back(data(
+            reply.chunk(json!({"role": "assistant", "content": ""}), None),
+        ));
+    } else if generation.echo {
+        pending.push_back(data(
+            reply.chunk(json!({"content": generation.prompt}), None),
+        ));
+    }
+    let state = StreamState {
+        subscription: running.subscribe(),
+        reply,
+        include_usage: generation.include_usage,
+        pending,
+        guard: Some(CancelOnDrop::new(Arc::clone(&running))),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(next) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(Event::default().data(next)), st));
+            }
+            if st.done {
+                return None;
+            }
+            if st.subscription.skipped > 0 {
+                st.subscription.skipped = 0;
+                st.done = true;
+                st.pending.push_back(
+                    json!({"error": {"message": "the stream fell behind and lost tokens", "type": "server_error", "param": null, "code": null}}).to_string(),
+                );
+                st.pending.push_back("[DONE]".into());
+                continue;
+            }
+            let event = match st.subscription.replay.pop_front() {
+                Some(e) => e,
+                None => match st.subscription.receiver.recv().await {
+                    Ok(e) => e,
+                    Err(RecvError::Lagged(n)) => {
+                        st.subscription.skipped = n;
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            match &*event {
+                StreamEvent::Output { chunk, .. } => {
+                    if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
+                        st.pending
+                            .push_back(st.reply.chunk(json!({"content": text}), None).to_string());
+                    }
+                }
+                StreamEvent::Completed(body) => {
+                    st.done = true;
+                    if let Some(guard) = st.guard.take() {
+                        guard.disarm();
+                    }
+                    if body["status"] == "succeeded" {
+                        let (finish, usage) = st.reply.ending(body);
+                        st.pending
+                            .push_back(st.reply.chunk(json!({}), Some(finish)).to_string());
+                        if st.include_usage {
+                            let mut last = st.reply.chunk(json!({}), None);
+                            last["choices"] = json!([]);
+                            last["usage"] = usage;
+                            st.pending.push_back(last.to_string());
+                        }
+                    } else {
+                        st.pending.push_back(failed(body).json().to_string());
+                    }
+                    st.pending.push_back("[DONE]".into());
+                }
+                _ => {}
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}

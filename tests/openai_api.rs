@@ -1,0 +1,615 @@
+//! The OpenAI-compatible routes, checked against the same model's Cog predictions (the
+//! text and vectors must be identical: both are one prediction on one model), and driven
+//! by OpenAI's own Python client (pinned in tests/data/openai-requirements.txt;
+//! RUNNER_OPENAI_VENV) as the reference client: its parsers must accept every answer.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use support::{http, repo_root, Server};
+
+fn smollm2() -> PathBuf {
+    let dir = repo_root().join("models/smollm2-135m-instruct");
+    assert!(
+        dir.join("weights/SmolLM2-135M-Instruct.Q4_1.gguf")
+            .is_file(),
+        "SmolLM2 weights are missing: run scripts/fetch-smollm2.sh (or scripts/test.sh)"
+    );
+    dir
+}
+
+fn post(server: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http(
+        &server.addr,
+        "POST",
+        path,
+        Some(&body.to_string()),
+        &[("Content-Type", "application/json")],
+    );
+    let parsed =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+    (status, parsed)
+}
+
+/// The text a Cog prediction streamed, joined.
+fn cog_text(server: &Server, input: Value) -> (String, Value) {
+    let (status, p) = post(server, "/predictions", &json!({ "input": input }));
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    let text = p["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    (text, p["metrics"].clone())
+}
+
+/// The `data:` payloads of an event stream, in order.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn error_of(status: u16, body: &Value, want_status: u16, want_param: Option<&str>) -> String {
+    assert_eq!(status, want_status, "{body}");
+    let error = &body["error"];
+    assert!(
+        error["message"].is_string() && error["type"].is_string(),
+        "OpenAI's error shape: {body}"
+    );
+    assert_eq!(error["param"].as_str(), want_param, "{body}");
+    error["message"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn chat_and_completions_generate_what_the_cog_prediction_generates() {
+    let server = Server::start(&smollm2(), &[]);
+    let (status, models) = {
+        let (s, t) = http(&server.addr, "GET", "/v1/models", None, &[]);
+        (s, serde_json::from_str::<Value>(&t).unwrap())
+    };
+    assert_eq!(status, 200);
+    assert_eq!(models["data"][0]["id"], "smollm2-135m-instruct");
+    assert_eq!(models["data"][0]["context_length"], 8192);
+
+    // One user message: the Cog input's chat form (the template's default system prompt).
+    let question = "What is the capital of France?";
+    let (status, chat) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 20}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let (want, metrics) = cog_text(
+        &server,
+        json!({"prompt": question, "temperature": 0, "max_new_tokens": 20}),
+    );
+    assert_eq!(chat["object"], "chat.completion");
+    assert!(chat["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(chat["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(chat["choices"][0]["finish_reason"], "length");
+    assert_eq!(chat["usage"]["prompt_tokens"], metrics["input_token_count"]);
+    assert_eq!(chat["usage"]["completion_tokens"], 20);
+    assert_eq!(
+        chat["usage"]["total_tokens"],
+        metrics["input_token_count"].as_u64().unwrap() + 20
+    );
+
+    // A conversation: rendered through the model's ChatML template, turn by turn.
+    let messages = json!([
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": [{"type": "text", "text": "Name "}, {"type": "text", "text": "another."}]},
+    ]);
+    let chatml = "<|im_start|>system\nYou answer in one word.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n<|im_start|>user\nName another.<|im_end|>\n<|im_start|>assistant\n";
+    let (status, chat) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "temperature": 0, "max_completion_tokens": 12}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let (want, _) = cog_text(
+        &server,
+        json!({"prompt": chatml, "use_chat_template": false, "temperature": 0, "max_new_tokens": 12}),
+    );
+    assert_eq!(chat["choices"][0]["message"]["content"], want.as_str());
+
+    // Streamed: the same text in pieces, a finish reason, the usage, then [DONE].
+    let body = json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 20, "stream": true, "stream_options": {"include_usage": true}});
+    let (status, text) = http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        &[],
+    );
+    assert_eq!(status, 200, "{text}");
+    let events = sse_data(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]", "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let (want, _) = cog_text(
+        &server,
+        json!({"prompt": question, "temperature": 0, "max_new_tokens": 20}),
+    );
+    assert_eq!(streamed, want);
+    assert!(
+        chunks.len() > 5,
+        "tokens arrive one chunk at a time: {text}"
+    );
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 20);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+
+    // Legacy completions: the raw text continued, 16 tokens by default, and echo.
+    let (status, done) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The sky is", "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{done}");
+    let (want, _) = cog_text(
+        &server,
+        json!({"prompt": "The sky is", "use_chat_template": false, "temperature": 0, "max_new_tokens": 16}),
+    );
+    assert_eq!(done["object"], "text_completion");
+    assert_eq!(done["choices"][0]["text"], want.as_str());
+    assert_eq!(done["usage"]["completion_tokens"], 16);
+    let (_, echoed) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": ["The sky is"], "temperature": 0, "echo": true}),
+    );
+    assert_eq!(echoed["choices"][0]["text"], format!("The sky is{want}"));
+
+    // A stop sequence ends the turn early: finish_reason "stop", the stop text left out.
+    let cut = want.split_whitespace().nth(2).unwrap().to_string();
+    let (_, stopped) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The sky is", "temperature": 0, "stop": cut}),
+    );
+    let text = stopped["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop", "{stopped}");
+    assert!(
+        !text.contains(&cut) && want.starts_with(text),
+        "{text:?} of {want:?}"
+    );
+
+    // Seeded sampling at OpenAI's default temperature repeats itself.
+    let seeded = json!({"prompt": "Once upon a time", "max_tokens": 12, "seed": 1234});
+    let (_, a) = post(&server, "/v1/completions", &seeded);
+    let (_, b) = post(&server, "/v1/completions", &seeded);
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+}
+
+#[test]
+fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
+    let server = Server::start(&smollm2(), &[]);
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        post(&server, "/v1/chat/completions", &body)
+    };
+    let (s, b) = chat(json!({"n": 2}));
+    error_of(s, &b, 400, Some("n"));
+    let (s, b) = chat(json!({"logprobs": true}));
+    error_of(s, &b, 400, Some("logprobs"));
+    let (s, b) = chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]}));
+    error_of(s, &b, 400, Some("tools"));
+    let (s, b) = chat(json!({"presence_penalty": 0.5}));
+    error_of(s, &b, 400, Some("presence_penalty"));
+    // Zero penalties are what many clients send by default: accepted.
+    let (s, b) = chat(json!({"presence_penalty": 0, "frequency_penalty": 0.0}));
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = chat(json!({"response_format": {"type": "json_object"}}));
+    error_of(s, &b, 400, Some("response_format"));
+    let (s, b) = chat(json!({"max_tokens": 0}));
+    error_of(s, &b, 400, Some("max_tokens"));
+    let (s, b) = chat(json!({"max_tokens": 100000}));
+    assert!(error_of(s, &b, 400, Some("max_tokens")).contains("4096"));
+    let (s, b) = chat(json!({"temperature": 9}));
+    assert!(error_of(s, &b, 400, Some("temperature")).contains("temperature"));
+    let (s, b) = chat(json!({"stop": ["a", "b", "c", "d", "e"]}));
+    error_of(s, &b, 400, Some("stop"));
+    let (s, b) = chat(json!({"messages": []}));
+    error_of(s, &b, 400, Some("messages"));
+    let (s, b) = chat(json!({"messages": [{"role": "tool", "content": "x"}]}));
+    error_of(s, &b, 400, Some("messages[0].role"));
+    let (s, b) = chat(
+        json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+    );
+    error_of(s, &b, 400, Some("messages[0].content"));
+    let (s, b) = post(&server, "/v1/completions", &json!({"prompt": [1, 2, 3]}));
+    error_of(s, &b, 400, Some("prompt"));
+    let (s, b) = post(&server, "/v1/completions", &json!({}));
+    error_of(s, &b, 400, Some("prompt"));
+
+    // Longer than the context: said before anything runs, as OpenAI says it.
+    let long = "word ".repeat(9000);
+    let (s, b) = post(&server, "/v1/completions", &json!({"prompt": long}));
+    let message = error_of(s, &b, 400, Some("prompt"));
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+    assert!(message.contains("8192"), "{message}");
+
+    // Not JSON, or not an object.
+    let (s, text) = http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some("{bad"),
+        &[],
+    );
+    let b: Value = serde_json::from_str(&text).unwrap();
+    error_of(s, &b, 400, None);
+    let (s, b) = post(&server, "/v1/chat/completions", &json!([1]));
+    error_of(s, &b, 400, None);
+
+    // A route for another kind of model.
+    let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
+    let message = error_of(s, &b, 404, None);
+    assert!(message.contains("/v1/chat/completions"), "{message}");
+}
+
+#[test]
+fn a_client_that_leaves_a_stream_cancels_the_generation() {
+    let server = Server::start(&smollm2(), &[]);
+    let body = json!({"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 4000, "stream": true, "temperature": 1, "seed": 3});
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // Read until a few tokens have come, then go away.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.windows(9).filter(|w| w == b"\"content\"").count() < 4 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the stream ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http(&server.addr, "GET", "/metrics", None, &[]);
+        if metrics.contains("runner_predictions_total{status=\"canceled\"} 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the generation was not canceled:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn embeddings_are_the_cog_predictions_vectors() {
+    let server = Server::start(&support::minilm_dir(), &[]);
+    let texts = ["The cat sits outside", "A man is playing guitar"];
+    let (status, body) = post(
+        &server,
+        "/v1/embeddings",
+        &json!({"model": "minilm", "input": texts, "encoding_format": "float"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (_, cog) = post(
+        &server,
+        "/predictions",
+        &json!({"input": {"text": texts, "normalize": true}}),
+    );
+    assert_eq!(body["object"], "list");
+    for (i, item) in body["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(item["object"], "embedding");
+        assert_eq!(item["index"], i);
+        assert_eq!(item["embedding"], cog["output"][i], "vector {i}");
+    }
+    assert_eq!(
+        body["usage"]["prompt_tokens"],
+        cog["metrics"]["input_token_count"]
+    );
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() >= 10);
+
+    // base64 (what OpenAI's SDK asks for by default): little-endian f32, the same numbers.
+    let (_, packed) = post(
+        &server,
+        "/v1/embeddings",
+        &json!({"input": texts[0], "encoding_format": "base64"}),
+    );
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(packed["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let floats: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(floats.len(), 384);
+    let want: Vec<f32> = cog["output"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(floats, want);
+
+    let (s, b) = post(
+        &server,
+        "/v1/embeddings",
+        &json!({"input": "x", "dimensions": 128}),
+    );
+    assert!(error_of(s, &b, 400, Some("dimensions")).contains("384"));
+    let (s, b) = post(
+        &server,
+        "/v1/embeddings",
+        &json!({"input": "x", "dimensions": 384}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = post(&server, "/v1/embeddings", &json!({"input": [[1, 2]]}));
+    error_of(s, &b, 400, Some("input"));
+    let (s, b) = post(&server, "/v1/embeddings", &json!({"input": ["a", ""]}));
+    error_of(s, &b, 400, Some("input"));
+    let (s, b) = post(
+        &server,
+        "/v1/embeddings",
+        &json!({"input": "x", "encoding_format": "int8"}),
+    );
+    error_of(s, &b, 400, Some("encoding_format"));
+    let (s, b) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert!(error_of(s, &b, 404, None).contains("/v1/embeddings"));
+}
+
+#[test]
+fn the_api_key_guards_the_openai_routes_too() {
+    let server = Server::start(&support::minilm_dir(), &["--api-key", "sesame"]);
+    let (s, _) = http(&server.addr, "GET", "/v1/models", None, &[]);
+    assert_eq!(s, 401);
+    let (s, _) = http(
+        &server.addr,
+        "GET",
+        "/v1/models",
+        None,
+        &[
+            ("Authorization", "Bearer sesame"),
+            ("Content-Type", "application/json"),
+        ],
+    );
+    assert_eq!(s, 200);
+}
+
+/// OpenAI's own client against both kinds of model, through its parsers.
+#[test]
+fn openais_python_client_works_against_runner() {
+    let Some(venv) = std::env::var_os("RUNNER_OPENAI_VENV").map(PathBuf::from) else {
+        eprintln!("SKIPPED: RUNNER_OPENAI_VENV is not set (scripts/test.sh sets it up with scripts/setup-openai.sh)");
+        return;
+    };
+    let llm = Server::start(&smollm2(), &["--api-key", "sesame"]);
+    let embedder = Server::start(&support::minilm_dir(), &[]);
+    const SCRIPT: &str = r#"
+import json, sys, openai
+llm = openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key="sesame", max_retries=0)
+emb = openai.OpenAI(base_url=f"http://{sys.argv[2]}/v1", api_key="unused", max_retries=0)
+out = {}
+out["models"] = [m.id for m in llm.models.list()]
+q = [{"role": "user", "content": "What is the capital of France?"}]
+c = llm.chat.completions.create(model=out["models"][0], messages=q, temperature=0, max_tokens=20)
+out["chat"] = c.choices[0].message.content
+out["chat_finish"] = c.choices[0].finish_reason
+out["chat_usage"] = c.usage.completion_tokens
+pieces, usage = [], None
+for chunk in llm.chat.completions.create(model="m", messages=q, temperature=0, max_tokens=20, stream=True, stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        usage = chunk.usage.total_tokens
+out["stream"] = "".join(pieces)
+out["stream_usage"] = usage
+t = llm.completions.create(model="m", prompt="The sky is", temperature=0)
+out["completion"] = t.choices[0].text
+try:
+    llm.chat.completions.create(model="m", messages=q, n=3)
+except openai.BadRequestError as e:
+    out["bad_request"] = e.body["param"] if isinstance(e.body, dict) else str(e.body)
+try:
+    openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key="wrong", max_retries=0).models.list()
+except openai.AuthenticationError:
+    out["unauthorized"] = True
+e = emb.embeddings.create(model="minilm", input=["The cat sits outside", "A man is playing guitar"])
+out["embeddings"] = [d.embedding for d in e.data]
+out["embedding_tokens"] = e.usage.prompt_tokens
+print(json.dumps(out))
+"#;
+    let output = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", SCRIPT, &llm.addr, &embedder.addr])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(out["models"], json!(["smollm2-135m-instruct"]));
+    let (want, _) = {
+        let (s, p) = {
+            let body = json!({"input": {"prompt": "What is the capital of France?", "temperature": 0, "max_new_tokens": 20}});
+            let (s, t) = http(
+                &llm.addr,
+                "POST",
+                "/predictions",
+                Some(&body.to_string()),
+                &[
+                    ("Authorization", "Bearer sesame"),
+                    ("Content-Type", "application/json"),
+                ],
+            );
+            (s, serde_json::from_str::<Value>(&t).unwrap())
+        };
+        assert_eq!(s, 200);
+        let text: String = p["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        (text, p)
+    };
+    assert_eq!(out["chat"], want.as_str());
+    assert_eq!(out["stream"], want.as_str());
+    assert_eq!(out["chat_finish"], "length");
+    assert_eq!(out["chat_usage"], 20);
+    assert!(out["stream_usage"].as_u64().unwrap() > 20);
+    assert!(out["completion"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_eq!(out["bad_request"], "n");
+    assert_eq!(out["unauthorized"], true);
+    // The SDK asked for base64 and decoded it: the same floats as the Cog prediction.
+    let (_, cog) = post(
+        &embedder,
+        "/predictions",
+        &json!({"input": {"text": ["The cat sits outside", "A man is playing guitar"], "normalize": true}}),
+    );
+    for i in 0..2 {
+        let theirs: Vec<f32> = out["embeddings"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let ours: Vec<f32> = cog["output"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(theirs, ours, "vector {i}");
+    }
+    assert_eq!(out["embedding_tokens"], cog["metrics"]["input_token_count"]);
+}
+
+/// Every field of every route given every wrong type: a 4xx in OpenAI's shape or an
+/// answer, never a server error or a dropped connection.
+#[test]
+fn hostile_bodies_never_get_a_server_error() {
+    let llm = Server::start(&smollm2(), &[]);
+    let embedder = Server::start(&support::minilm_dir(), &[]);
+    let values = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(1e308),
+        json!("x"),
+        json!([]),
+        json!({}),
+        json!([null]),
+        json!([{}]),
+        json!([{"role": 1, "content": {}}]),
+    ];
+    let routes: [(&Server, &str, Value, &[&str]); 3] = [
+        (
+            &llm,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+            &[
+                "messages",
+                "max_tokens",
+                "max_completion_tokens",
+                "temperature",
+                "top_p",
+                "stop",
+                "seed",
+                "stream",
+                "stream_options",
+                "n",
+                "logprobs",
+                "tools",
+                "response_format",
+                "logit_bias",
+                "presence_penalty",
+            ],
+        ),
+        (
+            &llm,
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 1}),
+            &[
+                "prompt",
+                "max_tokens",
+                "temperature",
+                "stop",
+                "seed",
+                "echo",
+                "suffix",
+                "best_of",
+            ],
+        ),
+        (
+            &embedder,
+            "/v1/embeddings",
+            json!({"input": "Hi"}),
+            &["input", "encoding_format", "dimensions", "model"],
+        ),
+    ];
+    let mut tried = 0;
+    for (server, path, base, fields) in routes {
+        for field in fields {
+            for value in &values {
+                // An unset limit means "until the end of the turn": slow, and not hostile.
+                if field.starts_with("max_") && value.is_null() {
+                    continue;
+                }
+                let mut body = base.clone();
+                body[*field] = value.clone();
+                let (status, text) = http(&server.addr, "POST", path, Some(&body.to_string()), &[]);
+                tried += 1;
+                assert!(
+                    status == 200 || (400..500).contains(&status),
+                    "{path} {field}={value}: {status} {text}"
+                );
+                if status != 200 {
+                    let b: Value = serde_json::from_str(&text)
+                        .unwrap_or_else(|_| panic!("{path} {field}={value}: not JSON: {text}"));
+                    assert!(
+                        b["error"]["message"].is_string(),
+                        "{path} {field}={value}: {text}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(tried > 200);
+}
