@@ -613,3 +613,131 @@ fn hostile_bodies_never_get_a_server_error() {
     }
     assert!(tried > 200);
 }
+
+/// A Python Cog language model (Replicate's inputs: `prompt`, `system_prompt`,
+/// `max_new_tokens`, `temperature`, `top_p`, `seed`, comma-separated `stop_sequences`; a
+/// ConcatenateIterator[str] out) gets the same routes, its inputs found by name.
+#[test]
+fn a_python_language_model_answers_chat_and_completions() {
+    let Ok(venv) = std::env::var("RUNNER_COGLET_VENV") else {
+        eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (scripts/test.sh sets it up)");
+        return;
+    };
+    let python = format!("{venv}/bin/python");
+    let dir = repo_root().join("tests/data/python-predictors/llm");
+    let server = Server::start(&dir, &["--python", &python]);
+    let (_, models) = http(&server.addr, "GET", "/v1/models", None, &[]);
+    assert!(models.contains("\"id\":\"llm\""), "{models}");
+
+    let chat = |body: Value| post(&server, "/v1/chat/completions", &body);
+    let content = |b: &Value| {
+        b["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // The system message goes to `system_prompt`, the user's to `prompt`; what the request
+    // leaves out keeps the predictor's own defaults (top_p 0.9).
+    let (s, b) = chat(
+        json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}], "temperature": 0.2, "seed": 5}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        content(&b),
+        "[Be brief.] you said: hello there t=0.2 p=0.9 seed=5"
+    );
+    assert_eq!(b["choices"][0]["finish_reason"], "stop");
+    assert_eq!(b["usage"]["prompt_tokens"], 2);
+    assert_eq!(b["usage"]["completion_tokens"], 8);
+    let (_, b) = chat(json!({"messages": [{"role": "user", "content": "hello there"}]}));
+    assert_eq!(
+        content(&b),
+        "[You are helpful.] you said: hello there t=0.6 p=0.9 seed=None"
+    );
+    // max_tokens → max_new_tokens, and reaching it is `length`.
+    let (_, b) =
+        chat(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3}));
+    assert_eq!(content(&b), "[You are helpful.] you said:");
+    assert_eq!(b["choices"][0]["finish_reason"], "length");
+    // stop → stop_sequences, comma-separated.
+    let (_, b) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "a b c d", "stop": ["c", "zz"]}),
+    );
+    assert_eq!(b["choices"][0]["text"], "[You are helpful.] you said: a b");
+    // Streamed as the predictor yields.
+    let body = json!({"messages": [{"role": "user", "content": "hello there"}], "stream": true, "stream_options": {"include_usage": true}});
+    let (s, text) = http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        &[],
+    );
+    assert_eq!(s, 200);
+    let events = sse_data(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed,
+        "[You are helpful.] you said: hello there t=0.6 p=0.9 seed=None"
+    );
+    assert!(chunks.len() >= 10, "one chunk per yielded piece: {text}");
+    assert_eq!(chunks.last().unwrap()["usage"]["total_tokens"], 10);
+
+    // What this model cannot take, by name.
+    let (s, b) = chat(
+        json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}),
+    );
+    assert!(error_of(s, &b, 400, Some("messages")).contains("one user message"));
+    let (s, b) = chat(json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 1000}));
+    assert!(error_of(s, &b, 400, Some("max_tokens")).contains("512"));
+    let (s, b) = chat(json!({"messages": [{"role": "user", "content": "a"}], "stop": ["x,y"]}));
+    error_of(s, &b, 400, Some("stop"));
+    let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
+    error_of(s, &b, 404, None);
+
+    // Wrong types for every parameter it maps: a 4xx or an answer, never a server error.
+    for field in [
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "stream",
+    ] {
+        for value in [
+            json!(null),
+            json!(true),
+            json!(-1),
+            json!(1e308),
+            json!("x"),
+            json!([]),
+            json!({}),
+            json!([{}]),
+        ] {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+            body[field] = value.clone();
+            let (status, text) = http(
+                &server.addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(&body.to_string()),
+                &[],
+            );
+            assert!(
+                status == 200 || (400..500).contains(&status),
+                "{field}={value}: {status} {text}"
+            );
+        }
+    }
+}

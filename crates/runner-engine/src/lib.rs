@@ -448,9 +448,12 @@ impl Engine {
     }
     /// The OpenAI-compatible routes this model answers (none on a training server).
     pub fn openai(&self) -> runner_models::OpenAi {
-        match self.mode {
-            Mode::Predict => self.architecture.openai,
-            Mode::Train => runner_models::OpenAi::None,
+        match (self.mode, &self.dir.config.run) {
+            (Mode::Train, _) => runner_models::OpenAi::None,
+            (Mode::Predict, runner_spec::RunTarget::Python { .. }) => {
+                runner_models::OpenAi::of_signature(&self.signature)
+            }
+            (Mode::Predict, _) => self.architecture.openai,
         }
     }
     /// The prompt a conversation makes through the loaded model's chat template; `None`

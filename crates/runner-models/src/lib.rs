@@ -369,6 +369,29 @@ pub enum OpenAi {
     TextGeneration,
 }
 
+impl OpenAi {
+    /// What a Python predictor's signature offers by its shape: a `prompt` string in and
+    /// text out (a string, or an iterator of strings, as Replicate's language models
+    /// return) is a text generator.
+    pub fn of_signature(signature: &Signature) -> OpenAi {
+        use runner_spec::{FieldType, OutputType, Primitive};
+        let text = |t: &OutputType| matches!(t, OutputType::Prim(Primitive::Str));
+        let text_out = match &signature.output {
+            OutputType::Iterator(item) | OutputType::ConcatenateIterator(item) => text(item),
+            other => text(other),
+        };
+        let prompt_in = signature
+            .inputs
+            .iter()
+            .any(|i| i.name == "prompt" && i.ty == FieldType::Prim(Primitive::Str));
+        if text_out && prompt_in {
+            OpenAi::TextGeneration
+        } else {
+            OpenAi::None
+        }
+    }
+}
+
 /// One prediction of a batch: its validated input and its own context.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchItem<'a> {

@@ -29,17 +29,6 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::AppState;
 
-/// The most tokens a request may ask for: the model's own bound on `max_new_tokens`.
-fn max_tokens_bound(engine: &Engine) -> u64 {
-    engine
-        .signature()
-        .inputs
-        .iter()
-        .find(|i| i.name == "max_new_tokens")
-        .and_then(|i| i.le)
-        .map_or(u64::MAX, |le| le as u64)
-}
-
 /// An OpenAI-shaped error answer.
 struct ApiError {
     status: StatusCode,
@@ -63,6 +52,18 @@ impl ApiError {
         Self::invalid(
             Some(param),
             format!("`{param}`: {what} is not supported by runner"),
+        )
+    }
+    /// A parameter the model has no input for.
+    fn not_taken(param: &str, inputs: &TextInputs) -> Self {
+        let mut names: Vec<&str> = inputs.names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        Self::invalid(
+            Some(param),
+            format!(
+                "`{param}`: this model has no input for it (its inputs: {})",
+                names.join(", ")
+            ),
         )
     }
     fn json(&self) -> Value {
@@ -541,18 +542,81 @@ fn number(request: &Map<String, Value>, key: &str) -> Result<Option<f64>, ApiErr
     }
 }
 
+/// How a text generator's Cog inputs take OpenAI's parameters: found by name in its
+/// signature (`prompt`, `system_prompt`, `max_new_tokens`/`max_tokens`/`max_length`,
+/// `temperature`, `top_p`, `seed`, `stop` as a list or `stop_sequences` as one
+/// comma-separated string, as Replicate's language models take them).
+struct TextInputs {
+    names: std::collections::HashSet<String>,
+    /// The input that bounds the output's tokens, and its upper bound.
+    max_field: Option<(String, Option<u64>)>,
+    /// `true`: `stop` takes a list; `false`: `stop_sequences` takes a comma-separated string.
+    stop_list: Option<bool>,
+}
+
+impl TextInputs {
+    fn of(engine: &Engine) -> Self {
+        let inputs = &engine.signature().inputs;
+        let names = inputs.iter().map(|i| i.name.clone()).collect();
+        let max_field = ["max_new_tokens", "max_tokens", "max_length"]
+            .iter()
+            .find_map(|n| inputs.iter().find(|i| i.name == *n))
+            .map(|i| (i.name.clone(), i.le.map(|le| le as u64)));
+        let stop_list = inputs.iter().find_map(|i| match (i.name.as_str(), &i.ty) {
+            ("stop", runner_spec::FieldType::List(_)) => Some(true),
+            ("stop_sequences", _) => Some(false),
+            _ => None,
+        });
+        Self {
+            names,
+            max_field,
+            stop_list,
+        }
+    }
+    fn has(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+}
+
 /// What a completion request asks of the model, checked, with the prompt rendered.
 struct Generation {
     input: Value,
     prompt: String,
-    prompt_tokens: usize,
-    /// The most tokens the model may generate (asked, and what the context leaves).
-    limit: u64,
+    /// Known where the model counts tokens (runner's own models).
+    prompt_tokens: Option<usize>,
+    /// The most tokens the model may generate, where known (asked, or what the context
+    /// leaves): reaching it is `finish_reason: length`.
+    limit: Option<u64>,
     /// Which request field bounded the output (for error messages).
     max_param: &'static str,
     stream: bool,
     include_usage: bool,
     echo: bool,
+}
+
+/// The prompt of a chat for a model without a chat template of its own (a Python
+/// predictor taking `prompt` and maybe `system_prompt`): one user turn, after at most one
+/// system message; anything longer needs a template runner does not have.
+fn single_turn(
+    messages: &[ChatMessage],
+    inputs: &TextInputs,
+) -> Result<(String, Option<String>), ApiError> {
+    match messages {
+        [user] if user.role == "user" => Ok((user.content.clone(), None)),
+        [system, user] if system.role == "system" && user.role == "user" => {
+            if !inputs.has("system_prompt") {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    "`messages`: this model takes no system prompt (it has no `system_prompt` input); send the user message alone",
+                ));
+            }
+            Ok((user.content.clone(), Some(system.content.clone())))
+        }
+        _ => Err(ApiError::invalid(
+            Some("messages"),
+            "`messages`: this model takes one `prompt` and has no chat template runner could render a conversation with; send one user message, after at most one system message",
+        )),
+    }
 }
 
 fn generation(
@@ -561,13 +625,22 @@ fn generation(
     kind: Kind,
 ) -> Result<Generation, ApiError> {
     refuse_unsupported(request)?;
+    let inputs = TextInputs::of(engine);
+    // runner's own models render chats through their template and count tokens.
+    let native = inputs.has("use_chat_template");
+    let mut system = None;
     let prompt = match kind {
         Kind::Chat => {
             let messages = chat_messages(request)?;
             match engine.chat_prompt(&messages) {
-                None => return Err(not_loaded()),
                 Some(Ok(p)) => p,
                 Some(Err(e)) => return Err(ApiError::invalid(Some("messages"), e)),
+                None if native => return Err(not_loaded()),
+                None => {
+                    let (prompt, sys) = single_turn(&messages, &inputs)?;
+                    system = sys;
+                    prompt
+                }
             }
         }
         Kind::Text => match request.get("prompt") {
@@ -590,21 +663,24 @@ fn generation(
         },
     };
     let prompt_tokens = match engine.count_tokens(&prompt) {
-        None => return Err(not_loaded()),
-        Some(Ok(n)) => n,
+        None if native => return Err(not_loaded()),
+        None => None,
+        Some(Ok(n)) => Some(n),
         Some(Err(e)) => return Err(ApiError::invalid(None, e)),
     };
-    let context = engine.context_length().unwrap_or(usize::MAX);
-    if prompt_tokens >= context {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid(
-                Some(if kind == Kind::Chat { "messages" } else { "prompt" }),
-                format!(
-                    "This model's maximum context length is {context} tokens; the prompt is {prompt_tokens} tokens. Shorten it."
-                ),
-            )
-        });
+    let context = engine.context_length();
+    if let (Some(tokens), Some(context)) = (prompt_tokens, context) {
+        if tokens >= context {
+            return Err(ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid(
+                    Some(if kind == Kind::Chat { "messages" } else { "prompt" }),
+                    format!(
+                        "This model's maximum context length is {context} tokens; the prompt is {tokens} tokens. Shorten it."
+                    ),
+                )
+            });
+        }
     }
     let (max_param, asked) = match (
         request
@@ -616,11 +692,21 @@ fn generation(
         (None, Some(v)) => ("max_tokens", Some(v)),
         (None, None) => ("max_tokens", None),
     };
-    let bound = max_tokens_bound(engine);
+    let bound = inputs
+        .max_field
+        .as_ref()
+        .and_then(|(_, le)| *le)
+        .unwrap_or(u64::MAX);
     let asked = match asked {
         None => None,
         Some(v) => match v.as_u64() {
             Some(n) if (1..=bound).contains(&n) => Some(n),
+            _ if bound == u64::MAX => {
+                return Err(ApiError::invalid(
+                    Some(max_param),
+                    format!("`{max_param}` must be a whole number, 1 or more"),
+                ))
+            }
             _ => {
                 return Err(ApiError::invalid(
                     Some(max_param),
@@ -629,28 +715,78 @@ fn generation(
             }
         },
     };
-    // OpenAI's defaults: chat runs to the end of the turn (or the context); the legacy
-    // completions endpoint stops after 16 tokens.
-    let max_new = asked.unwrap_or(match kind {
-        Kind::Chat => bound,
-        Kind::Text => 16,
-    });
-    let room = (context - prompt_tokens) as u64;
-    let mut input = json!({
-        "prompt": prompt,
-        "use_chat_template": false,
-        "max_new_tokens": max_new,
-        "temperature": number(request, "temperature")?.unwrap_or(1.0),
-        "top_p": number(request, "top_p")?.unwrap_or(1.0),
-        "top_k": 0,
-        "repetition_penalty": 1.0,
-        "stop": stop_sequences(request)?,
-    });
+    let mut input = Map::new();
+    input.insert("prompt".into(), json!(prompt));
+    if let Some(system) = system {
+        input.insert("system_prompt".into(), json!(system));
+    }
+    // runner's own models take OpenAI's defaults (chat runs to the end of the turn or the
+    // context; the legacy endpoint stops after 16 tokens; temperature and top_p 1, no
+    // top-k or repetition penalty); a Python predictor keeps its own defaults for what the
+    // request leaves out.
+    let max_new = if native {
+        Some(asked.unwrap_or(match kind {
+            Kind::Chat => bound,
+            Kind::Text => 16,
+        }))
+    } else {
+        asked
+    };
+    match (&inputs.max_field, max_new) {
+        (Some((field, _)), Some(n)) => {
+            input.insert(field.clone(), json!(n));
+        }
+        (None, Some(_)) if asked.is_some() => return Err(ApiError::not_taken(max_param, &inputs)),
+        _ => {}
+    }
+    if native {
+        input.insert("use_chat_template".into(), json!(false));
+        input.insert("top_k".into(), json!(0));
+        input.insert("repetition_penalty".into(), json!(1.0));
+    }
+    for (param, default) in [("temperature", 1.0), ("top_p", 1.0)] {
+        let value = number(request, param)?.or(native.then_some(default));
+        match value {
+            Some(v) if inputs.has(param) => {
+                input.insert(param.into(), json!(v));
+            }
+            // OpenAI's own default asks nothing of a model without the parameter.
+            Some(v) if v != default => return Err(ApiError::not_taken(param, &inputs)),
+            _ => {}
+        }
+    }
+    let stops = stop_sequences(request)?;
+    match (inputs.stop_list, stops.is_empty()) {
+        (_, true) => {}
+        (Some(true), false) => {
+            input.insert("stop".into(), json!(stops));
+        }
+        (Some(false), false) => {
+            if stops.iter().any(|s| s.contains(',')) {
+                return Err(ApiError::unsupported(
+                    "stop",
+                    "a stop sequence with a comma for this model (it takes them comma-separated)",
+                ));
+            }
+            input.insert("stop_sequences".into(), json!(stops.join(",")));
+        }
+        (None, false) => return Err(ApiError::not_taken("stop", &inputs)),
+    }
     match request.get("seed") {
         None | Some(Value::Null) => {}
         Some(seed) => match seed.as_i64() {
-            // Any 64-bit seed works; the model takes its bits as unsigned.
-            Some(s) => input["seed"] = json!(s as u64),
+            // Any 64-bit seed works; runner's models take its bits as unsigned.
+            Some(seed) if inputs.has("seed") => {
+                input.insert(
+                    "seed".into(),
+                    if native {
+                        json!(seed as u64)
+                    } else {
+                        json!(seed)
+                    },
+                );
+            }
+            Some(_) => return Err(ApiError::not_taken("seed", &inputs)),
             None => return Err(ApiError::invalid(Some("seed"), "`seed` must be an integer")),
         },
     }
@@ -663,11 +799,20 @@ fn generation(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let room = match (context, prompt_tokens) {
+        (Some(c), Some(t)) => Some((c - t) as u64),
+        _ => None,
+    };
+    let limit = match (max_new, room) {
+        (Some(m), Some(r)) => Some(m.min(r)),
+        (Some(m), None) => Some(m),
+        (None, r) => r,
+    };
     Ok(Generation {
-        input,
+        input: Value::Object(input),
         prompt,
         prompt_tokens,
-        limit: max_new.min(room),
+        limit,
         max_param,
         stream,
         include_usage,
@@ -679,8 +824,9 @@ fn generation(
 fn generation_param(max_param: &'static str, kind: Kind) -> impl Fn(&str) -> String {
     move |name| {
         match name {
-            "max_new_tokens" => max_param,
-            "prompt" if kind == Kind::Chat => "messages",
+            "max_new_tokens" | "max_tokens" | "max_length" => max_param,
+            "prompt" | "system_prompt" if kind == Kind::Chat => "messages",
+            "stop_sequences" => "stop",
             other => other,
         }
         .to_string()
@@ -697,7 +843,19 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         return Err(wrong_model(engine, route));
     }
     let request = parse_body(body)?;
-    let generation = generation(engine, &request, kind)?;
+    // Rendering and counting a long prompt's tokens is CPU work: off the server's threads.
+    let generation = {
+        let engine = Arc::clone(engine);
+        tokio::task::spawn_blocking(move || generation(&engine, &request, kind))
+            .await
+            .map_err(|e| ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("reading the request failed: {e}"),
+                kind: "server_error",
+                param: None,
+                code: None,
+            })??
+    };
     let running = submit(
         engine,
         &generation.input,
@@ -730,10 +888,7 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
     if body["status"] != "succeeded" {
         return Err(failed(&body));
     }
-    let mut text: String = body["output"]
-        .as_array()
-        .map(|pieces| pieces.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let mut text = output_text(&body["output"]);
     if generation.echo {
         text.insert_str(0, &generation.prompt);
     }
@@ -764,14 +919,23 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
     .into_response())
 }
 
+/// A text generator's output as one string: its pieces joined, or the string itself.
+fn output_text(output: &Value) -> String {
+    match output {
+        Value::String(s) => s.clone(),
+        Value::Array(pieces) => pieces.iter().filter_map(Value::as_str).collect(),
+        _ => String::new(),
+    }
+}
+
 /// What every answer of one completion shares.
 struct Reply {
     id: String,
     created: u64,
     model: String,
     kind: Kind,
-    prompt_tokens: usize,
-    limit: u64,
+    prompt_tokens: Option<usize>,
+    limit: Option<u64>,
 }
 
 impl Reply {
@@ -780,13 +944,14 @@ impl Reply {
     fn ending(&self, body: &Value) -> (&'static str, Value) {
         let metrics = &body["metrics"];
         let completion = metrics["output_token_count"].as_u64().unwrap_or(0);
+        // A model that does not count its tokens reports zeros.
         let prompt = metrics["input_token_count"]
             .as_u64()
-            .unwrap_or(self.prompt_tokens as u64);
-        let finish = if completion >= self.limit {
-            "length"
-        } else {
-            "stop"
+            .or(self.prompt_tokens.map(|n| n as u64))
+            .unwrap_or(0);
+        let finish = match self.limit {
+            Some(limit) if completion >= limit => "length",
+            _ => "stop",
         };
         (
             finish,
@@ -837,6 +1002,9 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         pending: std::collections::VecDeque<String>,
         guard: Option<CancelOnDrop>,
         done: bool,
+        /// Whether any text came as it was generated (a model returning one string sends
+        /// it all at the end).
+        streamed: bool,
     }
     let data = |v: Value| v.to_string();
     let mut pending = std::collections::VecDeque::new();
@@ -856,6 +1024,7 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         pending,
         guard: Some(CancelOnDrop::new(Arc::clone(&running))),
         done: false,
+        streamed: false,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -888,6 +1057,7 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
             match &*event {
                 StreamEvent::Output { chunk, .. } => {
                     if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
+                        st.streamed = true;
                         st.pending
                             .push_back(st.reply.chunk(json!({"content": text}), None).to_string());
                     }
@@ -898,6 +1068,12 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
                         guard.disarm();
                     }
                     if body["status"] == "succeeded" {
+                        let whole = output_text(&body["output"]);
+                        if !st.streamed && !whole.is_empty() {
+                            st.pending.push_back(
+                                st.reply.chunk(json!({"content": whole}), None).to_string(),
+                            );
+                        }
                         let (finish, usage) = st.reply.ending(body);
                         st.pending
                             .push_back(st.reply.chunk(json!({}), Some(finish)).to_string());
