@@ -247,6 +247,15 @@ fn weightless_models_and_no_model_at_all() {
         .all(|f| f["check"] != "snapshot"));
     assert_eq!(finding(&report, "load").0, "ok");
 
+    // The OpenAI-compatible routes a model answers are named.
+    let minilm = support::minilm_dir();
+    let (_, report, _) = doctor(&[minilm.to_str().unwrap(), "--device", "cpu"]);
+    let (_, summary, _) = finding(&report, "signature");
+    assert!(
+        summary.contains("OpenAI-compatible: /v1/embeddings"),
+        "{summary}"
+    );
+
     // Run where there is no cog.yaml: the machine only.
     let empty = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(RUNNER)

@@ -396,11 +396,18 @@ async fn model_checks(
             } else {
                 String::new()
             };
+            let openai = match engine.openai() {
+                runner_models::OpenAi::None => "",
+                runner_models::OpenAi::Embeddings => "; OpenAI-compatible: /v1/embeddings",
+                runner_models::OpenAi::TextGeneration => {
+                    "; OpenAI-compatible: /v1/chat/completions, /v1/completions"
+                }
+            };
             found.add(
                 "signature",
                 Status::Ok,
                 format!(
-                    "{} input{} ({}){}{imported}",
+                    "{} input{} ({}){}{openai}{imported}",
                     names.len(),
                     if names.len() == 1 { "" } else { "s" },
                     names.join(", "),
