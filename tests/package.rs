@@ -1020,3 +1020,32 @@ print(json.dumps({"app": modal_app.app.name, "classes": sorted(modal_app.app.reg
     let got = import_modal_app(&venv, &out, scratch.path(), probe);
     assert_eq!(got, json!({"app": "shout", "classes": ["Runner"]}));
 }
+
+#[test]
+fn a_modal_package_says_its_url_answers_openais_sdks_where_the_model_does() {
+    let scratch = tempfile::tempdir().unwrap();
+    let fake = fake_runner_binary(scratch.path());
+    let fake = fake.to_str().unwrap();
+    let out = scratch.path().join("embedder");
+    let stdout = package_ok(
+        &support::minilm_dir(),
+        &out,
+        &["--target", "modal", "--runner-bin", fake],
+    );
+    let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for text in [&stdout, &readme] {
+        assert!(
+            text.contains("OpenAI's SDKs (/v1/embeddings)")
+                && text.contains("base_url=URL + \"/v1\""),
+            "{text}"
+        );
+    }
+    // A model without them says nothing of it.
+    let plain = scratch.path().join("plain");
+    let stdout = package_ok(
+        &repo_root().join("models/files"),
+        &plain,
+        &["--target", "modal", "--runner-bin", fake],
+    );
+    assert!(!stdout.contains("OpenAI"), "{stdout}");
+}

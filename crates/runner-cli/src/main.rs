@@ -821,6 +821,11 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
         PackageTarget::Replicate => runner_package::Target::Replicate,
         PackageTarget::Modal => runner_package::Target::Modal,
     };
+    let openai_routes: &[&str] = match engine.openai() {
+        runner_models::OpenAi::None => &[],
+        runner_models::OpenAi::Embeddings => &["/v1/embeddings"],
+        runner_models::OpenAi::TextGeneration => &["/v1/chat/completions", "/v1/completions"],
+    };
     let request = runner_package::Request {
         model: &model_dir,
         signature: engine.signature(),
@@ -835,6 +840,7 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
         runner: &runner,
         bench: bench.as_ref(),
         base_image: args.base_image.as_deref(),
+        openai_routes,
     };
     let plan = runner_package::plan(&request)?;
     for warning in &plan.warnings {

@@ -182,6 +182,8 @@ pub struct Request<'a> {
     pub runner: &'a RunnerBinary,
     pub bench: Option<&'a BenchSummary>,
     pub base_image: Option<&'a str>,
+    /// The OpenAI-compatible routes the model answers (empty: none).
+    pub openai_routes: &'a [&'a str],
 }
 
 /// Where the package runs.
@@ -805,6 +807,12 @@ fn guidance(req: &Request, name: &str, hardware: Hardware, weights_bytes: u64) -
         (Target::Modal, _) => g.push_str(&format!(
             "1. `python3 -m pip install modal=={MODAL_CLIENT_VERSION} && python3 -m modal setup` (once).\n2. `./deploy.sh` deploys `modal_app.py`; the URL it prints answers Cog's HTTP API.\n3. The first start loads the weights and Modal takes a memory snapshot; later cold starts restore it.\n"
         )),
+    }
+    if req.target == Target::Modal && !req.openai_routes.is_empty() {
+        g.push_str(&format!(
+            "\nThe same URL answers OpenAI's SDKs ({}): `OpenAI(base_url=URL + \"/v1\", api_key=...)`.\n",
+            req.openai_routes.join(", ")
+        ));
     }
     g.push_str(&format!(
         "\n## What a start costs\n\nPer-second prices as published in 2026 (recorded {PRICES_RECORDED} from the sources named; GPUs without a recorded price show `-`).\n"
