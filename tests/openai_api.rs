@@ -269,6 +269,26 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     let (s, b) = post(&server, "/v1/chat/completions", &json!([1]));
     error_of(s, &b, 400, None);
 
+    // One model by name; other names and other /v1 paths get OpenAI's 404.
+    let (s, t) = http(
+        &server.addr,
+        "GET",
+        "/v1/models/smollm2-135m-instruct",
+        None,
+        &[],
+    );
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&t).unwrap()["id"],
+        "smollm2-135m-instruct"
+    );
+    let (s, t) = http(&server.addr, "GET", "/v1/models/gpt-4o", None, &[]);
+    let b: Value = serde_json::from_str(&t).unwrap();
+    error_of(s, &b, 404, Some("model"));
+    let (s, t) = http(&server.addr, "POST", "/v1/responses", Some("{}"), &[]);
+    let b: Value = serde_json::from_str(&t).unwrap();
+    assert!(error_of(s, &b, 404, None).contains("/v1/chat/completions"));
+
     // A route for another kind of model.
     let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
     let message = error_of(s, &b, 404, None);

@@ -289,6 +289,8 @@ impl Server {
             .route("/trainings/{id}", put(create_training_idempotent))
             .route("/trainings/{id}/cancel", post(cancel_training))
             .route("/v1/models", get(openai::models))
+            .route("/v1/models/{id}", get(openai::model))
+            .route("/v1/{*rest}", axum::routing::any(openai::unknown_route))
             .route("/v1/embeddings", post(openai::embeddings))
             .route("/v1/chat/completions", post(openai::chat_completions))
             .route("/v1/completions", post(openai::completions))

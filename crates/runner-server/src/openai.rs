@@ -211,6 +211,42 @@ pub(crate) async fn models(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
+/// `GET /v1/models/{id}`: the model, when that is its name.
+pub(crate) async fn model(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == state.engine.model_name() {
+        return Json(model_entry(&state.engine)).into_response();
+    }
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "The model `{id}` does not exist: this server runs `{}`",
+            state.engine.model_name()
+        ),
+        kind: "invalid_request_error",
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    }
+    .into_response()
+}
+
+/// Any other `/v1/...` path: OpenAI's 404, listing what is served.
+pub(crate) async fn unknown_route(uri: axum::http::Uri) -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!(
+            "{}: runner answers /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings (as the model allows), and Cog's API",
+            uri.path()
+        ),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unknown_url"),
+    }
+    .into_response()
+}
+
 fn model_entry(engine: &Engine) -> Value {
     let mut entry = json!({
         "id": engine.model_name(),
