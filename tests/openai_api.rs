@@ -761,3 +761,22 @@ fn a_python_language_model_answers_chat_and_completions() {
         }
     }
 }
+
+/// `/v1/models` answers once the model is loaded (clients and probes wait on it), and says
+/// so when it never will be.
+#[test]
+fn the_model_list_waits_for_the_model() {
+    let model = support::generated_tiny_mlp(32, 1, "f32");
+    let weights = model.path().join("weights/model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len - 8)
+        .unwrap();
+    let server = Server::start(model.path(), &[]);
+    let (s, t) = http(&server.addr, "GET", "/v1/models", None, &[]);
+    let b: Value = serde_json::from_str(&t).unwrap();
+    assert!(error_of(s, &b, 503, None).contains("failed to load"), "{t}");
+}

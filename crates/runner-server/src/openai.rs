@@ -202,8 +202,20 @@ fn failed(body: &Value) -> ApiError {
     }
 }
 
+/// 503 until the model is loaded: clients (and probes) that wait for `/v1/models` to
+/// answer, as they do with other OpenAI-compatible servers, then find it ready.
+fn unless_ready(engine: &Engine) -> Option<Response> {
+    (!crate::is_ready(engine)).then(|| {
+        let setup_failed = matches!(engine.health().0, runner_engine::Health::SetupFailed);
+        rejection(Rejection::NotReady { setup_failed }, &str::to_string).into_response()
+    })
+}
+
 /// `GET /v1/models`: the one model this server runs.
 pub(crate) async fn models(State(state): State<AppState>) -> Response {
+    if let Some(refusal) = unless_ready(&state.engine) {
+        return refusal;
+    }
     Json(json!({
         "object": "list",
         "data": [model_entry(&state.engine)],
@@ -216,6 +228,9 @@ pub(crate) async fn model(
     State(state): State<AppState>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
+    if let Some(refusal) = unless_ready(&state.engine) {
+        return refusal;
+    }
     if id == state.engine.model_name() {
         return Json(model_entry(&state.engine)).into_response();
     }

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""runner's OpenAI-compatible server beside llama.cpp's (llama-cpp-python's
+`llama_cpp.server`), on the same SmolLM2 GGUF, in one run: time to ready, and for a streamed
+chat completion the time to the first token and the tokens per second after it, as a client
+sees them over HTTP.
+
+    benches/openai-server.py --llama-python VENV/bin/python [--runner target/release/runner]
+                             [--runs 5] [--tokens 64] [--json-out FILE]
+
+VENV is the llama-cpp-python build of benches/text-generation.sh with the server's extras
+(`pip install uvicorn fastapi sse-starlette starlette-context pydantic-settings`). Both
+servers get the CPU's cores (llama.cpp: n_threads = the physical cores, as runner picks),
+greedy decoding, the model's own chat template, and the same messages. The servers take
+turns, one at a time. Prints a Markdown table on stdout.
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models/smollm2-135m-instruct")
+GGUF = os.path.join(MODEL, "weights/SmolLM2-135M-Instruct.Q4_1.gguf")
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."},
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd, port, env=None):
+    started = time.time()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if r.status == 200:
+                    return p, time.time() - started
+        except OSError:
+            pass
+        if p.poll() is not None:
+            raise SystemExit(f"{cmd[0]} exited with {p.returncode}")
+        if time.time() - started > 120:
+            p.kill()
+            raise SystemExit(f"{cmd} did not become ready")
+        time.sleep(0.01)
+
+
+def streamed_chat(port, tokens):
+    body = {
+        "model": "smollm2",
+        "messages": MESSAGES,
+        "temperature": 0,
+        "max_tokens": tokens,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    sent = time.time()
+    first = None
+    pieces = []
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            content = choices[0].get("delta", {}).get("content") if choices else None
+            if content:
+                if first is None:
+                    first = time.time()
+                pieces.append(content)
+    done = time.time()
+    return {
+        "ttft": first - sent,
+        "chunks": len(pieces),
+        "decode_tokens_per_second": (len(pieces) - 1) / max(done - first, 1e-9),
+        "text": "".join(pieces),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-python", required=True)
+    ap.add_argument("--runner", default=os.path.join(ROOT, "target/release/runner"))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    physical = len(
+        {l for l in open("/proc/cpuinfo") if l.startswith("core id")}
+    ) or os.cpu_count()
+    servers = {
+        "runner": lambda port: [args.runner, "serve", MODEL, "--port", str(port), "--device", "cpu"],
+        "llama.cpp": lambda port: [
+            args.llama_python, "-m", "llama_cpp.server", "--model", GGUF, "--port", str(port),
+            "--n_threads", str(physical), "--n_ctx", "2048", "--verbose", "False",
+        ],
+    }
+    results = {}
+    for name, command in servers.items():
+        port = free_port()
+        p, ready = start(command(port), port)
+        try:
+            streamed_chat(port, 4)  # warm-up
+            runs = [streamed_chat(port, args.tokens) for _ in range(args.runs)]
+        finally:
+            p.terminate()
+            p.wait()
+        results[name] = {
+            "ready_seconds": ready,
+            "ttft": statistics.median(r["ttft"] for r in runs),
+            "decode_tokens_per_second": statistics.median(r["decode_tokens_per_second"] for r in runs),
+            "chunks": runs[0]["chunks"],
+            "text": runs[0]["text"],
+        }
+        print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'text'})}", file=sys.stderr)
+    cpu = next(
+        (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+        "unknown CPU",
+    )
+    r, l = results["runner"], results["llama.cpp"]
+    print(
+        f"SmolLM2-135M-Instruct Q4_1 (GGUF), streamed chat completion over HTTP, greedy, up to "
+        f"{args.tokens} tokens, median of {args.runs}; {cpu}, {os.cpu_count()} CPUs\n"
+    )
+    print("| server | ready (s) | time to first token (s) | tokens/s after it |")
+    print("|---|---|---|---|")
+    for name, x in results.items():
+        print(f"| {name} | {x['ready_seconds']:.2f} | {x['ttft']:.3f} | {x['decode_tokens_per_second']:.1f} |")
+    print(
+        f"| **runner vs llama.cpp** | {l['ready_seconds'] / r['ready_seconds']:.1f}x sooner | "
+        f"{l['ttft'] / r['ttft']:.2f}x sooner | {r['decode_tokens_per_second'] / l['decode_tokens_per_second']:.2f}x |"
+    )
+    print(f"\nrunner's text: {r['text'][:120]!r}…\nllama.cpp's text: {l['text'][:120]!r}…")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"cpu": cpu, "tokens": args.tokens, "runs": args.runs, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
