@@ -5,13 +5,14 @@ chat completion the time to the first token and the tokens per second after it, 
 sees them over HTTP.
 
     benches/openai-server.py --llama-python VENV/bin/python [--runner target/release/runner]
-                             [--runs 5] [--tokens 64] [--json-out FILE]
+                             [--runs 9] [--tokens 64] [--json-out FILE]
 
 VENV is the llama-cpp-python build of benches/text-generation.sh with the server's extras
 (`pip install uvicorn fastapi sse-starlette starlette-context pydantic-settings`). Both
 servers get the CPU's cores (llama.cpp: n_threads = the physical cores, as runner picks),
-greedy decoding, the model's own chat template, and the same messages. The servers take
-turns, one at a time. Prints a Markdown table on stdout.
+greedy decoding, the model's own chat template, and the same requests, each one different
+from the one before (llama.cpp's server reuses a previous prompt's cache). The servers take
+both up, and requests alternate between them. Prints a Markdown table on stdout.
 """
 import argparse
 import json
@@ -26,10 +27,26 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models/smollm2-135m-instruct")
 GGUF = os.path.join(MODEL, "weights/SmolLM2-135M-Instruct.Q4_1.gguf")
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."},
+TOPICS = [
+    "a lighthouse keeper who finds a message in a bottle",
+    "a robot learning to paint",
+    "a village where it never stops raining",
+    "two rival bakers who must work together",
+    "a map that redraws itself every night",
+    "an astronaut who hears music on the moon",
+    "a cat who runs a library",
+    "a clock that runs backwards",
 ]
+
+
+def messages(run):
+    # A different request each time: llama.cpp's server reuses the previous prompt's KV
+    # cache where the prompts share a prefix, so repeating one prompt would time no prompt
+    # processing at all on its side. Each request starts differently.
+    return [
+        {"role": "system", "content": f"Request {run}. You are a helpful assistant."},
+        {"role": "user", "content": f"Write a short story about {TOPICS[run % len(TOPICS)]}."},
+    ]
 
 
 def free_port():
@@ -56,10 +73,10 @@ def start(cmd, port, env=None):
         time.sleep(0.01)
 
 
-def streamed_chat(port, tokens):
+def streamed_chat(port, tokens, run):
     body = {
         "model": "smollm2",
-        "messages": MESSAGES,
+        "messages": messages(run),
         "temperature": 0,
         "max_tokens": tokens,
         "stream": True,
@@ -97,7 +114,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-python", required=True)
     ap.add_argument("--runner", default=os.path.join(ROOT, "target/release/runner"))
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json-out")
     args = ap.parse_args()
@@ -111,22 +128,33 @@ def main():
             "--n_threads", str(physical), "--n_ctx", "2048", "--verbose", "False",
         ],
     }
-    results = {}
-    for name, command in servers.items():
-        port = free_port()
-        p, ready = start(command(port), port)
-        try:
-            streamed_chat(port, 4)  # warm-up
-            runs = [streamed_chat(port, args.tokens) for _ in range(args.runs)]
-        finally:
+    # Both servers up, idle when not asked; requests alternate between them, so a noisy
+    # moment on a shared machine falls on both alike.
+    started = {}
+    try:
+        for name, command in servers.items():
+            port = free_port()
+            p, ready = start(command(port), port)
+            started[name] = (p, port, ready)
+            streamed_chat(port, 4, 1000)  # warm-up
+        runs = {name: [] for name in servers}
+        for run in range(args.runs):
+            for name, (_, port, _) in started.items():
+                runs[name].append(streamed_chat(port, args.tokens, run))
+    finally:
+        for p, _, _ in started.values():
             p.terminate()
             p.wait()
+    results = {}
+    for name, (_, _, ready) in started.items():
         results[name] = {
             "ready_seconds": ready,
-            "ttft": statistics.median(r["ttft"] for r in runs),
-            "decode_tokens_per_second": statistics.median(r["decode_tokens_per_second"] for r in runs),
-            "chunks": runs[0]["chunks"],
-            "text": runs[0]["text"],
+            "ttft": statistics.median(r["ttft"] for r in runs[name]),
+            "decode_tokens_per_second": statistics.median(
+                r["decode_tokens_per_second"] for r in runs[name]
+            ),
+            "chunks": runs[name][0]["chunks"],
+            "text": runs[name][0]["text"],
         }
         print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k != 'text'})}", file=sys.stderr)
     cpu = next(
