@@ -11,8 +11,8 @@ VENV is the llama-cpp-python build of benches/text-generation.sh with the server
 (`pip install uvicorn fastapi sse-starlette starlette-context pydantic-settings`). Both
 servers get the CPU's cores (llama.cpp: n_threads = the physical cores, as runner picks),
 greedy decoding, the model's own chat template, and the same requests, each one different
-from the one before (llama.cpp's server reuses a previous prompt's cache). The servers take
-both up, and requests alternate between them. Prints a Markdown table on stdout.
+from the one before (llama.cpp's server reuses a previous prompt's cache). Both servers are
+up at once, and requests alternate between them. Prints a Markdown table on stdout.
 """
 import argparse
 import json
