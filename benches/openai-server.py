@@ -2,7 +2,8 @@
 """runner's OpenAI-compatible server beside llama.cpp's (llama-cpp-python's
 `llama_cpp.server`), on the same SmolLM2 GGUF, in one run: time to ready, and for a streamed
 chat completion the time to the first token and the tokens per second after it, as a client
-sees them over HTTP.
+sees them over HTTP; and a conversation's follow-up turns, which resend the history (the
+prompt cache's case), beside runner with its prompt cache off.
 
     benches/openai-server.py --llama-python VENV/bin/python [--runner target/release/runner]
                              [--runs 9] [--tokens 64] [--json-out FILE]
@@ -73,10 +74,10 @@ def start(cmd, port, env=None):
         time.sleep(0.01)
 
 
-def streamed_chat(port, tokens, run):
+def streamed_chat(port, tokens, run, conversation=None):
     body = {
         "model": "smollm2",
-        "messages": messages(run),
+        "messages": conversation if conversation is not None else messages(run),
         "temperature": 0,
         "max_tokens": tokens,
         "stream": True,
@@ -110,12 +111,31 @@ def streamed_chat(port, tokens, run):
     }
 
 
+FOLLOW_UPS = ["What happens next?", "How does it end?", "Give it a title."]
+
+
+def conversation_ttfts(port, tokens, run):
+    """A chat of 1 + len(FOLLOW_UPS) turns, each resending the whole history (as chat
+    clients do): the time to first token of each follow-up turn."""
+    history = messages(run)
+    ttfts = []
+    for turn, follow_up in enumerate([None] + FOLLOW_UPS):
+        if follow_up is not None:
+            history = history + [{"role": "user", "content": follow_up}]
+        answer = streamed_chat(port, tokens, run, conversation=history)
+        if turn > 0:
+            ttfts.append(answer["ttft"])
+        history = history + [{"role": "assistant", "content": answer["text"]}]
+    return ttfts
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-python", required=True)
     ap.add_argument("--runner", default=os.path.join(ROOT, "target/release/runner"))
     ap.add_argument("--runs", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--conversations", type=int, default=3)
     ap.add_argument("--json-out")
     args = ap.parse_args()
     physical = len(
@@ -123,6 +143,10 @@ def main():
     ) or os.cpu_count()
     servers = {
         "runner": lambda port: [args.runner, "serve", MODEL, "--port", str(port), "--device", "cpu"],
+        "runner, prompt cache off": lambda port: [
+            "env", "RUNNER_LLAMA_PROMPT_CACHE_MB=0",
+            args.runner, "serve", MODEL, "--port", str(port), "--device", "cpu",
+        ],
         "llama.cpp": lambda port: [
             args.llama_python, "-m", "llama_cpp.server", "--model", GGUF, "--port", str(port),
             "--n_threads", str(physical), "--n_ctx", "2048", "--verbose", "False",
@@ -138,9 +162,13 @@ def main():
             started[name] = (p, port, ready)
             streamed_chat(port, 4, 1000)  # warm-up
         runs = {name: [] for name in servers}
+        follow_ups = {name: [] for name in servers}
         for run in range(args.runs):
             for name, (_, port, _) in started.items():
                 runs[name].append(streamed_chat(port, args.tokens, run))
+        for run in range(args.conversations):
+            for name, (_, port, _) in started.items():
+                follow_ups[name].extend(conversation_ttfts(port, 32, 100 + run))
     finally:
         for p, _, _ in started.values():
             p.terminate()
@@ -153,6 +181,7 @@ def main():
             "decode_tokens_per_second": statistics.median(
                 r["decode_tokens_per_second"] for r in runs[name]
             ),
+            "follow_up_ttft": statistics.median(follow_ups[name]),
             "chunks": runs[name][0]["chunks"],
             "text": runs[name][0]["text"],
         }
@@ -163,16 +192,23 @@ def main():
     )
     r, l = results["runner"], results["llama.cpp"]
     print(
-        f"SmolLM2-135M-Instruct Q4_1 (GGUF), streamed chat completion over HTTP, greedy, up to "
-        f"{args.tokens} tokens, median of {args.runs}; {cpu}, {os.cpu_count()} CPUs\n"
+        f"SmolLM2-135M-Instruct Q4_1 (GGUF), streamed chat completions over HTTP, greedy; "
+        f"{cpu}, {os.cpu_count()} CPUs. New requests: up to {args.tokens} tokens, median of "
+        f"{args.runs}. Follow-up turns: {args.conversations} conversations of "
+        f"{1 + len(FOLLOW_UPS)} turns (32 tokens each), each turn resending the history; "
+        f"median over the follow-up turns.\n"
     )
-    print("| server | ready (s) | time to first token (s) | tokens/s after it |")
-    print("|---|---|---|---|")
+    print("| server | ready (s) | first token, new request (s) | tokens/s after it | first token, follow-up turn (s) |")
+    print("|---|---|---|---|---|")
     for name, x in results.items():
-        print(f"| {name} | {x['ready_seconds']:.2f} | {x['ttft']:.3f} | {x['decode_tokens_per_second']:.1f} |")
+        print(
+            f"| {name} | {x['ready_seconds']:.2f} | {x['ttft']:.3f} | "
+            f"{x['decode_tokens_per_second']:.1f} | {x['follow_up_ttft']:.3f} |"
+        )
     print(
         f"| **runner vs llama.cpp** | {l['ready_seconds'] / r['ready_seconds']:.1f}x sooner | "
-        f"{l['ttft'] / r['ttft']:.2f}x sooner | {r['decode_tokens_per_second'] / l['decode_tokens_per_second']:.2f}x |"
+        f"{l['ttft'] / r['ttft']:.2f}x sooner | {r['decode_tokens_per_second'] / l['decode_tokens_per_second']:.2f}x | "
+        f"{l['follow_up_ttft'] / r['follow_up_ttft']:.2f}x sooner |"
     )
     print(f"\nrunner's text: {r['text'][:120]!r}…\nllama.cpp's text: {l['text'][:120]!r}…")
     if args.json_out:

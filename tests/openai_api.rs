@@ -103,6 +103,19 @@ fn chat_and_completions_generate_what_the_cog_prediction_generates() {
         chat["usage"]["total_tokens"],
         metrics["input_token_count"].as_u64().unwrap() + 20
     );
+    // The same conversation again: its prompt comes from the prompt cache, as usage says.
+    let (_, again) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 20}),
+    );
+    assert_eq!(again["choices"][0]["message"]["content"], want.as_str());
+    let prompt_tokens = again["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt_tokens - 1,
+        "{again}"
+    );
 
     // A conversation: rendered through the model's ChatML template, turn by turn.
     let messages = json!([

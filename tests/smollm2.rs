@@ -579,3 +579,62 @@ fn a_gguf_snapshot_restores_to_identical_generations() {
         "{stderr}"
     );
 }
+
+/// A prompt that starts as an earlier prompt and its output did (a chat resending its
+/// history) reuses that generation's KV cache, and generates exactly what processing the
+/// whole prompt again would (a server with the cache off).
+#[test]
+fn a_prompt_that_continues_an_earlier_one_reuses_its_kv_cache() {
+    let cached = Server::start(&model_dir(), &[]);
+    let mut without = std::process::Command::new(support::RUNNER);
+    without.env("RUNNER_LLAMA_PROMPT_CACHE_MB", "0");
+    let uncached = Server::start_with(without, &model_dir(), &[]);
+    let text = |p: &Value| -> String {
+        assert_eq!(p["status"], "succeeded", "{p}");
+        p["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect()
+    };
+    let first = "<|im_start|>system\nYou are a patient teacher who explains things step by step.<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n";
+    let (_, a) = cached.predict(greedy_input(first, 24));
+    let answer = text(&a);
+    assert!(
+        a["metrics"].get("cached_input_token_count").is_none(),
+        "{a}"
+    );
+    // The next turn: the history, the answer, a new question.
+    let second = format!("{first}{answer}<|im_end|>\n<|im_start|>user\nAnd at sunset?<|im_end|>\n<|im_start|>assistant\n");
+    let (_, b) = cached.predict(greedy_input(&second, 24));
+    let reused = b["metrics"]["cached_input_token_count"]
+        .as_u64()
+        .unwrap_or(0);
+    let prompt_tokens = b["metrics"]["input_token_count"].as_u64().unwrap();
+    assert!(
+        reused >= 40 && reused < prompt_tokens,
+        "reused {reused} of {prompt_tokens}: {b}"
+    );
+    assert!(
+        b["logs"]
+            .as_str()
+            .unwrap()
+            .contains("reused from the prompt cache"),
+        "{b}"
+    );
+    let (_, fresh) = uncached.predict(greedy_input(&second, 24));
+    assert!(
+        fresh["metrics"].get("cached_input_token_count").is_none(),
+        "{fresh}"
+    );
+    assert_eq!(
+        text(&b),
+        text(&fresh),
+        "a reused prefix changed the generation"
+    );
+    // The very same prompt again: all but its last token come from the cache.
+    let (_, c) = cached.predict(greedy_input(&second, 24));
+    assert_eq!(c["metrics"]["cached_input_token_count"], prompt_tokens - 1);
+    assert_eq!(text(&c), text(&fresh));
+}

@@ -1004,14 +1004,16 @@ impl Reply {
             Some(limit) if completion >= limit => "length",
             _ => "stop",
         };
-        (
-            finish,
-            json!({
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }),
-        )
+        let mut usage = json!({
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        });
+        // Prompt tokens whose processing a recent generation spared (OpenAI's field).
+        if let Some(cached) = metrics["cached_input_token_count"].as_u64() {
+            usage["prompt_tokens_details"] = json!({"cached_tokens": cached});
+        }
+        (finish, usage)
     }
 
     /// One streamed chunk with this text (or role, or finish reason).

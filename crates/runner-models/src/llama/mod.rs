@@ -14,6 +14,7 @@
 pub mod convert;
 mod native;
 mod packed;
+mod prompt_cache;
 pub mod quantized;
 pub mod tokenizer;
 pub use packed::Kernel;
@@ -162,6 +163,8 @@ pub struct Generator {
     context: usize,
     device: Device,
     pub source: String,
+    /// Recent generations' KV caches, for prompts that start the same way.
+    prompt_cache: prompt_cache::PromptCache,
 }
 
 impl Generator {
@@ -621,6 +624,7 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         context,
         device: device.clone(),
         source: format!("gguf {quant}"),
+        prompt_cache: Default::default(),
     })
 }
 
@@ -728,6 +732,7 @@ fn load_safetensors(
         context,
         device: device.clone(),
         source: format!("safetensors {dtype:?}"),
+        prompt_cache: Default::default(),
     })
 }
 
@@ -849,9 +854,19 @@ impl Model for LlamaModel {
             .unwrap_or_default();
 
         let started = Instant::now();
-        let mut session = g.session()?;
+        // A session that already holds the start of this prompt, if a recent one does.
+        let reused = match &g.network {
+            Network::Quantized(quantized::ModelWeights::Native(_)) => {
+                g.prompt_cache.take(&prompt_ids)
+            }
+            _ => None,
+        };
+        let (mut session, cached) = match reused {
+            Some((m, n)) => (Session::Quantized(quantized::ModelWeights::Native(m)), n),
+            None => (g.session()?, 0),
+        };
         ctx.check_canceled()?;
-        let mut logits = session.step(&prompt_ids, 0, &g.device)?;
+        let mut logits = session.step(&prompt_ids[cached..], cached, &g.device)?;
         let prompt_seconds = started.elapsed().as_secs_f64();
         let mut all_tokens = prompt_ids.clone();
         // Tokens since the last point where all decoded text was streamed; only they are
@@ -933,13 +948,30 @@ impl Model for LlamaModel {
             json!(generated as f64 / decode_seconds),
             MetricMode::Replace,
         );
+        if cached > 0 {
+            ctx.record_metric(
+                "cached_input_token_count",
+                json!(cached),
+                MetricMode::Replace,
+            );
+        }
         ctx.log(&format!(
-            "llama: {} prompt tokens in {prompt_seconds:.3}s, {} new tokens in {decode_seconds:.3}s ({}); {}",
+            "llama: {} prompt tokens{} in {prompt_seconds:.3}s, {} new tokens in {decode_seconds:.3}s ({}); {}",
             prompt_ids.len(),
+            if cached > 0 {
+                format!(" ({cached} of them reused from the prompt cache)")
+            } else {
+                String::new()
+            },
             generated,
             finish,
             g.source
         ));
+        // What this session holds now serves later prompts that start the same way.
+        if let Session::Quantized(quantized::ModelWeights::Native(m)) = session {
+            let held = m.positions().min(all_tokens.len());
+            g.prompt_cache.put(all_tokens[..held].to_vec(), m);
+        }
         Ok(Value::Null)
     }
 

@@ -80,6 +80,18 @@ impl Model {
         }
     }
 
+    /// How many positions the session's KV cache holds.
+    pub fn positions(&self) -> usize {
+        let kv_width = self.weights.kv_heads * self.weights.head_dim;
+        self.caches.first().map_or(0, |c| c.k.len() / kv_width)
+    }
+
+    /// Bytes one position takes in the KV cache (keys and values of every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        let w = &self.weights;
+        w.layers.len() * 2 * w.kv_heads * w.head_dim * std::mem::size_of::<f32>()
+    }
+
     pub fn kernel(&self) -> Kernel {
         self.weights.kernel
     }
