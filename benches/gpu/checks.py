@@ -58,6 +58,15 @@ class Server:
             raise RuntimeError(f"prediction {answer.get('status')}: {answer.get('error')}")
         return answer["output"]
 
+    def openai_chat(self, question, tokens=20):
+        """The text of a greedy OpenAI-compatible chat completion."""
+        req = urllib.request.Request(
+            f"http://{self.addr}/v1/chat/completions",
+            data=json.dumps({"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": tokens}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        return json.load(urllib.request.urlopen(req, timeout=300))["choices"][0]["message"]["content"]
+
     def metrics(self):
         return urllib.request.urlopen(f"http://{self.addr}/metrics", timeout=30).read().decode()
 
@@ -169,7 +178,7 @@ def smollm2(device, gguf_dir):
     converted = "smollm2-st"
     subprocess.run([RUNNER, "-q", "convert", *[f"{gguf_dir}/weights/{f}" for f in os.listdir(f"{gguf_dir}/weights") if f.endswith(".gguf")], "--out", converted, "--force"], check=True, stdout=subprocess.DEVNULL)
     story = {"prompt": "Write a story about a robot who learns to paint.", "use_chat_template": False, "temperature": 0, "max_new_tokens": 128}
-    texts, speed = {}, {}
+    texts, speed, openai = {}, {}, {}
     for name, model_dir, dev in [
         ("runner GGUF cpu", gguf_dir, "cpu"),
         (f"runner GGUF {device}", gguf_dir, device),
@@ -180,6 +189,9 @@ def smollm2(device, gguf_dir):
             continue
         with Server(model_dir, dev) as server:
             texts[name] = ["".join(server.predict({"prompt": c["prompt"], "use_chat_template": False, "temperature": 0, "max_new_tokens": 20})) for c in cases]
+            # The OpenAI-compatible route: the same text as the Cog prediction it becomes.
+            question = "What is the capital of France?"
+            openai[name] = server.openai_chat(question) == "".join(server.predict({"prompt": question, "temperature": 0, "max_new_tokens": 20}))
             server.predict(dict(story, max_new_tokens=4))
             started = time.time()
             tokens = server.predict(story)
@@ -220,6 +232,9 @@ def smollm2(device, gguf_dir):
     print("\n| implementation | 128 greedy tokens | tokens/s (incl. prefill) |\n|---|---|---|")
     for name, (n, seconds) in speed.items():
         print(f"| {name} | {n} tokens in {seconds:.3f} s | {n / seconds:.1f} |")
+    print("\n| implementation | /v1/chat/completions gives the Cog prediction's text |\n|---|---|")
+    for name, same in openai.items():
+        print(f"| {name} | {'yes' if same else 'NO'} |")
     print("\nTexts:\n")
     for i, c in enumerate(cases):
         print(f"- {c['prompt']!r}: " + "; ".join(f"{n}: {texts[n][i]!r}" for n in names))
