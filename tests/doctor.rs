@@ -149,8 +149,7 @@ fn a_damaged_or_foreign_snapshot_is_named_exactly() {
     assert!(summary.contains("model (spec and weights)"), "{summary}");
 
     // A truncated snapshot.
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    file.set_len(len / 2).unwrap();
+    cut_short(&path, len / 2);
     let (_, report, _) = doctor(&[dir, "--device", "cpu"]);
     let (status, summary, _) = finding(&report, "snapshot");
     assert_eq!(status, "warn");
@@ -162,14 +161,7 @@ fn what_stops_serve_fails_the_check() {
     // Truncated weights: named, with what to do.
     let model = generated_tiny_mlp(64, 2, "f32");
     let dir = model.path().to_str().unwrap();
-    let weights = model.path().join("weights/model.safetensors");
-    let len = std::fs::metadata(&weights).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&weights)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    cut_short(&model.path().join("weights/model.safetensors"), 100);
     let (code, report, _) = doctor(&[dir, "--device", "cpu"]);
     assert_eq!(code, 1, "{report:#}");
     let (status, summary, fix) = finding(&report, "weights");

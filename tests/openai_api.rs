@@ -50,12 +50,27 @@ fn cog_text(server: &Server, input: Value) -> (String, Value) {
     (text, p["metrics"].clone())
 }
 
-/// The `data:` payloads of an event stream, in order.
-fn sse_data(body: &str) -> Vec<String> {
-    body.lines()
+/// A streamed chat completion: its chunks (checked to end with `data: [DONE]`) and the raw
+/// stream.
+fn streamed_chat(server: &Server, body: &Value) -> (Vec<Value>, String) {
+    let (status, text) = http(
+        &server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        &[],
+    );
+    assert_eq!(status, 200, "{text}");
+    let events: Vec<&str> = text
+        .lines()
         .filter_map(|l| l.strip_prefix("data: "))
-        .map(str::to_string)
-        .collect()
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    (chunks, text)
 }
 
 fn error_of(status: u16, body: &Value, want_status: u16, want_param: Option<&str>) -> String {
@@ -139,20 +154,7 @@ fn chat_and_completions_generate_what_the_cog_prediction_generates() {
 
     // Streamed: the same text in pieces, a finish reason, the usage, then [DONE].
     let body = json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 20, "stream": true, "stream_options": {"include_usage": true}});
-    let (status, text) = http(
-        &server.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        &[],
-    );
-    assert_eq!(status, 200, "{text}");
-    let events = sse_data(&text);
-    assert_eq!(events.last().unwrap(), "[DONE]", "{text}");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let (chunks, text) = streamed_chat(&server, &body);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let streamed: String = chunks
         .iter()
@@ -554,13 +556,9 @@ print(json.dumps(out))
     assert_eq!(out["embedding_tokens"], cog["metrics"]["input_token_count"]);
 }
 
-/// Every field of every route given every wrong type: a 4xx in OpenAI's shape or an
-/// answer, never a server error or a dropped connection.
-#[test]
-fn hostile_bodies_never_get_a_server_error() {
-    let llm = Server::start(&smollm2(), &[]);
-    let embedder = Server::start(&support::minilm_dir(), &[]);
-    let values = [
+/// Values of every JSON type, and the shapes a list of messages might be confused with.
+fn hostile_values() -> Vec<Value> {
+    vec![
         json!(null),
         json!(true),
         json!(-1),
@@ -571,7 +569,16 @@ fn hostile_bodies_never_get_a_server_error() {
         json!([null]),
         json!([{}]),
         json!([{"role": 1, "content": {}}]),
-    ];
+    ]
+}
+
+/// Every field of every route given every wrong type: a 4xx in OpenAI's shape or an
+/// answer, never a server error or a dropped connection.
+#[test]
+fn hostile_bodies_never_get_a_server_error() {
+    let llm = Server::start(&smollm2(), &[]);
+    let embedder = Server::start(&support::minilm_dir(), &[]);
+    let values = hostile_values();
     let routes: [(&Server, &str, Value, &[&str]); 3] = [
         (
             &llm,
@@ -701,20 +708,7 @@ fn a_python_language_model_answers_chat_and_completions() {
     assert_eq!(b["choices"][0]["text"], "[You are helpful.] you said: a b");
     // Streamed as the predictor yields.
     let body = json!({"messages": [{"role": "user", "content": "hello there"}], "stream": true, "stream_options": {"include_usage": true}});
-    let (s, text) = http(
-        &server.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        &[],
-    );
-    assert_eq!(s, 200);
-    let events = sse_data(&text);
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let (chunks, text) = streamed_chat(&server, &body);
     let streamed: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -748,16 +742,7 @@ fn a_python_language_model_answers_chat_and_completions() {
         "stop",
         "stream",
     ] {
-        for value in [
-            json!(null),
-            json!(true),
-            json!(-1),
-            json!(1e308),
-            json!("x"),
-            json!([]),
-            json!({}),
-            json!([{}]),
-        ] {
+        for value in hostile_values() {
             let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
             body[field] = value.clone();
             let (status, text) = http(
@@ -780,14 +765,7 @@ fn a_python_language_model_answers_chat_and_completions() {
 #[test]
 fn the_model_list_waits_for_the_model() {
     let model = support::generated_tiny_mlp(32, 1, "f32");
-    let weights = model.path().join("weights/model.safetensors");
-    let len = std::fs::metadata(&weights).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&weights)
-        .unwrap()
-        .set_len(len - 8)
-        .unwrap();
+    support::cut_short(&model.path().join("weights/model.safetensors"), 8);
     let server = Server::start(model.path(), &[]);
     let (s, t) = http(&server.addr, "GET", "/v1/models", None, &[]);
     let b: Value = serde_json::from_str(&t).unwrap();

@@ -318,6 +318,18 @@ pub fn generated_tiny_mlp(hidden: usize, layers: usize, dtype: &str) -> tempfile
     d
 }
 
+/// Cuts the last `bytes` bytes off a file (a download that stopped early).
+#[allow(dead_code)]
+pub fn cut_short(path: &Path, bytes: u64) {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len - bytes)
+        .unwrap();
+}
+
 /// Copies a committed model directory (cog.yaml only) into a temporary folder.
 pub fn scratch_model(name: &str) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();

@@ -94,6 +94,16 @@ struct DeviceArgs {
 }
 
 #[derive(Args, Clone)]
+struct ListenArgs {
+    /// Address to listen on (0.0.0.0 to expose it beyond this machine).
+    #[arg(long, default_value = "127.0.0.1", env = "RUNNER_HOST")]
+    host: String,
+    /// Port to listen on (Cog's is 5000; 0 picks a free one).
+    #[arg(long, default_value_t = 5000, env = "RUNNER_PORT")]
+    port: u16,
+}
+
+#[derive(Args, Clone)]
 struct ModeArgs {
     /// What to serve: predictions (cog.yaml's `run`), or trainings (its `train`, a Python
     /// function), as Cog's `--x-mode train` does. A training server answers on
@@ -270,12 +280,8 @@ enum Command {
         /// The model directory (holding cog.yaml).
         #[arg(default_value = ".", env = "RUNNER_MODEL_DIR")]
         dir: PathBuf,
-        /// Address to listen on (0.0.0.0 to expose it beyond this machine).
-        #[arg(long, default_value = "127.0.0.1", env = "RUNNER_HOST")]
-        host: String,
-        /// Port to listen on (Cog's is 5000; 0 picks a free one).
-        #[arg(long, default_value_t = 5000, env = "RUNNER_PORT")]
-        port: u16,
+        #[command(flatten)]
+        listen: ListenArgs,
         #[command(flatten)]
         device: DeviceArgs,
         #[command(flatten)]
@@ -406,12 +412,9 @@ enum Command {
         /// The model directory (default: the current one, when it holds cog.yaml).
         #[arg(env = "RUNNER_MODEL_DIR")]
         dir: Option<PathBuf>,
-        /// Address serve would listen on.
-        #[arg(long, default_value = "127.0.0.1", env = "RUNNER_HOST")]
-        host: String,
-        /// Port serve would listen on (checked to be free; 0 skips the check).
-        #[arg(long, default_value_t = 5000, env = "RUNNER_PORT")]
-        port: u16,
+        /// Where serve would listen (the port is checked to be free).
+        #[command(flatten)]
+        listen: ListenArgs,
         #[command(flatten)]
         device: DeviceArgs,
         #[command(flatten)]
@@ -592,8 +595,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Serve {
             dir,
-            host,
-            port,
+            listen: ListenArgs { host, port },
             device,
             mode,
             serving,
@@ -720,8 +722,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Doctor {
             dir,
-            host,
-            port,
+            listen: ListenArgs { host, port },
             device,
             mode,
             snapshot,

@@ -187,6 +187,19 @@ fn rejection(rejection: Rejection, param_of: &dyn Fn(&str) -> String) -> ApiErro
     }
 }
 
+/// The prediction's final body once it has succeeded; a client that goes away meanwhile
+/// cancels it.
+async fn finished(running: &Arc<Running>) -> Result<Value, ApiError> {
+    let guard = CancelOnDrop::new(Arc::clone(running));
+    running.wait().await;
+    guard.disarm();
+    let body = running.body();
+    if body["status"] != "succeeded" {
+        return Err(failed(&body));
+    }
+    Ok(body)
+}
+
 /// A prediction that ended badly, as an OpenAI error.
 fn failed(body: &Value) -> ApiError {
     ApiError {
@@ -331,13 +344,7 @@ async fn embed(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
         "text" => "input".into(),
         other => other.into(),
     })?;
-    let guard = CancelOnDrop::new(Arc::clone(&running));
-    running.wait().await;
-    guard.disarm();
-    let body = running.body();
-    if body["status"] != "succeeded" {
-        return Err(failed(&body));
-    }
+    let body = finished(&running).await?;
     let vectors = body["output"].as_array().cloned().unwrap_or_default();
     let dimensions = match request.get("dimensions") {
         None | Some(Value::Null) => None,
@@ -932,13 +939,7 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
     if generation.stream {
         return Ok(stream_reply(running, reply, generation));
     }
-    let guard = CancelOnDrop::new(Arc::clone(&running));
-    running.wait().await;
-    guard.disarm();
-    let body = running.body();
-    if body["status"] != "succeeded" {
-        return Err(failed(&body));
-    }
+    let body = finished(&running).await?;
     let mut text = output_text(&body["output"]);
     if generation.echo {
         text.insert_str(0, &generation.prompt);
