@@ -638,3 +638,63 @@ fn a_prompt_that_continues_an_earlier_one_reuses_its_kv_cache() {
     assert_eq!(c["metrics"]["cached_input_token_count"], prompt_tokens - 1);
     assert_eq!(text(&c), text(&fresh));
 }
+
+/// `runner chat`: each line a user turn, each answer streamed back, the conversation kept
+/// through the chat template; the answers are what `runner run` gives the rendered history.
+#[test]
+fn runner_chat_holds_a_conversation() {
+    use std::io::Write as _;
+    let dir = model_dir();
+    let mut child = std::process::Command::new(support::RUNNER)
+        .args([
+            "chat",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+        ])
+        .args(["--max-tokens", "16", "--system", "You answer briefly."])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Name a fruit.\nAnd a vegetable?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+
+    let complete = |prompt: &str| -> String {
+        let input = json!({"prompt": prompt, "use_chat_template": false, "temperature": 0, "max_new_tokens": 16});
+        let (code, stdout, stderr) = runner(&[
+            "run",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--json",
+            &input.to_string(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        stdout.trim_end_matches('\n').to_string()
+    };
+    let first = "<|im_start|>system\nYou answer briefly.<|im_end|>\n<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n";
+    let a1 = complete(first);
+    let second = format!("{first}{a1}<|im_end|>\n<|im_start|>user\nAnd a vegetable?<|im_end|>\n<|im_start|>assistant\n");
+    let a2 = complete(&second);
+    assert_eq!(stdout, format!("{a1}\n{a2}\n"));
+
+    // Not a text generator: said plainly.
+    let (code, _, stderr) = runner(&["chat", support::minilm_dir().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("does not generate text"), "{stderr}");
+}

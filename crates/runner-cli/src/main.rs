@@ -55,7 +55,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Logging {
     /// More logs on stderr (-v: debug, -vv: trace).
     #[arg(short, long, global = true, action = clap::ArgAction::Count, env = "RUNNER_VERBOSE")]
@@ -330,6 +330,31 @@ enum Command {
         #[command(flatten)]
         snapshot: SnapshotArgs,
     },
+    /// Chat with a text-generation model in the terminal: each line you type is a user turn,
+    /// the answer streams back, and the conversation goes on (through the model's chat
+    /// template; earlier turns come from the prompt cache). `/reset` starts over; an empty
+    /// line or end of input ends it.
+    Chat {
+        /// The model directory (holding cog.yaml).
+        #[arg(env = "RUNNER_MODEL_DIR")]
+        dir: PathBuf,
+        /// A system message to begin the conversation with.
+        #[arg(long, env = "RUNNER_CHAT_SYSTEM")]
+        system: Option<String>,
+        /// Sampling temperature; 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.7, env = "RUNNER_CHAT_TEMPERATURE")]
+        temperature: f64,
+        /// Most tokens per answer.
+        #[arg(long, default_value_t = 512, env = "RUNNER_CHAT_MAX_TOKENS")]
+        max_tokens: u64,
+        /// Random seed, for answers that repeat.
+        #[arg(long, env = "RUNNER_SEED")]
+        seed: Option<u64>,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        snapshot: SnapshotArgs,
+    },
     /// Measure start-up: `runner serve` started fresh again and again, cold from the
     /// weights and restored from a snapshot; time to ready and to the first prediction,
     /// phase by phase, beside the machine's read bandwidth.
@@ -449,7 +474,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `runner run` prints the prediction's logs itself, as they come.
-    init_logging(&cli.logging, matches!(cli.command, Command::Run { .. }));
+    // A chat shows only the conversation unless asked for more (-v).
+    let chat = matches!(cli.command, Command::Chat { .. });
+    let mut logging = cli.logging.clone();
+    logging.quiet |= chat && logging.verbose == 0;
+    init_logging(&logging, matches!(cli.command, Command::Run { .. }) || chat);
     let _ = PYTHON.set(cli.python.clone());
     SHOW_PROGRESS.store(
         !cli.logging.quiet && std::io::stderr().is_terminal(),
@@ -500,7 +529,8 @@ fn keep_cuda_kernels_beside_the_model(command: &Command) {
     let (dir, device) = match command {
         Command::Serve { dir, device, .. }
         | Command::Snapshot { dir, device, .. }
-        | Command::Run { dir, device, .. } => (dir, device),
+        | Command::Run { dir, device, .. }
+        | Command::Chat { dir, device, .. } => (dir, device),
         Command::Doctor {
             dir: Some(dir),
             device,
@@ -640,6 +670,23 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 snapshot.options(),
             )
             .await
+        }
+        Command::Chat {
+            dir,
+            system,
+            temperature,
+            max_tokens,
+            seed,
+            device,
+            snapshot,
+        } => {
+            let settings = ChatSettings {
+                system,
+                temperature,
+                max_tokens,
+                seed,
+            };
+            chat(&dir, device.device, snapshot.options(), settings).await
         }
         Command::Bench {
             dir,
@@ -1352,6 +1399,142 @@ async fn shutdown_signal(server: Option<&Server>, await_explicit: bool) {
             }
         } => tracing::info!("POST /shutdown received"),
     }
+}
+
+struct ChatSettings {
+    system: Option<String>,
+    temperature: f64,
+    max_tokens: u64,
+    seed: Option<u64>,
+}
+
+/// `runner chat`: a conversation in the terminal, one prediction per answer.
+async fn chat(
+    dir: &Path,
+    device: DeviceSpec,
+    snapshot: SnapshotOptions,
+    settings: ChatSettings,
+) -> Result<ExitCode> {
+    let options = EngineOptions {
+        snapshot,
+        progress: progress_bars(),
+        ..Default::default()
+    };
+    let engine = open_engine(dir, device, options)?;
+    if engine.openai() != runner_models::OpenAi::TextGeneration {
+        bail!(
+            "{}: {} does not generate text; runner chat talks to text generators such as candle:llama",
+            dir.display(),
+            engine.run_target()
+        );
+    }
+    engine
+        .setup()
+        .await
+        .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
+    let greeting = [runner_models::ChatMessage {
+        role: "user".into(),
+        content: "hi".into(),
+    }];
+    if engine.chat_prompt(&greeting).is_none_or(|r| r.is_err()) {
+        bail!(
+            "{}: the model has no chat template to hold a conversation with; use `runner run` to continue text",
+            dir.display()
+        );
+    }
+    let terminal = std::io::stdin().is_terminal();
+    let start = || -> Vec<runner_models::ChatMessage> {
+        settings
+            .system
+            .iter()
+            .map(|s| runner_models::ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            })
+            .collect()
+    };
+    let mut history = start();
+    if terminal {
+        eprintln!(
+            "runner: chatting with {} (an empty line ends, /reset starts over)",
+            engine.model_name()
+        );
+    }
+    let mut lines = std::io::stdin().lines();
+    loop {
+        if terminal {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next().transpose().context("reading stdin")? else {
+            break;
+        };
+        let line = line.trim_end().to_string();
+        if line.is_empty() {
+            break;
+        }
+        if line == "/reset" {
+            history = start();
+            continue;
+        }
+        history.push(runner_models::ChatMessage {
+            role: "user".into(),
+            content: line,
+        });
+        let prompt = engine
+            .chat_prompt(&history)
+            .context("the model is not loaded")?
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let mut input = serde_json::json!({
+            "prompt": prompt,
+            "use_chat_template": false,
+            "temperature": settings.temperature,
+            "max_new_tokens": settings.max_tokens,
+        });
+        if let Some(seed) = settings.seed {
+            input["seed"] = seed.into();
+        }
+        let prediction = engine
+            .submit(new_prediction_id(), &input)
+            .map_err(|r| anyhow::anyhow!("the model cannot take the turn: {r:?}"))?;
+        let mut events = prediction.subscribe();
+        let mut replay = std::mem::take(&mut events.replay);
+        let mut answer = String::new();
+        loop {
+            let event = match replay.pop_front() {
+                Some(e) => e,
+                None => match events.receiver.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                },
+            };
+            match &*event {
+                StreamEvent::Output {
+                    chunk: Value::String(text),
+                    ..
+                } => {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                    answer.push_str(text);
+                }
+                StreamEvent::Completed(_) => break,
+                _ => {}
+            }
+        }
+        prediction.wait().await;
+        println!();
+        if prediction.status() != PredictionStatus::Succeeded {
+            bail!(
+                "the answer failed: {}",
+                prediction.error().unwrap_or_default()
+            );
+        }
+        history.push(runner_models::ChatMessage {
+            role: "assistant".into(),
+            content: answer,
+        });
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(
