@@ -637,6 +637,23 @@ fn a_prompt_that_continues_an_earlier_one_reuses_its_kv_cache() {
     let (_, c) = cached.predict(greedy_input(&second, 24));
     assert_eq!(c["metrics"]["cached_input_token_count"], prompt_tokens - 1);
     assert_eq!(text(&c), text(&fresh));
+
+    // /metrics adds up the tokens, reused ones apart.
+    let sum = |key: &str| -> u64 {
+        [&a, &b, &c]
+            .iter()
+            .map(|p| p["metrics"][key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (_, metrics) = support::http(&cached.addr, "GET", "/metrics", None, &[]);
+    for (kind, key) in [
+        ("input", "input_token_count"),
+        ("cached_input", "cached_input_token_count"),
+        ("output", "output_token_count"),
+    ] {
+        let line = format!("runner_tokens_total{{kind=\"{kind}\"}} {}", sum(key));
+        assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+    }
 }
 
 /// `runner chat`: each line a user turn, each answer streamed back, the conversation kept

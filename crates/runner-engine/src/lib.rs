@@ -1173,6 +1173,8 @@ impl Engine {
         }
         self.metrics
             .finished(running.status(), running.predict_time());
+        self.metrics
+            .tokens(|name| running.metric(name).and_then(|v| v.as_u64()));
         self.idle.notify_waiters();
     }
 

@@ -28,7 +28,18 @@ pub struct EngineMetrics {
     /// Forward passes run by the batcher, and the predictions they carried.
     batches: AtomicU64,
     batched_predictions: AtomicU64,
+    /// Tokens of finished predictions, from the metrics their models record, by
+    /// [`TOKEN_KINDS`].
+    tokens: [AtomicU64; TOKEN_KINDS.len()],
 }
+
+/// The token counts models record (Cog's language-model metric names), and the label each
+/// is counted under.
+pub const TOKEN_KINDS: [(&str, &str); 3] = [
+    ("input_token_count", "input"),
+    ("cached_input_token_count", "cached_input"),
+    ("output_token_count", "output"),
+];
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Default)]
@@ -43,6 +54,8 @@ pub struct MetricsSnapshot {
     pub duration_sum: f64,
     pub batches: u64,
     pub batched_predictions: u64,
+    /// Tokens by kind label (`input`, `cached_input`, `output`).
+    pub tokens: Vec<(&'static str, u64)>,
 }
 
 impl EngineMetrics {
@@ -64,6 +77,15 @@ impl EngineMetrics {
             self.buckets[DURATION_BUCKETS.len()].fetch_add(1, Ordering::Relaxed);
             self.sum_micros
                 .fetch_add(t.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts the tokens a finished prediction's model recorded.
+    pub(crate) fn tokens(&self, recorded: impl Fn(&str) -> Option<u64>) {
+        for ((name, _), counter) in TOKEN_KINDS.iter().zip(&self.tokens) {
+            if let Some(n) = recorded(name) {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
         }
     }
 
@@ -109,6 +131,11 @@ impl EngineMetrics {
             duration_sum: load(&self.sum_micros) as f64 / 1e6,
             batches: load(&self.batches),
             batched_predictions: load(&self.batched_predictions),
+            tokens: TOKEN_KINDS
+                .iter()
+                .zip(&self.tokens)
+                .map(|((_, label), c)| (*label, load(c)))
+                .collect(),
         }
     }
 }

@@ -276,6 +276,10 @@ impl Running {
     pub fn output(&self) -> Option<Value> {
         self.lock().output.clone()
     }
+    /// A metric the model recorded (e.g. `output_token_count`).
+    pub fn metric(&self, name: &str) -> Option<Value> {
+        self.ctx.metric(name)
+    }
     pub fn logs(&self) -> String {
         self.ctx.logs()
     }

@@ -212,6 +212,15 @@ impl PredictContext {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+    /// One recorded metric's value, without copying the rest.
+    pub fn metric(&self, name: &str) -> Option<Value> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics
+            .get(name)
+            .cloned()
+    }
     pub fn logs(&self) -> String {
         self.recorded
             .lock()

@@ -571,6 +571,18 @@ fn render_metrics(state: &AppState) -> String {
     for (reason, n) in &m.rejections {
         let _ = writeln!(out, "runner_rejections_total{{reason=\"{reason}\"}} {n}");
     }
+    // Only for models that count tokens (language models, embedders).
+    if m.tokens.iter().any(|(_, n)| *n > 0) {
+        family(
+            &mut out,
+            "runner_tokens_total",
+            "counter",
+            "Tokens of finished predictions, as their models count them: prompt (input), prompt tokens reused from the prompt cache (cached_input), generated (output).",
+        );
+        for (kind, n) in &m.tokens {
+            let _ = writeln!(out, "runner_tokens_total{{kind=\"{kind}\"}} {n}");
+        }
+    }
     if engine.batching().is_some() {
         family(
             &mut out,
