@@ -654,6 +654,31 @@ fn a_prompt_that_continues_an_earlier_one_reuses_its_kv_cache() {
         let line = format!("runner_tokens_total{{kind=\"{kind}\"}} {}", sum(key));
         assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
     }
+
+    // Questions that share only the system prompt: each reuses it, and leaves it for the
+    // next one.
+    let system = "<|im_start|>system\nYou are a meticulous librarian. You answer questions about books, authors and reading with care, in one or two sentences.<|im_end|>\n";
+    let mut shared_reuse = Vec::new();
+    for question in [
+        "Who wrote Hamlet?",
+        "What is a novella?",
+        "Why read poetry aloud?",
+    ] {
+        let prompt =
+            format!("{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
+        let (_, p) = cached.predict(greedy_input(&prompt, 12));
+        let (_, fresh) = uncached.predict(greedy_input(&prompt, 12));
+        assert_eq!(text(&p), text(&fresh), "{question}");
+        shared_reuse.push(
+            p["metrics"]["cached_input_token_count"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+    }
+    assert!(
+        shared_reuse[1] >= 25 && shared_reuse[2] >= 25,
+        "the system prompt was not reused by every later question: {shared_reuse:?}"
+    );
 }
 
 /// `runner chat`: each line a user turn, each answer streamed back, the conversation kept

@@ -80,6 +80,23 @@ impl Model {
         }
     }
 
+    /// A new session holding a copy of this one's first `positions` positions.
+    pub fn prefix(&self, positions: usize) -> Model {
+        let kv_width = self.weights.kv_heads * self.weights.head_dim;
+        let end = positions * kv_width;
+        Model {
+            weights: Arc::clone(&self.weights),
+            caches: self
+                .caches
+                .iter()
+                .map(|c| Cache {
+                    k: c.k[..end.min(c.k.len())].to_vec(),
+                    v: c.v[..end.min(c.v.len())].to_vec(),
+                })
+                .collect(),
+        }
+    }
+
     /// How many positions the session's KV cache holds.
     pub fn positions(&self) -> usize {
         let kv_width = self.weights.kv_heads * self.weights.head_dim;

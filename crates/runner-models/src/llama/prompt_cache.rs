@@ -5,8 +5,9 @@
 //! A cached position's keys and values are the ones a full pass over the prompt would
 //! compute (each row's arithmetic does not depend on the rows beside it), so a reused
 //! prefix gives the same logits, bit for bit, as processing the whole prompt again.
-//! Sessions are taken out while in use and put back, longer, when their prediction
-//! succeeds; the oldest go when the cache passes its size (`RUNNER_LLAMA_PROMPT_CACHE_MB`,
+//! A session a prompt continues is taken out while in use and put back, longer, when its
+//! prediction succeeds; one a prompt leaves part way is copied up to there. The oldest go
+//! when the cache passes its size (`RUNNER_LLAMA_PROMPT_CACHE_MB`,
 //! default 256; 0 turns reuse off).
 
 use std::collections::VecDeque;
@@ -52,9 +53,11 @@ impl PromptCache {
         self.budget_bytes > 0
     }
 
-    /// The cached session sharing the longest prefix with `prompt` (at least
-    /// [`MIN_REUSE`] tokens), taken out of the cache, and how many of the prompt's tokens
-    /// it already holds (never all: the last one is fed to get the next token's logits).
+    /// A session holding the longest prefix `prompt` shares with a cached one (at least
+    /// [`MIN_REUSE`] tokens), and how many of the prompt's tokens it holds (never all: the
+    /// last one is fed to get the next token's logits). A prompt that continues a cached
+    /// session takes it out (a chat's next turn); one that leaves it part way gets a copy
+    /// of the shared part and leaves it for others (a system prompt many requests share).
     pub fn take(&self, prompt: &[u32]) -> Option<(native::Model, usize)> {
         if !self.enabled() {
             return None;
@@ -69,8 +72,11 @@ impl PromptCache {
         if reuse < MIN_REUSE {
             return None;
         }
-        let entry = entries.remove(index)?;
-        Some((entry.session, reuse))
+        if shared >= entries[index].tokens.len() {
+            let entry = entries.remove(index)?;
+            return Some((entry.session, reuse));
+        }
+        Some((entries[index].session.prefix(reuse), reuse))
     }
 
     /// Keeps `session`, which holds `tokens`, for later prompts; the oldest sessions go
