@@ -585,7 +585,7 @@ fn a_gguf_snapshot_restores_to_identical_generations() {
 /// whole prompt again would (a server with the cache off).
 #[test]
 fn a_prompt_that_continues_an_earlier_one_reuses_its_kv_cache() {
-    let cached = Server::start(&model_dir(), &[]);
+    let cached = Server::start(&model_dir(), &["--concurrency", "2"]);
     let mut without = std::process::Command::new(support::RUNNER);
     without.env("RUNNER_LLAMA_PROMPT_CACHE_MB", "0");
     let uncached = Server::start_with(without, &model_dir(), &[]);
@@ -655,30 +655,37 @@ fn a_prompt_that_continues_an_earlier_one_reuses_its_kv_cache() {
         assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
     }
 
-    // Questions that share only the system prompt: each reuses it, and leaves it for the
-    // next one.
+    // Questions that share only the system prompt: each reuses it and leaves it for the
+    // others, also two at once.
     let system = "<|im_start|>system\nYou are a meticulous librarian. You answer questions about books, authors and reading with care, in one or two sentences.<|im_end|>\n";
-    let mut shared_reuse = Vec::new();
-    for question in [
-        "Who wrote Hamlet?",
-        "What is a novella?",
-        "Why read poetry aloud?",
-    ] {
-        let prompt =
-            format!("{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
-        let (_, p) = cached.predict(greedy_input(&prompt, 12));
-        let (_, fresh) = uncached.predict(greedy_input(&prompt, 12));
-        assert_eq!(text(&p), text(&fresh), "{question}");
-        shared_reuse.push(
-            p["metrics"]["cached_input_token_count"]
-                .as_u64()
-                .unwrap_or(0),
+    let prompt_for = |question: &str| {
+        format!("{system}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    };
+    let (_, first) = cached.predict(greedy_input(&prompt_for("Who wrote Hamlet?"), 12));
+    let (_, fresh) = uncached.predict(greedy_input(&prompt_for("Who wrote Hamlet?"), 12));
+    assert_eq!(text(&first), text(&fresh));
+    let questions = ["What is a novella?", "Why read poetry aloud?"];
+    let together: Vec<Value> = questions
+        .iter()
+        .map(|q| {
+            let body = json!({ "input": greedy_input(&prompt_for(q), 12) }).to_string();
+            cached.predict_in_background(&body)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| serde_json::from_str(&h.join().unwrap().1).unwrap())
+        .collect();
+    for (question, p) in questions.iter().zip(&together) {
+        let (_, fresh) = uncached.predict(greedy_input(&prompt_for(question), 12));
+        assert_eq!(text(p), text(&fresh), "{question}");
+        let reused = p["metrics"]["cached_input_token_count"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(
+            reused >= 25,
+            "{question}: the system prompt was not reused: {p}"
         );
     }
-    assert!(
-        shared_reuse[1] >= 25 && shared_reuse[2] >= 25,
-        "the system prompt was not reused by every later question: {shared_reuse:?}"
-    );
 }
 
 /// `runner chat`: each line a user turn, each answer streamed back, the conversation kept
