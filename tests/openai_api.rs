@@ -259,6 +259,8 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
         json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
     );
     error_of(s, &b, 400, Some("messages[0].content"));
+    let (s, b) = chat(json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}));
+    assert!(error_of(s, &b, 400, Some("messages[0].content")).contains("needs its `text`"));
     let (s, b) = post(&server, "/v1/completions", &json!({"prompt": [1, 2, 3]}));
     error_of(s, &b, 400, Some("prompt"));
     let (s, b) = post(&server, "/v1/completions", &json!({}));

@@ -1,15 +1,16 @@
 //! OpenAI-compatible routes, runner's addition to Cog's API: `/v1/models`,
 //! `/v1/embeddings` for embedding models, and `/v1/chat/completions` and `/v1/completions`
-//! for text generators, so the OpenAI SDKs and the tools built on them can use a model
-//! runner serves. Each request becomes an ordinary prediction (slots, queue, cancellation,
-//! logs, `/metrics` and webhook-free), built from the model's own Cog inputs; answers and
-//! errors have OpenAI's shapes.
+//! for text generators (runner's own, and Python Cog language models), so the OpenAI SDKs
+//! and the tools built on them can use a model runner serves. Each request becomes an
+//! ordinary prediction built from the model's own Cog inputs: it takes a slot, can wait in
+//! the queue, is canceled when its client leaves, and shows in the logs and `/metrics`.
+//! Answers and errors have OpenAI's shapes.
 //!
-//! Where OpenAI's defaults differ from the model's Cog defaults, OpenAI's hold here:
-//! temperature 1, top_p 1, no top-k, no repetition penalty, and generation until the end
-//! of the turn (chat) or 16 tokens (completions). Unsupported features (several choices,
-//! log probabilities, tools, penalties) are refused with a 400 naming the parameter,
-//! never silently ignored.
+//! For runner's own models, OpenAI's defaults replace the model's Cog defaults: temperature
+//! 1, top_p 1, no top-k, no repetition penalty, and generation until the end of the turn
+//! (chat) or 16 tokens (completions). A Python predictor keeps its own defaults for what a
+//! request leaves out. Unsupported features (several choices, log probabilities, tools,
+//! penalties) are refused with a 400 naming the parameter, never silently ignored.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -435,6 +436,10 @@ fn message_text(content: &Value, index: usize) -> Result<String, ApiError> {
             .map(
                 |part| match (part["type"].as_str(), part["text"].as_str()) {
                     (Some("text"), Some(text)) => Ok(text),
+                    (Some("text"), None) => Err(ApiError::invalid(
+                        Some(&param),
+                        format!("`{param}`: a text part needs its `text`"),
+                    )),
                     (Some(other), _) => Err(ApiError::unsupported(
                         &param,
                         &format!("a `{other}` content part (this model reads text)"),
