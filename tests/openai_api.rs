@@ -773,3 +773,34 @@ fn the_model_list_waits_for_the_model() {
     let b: Value = serde_json::from_str(&t).unwrap();
     assert!(error_of(s, &b, 503, None).contains("failed to load"), "{t}");
 }
+
+/// SIGTERM while a completion streams: the stream finishes (finish reason, `[DONE]`), then
+/// the server stops.
+#[test]
+fn a_stream_in_flight_finishes_before_the_server_stops() {
+    let mut server = Server::start(&smollm2(), &[]);
+    let body = json!({"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 200, "temperature": 0, "stream": true});
+    let addr = server.addr.clone();
+    let streaming = std::thread::spawn(move || {
+        http(
+            &addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body.to_string()),
+            &[],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    server.sigterm();
+    let (status, text) = streaming.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("\"finish_reason\":\"length\"") && text.trim_end().ends_with("data: [DONE]"),
+        "the stream was cut: {}",
+        &text[text.len().saturating_sub(400)..]
+    );
+    assert!(
+        server.exits_within(Duration::from_secs(20)),
+        "the server did not stop"
+    );
+}

@@ -175,6 +175,29 @@ impl Server {
     }
 
     /// Everything the server wrote on stderr since it became ready.
+    /// Sends SIGTERM, as a supervisor stopping the server does.
+    #[allow(dead_code)]
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Whether the process exits within `limit`.
+    #[allow(dead_code)]
+    pub fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn drain_stderr(&self) -> Vec<String> {
         self.stderr_lines.try_iter().collect()
     }
