@@ -804,3 +804,35 @@ fn a_stream_in_flight_finishes_before_the_server_stops() {
         "the server did not stop"
     );
 }
+
+/// A busy server makes OpenAI clients wait their turn (they do not expect Cog's 409); Cog's
+/// own route still answers 409 at once, as Cog does.
+#[test]
+fn openai_requests_wait_for_a_busy_model() {
+    let server = Server::start(&smollm2(), &[]);
+    let body = json!({"messages": [{"role": "user", "content": "Tell me about rivers."}], "max_tokens": 60, "temperature": 0}).to_string();
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let (addr, body) = (server.addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                http(&addr, "POST", "/v1/chat/completions", Some(&body), &[])
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, busy) = server.post_json(
+        "/predictions",
+        &json!({"input": {"prompt": "hi"}}).to_string(),
+    );
+    assert_eq!(status, 409, "{busy}");
+    let answers: Vec<(u16, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (status, text) in &answers {
+        assert_eq!(*status, 200, "{text}");
+    }
+    let content = |t: &str| {
+        serde_json::from_str::<Value>(t).unwrap()["choices"][0]["message"]["content"].clone()
+    };
+    assert!(answers
+        .iter()
+        .all(|(_, t)| content(t) == content(&answers[0].1)));
+}

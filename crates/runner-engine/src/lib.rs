@@ -1038,7 +1038,19 @@ impl Engine {
         input: &Value,
         context: std::collections::BTreeMap<String, String>,
     ) -> Result<Arc<Running>, Rejection> {
-        self.submit_inner(id, input, context)
+        self.submit_inner(id, input, context, false)
+            .inspect_err(|r| self.metrics.rejected(r))
+    }
+
+    /// As [`Engine::submit`], but a busy model queues the prediction instead of refusing
+    /// it when no `--max-queue` is set (with one, its limit holds): for clients that expect
+    /// a server to wait, as OpenAI's do.
+    pub fn submit_queued(
+        self: &Arc<Self>,
+        id: String,
+        input: &Value,
+    ) -> Result<Arc<Running>, Rejection> {
+        self.submit_inner(id, input, Default::default(), true)
             .inspect_err(|r| self.metrics.rejected(r))
     }
 
@@ -1069,6 +1081,7 @@ impl Engine {
         id: String,
         input: &Value,
         context: std::collections::BTreeMap<String, String>,
+        queue_when_unlimited: bool,
     ) -> Result<Arc<Running>, Rejection> {
         let input = self.validate(input).map_err(Rejection::InvalidInput)?;
         let Some(model) = self.model.get().cloned() else {
@@ -1081,6 +1094,10 @@ impl Engine {
         }
         let permit = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(p) => Some(p),
+            Err(_) if self.max_queue == 0 && queue_when_unlimited => {
+                self.queued.fetch_add(1, Ordering::SeqCst);
+                None
+            }
             Err(_) if self.max_queue == 0 => return Err(Rejection::AtCapacity),
             Err(_) => {
                 let taken = self.queued.fetch_add(1, Ordering::SeqCst);

@@ -399,8 +399,9 @@ fn submit(
     input: &Value,
     param_of: &dyn Fn(&str) -> String,
 ) -> Result<Arc<Running>, ApiError> {
+    // OpenAI's clients expect a busy server to make them wait, not to refuse them.
     engine
-        .submit_with_context(new_prediction_id(), input, Default::default())
+        .submit_queued(new_prediction_id(), input)
         .map_err(|r| rejection(r, param_of))
 }
 
