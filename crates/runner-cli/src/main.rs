@@ -1401,6 +1401,30 @@ async fn shutdown_signal(server: Option<&Server>, await_explicit: bool) {
     }
 }
 
+/// Calls `on_event` with each of a prediction's events, those already past first, until
+/// it completes.
+async fn follow_events(
+    prediction: &runner_engine::Running,
+    mut on_event: impl FnMut(&StreamEvent),
+) {
+    let mut events = prediction.subscribe();
+    let mut replay = std::mem::take(&mut events.replay);
+    loop {
+        let event = match replay.pop_front() {
+            Some(e) => e,
+            None => match events.receiver.recv().await {
+                Ok(e) => e,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => break,
+            },
+        };
+        on_event(&event);
+        if matches!(*event, StreamEvent::Completed(_)) {
+            break;
+        }
+    }
+}
+
 struct ChatSettings {
     system: Option<String>,
     temperature: f64,
@@ -1496,31 +1520,19 @@ async fn chat(
         let prediction = engine
             .submit(new_prediction_id(), &input)
             .map_err(|r| anyhow::anyhow!("the model cannot take the turn: {r:?}"))?;
-        let mut events = prediction.subscribe();
-        let mut replay = std::mem::take(&mut events.replay);
         let mut answer = String::new();
-        loop {
-            let event = match replay.pop_front() {
-                Some(e) => e,
-                None => match events.receiver.recv().await {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => break,
-                },
-            };
-            match &*event {
-                StreamEvent::Output {
-                    chunk: Value::String(text),
-                    ..
-                } => {
-                    print!("{text}");
-                    let _ = std::io::stdout().flush();
-                    answer.push_str(text);
-                }
-                StreamEvent::Completed(_) => break,
-                _ => {}
+        follow_events(&prediction, |event| {
+            if let StreamEvent::Output {
+                chunk: Value::String(text),
+                ..
+            } = event
+            {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+                answer.push_str(text);
             }
-        }
+        })
+        .await;
         prediction.wait().await;
         println!();
         if prediction.status() != PredictionStatus::Succeeded {
@@ -1597,32 +1609,20 @@ async fn run(
         engine.signature().output,
         runner_spec::OutputType::ConcatenateIterator(_)
     );
-    let mut events = prediction.subscribe();
     let mut streamed = false;
-    let mut replay = std::mem::take(&mut events.replay);
-    loop {
-        let event = match replay.pop_front() {
-            Some(e) => e,
-            None => match events.receiver.recv().await {
-                Ok(e) => e,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => break,
-            },
-        };
-        match &*event {
-            StreamEvent::Log { data } => eprint!("{data}"),
-            StreamEvent::Output {
-                chunk: Value::String(text),
-                ..
-            } if concatenates && output.is_none() => {
-                print!("{text}");
-                let _ = std::io::stdout().flush();
-                streamed = true;
-            }
-            StreamEvent::Completed(_) => break,
-            _ => {}
+    follow_events(&prediction, |event| match event {
+        StreamEvent::Log { data } => eprint!("{data}"),
+        StreamEvent::Output {
+            chunk: Value::String(text),
+            ..
+        } if concatenates && output.is_none() => {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+            streamed = true;
         }
-    }
+        _ => {}
+    })
+    .await;
     prediction.wait().await;
     if streamed {
         println!();
