@@ -449,7 +449,7 @@ async fn model_checks(
             ),
         );
     } else {
-        weights(&model_dir, device, found);
+        weights(&engine, &model_dir, device, found);
         if let Some(device) = device {
             snapshot(request, &engine, device, &retake, found);
             if matches!(device, Device::Cuda(_)) {
@@ -459,7 +459,7 @@ async fn model_checks(
         snapshot_room(&engine, &model_dir, found);
     }
     if request.measure {
-        measure(&engine, &model_dir, device, found);
+        measure(request, &engine, &model_dir, device, found);
     }
     if request.load {
         load(&engine, python, &retake, found).await;
@@ -553,7 +553,7 @@ fn python_interpreter(explicit: Option<&Path>, found: &mut Findings) -> bool {
     true
 }
 
-fn weights(model_dir: &ModelDir, device: Option<&Device>, found: &mut Findings) {
+fn weights(engine: &Engine, model_dir: &ModelDir, device: Option<&Device>, found: &mut Findings) {
     let Ok(architecture) = runner_models::architecture_for(model_dir) else {
         return;
     };
@@ -568,11 +568,7 @@ fn weights(model_dir: &ModelDir, device: Option<&Device>, found: &mut Findings) 
         );
         return;
     }
-    let bytes: u64 = files
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
+    let bytes = engine.weights_file_bytes();
     let checked = if layout.safetensors.is_empty() {
         layout
             .gguf
@@ -793,11 +789,17 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
-fn measure(engine: &Engine, model_dir: &ModelDir, device: Option<&Device>, found: &mut Findings) {
+fn measure(
+    request: &Request,
+    engine: &Engine,
+    model_dir: &ModelDir,
+    device: Option<&Device>,
+    found: &mut Findings,
+) {
     // The file a start reads: the snapshot when there is one, else the largest weights.
     let snapshot = device
         .and_then(|d| engine.compat_key(d).ok())
-        .map(|k| engine.default_snapshot_path(&k.device_kind))
+        .and_then(|k| snapshot_path(request, engine, &k.device_kind))
         .filter(|p| p.exists());
     let file = snapshot.or_else(|| {
         model_dir

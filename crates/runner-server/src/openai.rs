@@ -135,13 +135,12 @@ fn wrong_model(engine: &Engine, route: &str) -> ApiError {
 }
 
 fn not_loaded() -> ApiError {
-    ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: "the model is not loaded yet (GET /health-check says when it is)".into(),
-        kind: "server_error",
-        param: None,
-        code: Some("not_ready"),
-    }
+    rejection(
+        Rejection::NotReady {
+            setup_failed: false,
+        },
+        &str::to_string,
+    )
 }
 
 /// Maps an engine refusal to OpenAI's statuses; `param_of` names an input's parameter.

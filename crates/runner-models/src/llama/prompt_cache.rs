@@ -19,6 +19,8 @@ use super::native;
 const MIN_REUSE: usize = 8;
 /// Sessions kept at most.
 const MAX_ENTRIES: usize = 8;
+/// The cache's size unless `RUNNER_LLAMA_PROMPT_CACHE_MB` says otherwise.
+const DEFAULT_MB: usize = 256;
 
 struct Entry {
     /// The tokens whose keys and values the session holds, in order.
@@ -33,10 +35,15 @@ pub struct PromptCache {
 
 impl Default for PromptCache {
     fn default() -> Self {
-        let megabytes = std::env::var("RUNNER_LLAMA_PROMPT_CACHE_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(256);
+        let megabytes = match std::env::var("RUNNER_LLAMA_PROMPT_CACHE_MB") {
+            Err(_) => DEFAULT_MB,
+            Ok(v) => v.trim().parse::<usize>().unwrap_or_else(|_| {
+                tracing::warn!(
+                    "RUNNER_LLAMA_PROMPT_CACHE_MB={v:?} is not a number of megabytes (0 turns the prompt cache off); using {DEFAULT_MB}"
+                );
+                DEFAULT_MB
+            }),
+        };
         Self {
             entries: Mutex::default(),
             budget_bytes: megabytes << 20,
