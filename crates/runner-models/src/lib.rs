@@ -21,6 +21,7 @@ pub mod llama;
 pub mod load;
 pub mod python;
 pub mod stream;
+pub mod structured;
 pub mod tiny_mlp;
 pub mod weights;
 

@@ -552,14 +552,6 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
     {
         return Err(ApiError::unsupported("tools", "tool calling"));
     }
-    if let Some(format) = request.get("response_format").filter(|v| !v.is_null()) {
-        if format["type"] != "text" {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "a structured response format",
-            ));
-        }
-    }
     if request
         .get("suffix")
         .and_then(Value::as_str)
@@ -568,6 +560,37 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
         return Err(ApiError::unsupported("suffix", "a suffix"));
     }
     Ok(())
+}
+
+/// The JSON Schema `response_format` asks the output to match: `json_object` is any JSON
+/// object, `json_schema` its `schema` (any JSON value when it has none); `text` and no
+/// format ask for nothing.
+fn response_schema(request: &Map<String, Value>) -> Result<Option<Value>, ApiError> {
+    let Some(format) = request.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json!({"type": "object"}))),
+        Some("json_schema") => match format.get("json_schema") {
+            Some(Value::Object(spec)) => match spec.get("schema") {
+                None | Some(Value::Null) => Ok(Some(json!({}))),
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(schema.clone())),
+                Some(_) => Err(ApiError::invalid(
+                    Some("response_format"),
+                    "`response_format.json_schema.schema` must be a JSON Schema (an object)",
+                )),
+            },
+            _ => Err(ApiError::invalid(
+                Some("response_format"),
+                "`response_format` of type `json_schema` needs `json_schema`: {\"name\": …, \"schema\": {…}}",
+            )),
+        },
+        _ => Err(ApiError::invalid(
+            Some("response_format"),
+            "`response_format.type` must be `text`, `json_object` or `json_schema`",
+        )),
+    }
 }
 
 /// `stop`: a string or up to four.
@@ -818,6 +841,22 @@ fn generation(
             _ => {}
         }
     }
+    if let Some(schema) = response_schema(request)? {
+        if !inputs.has("json_schema") {
+            return Err(ApiError::unsupported(
+                "response_format",
+                "structured output for this model (it has no `json_schema` input)",
+            ));
+        }
+        if native {
+            // Checked here, so a schema runner cannot enforce is a 400 naming the keyword,
+            // not a failed prediction.
+            runner_models::structured::Grammar::compile(&schema).map_err(|e| {
+                ApiError::invalid(Some("response_format"), format!("`response_format`: {e}"))
+            })?;
+        }
+        input.insert("json_schema".into(), json!(schema.to_string()));
+    }
     let stops = stop_sequences(request)?;
     match (inputs.stop_list, stops.is_empty()) {
         (_, true) => {}
@@ -890,6 +929,7 @@ fn generation_param(max_param: &'static str, kind: Kind) -> impl Fn(&str) -> Str
             "max_new_tokens" | "max_tokens" | "max_length" => max_param,
             "prompt" | "system_prompt" if kind == Kind::Chat => "messages",
             "stop_sequences" => "stop",
+            "json_schema" => "response_format",
             other => other,
         }
         .to_string()

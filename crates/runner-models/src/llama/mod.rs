@@ -22,7 +22,7 @@ pub use packed::Kernel;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
@@ -33,6 +33,7 @@ use runner_spec::{InputField, ModelDir, OutputType, Primitive, Signature};
 use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
+use crate::structured::{Constraint, Grammar, Vocabulary};
 use crate::{
     Architecture, ChatMessage, LoadContext, LoadError, MetricMode, Model, PredictContext,
     PredictError,
@@ -100,6 +101,9 @@ pub fn signature() -> Signature {
             InputField::list("stop", Primitive::Str)
                 .default(json!([]))
                 .description("Stop when the output contains any of these; the stop text is not returned"),
+            InputField::prim("json_schema", Primitive::Str)
+                .default(json!(""))
+                .description("A JSON Schema the output must match (e.g. {\"type\": \"object\"} for any JSON object); empty: free text"),
         ],
         output: OutputType::ConcatenateIterator(Box::new(OutputType::Prim(Primitive::Str))),
         streaming: true,
@@ -165,6 +169,8 @@ pub struct Generator {
     pub source: String,
     /// Recent generations' KV caches, for prompts that start the same way.
     prompt_cache: prompt_cache::PromptCache,
+    /// The vocabulary as bytes, built the first time structured output is asked for.
+    vocabulary: OnceLock<Result<Arc<Vocabulary>, String>>,
 }
 
 impl Generator {
@@ -173,6 +179,25 @@ impl Generator {
     }
     pub fn context_length(&self) -> usize {
         self.context
+    }
+
+    /// A constraint that holds the output to `schema` (a JSON Schema, as text).
+    pub fn json_constraint(&self, schema: &str) -> Result<Constraint, PredictError> {
+        let schema: Value = serde_json::from_str(schema).map_err(|e| {
+            PredictError::Failed(format!("json_schema is not JSON ({e}); give a JSON Schema such as {{\"type\": \"object\"}}"))
+        })?;
+        let grammar = Grammar::compile(&schema)
+            .map_err(|e| PredictError::Failed(format!("json_schema: {e}")))?;
+        let vocabulary = self
+            .vocabulary
+            .get_or_init(|| Vocabulary::of(&self.tokenizer).map(Arc::new))
+            .clone()
+            .map_err(PredictError::Failed)?;
+        Ok(Constraint::new(
+            Arc::new(grammar),
+            vocabulary,
+            self.stop_tokens.clone(),
+        ))
     }
 
     fn session(&self) -> Result<Session, PredictError> {
@@ -625,6 +650,7 @@ fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generato
         device: device.clone(),
         source: format!("gguf {quant}"),
         prompt_cache: Default::default(),
+        vocabulary: OnceLock::new(),
     })
 }
 
@@ -733,6 +759,7 @@ fn load_safetensors(
         device: device.clone(),
         source: format!("safetensors {dtype:?}"),
         prompt_cache: Default::default(),
+        vocabulary: OnceLock::new(),
     })
 }
 
@@ -778,6 +805,36 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
         },
         (false, false) => Sampling::All { temperature },
     }
+}
+
+/// Samples a token the constraint allows: the sampler's own choice when it is allowed (the
+/// usual case, and exactly the masked choice for greedy decoding), else a second draw from
+/// the logits with every disallowed token masked out.
+fn constrained_sample(
+    sampler: &mut LogitsProcessor,
+    logits: &Tensor,
+    constraint: &Constraint,
+) -> Result<u32, PredictError> {
+    let first = sampler.sample(logits)?;
+    if constraint.allows(first) {
+        return Ok(first);
+    }
+    let mut values = logits.to_vec1::<f32>()?;
+    let allowed = constraint.mask(values.len());
+    let mut any = false;
+    for (value, ok) in values.iter_mut().zip(&allowed) {
+        if *ok {
+            any = true;
+        } else {
+            *value = f32::NEG_INFINITY;
+        }
+    }
+    if !any {
+        return Err(PredictError::Failed(
+            "structured output: no token of the vocabulary can continue the JSON here".into(),
+        ));
+    }
+    Ok(sampler.sample(&Tensor::new(values, &Device::Cpu)?)?)
 }
 
 impl Model for LlamaModel {
@@ -841,6 +898,10 @@ impl Model for LlamaModel {
             ),
         );
         let penalty = number("repetition_penalty", 1.0) as f32;
+        let mut constraint = match text("json_schema").trim() {
+            "" => None,
+            schema => Some(g.json_constraint(schema)?),
+        };
         let stops: Vec<String> = input
             .get("stop")
             .and_then(Value::as_array)
@@ -886,7 +947,10 @@ impl Model for LlamaModel {
                     &all_tokens[start..],
                 )?;
             }
-            let next = sampler.sample(&logits)?;
+            let next = match &constraint {
+                None => sampler.sample(&logits)?,
+                Some(c) => constrained_sample(&mut sampler, &logits, c)?,
+            };
             first_token_at.get_or_insert_with(|| started.elapsed().as_secs_f64());
             if g.stop_tokens.contains(&next) {
                 finish = "stop token";
@@ -895,6 +959,9 @@ impl Model for LlamaModel {
             generated += 1;
             pending.push(next);
             all_tokens.push(next);
+            if let Some(c) = &mut constraint {
+                c.advance(next);
+            }
             let text = g
                 .tokenizer
                 .decode(&pending, true)
@@ -911,6 +978,16 @@ impl Model for LlamaModel {
             if end > emitted {
                 ctx.emit_output(Value::String(text[emitted..end].to_string()));
                 emitted = end;
+            }
+            if constraint.as_ref().is_some_and(Constraint::is_done) {
+                // The JSON is whole: nothing may follow it but the end.
+                if text.len() > emitted {
+                    ctx.emit_output(Value::String(text[emitted..].to_string()));
+                }
+                pending.clear();
+                emitted = 0;
+                finish = "complete JSON";
+                break;
             }
             if emitted == text.len() {
                 // Nothing held back: the next token starts on a character boundary and no

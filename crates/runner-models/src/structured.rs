@@ -1,0 +1,1470 @@
+//! Structured output: a JSON Schema compiled into a byte-level matcher that decides, token
+//! by token, what a generating model may emit next, so the output is JSON that matches the
+//! schema (OpenAI's `response_format`, and the `json_schema` input of `candle:llama`).
+//!
+//! The matcher is a pushdown automaton over bytes. Each alternative it follows (`anyOf`,
+//! `enum`, type lists) is a stack of frames; a byte advances every alternative and drops
+//! those that cannot take it. Masks over the vocabulary come from walking a trie of the
+//! tokens' bytes, so tokens sharing a prefix are checked once.
+//!
+//! What it supports, and what it refuses with an error naming the keyword (never ignoring
+//! a constraint it would then break): see [`Grammar::compile`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::Tokenizer;
+
+/// Nodes a schema may compile to: a bound on hostile schemas.
+const MAX_NODES: usize = 4096;
+/// Alternatives one value may start as (after `anyOf`/`enum`/type lists are expanded).
+const MAX_ALTERNATIVES: u64 = 1024;
+/// Properties one object schema may declare (the matcher tracks them in a 64-bit set).
+const MAX_PROPERTIES: usize = 64;
+/// Nesting of objects and arrays in the output.
+const MAX_DEPTH: usize = 64;
+/// Consecutive whitespace bytes between JSON tokens: enough for indentation, not for a
+/// model that would otherwise emit newlines until it runs out of tokens.
+const MAX_WHITESPACE: u8 = 64;
+/// Digits in a number's integer and fraction parts (beyond them f64 loses the digits
+/// anyway), and in its exponent (two: parsers refuse numbers past f64's 1e308).
+const MAX_DIGITS: u8 = 15;
+const MAX_EXPONENT_DIGITS: u8 = 2;
+
+type NodeId = u32;
+
+/// Why a schema cannot constrain generation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("JSON Schema at `{path}`: {message}")]
+pub struct SchemaError {
+    /// A JSON Pointer into the schema (`#` is the root).
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    /// Any of these (an `anyOf`, a `oneOf`, a list of types, `{}`).
+    OneOf(Vec<NodeId>),
+    /// One of these exact JSON texts, compact (`enum`, `const`, `true`, `null`).
+    Literals(Vec<Box<[u8]>>),
+    Number {
+        integer: bool,
+    },
+    String {
+        min: u32,
+        max: u32,
+    },
+    Array {
+        prefix: Vec<NodeId>,
+        /// Items after the prefix; `None`: no more.
+        items: Option<NodeId>,
+        min: u32,
+        max: u32,
+    },
+    Object {
+        /// Names as they appear between the quotes (JSON-escaped), and their schemas.
+        properties: Vec<(Box<[u8]>, NodeId)>,
+        required: u64,
+        /// Other keys' schema; `None`: no other keys.
+        additional: Option<NodeId>,
+    },
+}
+
+/// A compiled JSON Schema.
+#[derive(Debug, Clone)]
+pub struct Grammar {
+    nodes: Vec<Node>,
+    root: NodeId,
+}
+
+/// Keywords that only annotate, skipped without effect.
+const ANNOTATIONS: &[&str] = &[
+    "$schema",
+    "$id",
+    "$comment",
+    "$defs",
+    "definitions",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "discriminator",
+    "strict",
+    "name",
+];
+
+/// Keywords that constrain values in ways the matcher does not enforce: refused.
+const UNSUPPORTED: &[&str] = &[
+    "pattern",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "uniqueItems",
+    "contains",
+    "minContains",
+    "maxContains",
+    "patternProperties",
+    "propertyNames",
+    "minProperties",
+    "maxProperties",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "$dynamicRef",
+    "$recursiveRef",
+    "contentEncoding",
+    "contentMediaType",
+];
+
+struct Compiler<'a> {
+    root: &'a Value,
+    nodes: Vec<Node>,
+    /// `$ref` targets already compiled (or being compiled: recursion).
+    refs: HashMap<String, NodeId>,
+    any: Option<NodeId>,
+}
+
+fn fail(path: &str, message: impl Into<String>) -> SchemaError {
+    SchemaError {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+fn json_text(value: &Value) -> Box<[u8]> {
+    serde_json::to_vec(value)
+        .unwrap_or_default()
+        .into_boxed_slice()
+}
+
+fn bound(
+    schema: &serde_json::Map<String, Value>,
+    key: &str,
+    path: &str,
+) -> Result<Option<u32>, SchemaError> {
+    match schema.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|n| Some(n.min(u64::from(u32::MAX)) as u32))
+            .ok_or_else(|| fail(path, format!("`{key}` must be a whole number"))),
+    }
+}
+
+impl Compiler<'_> {
+    fn push(&mut self, node: Node, path: &str) -> Result<NodeId, SchemaError> {
+        if self.nodes.len() >= MAX_NODES {
+            return Err(fail(
+                path,
+                format!("the schema is too large (more than {MAX_NODES} parts)"),
+            ));
+        }
+        self.nodes.push(node);
+        Ok((self.nodes.len() - 1) as NodeId)
+    }
+
+    /// Any JSON value: one node, shared, recursive.
+    fn any(&mut self, path: &str) -> Result<NodeId, SchemaError> {
+        if let Some(id) = self.any {
+            return Ok(id);
+        }
+        let id = self.push(Node::OneOf(Vec::new()), path)?;
+        self.any = Some(id);
+        let object = self.push(
+            Node::Object {
+                properties: Vec::new(),
+                required: 0,
+                additional: Some(id),
+            },
+            path,
+        )?;
+        let array = self.push(
+            Node::Array {
+                prefix: Vec::new(),
+                items: Some(id),
+                min: 0,
+                max: u32::MAX,
+            },
+            path,
+        )?;
+        let string = self.push(
+            Node::String {
+                min: 0,
+                max: u32::MAX,
+            },
+            path,
+        )?;
+        let number = self.push(Node::Number { integer: false }, path)?;
+        let literals = self.push(
+            Node::Literals(vec![
+                Box::from(&b"true"[..]),
+                Box::from(&b"false"[..]),
+                Box::from(&b"null"[..]),
+            ]),
+            path,
+        )?;
+        self.nodes[id as usize] = Node::OneOf(vec![object, array, string, number, literals]);
+        Ok(id)
+    }
+
+    fn compile(&mut self, schema: &Value, path: &str) -> Result<NodeId, SchemaError> {
+        let object = match schema {
+            Value::Bool(true) => return self.any(path),
+            Value::Bool(false) => {
+                return Err(fail(
+                    path,
+                    "`false` allows no value, so nothing could be generated",
+                ))
+            }
+            Value::Object(o) => o,
+            _ => return Err(fail(path, "a schema must be an object or a boolean")),
+        };
+        for key in object.keys() {
+            if UNSUPPORTED.contains(&key.as_str()) {
+                return Err(fail(
+                    path,
+                    format!(
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf, allOf (of one schema) and local $ref; remove `{key}`, or check it after generation"
+                    ),
+                ));
+            }
+        }
+        let constraining = |except: &[&str]| {
+            object
+                .keys()
+                .find(|k| !ANNOTATIONS.contains(&k.as_str()) && !except.contains(&k.as_str()))
+                .cloned()
+        };
+        if let Some(reference) = object.get("$ref") {
+            if let Some(other) = constraining(&["$ref"]) {
+                return Err(fail(
+                    path,
+                    format!("`{other}` beside `$ref` is not supported; move it into the referenced schema"),
+                ));
+            }
+            let reference = reference
+                .as_str()
+                .ok_or_else(|| fail(path, "`$ref` must be a string"))?;
+            return self.reference(reference, path);
+        }
+        if let Some(all) = object.get("allOf") {
+            match all.as_array().map(Vec::as_slice) {
+                Some([one]) if constraining(&["allOf"]).is_none() => {
+                    return self.compile(one, &format!("{path}/allOf/0"))
+                }
+                _ => {
+                    return Err(fail(
+                        path,
+                        "`allOf` is supported only as a list of one schema with nothing beside it",
+                    ))
+                }
+            }
+        }
+        for key in ["anyOf", "oneOf"] {
+            let Some(list) = object.get(key) else {
+                continue;
+            };
+            if let Some(other) = constraining(&[key]) {
+                return Err(fail(
+                    path,
+                    format!(
+                        "`{other}` beside `{key}` is not supported; move it into each alternative"
+                    ),
+                ));
+            }
+            let list = list.as_array().filter(|l| !l.is_empty()).ok_or_else(|| {
+                fail(path, format!("`{key}` must be a non-empty list of schemas"))
+            })?;
+            let id = self.push(Node::OneOf(Vec::new()), path)?;
+            // oneOf is followed as anyOf: the output matches at least one alternative (the
+            // alternatives of generated schemas, e.g. tagged unions, exclude each other).
+            let alternatives = list
+                .iter()
+                .enumerate()
+                .map(|(i, s)| self.compile(s, &format!("{path}/{key}/{i}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            self.nodes[id as usize] = Node::OneOf(alternatives);
+            return Ok(id);
+        }
+        if let Some(value) = object.get("const") {
+            return self.push(Node::Literals(vec![json_text(value)]), path);
+        }
+        if let Some(values) = object.get("enum") {
+            let values = values
+                .as_array()
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| fail(path, "`enum` must be a non-empty list"))?;
+            return self.push(Node::Literals(values.iter().map(json_text).collect()), path);
+        }
+        if object.get("nullable") == Some(&Value::Bool(true)) {
+            // OpenAPI 3.0's way of saying `anyOf: [this, null]`.
+            let mut rest = object.clone();
+            rest.remove("nullable");
+            let id = self.push(Node::OneOf(Vec::new()), path)?;
+            let this = self.compile(&Value::Object(rest), path)?;
+            let null = self.push(Node::Literals(vec![Box::from(&b"null"[..])]), path)?;
+            self.nodes[id as usize] = Node::OneOf(vec![this, null]);
+            return Ok(id);
+        }
+        let types: Vec<&str> = match object.get("type") {
+            None => {
+                if object.contains_key("properties")
+                    || object.contains_key("required")
+                    || object.contains_key("additionalProperties")
+                {
+                    vec!["object"]
+                } else if object.contains_key("items")
+                    || object.contains_key("prefixItems")
+                    || object.contains_key("minItems")
+                    || object.contains_key("maxItems")
+                {
+                    vec!["array"]
+                } else if object.contains_key("minLength") || object.contains_key("maxLength") {
+                    vec!["string"]
+                } else {
+                    return self.any(path);
+                }
+            }
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) if !ts.is_empty() => ts
+                .iter()
+                .map(|t| t.as_str().ok_or_else(|| fail(path, "`type` lists strings")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(fail(
+                    path,
+                    "`type` must be a string or a non-empty list of them",
+                ))
+            }
+        };
+        if let [one] = types.as_slice() {
+            return self.typed(object, one, path);
+        }
+        let id = self.push(Node::OneOf(Vec::new()), path)?;
+        let alternatives = types
+            .iter()
+            .map(|t| self.typed(object, t, path))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.nodes[id as usize] = Node::OneOf(alternatives);
+        Ok(id)
+    }
+
+    fn typed(
+        &mut self,
+        schema: &serde_json::Map<String, Value>,
+        ty: &str,
+        path: &str,
+    ) -> Result<NodeId, SchemaError> {
+        match ty {
+            "null" => self.push(Node::Literals(vec![Box::from(&b"null"[..])]), path),
+            "boolean" => self.push(
+                Node::Literals(vec![Box::from(&b"true"[..]), Box::from(&b"false"[..])]),
+                path,
+            ),
+            "number" => self.push(Node::Number { integer: false }, path),
+            "integer" => self.push(Node::Number { integer: true }, path),
+            "string" => {
+                let min = bound(schema, "minLength", path)?.unwrap_or(0);
+                let max = bound(schema, "maxLength", path)?.unwrap_or(u32::MAX);
+                if min > max {
+                    return Err(fail(path, "`minLength` is above `maxLength`: no string matches"));
+                }
+                self.push(Node::String { min, max }, path)
+            }
+            "array" => self.array(schema, path),
+            "object" => self.object(schema, path),
+            other => Err(fail(
+                path,
+                format!("unknown type `{other}` (JSON Schema's types: null, boolean, number, integer, string, array, object)"),
+            )),
+        }
+    }
+
+    fn array(
+        &mut self,
+        schema: &serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<NodeId, SchemaError> {
+        let min = bound(schema, "minItems", path)?.unwrap_or(0);
+        let max = bound(schema, "maxItems", path)?.unwrap_or(u32::MAX);
+        if min > max {
+            return Err(fail(
+                path,
+                "`minItems` is above `maxItems`: no array matches",
+            ));
+        }
+        let id = self.push(Node::OneOf(Vec::new()), path)?;
+        let prefix = match schema.get("prefixItems") {
+            None => Vec::new(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, s)| self.compile(s, &format!("{path}/prefixItems/{i}")))
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(fail(path, "`prefixItems` must be a list of schemas")),
+        };
+        let items = match schema.get("items") {
+            None | Some(Value::Bool(true)) => Some(self.any(path)?),
+            Some(Value::Bool(false)) => None,
+            Some(s @ Value::Object(_)) => Some(self.compile(s, &format!("{path}/items"))?),
+            Some(Value::Array(_)) => {
+                return Err(fail(
+                    path,
+                    "`items` as a list is draft-07's tuple form; use `prefixItems`",
+                ))
+            }
+            Some(_) => return Err(fail(path, "`items` must be a schema")),
+        };
+        if items.is_none() && (min as usize) > prefix.len() {
+            return Err(fail(
+                path,
+                "`minItems` asks for more items than `prefixItems` allows",
+            ));
+        }
+        self.nodes[id as usize] = Node::Array {
+            prefix,
+            items,
+            min,
+            max,
+        };
+        Ok(id)
+    }
+
+    fn object(
+        &mut self,
+        schema: &serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<NodeId, SchemaError> {
+        let id = self.push(Node::OneOf(Vec::new()), path)?;
+        let mut properties: Vec<(String, NodeId)> = Vec::new();
+        match schema.get("properties") {
+            None => {}
+            Some(Value::Object(props)) => {
+                for (name, s) in props {
+                    let pointer = format!(
+                        "{path}/properties/{}",
+                        name.replace('~', "~0").replace('/', "~1")
+                    );
+                    properties.push((name.clone(), self.compile(s, &pointer)?));
+                }
+            }
+            Some(_) => return Err(fail(path, "`properties` must be an object of schemas")),
+        }
+        let additional = match schema.get("additionalProperties") {
+            None | Some(Value::Bool(true)) => Some(self.any(path)?),
+            Some(Value::Bool(false)) => None,
+            Some(s @ Value::Object(_)) => {
+                Some(self.compile(s, &format!("{path}/additionalProperties"))?)
+            }
+            Some(_) => {
+                return Err(fail(
+                    path,
+                    "`additionalProperties` must be a schema or a boolean",
+                ))
+            }
+        };
+        let mut required = 0u64;
+        if let Some(names) = schema.get("required") {
+            let names = names
+                .as_array()
+                .ok_or_else(|| fail(path, "`required` must be a list of names"))?;
+            for name in names {
+                let name = name
+                    .as_str()
+                    .ok_or_else(|| fail(path, "`required` lists property names (strings)"))?;
+                let index = match properties.iter().position(|(n, _)| n == name) {
+                    Some(i) => i,
+                    None => match additional {
+                        // A required key without a schema of its own takes the other keys'.
+                        Some(schema) => {
+                            properties.push((name.to_string(), schema));
+                            properties.len() - 1
+                        }
+                        None => {
+                            return Err(fail(
+                                path,
+                                format!("`{name}` is required but not in `properties`, and `additionalProperties` is false: no object matches"),
+                            ))
+                        }
+                    },
+                };
+                if index < 64 {
+                    required |= 1 << index;
+                }
+            }
+        }
+        if properties.len() > MAX_PROPERTIES {
+            return Err(fail(
+                path,
+                format!("{} properties; runner's constrained decoding takes at most {MAX_PROPERTIES} per object", properties.len()),
+            ));
+        }
+        let properties = properties
+            .into_iter()
+            .map(|(name, schema)| {
+                // Between the quotes, as serde_json would write the name.
+                let quoted = json_text(&Value::String(name));
+                (Box::from(&quoted[1..quoted.len() - 1]), schema)
+            })
+            .collect();
+        self.nodes[id as usize] = Node::Object {
+            properties,
+            required,
+            additional,
+        };
+        Ok(id)
+    }
+
+    fn reference(&mut self, reference: &str, path: &str) -> Result<NodeId, SchemaError> {
+        if let Some(&id) = self.refs.get(reference) {
+            return Ok(id);
+        }
+        let Some(pointer) = reference.strip_prefix('#') else {
+            return Err(fail(
+                path,
+                format!("`$ref: {reference}` points outside this schema; only local references (`#/$defs/…`) are supported"),
+            ));
+        };
+        let target = self.root.pointer(pointer).ok_or_else(|| {
+            fail(
+                path,
+                format!("`$ref: {reference}` points at nothing in this schema"),
+            )
+        })?;
+        // Reserved before compiling, so a recursive reference finds it.
+        let id = self.push(Node::OneOf(Vec::new()), path)?;
+        self.refs.insert(reference.to_string(), id);
+        let resolved = self.compile(target, reference)?;
+        self.nodes[id as usize] = Node::OneOf(vec![resolved]);
+        Ok(id)
+    }
+}
+
+impl Grammar {
+    /// Compiles a JSON Schema (draft 2020-12, or draft-07's spelling of the same).
+    ///
+    /// Enforced: `type` (one or a list), `properties`, `required`, `additionalProperties`
+    /// (a boolean or a schema; absent means any other key is allowed, as JSON Schema says),
+    /// `items`, `prefixItems`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`,
+    /// `const`, `anyOf`, `oneOf` (followed as `anyOf`), `allOf` of one schema, `nullable`,
+    /// local `$ref` (recursion included). Annotations (`title`, `description`, `default`…)
+    /// and unknown keywords are skipped; the constraints in [`UNSUPPORTED`] are refused.
+    pub fn compile(schema: &Value) -> Result<Self, SchemaError> {
+        let mut compiler = Compiler {
+            root: schema,
+            nodes: Vec::new(),
+            refs: HashMap::new(),
+            any: None,
+        };
+        let root = compiler.compile(schema, "#")?;
+        let grammar = Grammar {
+            nodes: compiler.nodes,
+            root,
+        };
+        grammar.check_alternatives()?;
+        Ok(grammar)
+    }
+
+    /// Refuses references that loop without any JSON in between (`{"$ref": "#"}`), and
+    /// schemas whose alternatives multiply past [`MAX_ALTERNATIVES`].
+    fn check_alternatives(&self) -> Result<(), SchemaError> {
+        // 0: not seen; 1: on the path; 2: done. `counts`: values a node may start as.
+        let mut state = vec![0u8; self.nodes.len()];
+        let mut counts = vec![0u64; self.nodes.len()];
+        fn visit(
+            g: &Grammar,
+            id: NodeId,
+            state: &mut [u8],
+            counts: &mut [u64],
+        ) -> Result<u64, SchemaError> {
+            let i = id as usize;
+            match state[i] {
+                2 => return Ok(counts[i]),
+                1 => {
+                    return Err(fail(
+                        "#",
+                        "a `$ref` or `anyOf` refers back to itself without any JSON in between (e.g. `{\"$ref\": \"#\"}`): no value could ever start",
+                    ))
+                }
+                _ => {}
+            }
+            state[i] = 1;
+            let count = match &g.nodes[i] {
+                Node::OneOf(alternatives) => {
+                    let mut total = 0u64;
+                    for &a in alternatives {
+                        total = total.saturating_add(visit(g, a, state, counts)?);
+                    }
+                    total
+                }
+                Node::Literals(texts) => texts.len() as u64,
+                _ => 1,
+            };
+            if count > MAX_ALTERNATIVES {
+                return Err(fail(
+                    "#",
+                    format!("a value could start as {count} alternatives (anyOf/enum combined); runner's limit is {MAX_ALTERNATIVES}"),
+                ));
+            }
+            state[i] = 2;
+            counts[i] = count;
+            Ok(count)
+        }
+        for id in 0..self.nodes.len() {
+            visit(self, id as NodeId, &mut state, &mut counts)?;
+        }
+        Ok(())
+    }
+
+    /// A matcher at the start of the output.
+    pub fn matcher(&self) -> Matcher {
+        Matcher {
+            alternatives: vec![Alternative {
+                frames: vec![Frame::Value(self.root)],
+                whitespace: 0,
+                other_keys: Vec::new(),
+            }],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Text {
+    chars: u32,
+    /// 0: none; 1: after `\`; 2–5: expecting the `\u` escape's hex digit 1–4.
+    escape: u8,
+    /// The first hex digit was `d`: the second must not start a surrogate.
+    escape_d: bool,
+    /// UTF-8 continuation bytes still expected, and the next one's range.
+    pending: u8,
+    low: u8,
+    high: u8,
+}
+
+enum TextStep {
+    Took,
+    Closed,
+    Refused,
+}
+
+impl Text {
+    const fn new() -> Self {
+        Text {
+            chars: 0,
+            escape: 0,
+            escape_d: false,
+            pending: 0,
+            low: 0x80,
+            high: 0xBF,
+        }
+    }
+
+    /// One byte of a JSON string's body (after its opening quote), held to `min..=max`
+    /// characters. Only valid UTF-8 and valid escapes pass, and no `\u` escape of a lone
+    /// surrogate, which strict parsers refuse.
+    fn step(&mut self, b: u8, min: u32, max: u32) -> TextStep {
+        if self.pending > 0 {
+            if !(self.low..=self.high).contains(&b) {
+                return TextStep::Refused;
+            }
+            self.pending -= 1;
+            (self.low, self.high) = (0x80, 0xBF);
+            return TextStep::Took;
+        }
+        match self.escape {
+            0 => {}
+            1 => {
+                return match b {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                        self.escape = 0;
+                        TextStep::Took
+                    }
+                    b'u' => {
+                        self.escape = 2;
+                        TextStep::Took
+                    }
+                    _ => TextStep::Refused,
+                }
+            }
+            digit => {
+                if !b.is_ascii_hexdigit() {
+                    return TextStep::Refused;
+                }
+                if digit == 2 {
+                    self.escape_d = b.eq_ignore_ascii_case(&b'd');
+                } else if digit == 3
+                    && self.escape_d
+                    && matches!(b.to_ascii_lowercase(), b'8'..=b'9' | b'a'..=b'f')
+                {
+                    return TextStep::Refused;
+                }
+                self.escape = if digit == 5 { 0 } else { digit + 1 };
+                return TextStep::Took;
+            }
+        }
+        if b == b'"' {
+            return if self.chars >= min {
+                TextStep::Closed
+            } else {
+                TextStep::Refused
+            };
+        }
+        if self.chars >= max {
+            return TextStep::Refused;
+        }
+        let (pending, low, high) = match b {
+            0x00..=0x1F => return TextStep::Refused,
+            b'\\' => {
+                self.escape = 1;
+                (0, 0x80, 0xBF)
+            }
+            0x20..=0x7F => (0, 0x80, 0xBF),
+            0xC2..=0xDF => (1, 0x80, 0xBF),
+            0xE0 => (2, 0xA0, 0xBF),
+            0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
+            0xED => (2, 0x80, 0x9F),
+            0xF0 => (3, 0x90, 0xBF),
+            0xF1..=0xF3 => (3, 0x80, 0xBF),
+            0xF4 => (3, 0x80, 0x8F),
+            _ => return TextStep::Refused,
+        };
+        self.chars += 1;
+        (self.pending, self.low, self.high) = (pending, low, high);
+        TextStep::Took
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NumberPart {
+    Minus,
+    Zero,
+    Int(u8),
+    Dot,
+    Fraction(u8),
+    E,
+    ExponentSign,
+    Exponent(u8),
+}
+
+impl NumberPart {
+    fn complete(self) -> bool {
+        matches!(
+            self,
+            Self::Zero | Self::Int(_) | Self::Fraction(_) | Self::Exponent(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArrayState {
+    Open,
+    AfterItem,
+    AfterComma,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ObjectState {
+    Open,
+    /// After a key: the property's index, or `u8::MAX` for another key.
+    Colon(u8),
+    AfterValue,
+    AfterComma,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    /// A value of this node starts here (after optional whitespace).
+    Value(NodeId),
+    Literal {
+        node: NodeId,
+        index: u32,
+        at: u32,
+    },
+    Number {
+        integer: bool,
+        part: NumberPart,
+    },
+    String {
+        min: u32,
+        max: u32,
+        text: Text,
+    },
+    /// An object's key: the properties it may still become, and how much is matched.
+    Key {
+        node: NodeId,
+        candidates: u64,
+        at: u32,
+        text: Text,
+        /// FNV-1a of the key's bytes, to refuse another key written twice.
+        hash: u64,
+    },
+    Array {
+        node: NodeId,
+        count: u32,
+        state: ArrayState,
+    },
+    Object {
+        node: NodeId,
+        seen: u64,
+        state: ObjectState,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Alternative {
+    frames: Vec<Frame>,
+    whitespace: u8,
+    /// Keys other than the declared properties, by the depth of their object and their
+    /// hash: a small model otherwise writes one key again and again.
+    other_keys: Vec<(usize, u64)>,
+}
+
+/// Where the output stands: every way the bytes so far can still become a match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matcher {
+    alternatives: Vec<Alternative>,
+}
+
+fn is_whitespace(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl Grammar {
+    fn literal(&self, node: NodeId, index: u32) -> &[u8] {
+        match &self.nodes[node as usize] {
+            Node::Literals(texts) => &texts[index as usize],
+            _ => &[],
+        }
+    }
+
+    fn item(&self, node: NodeId, index: u32) -> Option<NodeId> {
+        match &self.nodes[node as usize] {
+            Node::Array {
+                prefix, items, max, ..
+            } if index < *max => prefix.get(index as usize).copied().or(*items),
+            _ => None,
+        }
+    }
+
+    /// Whether an object may take another key, having seen `seen`.
+    fn more_keys(&self, node: NodeId, seen: u64) -> bool {
+        match &self.nodes[node as usize] {
+            Node::Object {
+                properties,
+                additional,
+                ..
+            } => additional.is_some() || (0..properties.len()).any(|i| seen & (1 << i) == 0),
+            _ => false,
+        }
+    }
+
+    fn may_close(&self, node: NodeId, seen: u64) -> bool {
+        match &self.nodes[node as usize] {
+            Node::Object { required, .. } => required & !seen == 0,
+            _ => false,
+        }
+    }
+
+    /// A value of `node` starting with byte `b` (not whitespace), on top of `alt`.
+    fn start(&self, mut alt: Alternative, node: NodeId, b: u8, out: &mut Vec<Alternative>) {
+        let deep = alt.frames.len() >= MAX_DEPTH;
+        match &self.nodes[node as usize] {
+            Node::OneOf(alternatives) => {
+                for &a in alternatives {
+                    self.start(alt.clone(), a, b, out);
+                }
+                return;
+            }
+            Node::Literals(texts) => {
+                for (index, text) in texts.iter().enumerate() {
+                    if text.first() == Some(&b) {
+                        let mut a = alt.clone();
+                        if text.len() > 1 {
+                            a.frames.push(Frame::Literal {
+                                node,
+                                index: index as u32,
+                                at: 1,
+                            });
+                        }
+                        a.whitespace = 0;
+                        out.push(a);
+                    }
+                }
+                return;
+            }
+            &Node::Number { integer } => {
+                let part = match b {
+                    b'-' => NumberPart::Minus,
+                    b'0' => NumberPart::Zero,
+                    b'1'..=b'9' => NumberPart::Int(1),
+                    _ => return,
+                };
+                alt.frames.push(Frame::Number { integer, part });
+            }
+            &Node::String { min, max } if b == b'"' => {
+                alt.frames.push(Frame::String {
+                    min,
+                    max,
+                    text: Text::new(),
+                });
+            }
+            Node::Array { .. } if b == b'[' && !deep => {
+                alt.frames.push(Frame::Array {
+                    node,
+                    count: 0,
+                    state: ArrayState::Open,
+                });
+            }
+            Node::Object { .. } if b == b'{' && !deep => {
+                alt.frames.push(Frame::Object {
+                    node,
+                    seen: 0,
+                    state: ObjectState::Open,
+                });
+            }
+            _ => return,
+        }
+        alt.whitespace = 0;
+        out.push(alt);
+    }
+
+    /// Advances one alternative by byte `b`, into `out` (none, one, or several).
+    fn step(&self, mut alt: Alternative, b: u8, out: &mut Vec<Alternative>) {
+        let whitespace = is_whitespace(b);
+        // Structural whitespace: between tokens, where the top frame allows it.
+        let take_whitespace = |mut alt: Alternative, out: &mut Vec<Alternative>| {
+            if alt.whitespace < MAX_WHITESPACE {
+                alt.whitespace += 1;
+                out.push(alt);
+            }
+        };
+        loop {
+            let Some(top) = alt.frames.last_mut() else {
+                return; // the value is complete: nothing may follow
+            };
+            match top {
+                &mut Frame::Value(node) => {
+                    if whitespace {
+                        return take_whitespace(alt, out);
+                    }
+                    alt.frames.pop();
+                    return self.start(alt, node, b, out);
+                }
+                Frame::Literal { node, index, at } => {
+                    let text = self.literal(*node, *index);
+                    if text.get(*at as usize) != Some(&b) {
+                        return;
+                    }
+                    *at += 1;
+                    if *at as usize == text.len() {
+                        alt.frames.pop();
+                    }
+                    break;
+                }
+                Frame::Number { integer, part } => {
+                    let fraction_ok = !*integer;
+                    let next = match (*part, b) {
+                        (NumberPart::Minus, b'0') => NumberPart::Zero,
+                        (NumberPart::Minus, b'1'..=b'9') => NumberPart::Int(1),
+                        (NumberPart::Int(n), b'0'..=b'9') if n < MAX_DIGITS => {
+                            NumberPart::Int(n + 1)
+                        }
+                        (NumberPart::Zero | NumberPart::Int(_), b'.') if fraction_ok => {
+                            NumberPart::Dot
+                        }
+                        (
+                            NumberPart::Zero | NumberPart::Int(_) | NumberPart::Fraction(_),
+                            b'e' | b'E',
+                        ) if fraction_ok => NumberPart::E,
+                        (NumberPart::Dot, b'0'..=b'9') => NumberPart::Fraction(1),
+                        (NumberPart::Fraction(n), b'0'..=b'9') if n < MAX_DIGITS => {
+                            NumberPart::Fraction(n + 1)
+                        }
+                        (NumberPart::E, b'+' | b'-') => NumberPart::ExponentSign,
+                        (NumberPart::E | NumberPart::ExponentSign, b'0'..=b'9') => {
+                            NumberPart::Exponent(1)
+                        }
+                        (NumberPart::Exponent(n), b'0'..=b'9') if n < MAX_EXPONENT_DIGITS => {
+                            NumberPart::Exponent(n + 1)
+                        }
+                        (done, _) if done.complete() => {
+                            // The number ended before this byte: its container takes it.
+                            alt.frames.pop();
+                            continue;
+                        }
+                        _ => return,
+                    };
+                    *part = next;
+                    break;
+                }
+                Frame::String { min, max, text } => match text.step(b, *min, *max) {
+                    TextStep::Took => break,
+                    TextStep::Closed => {
+                        alt.frames.pop();
+                        break;
+                    }
+                    TextStep::Refused => return,
+                },
+                Frame::Key {
+                    node,
+                    candidates,
+                    at,
+                    text,
+                    hash,
+                } => {
+                    let Node::Object {
+                        properties,
+                        additional,
+                        ..
+                    } = &self.nodes[*node as usize]
+                    else {
+                        return;
+                    };
+                    let closing = text.escape == 0 && text.pending == 0 && b == b'"';
+                    if closing {
+                        let exact = (0..properties.len()).find(|&i| {
+                            *candidates & (1 << i) != 0 && properties[i].0.len() == *at as usize
+                        });
+                        let target = match (exact, additional) {
+                            (Some(i), _) => i as u8,
+                            (None, Some(_)) => u8::MAX,
+                            (None, None) => return,
+                        };
+                        let hash = *hash;
+                        alt.frames.pop();
+                        let depth = alt.frames.len();
+                        let Some(Frame::Object { seen, state, .. }) = alt.frames.last_mut() else {
+                            return;
+                        };
+                        if target == u8::MAX {
+                            if alt.other_keys.contains(&(depth, hash)) {
+                                return; // a key written twice
+                            }
+                            alt.other_keys.push((depth, hash));
+                        } else {
+                            if *seen & (1 << target) != 0 {
+                                return; // a key written twice
+                            }
+                            *seen |= 1 << target;
+                        }
+                        *state = ObjectState::Colon(target);
+                        break;
+                    }
+                    if additional.is_some() {
+                        // Any key: a JSON string, followed for the names it may still be.
+                        if !matches!(text.step(b, 0, u32::MAX), TextStep::Took) {
+                            return;
+                        }
+                    } else if b == b'"' && text.escape == 0 {
+                        return;
+                    }
+                    *hash = (*hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                    let position = *at as usize;
+                    for (i, (name, _)) in properties.iter().enumerate() {
+                        if name.get(position) != Some(&b) {
+                            *candidates &= !(1 << i);
+                        }
+                    }
+                    if additional.is_none() {
+                        // Names are matched as written (escapes included, byte for byte).
+                        if *candidates == 0 {
+                            return;
+                        }
+                        text.escape = u8::from(b == b'\\' && text.escape == 0);
+                    }
+                    *at += 1;
+                    break;
+                }
+                Frame::Array { node, count, state } => {
+                    if whitespace {
+                        return take_whitespace(alt, out);
+                    }
+                    let node = *node;
+                    let min = match &self.nodes[node as usize] {
+                        Node::Array { min, .. } => *min,
+                        _ => 0,
+                    };
+                    match (*state, b) {
+                        (ArrayState::Open | ArrayState::AfterItem, b']') if *count >= min => {
+                            alt.frames.pop();
+                            break;
+                        }
+                        (ArrayState::AfterItem, b',') if self.item(node, *count).is_some() => {
+                            *state = ArrayState::AfterComma;
+                            break;
+                        }
+                        (ArrayState::Open | ArrayState::AfterComma, _) => {
+                            let Some(item) = self.item(node, *count) else {
+                                return;
+                            };
+                            *count += 1;
+                            *state = ArrayState::AfterItem;
+                            alt.frames.push(Frame::Value(item));
+                            continue;
+                        }
+                        _ => return,
+                    }
+                }
+                Frame::Object { node, seen, state } => {
+                    if whitespace {
+                        return take_whitespace(alt, out);
+                    }
+                    let (node, seen_now) = (*node, *seen);
+                    match (*state, b) {
+                        (ObjectState::Open | ObjectState::AfterValue, b'}')
+                            if self.may_close(node, seen_now) =>
+                        {
+                            let depth = alt.frames.len();
+                            alt.other_keys.retain(|&(d, _)| d != depth);
+                            alt.frames.pop();
+                        }
+                        (ObjectState::AfterValue, b',') if self.more_keys(node, seen_now) => {
+                            *state = ObjectState::AfterComma;
+                        }
+                        (ObjectState::Open | ObjectState::AfterComma, b'"')
+                            if self.more_keys(node, seen_now) =>
+                        {
+                            let Node::Object {
+                                properties,
+                                additional,
+                                ..
+                            } = &self.nodes[node as usize]
+                            else {
+                                return;
+                            };
+                            let all = if properties.len() == 64 {
+                                u64::MAX
+                            } else {
+                                (1u64 << properties.len()) - 1
+                            };
+                            // Without other keys, only unseen names may start; with them, all
+                            // are followed so that a repeated name is caught when it closes.
+                            let candidates = if additional.is_some() {
+                                all
+                            } else {
+                                all & !seen_now
+                            };
+                            alt.frames.push(Frame::Key {
+                                node,
+                                candidates,
+                                at: 0,
+                                text: Text::new(),
+                                hash: 0xcbf2_9ce4_8422_2325,
+                            });
+                        }
+                        (ObjectState::Colon(target), b':') => {
+                            let Node::Object {
+                                properties,
+                                additional,
+                                ..
+                            } = &self.nodes[node as usize]
+                            else {
+                                return;
+                            };
+                            let schema = match properties.get(target as usize) {
+                                Some((_, schema)) => *schema,
+                                None => match additional {
+                                    Some(schema) => *schema,
+                                    None => return,
+                                },
+                            };
+                            *state = ObjectState::AfterValue;
+                            alt.frames.push(Frame::Value(schema));
+                        }
+                        _ => return,
+                    }
+                    break;
+                }
+            }
+        }
+        alt.whitespace = 0;
+        out.push(alt);
+    }
+}
+
+impl Matcher {
+    /// Takes one byte of output; `false` (and the matcher unchanged) if no match could
+    /// continue with it.
+    pub fn feed(&mut self, grammar: &Grammar, b: u8) -> bool {
+        let mut next = Vec::with_capacity(self.alternatives.len());
+        for alt in &self.alternatives {
+            grammar.step(alt.clone(), b, &mut next);
+        }
+        if next.is_empty() {
+            return false;
+        }
+        if next.len() > 1 {
+            let mut unique: Vec<Alternative> = Vec::with_capacity(next.len());
+            for alt in next {
+                if !unique.contains(&alt) {
+                    unique.push(alt);
+                }
+            }
+            next = unique;
+        }
+        self.alternatives = next;
+        true
+    }
+
+    /// Takes several bytes; `false` (matcher unchanged) unless all were taken.
+    pub fn feed_all(&mut self, grammar: &Grammar, bytes: &[u8]) -> bool {
+        let mut trial = self.clone();
+        for &b in bytes {
+            if !trial.feed(grammar, b) {
+                return false;
+            }
+        }
+        *self = trial;
+        true
+    }
+
+    /// Whether the output so far is a whole match (a number may still go on).
+    pub fn can_finish(&self) -> bool {
+        self.alternatives
+            .iter()
+            .any(|alt| match alt.frames.as_slice() {
+                [] => true,
+                [Frame::Number { part, .. }] => part.complete(),
+                _ => false,
+            })
+    }
+
+    /// Whether the output is a whole match that nothing may extend.
+    pub fn is_done(&self) -> bool {
+        self.alternatives.iter().all(|alt| alt.frames.is_empty())
+    }
+}
+
+/// The vocabulary as bytes, in a trie, for masks.
+#[derive(Debug)]
+pub struct Vocabulary {
+    /// Each token's bytes; `None` for special tokens, which constrained output never holds.
+    bytes: Vec<Option<Box<[u8]>>>,
+    /// Trie nodes: children by byte, and the tokens ending here.
+    children: Vec<Vec<(u8, u32)>>,
+    ends: Vec<Vec<u32>>,
+}
+
+/// GPT-2's byte-level alphabet: the character each byte is written as in the vocabulary.
+fn byte_level_chars() -> HashMap<char, u8> {
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map: HashMap<char, u8> = printable
+        .iter()
+        .map(|&b| (char::from_u32(b).unwrap_or_default(), b as u8))
+        .collect();
+    let mut n = 0;
+    for b in 0u32..256 {
+        if !printable.contains(&b) {
+            map.insert(char::from_u32(256 + n).unwrap_or_default(), b as u8);
+            n += 1;
+        }
+    }
+    map
+}
+
+#[derive(PartialEq)]
+enum Spelling {
+    ByteLevel,
+    SentencePiece,
+}
+
+fn spelling(decoder: &DecoderWrapper) -> Option<Spelling> {
+    match decoder {
+        DecoderWrapper::ByteLevel(_) => Some(Spelling::ByteLevel),
+        DecoderWrapper::ByteFallback(_) | DecoderWrapper::Metaspace(_) => {
+            Some(Spelling::SentencePiece)
+        }
+        DecoderWrapper::Sequence(sequence) => {
+            let found: Vec<Spelling> = sequence
+                .get_decoders()
+                .iter()
+                .filter_map(spelling)
+                .collect();
+            if found.contains(&Spelling::ByteLevel) {
+                Some(Spelling::ByteLevel)
+            } else {
+                found.into_iter().next()
+            }
+        }
+        _ => None,
+    }
+}
+
+impl Vocabulary {
+    /// Each token's bytes, from a byte-level BPE (GPT-2, Llama 3, SmolLM) or a
+    /// SentencePiece vocabulary with byte fallback (Llama 2, Mistral).
+    pub fn of(tokenizer: &Tokenizer) -> Result<Self, String> {
+        let spelling = tokenizer.get_decoder().and_then(spelling).ok_or(
+            "structured output needs a byte-level BPE or SentencePiece tokenizer; this one's decoder is neither",
+        )?;
+        let added = tokenizer.get_added_tokens_decoder();
+        let size = tokenizer.get_vocab_size(true);
+        let chars = byte_level_chars();
+        let mut bytes: Vec<Option<Box<[u8]>>> = vec![None; size];
+        for (token, id) in tokenizer.get_vocab(true) {
+            let Some(slot) = bytes.get_mut(id as usize) else {
+                continue;
+            };
+            *slot = match added.get(&id) {
+                Some(a) if a.special => None,
+                Some(a) => Some(a.content.as_bytes().into()),
+                None => match spelling {
+                    Spelling::ByteLevel => token
+                        .chars()
+                        .map(|c| chars.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                        .map(Vec::into_boxed_slice),
+                    Spelling::SentencePiece => {
+                        let hex = token
+                            .strip_prefix("<0x")
+                            .and_then(|t| t.strip_suffix('>'))
+                            .and_then(|h| u8::from_str_radix(h, 16).ok());
+                        Some(match hex {
+                            Some(b) => Box::from([b]),
+                            None => token
+                                .replace('\u{2581}', " ")
+                                .into_bytes()
+                                .into_boxed_slice(),
+                        })
+                    }
+                },
+            };
+        }
+        let mut vocabulary = Vocabulary {
+            bytes,
+            children: vec![Vec::new()],
+            ends: vec![Vec::new()],
+        };
+        for id in 0..vocabulary.bytes.len() {
+            let Some(token) = vocabulary.bytes[id].clone() else {
+                continue;
+            };
+            if token.is_empty() {
+                continue;
+            }
+            let mut node = 0usize;
+            for &b in token.iter() {
+                node = match vocabulary.children[node].iter().find(|(c, _)| *c == b) {
+                    Some(&(_, child)) => child as usize,
+                    None => {
+                        let child = vocabulary.children.len();
+                        vocabulary.children.push(Vec::new());
+                        vocabulary.ends.push(Vec::new());
+                        vocabulary.children[node].push((b, child as u32));
+                        child
+                    }
+                };
+            }
+            vocabulary.ends[node].push(id as u32);
+        }
+        Ok(vocabulary)
+    }
+
+    pub fn bytes(&self, token: u32) -> Option<&[u8]> {
+        self.bytes.get(token as usize)?.as_deref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// One generation's constraint: the grammar, where the output stands in it, and the
+/// vocabulary it chooses tokens from.
+pub struct Constraint {
+    grammar: Arc<Grammar>,
+    matcher: Matcher,
+    vocabulary: Arc<Vocabulary>,
+    /// Tokens that end generation: allowed once the output is a whole match.
+    stop_tokens: Vec<u32>,
+}
+
+impl Constraint {
+    pub fn new(grammar: Arc<Grammar>, vocabulary: Arc<Vocabulary>, stop_tokens: Vec<u32>) -> Self {
+        let matcher = grammar.matcher();
+        Self {
+            grammar,
+            matcher,
+            vocabulary,
+            stop_tokens,
+        }
+    }
+
+    /// Whether `token` may come next.
+    pub fn allows(&self, token: u32) -> bool {
+        if self.stop_tokens.contains(&token) {
+            return self.matcher.can_finish();
+        }
+        match self.vocabulary.bytes(token) {
+            Some(bytes) if !bytes.is_empty() => self.matcher.clone().feed_all(&self.grammar, bytes),
+            _ => false,
+        }
+    }
+
+    /// Every token that may come next, as a mask over the vocabulary (`len` entries).
+    pub fn mask(&self, len: usize) -> Vec<bool> {
+        let mut allowed = vec![false; len];
+        if self.matcher.can_finish() {
+            for &t in &self.stop_tokens {
+                if let Some(slot) = allowed.get_mut(t as usize) {
+                    *slot = true;
+                }
+            }
+        }
+        let v = &self.vocabulary;
+        let mut stack = vec![(0u32, self.matcher.clone())];
+        while let Some((node, matcher)) = stack.pop() {
+            for &(b, child) in &v.children[node as usize] {
+                let mut next = matcher.clone();
+                if !next.feed(&self.grammar, b) {
+                    continue;
+                }
+                for &t in &v.ends[child as usize] {
+                    if let Some(slot) = allowed.get_mut(t as usize) {
+                        *slot = true;
+                    }
+                }
+                if !v.children[child as usize].is_empty() {
+                    stack.push((child, next));
+                }
+            }
+        }
+        allowed
+    }
+
+    /// Records that `token` was generated (one [`Self::allows`] said yes to).
+    pub fn advance(&mut self, token: u32) {
+        if let Some(bytes) = self.vocabulary.bytes(token) {
+            self.matcher.feed_all(&self.grammar, bytes);
+        }
+    }
+
+    /// The output is complete JSON that nothing may extend: generation can end.
+    pub fn is_done(&self) -> bool {
+        self.matcher.is_done()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,505 @@
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use super::*;
+
+fn grammar(schema: Value) -> Grammar {
+    Grammar::compile(&schema).unwrap_or_else(|e| panic!("{schema}: {e}"))
+}
+
+/// Whether `text` is, as a whole, a match.
+fn matches(g: &Grammar, text: &str) -> bool {
+    let mut m = g.matcher();
+    m.feed_all(g, text.as_bytes()) && m.can_finish()
+}
+
+/// Whether `text` could still become a match.
+fn prefix(g: &Grammar, text: &str) -> bool {
+    g.matcher().feed_all(g, text.as_bytes())
+}
+
+/// What OpenAI's Python SDK sends for a Pydantic model (strict mode): `$defs`, `$ref`,
+/// `anyOf` with null, enums, nested arrays of objects, additionalProperties false.
+fn pydantic_schema() -> Value {
+    json!({
+        "$defs": {
+            "Step": {
+                "properties": {
+                    "explanation": {"title": "Explanation", "type": "string"},
+                    "output": {"title": "Output", "type": "string"}
+                },
+                "required": ["explanation", "output"],
+                "title": "Step", "type": "object", "additionalProperties": false
+            },
+            "Mood": {"enum": ["happy", "sad"], "title": "Mood", "type": "string"}
+        },
+        "properties": {
+            "steps": {"items": {"$ref": "#/$defs/Step"}, "title": "Steps", "type": "array"},
+            "final_answer": {"title": "Final Answer", "type": "string"},
+            "mood": {"$ref": "#/$defs/Mood"},
+            "confidence": {"anyOf": [{"type": "number"}, {"type": "null"}], "title": "Confidence"},
+            "count": {"type": "integer"},
+            "done": {"type": "boolean"}
+        },
+        "required": ["steps", "final_answer", "mood", "confidence", "count", "done"],
+        "title": "Answer", "type": "object", "additionalProperties": false
+    })
+}
+
+#[test]
+fn valid_documents_match_compact_and_indented() {
+    let g = grammar(pydantic_schema());
+    let doc = json!({
+        "steps": [{"explanation": "add \"2\"\n", "output": "4 ✓"}, {"output": "", "explanation": "é\u{1F600}"}],
+        "final_answer": "x = -3.5e+2",
+        "mood": "sad",
+        "confidence": null,
+        "count": -12,
+        "done": true
+    });
+    let compact = serde_json::to_string(&doc).unwrap();
+    let pretty = serde_json::to_string_pretty(&doc).unwrap();
+    assert!(matches(&g, &compact), "{compact}");
+    assert!(matches(&g, &pretty), "{pretty}");
+    // Properties in any order, escapes of every kind.
+    assert!(
+        !matches(
+            &g,
+            r#"{"done":false,"count":0,"confidence":0.25,"mood":"happy","final_answer":"a\\b\/c\t\u00e9\ud83d","steps":[]}"#
+        ),
+        "a lone high surrogate escape is refused"
+    );
+    assert!(matches(
+        &g,
+        r#"{"done":false,"count":0,"confidence":1E-3,"mood":"happy","final_answer":"a\\b\/c\t\u00e9","steps":[]}"#
+    ));
+}
+
+#[test]
+fn invalid_documents_are_refused_at_the_first_wrong_byte() {
+    let g = grammar(pydantic_schema());
+    // Unknown key, with additionalProperties false.
+    assert!(!prefix(&g, r#"{"step"#) || prefix(&g, r#"{"steps"#));
+    assert!(!prefix(&g, r#"{"stepz"#));
+    assert!(!prefix(&g, r#"{"other"#));
+    // A required key missing at the close.
+    assert!(!prefix(
+        &g,
+        r#"{"steps":[],"final_answer":"","mood":"sad","confidence":null,"count":1}"#
+    ));
+    // A key twice.
+    assert!(!prefix(&g, r#"{"count":1,"count""#));
+    // Wrong types.
+    assert!(!prefix(&g, r#"{"count":1."#));
+    assert!(!prefix(&g, r#"{"count":"#) || !prefix(&g, r#"{"count":""#));
+    assert!(!prefix(&g, r#"{"done":tru "#));
+    assert!(!prefix(&g, r#"{"mood":"angry"#));
+    assert!(!prefix(&g, r#"{"confidence":nul1"#));
+    // JSON's own rules: leading zeros, trailing commas, raw control characters, bad escapes.
+    assert!(!prefix(&g, r#"{"count":01"#));
+    assert!(!prefix(&g, r#"{"steps":[],}"#));
+    assert!(!prefix(
+        &g,
+        r#"{"steps":[{"output":"a","explanation":"b"},]"#
+    ));
+    assert!(!prefix(&g, "{\"final_answer\":\"a\nb"));
+    assert!(!prefix(&g, r#"{"final_answer":"\x"#));
+    assert!(!prefix(&g, r#"{"final_answer":"\u12G"#));
+    // Bytes that are not UTF-8: a lone continuation byte, an overlong form, a surrogate.
+    for bad in [&b"\x80"[..], b"\xC0\xAF", b"\xED\xA0\x80", b"\xF5"] {
+        let mut text = br#"{"final_answer":""#.to_vec();
+        text.extend_from_slice(bad);
+        assert!(!g.matcher().feed_all(&g, &text), "{bad:?}");
+    }
+    // Nothing after the value, not even whitespace.
+    let whole =
+        r#"{"steps":[],"final_answer":"","mood":"sad","confidence":null,"count":1,"done":true}"#;
+    assert!(matches(&g, whole));
+    assert!(!prefix(&g, &format!("{whole} ")));
+    let mut m = g.matcher();
+    assert!(m.feed_all(&g, whole.as_bytes()) && m.is_done());
+}
+
+#[test]
+fn a_refused_byte_leaves_the_matcher_unchanged() {
+    let g = grammar(json!({"type": "array", "items": {"type": "integer"}}));
+    let mut m = g.matcher();
+    assert!(m.feed_all(&g, b"[1"));
+    let before = m.clone();
+    assert!(!m.feed(&g, b'.'));
+    assert!(!m.feed_all(&g, b"2x"));
+    assert_eq!(m, before);
+    assert!(m.feed_all(&g, b"2, 3]"));
+    assert!(m.can_finish());
+}
+
+#[test]
+fn numbers_strings_and_arrays_keep_their_bounds() {
+    let g = grammar(json!({"type": "string", "minLength": 2, "maxLength": 3}));
+    assert!(!matches(&g, r#""a""#));
+    assert!(matches(&g, r#""ab""#));
+    assert!(matches(&g, r#""a\u00e9""#), "an escape is one character");
+    assert!(matches(&g, "\"日本語\""), "characters, not bytes");
+    assert!(!prefix(&g, r#""abcd"#));
+    let g = grammar(json!({"type": "array", "minItems": 1, "maxItems": 2}));
+    assert!(!matches(&g, "[]"));
+    assert!(matches(&g, "[1, {\"a\": [null]}]"));
+    assert!(!prefix(&g, "[1,2,"));
+    let g = grammar(
+        json!({"type": "array", "prefixItems": [{"type": "string"}, {"type": "boolean"}], "items": false}),
+    );
+    assert!(matches(&g, r#"["a",true]"#));
+    assert!(matches(&g, r#"["a"]"#));
+    assert!(!prefix(&g, r#"["a",true,"#));
+    assert!(!prefix(&g, "[true"));
+    let g = grammar(json!({"type": "integer"}));
+    assert!(matches(&g, "-0") && matches(&g, "123") && !prefix(&g, "1e5") && !prefix(&g, "1.0"));
+    assert!(matches(&g, "123456789012345") && !prefix(&g, "1234567890123456"));
+    let g = grammar(json!({"type": "number"}));
+    for ok in ["0", "-1.5", "2e10", "3.25E-7", "1e+2"] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in ["+1", ".5", "1.", "1e", "--1", "0x1"] {
+        assert!(!matches(&g, bad), "{bad}");
+    }
+    // A top-level number may go on, so it can finish but is not done.
+    let mut m = g.matcher();
+    assert!(m.feed_all(&g, b"12") && m.can_finish() && !m.is_done());
+}
+
+#[test]
+fn whitespace_between_tokens_is_bounded() {
+    let g = grammar(json!({"type": "object"}));
+    assert!(matches(&g, "{\n  \"a\" : [ 1 , 2 ]\n}"));
+    let spaces = " ".repeat(MAX_WHITESPACE as usize);
+    assert!(prefix(&g, &format!("{{{spaces}")));
+    assert!(!prefix(&g, &format!("{{{spaces} ")));
+    // Inside strings spaces are text, not counted.
+    assert!(matches(&g, &format!("{{\"a\":\"{}\"}}", " ".repeat(500))));
+}
+
+#[test]
+fn keys_may_be_other_names_when_additional_properties_allow() {
+    let g = grammar(
+        json!({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}),
+    );
+    assert!(matches(&g, r#"{"b":"x","a":1}"#));
+    assert!(
+        matches(&g, r#"{"ab":[],"a":1}"#),
+        "a name that starts like a property"
+    );
+    assert!(!prefix(&g, r#"{"a":1,"a""#), "a property twice");
+    assert!(!prefix(&g, r#"{"a":"x""#), "the property's schema applies");
+    assert!(!matches(&g, r#"{"b":1}"#), "required");
+    let g = grammar(json!({"type": "object", "additionalProperties": {"type": "boolean"}}));
+    assert!(matches(&g, r#"{"x":true,"y\"z":false}"#));
+    // Another key twice, in the same object; in sibling and nested objects it is new.
+    assert!(!prefix(&g, r#"{"x":true,"x""#));
+    let any = grammar(json!({}));
+    assert!(!prefix(&any, r#"{"a":1,"b":2,"a""#));
+    assert!(matches(&any, r#"[{"a":1},{"a":{"a":[{"a":2}]}}]"#));
+    assert!(!prefix(&g, r#"{"x":1"#));
+    // Names that JSON escapes are matched as serde_json writes them.
+    let g = grammar(
+        json!({"type": "object", "properties": {"say \"hi\"": {"type": "null"}}, "additionalProperties": false}),
+    );
+    assert!(matches(&g, r#"{"say \"hi\"":null}"#));
+    assert!(!prefix(&g, r#"{"say ""#));
+}
+
+#[test]
+fn recursive_schemas_nest_up_to_the_depth_limit() {
+    let g = grammar(json!({
+        "$defs": {"node": {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["children"], "additionalProperties": false}},
+        "$ref": "#/$defs/node"
+    }));
+    assert!(matches(
+        &g,
+        r#"{"children":[{"children":[]},{"children":[{"children":[]}]}]}"#
+    ));
+    let any = grammar(json!({}));
+    let deep = "[".repeat(MAX_DEPTH);
+    assert!(prefix(&any, &deep));
+    assert!(!prefix(&any, &format!("{deep}[")));
+}
+
+#[test]
+fn alternatives_literals_and_type_lists() {
+    let g = grammar(json!({"anyOf": [
+        {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}}, "required": ["kind", "r"], "additionalProperties": false},
+        {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "number"}}, "required": ["kind", "side"], "additionalProperties": false}
+    ]}));
+    assert!(matches(&g, r#"{"kind":"circle","r":1}"#));
+    assert!(matches(&g, r#"{"kind":"square","side":2}"#));
+    assert!(!prefix(&g, r#"{"kind":"circle","side""#));
+    assert!(!prefix(&g, r#"{"kind":"tri"#));
+    let g = grammar(json!({"type": ["string", "null"], "maxLength": 1}));
+    assert!(matches(&g, "null") && matches(&g, r#""a""#) && !prefix(&g, r#""ab"#));
+    let g = grammar(json!({"enum": [1, 12, "x", [1, 2], {"a": null}]}));
+    for ok in ["1", "12", r#""x""#, "[1,2]", r#"{"a":null}"#] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    assert!(
+        !matches(&g, "2") && !prefix(&g, "[1, 2]"),
+        "literals are compact"
+    );
+    let g = grammar(json!({"type": "string", "nullable": true}));
+    assert!(matches(&g, "null") && matches(&g, r#""""#));
+}
+
+#[test]
+fn unsupported_or_impossible_schemas_are_refused_by_name() {
+    let cases = [
+        (
+            json!({"type": "string", "pattern": "^a"}),
+            "#",
+            "`pattern` is not supported",
+        ),
+        (
+            json!({"properties": {"when": {"type": "string", "format": "date-time"}}}),
+            "#/properties/when",
+            "`format`",
+        ),
+        (json!({"type": "integer", "minimum": 0}), "#", "`minimum`"),
+        (json!({"$ref": "#"}), "#", "refers back to itself"),
+        (
+            json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}),
+            "#",
+            "refers back to itself",
+        ),
+        (
+            json!({"$ref": "https://example.com/s.json"}),
+            "#",
+            "only local references",
+        ),
+        (json!({"$ref": "#/$defs/missing"}), "#", "points at nothing"),
+        (json!({"type": "strnig"}), "#", "unknown type `strnig`"),
+        (
+            json!({"type": "string", "minLength": 3, "maxLength": 2}),
+            "#",
+            "no string matches",
+        ),
+        (
+            json!({"type": "object", "required": ["a"], "additionalProperties": false}),
+            "#",
+            "`a` is required",
+        ),
+        (
+            json!({"allOf": [{"type": "string"}, {"maxLength": 2}]}),
+            "#",
+            "`allOf`",
+        ),
+        (json!({"anyOf": []}), "#", "non-empty list"),
+        (json!(false), "#", "allows no value"),
+        (
+            json!({"items": [{"type": "string"}]}),
+            "#",
+            "use `prefixItems`",
+        ),
+        (
+            json!({"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {}}}),
+            "#",
+            "beside `$ref`",
+        ),
+    ];
+    for (schema, path, message) in cases {
+        let e = Grammar::compile(&schema).unwrap_err();
+        assert_eq!(e.path, path, "{schema}: {e}");
+        assert!(e.to_string().contains(message), "{schema}: {e}");
+    }
+    let many: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("p{i}"), json!({}))).collect();
+    let e = Grammar::compile(&json!({"properties": many})).unwrap_err();
+    assert!(e.message.contains("at most 64"), "{e}");
+    // Alternatives that multiply: 11 enums of 2 nested as anyOf of anyOf… past the limit.
+    let mut schema = json!({"enum": [1, 2]});
+    for _ in 0..11 {
+        schema = json!({"anyOf": [schema.clone(), schema]});
+    }
+    let e = Grammar::compile(&schema).unwrap_err();
+    assert!(e.message.contains("alternatives"), "{e}");
+}
+
+/// Generates a document by walking the matcher: at each step a random byte it allows,
+/// leaning towards closing brackets and quotes once the document is long.
+/// `None` when the walk wanders past 4,000 bytes (a required key it never happens on).
+fn random_document(g: &Grammar, rng: &mut rand::rngs::StdRng) -> Option<Vec<u8>> {
+    let mut m = g.matcher();
+    let mut out = Vec::new();
+    loop {
+        if m.is_done() || (m.can_finish() && (out.len() > 200 || rng.random_bool(0.3))) {
+            return Some(out);
+        }
+        let allowed: Vec<u8> = (0..=255u8).filter(|&b| m.clone().feed(g, b)).collect();
+        if allowed.is_empty() && m.can_finish() {
+            return Some(out); // a number at its longest
+        }
+        assert!(
+            !allowed.is_empty(),
+            "stuck after {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        // Past 120 bytes: the first closer allowed, in this order.
+        let closer = b"\"}]0n".iter().copied().find(|b| allowed.contains(b));
+        let b = match closer {
+            Some(b) if out.len() > 120 => b,
+            _ => allowed[rng.random_range(0..allowed.len())],
+        };
+        assert!(m.feed(g, b));
+        out.push(b);
+        if out.len() > 4_000 {
+            return None;
+        }
+    }
+}
+
+#[test]
+fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() {
+    let schemas = [
+        pydantic_schema(),
+        json!({}),
+        json!({"type": "object"}),
+        json!({"type": "array", "items": {"type": ["integer", "string", "null"], "maxLength": 4}, "minItems": 1, "maxItems": 3}),
+        json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"enum": ["x", 1, null]}}, "additionalProperties": {"type": "boolean"}}),
+        json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"enum": ["x", 1, null]}}, "required": ["a", "b"], "additionalProperties": false}),
+        json!({"$defs": {"t": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/t"}, "maxItems": 2}}, "required": ["v"], "additionalProperties": false}}, "$ref": "#/$defs/t"}),
+        json!({"type": "string", "minLength": 3}),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for schema in schemas {
+        let g = grammar(schema.clone());
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        let mut complete = 0;
+        for _ in 0..150 {
+            let Some(doc) = random_document(&g, &mut rng) else {
+                continue;
+            };
+            complete += 1;
+            let value: Value = serde_json::from_slice(&doc).unwrap_or_else(|e| {
+                panic!(
+                    "{schema}: not JSON ({e}): {:?}",
+                    String::from_utf8_lossy(&doc)
+                )
+            });
+            assert!(
+                validator.is_valid(&value),
+                "{schema}: the schema refuses {}",
+                String::from_utf8_lossy(&doc)
+            );
+        }
+        assert!(
+            complete >= 75,
+            "{schema}: only {complete} of 150 walks ended"
+        );
+    }
+}
+
+/// SmolLM2's vocabulary, from the GGUF the tests fetch.
+fn smollm2_vocabulary() -> (Tokenizer, Vocabulary) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/smollm2-135m-instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-smollm2.sh",
+        path.display()
+    );
+    let (content, _) = crate::llama::open_gguf(&path).unwrap();
+    let tokenizer = crate::llama::tokenizer::from_gguf(&content).unwrap();
+    let vocabulary = Vocabulary::of(&tokenizer).unwrap();
+    (tokenizer, vocabulary)
+}
+
+#[test]
+fn token_bytes_are_what_the_tokenizer_decodes() {
+    let (tokenizer, vocabulary) = smollm2_vocabulary();
+    assert_eq!(vocabulary.len(), 49152);
+    let text = "{\"naïve\": [1, 2.5e3], \"emoji\": \"🦀\"}\n  ";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&t| vocabulary.bytes(t).unwrap().to_vec())
+        .collect();
+    assert_eq!(bytes, text.as_bytes());
+    // Special tokens have no bytes: structured output never contains them.
+    let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert!(vocabulary.bytes(im_end).is_none());
+}
+
+#[test]
+fn the_mask_is_exactly_the_tokens_that_are_allowed_one_by_one() {
+    let (tokenizer, vocabulary) = smollm2_vocabulary();
+    let vocabulary = Arc::new(vocabulary);
+    let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    let g = Arc::new(grammar(pydantic_schema()));
+    let text = r#"{"steps": [{"explanation": "ok", "output": "4"}], "count": 12"#;
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let mut constraint = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
+    // Checked at every token boundary of a real tokenization: inside keys, strings, numbers
+    // and between them.
+    for (i, &id) in ids.iter().enumerate() {
+        let mask = constraint.mask(vocabulary.len());
+        let one_by_one: Vec<bool> = (0..vocabulary.len() as u32)
+            .map(|t| constraint.allows(t))
+            .collect();
+        assert_eq!(mask, one_by_one, "after {i} tokens");
+        assert!(
+            mask[id as usize],
+            "token {i} ({id}) of a valid document is masked out"
+        );
+        assert!(
+            !mask[im_end as usize],
+            "the end before the document is complete"
+        );
+        constraint.advance(id);
+    }
+    let rest = r#", "final_answer": "a", "mood": "happy", "confidence": null, "done": false}"#;
+    for id in tokenizer.encode(rest, false).unwrap().get_ids() {
+        assert!(constraint.allows(*id));
+        constraint.advance(*id);
+    }
+    assert!(constraint.is_done());
+    let mask = constraint.mask(vocabulary.len());
+    assert_eq!(
+        mask.iter().filter(|&&a| a).count(),
+        1,
+        "only the end of turn"
+    );
+    assert!(mask[im_end as usize]);
+}
+
+/// A speed probe, not a check: `cargo test -p runner-models --lib mask_speed -- --ignored
+/// --nocapture`. The full mask at the start, inside a string, a key and a number.
+#[test]
+#[ignore]
+fn mask_speed() {
+    let (tokenizer, vocabulary) = smollm2_vocabulary();
+    let vocabulary = Arc::new(vocabulary);
+    let g = Arc::new(grammar(pydantic_schema()));
+    for text in [
+        "",
+        r#"{"steps": [{"explanation": "the"#,
+        r#"{"steps": [], "fin"#,
+        r#"{"count": 12"#,
+        r#"{"count": 12, "#,
+    ] {
+        let mut c = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![2]);
+        for id in tokenizer.encode(text, false).unwrap().get_ids() {
+            assert!(c.allows(*id), "{text}");
+            c.advance(*id);
+        }
+        let started = std::time::Instant::now();
+        let mut allowed = 0;
+        for _ in 0..10 {
+            allowed = c.mask(vocabulary.len()).iter().filter(|&&a| a).count();
+        }
+        let one = std::time::Instant::now();
+        for t in 0..1000 {
+            std::hint::black_box(c.allows(t));
+        }
+        eprintln!(
+            "MASK after {text:?}: {:.2} ms ({allowed} tokens allowed); allows(): {:.2} µs",
+            started.elapsed().as_secs_f64() * 100.0,
+            one.elapsed().as_secs_f64() * 1e3,
+        );
+    }
+}
