@@ -220,6 +220,113 @@ fn chat_and_completions_generate_what_the_cog_prediction_generates() {
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
 }
 
+/// A bounded schema (strings, arrays): a small model must finish it within the tokens given.
+fn city_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 30},
+            "country": {"type": "string", "maxLength": 30},
+            "population": {"type": "integer"},
+            "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+            "size": {"enum": ["small", "medium", "large"]},
+            "mayor": {"anyOf": [{"type": "string", "maxLength": 30}, {"type": "null"}]},
+            "coastal": {"type": "boolean"}
+        },
+        "required": ["name", "country", "population", "landmarks", "size", "mayor", "coastal"],
+        "additionalProperties": false
+    })
+}
+
+#[test]
+fn structured_output_is_json_that_the_schema_accepts() {
+    let server = Server::start(&smollm2(), &[]);
+    let schema = city_schema();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let check = |text: &str| {
+        let value: Value =
+            serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        assert!(validator.is_valid(&value), "the schema refuses {text}");
+    };
+    let question = "Describe Paris.";
+    let format = json!({"type": "json_schema", "json_schema": {"name": "city", "strict": true, "schema": schema}});
+
+    // Greedy: the chat route's text is the Cog prediction's with `json_schema`, whole JSON
+    // that the schema accepts, ended by the JSON itself (not the token limit).
+    let (status, chat) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 400, "response_format": format}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    check(content);
+    assert_eq!(chat["choices"][0]["finish_reason"], "stop", "{chat}");
+    let (want, metrics) = cog_text(
+        &server,
+        json!({"prompt": question, "temperature": 0, "max_new_tokens": 400, "json_schema": schema.to_string()}),
+    );
+    assert_eq!(content, want);
+    assert_eq!(
+        chat["usage"]["completion_tokens"],
+        metrics["output_token_count"]
+    );
+    // Without the schema the same model answers in prose: the constraint made the JSON.
+    let (free, _) = cog_text(
+        &server,
+        json!({"prompt": question, "temperature": 0, "max_new_tokens": 60}),
+    );
+    assert!(serde_json::from_str::<Value>(&free).is_err(), "{free}");
+
+    // Sampled (the masks' second draw happens here): every seed gives valid JSON.
+    for seed in 0..4 {
+        let (status, chat) = post(
+            &server,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Describe a city you like."}], "temperature": 1.0, "seed": seed, "max_tokens": 400, "response_format": format}),
+        );
+        assert_eq!(status, 200, "{chat}");
+        assert_eq!(chat["choices"][0]["finish_reason"], "stop", "{chat}");
+        check(chat["choices"][0]["message"]["content"].as_str().unwrap());
+    }
+
+    // Streamed: the pieces join into the same JSON.
+    let (chunks, _) = streamed_chat(
+        &server,
+        &json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 400, "response_format": format, "stream": true}),
+    );
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, want);
+
+    // `json_object`: an object, whatever its keys (each at most once).
+    let (status, chat) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Describe Paris."}], "temperature": 0, "max_tokens": 30, "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.trim_start().starts_with('{'), "{content}");
+
+    // The Cog input: a schema that is not JSON, or that runner cannot enforce, fails the
+    // prediction with the reason.
+    for (bad, reason) in [
+        ("{\"type\":", "json_schema is not JSON"),
+        ("{\"type\": \"string\", \"format\": \"email\"}", "`format` is not supported"),
+    ] {
+        let (_, p) = post(
+            &server,
+            "/predictions",
+            &json!({"input": {"prompt": "Hi", "json_schema": bad}}),
+        );
+        assert_eq!(p["status"], "failed", "{p}");
+        assert!(p["error"].as_str().unwrap().contains(reason), "{p}");
+    }
+}
+
 #[test]
 fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     let server = Server::start(&smollm2(), &[]);
@@ -241,8 +348,21 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     // Zero penalties are what many clients send by default: accepted.
     let (s, b) = chat(json!({"presence_penalty": 0, "frequency_penalty": 0.0}));
     assert_eq!(s, 200, "{b}");
-    let (s, b) = chat(json!({"response_format": {"type": "json_object"}}));
-    error_of(s, &b, 400, Some("response_format"));
+    // Structured output runner cannot enforce, or asked for wrongly.
+    let (s, b) = chat(
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}}}}),
+    );
+    let message = error_of(s, &b, 400, Some("response_format"));
+    assert!(message.contains("`pattern` is not supported"), "{message}");
+    for format in [
+        json!({"type": "json_schema"}),
+        json!({"type": "xml"}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": "string"}}),
+        json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}),
+    ] {
+        let (s, b) = chat(json!({ "response_format": format }));
+        error_of(s, &b, 400, Some("response_format"));
+    }
     let (s, b) = chat(json!({"max_tokens": 0}));
     error_of(s, &b, 400, Some("max_tokens"));
     let (s, b) = chat(json!({"max_tokens": 100000}));
@@ -486,6 +606,19 @@ try:
     openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key="wrong", max_retries=0).models.list()
 except openai.AuthenticationError:
     out["unauthorized"] = True
+# Structured output the SDK's way: a Pydantic model in, a parsed instance out.
+from typing import Literal, Optional
+from pydantic import BaseModel, Field
+class City(BaseModel):
+    name: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+    population: int
+    landmarks: list[str] = Field(max_length=3)
+    size: Literal["small", "medium", "large"]
+    mayor: Optional[str]
+p = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": "Describe Paris."}], response_format=City, temperature=0, max_tokens=400)
+out["parsed"] = p.choices[0].message.parsed.model_dump()
+out["parsed_content"] = p.choices[0].message.content
 e = emb.embeddings.create(model="minilm", input=["The cat sits outside", "A man is playing guitar"])
 out["embeddings"] = [d.embedding for d in e.data]
 out["embedding_tokens"] = e.usage.prompt_tokens
@@ -534,6 +667,11 @@ print(json.dumps(out))
     assert!(out["completion"].as_str().is_some_and(|t| !t.is_empty()));
     assert_eq!(out["bad_request"], "n");
     assert_eq!(out["unauthorized"], true);
+    // The SDK parsed the JSON into its Pydantic model: the same values as the text.
+    let parsed_text: Value =
+        serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
+    assert_eq!(out["parsed"], parsed_text);
+    assert!(out["parsed"]["landmarks"].as_array().unwrap().len() <= 3);
     // The SDK asked for base64 and decoded it: the same floats as the Cog prediction.
     let (_, cog) = post(
         &embedder,
@@ -740,6 +878,15 @@ fn a_python_language_model_answers_chat_and_completions() {
     error_of(s, &b, 400, Some("stop"));
     let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
     error_of(s, &b, 404, None);
+    // `response_format` goes to a `json_schema` input as text; the predictor enforces it.
+    let (s, b) = chat(
+        json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        content(&b).ends_with(r#"schema={"type":"object"}"#),
+        "{b}"
+    );
 
     // Wrong types for every parameter it maps: a 4xx or an answer, never a server error.
     let base = json!({"messages": [{"role": "user", "content": "hi"}]});
@@ -751,6 +898,7 @@ fn a_python_language_model_answers_chat_and_completions() {
         "seed",
         "stop",
         "stream",
+        "response_format",
     ];
     no_server_errors(&server, "/v1/chat/completions", &base, &fields);
 }

@@ -15,10 +15,13 @@ class Predictor(BasePredictor):
         stop_sequences: Optional[str] = Input(
             description="A comma-separated list of sequences to stop generation at.", default=None
         ),
+        json_schema: str = Input(description="A JSON Schema the output must match.", default=""),
     ) -> ConcatenateIterator[str]:
         # One "token" per word: what it was given, so a test can read back every input.
         words = [f"[{system_prompt}]", "you", "said:"] + prompt.split()
         words += [f"t={temperature}", f"p={top_p}", f"seed={seed}"]
+        if json_schema:
+            words.append(f"schema={json_schema}")
         stops = [s for s in (stop_sequences or "").split(",") if s]
         text, count = "", 0
         for i, word in enumerate(words[:max_new_tokens]):
