@@ -20,7 +20,7 @@ cd "$ROOT/fuzz"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 export RUSTC_BOOTSTRAP=1
 TARGET_DIR="${FUZZ_TARGET_DIR:-$ROOT/target/fuzz}"
-targets=(cog_yaml prediction_input safetensors gguf snapshot data_uri cli_inputs)
+targets=(cog_yaml prediction_input safetensors gguf snapshot data_uri cli_inputs structured)
 if [ -n "${FUZZ_CI:-}" ]; then
   RUSTC_WRAPPER="$ROOT/fuzz/rustc-instrument-runner.sh" cargo build --locked --target "$TRIPLE" \
     --target-dir "$TARGET_DIR/ci" --bins --config 'profile.dev.debug=0' \

@@ -315,7 +315,10 @@ fn structured_output_is_json_that_the_schema_accepts() {
     // prediction with the reason.
     for (bad, reason) in [
         ("{\"type\":", "json_schema is not JSON"),
-        ("{\"type\": \"string\", \"format\": \"email\"}", "`format` is not supported"),
+        (
+            "{\"type\": \"string\", \"format\": \"email\"}",
+            "`format` is not supported",
+        ),
     ] {
         let (_, p) = post(
             &server,
@@ -668,8 +671,7 @@ print(json.dumps(out))
     assert_eq!(out["bad_request"], "n");
     assert_eq!(out["unauthorized"], true);
     // The SDK parsed the JSON into its Pydantic model: the same values as the text.
-    let parsed_text: Value =
-        serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
+    let parsed_text: Value = serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
     assert_eq!(out["parsed"], parsed_text);
     assert!(out["parsed"]["landmarks"].as_array().unwrap().len() <= 3);
     // The SDK asked for base64 and decoded it: the same floats as the Cog prediction.
@@ -883,10 +885,7 @@ fn a_python_language_model_answers_chat_and_completions() {
         json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}}),
     );
     assert_eq!(s, 200, "{b}");
-    assert!(
-        content(&b).ends_with(r#"schema={"type":"object"}"#),
-        "{b}"
-    );
+    assert!(content(&b).ends_with(r#"schema={"type":"object"}"#), "{b}");
 
     // Wrong types for every parameter it maps: a 4xx or an answer, never a server error.
     let base = json!({"messages": [{"role": "user", "content": "hi"}]});

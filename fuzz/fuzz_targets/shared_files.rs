@@ -150,3 +150,36 @@ pub fn check_cli_inputs(signature: &runner_spec::Signature, data: &[u8]) {
         }
     }
 }
+
+/// Structured output: the input is a JSON Schema, a NUL byte, then output bytes. A schema
+/// compiles or is refused, never a panic (nor a stack overflow: schemas come from HTTP
+/// requests); the output's bytes are fed one by one, each refused byte leaving the matcher as
+/// it was; and whenever the bytes taken so far can finish, they are JSON serde_json reads.
+pub fn check_structured(data: &[u8]) {
+    use runner_models::structured::Grammar;
+    let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    let Ok(schema) = serde_json::from_slice::<serde_json::Value>(&data[..split]) else {
+        return;
+    };
+    let Ok(grammar) = Grammar::compile(&schema) else {
+        return;
+    };
+    let mut matcher = grammar.matcher();
+    let mut taken = Vec::new();
+    for &b in data.get(split + 1..).unwrap_or_default() {
+        let before = matcher.clone();
+        if matcher.feed(&grammar, b) {
+            taken.push(b);
+            if matcher.can_finish() {
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(&taken).is_ok(),
+                    "the matcher finished on text that is not JSON: {:?}",
+                    String::from_utf8_lossy(&taken)
+                );
+            }
+        } else {
+            assert!(matcher == before, "a refused byte changed the matcher");
+        }
+        assert!(!matcher.is_done() || matcher.can_finish());
+    }
+}

@@ -32,6 +32,11 @@ fn replay(target: &str, check: impl Fn(&[u8])) {
 }
 
 #[test]
+fn structured_corpus() {
+    replay("structured", check_structured);
+}
+
+#[test]
 fn safetensors_corpus() {
     replay("safetensors", check_safetensors);
 }

@@ -23,6 +23,10 @@ const MAX_NODES: usize = 4096;
 const MAX_ALTERNATIVES: u64 = 1024;
 /// Properties one object schema may declare (the matcher tracks them in a 64-bit set).
 const MAX_PROPERTIES: usize = 64;
+/// Schemas nested in schemas (through `$ref` too), and `$ref`/`anyOf` chains that lead to
+/// a value: bounds on the recursion a hostile schema could otherwise overflow the stack with.
+const MAX_SCHEMA_DEPTH: usize = 128;
+const MAX_CHAIN: usize = 64;
 /// Nesting of objects and arrays in the output.
 const MAX_DEPTH: usize = 64;
 /// Consecutive whitespace bytes between JSON tokens: enough for indentation, not for a
@@ -137,6 +141,8 @@ struct Compiler<'a> {
     /// `$ref` targets already compiled (or being compiled: recursion).
     refs: HashMap<String, NodeId>,
     any: Option<NodeId>,
+    /// Schemas being compiled, one inside the other.
+    depth: usize,
 }
 
 fn fail(path: &str, message: impl Into<String>) -> SchemaError {
@@ -223,6 +229,19 @@ impl Compiler<'_> {
     }
 
     fn compile(&mut self, schema: &Value, path: &str) -> Result<NodeId, SchemaError> {
+        if self.depth >= MAX_SCHEMA_DEPTH {
+            return Err(fail(
+                path,
+                format!("schemas nest more than {MAX_SCHEMA_DEPTH} deep (through `$ref` included)"),
+            ));
+        }
+        self.depth += 1;
+        let compiled = self.compile_nested(schema, path);
+        self.depth -= 1;
+        compiled
+    }
+
+    fn compile_nested(&mut self, schema: &Value, path: &str) -> Result<NodeId, SchemaError> {
         let object = match schema {
             Value::Bool(true) => return self.any(path),
             Value::Bool(false) => {
@@ -570,6 +589,7 @@ impl Grammar {
             nodes: Vec::new(),
             refs: HashMap::new(),
             any: None,
+            depth: 0,
         };
         let root = compiler.compile(schema, "#")?;
         let grammar = Grammar {
@@ -586,11 +606,15 @@ impl Grammar {
         // 0: not seen; 1: on the path; 2: done. `counts`: values a node may start as.
         let mut state = vec![0u8; self.nodes.len()];
         let mut counts = vec![0u64; self.nodes.len()];
+        // `depth`: the alternatives being visited, one inside the other. A value's start
+        // recurses as deep (Grammar::start), so it is bounded here.
         fn visit(
             g: &Grammar,
             id: NodeId,
             state: &mut [u8],
             counts: &mut [u64],
+            heights: &mut [usize],
+            depth: usize,
         ) -> Result<u64, SchemaError> {
             let i = id as usize;
             match state[i] {
@@ -603,12 +627,27 @@ impl Grammar {
                 }
                 _ => {}
             }
+            let too_deep = |height: usize| {
+                (height > MAX_CHAIN).then(|| fail(
+                    "#",
+                    format!("`$ref`s and `anyOf`s lead to other `$ref`s and `anyOf`s more than {MAX_CHAIN} deep before any value"),
+                ))
+            };
+            if let Some(e) = too_deep(depth) {
+                return Err(e);
+            }
             state[i] = 1;
             let count = match &g.nodes[i] {
                 Node::OneOf(alternatives) => {
                     let mut total = 0u64;
                     for &a in alternatives {
-                        total = total.saturating_add(visit(g, a, state, counts)?);
+                        total =
+                            total.saturating_add(visit(g, a, state, counts, heights, depth + 1)?);
+                        // Memoised chains count whole, wherever they were first visited from.
+                        heights[i] = heights[i].max(heights[a as usize] + 1);
+                    }
+                    if let Some(e) = too_deep(heights[i]) {
+                        return Err(e);
                     }
                     total
                 }
@@ -625,8 +664,9 @@ impl Grammar {
             counts[i] = count;
             Ok(count)
         }
-        for id in 0..self.nodes.len() {
-            visit(self, id as NodeId, &mut state, &mut counts)?;
+        let mut heights = vec![0usize; self.nodes.len()];
+        for i in 0..self.nodes.len() {
+            visit(self, i as NodeId, &mut state, &mut counts, &mut heights, 0)?;
         }
         Ok(())
     }

@@ -307,6 +307,29 @@ fn unsupported_or_impossible_schemas_are_refused_by_name() {
         assert_eq!(e.path, path, "{schema}: {e}");
         assert!(e.to_string().contains(message), "{schema}: {e}");
     }
+    // Chains a hostile request could overflow the stack with: refuse them, do not recurse.
+    let defs: serde_json::Map<String, Value> = (0..5000)
+        .map(|i| {
+            (
+                format!("d{i}"),
+                json!({"$ref": format!("#/$defs/d{}", i + 1)}),
+            )
+        })
+        .chain([("d5000".to_string(), json!({"type": "null"}))])
+        .collect();
+    let e = Grammar::compile(&json!({"$defs": defs, "$ref": "#/$defs/d0"})).unwrap_err();
+    assert!(e.message.contains("nest more than 128"), "{e}");
+    let defs: serde_json::Map<String, Value> = (0..40)
+        .map(|i| {
+            (
+                format!("d{i}"),
+                json!({"anyOf": [{"$ref": format!("#/$defs/d{}", i + 1)}]}),
+            )
+        })
+        .chain([("d40".to_string(), json!({"type": "null"}))])
+        .collect();
+    let e = Grammar::compile(&json!({"$defs": defs, "$ref": "#/$defs/d0"})).unwrap_err();
+    assert!(e.message.contains("more than 64 deep"), "{e}");
     let many: serde_json::Map<String, Value> =
         (0..65).map(|i| (format!("p{i}"), json!({}))).collect();
     let e = Grammar::compile(&json!({"properties": many})).unwrap_err();

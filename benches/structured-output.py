@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Structured output (OpenAI's `response_format` with a JSON Schema): runner beside
+llama.cpp's server (llama-cpp-python's `llama_cpp.server`, which turns the schema into a
+GBNF grammar), on the same SmolLM2 GGUF, in one run; and runner with the schema beside
+runner without it, for what the constraint costs per token.
+
+    benches/structured-output.py --llama-python VENV/bin/python [--runner target/release/runner]
+                                 [--runs 8] [--json-out FILE]
+
+VENV is the llama-cpp-python build of benches/openai-server.py. Each request asks for a
+city described as JSON matching SCHEMA (bounded strings and arrays, so a small model must
+finish), greedy, up to 400 tokens, not streamed. Reported per server: the median tokens per
+second over the whole request (prompt included, as a client waits for it), the median
+request time, and how many answers are whole JSON the schema accepts (checked here, by
+hand, for this schema). "runner, no schema" asks the same prompts for as many tokens as
+runner's constrained answer had, without the schema. Requests alternate between the
+servers. Prints a Markdown table on stdout.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from importlib import import_module
+
+bench = import_module("openai-server")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "country": {"type": "string", "maxLength": 30},
+        "population": {"type": "integer"},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+        "size": {"enum": ["small", "medium", "large"]},
+        "mayor": {"anyOf": [{"type": "string", "maxLength": 30}, {"type": "null"}]},
+        "coastal": {"type": "boolean"},
+    },
+    "required": ["name", "country", "population", "landmarks", "size", "mayor", "coastal"],
+    "additionalProperties": False,
+}
+CITIES = ["Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Mumbai", "Rome"]
+
+
+def valid(text):
+    """Whether `text` is JSON that SCHEMA accepts (checked by hand for this schema)."""
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return False
+    short = lambda s: isinstance(s, str) and len(s) <= 30
+    return (
+        isinstance(v, dict)
+        and set(v) == set(SCHEMA["required"])
+        and short(v["name"])
+        and short(v["country"])
+        and isinstance(v["population"], int)
+        and not isinstance(v["population"], bool)
+        and isinstance(v["landmarks"], list)
+        and len(v["landmarks"]) <= 3
+        and all(short(x) for x in v["landmarks"])
+        and v["size"] in ("small", "medium", "large")
+        and (v["mayor"] is None or short(v["mayor"]))
+        and isinstance(v["coastal"], bool)
+    )
+
+
+def chat(port, run, response_format=None, max_tokens=400):
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": f"Describe {CITIES[run % len(CITIES)]}. (request {run})"}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
+    if response_format is not None:
+        body["response_format"] = response_format
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    sent = time.time()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        answer = json.load(r)
+    seconds = time.time() - sent
+    tokens = answer["usage"]["completion_tokens"]
+    text = answer["choices"][0]["message"]["content"]
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, "text": text}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llama-python", required=True)
+    ap.add_argument("--runner", default=os.path.join(bench.ROOT, "target/release/runner"))
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    physical = len({l for l in open("/proc/cpuinfo") if l.startswith("core id")}) or os.cpu_count()
+    commands = {
+        "runner": lambda port: [args.runner, "serve", bench.MODEL, "--port", str(port), "--device", "cpu"],
+        "llama.cpp": lambda port: [
+            args.llama_python, "-m", "llama_cpp.server", "--model", bench.GGUF, "--port", str(port),
+            "--n_threads", str(physical), "--n_ctx", "2048", "--verbose", "False",
+        ],
+    }
+    # The same schema, in each server's spelling: OpenAI's, and llama-cpp-python's.
+    formats = {
+        "runner": {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": SCHEMA}},
+        "llama.cpp": {"type": "json_object", "schema": SCHEMA},
+    }
+    started = {}
+    results = {"runner": [], "llama.cpp": [], "runner, no schema": []}
+    try:
+        for name, command in commands.items():
+            port = bench.free_port()
+            p, _ = bench.start(command(port), port)
+            started[name] = (p, port)
+            chat(port, 1000, formats[name], 8)  # warm-up: the grammar path included
+        for run in range(args.runs):
+            for name, (_, port) in started.items():
+                results[name].append(chat(port, run, formats[name]))
+            # The same prompt, as many tokens, no schema: what the constraint costs.
+            n = results["runner"][-1]["tokens"]
+            results["runner, no schema"].append(chat(started["runner"][1], run, None, n))
+    finally:
+        for p, _ in started.values():
+            p.terminate()
+            p.wait()
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {
+            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in runs),
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "tokens": statistics.median(r["tokens"] for r in runs),
+            "valid": sum(valid(r["text"]) for r in runs),
+            "runs": len(runs),
+            "example": runs[0]["text"],
+        }
+        print(f"{name}: {json.dumps({k: v for k, v in summary[name].items() if k != 'example'})}", file=sys.stderr)
+    cpu = next(
+        (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+        "unknown CPU",
+    )
+    print(
+        f"SmolLM2-135M-Instruct Q4_1 (GGUF), chat completions with a JSON Schema "
+        f"(`response_format`), greedy, up to 400 tokens, {args.runs} prompts; {cpu}, "
+        f"{os.cpu_count()} CPUs. Medians; tokens/s over the whole request.\n"
+    )
+    print("| server | tokens/s | request (s) | tokens | whole JSON the schema accepts |")
+    print("|---|---|---|---|---|")
+    for name, x in summary.items():
+        valid_cell = "n/a (no schema)" if name == "runner, no schema" else f"{x['valid']} of {x['runs']}"
+        print(f"| {name} | {x['tokens_per_second']:.1f} | {x['seconds']:.3f} | {x['tokens']:.0f} | {valid_cell} |")
+    r, l, free = summary["runner"], summary["llama.cpp"], summary["runner, no schema"]
+    print(
+        f"\nrunner with the schema: **{r['tokens_per_second'] / l['tokens_per_second']:.2f}x** llama.cpp's "
+        f"tokens/s with the same schema, and {r['tokens_per_second'] / free['tokens_per_second']:.2f}x "
+        f"its own tokens/s without one."
+    )
+    print(f"\nrunner's first answer: {r['example']!r}\nllama.cpp's first answer: {l['example']!r}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"cpu": cpu, "runs": args.runs, "schema": SCHEMA, "results": summary, "raw": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
