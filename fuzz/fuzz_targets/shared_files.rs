@@ -154,7 +154,8 @@ pub fn check_cli_inputs(signature: &runner_spec::Signature, data: &[u8]) {
 /// Structured output: the input is a JSON Schema, a NUL byte, then output bytes. A schema
 /// compiles or is refused, never a panic (nor a stack overflow: schemas come from HTTP
 /// requests); the output's bytes are fed one by one, each refused byte leaving the matcher as
-/// it was; and whenever the bytes taken so far can finish, they are JSON serde_json reads.
+/// it was, each taken one leaving a way on; and whenever the bytes taken so far can finish,
+/// they are JSON serde_json reads.
 pub fn check_structured(data: &[u8]) {
     use runner_models::structured::Grammar;
     let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
@@ -170,6 +171,12 @@ pub fn check_structured(data: &[u8]) {
         let before = matcher.clone();
         if matcher.feed(&grammar, b) {
             taken.push(b);
+            // No dead ends: what it took can always go on, or is whole.
+            assert!(
+                matcher.can_finish() || (0..=255u8).any(|next| matcher.clone().feed(&grammar, next)),
+                "the matcher took bytes that lead nowhere: {:?}",
+                String::from_utf8_lossy(&taken)
+            );
             if matcher.can_finish() {
                 assert!(
                     serde_json::from_slice::<serde_json::Value>(&taken).is_ok(),

@@ -29,9 +29,12 @@ const MAX_SCHEMA_DEPTH: usize = 128;
 const MAX_CHAIN: usize = 64;
 /// Nesting of objects and arrays in the output.
 const MAX_DEPTH: usize = 64;
-/// Consecutive whitespace bytes between JSON tokens: enough for indentation, not for a
-/// model that would otherwise emit newlines until it runs out of tokens.
-const MAX_WHITESPACE: u8 = 64;
+/// Whitespace between JSON tokens is what JSON printers write, compact or indented: after
+/// `:` nothing or one space; before `:` and `,` nothing; after `{`, `[`, `,` and before `}`,
+/// `]` nothing, one space, or a newline and at most this many spaces or tabs (llama.cpp's
+/// JSON grammars allow as much). Room for readable JSON, none for a model that would
+/// spend its tokens on blank lines or commas on lines of their own.
+const MAX_INDENT: u8 = 20;
 /// Digits in a number's integer and fraction parts (beyond them f64 loses the digits
 /// anyway), and in its exponent (two: parsers refuse numbers past f64's 1e308).
 const MAX_DIGITS: u8 = 15;
@@ -82,6 +85,9 @@ enum Node {
 pub struct Grammar {
     nodes: Vec<Node>,
     root: NodeId,
+    /// The nesting (objects and arrays) each node's smallest value needs; `u32::MAX` when
+    /// no finite value matches. Values are only started where they can be finished.
+    min_depth: Vec<u32>,
 }
 
 /// Keywords that only annotate, skipped without effect.
@@ -592,12 +598,24 @@ impl Grammar {
             depth: 0,
         };
         let root = compiler.compile(schema, "#")?;
-        let grammar = Grammar {
+        let mut grammar = Grammar {
             nodes: compiler.nodes,
             root,
+            min_depth: Vec::new(),
         };
         grammar.check_alternatives()?;
-        Ok(grammar)
+        grammar.min_depth = grammar.min_depths();
+        match grammar.min_depth[root as usize] {
+            u32::MAX => Err(fail(
+                "#",
+                "no finite JSON value matches this schema (a required property or item that requires itself, e.g. a node that must have a child node)",
+            )),
+            depth if depth as usize > MAX_DEPTH => Err(fail(
+                "#",
+                format!("the smallest matching value nests {depth} objects or arrays deep; runner's limit is {MAX_DEPTH}"),
+            )),
+            _ => Ok(grammar),
+        }
     }
 
     /// Refuses references that loop without any JSON in between (`{"$ref": "#"}`), and
@@ -669,6 +687,71 @@ impl Grammar {
             visit(self, i as NodeId, &mut state, &mut counts, &mut heights, 0)?;
         }
         Ok(())
+    }
+
+    /// Each node's [`Grammar::min_depth`], to a fixed point (recursion converges from
+    /// "no finite value" down).
+    fn min_depths(&self) -> Vec<u32> {
+        let mut depth = vec![u32::MAX; self.nodes.len()];
+        let deepest = |depth: &[u32], ids: &mut dyn Iterator<Item = NodeId>| {
+            ids.map(|id| depth[id as usize]).max().unwrap_or(0)
+        };
+        loop {
+            let mut changed = false;
+            for (i, node) in self.nodes.iter().enumerate() {
+                let d = match node {
+                    Node::Literals(_) | Node::Number { .. } | Node::String { .. } => 0,
+                    Node::OneOf(alternatives) => alternatives
+                        .iter()
+                        .map(|&a| depth[a as usize])
+                        .min()
+                        .unwrap_or(u32::MAX),
+                    Node::Array {
+                        prefix, items, min, ..
+                    } => {
+                        let mut required = (0..*min as usize)
+                            .map(|k| prefix.get(k).copied().or(*items).unwrap_or(NodeId::MAX))
+                            .take(prefix.len() + 1);
+                        match deepest(
+                            &depth,
+                            &mut required.by_ref().filter(|&id| id != NodeId::MAX),
+                        ) {
+                            u32::MAX => u32::MAX,
+                            d => d + 1,
+                        }
+                    }
+                    Node::Object {
+                        properties,
+                        required,
+                        ..
+                    } => {
+                        let mut needed = properties
+                            .iter()
+                            .enumerate()
+                            .filter(|(k, _)| required & (1 << k) != 0)
+                            .map(|(_, (_, id))| *id);
+                        match deepest(&depth, &mut needed) {
+                            u32::MAX => u32::MAX,
+                            d => d + 1,
+                        }
+                    }
+                };
+                if d < depth[i] {
+                    depth[i] = d;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return depth;
+            }
+        }
+    }
+
+    /// Whether a value of `node` can start, and be finished, with `depth` objects and
+    /// arrays open around it.
+    fn fits(&self, node: NodeId, depth: usize) -> bool {
+        let needed = self.min_depth[node as usize];
+        needed != u32::MAX && depth + needed as usize <= MAX_DEPTH
     }
 
     /// A matcher at the start of the output.
@@ -852,6 +935,9 @@ enum Frame {
         text: Text,
         /// FNV-1a of the key's bytes, to refuse another key written twice.
         hash: u64,
+        /// Any name may be written (other keys are allowed): a string, followed for the
+        /// properties it may still name.
+        free: bool,
     },
     Array {
         node: NodeId,
@@ -868,6 +954,8 @@ enum Frame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Alternative {
     frames: Vec<Frame>,
+    /// The whitespace since the last token: 0 none, 1 a space, 2 + n a newline and n
+    /// spaces or tabs.
     whitespace: u8,
     /// Keys other than the declared properties, by the depth of their object and their
     /// hash: a small model otherwise writes one key again and again.
@@ -884,6 +972,16 @@ fn is_whitespace(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
+/// The whitespace state after `b`, if the run may go on with it (see [`MAX_INDENT`]).
+fn more_whitespace(state: u8, b: u8) -> Option<u8> {
+    match (state, b) {
+        (0, b' ') => Some(1),
+        (0, b'\n') => Some(2),
+        (2.., b' ' | b'\t') if state - 2 < MAX_INDENT => Some(state + 1),
+        _ => None,
+    }
+}
+
 impl Grammar {
     fn literal(&self, node: NodeId, index: u32) -> &[u8] {
         match &self.nodes[node as usize] {
@@ -892,25 +990,45 @@ impl Grammar {
         }
     }
 
-    fn item(&self, node: NodeId, index: u32) -> Option<NodeId> {
+    /// The schema of an array's item `index`, if it may have one that fits at `depth`.
+    fn item(&self, node: NodeId, index: u32, depth: usize) -> Option<NodeId> {
         match &self.nodes[node as usize] {
             Node::Array {
                 prefix, items, max, ..
-            } if index < *max => prefix.get(index as usize).copied().or(*items),
+            } if index < *max => prefix
+                .get(index as usize)
+                .copied()
+                .or(*items)
+                .filter(|&item| self.fits(item, depth)),
             _ => None,
         }
     }
 
-    /// Whether an object may take another key, having seen `seen`.
-    fn more_keys(&self, node: NodeId, seen: u64) -> bool {
+    /// The properties an object's next key may name (unseen ones whose values fit at
+    /// `depth`), and the schema of other keys' values, if they are allowed and fit.
+    fn next_keys(&self, node: NodeId, seen: u64, depth: usize) -> (u64, Option<NodeId>) {
         match &self.nodes[node as usize] {
             Node::Object {
                 properties,
                 additional,
                 ..
-            } => additional.is_some() || (0..properties.len()).any(|i| seen & (1 << i) == 0),
-            _ => false,
+            } => {
+                let mut candidates = 0u64;
+                for (i, (_, schema)) in properties.iter().enumerate() {
+                    if seen & (1 << i) == 0 && self.fits(*schema, depth) {
+                        candidates |= 1 << i;
+                    }
+                }
+                (candidates, additional.filter(|&a| self.fits(a, depth)))
+            }
+            _ => (0, None),
         }
+    }
+
+    /// Whether an object may take another key, having seen `seen`.
+    fn more_keys(&self, node: NodeId, seen: u64, depth: usize) -> bool {
+        let (candidates, other) = self.next_keys(node, seen, depth);
+        candidates != 0 || other.is_some()
     }
 
     fn may_close(&self, node: NodeId, seen: u64) -> bool {
@@ -922,7 +1040,9 @@ impl Grammar {
 
     /// A value of `node` starting with byte `b` (not whitespace), on top of `alt`.
     fn start(&self, mut alt: Alternative, node: NodeId, b: u8, out: &mut Vec<Alternative>) {
-        let deep = alt.frames.len() >= MAX_DEPTH;
+        if !self.fits(node, alt.frames.len()) {
+            return;
+        }
         match &self.nodes[node as usize] {
             Node::OneOf(alternatives) => {
                 for &a in alternatives {
@@ -963,14 +1083,14 @@ impl Grammar {
                     text: Text::new(),
                 });
             }
-            Node::Array { .. } if b == b'[' && !deep => {
+            Node::Array { .. } if b == b'[' => {
                 alt.frames.push(Frame::Array {
                     node,
                     count: 0,
                     state: ArrayState::Open,
                 });
             }
-            Node::Object { .. } if b == b'{' && !deep => {
+            Node::Object { .. } if b == b'{' => {
                 alt.frames.push(Frame::Object {
                     node,
                     seen: 0,
@@ -988,19 +1108,27 @@ impl Grammar {
         let whitespace = is_whitespace(b);
         // Structural whitespace: between tokens, where the top frame allows it.
         let take_whitespace = |mut alt: Alternative, out: &mut Vec<Alternative>| {
-            if alt.whitespace < MAX_WHITESPACE {
-                alt.whitespace += 1;
+            if let Some(next) = more_whitespace(alt.whitespace, b) {
+                alt.whitespace = next;
                 out.push(alt);
             }
         };
         loop {
+            // Objects and arrays open (and the key or value being matched, if any).
+            let depth = alt.frames.len();
             let Some(top) = alt.frames.last_mut() else {
                 return; // the value is complete: nothing may follow
             };
             match top {
                 &mut Frame::Value(node) => {
+                    // After an object's `:` one space; nothing before the whole value (the
+                    // output starts with it). Array items' whitespace is the array's.
                     if whitespace {
-                        return take_whitespace(alt, out);
+                        if b == b' ' && alt.whitespace == 0 && alt.frames.len() > 1 {
+                            alt.whitespace = 1;
+                            out.push(alt);
+                        }
+                        return;
                     }
                     alt.frames.pop();
                     return self.start(alt, node, b, out);
@@ -1066,13 +1194,9 @@ impl Grammar {
                     at,
                     text,
                     hash,
+                    free,
                 } => {
-                    let Node::Object {
-                        properties,
-                        additional,
-                        ..
-                    } = &self.nodes[*node as usize]
-                    else {
+                    let Node::Object { properties, .. } = &self.nodes[*node as usize] else {
                         return;
                     };
                     let closing = text.escape == 0 && text.pending == 0 && b == b'"';
@@ -1080,10 +1204,12 @@ impl Grammar {
                         let exact = (0..properties.len()).find(|&i| {
                             *candidates & (1 << i) != 0 && properties[i].0.len() == *at as usize
                         });
-                        let target = match (exact, additional) {
-                            (Some(i), _) => i as u8,
-                            (None, Some(_)) => u8::MAX,
-                            (None, None) => return,
+                        let target = match (exact, *free) {
+                            // A property's name: its schema, if its value still fits here.
+                            (Some(i), _) if self.fits(properties[i].1, depth - 1) => i as u8,
+                            (Some(_), _) => return,
+                            (None, true) => u8::MAX,
+                            (None, false) => return,
                         };
                         let hash = *hash;
                         alt.frames.pop();
@@ -1105,7 +1231,7 @@ impl Grammar {
                         *state = ObjectState::Colon(target);
                         break;
                     }
-                    if additional.is_some() {
+                    if *free {
                         // Any key: a JSON string, followed for the names it may still be.
                         if !matches!(text.step(b, 0, u32::MAX), TextStep::Took) {
                             return;
@@ -1120,7 +1246,7 @@ impl Grammar {
                             *candidates &= !(1 << i);
                         }
                     }
-                    if additional.is_none() {
+                    if !*free {
                         // Names are matched as written (escapes included, byte for byte).
                         if *candidates == 0 {
                             return;
@@ -1131,25 +1257,31 @@ impl Grammar {
                     break;
                 }
                 Frame::Array { node, count, state } => {
-                    if whitespace {
-                        return take_whitespace(alt, out);
-                    }
                     let node = *node;
                     let min = match &self.nodes[node as usize] {
                         Node::Array { min, .. } => *min,
                         _ => 0,
                     };
+                    if whitespace {
+                        // After an item only `]` may follow whitespace: none if it may not.
+                        if *state == ArrayState::AfterItem && *count < min {
+                            return;
+                        }
+                        return take_whitespace(alt, out);
+                    }
                     match (*state, b) {
                         (ArrayState::Open | ArrayState::AfterItem, b']') if *count >= min => {
                             alt.frames.pop();
                             break;
                         }
-                        (ArrayState::AfterItem, b',') if self.item(node, *count).is_some() => {
+                        (ArrayState::AfterItem, b',')
+                            if alt.whitespace == 0 && self.item(node, *count, depth).is_some() =>
+                        {
                             *state = ArrayState::AfterComma;
                             break;
                         }
                         (ArrayState::Open | ArrayState::AfterComma, _) => {
-                            let Some(item) = self.item(node, *count) else {
+                            let Some(item) = self.item(node, *count, depth) else {
                                 return;
                             };
                             *count += 1;
@@ -1162,7 +1294,12 @@ impl Grammar {
                 }
                 Frame::Object { node, seen, state } => {
                     if whitespace {
-                        return take_whitespace(alt, out);
+                        match *state {
+                            ObjectState::Colon(_) => return, // nothing between a key and `:`
+                            // After a value only `}` may follow whitespace: none if it may not.
+                            ObjectState::AfterValue if !self.may_close(*node, *seen) => return,
+                            _ => return take_whitespace(alt, out),
+                        }
                     }
                     let (node, seen_now) = (*node, *seen);
                     match (*state, b) {
@@ -1173,38 +1310,27 @@ impl Grammar {
                             alt.other_keys.retain(|&(d, _)| d != depth);
                             alt.frames.pop();
                         }
-                        (ObjectState::AfterValue, b',') if self.more_keys(node, seen_now) => {
+                        (ObjectState::AfterValue, b',')
+                            if alt.whitespace == 0 && self.more_keys(node, seen_now, depth) =>
+                        {
                             *state = ObjectState::AfterComma;
                         }
                         (ObjectState::Open | ObjectState::AfterComma, b'"')
-                            if self.more_keys(node, seen_now) =>
+                            if self.more_keys(node, seen_now, depth) =>
                         {
-                            let Node::Object {
-                                properties,
-                                additional,
-                                ..
-                            } = &self.nodes[node as usize]
-                            else {
-                                return;
-                            };
-                            let all = if properties.len() == 64 {
-                                u64::MAX
-                            } else {
-                                (1u64 << properties.len()) - 1
-                            };
-                            // Without other keys, only unseen names may start; with them, all
-                            // are followed so that a repeated name is caught when it closes.
-                            let candidates = if additional.is_some() {
-                                all
-                            } else {
-                                all & !seen_now
-                            };
+                            let (unseen, other) = self.next_keys(node, seen_now, depth);
+                            let free = other.is_some();
+                            // With other keys allowed every name is followed, so that a
+                            // property written twice, or one that cannot fit, is caught when
+                            // its name closes; without, only names that may come next.
+                            let candidates = if free { u64::MAX } else { unseen };
                             alt.frames.push(Frame::Key {
                                 node,
                                 candidates,
                                 at: 0,
                                 text: Text::new(),
                                 hash: 0xcbf2_9ce4_8422_2325,
+                                free,
                             });
                         }
                         (ObjectState::Colon(target), b':') => {

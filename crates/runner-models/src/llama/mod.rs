@@ -810,15 +810,18 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
 /// Samples a token the constraint allows: the sampler's own choice when it is allowed (the
 /// usual case, and exactly the masked choice for greedy decoding), else a second draw from
 /// the logits with every disallowed token masked out.
+/// `masked` counts the second draws and the seconds their masks took, for the log.
 fn constrained_sample(
     sampler: &mut LogitsProcessor,
     logits: &Tensor,
     constraint: &Constraint,
+    masked: &mut (u32, f64),
 ) -> Result<u32, PredictError> {
     let first = sampler.sample(logits)?;
     if constraint.allows(first) {
         return Ok(first);
     }
+    let started = Instant::now();
     let mut values = logits.to_vec1::<f32>()?;
     let allowed = constraint.mask(values.len());
     let mut any = false;
@@ -834,6 +837,8 @@ fn constrained_sample(
             "structured output: no token of the vocabulary can continue the JSON here".into(),
         ));
     }
+    masked.0 += 1;
+    masked.1 += started.elapsed().as_secs_f64();
     Ok(sampler.sample(&Tensor::new(values, &Device::Cpu)?)?)
 }
 
@@ -898,6 +903,7 @@ impl Model for LlamaModel {
             ),
         );
         let penalty = number("repetition_penalty", 1.0) as f32;
+        let mut masked = (0u32, 0f64);
         let mut constraint = match text("json_schema").trim() {
             "" => None,
             schema => Some(g.json_constraint(schema)?),
@@ -949,7 +955,7 @@ impl Model for LlamaModel {
             }
             let next = match &constraint {
                 None => sampler.sample(&logits)?,
-                Some(c) => constrained_sample(&mut sampler, &logits, c)?,
+                Some(c) => constrained_sample(&mut sampler, &logits, c, &mut masked)?,
             };
             first_token_at.get_or_insert_with(|| started.elapsed().as_secs_f64());
             if g.stop_tokens.contains(&next) {
@@ -1033,7 +1039,7 @@ impl Model for LlamaModel {
             );
         }
         ctx.log(&format!(
-            "llama: {} prompt tokens{} in {prompt_seconds:.3}s, {} new tokens in {decode_seconds:.3}s ({}); {}",
+            "llama: {} prompt tokens{} in {prompt_seconds:.3}s, {} new tokens in {decode_seconds:.3}s ({}{}); {}",
             prompt_ids.len(),
             if cached > 0 {
                 format!(" ({cached} of them reused from the prompt cache)")
@@ -1042,6 +1048,13 @@ impl Model for LlamaModel {
             },
             generated,
             finish,
+            match constraint {
+                Some(_) => format!(
+                    "; JSON Schema: {} tokens drawn again from the masked vocabulary, masks {:.3}s",
+                    masked.0, masked.1
+                ),
+                None => String::new(),
+            },
             g.source
         ));
         // What this session holds now serves later prompts that start the same way.

@@ -168,14 +168,52 @@ fn numbers_strings_and_arrays_keep_their_bounds() {
 }
 
 #[test]
-fn whitespace_between_tokens_is_bounded() {
+fn whitespace_is_what_json_printers_write() {
     let g = grammar(json!({"type": "object"}));
-    assert!(matches(&g, "{\n  \"a\" : [ 1 , 2 ]\n}"));
-    let spaces = " ".repeat(MAX_WHITESPACE as usize);
-    assert!(prefix(&g, &format!("{{{spaces}")));
-    assert!(!prefix(&g, &format!("{{{spaces} ")));
-    // Inside strings spaces are text, not counted.
-    assert!(matches(&g, &format!("{{\"a\":\"{}\"}}", " ".repeat(500))));
+    let doc = json!({"a": [1, 2, {"b": null}], "c": {}, "d": "x y", "e": [[]]});
+    // serde_json's compact and indented forms, Python's json.dumps default and indent=2.
+    for text in [
+        serde_json::to_string(&doc).unwrap(),
+        serde_json::to_string_pretty(&doc).unwrap(),
+        r#"{"a": [1, 2, {"b": null}], "c": {}, "d": "x y", "e": [[]]}"#.to_string(),
+        "{\n\t\"a\": [\n\t\t1,\n\t\t2\n\t]\n}".to_string(),
+        "{ \"a\": [ 1, 2 ] }".to_string(),
+    ] {
+        assert!(matches(&g, &text), "{text}");
+    }
+    let indent = " ".repeat(MAX_INDENT as usize);
+    assert!(prefix(&g, &format!("{{\n{indent}")));
+    assert!(!prefix(&g, &format!("{{\n{indent} ")));
+    for bad in [
+        "{  ",          // two spaces
+        "{\n\n",        // a blank line
+        "{ \n",         // a space, then a newline
+        "{\r\n",        // a carriage return
+        "{\"a\" :",     // before `:`
+        "{\"a\":  ",    // two spaces after it
+        "{\"a\":\n",    // a newline after it
+        "{\"a\": 1\n,", // before `,`
+        "[1 ,",         // before `,` in an array
+        " {",           // before the value
+        "\n{",
+    ] {
+        assert!(!prefix(&g, bad), "{bad:?}");
+    }
+    assert!(matches(&g, "{\"a\": 1\n}"), "before a closing bracket");
+    assert!(
+        matches(&grammar(json!({})), "[1 ]"),
+        "before a closing bracket"
+    );
+    // Never whitespace that leads nowhere: before `}` while a required key is missing.
+    let g = grammar(
+        json!({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"]}),
+    );
+    assert!(prefix(&g, "{\"a\": 1,") && !prefix(&g, "{\"a\": 1 "));
+    let g = grammar(json!({"type": "array", "minItems": 2}));
+    assert!(!prefix(&g, "[1 ") && prefix(&g, "[1, 2 "));
+    // Inside strings spaces are text.
+    let g = grammar(json!({"type": "object"}));
+    assert!(matches(&g, &format!("{{\"a\":\"{}\"}}", "  ".repeat(200))));
 }
 
 #[test]
@@ -217,6 +255,16 @@ fn recursive_schemas_nest_up_to_the_depth_limit() {
         &g,
         r#"{"children":[{"children":[]},{"children":[{"children":[]}]}]}"#
     ));
+    // At the depth limit a property whose value cannot fit is not offered: no dead ends.
+    let g = grammar(json!({
+        "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}, "v": {"type": "integer"}}, "additionalProperties": false}},
+        "$ref": "#/$defs/n"
+    }));
+    let mut m = g.matcher();
+    assert!(m.feed_all(&g, "{\"c\":".repeat(MAX_DEPTH - 1).as_bytes()));
+    assert!(m.feed_all(&g, b"{\""));
+    assert!(!m.clone().feed(&g, b'c'), "`c` would need a 65th object");
+    assert!(m.feed_all(&g, b"v\":1}"));
     let any = grammar(json!({}));
     let deep = "[".repeat(MAX_DEPTH);
     assert!(prefix(&any, &deep));
@@ -330,6 +378,21 @@ fn unsupported_or_impossible_schemas_are_refused_by_name() {
         .collect();
     let e = Grammar::compile(&json!({"$defs": defs, "$ref": "#/$defs/d0"})).unwrap_err();
     assert!(e.message.contains("more than 64 deep"), "{e}");
+    // No finite value: a required child of the same kind, directly or through an array.
+    for schema in [
+        json!({"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}, "$ref": "#/$defs/n"}),
+        json!({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}, "$ref": "#/$defs/n"}),
+    ] {
+        let e = Grammar::compile(&schema).unwrap_err();
+        assert!(e.message.contains("no finite JSON value"), "{e}");
+    }
+    // One that must nest 70 deep.
+    let mut schema = json!({"type": "null"});
+    for _ in 0..70 {
+        schema = json!({"type": "array", "prefixItems": [schema], "minItems": 1});
+    }
+    let e = Grammar::compile(&schema).unwrap_err();
+    assert!(e.message.contains("nests 70"), "{e}");
     let many: serde_json::Map<String, Value> =
         (0..65).map(|i| (format!("p{i}"), json!({}))).collect();
     let e = Grammar::compile(&json!({"properties": many})).unwrap_err();
