@@ -331,6 +331,150 @@ fn structured_output_is_json_that_the_schema_accepts() {
 }
 
 #[test]
+fn log_probabilities_come_with_the_tokens_every_way() {
+    let server = Server::start(&smollm2(), &[]);
+    let messages = json!([{"role": "user", "content": "Name three colours."}]);
+    let (status, chat) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 3}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let text = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    let content = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), 12);
+    let mut bytes = Vec::new();
+    for entry in content {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{entry}");
+        // Greedy: the token taken is the most likely; alternatives come most likely first,
+        // and are probabilities (their sum at most 1).
+        assert_eq!(top[0]["token"], entry["token"], "{entry}");
+        assert_eq!(top[0]["logprob"], entry["logprob"], "{entry}");
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0,
+            "{entry}"
+        );
+        assert!(
+            lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-9,
+            "{entry}"
+        );
+        bytes.extend(
+            entry["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    // The tokens' bytes are the text.
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+
+    // The Cog prediction records the same entries in its `logprobs` metric.
+    let (_, metrics) = cog_text(
+        &server,
+        json!({"prompt": "Name three colours.", "temperature": 0, "max_new_tokens": 12, "logprobs": true, "top_logprobs": 3}),
+    );
+    assert_eq!(
+        &metrics["logprobs"],
+        &chat["choices"][0]["logprobs"]["content"]
+    );
+
+    // Streamed: each chunk carries its tokens' entries; together they are the same list.
+    let (chunks, _) = streamed_chat(
+        &server,
+        &json!({"messages": messages, "temperature": 0, "max_tokens": 12, "logprobs": true, "top_logprobs": 3, "stream": true}),
+    );
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(&streamed, content);
+    for c in &chunks {
+        if let Some(piece) = c["choices"][0]["delta"]["content"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+        {
+            let tokens: String = c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["token"].as_str().unwrap())
+                .collect();
+            assert_eq!(tokens, piece, "a chunk's tokens are its text");
+        }
+    }
+
+    // The legacy endpoint's shape: tokens, their logprobs, alternatives by token, offsets.
+    let (status, legacy) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "temperature": 0, "max_tokens": 4, "logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{legacy}");
+    let lp = &legacy["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tokens.concat(),
+        legacy["choices"][0]["text"].as_str().unwrap()
+    );
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(offsets[1], tokens[0].chars().count() as u64);
+    // Without logprobs asked, none.
+    let (_, plain) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 1}),
+    );
+    assert_eq!(plain["choices"][0]["logprobs"], Value::Null);
+
+    // What cannot be answered, by name.
+    let chat_with = |extra: Value| {
+        let mut body = json!({"messages": messages, "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        post(&server, "/v1/chat/completions", &body)
+    };
+    let (s, b) = chat_with(json!({"logprobs": true, "top_logprobs": 21}));
+    error_of(s, &b, 400, Some("top_logprobs"));
+    let (s, b) = chat_with(json!({"top_logprobs": 2}));
+    assert!(error_of(s, &b, 400, Some("top_logprobs")).contains("logprobs: true"));
+    let (s, b) = chat_with(json!({"logprobs": 1}));
+    error_of(s, &b, 400, Some("logprobs"));
+    let (s, b) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "logprobs": 6}),
+    );
+    error_of(s, &b, 400, Some("logprobs"));
+    let (s, b) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "logprobs": 1, "echo": true}),
+    );
+    error_of(s, &b, 400, Some("echo"));
+}
+
+#[test]
 fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     let server = Server::start(&smollm2(), &[]);
     let chat = |extra: Value| {
@@ -342,8 +486,6 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     };
     let (s, b) = chat(json!({"n": 2}));
     error_of(s, &b, 400, Some("n"));
-    let (s, b) = chat(json!({"logprobs": true}));
-    error_of(s, &b, 400, Some("logprobs"));
     let (s, b) = chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]}));
     error_of(s, &b, 400, Some("tools"));
     let (s, b) = chat(json!({"presence_penalty": 0.5}));
@@ -622,6 +764,9 @@ class City(BaseModel):
 p = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": "Describe Paris."}], response_format=City, temperature=0, max_tokens=400)
 out["parsed"] = p.choices[0].message.parsed.model_dump()
 out["parsed_content"] = p.choices[0].message.content
+lp = llm.chat.completions.create(model="m", messages=q, temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
+out["logprobs"] = [[t.token, t.logprob, [a.token for a in t.top_logprobs]] for t in lp.choices[0].logprobs.content]
+out["logprobs_text"] = lp.choices[0].message.content
 e = emb.embeddings.create(model="minilm", input=["The cat sits outside", "A man is playing guitar"])
 out["embeddings"] = [d.embedding for d in e.data]
 out["embedding_tokens"] = e.usage.prompt_tokens
@@ -674,6 +819,18 @@ print(json.dumps(out))
     let parsed_text: Value = serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
     assert_eq!(out["parsed"], parsed_text);
     assert!(out["parsed"]["landmarks"].as_array().unwrap().len() <= 3);
+    // Its logprobs types read ours: a token, its logprob and two alternatives each.
+    let tokens: String = out["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(t[2].as_array().unwrap().len(), 2, "{t}");
+            assert_eq!(t[2][0], t[0], "greedy: the top alternative is the token");
+            t[0].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(tokens, out["logprobs_text"].as_str().unwrap());
     // The SDK asked for base64 and decoded it: the same floats as the Cog prediction.
     let (_, cog) = post(
         &embedder,
@@ -737,6 +894,7 @@ fn hostile_bodies_never_get_a_server_error() {
                 "stream_options",
                 "n",
                 "logprobs",
+                "top_logprobs",
                 "tools",
                 "response_format",
                 "logit_bias",
@@ -756,6 +914,7 @@ fn hostile_bodies_never_get_a_server_error() {
                 "echo",
                 "suffix",
                 "best_of",
+                "logprobs",
             ],
         ),
         (
@@ -880,6 +1039,8 @@ fn a_python_language_model_answers_chat_and_completions() {
     error_of(s, &b, 400, Some("stop"));
     let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
     error_of(s, &b, 404, None);
+    let (s, b) = chat(json!({"messages": [{"role": "user", "content": "a"}], "logprobs": true}));
+    assert!(error_of(s, &b, 400, Some("logprobs")).contains("no `logprobs` input"));
     // `response_format` goes to a `json_schema` input as text; the predictor enforces it.
     let (s, b) = chat(
         json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}}),

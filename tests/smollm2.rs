@@ -275,6 +275,69 @@ fn converted_f32_safetensors_match_transformers_exactly() {
             );
         }
     }
+    // The served model's log probabilities: the first step's five most likely tokens are
+    // transformers' top five, each at its logit minus the log of the sum of all logits'
+    // exponentials (computed here from the whole first-step logits).
+    let server = Server::start(&converted, &[]);
+    for case in reference["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let (_, first_logits) = g.greedy(&ids(&case["prompt_ids"]), 1).unwrap();
+        let max = first_logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+        let log_sum = max
+            + first_logits
+                .iter()
+                .map(|&l| (l as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let (status, body) = support::http(
+            &server.addr,
+            "POST",
+            "/v1/completions",
+            Some(
+                &json!({"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 5})
+                    .to_string(),
+            ),
+            &[],
+        );
+        assert_eq!(status, 200, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        let logprobs = &body["choices"][0]["logprobs"];
+        let top: Vec<(String, f64)> = logprobs["top_logprobs"][0]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(t, lp)| (t.clone(), lp.as_f64().unwrap()))
+            .collect();
+        let want = case["hf_f32_first_step_top5"].as_array().unwrap();
+        assert_eq!(top.len(), 5, "{prompt:?}: {logprobs}");
+        for (pair, (token, logprob)) in want.iter().zip(&top) {
+            let id = pair[0].as_u64().unwrap() as u32;
+            assert_eq!(
+                token,
+                &g.tokenizer().decode(&[id], false).unwrap(),
+                "{prompt:?}"
+            );
+            let expected = first_logits[id as usize] as f64 - log_sum;
+            assert!(
+                (logprob - expected).abs() <= 1e-4,
+                "{prompt:?}: logprob of {token:?}: {logprob} vs {expected}"
+            );
+            // transformers' logits differ from runner's by at most 1e-4 (above), so the
+            // differences between logprobs are transformers' too.
+            let hf_gap = pair[1].as_f64().unwrap() - want[0][1].as_f64().unwrap();
+            assert!(
+                (logprob - top[0].1 - hf_gap).abs() <= 2e-4,
+                "{prompt:?}: {token:?}"
+            );
+        }
+        assert_eq!(
+            logprobs["token_logprobs"][0],
+            json!(top[0].1),
+            "greedy takes the top one"
+        );
+    }
+    drop(server);
+
     // Converting again without --force is refused.
     let (code, _, stderr) = runner(&[
         "convert",

@@ -521,13 +521,6 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
     {
         return Err(ApiError::unsupported("best_of", "more than one candidate"));
     }
-    match request.get("logprobs") {
-        None | Some(Value::Null | Value::Bool(false)) => {}
-        Some(_) => return Err(ApiError::unsupported("logprobs", "log probabilities")),
-    }
-    if set("top_logprobs") {
-        return Err(ApiError::unsupported("top_logprobs", "log probabilities"));
-    }
     for penalty in ["presence_penalty", "frequency_penalty"] {
         if request
             .get(penalty)
@@ -560,6 +553,99 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
         return Err(ApiError::unsupported("suffix", "a suffix"));
     }
     Ok(())
+}
+
+/// Whether the request asks for log probabilities, and for how many alternatives per token:
+/// chat's `logprobs: true` with `top_logprobs` (0 to 20), or the legacy endpoint's
+/// `logprobs: N` (0 to 5).
+fn logprobs_asked(request: &Map<String, Value>, kind: Kind) -> Result<(bool, u64), ApiError> {
+    let logprobs = request.get("logprobs").filter(|v| !v.is_null());
+    let top = request.get("top_logprobs").filter(|v| !v.is_null());
+    match kind {
+        Kind::Chat => {
+            let on = match logprobs {
+                None => false,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    ApiError::invalid(Some("logprobs"), "`logprobs` must be true or false")
+                })?,
+            };
+            let top = match top {
+                None => 0,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n <= runner_models::llama::MAX_TOP_LOGPROBS)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            Some("top_logprobs"),
+                            "`top_logprobs` must be a whole number from 0 to 20",
+                        )
+                    })?,
+            };
+            if top > 0 && !on {
+                return Err(ApiError::invalid(
+                    Some("top_logprobs"),
+                    "`top_logprobs` needs `logprobs: true`",
+                ));
+            }
+            Ok((on, top))
+        }
+        Kind::Text => match logprobs {
+            None | Some(Value::Bool(false)) => Ok((false, 0)),
+            Some(v) => v
+                .as_u64()
+                .filter(|&n| n <= 5)
+                .map(|n| (true, n))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        Some("logprobs"),
+                        "`logprobs` must be a whole number from 0 to 5 (the alternatives listed per token)",
+                    )
+                }),
+        },
+    }
+}
+
+/// Tokens' `logprobs` metric entries (OpenAI's chat shape: token, logprob, bytes,
+/// top_logprobs) in the legacy completions' shape; `offset` is where the first token
+/// starts in the text, in characters, and moves past the last.
+fn legacy_logprobs(entries: &[Value], offset: &mut usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top_logprobs = Vec::new();
+    let mut text_offset = Vec::new();
+    for entry in entries {
+        let token = entry["token"].as_str().unwrap_or_default();
+        tokens.push(json!(token));
+        token_logprobs.push(entry["logprob"].clone());
+        let alternatives: Map<String, Value> = entry["top_logprobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                (
+                    t["token"].as_str().unwrap_or_default().to_string(),
+                    t["logprob"].clone(),
+                )
+            })
+            .collect();
+        top_logprobs.push(Value::Object(alternatives));
+        text_offset.push(json!(*offset));
+        *offset += token.chars().count();
+    }
+    json!({
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    })
+}
+
+/// The `logprobs` of a choice holding these entries, in the shape of `kind`'s API.
+fn choice_logprobs(kind: Kind, entries: &[Value], offset: &mut usize) -> Value {
+    match kind {
+        Kind::Chat => json!({"content": entries, "refusal": null}),
+        Kind::Text => legacy_logprobs(entries, offset),
+    }
 }
 
 /// The JSON Schema `response_format` asks the output to match: `json_object` is any JSON
@@ -678,6 +764,8 @@ struct Generation {
     stream: bool,
     include_usage: bool,
     echo: bool,
+    /// Each token's log probability goes with the answer.
+    logprobs: bool,
 }
 
 /// The prompt of a chat for a model without a chat template of its own (a Python
@@ -841,6 +929,23 @@ fn generation(
             _ => {}
         }
     }
+    let (logprobs, top_logprobs) = logprobs_asked(request, kind)?;
+    if logprobs {
+        if !inputs.has("logprobs") {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                "log probabilities for this model (it has no `logprobs` input)",
+            ));
+        }
+        if kind == Kind::Text && request.get("echo").and_then(Value::as_bool) == Some(true) {
+            return Err(ApiError::unsupported(
+                "echo",
+                "`echo` with `logprobs` (the prompt's own log probabilities)",
+            ));
+        }
+        input.insert("logprobs".into(), json!(true));
+        input.insert("top_logprobs".into(), json!(top_logprobs));
+    }
     if let Some(schema) = response_schema(request)? {
         if !inputs.has("json_schema") {
             return Err(ApiError::unsupported(
@@ -919,6 +1024,7 @@ fn generation(
         stream,
         include_usage,
         echo: kind == Kind::Text && request.get("echo").and_then(Value::as_bool) == Some(true),
+        logprobs,
     })
 }
 
@@ -990,17 +1096,27 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         text.insert_str(0, &generation.prompt);
     }
     let (finish, usage) = reply.ending(&body);
+    let logprobs = match generation.logprobs {
+        true => {
+            let entries = body["metrics"]["logprobs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            choice_logprobs(kind, &entries, &mut 0)
+        }
+        false => Value::Null,
+    };
     let choice = match kind {
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": null},
-            "logprobs": null,
+            "logprobs": logprobs,
             "finish_reason": finish,
         }),
         Kind::Text => json!({
             "index": 0,
             "text": text,
-            "logprobs": null,
+            "logprobs": logprobs,
             "finish_reason": finish,
         }),
     };
@@ -1064,17 +1180,22 @@ impl Reply {
 
     /// One streamed chunk with this text (or role, or finish reason).
     fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        self.chunk_with_logprobs(delta, finish, Value::Null)
+    }
+
+    /// A streamed chunk and the log probabilities of the tokens it holds.
+    fn chunk_with_logprobs(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
                 "delta": delta,
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
             Kind::Text => json!({
                 "index": 0,
                 "text": delta.get("content").cloned().unwrap_or(json!("")),
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }),
         };
@@ -1104,6 +1225,10 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         /// Whether any text came as it was generated (a model returning one string sends
         /// it all at the end).
         streamed: bool,
+        /// With `logprobs`: the entries of tokens not yet sent (a chunk carries those of
+        /// the tokens it holds), and the legacy format's character offset.
+        logprobs: Option<Vec<Value>>,
+        text_offset: usize,
     }
     let data = |v: Value| v.to_string();
     let mut pending = std::collections::VecDeque::new();
@@ -1124,6 +1249,8 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         guard: Some(CancelOnDrop::new(Arc::clone(&running))),
         done: false,
         streamed: false,
+        logprobs: generation.logprobs.then(Vec::new),
+        text_offset: 0,
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -1154,11 +1281,26 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
                 },
             };
             match &*event {
+                StreamEvent::Metric { name, value, .. } if name == "logprobs" => {
+                    if let Some(entries) = st.logprobs.as_mut() {
+                        entries.push(value.clone());
+                    }
+                }
                 StreamEvent::Output { chunk, .. } => {
                     if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
                         st.streamed = true;
-                        st.pending
-                            .push_back(st.reply.chunk(json!({"content": text}), None).to_string());
+                        let logprobs = match st.logprobs.as_mut() {
+                            Some(entries) => {
+                                let held = std::mem::take(entries);
+                                choice_logprobs(st.reply.kind, &held, &mut st.text_offset)
+                            }
+                            None => Value::Null,
+                        };
+                        st.pending.push_back(
+                            st.reply
+                                .chunk_with_logprobs(json!({"content": text}), None, logprobs)
+                                .to_string(),
+                        );
                     }
                 }
                 StreamEvent::Completed(body) => {
@@ -1174,8 +1316,19 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
                             );
                         }
                         let (finish, usage) = st.reply.ending(body);
-                        st.pending
-                            .push_back(st.reply.chunk(json!({}), Some(finish)).to_string());
+                        // Tokens whose text never came (a stop sequence's) end the list.
+                        let logprobs = match st.logprobs.as_mut() {
+                            Some(entries) if !entries.is_empty() => {
+                                let held = std::mem::take(entries);
+                                choice_logprobs(st.reply.kind, &held, &mut st.text_offset)
+                            }
+                            _ => Value::Null,
+                        };
+                        st.pending.push_back(
+                            st.reply
+                                .chunk_with_logprobs(json!({}), Some(finish), logprobs)
+                                .to_string(),
+                        );
                         if st.include_usage {
                             let mut last = st.reply.chunk(json!({}), None);
                             last["choices"] = json!([]);

@@ -54,6 +54,8 @@ pub const ARCHITECTURE: Architecture = Architecture {
 
 /// The most tokens one prediction may ask for.
 pub const MAX_NEW_TOKENS: u64 = 4096;
+/// The most alternatives `top_logprobs` may ask for at each step (OpenAI's bound).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
 /// Recent tokens the repetition penalty looks at.
 const REPEAT_WINDOW: usize = 64;
 /// End-of-turn tokens of common chat formats, stopped at whenever the vocabulary has them.
@@ -101,6 +103,14 @@ pub fn signature() -> Signature {
             InputField::list("stop", Primitive::Str)
                 .default(json!([]))
                 .description("Stop when the output contains any of these; the stop text is not returned"),
+            InputField::prim("logprobs", Primitive::Bool)
+                .default(json!(false))
+                .description("Record each generated token's log probability in the `logprobs` metric"),
+            InputField::prim("top_logprobs", Primitive::Int)
+                .default(json!(0))
+                .ge(0.0)
+                .le(MAX_TOP_LOGPROBS as f64)
+                .description("With logprobs: also this many most likely tokens at each step"),
             InputField::prim("json_schema", Primitive::Str)
                 .default(json!(""))
                 .description("A JSON Schema the output must match (e.g. {\"type\": \"object\"} for any JSON object); empty: free text"),
@@ -181,6 +191,14 @@ impl Generator {
         self.context
     }
 
+    /// The vocabulary as bytes, built the first time it is needed.
+    fn vocabulary(&self) -> Result<Arc<Vocabulary>, PredictError> {
+        self.vocabulary
+            .get_or_init(|| Vocabulary::of(&self.tokenizer).map(Arc::new))
+            .clone()
+            .map_err(PredictError::Failed)
+    }
+
     /// A constraint that holds the output to `schema` (a JSON Schema, as text).
     pub fn json_constraint(&self, schema: &str) -> Result<Constraint, PredictError> {
         let schema: Value = serde_json::from_str(schema).map_err(|e| {
@@ -188,11 +206,7 @@ impl Generator {
         })?;
         let grammar = Grammar::compile(&schema)
             .map_err(|e| PredictError::Failed(format!("json_schema: {e}")))?;
-        let vocabulary = self
-            .vocabulary
-            .get_or_init(|| Vocabulary::of(&self.tokenizer).map(Arc::new))
-            .clone()
-            .map_err(PredictError::Failed)?;
+        let vocabulary = self.vocabulary()?;
         Ok(Constraint::new(
             Arc::new(grammar),
             vocabulary,
@@ -807,6 +821,38 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
     }
 }
 
+/// One generated token's entry in the `logprobs` metric, in OpenAI's shape: the token (its
+/// text, lossy where it ends inside a character, and its exact bytes), its log
+/// probability under `logits`, and the `top` most likely tokens with theirs.
+fn token_logprobs(logits: &[f32], chosen: u32, top: usize, vocabulary: &Vocabulary) -> Value {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_sum = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let entry = |id: u32| {
+        let bytes = vocabulary.bytes(id).unwrap_or_default();
+        json!({
+            "token": String::from_utf8_lossy(bytes),
+            "logprob": logits.get(id as usize).map_or(f64::NEG_INFINITY, |&l| l as f64 - log_sum),
+            "bytes": bytes,
+        })
+    };
+    let mut best: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(best.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if top > 0 && top < best.len() {
+        best.select_nth_unstable_by(top - 1, by_logit);
+    }
+    best.truncate(top);
+    best.sort_by(by_logit);
+    let mut chosen_entry = entry(chosen);
+    chosen_entry["top_logprobs"] = best.into_iter().map(entry).collect();
+    chosen_entry
+}
+
 /// Samples a token the constraint allows: the sampler's own choice when it is allowed (the
 /// usual case, and exactly the masked choice for greedy decoding), else a second draw from
 /// the logits with every disallowed token masked out.
@@ -903,6 +949,13 @@ impl Model for LlamaModel {
             ),
         );
         let penalty = number("repetition_penalty", 1.0) as f32;
+        let top_logprobs = number("top_logprobs", 0.0).max(0.0) as usize;
+        let logprobs = match input.get("logprobs").and_then(Value::as_bool) == Some(true)
+            || top_logprobs > 0
+        {
+            true => Some(g.vocabulary()?),
+            false => None,
+        };
         let mut masked = (0u32, 0f64);
         let mut constraint = match text("json_schema").trim() {
             "" => None,
@@ -945,6 +998,11 @@ impl Model for LlamaModel {
         let mut finish = "length";
         for i in 0..max_new {
             ctx.check_canceled()?;
+            // The model's own distribution, before penalties, temperature and masks.
+            let raw = match logprobs {
+                Some(_) => Some(logits.to_vec1::<f32>()?),
+                None => None,
+            };
             if penalty != 1.0 {
                 let start = all_tokens.len().saturating_sub(REPEAT_WINDOW);
                 logits = candle_transformers::utils::apply_repeat_penalty(
@@ -963,6 +1021,13 @@ impl Model for LlamaModel {
                 break;
             }
             generated += 1;
+            if let (Some(vocabulary), Some(raw)) = (&logprobs, &raw) {
+                ctx.record_metric(
+                    "logprobs",
+                    token_logprobs(raw, next, top_logprobs, vocabulary),
+                    MetricMode::Append,
+                );
+            }
             pending.push(next);
             all_tokens.push(next);
             if let Some(c) = &mut constraint {
