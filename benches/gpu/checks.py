@@ -48,6 +48,10 @@ class Server:
         raise RuntimeError("server not ready in 180 s")
 
     def predict(self, inputs, timeout=300):
+        return self.prediction(inputs, timeout)["output"]
+
+    def prediction(self, inputs, timeout=300):
+        """The whole succeeded prediction (output, metrics, logs)."""
         req = urllib.request.Request(
             f"http://{self.addr}/predictions",
             data=json.dumps({"input": inputs}).encode(),
@@ -56,7 +60,7 @@ class Server:
         answer = json.load(urllib.request.urlopen(req, timeout=timeout))
         if answer.get("status") != "succeeded":
             raise RuntimeError(f"prediction {answer.get('status')}: {answer.get('error')}")
-        return answer["output"]
+        return answer
 
     def openai_chat(self, question, tokens=20):
         """The text of a greedy OpenAI-compatible chat completion."""
@@ -173,12 +177,41 @@ def minilm(device, model_dir):
     print("\n(The HTTP clients are Python threads on the same machine; sentence-transformers runs in-process.)\n")
 
 
+# Structured output's check: bounded, so even the trimmed model must finish the JSON.
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "population": {"type": "integer"},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 30}, "maxItems": 3},
+        "coastal": {"type": "boolean"},
+    },
+    "required": ["name", "population", "landmarks", "coastal"],
+    "additionalProperties": False,
+}
+
+
+def city_ok(text):
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return False
+    return (
+        isinstance(v, dict) and set(v) == set(CITY_SCHEMA["required"])
+        and isinstance(v["name"], str) and len(v["name"]) <= 30
+        and isinstance(v["population"], int) and not isinstance(v["population"], bool)
+        and isinstance(v["landmarks"], list) and len(v["landmarks"]) <= 3
+        and all(isinstance(x, str) and len(x) <= 30 for x in v["landmarks"])
+        and isinstance(v["coastal"], bool)
+    )
+
+
 def smollm2(device, gguf_dir):
     cases = json.load(open("smollm2_reference.json"))["model"]["cases"]
     converted = "smollm2-st"
     subprocess.run([RUNNER, "-q", "convert", *[f"{gguf_dir}/weights/{f}" for f in os.listdir(f"{gguf_dir}/weights") if f.endswith(".gguf")], "--out", converted, "--force"], check=True, stdout=subprocess.DEVNULL)
     story = {"prompt": "Write a story about a robot who learns to paint.", "use_chat_template": False, "temperature": 0, "max_new_tokens": 128}
-    texts, speed, openai = {}, {}, {}
+    texts, speed, openai, structured, logprobs = {}, {}, {}, {}, {}
     for name, model_dir, dev in [
         ("runner GGUF cpu", gguf_dir, "cpu"),
         (f"runner GGUF {device}", gguf_dir, device),
@@ -192,6 +225,11 @@ def smollm2(device, gguf_dir):
             # The OpenAI-compatible route: the same text as the Cog prediction it becomes.
             question = "What is the capital of France?"
             openai[name] = server.openai_chat(question) == "".join(server.predict({"prompt": question, "temperature": 0, "max_new_tokens": 20}))
+            # Structured output and log probabilities (the first step's top five).
+            city = "".join(server.predict({"prompt": "Describe Paris.", "temperature": 0, "max_new_tokens": 300, "json_schema": json.dumps(CITY_SCHEMA)}))
+            structured[name] = (city_ok(city), city)
+            first = server.prediction({"prompt": cases[0]["prompt"], "use_chat_template": False, "temperature": 0, "max_new_tokens": 1, "top_logprobs": 5})
+            logprobs[name] = [(t["token"], t["logprob"]) for t in first["metrics"]["logprobs"][0]["top_logprobs"]]
             server.predict(dict(story, max_new_tokens=4))
             started = time.time()
             tokens = server.predict(story)
@@ -235,6 +273,15 @@ def smollm2(device, gguf_dir):
     print("\n| implementation | /v1/chat/completions gives the Cog prediction's text |\n|---|---|")
     for name, same in openai.items():
         print(f"| {name} | {'yes' if same else 'NO'} |")
+    print("\n| implementation | `json_schema`: whole JSON the schema accepts | answer |\n|---|---|---|")
+    for name, (ok, city) in structured.items():
+        print(f"| {name} | {'yes' if ok else 'NO'} | `{city[:90]!r}` |")
+    print("\n| implementation | first step's top 5 (`top_logprobs`) | max \\|Δ logprob\\| against the CPU's, same weights |\n|---|---|---|")
+    for name, top in logprobs.items():
+        cpu = next((t for n, t in logprobs.items() if n.split()[1] == name.split()[1] and "cpu" in n), top)
+        same = [a[0] for a in top] == [b[0] for b in cpu]
+        delta = max(abs(a[1] - b[1]) for a, b in zip(top, cpu))
+        print(f"| {name} | {', '.join(f'{t!r} {lp:.3f}' for t, lp in top)} | {delta:.4f}{'' if same else ' (other tokens)'} |")
     print("\nTexts:\n")
     for i, c in enumerate(cases):
         print(f"- {c['prompt']!r}: " + "; ".join(f"{n}: {texts[n][i]!r}" for n in names))

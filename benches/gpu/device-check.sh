@@ -7,7 +7,8 @@
 #     batch 1 and 32, and the device-memory gauges in /metrics;
 #  2. SmolLM2's first blocks (trimmed from the real GGUF by trim_gguf.py): runner's GGUF and
 #     converted-safetensors paths on the CPU and the GPU against transformers, greedy text
-#     and tokens/s;
+#     and tokens/s; structured output (`json_schema`) and the first step's `top_logprobs`
+#     on each device (the GPU's against the CPU's);
 #  3. snapshots MiniLM and the generated models on the GPU, restores each and checks every
 #     tensor bit for bit against the cold load, and that restored servers answer
 #     bit-identically;
