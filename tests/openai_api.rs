@@ -474,6 +474,93 @@ fn log_probabilities_come_with_the_tokens_every_way() {
     error_of(s, &b, 400, Some("echo"));
 }
 
+/// OpenAI's penalties, checked step by step: log probabilities are the model's own (before
+/// penalties), so each greedy choice must be the best of the top 20 after subtracting
+/// `presence` once and `frequency` per earlier occurrence of the token in the output.
+#[test]
+fn penalties_and_logit_bias_shape_the_choice_as_openai_defines_them() {
+    let server = Server::start(&smollm2(), &[]);
+    let prompt = "List the days of the week, then list them again:";
+    for (presence, frequency) in [(0.0, 0.0), (1.5, 0.0), (0.0, 0.6), (0.5, 0.4)] {
+        let (status, body) = post(
+            &server,
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 40, "temperature": 0, "logprobs": 5, "presence_penalty": presence, "frequency_penalty": frequency}),
+        );
+        assert_eq!(status, 200, "{body}");
+        // The chat shape has the bytes; ask again for them (the same greedy text).
+        let (_, metrics) = cog_text(
+            &server,
+            json!({"prompt": prompt, "use_chat_template": false, "max_new_tokens": 40, "temperature": 0, "top_k": 0, "top_p": 1.0, "logprobs": true, "top_logprobs": 20, "presence_penalty": presence, "frequency_penalty": frequency}),
+        );
+        let entries = metrics["logprobs"].as_array().unwrap();
+        let text: String = entries
+            .iter()
+            .map(|e| e["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, body["choices"][0]["text"].as_str().unwrap());
+        let mut seen: std::collections::HashMap<Value, f64> = Default::default();
+        for (i, entry) in entries.iter().enumerate() {
+            let score = |t: &Value| {
+                let count = seen.get(&t["bytes"]).copied().unwrap_or(0.0);
+                t["logprob"].as_f64().unwrap()
+                    - if count > 0.0 { presence } else { 0.0 }
+                    - frequency * count
+            };
+            let top = entry["top_logprobs"].as_array().unwrap();
+            let best = top.iter().map(score).fold(f64::MIN, f64::max);
+            let chosen = top
+                .iter()
+                .find(|t| t["bytes"] == entry["bytes"])
+                .unwrap_or_else(|| panic!("step {i}: the choice is not in the top 20: {entry}"));
+            assert!(
+                (score(chosen) - best).abs() < 1e-3,
+                "presence {presence}, frequency {frequency}, step {i}: {entry}"
+            );
+            *seen.entry(entry["bytes"].clone()).or_default() += 1.0;
+        }
+        if presence + frequency > 0.0 {
+            // Penalties at work: some step chose other than the model's own first choice.
+            assert!(
+                entries
+                    .iter()
+                    .any(|e| e["top_logprobs"][0]["bytes"] != e["bytes"]),
+                "{text}"
+            );
+        }
+    }
+
+    // logit_bias: -100 bans the greedy first token (" Paris", 7042), +100 forces " the"
+    // (260), as the Cog input does.
+    let france = "The capital of France is";
+    let first = |bias: Value| {
+        let (status, body) = post(
+            &server,
+            "/v1/completions",
+            &json!({"prompt": france, "max_tokens": 1, "temperature": 0, "logit_bias": bias}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(first(json!({})), " Paris");
+    assert_ne!(first(json!({"7042": -100})), " Paris");
+    assert_eq!(first(json!({"260": 100})), " the");
+    let (cog, _) = cog_text(
+        &server,
+        json!({"prompt": france, "use_chat_template": false, "max_new_tokens": 1, "temperature": 0, "logit_bias": "{\"260\": 100}"}),
+    );
+    assert_eq!(cog, " the");
+    let (_, p) = post(
+        &server,
+        "/predictions",
+        &json!({"input": {"prompt": "Hi", "logit_bias": "{\"999999\": 1}"}}),
+    );
+    assert!(
+        p["error"].as_str().unwrap().contains("not a token id"),
+        "{p}"
+    );
+}
+
 #[test]
 fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     let server = Server::start(&smollm2(), &[]);
@@ -488,8 +575,17 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     error_of(s, &b, 400, Some("n"));
     let (s, b) = chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]}));
     error_of(s, &b, 400, Some("tools"));
-    let (s, b) = chat(json!({"presence_penalty": 0.5}));
+    let (s, b) = chat(json!({"presence_penalty": 2.5}));
     error_of(s, &b, 400, Some("presence_penalty"));
+    for bias in [
+        json!({"99999999": 1}),
+        json!({"12": 101}),
+        json!({"x": 1}),
+        json!([1]),
+    ] {
+        let (s, b) = chat(json!({ "logit_bias": bias }));
+        error_of(s, &b, 400, Some("logit_bias"));
+    }
     // Zero penalties are what many clients send by default: accepted.
     let (s, b) = chat(json!({"presence_penalty": 0, "frequency_penalty": 0.0}));
     assert_eq!(s, 200, "{b}");
@@ -1039,6 +1135,9 @@ fn a_python_language_model_answers_chat_and_completions() {
     error_of(s, &b, 400, Some("stop"));
     let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
     error_of(s, &b, 404, None);
+    let (s, b) =
+        chat(json!({"messages": [{"role": "user", "content": "a"}], "presence_penalty": 0.5}));
+    error_of(s, &b, 400, Some("presence_penalty"));
     let (s, b) = chat(json!({"messages": [{"role": "user", "content": "a"}], "logprobs": true}));
     assert!(error_of(s, &b, 400, Some("logprobs")).contains("no `logprobs` input"));
     // `response_format` goes to a `json_schema` input as text; the predictor enforces it.

@@ -478,6 +478,10 @@ impl Engine {
     pub fn context_length(&self) -> Option<usize> {
         self.model.get()?.context_length()
     }
+    /// How many token ids a loaded text generator's vocabulary has.
+    pub fn vocabulary_size(&self) -> Option<usize> {
+        self.model.get()?.vocabulary_size()
+    }
     /// Whether the model streams its output (`@cog.streaming`): SSE is offered.
     pub fn supports_streaming(&self) -> bool {
         self.signature.streaming

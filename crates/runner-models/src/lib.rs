@@ -347,6 +347,11 @@ pub trait Model: Send + Sync {
         None
     }
 
+    /// For text generators: how many token ids the vocabulary has (ids are below it).
+    fn vocabulary_size(&self) -> Option<usize> {
+        None
+    }
+
     /// Runs several predictions together (dynamic batching); one result per item, in
     /// order. Each item keeps its own context, so logs, metrics and cancellation stay its
     /// own. Only called for architectures whose [`Architecture::batching`] is true; the

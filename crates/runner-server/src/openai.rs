@@ -521,22 +521,6 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
     {
         return Err(ApiError::unsupported("best_of", "more than one candidate"));
     }
-    for penalty in ["presence_penalty", "frequency_penalty"] {
-        if request
-            .get(penalty)
-            .and_then(Value::as_f64)
-            .is_some_and(|p| p != 0.0)
-        {
-            return Err(ApiError::unsupported(penalty, "a non-zero penalty"));
-        }
-    }
-    if request
-        .get("logit_bias")
-        .and_then(Value::as_object)
-        .is_some_and(|m| !m.is_empty())
-    {
-        return Err(ApiError::unsupported("logit_bias", "a logit bias"));
-    }
     if request
         .get("tools")
         .and_then(Value::as_array)
@@ -927,6 +911,44 @@ fn generation(
             // OpenAI's own default asks nothing of a model without the parameter.
             Some(v) if v != default => return Err(ApiError::not_taken(param, &inputs)),
             _ => {}
+        }
+    }
+    for penalty in ["presence_penalty", "frequency_penalty"] {
+        match number(request, penalty)? {
+            None => {}
+            Some(p) if !(-2.0..=2.0).contains(&p) => {
+                return Err(ApiError::invalid(
+                    Some(penalty),
+                    format!("`{penalty}` must be from -2 to 2"),
+                ))
+            }
+            Some(p) if inputs.has(penalty) => {
+                input.insert(penalty.into(), json!(p));
+            }
+            // Zero is what many clients send by default: it asks nothing.
+            Some(p) if p != 0.0 => return Err(ApiError::not_taken(penalty, &inputs)),
+            Some(_) => {}
+        }
+    }
+    match request.get("logit_bias") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(biases)) if biases.is_empty() => {}
+        Some(Value::Object(biases)) => {
+            if !inputs.has("logit_bias") {
+                return Err(ApiError::not_taken("logit_bias", &inputs));
+            }
+            let text = Value::Object(biases.clone()).to_string();
+            if let Some(size) = engine.vocabulary_size() {
+                runner_models::llama::parse_logit_bias(&text, size)
+                    .map_err(|e| ApiError::invalid(Some("logit_bias"), e))?;
+            }
+            input.insert("logit_bias".into(), json!(text));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("logit_bias"),
+                "`logit_bias` must be an object of token ids to biases from -100 to 100",
+            ))
         }
     }
     let (logprobs, top_logprobs) = logprobs_asked(request, kind)?;

@@ -103,6 +103,19 @@ pub fn signature() -> Signature {
             InputField::list("stop", Primitive::Str)
                 .default(json!([]))
                 .description("Stop when the output contains any of these; the stop text is not returned"),
+            InputField::prim("presence_penalty", Primitive::Float)
+                .default(json!(0.0))
+                .ge(-2.0)
+                .le(2.0)
+                .description("Subtracted from the logit of every token the output already holds (OpenAI's)"),
+            InputField::prim("frequency_penalty", Primitive::Float)
+                .default(json!(0.0))
+                .ge(-2.0)
+                .le(2.0)
+                .description("Subtracted from a token's logit once per time the output holds it (OpenAI's)"),
+            InputField::prim("logit_bias", Primitive::Str)
+                .default(json!(""))
+                .description("A JSON object of token id to a bias from -100 to 100, added to that token's logit (-100 bans it); empty: none"),
             InputField::prim("logprobs", Primitive::Bool)
                 .default(json!(false))
                 .description("Record each generated token's log probability in the `logprobs` metric"),
@@ -821,6 +834,87 @@ fn sampling(temperature: f64, top_k: usize, top_p: f64) -> Sampling {
     }
 }
 
+/// OpenAI's adjustments of the logits: penalties on the tokens the output already holds,
+/// and fixed biases per token id.
+#[derive(Debug, Default, PartialEq)]
+struct LogitAdjustments {
+    presence: f32,
+    frequency: f32,
+    bias: Vec<(u32, f32)>,
+}
+
+impl LogitAdjustments {
+    fn of(input: &Map<String, Value>, vocabulary: usize) -> Result<Self, PredictError> {
+        let number = |k: &str| input.get(k).and_then(Value::as_f64).unwrap_or(0.0) as f32;
+        let bias = match input
+            .get("logit_bias")
+            .and_then(Value::as_str)
+            .map(str::trim)
+        {
+            None | Some("") => Vec::new(),
+            Some(text) => parse_logit_bias(text, vocabulary).map_err(PredictError::Failed)?,
+        };
+        Ok(Self {
+            presence: number("presence_penalty"),
+            frequency: number("frequency_penalty"),
+            bias,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0 && self.bias.is_empty()
+    }
+
+    /// The logits less each penalty for the tokens `output` holds, plus the biases.
+    fn apply(&self, logits: &Tensor, output: &[u32]) -> Result<Tensor, PredictError> {
+        let mut values = logits.to_vec1::<f32>()?;
+        let mut counts: std::collections::HashMap<u32, u32> = Default::default();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (token, count) in counts {
+            if let Some(v) = values.get_mut(token as usize) {
+                *v -= self.presence + self.frequency * count as f32;
+            }
+        }
+        for &(token, bias) in &self.bias {
+            if let Some(v) = values.get_mut(token as usize) {
+                *v += bias;
+            }
+        }
+        Ok(Tensor::new(values, &Device::Cpu)?)
+    }
+}
+
+/// `logit_bias` as text: a JSON object of token ids (as strings, OpenAI's form) to biases
+/// from -100 to 100; ids must be below `vocabulary`.
+pub fn parse_logit_bias(text: &str, vocabulary: usize) -> Result<Vec<(u32, f32)>, String> {
+    let map: Map<String, Value> = serde_json::from_str(text).map_err(|e| {
+        format!("logit_bias is not a JSON object ({e}); give token ids and biases, e.g. {{\"1234\": -100}}")
+    })?;
+    map.iter()
+        .map(|(key, bias)| {
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocabulary)
+                .ok_or_else(|| {
+                    format!(
+                        "logit_bias: `{key}` is not a token id of this model (0 to {})",
+                        vocabulary.saturating_sub(1)
+                    )
+                })?;
+            let bias = bias
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| {
+                    format!("logit_bias: the bias of token {key} must be a number from -100 to 100")
+                })?;
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
+
 /// One generated token's entry in the `logprobs` metric, in OpenAI's shape: the token (its
 /// text, lossy where it ends inside a character, and its exact bytes), its log
 /// probability under `logits`, and the `top` most likely tokens with theirs.
@@ -956,6 +1050,7 @@ impl Model for LlamaModel {
             true => Some(g.vocabulary()?),
             false => None,
         };
+        let adjust = LogitAdjustments::of(input, g.tokenizer.get_vocab_size(true))?;
         let mut masked = (0u32, 0f64);
         let mut constraint = match text("json_schema").trim() {
             "" => None,
@@ -1010,6 +1105,9 @@ impl Model for LlamaModel {
                     penalty,
                     &all_tokens[start..],
                 )?;
+            }
+            if !adjust.is_empty() {
+                logits = adjust.apply(&logits, &all_tokens[prompt_ids.len()..])?;
             }
             let next = match &constraint {
                 None => sampler.sample(&logits)?,
@@ -1140,6 +1238,10 @@ impl Model for LlamaModel {
 
     fn context_length(&self) -> Option<usize> {
         Some(self.0.context)
+    }
+
+    fn vocabulary_size(&self) -> Option<usize> {
+        Some(self.0.tokenizer.get_vocab_size(true))
     }
 
     fn warm_up(&self) -> Result<(), PredictError> {
