@@ -474,6 +474,163 @@ fn log_probabilities_come_with_the_tokens_every_way() {
     error_of(s, &b, 400, Some("echo"));
 }
 
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "description": "Get the local time in a city",
+            "parameters": {"$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": false}},
+                "type": "object", "properties": {"place": {"$ref": "#/$defs/Place"}}, "required": ["place"], "additionalProperties": false}}}
+    ])
+}
+
+#[test]
+fn tools_are_called_with_arguments_their_schemas_accept() {
+    let server = Server::start(&smollm2(), &[]);
+    let tools = weather_tools();
+    let validators: std::collections::HashMap<&str, jsonschema::Validator> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let f = &t["function"];
+            (
+                f["name"].as_str().unwrap(),
+                jsonschema::validator_for(&f["parameters"]).unwrap(),
+            )
+        })
+        .collect();
+    let ask = |question: &str, extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 200, "tools": tools});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        post(&server, "/v1/chat/completions", &body)
+    };
+    let called = |body: &Value| {
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+        assert_eq!(choice["message"]["content"], Value::Null, "{body}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert!(call["id"].as_str().unwrap().starts_with("call_"));
+        let name = call["function"]["name"].as_str().unwrap().to_string();
+        let arguments: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(validators[name.as_str()].is_valid(&arguments), "{body}");
+        (name, arguments)
+    };
+    let question = "What is the weather in Paris?";
+    // Required, and by name: a call, with arguments its parameters' schema accepts (the
+    // second tool's through a relocated `$ref`).
+    let (status, body) = ask(question, json!({"tool_choice": "required"}));
+    assert_eq!(status, 200, "{body}");
+    let (name, arguments) = called(&body);
+    assert_eq!(
+        (name.as_str(), &arguments["city"]),
+        ("get_weather", &json!("Paris"))
+    );
+    let (_, body) = ask(
+        question,
+        json!({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+    );
+    assert_eq!(called(&body).0, "get_time");
+    // Auto: the model chooses; the weather gets a call, a greeting words.
+    let (_, body) = ask(question, json!({}));
+    assert_eq!(called(&body).0, "get_weather");
+    let (_, body) = ask("Hi! How are you?", json!({}));
+    assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty() && !c.starts_with('{')),
+        "{body}"
+    );
+    // `none`: an ordinary answer, the tools unused.
+    let (_, body) = ask(question, json!({"tool_choice": "none", "max_tokens": 10}));
+    assert!(
+        body["choices"][0]["message"]["tool_calls"].is_null(),
+        "{body}"
+    );
+    // Streamed: the same call, whole, in one delta.
+    let (chunks, _) = streamed_chat(
+        &server,
+        &json!({"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 200, "tools": tools, "tool_choice": "required", "stream": true}),
+    );
+    let delta = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+        .unwrap();
+    assert_eq!(delta[0]["index"], 0);
+    assert_eq!(delta[0]["function"]["name"], "get_weather");
+    assert_eq!(
+        serde_json::from_str::<Value>(delta[0]["function"]["arguments"].as_str().unwrap()).unwrap(),
+        arguments
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+    // A conversation that carries a call and its result goes on: a call or an answer.
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"unit\":\"celsius\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}
+        ], "temperature": 0, "max_tokens": 200, "tools": tools}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        matches!(
+            body["choices"][0]["finish_reason"].as_str(),
+            Some("tool_calls" | "stop")
+        ),
+        "{body}"
+    );
+
+    // What cannot be offered, by name.
+    let bad = |extra: Value, param: &str| {
+        let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (s, b) = post(&server, "/v1/chat/completions", &body);
+        error_of(s, &b, 400, Some(param))
+    };
+    bad(
+        json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}),
+        "tools[0].function.name",
+    );
+    bad(
+        json!({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}),
+        "tools[1].function.name",
+    );
+    bad(
+        json!({"tools": [{"type": "code_interpreter"}]}),
+        "tools[0].type",
+    );
+    assert!(bad(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string", "format": "email"}}}]}), "tools[0].function.parameters").contains("`format`"));
+    bad(
+        json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+        "tool_choice",
+    );
+    bad(
+        json!({"tools": tools, "tool_choice": "sometimes"}),
+        "tool_choice",
+    );
+    bad(
+        json!({"tools": tools, "response_format": {"type": "json_object"}}),
+        "response_format",
+    );
+    bad(json!({"functions": [{"name": "f"}]}), "functions");
+    bad(
+        json!({"messages": [{"role": "tool", "tool_call_id": "x", "content": "1"}]}),
+        "messages[0].role",
+    );
+}
+
 /// OpenAI's penalties, checked step by step: log probabilities are the model's own (before
 /// penalties), so each greedy choice must be the best of the top 20 after subtracting
 /// `presence` once and `frequency` per earlier occurrence of the token in the output.
@@ -573,8 +730,6 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     };
     let (s, b) = chat(json!({"n": 2}));
     error_of(s, &b, 400, Some("n"));
-    let (s, b) = chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]}));
-    error_of(s, &b, 400, Some("tools"));
     let (s, b) = chat(json!({"presence_penalty": 2.5}));
     error_of(s, &b, 400, Some("presence_penalty"));
     for bias in [
@@ -860,6 +1015,13 @@ class City(BaseModel):
 p = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": "Describe Paris."}], response_format=City, temperature=0, max_tokens=400)
 out["parsed"] = p.choices[0].message.parsed.model_dump()
 out["parsed_content"] = p.choices[0].message.content
+# Tools the SDK's way: a Pydantic model as a strict function tool, its arguments parsed.
+class GetWeather(BaseModel):
+    city: str = Field(max_length=40)
+    unit: Literal["celsius", "fahrenheit"]
+w = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=[openai.pydantic_function_tool(GetWeather)], tool_choice="required", temperature=0, max_tokens=200)
+call = w.choices[0].message.tool_calls[0]
+out["tool_call"] = [call.function.name, call.function.parsed_arguments.model_dump(), w.choices[0].finish_reason]
 lp = llm.chat.completions.create(model="m", messages=q, temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
 out["logprobs"] = [[t.token, t.logprob, [a.token for a in t.top_logprobs]] for t in lp.choices[0].logprobs.content]
 out["logprobs_text"] = lp.choices[0].message.content
@@ -915,6 +1077,14 @@ print(json.dumps(out))
     let parsed_text: Value = serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
     assert_eq!(out["parsed"], parsed_text);
     assert!(out["parsed"]["landmarks"].as_array().unwrap().len() <= 3);
+    // The SDK parsed the tool call's arguments into its Pydantic model.
+    assert_eq!(out["tool_call"][0], "GetWeather");
+    assert!(
+        out["tool_call"][1]["city"].is_string(),
+        "{}",
+        out["tool_call"]
+    );
+    assert_eq!(out["tool_call"][2], "tool_calls");
     // Its logprobs types read ours: a token, its logprob and two alternatives each.
     let tokens: String = out["logprobs"]
         .as_array()
@@ -1135,6 +1305,9 @@ fn a_python_language_model_answers_chat_and_completions() {
     error_of(s, &b, 400, Some("stop"));
     let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
     error_of(s, &b, 404, None);
+    let (s, b) =
+        chat(json!({"messages": [{"role": "user", "content": "a"}], "tools": weather_tools()}));
+    error_of(s, &b, 400, Some("tools"));
     let (s, b) =
         chat(json!({"messages": [{"role": "user", "content": "a"}], "presence_penalty": 0.5}));
     error_of(s, &b, 400, Some("presence_penalty"));

@@ -12,6 +12,8 @@
 //! request leaves out. Unsupported features (several choices, log probabilities, tools,
 //! penalties) are refused with a 400 naming the parameter, never silently ignored.
 
+mod tools;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -459,7 +461,11 @@ fn message_text(content: &Value, index: usize) -> Result<String, ApiError> {
     }
 }
 
-fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+/// The conversation; with `tools` offered, earlier tool calls and their results too.
+fn chat_messages(
+    request: &Map<String, Value>,
+    tools_offered: bool,
+) -> Result<Vec<ChatMessage>, ApiError> {
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return Err(ApiError::invalid(
             Some("messages"),
@@ -476,6 +482,9 @@ fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiEr
             let role = match m["role"].as_str() {
                 // OpenAI's newer name for the system message.
                 Some("developer") => "system",
+                Some("tool") if tools_offered => {
+                    return Ok(tools::tool_result(m, message_text(&m["content"], i)?))
+                }
                 Some(r @ ("system" | "user" | "assistant")) => r,
                 Some(other) => {
                     return Err(ApiError::unsupported(
@@ -490,11 +499,17 @@ fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiEr
                     ))
                 }
             };
-            if m.get("tool_calls").is_some_and(|t| !t.is_null()) {
-                return Err(ApiError::unsupported(
-                    &format!("messages[{i}].tool_calls"),
-                    "tool calling",
-                ));
+            if let Some(calls) = m.get("tool_calls").filter(|t| !t.is_null()) {
+                if !tools_offered || role != "assistant" {
+                    return Err(ApiError::unsupported(
+                        &format!("messages[{i}].tool_calls"),
+                        "earlier tool calls without `tools` in this request",
+                    ));
+                }
+                return Ok(ChatMessage {
+                    role: role.into(),
+                    content: tools::earlier_call(calls, i)?,
+                });
             }
             Ok(ChatMessage {
                 role: role.into(),
@@ -506,7 +521,6 @@ fn chat_messages(request: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiEr
 
 /// Refuses what this server would otherwise silently get wrong.
 fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
-    let set = |k: &str| request.get(k).is_some_and(|v| !v.is_null());
     if request
         .get("n")
         .and_then(Value::as_u64)
@@ -520,14 +534,6 @@ fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
         .is_some_and(|n| n != 1)
     {
         return Err(ApiError::unsupported("best_of", "more than one candidate"));
-    }
-    if request
-        .get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty())
-        || set("functions")
-    {
-        return Err(ApiError::unsupported("tools", "tool calling"));
     }
     if request
         .get("suffix")
@@ -750,6 +756,8 @@ struct Generation {
     echo: bool,
     /// Each token's log probability goes with the answer.
     logprobs: bool,
+    /// The answer is a tool call or a response, as JSON (see [`tools`]).
+    tools: bool,
 }
 
 /// The prompt of a chat for a model without a chat template of its own (a Python
@@ -787,9 +795,22 @@ fn generation(
     // runner's own models render chats through their template and count tokens.
     let native = inputs.has("use_chat_template");
     let mut system = None;
+    let tools = match kind {
+        Kind::Chat => tools::asked(request)?,
+        Kind::Text => None,
+    };
+    if tools.is_some() && !native {
+        return Err(ApiError::unsupported(
+            "tools",
+            "tool calling for this model (runner's own text generators have it)",
+        ));
+    }
     let prompt = match kind {
         Kind::Chat => {
-            let messages = chat_messages(request)?;
+            let mut messages = chat_messages(request, tools.is_some())?;
+            if let Some(tools) = &tools {
+                tools.instruct(&mut messages);
+            }
             match engine.chat_prompt(&messages) {
                 Some(Ok(p)) => p,
                 Some(Err(e)) => return Err(ApiError::invalid(Some("messages"), e)),
@@ -968,7 +989,23 @@ fn generation(
         input.insert("logprobs".into(), json!(true));
         input.insert("top_logprobs".into(), json!(top_logprobs));
     }
-    if let Some(schema) = response_schema(request)? {
+    let format = response_schema(request)?;
+    if let Some(tools) = &tools {
+        if format.is_some() {
+            return Err(ApiError::unsupported(
+                "response_format",
+                "`response_format` together with `tools`",
+            ));
+        }
+        if logprobs {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                "`logprobs` together with `tools`",
+            ));
+        }
+        input.insert("json_schema".into(), json!(tools.schema.to_string()));
+    }
+    if let Some(schema) = format {
         if !inputs.has("json_schema") {
             return Err(ApiError::unsupported(
                 "response_format",
@@ -1047,6 +1084,7 @@ fn generation(
         include_usage,
         echo: kind == Kind::Text && request.get("echo").and_then(Value::as_bool) == Some(true),
         logprobs,
+        tools: tools.is_some(),
     })
 }
 
@@ -1129,6 +1167,12 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         false => Value::Null,
     };
     let choice = match kind {
+        Kind::Chat if generation.tools => {
+            let (fields, finish) = tool_answer(&text, finish, &format!("call_{}", running.id()));
+            let mut message = json!({"role": "assistant", "content": null, "refusal": null});
+            message.as_object_mut().unwrap().extend(fields);
+            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish})
+        }
         Kind::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": null},
@@ -1152,6 +1196,25 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         "system_fingerprint": format!("runner-{}", crate::RUNNER_VERSION),
     }))
     .into_response())
+}
+
+/// What a tool-offering chat's answer says, as message fields (`tool_calls`, or `content`)
+/// and the finish reason: `tool_calls` for a call; the reply's own otherwise. An answer cut
+/// short before its JSON closed is passed on as it is.
+fn tool_answer(
+    text: &str,
+    finish: &'static str,
+    call_id: &str,
+) -> (Map<String, Value>, &'static str) {
+    let (fields, finish) = match tools::answer(text) {
+        Some(tools::Answer::Call { name, arguments }) => (
+            json!({"tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}),
+            "tool_calls",
+        ),
+        Some(tools::Answer::Response(response)) => (json!({ "content": response }), finish),
+        None => (json!({ "content": text }), finish),
+    };
+    (fields.as_object().cloned().unwrap_or_default(), finish)
 }
 
 /// A text generator's output as one string: its pieces joined, or the string itself.
@@ -1251,6 +1314,8 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         /// the tokens it holds), and the legacy format's character offset.
         logprobs: Option<Vec<Value>>,
         text_offset: usize,
+        /// With tools: the call's id; the JSON answer is sent whole once it is complete.
+        tool_call_id: Option<String>,
     }
     let data = |v: Value| v.to_string();
     let mut pending = std::collections::VecDeque::new();
@@ -1273,6 +1338,7 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         streamed: false,
         logprobs: generation.logprobs.then(Vec::new),
         text_offset: 0,
+        tool_call_id: generation.tools.then(|| format!("call_{}", running.id())),
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -1308,6 +1374,7 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
                         entries.push(value.clone());
                     }
                 }
+                StreamEvent::Output { .. } if st.tool_call_id.is_some() => {}
                 StreamEvent::Output { chunk, .. } => {
                     if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
                         st.streamed = true;
@@ -1332,12 +1399,21 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
                     }
                     if body["status"] == "succeeded" {
                         let whole = output_text(&body["output"]);
-                        if !st.streamed && !whole.is_empty() {
+                        let (mut finish, usage) = st.reply.ending(body);
+                        if let Some(call_id) = &st.tool_call_id {
+                            let (fields, reason) = tool_answer(&whole, finish, call_id);
+                            finish = reason;
+                            let mut delta = Value::Object(fields);
+                            if let Some(calls) = delta["tool_calls"].as_array_mut() {
+                                calls[0]["index"] = json!(0);
+                            }
+                            st.pending
+                                .push_back(st.reply.chunk(delta, None).to_string());
+                        } else if !st.streamed && !whole.is_empty() {
                             st.pending.push_back(
                                 st.reply.chunk(json!({"content": whole}), None).to_string(),
                             );
                         }
-                        let (finish, usage) = st.reply.ending(body);
                         // Tokens whose text never came (a stop sequence's) end the list.
                         let logprobs = match st.logprobs.as_mut() {
                             Some(entries) if !entries.is_empty() => {
