@@ -474,6 +474,88 @@ fn log_probabilities_come_with_the_tokens_every_way() {
     error_of(s, &b, 400, Some("echo"));
 }
 
+/// `n`: each choice a prediction of its own, its seed the request's plus its index; the
+/// prompt counted once, the outputs summed; streamed, the choices' chunks interleave.
+#[test]
+fn several_choices_are_several_seeded_predictions() {
+    let server = Server::start(&smollm2(), &["--concurrency", "2"]);
+    let messages = json!([{"role": "user", "content": "Write a line about the sea."}]);
+    let one = |seed: u64| {
+        let (status, body) = post(
+            &server,
+            "/v1/chat/completions",
+            &json!({"messages": messages, "temperature": 1, "seed": seed, "max_tokens": 12}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let (status, several) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": messages, "temperature": 1, "seed": 40, "max_tokens": 12, "n": 3}),
+    );
+    assert_eq!(status, 200, "{several}");
+    let choices = several["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut completion = 0;
+    let mut texts = Vec::new();
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        let alone = one(40 + i as u64);
+        assert_eq!(
+            choice["message"], alone["choices"][0]["message"],
+            "choice {i}"
+        );
+        completion += alone["usage"]["completion_tokens"].as_u64().unwrap();
+        texts.push(choice["message"]["content"].as_str().unwrap().to_string());
+    }
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "sampled choices differ: {texts:?}"
+    );
+    assert_eq!(several["usage"]["completion_tokens"], completion);
+    assert_eq!(
+        several["usage"]["prompt_tokens"],
+        one(40)["usage"]["prompt_tokens"],
+        "the prompt once"
+    );
+
+    // Streamed: chunks of both choices, a finish reason each, one usage, then [DONE].
+    let (chunks, _) = streamed_chat(
+        &server,
+        &json!({"messages": messages, "temperature": 1, "seed": 40, "max_tokens": 12, "n": 2, "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let mut streamed = [String::new(), String::new()];
+    let mut finishes = 0;
+    for chunk in &chunks {
+        if let Some(choice) = chunk["choices"].as_array().and_then(|c| c.first()) {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            streamed[i] += choice["delta"]["content"].as_str().unwrap_or("");
+            finishes += usize::from(choice["finish_reason"].is_string());
+        }
+    }
+    assert_eq!(streamed, [texts[0].clone(), texts[1].clone()]);
+    assert_eq!(finishes, 2);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], 24);
+
+    // The legacy endpoint too.
+    let (_, legacy) = post(
+        &server,
+        "/v1/completions",
+        &json!({"prompt": "The sea is", "temperature": 1, "seed": 3, "max_tokens": 4, "n": 2}),
+    );
+    assert_eq!(legacy["choices"].as_array().unwrap().len(), 2, "{legacy}");
+    for n in [json!(0), json!(9), json!("2")] {
+        let (s, b) = post(
+            &server,
+            "/v1/chat/completions",
+            &json!({"messages": messages, "n": n}),
+        );
+        error_of(s, &b, 400, Some("n"));
+    }
+}
+
 fn weather_tools() -> Value {
     json!([
         {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
@@ -728,7 +810,7 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
             .extend(extra.as_object().unwrap().clone());
         post(&server, "/v1/chat/completions", &body)
     };
-    let (s, b) = chat(json!({"n": 2}));
+    let (s, b) = chat(json!({"n": 9}));
     error_of(s, &b, 400, Some("n"));
     let (s, b) = chat(json!({"presence_penalty": 2.5}));
     error_of(s, &b, 400, Some("presence_penalty"));
@@ -830,8 +912,9 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
 
 #[test]
 fn a_client_that_leaves_a_stream_cancels_the_generation() {
+    // Two choices, one running and one queued behind it: both are canceled.
     let server = Server::start(&smollm2(), &[]);
-    let body = json!({"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 4000, "stream": true, "temperature": 1, "seed": 3});
+    let body = json!({"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 4000, "stream": true, "temperature": 1, "seed": 3, "n": 2});
     let body = body.to_string();
     let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
     write!(
@@ -856,7 +939,7 @@ fn a_client_that_leaves_a_stream_cancels_the_generation() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, metrics) = http(&server.addr, "GET", "/metrics", None, &[]);
-        if metrics.contains("runner_predictions_total{status=\"canceled\"} 1") {
+        if metrics.contains("runner_predictions_total{status=\"canceled\"} 2") {
             break;
         }
         assert!(
@@ -994,8 +1077,10 @@ out["stream"] = "".join(pieces)
 out["stream_usage"] = usage
 t = llm.completions.create(model="m", prompt="The sky is", temperature=0)
 out["completion"] = t.choices[0].text
+several = llm.chat.completions.create(model="m", messages=q, n=3, temperature=1, seed=7, max_tokens=8)
+out["choices"] = [[c.index, c.message.content] for c in several.choices]
 try:
-    llm.chat.completions.create(model="m", messages=q, n=3)
+    llm.chat.completions.create(model="m", messages=q, n=9)
 except openai.BadRequestError as e:
     out["bad_request"] = e.body["param"] if isinstance(e.body, dict) else str(e.body)
 try:
@@ -1072,6 +1157,10 @@ print(json.dumps(out))
     assert!(out["stream_usage"].as_u64().unwrap() > 20);
     assert!(out["completion"].as_str().is_some_and(|t| !t.is_empty()));
     assert_eq!(out["bad_request"], "n");
+    assert_eq!(out["choices"].as_array().unwrap().len(), 3);
+    for (i, choice) in out["choices"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(choice[0], i, "{}", out["choices"]);
+    }
     assert_eq!(out["unauthorized"], true);
     // The SDK parsed the JSON into its Pydantic model: the same values as the text.
     let parsed_text: Value = serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();

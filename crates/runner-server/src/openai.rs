@@ -522,13 +522,6 @@ fn chat_messages(
 /// Refuses what this server would otherwise silently get wrong.
 fn refuse_unsupported(request: &Map<String, Value>) -> Result<(), ApiError> {
     if request
-        .get("n")
-        .and_then(Value::as_u64)
-        .is_some_and(|n| n != 1)
-    {
-        return Err(ApiError::unsupported("n", "more than one choice"));
-    }
-    if request
         .get("best_of")
         .and_then(Value::as_u64)
         .is_some_and(|n| n != 1)
@@ -758,6 +751,27 @@ struct Generation {
     logprobs: bool,
     /// The answer is a tool call or a response, as JSON (see [`tools`]).
     tools: bool,
+    /// Choices: each its own prediction (a given seed moves on by one per choice).
+    n: usize,
+}
+
+/// The most choices one request may ask for.
+const MAX_CHOICES: u64 = 8;
+
+impl Generation {
+    /// The input of choice `index`: the request's, with its seed (if any) plus `index`, so
+    /// that sampled choices differ and each is reproducible.
+    fn input_for_choice(&self, index: usize) -> Value {
+        let mut input = self.input.clone();
+        if let Some(seed) = input.get_mut("seed") {
+            *seed = match (seed.as_u64(), seed.as_i64()) {
+                (Some(s), _) => json!(s.wrapping_add(index as u64)),
+                (None, Some(s)) => json!(s.wrapping_add(index as i64)),
+                _ => seed.clone(),
+            };
+        }
+        input
+    }
 }
 
 /// The prompt of a chat for a model without a chat template of its own (a Python
@@ -1085,6 +1099,18 @@ fn generation(
         echo: kind == Kind::Text && request.get("echo").and_then(Value::as_bool) == Some(true),
         logprobs,
         tools: tools.is_some(),
+        n: match request.get("n") {
+            None | Some(Value::Null) => 1,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        Some("n"),
+                        format!("`n` must be a whole number from 1 to {MAX_CHOICES}"),
+                    )
+                })? as usize,
+        },
     })
 }
 
@@ -1125,11 +1151,19 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
                 code: None,
             })??
     };
-    let running = submit(
-        engine,
-        &generation.input,
-        &generation_param(generation.max_param, kind),
-    )?;
+    // Each choice is a prediction of its own. They are cancelled together: when one cannot
+    // be queued, and when the client goes away.
+    let mut runnings = Vec::with_capacity(generation.n);
+    let mut guards = Vec::with_capacity(generation.n);
+    for index in 0..generation.n {
+        let running = submit(
+            engine,
+            &generation.input_for_choice(index),
+            &generation_param(generation.max_param, kind),
+        )?;
+        guards.push(CancelOnDrop::new(Arc::clone(&running)));
+        runnings.push(running);
+    }
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {
@@ -1137,7 +1171,7 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         } else {
             "cmpl"
         },
-        running.id()
+        runnings[0].id()
     );
     let reply = Reply {
         id,
@@ -1148,51 +1182,31 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         limit: generation.limit,
     };
     if generation.stream {
-        return Ok(stream_reply(running, reply, generation));
+        return Ok(stream_reply(runnings, guards, reply, generation));
     }
-    let body = finished(&running).await?;
-    let mut text = output_text(&body["output"]);
-    if generation.echo {
-        text.insert_str(0, &generation.prompt);
+    let mut bodies = Vec::with_capacity(runnings.len());
+    for running in &runnings {
+        running.wait().await;
+        let body = running.body();
+        if body["status"] != "succeeded" {
+            return Err(failed(&body));
+        }
+        bodies.push(body);
     }
-    let (finish, usage) = reply.ending(&body);
-    let logprobs = match generation.logprobs {
-        true => {
-            let entries = body["metrics"]["logprobs"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            choice_logprobs(kind, &entries, &mut 0)
-        }
-        false => Value::Null,
-    };
-    let choice = match kind {
-        Kind::Chat if generation.tools => {
-            let (fields, finish) = tool_answer(&text, finish, &format!("call_{}", running.id()));
-            let mut message = json!({"role": "assistant", "content": null, "refusal": null});
-            message.as_object_mut().unwrap().extend(fields);
-            json!({"index": 0, "message": message, "logprobs": null, "finish_reason": finish})
-        }
-        Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null},
-            "logprobs": logprobs,
-            "finish_reason": finish,
-        }),
-        Kind::Text => json!({
-            "index": 0,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-        }),
-    };
+    guards.into_iter().for_each(CancelOnDrop::disarm);
+    let choices: Vec<Value> = bodies
+        .iter()
+        .zip(&runnings)
+        .enumerate()
+        .map(|(index, (body, running))| reply.choice(index, body, running, &generation))
+        .collect();
     Ok(Json(json!({
         "id": reply.id,
         "object": if kind == Kind::Chat { "chat.completion" } else { "text_completion" },
         "created": reply.created,
         "model": reply.model,
-        "choices": [choice],
-        "usage": usage,
+        "choices": choices,
+        "usage": reply.usage(&bodies),
         "system_fingerprint": format!("runner-{}", crate::RUNNER_VERSION),
     }))
     .into_response())
@@ -1237,20 +1251,31 @@ struct Reply {
 }
 
 impl Reply {
-    /// `finish_reason` and `usage` from the finished prediction: `length` when the output
-    /// reached its limit, `stop` when the model ended its turn or met a stop sequence.
-    fn ending(&self, body: &Value) -> (&'static str, Value) {
-        let metrics = &body["metrics"];
-        let completion = metrics["output_token_count"].as_u64().unwrap_or(0);
+    /// `finish_reason` of a finished prediction: `length` when the output reached its
+    /// limit, `stop` when the model ended its turn or met a stop sequence.
+    fn finish(&self, body: &Value) -> &'static str {
+        let completion = body["metrics"]["output_token_count"].as_u64().unwrap_or(0);
+        match self.limit {
+            Some(limit) if completion >= limit => "length",
+            _ => "stop",
+        }
+    }
+
+    /// `usage` of the choices' finished predictions: the prompt once, the outputs summed.
+    fn usage(&self, bodies: &[Value]) -> Value {
+        let Some(first) = bodies.first() else {
+            return json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0});
+        };
+        let metrics = &first["metrics"];
+        let completion: u64 = bodies
+            .iter()
+            .map(|b| b["metrics"]["output_token_count"].as_u64().unwrap_or(0))
+            .sum();
         // A model that does not count its tokens reports zeros.
         let prompt = metrics["input_token_count"]
             .as_u64()
             .or(self.prompt_tokens.map(|n| n as u64))
             .unwrap_or(0);
-        let finish = match self.limit {
-            Some(limit) if completion >= limit => "length",
-            _ => "stop",
-        };
         let mut usage = json!({
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -1260,25 +1285,77 @@ impl Reply {
         if let Some(cached) = metrics["cached_input_token_count"].as_u64() {
             usage["prompt_tokens_details"] = json!({"cached_tokens": cached});
         }
-        (finish, usage)
+        usage
+    }
+
+    /// Choice `index` of a whole (not streamed) answer, from its finished prediction.
+    fn choice(
+        &self,
+        index: usize,
+        body: &Value,
+        running: &Running,
+        generation: &Generation,
+    ) -> Value {
+        let mut text = output_text(&body["output"]);
+        if generation.echo {
+            text.insert_str(0, &generation.prompt);
+        }
+        let finish = self.finish(body);
+        let logprobs = match generation.logprobs {
+            true => {
+                let entries = body["metrics"]["logprobs"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                choice_logprobs(self.kind, &entries, &mut 0)
+            }
+            false => Value::Null,
+        };
+        match self.kind {
+            Kind::Chat if generation.tools => {
+                let (fields, finish) =
+                    tool_answer(&text, finish, &format!("call_{}", running.id()));
+                let mut message = json!({"role": "assistant", "content": null, "refusal": null});
+                message.as_object_mut().unwrap().extend(fields);
+                json!({"index": index, "message": message, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": text, "refusal": null},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+            Kind::Text => json!({
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+        }
     }
 
     /// One streamed chunk with this text (or role, or finish reason).
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        self.chunk_with_logprobs(delta, finish, Value::Null)
+    fn chunk(&self, index: usize, delta: Value, finish: Option<&str>) -> Value {
+        self.chunk_with_logprobs(index, delta, finish, Value::Null)
     }
 
-    /// A streamed chunk and the log probabilities of the tokens it holds.
-    fn chunk_with_logprobs(&self, delta: Value, finish: Option<&str>, logprobs: Value) -> Value {
+    /// A streamed chunk of choice `index`, and the log probabilities of the tokens it holds.
+    fn chunk_with_logprobs(
+        &self,
+        index: usize,
+        delta: Value,
+        finish: Option<&str>,
+        logprobs: Value,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => json!({
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }),
             Kind::Text => json!({
-                "index": 0,
+                "index": index,
                 "text": delta.get("content").cloned().unwrap_or(json!("")),
                 "logprobs": logprobs,
                 "finish_reason": finish,
@@ -1295,18 +1372,19 @@ impl Reply {
     }
 }
 
-/// The completion as OpenAI's event stream: a chunk per generated piece, then one with
-/// the finish reason, optionally one with the usage, then `[DONE]`. A client that goes
-/// away cancels the prediction.
-fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> Response {
-    struct StreamState {
-        subscription: runner_engine::Subscription,
-        reply: Reply,
-        include_usage: bool,
-        /// Chunks ready to send, in order.
-        pending: std::collections::VecDeque<String>,
-        guard: Option<CancelOnDrop>,
-        done: bool,
+/// The completion as OpenAI's event stream: chunks of each choice's pieces as they are
+/// generated (choices interleaved, each chunk naming its `index`), a chunk with each
+/// choice's finish reason, optionally one with the usage, then `[DONE]`. A client that goes
+/// away cancels every choice's prediction.
+fn stream_reply(
+    runnings: Vec<Arc<Running>>,
+    guards: Vec<CancelOnDrop>,
+    reply: Reply,
+    generation: Generation,
+) -> Response {
+    type Events = futures_util::stream::BoxStream<'static, (usize, Result<Arc<StreamEvent>, u64>)>;
+    /// One choice's progress.
+    struct Choice {
         /// Whether any text came as it was generated (a model returning one string sends
         /// it all at the end).
         streamed: bool,
@@ -1317,30 +1395,86 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
         /// With tools: the call's id; the JSON answer is sent whole once it is complete.
         tool_call_id: Option<String>,
     }
+    struct StreamState {
+        events: futures_util::stream::SelectAll<Events>,
+        reply: Reply,
+        include_usage: bool,
+        /// Chunks ready to send, in order.
+        pending: std::collections::VecDeque<String>,
+        guards: Vec<CancelOnDrop>,
+        choices: Vec<Choice>,
+        /// The finished choices' predictions, by index.
+        bodies: Vec<Option<Value>>,
+        done: bool,
+    }
+    /// A choice's events: what already happened, then what comes; `Err(n)` when `n` fell
+    /// out of the history before they could be read.
+    fn events(index: usize, subscription: runner_engine::Subscription) -> Events {
+        Box::pin(futures_util::stream::unfold(
+            Some(subscription),
+            move |subscription| async move {
+                let mut sub = subscription?;
+                if sub.skipped > 0 {
+                    let lost = sub.skipped;
+                    return Some(((index, Err(lost)), None));
+                }
+                let event = match sub.replay.pop_front() {
+                    Some(e) => e,
+                    None => loop {
+                        match sub.receiver.recv().await {
+                            Ok(e) => break e,
+                            Err(RecvError::Lagged(n)) => return Some(((index, Err(n)), None)),
+                            Err(RecvError::Closed) => return None,
+                        }
+                    },
+                };
+                let last = matches!(&*event, StreamEvent::Completed(_));
+                Some(((index, Ok(event)), (!last).then_some(sub)))
+            },
+        ))
+    }
     let data = |v: Value| v.to_string();
     let mut pending = std::collections::VecDeque::new();
-    if reply.kind == Kind::Chat {
-        pending.push_back(data(
-            reply.chunk(json!({"role": "assistant", "content": ""}), None),
-        ));
-    } else if generation.echo {
-        pending.push_back(data(
-            reply.chunk(json!({"content": generation.prompt}), None),
-        ));
+    for index in 0..runnings.len() {
+        if reply.kind == Kind::Chat {
+            pending.push_back(data(reply.chunk(
+                index,
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )));
+        } else if generation.echo {
+            pending.push_back(data(reply.chunk(
+                index,
+                json!({"content": generation.prompt}),
+                None,
+            )));
+        }
     }
     let state = StreamState {
-        subscription: running.subscribe(),
+        events: futures_util::stream::select_all(
+            runnings
+                .iter()
+                .enumerate()
+                .map(|(index, running)| events(index, running.subscribe())),
+        ),
         reply,
         include_usage: generation.include_usage,
         pending,
-        guard: Some(CancelOnDrop::new(Arc::clone(&running))),
+        guards,
+        choices: runnings
+            .iter()
+            .map(|running| Choice {
+                streamed: false,
+                logprobs: generation.logprobs.then(Vec::new),
+                text_offset: 0,
+                tool_call_id: generation.tools.then(|| format!("call_{}", running.id())),
+            })
+            .collect(),
+        bodies: vec![None; runnings.len()],
         done: false,
-        streamed: false,
-        logprobs: generation.logprobs.then(Vec::new),
-        text_offset: 0,
-        tool_call_id: generation.tools.then(|| format!("call_{}", running.id())),
     };
     let stream = futures_util::stream::unfold(state, |mut st| async move {
+        use futures_util::StreamExt as _;
         loop {
             if let Some(next) = st.pending.pop_front() {
                 return Some((Ok::<_, Infallible>(Event::default().data(next)), st));
@@ -1348,95 +1482,101 @@ fn stream_reply(running: Arc<Running>, reply: Reply, generation: Generation) -> 
             if st.done {
                 return None;
             }
-            if st.subscription.skipped > 0 {
-                st.subscription.skipped = 0;
-                st.done = true;
-                st.pending.push_back(
-                    json!({"error": {"message": "the stream fell behind and lost tokens", "type": "server_error", "param": null, "code": null}}).to_string(),
-                );
-                st.pending.push_back("[DONE]".into());
-                continue;
-            }
-            let event = match st.subscription.replay.pop_front() {
-                Some(e) => e,
-                None => match st.subscription.receiver.recv().await {
-                    Ok(e) => e,
-                    Err(RecvError::Lagged(n)) => {
-                        st.subscription.skipped = n;
-                        continue;
-                    }
-                    Err(RecvError::Closed) => return None,
-                },
+            let (index, event) = st.events.next().await?;
+            let event = match event {
+                Ok(event) => event,
+                Err(_lost) => {
+                    st.done = true;
+                    st.pending.push_back(
+                        json!({"error": {"message": "the stream fell behind and lost tokens", "type": "server_error", "param": null, "code": null}}).to_string(),
+                    );
+                    st.pending.push_back("[DONE]".into());
+                    continue;
+                }
             };
+            let kind = st.reply.kind;
+            let choice = &mut st.choices[index];
             match &*event {
                 StreamEvent::Metric { name, value, .. } if name == "logprobs" => {
-                    if let Some(entries) = st.logprobs.as_mut() {
+                    if let Some(entries) = choice.logprobs.as_mut() {
                         entries.push(value.clone());
                     }
                 }
-                StreamEvent::Output { .. } if st.tool_call_id.is_some() => {}
+                StreamEvent::Output { .. } if choice.tool_call_id.is_some() => {}
                 StreamEvent::Output { chunk, .. } => {
                     if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
-                        st.streamed = true;
-                        let logprobs = match st.logprobs.as_mut() {
+                        choice.streamed = true;
+                        let logprobs = match choice.logprobs.as_mut() {
                             Some(entries) => {
                                 let held = std::mem::take(entries);
-                                choice_logprobs(st.reply.kind, &held, &mut st.text_offset)
+                                choice_logprobs(kind, &held, &mut choice.text_offset)
                             }
                             None => Value::Null,
                         };
                         st.pending.push_back(
                             st.reply
-                                .chunk_with_logprobs(json!({"content": text}), None, logprobs)
+                                .chunk_with_logprobs(
+                                    index,
+                                    json!({"content": text}),
+                                    None,
+                                    logprobs,
+                                )
                                 .to_string(),
                         );
                     }
                 }
                 StreamEvent::Completed(body) => {
-                    st.done = true;
-                    if let Some(guard) = st.guard.take() {
-                        guard.disarm();
+                    if body["status"] != "succeeded" {
+                        // The other choices are cancelled as the guards drop with the stream.
+                        st.done = true;
+                        st.pending.push_back(failed(body).json().to_string());
+                        st.pending.push_back("[DONE]".into());
+                        continue;
                     }
-                    if body["status"] == "succeeded" {
-                        let whole = output_text(&body["output"]);
-                        let (mut finish, usage) = st.reply.ending(body);
-                        if let Some(call_id) = &st.tool_call_id {
-                            let (fields, reason) = tool_answer(&whole, finish, call_id);
-                            finish = reason;
-                            let mut delta = Value::Object(fields);
-                            if let Some(calls) = delta["tool_calls"].as_array_mut() {
-                                calls[0]["index"] = json!(0);
-                            }
-                            st.pending
-                                .push_back(st.reply.chunk(delta, None).to_string());
-                        } else if !st.streamed && !whole.is_empty() {
-                            st.pending.push_back(
-                                st.reply.chunk(json!({"content": whole}), None).to_string(),
-                            );
+                    let whole = output_text(&body["output"]);
+                    let mut finish = st.reply.finish(body);
+                    if let Some(call_id) = &choice.tool_call_id {
+                        let (fields, reason) = tool_answer(&whole, finish, call_id);
+                        finish = reason;
+                        let mut delta = Value::Object(fields);
+                        if let Some(calls) = delta["tool_calls"].as_array_mut() {
+                            calls[0]["index"] = json!(0);
                         }
-                        // Tokens whose text never came (a stop sequence's) end the list.
-                        let logprobs = match st.logprobs.as_mut() {
-                            Some(entries) if !entries.is_empty() => {
-                                let held = std::mem::take(entries);
-                                choice_logprobs(st.reply.kind, &held, &mut st.text_offset)
-                            }
-                            _ => Value::Null,
-                        };
+                        st.pending
+                            .push_back(st.reply.chunk(index, delta, None).to_string());
+                    } else if !choice.streamed && !whole.is_empty() {
                         st.pending.push_back(
                             st.reply
-                                .chunk_with_logprobs(json!({}), Some(finish), logprobs)
+                                .chunk(index, json!({"content": whole}), None)
                                 .to_string(),
                         );
+                    }
+                    // Tokens whose text never came (a stop sequence's) end the list.
+                    let logprobs = match choice.logprobs.as_mut() {
+                        Some(entries) if !entries.is_empty() => {
+                            let held = std::mem::take(entries);
+                            choice_logprobs(kind, &held, &mut choice.text_offset)
+                        }
+                        _ => Value::Null,
+                    };
+                    st.pending.push_back(
+                        st.reply
+                            .chunk_with_logprobs(index, json!({}), Some(finish), logprobs)
+                            .to_string(),
+                    );
+                    st.bodies[index] = Some(body.clone());
+                    if st.bodies.iter().all(Option::is_some) {
+                        st.done = true;
+                        st.guards.drain(..).for_each(CancelOnDrop::disarm);
                         if st.include_usage {
-                            let mut last = st.reply.chunk(json!({}), None);
+                            let bodies: Vec<Value> = st.bodies.iter().flatten().cloned().collect();
+                            let mut last = st.reply.chunk(0, json!({}), None);
                             last["choices"] = json!([]);
-                            last["usage"] = usage;
+                            last["usage"] = st.reply.usage(&bodies);
                             st.pending.push_back(last.to_string());
                         }
-                    } else {
-                        st.pending.push_back(failed(body).json().to_string());
+                        st.pending.push_back("[DONE]".into());
                     }
-                    st.pending.push_back("[DONE]".into());
                 }
                 _ => {}
             }
