@@ -1420,12 +1420,10 @@ fn stream_reply(
                 }
                 let event = match sub.replay.pop_front() {
                     Some(e) => e,
-                    None => loop {
-                        match sub.receiver.recv().await {
-                            Ok(e) => break e,
-                            Err(RecvError::Lagged(n)) => return Some(((index, Err(n)), None)),
-                            Err(RecvError::Closed) => return None,
-                        }
+                    None => match sub.receiver.recv().await {
+                        Ok(e) => e,
+                        Err(RecvError::Lagged(n)) => return Some(((index, Err(n)), None)),
+                        Err(RecvError::Closed) => return None,
                     },
                 };
                 let last = matches!(&*event, StreamEvent::Completed(_));
