@@ -74,13 +74,16 @@ def start(cmd, port, env=None):
         time.sleep(0.01)
 
 
-def streamed_chat(port, tokens, run, conversation=None):
+def streamed_chat(port, tokens, run, conversation=None, extra=None):
+    """A greedy streamed chat completion, timed as its client sees it; `extra` adds fields
+    to the request (e.g. `response_format`)."""
     body = {
         "model": "smollm2",
         "messages": conversation if conversation is not None else messages(run),
         "temperature": 0,
         "max_tokens": tokens,
         "stream": True,
+        **(extra or {}),
     }
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -104,6 +107,7 @@ def streamed_chat(port, tokens, run, conversation=None):
                 pieces.append(content)
     done = time.time()
     return {
+        "seconds": done - sent,
         "ttft": first - sent,
         "chunks": len(pieces),
         "decode_tokens_per_second": (len(pieces) - 1) / max(done - first, 1e-9),

@@ -22,8 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from importlib import import_module
@@ -71,41 +69,12 @@ def valid(text):
 
 
 def chat(port, run, response_format=None, max_tokens=400):
-    body = {
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": f"Describe {CITIES[run % len(CITIES)]}. (request {run})"}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
-    if response_format is not None:
-        body["response_format"] = response_format
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    sent = time.time()
-    first = None
-    pieces = []
-    with urllib.request.urlopen(req, timeout=600) as r:
-        for raw in r:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[6:]).get("choices") or []
-            content = choices[0].get("delta", {}).get("content") if choices else None
-            if content:
-                first = first or time.time()
-                pieces.append(content)
-    done = time.time()
-    return {
-        "seconds": done - sent,
-        "ttft": first - sent,
-        "tokens": len(pieces),
-        "decode_tokens_per_second": (len(pieces) - 1) / max(done - first, 1e-9),
-        "text": "".join(pieces),
-    }
+    """One streamed request for a city (each chunk a token)."""
+    conversation = [{"role": "user", "content": f"Describe {CITIES[run % len(CITIES)]}. (request {run})"}]
+    extra = {"response_format": response_format} if response_format is not None else None
+    answer = bench.streamed_chat(port, max_tokens, run, conversation=conversation, extra=extra)
+    answer["tokens"] = answer["chunks"]
+    return answer
 
 
 def main():
