@@ -1424,6 +1424,67 @@ fn a_python_language_model_answers_chat_and_completions() {
     no_server_errors(&server, "/v1/chat/completions", &base, &fields);
 }
 
+/// Python Cog embedding models (a text in, `List[float]` out) get `/v1/embeddings` too: a
+/// prediction per text, run side by side, in order.
+#[test]
+fn python_embedding_models_answer_the_embeddings_route() {
+    let Ok(venv) = std::env::var("RUNNER_COGLET_VENV") else {
+        eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (scripts/test.sh sets it up)");
+        return;
+    };
+    let python = format!("{venv}/bin/python");
+    // What the predictors compute, by hand.
+    let vector = |t: &str| {
+        let sum: u32 = t.chars().map(|c| c as u32).sum();
+        json!([
+            t.chars().count() as f64,
+            t.matches(' ').count() as f64,
+            (sum % 97) as f64 / 4.0
+        ])
+    };
+    let texts = ["The cat sits outside", "A man is playing guitar", "x"];
+    {
+        let dir = "embedder";
+        let server = Server::start(
+            &repo_root().join("tests/data/python-predictors").join(dir),
+            &["--python", &python, "--concurrency", "2"],
+        );
+        let (status, body) = post(&server, "/v1/embeddings", &json!({"input": texts}));
+        assert_eq!(status, 200, "{dir}: {body}");
+        let data = body["data"].as_array().unwrap();
+        assert_eq!(data.len(), 3, "{dir}: {body}");
+        for (i, text) in texts.iter().enumerate() {
+            assert_eq!(data[i]["index"], i);
+            assert_eq!(data[i]["embedding"], vector(text), "{dir}: {text}");
+        }
+        // The predictions' own token counts, summed.
+        assert_eq!(body["usage"]["prompt_tokens"], 4 + 5 + 1, "{dir}");
+        // One string, and base64.
+        let (_, one) = post(
+            &server,
+            "/v1/embeddings",
+            &json!({"input": "x", "encoding_format": "base64"}),
+        );
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(one["data"][0]["embedding"].as_str().unwrap())
+            .unwrap();
+        let floats: Vec<f64> = bytes
+            .chunks(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect();
+        assert_eq!(json!(floats), vector("x"), "{dir}");
+        // Not a text generator.
+        let (s, b) = post(
+            &server,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        );
+        error_of(s, &b, 404, None);
+        let (_, models) = http(&server.addr, "GET", "/v1/models", None, &[]);
+        assert!(models.contains(dir), "{models}");
+    }
+}
+
 /// `/v1/models` answers once the model is loaded (clients and probes wait on it), and says
 /// so when it never will be.
 #[test]

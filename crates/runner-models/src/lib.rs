@@ -401,9 +401,89 @@ impl OpenAi {
             .any(|i| i.name == "prompt" && i.ty == FieldType::Prim(Primitive::Str));
         if text_out && prompt_in {
             OpenAi::TextGeneration
+        } else if EmbeddingInput::of(signature).is_some() {
+            OpenAi::Embeddings
         } else {
             OpenAi::None
         }
+    }
+}
+
+/// How a model takes the texts `/v1/embeddings` embeds, read from its signature: an input
+/// of texts (`texts`, `text`, `input`, `inputs`, `sentences`, `sentence`, `documents`,
+/// `query`, the first there is), and vectors of floats out. A `str` input with `List[float]`
+/// out embeds one text per prediction (the shape Cog can type: it refuses
+/// `List[List[float]]`); a `List[str]` input with `List[List[float]]` out, or `Any` out from
+/// an architecture that declares itself an embedder ([`EmbeddingInput::of_declared`]), all
+/// of them in one prediction. Every other input needs a default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddingInput {
+    pub name: String,
+    /// One prediction takes the whole list; otherwise one prediction per text.
+    pub list: bool,
+    /// The model has a boolean `normalize` input (set, for OpenAI's unit vectors).
+    pub normalize: bool,
+}
+
+impl EmbeddingInput {
+    /// From the signature's types alone.
+    pub fn of(signature: &Signature) -> Option<Self> {
+        Self::read(signature, false)
+    }
+
+    /// For a model known to embed (its architecture says so): an `Any` output is taken as
+    /// the list of vectors.
+    pub fn of_declared(signature: &Signature) -> Option<Self> {
+        Self::read(signature, true)
+    }
+
+    fn read(signature: &Signature, declared: bool) -> Option<Self> {
+        use runner_spec::{FieldType, OutputType, Primitive};
+        const NAMES: &[&str] = &[
+            "texts",
+            "text",
+            "input",
+            "inputs",
+            "sentences",
+            "sentence",
+            "documents",
+            "query",
+        ];
+        let vector = |t: &OutputType| matches!(t, OutputType::List(item) if **item == OutputType::Prim(Primitive::Float));
+        let list = match &signature.output {
+            OutputType::List(item) if vector(item) => true,
+            output if vector(output) => false,
+            OutputType::Prim(Primitive::Any) if declared => true,
+            _ => return None,
+        };
+        fn takes(ty: &FieldType, list: bool) -> bool {
+            match ty {
+                FieldType::List(Primitive::Str) => list,
+                FieldType::Prim(Primitive::Str) => !list,
+                FieldType::Union(types) => types.iter().any(|t| takes(t, list)),
+                _ => false,
+            }
+        }
+        let field = NAMES.iter().find_map(|name| {
+            signature
+                .inputs
+                .iter()
+                .find(|i| i.name == *name && takes(&i.ty, list))
+        })?;
+        let normalize = signature
+            .inputs
+            .iter()
+            .any(|i| i.name == "normalize" && i.ty == FieldType::Prim(Primitive::Bool));
+        let others_have_defaults = signature
+            .inputs
+            .iter()
+            .filter(|i| i.name != field.name)
+            .all(|i| i.default.is_some() || i.optional);
+        others_have_defaults.then(|| EmbeddingInput {
+            name: field.name.clone(),
+            list,
+            normalize,
+        })
     }
 }
 

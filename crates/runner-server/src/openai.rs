@@ -189,17 +189,40 @@ fn rejection(rejection: Rejection, param_of: &dyn Fn(&str) -> String) -> ApiErro
     }
 }
 
-/// The prediction's final body once it has succeeded; a client that goes away meanwhile
-/// cancels it.
-async fn finished(running: &Arc<Running>) -> Result<Value, ApiError> {
-    let guard = CancelOnDrop::new(Arc::clone(running));
-    running.wait().await;
-    guard.disarm();
-    let body = running.body();
-    if body["status"] != "succeeded" {
-        return Err(failed(&body));
+/// Waits for submitted predictions: their finished bodies, in order, or the first failure
+/// (the others are then canceled as `guards` drop).
+async fn wait_all(
+    runnings: &[Arc<Running>],
+    guards: Vec<CancelOnDrop>,
+) -> Result<Vec<Value>, ApiError> {
+    let mut bodies = Vec::with_capacity(runnings.len());
+    for running in runnings {
+        running.wait().await;
+        let body = running.body();
+        if body["status"] != "succeeded" {
+            return Err(failed(&body));
+        }
+        bodies.push(body);
     }
-    Ok(body)
+    guards.into_iter().for_each(CancelOnDrop::disarm);
+    Ok(bodies)
+}
+
+/// Submits one prediction per input, each with a guard that cancels it when dropped (all
+/// of them, if one cannot be queued).
+fn submit_all(
+    engine: &Arc<Engine>,
+    inputs: impl IntoIterator<Item = Value>,
+    param_of: &dyn Fn(&str) -> String,
+) -> Result<(Vec<Arc<Running>>, Vec<CancelOnDrop>), ApiError> {
+    let mut runnings = Vec::new();
+    let mut guards = Vec::new();
+    for input in inputs {
+        let running = submit(engine, &input, param_of)?;
+        guards.push(CancelOnDrop::new(Arc::clone(&running)));
+        runnings.push(running);
+    }
+    Ok((runnings, guards))
 }
 
 /// A prediction that ended badly, as an OpenAI error.
@@ -339,15 +362,59 @@ async fn embed(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
             format!("`input` {i} is an empty string"),
         ));
     }
-    // A list, even of one, so the output is always a list of vectors; OpenAI's vectors are
-    // unit length.
-    let input = json!({"text": texts, "normalize": true});
-    let running = submit(engine, &input, &|name| match name {
-        "text" => "input".into(),
-        other => other.into(),
-    })?;
-    let body = finished(&running).await?;
-    let vectors = body["output"].as_array().cloned().unwrap_or_default();
+    let Some(how) = runner_models::EmbeddingInput::of_declared(engine.signature()) else {
+        return Err(wrong_model(engine, "/v1/embeddings"));
+    };
+    let param_of = |name: &str| {
+        if name == how.name {
+            "input".to_string()
+        } else {
+            name.to_string()
+        }
+    };
+    // A model that takes a list embeds them all at once (and normalizes, where it can: OpenAI's
+    // vectors are unit length); one that takes a string gets a prediction per text.
+    let inputs: Vec<Value> = if how.list {
+        let mut input = json!({ how.name.as_str(): texts });
+        if how.normalize {
+            input["normalize"] = json!(true);
+        }
+        vec![input]
+    } else {
+        texts
+            .iter()
+            .map(|t| json!({ how.name.as_str(): t }))
+            .collect()
+    };
+    let (runnings, guards) = submit_all(engine, inputs, &param_of)?;
+    let bodies = wait_all(&runnings, guards).await?;
+    let mut vectors = Vec::with_capacity(texts.len());
+    let mut prompt_tokens = 0;
+    for body in &bodies {
+        prompt_tokens += body["metrics"]["input_token_count"].as_u64().unwrap_or(0);
+        match (&body["output"], how.list) {
+            (Value::Array(many), true) => vectors.extend(many.iter().cloned()),
+            (one @ Value::Array(_), false) => vectors.push(one.clone()),
+            _ => vectors.push(Value::Null),
+        }
+    }
+    let numbers = |v: &Value| {
+        v.as_array()
+            .is_some_and(|xs| xs.iter().all(Value::is_number))
+    };
+    if vectors.len() != texts.len() || !vectors.iter().all(numbers) {
+        return Err(ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!(
+                "the model answered {} text(s) with {} output(s) that are not all lists of numbers",
+                texts.len(),
+                vectors.len()
+            ),
+            kind: "server_error",
+            param: None,
+            code: None,
+        });
+    }
     let dimensions = match request.get("dimensions") {
         None | Some(Value::Null) => None,
         Some(d) => Some(d.as_u64().ok_or_else(|| {
@@ -385,12 +452,11 @@ async fn embed(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
-    let tokens = body["metrics"]["input_token_count"].as_u64().unwrap_or(0);
     Ok(Json(json!({
         "object": "list",
         "data": data,
         "model": engine.model_name(),
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }))
     .into_response())
 }
@@ -1151,19 +1217,11 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
                 code: None,
             })??
     };
-    // Each choice is a prediction of its own. They are cancelled together: when one cannot
+    // Each choice is a prediction of its own. They are canceled together: when one cannot
     // be queued, and when the client goes away.
-    let mut runnings = Vec::with_capacity(generation.n);
-    let mut guards = Vec::with_capacity(generation.n);
-    for index in 0..generation.n {
-        let running = submit(
-            engine,
-            &generation.input_for_choice(index),
-            &generation_param(generation.max_param, kind),
-        )?;
-        guards.push(CancelOnDrop::new(Arc::clone(&running)));
-        runnings.push(running);
-    }
+    let param_of = generation_param(generation.max_param, kind);
+    let inputs = (0..generation.n).map(|index| generation.input_for_choice(index));
+    let (runnings, guards) = submit_all(engine, inputs, &param_of)?;
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {
@@ -1184,16 +1242,7 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
     if generation.stream {
         return Ok(stream_reply(runnings, guards, reply, generation));
     }
-    let mut bodies = Vec::with_capacity(runnings.len());
-    for running in &runnings {
-        running.wait().await;
-        let body = running.body();
-        if body["status"] != "succeeded" {
-            return Err(failed(&body));
-        }
-        bodies.push(body);
-    }
-    guards.into_iter().for_each(CancelOnDrop::disarm);
+    let bodies = wait_all(&runnings, guards).await?;
     let choices: Vec<Value> = bodies
         .iter()
         .zip(&runnings)
