@@ -1528,6 +1528,33 @@ fn a_stream_in_flight_finishes_before_the_server_stops() {
     );
 }
 
+/// `n` choices past what `--max-queue` admits: a 429, and none of them left running.
+#[test]
+fn choices_past_the_queue_are_refused_and_the_rest_canceled() {
+    // One slot and one place in the queue: the third choice cannot wait, so the request is a
+    // 429, and the two choices already running or queued are canceled with it.
+    let server = Server::start(&smollm2(), &["--max-queue", "1"]);
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000, "n": 3}),
+    );
+    let message = error_of(status, &body, 429, None);
+    assert!(!message.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http(&server.addr, "GET", "/metrics", None, &[]);
+        if metrics.contains("runner_predictions_total{status=\"canceled\"} 2") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the choices were not canceled:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A busy server makes OpenAI clients wait their turn (they do not expect Cog's 409); Cog's
 /// own route still answers 409 at once, as Cog does.
 #[test]
