@@ -1088,6 +1088,7 @@ try:
 except openai.AuthenticationError:
     out["unauthorized"] = True
 # Structured output the SDK's way: a Pydantic model in, a parsed instance out.
+import datetime
 from typing import Literal, Optional
 from pydantic import BaseModel, Field
 class City(BaseModel):
@@ -1097,8 +1098,10 @@ class City(BaseModel):
     landmarks: list[str] = Field(max_length=3)
     size: Literal["small", "medium", "large"]
     mayor: Optional[str]
+    founded: datetime.date
 p = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": "Describe Paris."}], response_format=City, temperature=0, max_tokens=400)
-out["parsed"] = p.choices[0].message.parsed.model_dump()
+out["parsed"] = p.choices[0].message.parsed.model_dump(mode="json")
+out["founded_type"] = type(p.choices[0].message.parsed.founded).__name__
 out["parsed_content"] = p.choices[0].message.content
 # Tools the SDK's way: a Pydantic model as a strict function tool, its arguments parsed.
 class GetWeather(BaseModel):
@@ -1166,6 +1169,8 @@ print(json.dumps(out))
     let parsed_text: Value = serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
     assert_eq!(out["parsed"], parsed_text);
     assert!(out["parsed"]["landmarks"].as_array().unwrap().len() <= 3);
+    // `format: date` held: Pydantic parsed a real date.
+    assert_eq!(out["founded_type"], "date", "{}", out["parsed"]);
     // The SDK parsed the tool call's arguments into its Pydantic model.
     assert_eq!(out["tool_call"][0], "GetWeather");
     assert!(

@@ -64,6 +64,8 @@ enum Node {
         min: u32,
         max: u32,
     },
+    /// A string of a `format`: its text follows the format's grammar.
+    Formatted(Format),
     Array {
         prefix: Vec<NodeId>,
         /// Items after the prefix; `None`: no more.
@@ -112,7 +114,6 @@ const ANNOTATIONS: &[&str] = &[
 /// Keywords that constrain values in ways the matcher does not enforce: refused.
 const UNSUPPORTED: &[&str] = &[
     "pattern",
-    "format",
     "minimum",
     "maximum",
     "exclusiveMinimum",
@@ -264,7 +265,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf, allOf (of one schema) and local $ref; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -359,7 +360,10 @@ impl Compiler<'_> {
                     || object.contains_key("maxItems")
                 {
                     vec!["array"]
-                } else if object.contains_key("minLength") || object.contains_key("maxLength") {
+                } else if object.contains_key("minLength")
+                    || object.contains_key("maxLength")
+                    || object.contains_key("format")
+                {
                     vec!["string"]
                 } else {
                     return self.any(path);
@@ -403,6 +407,27 @@ impl Compiler<'_> {
             ),
             "number" => self.push(Node::Number { integer: false }, path),
             "integer" => self.push(Node::Number { integer: true }, path),
+            "string" if schema.contains_key("format") => {
+                let format = match schema["format"].as_str() {
+                    Some("date") => Format::Date,
+                    Some("time") => Format::Time,
+                    Some("date-time") => Format::DateTime,
+                    Some("uuid") => Format::Uuid,
+                    other => {
+                        return Err(fail(
+                            path,
+                            format!("`format: {}` is not supported by runner's constrained decoding (it enforces date, time, date-time and uuid); remove it, or check it after generation", other.map_or("(not a string)".to_string(), |f| format!("{f:?}"))),
+                        ))
+                    }
+                };
+                if schema.contains_key("minLength") || schema.contains_key("maxLength") {
+                    return Err(fail(
+                        path,
+                        "`minLength`/`maxLength` beside `format` is not supported (the format fixes the length)",
+                    ));
+                }
+                self.push(Node::Formatted(format), path)
+            }
             "string" => {
                 let min = bound(schema, "minLength", path)?.unwrap_or(0);
                 let max = bound(schema, "maxLength", path)?.unwrap_or(u32::MAX);
@@ -587,8 +612,9 @@ impl Grammar {
     /// (a boolean or a schema; absent means any other key is allowed, as JSON Schema says),
     /// `items`, `prefixItems`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`,
     /// `const`, `anyOf`, `oneOf` (followed as `anyOf`), `allOf` of one schema, `nullable`,
-    /// local `$ref` (recursion included). Annotations (`title`, `description`, `default`…)
-    /// and unknown keywords are skipped; the constraints in [`UNSUPPORTED`] are refused.
+    /// local `$ref` (recursion included), and the string formats of [`Format`]. Annotations
+    /// (`title`, `description`, `default`…) and unknown keywords are skipped; the
+    /// constraints in [`UNSUPPORTED`] are refused.
     pub fn compile(schema: &Value) -> Result<Self, SchemaError> {
         let mut compiler = Compiler {
             root: schema,
@@ -700,7 +726,10 @@ impl Grammar {
             let mut changed = false;
             for (i, node) in self.nodes.iter().enumerate() {
                 let d = match node {
-                    Node::Literals(_) | Node::Number { .. } | Node::String { .. } => 0,
+                    Node::Literals(_)
+                    | Node::Number { .. }
+                    | Node::String { .. }
+                    | Node::Formatted(_) => 0,
                     Node::OneOf(alternatives) => alternatives
                         .iter()
                         .map(|&a| depth[a as usize])
@@ -872,6 +901,167 @@ impl Text {
     }
 }
 
+/// The string formats the matcher enforces (RFC 3339's, as JSON Schema defines them, and
+/// RFC 4122's UUID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `2024-02-29`: real month lengths, leap years included.
+    Date,
+    /// `23:59:30`, an optional fraction, then `Z` or an offset (`+01:00`).
+    Time,
+    /// A date, `T`, a time.
+    DateTime,
+    /// `123e4567-e89b-12d3-a456-426614174000`, hex digits in either case.
+    Uuid,
+}
+
+/// How far a formatted string has come: its position in the format, and what later
+/// positions depend on (the year and month bound the day; a first digit bounds the second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FormatState {
+    at: u8,
+    year: u16,
+    month: u8,
+    previous: u8,
+    fraction: u8,
+}
+
+/// A time's end: past its offset, or its `Z`.
+const TIME_DONE: u8 = u8::MAX;
+/// Digits a time's fraction of a second may have.
+const MAX_FRACTION: u8 = 9;
+
+fn days_in(month: u8, year: u16) -> u8 {
+    let leap = year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400));
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+impl FormatState {
+    fn step(mut self, format: Format, b: u8) -> Option<Self> {
+        match format {
+            Format::Uuid => {
+                let ok = match self.at {
+                    8 | 13 | 18 | 23 => b == b'-',
+                    0..=35 => b.is_ascii_hexdigit(),
+                    _ => false,
+                };
+                ok.then(|| {
+                    self.at += 1;
+                    self
+                })
+            }
+            Format::Date => self.date(b),
+            Format::Time => self.time(b, 0),
+            Format::DateTime => match self.at {
+                0..=9 => self.date(b),
+                10 if b == b'T' => {
+                    self.at = 11;
+                    Some(self)
+                }
+                10 => None,
+                _ => self.time(b, 11),
+            },
+        }
+    }
+
+    fn complete(self, format: Format) -> bool {
+        match format {
+            Format::Uuid => self.at == 36,
+            Format::Date => self.at == 10,
+            Format::Time | Format::DateTime => self.at == TIME_DONE,
+        }
+    }
+
+    /// `YYYY-MM-DD`, at positions 0 to 9.
+    fn date(mut self, b: u8) -> Option<Self> {
+        let digit = b.is_ascii_digit().then(|| b - b'0');
+        match self.at {
+            0..=3 => self.year = self.year * 10 + u16::from(digit?),
+            4 | 7 if b == b'-' => {}
+            5 => self.previous = digit.filter(|&d| d <= 1)?,
+            6 => {
+                self.month = Some(self.previous * 10 + digit?).filter(|m| (1..=12).contains(m))?;
+            }
+            8 => {
+                self.previous = digit.filter(|&d| d <= days_in(self.month, self.year) / 10)?;
+            }
+            9 => {
+                let day = self.previous * 10 + digit?;
+                if !(1..=days_in(self.month, self.year)).contains(&day) {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+        self.at += 1;
+        Some(self)
+    }
+
+    /// `HH:MM:SS[.fraction](Z|+HH:MM|-HH:MM)`, from position `base`.
+    fn time(mut self, b: u8, base: u8) -> Option<Self> {
+        if self.at == TIME_DONE {
+            return None;
+        }
+        let digit = b.is_ascii_digit().then(|| b - b'0');
+        let end_of_seconds = |mut state: Self| match b {
+            b'Z' => {
+                state.at = TIME_DONE;
+                Some(state)
+            }
+            b'+' | b'-' => {
+                state.at = base + 20;
+                Some(state)
+            }
+            _ => None,
+        };
+        match self.at - base {
+            // Hours of the time, then of the offset.
+            0 | 20 => self.previous = digit.filter(|&d| d <= 2)?,
+            1 | 21 => {
+                if self.previous * 10 + digit? > 23 {
+                    return None;
+                }
+            }
+            2 | 5 | 22 if b == b':' => {}
+            3 | 6 | 23 => {
+                digit.filter(|&d| d <= 5)?;
+            }
+            4 | 7 => {
+                digit?;
+            }
+            24 => {
+                digit?;
+                self.at = TIME_DONE;
+                return Some(self);
+            }
+            8 if b == b'.' => {
+                self.fraction = 0;
+                self.at = base + 9;
+                return Some(self);
+            }
+            8 => return end_of_seconds(self),
+            9 => {
+                return match digit {
+                    Some(_) if self.fraction < MAX_FRACTION => {
+                        self.fraction += 1;
+                        Some(self)
+                    }
+                    None if self.fraction > 0 => end_of_seconds(self),
+                    _ => None,
+                }
+            }
+            _ => return None,
+        }
+        self.at += 1;
+        Some(self)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NumberPart {
     Minus,
@@ -926,6 +1116,10 @@ enum Frame {
         min: u32,
         max: u32,
         text: Text,
+    },
+    Formatted {
+        format: Format,
+        state: FormatState,
     },
     /// An object's key: the properties it may still become, and how much is matched.
     Key {
@@ -1083,6 +1277,12 @@ impl Grammar {
                     text: Text::new(),
                 });
             }
+            &Node::Formatted(format) if b == b'"' => {
+                alt.frames.push(Frame::Formatted {
+                    format,
+                    state: FormatState::default(),
+                });
+            }
             Node::Array { .. } if b == b'[' => {
                 alt.frames.push(Frame::Array {
                     node,
@@ -1178,6 +1378,20 @@ impl Grammar {
                         _ => return,
                     };
                     *part = next;
+                    break;
+                }
+                Frame::Formatted { format, state } => {
+                    if b == b'"' {
+                        if !state.complete(*format) {
+                            return;
+                        }
+                        alt.frames.pop();
+                    } else {
+                        *state = match state.step(*format, b) {
+                            Some(next) => next,
+                            None => return,
+                        };
+                    }
                     break;
                 }
                 Frame::String { min, max, text } => match text.step(b, *min, *max) {

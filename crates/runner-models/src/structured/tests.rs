@@ -168,6 +168,65 @@ fn numbers_strings_and_arrays_keep_their_bounds() {
 }
 
 #[test]
+fn dates_times_and_uuids_follow_their_formats() {
+    let g = grammar(json!({"type": "string", "format": "date"}));
+    for ok in [
+        "2024-02-29",
+        "2023-12-31",
+        "0001-01-01",
+        "2000-02-29",
+        "2023-04-30",
+    ] {
+        assert!(matches(&g, &format!("\"{ok}\"")), "{ok}");
+    }
+    for bad in [
+        "2023-02-29",
+        "1900-02-29",
+        "2023-04-31",
+        "2023-13-01",
+        "2023-00-10",
+        "2023-01-00",
+        "2023-1-01",
+        "2023/01/01",
+        "2023-01-011",
+    ] {
+        assert!(!matches(&g, &format!("\"{bad}\"")), "{bad}");
+    }
+    let g = grammar(json!({"type": "string", "format": "time"}));
+    for ok in [
+        "23:59:59Z",
+        "00:00:00+01:00",
+        "12:30:05.123456789-08:30",
+        "09:05:00.5Z",
+    ] {
+        assert!(matches(&g, &format!("\"{ok}\"")), "{ok}");
+    }
+    for bad in [
+        "24:00:00Z",
+        "12:60:00Z",
+        "12:00:60Z",
+        "12:00:00",
+        "12:00:00.Z",
+        "12:00:00.1234567890Z",
+        "12:00:00+24:00",
+        "12:00:00z",
+    ] {
+        assert!(!matches(&g, &format!("\"{bad}\"")), "{bad}");
+    }
+    let g = grammar(json!({"type": ["string", "null"], "format": "date-time"}));
+    assert!(matches(&g, "\"2024-02-29T23:59:59.5+05:30\"") && matches(&g, "null"));
+    assert!(!matches(&g, "\"2024-02-29 23:59:59Z\"") && !matches(&g, "\"2024-02-29\""));
+    let g = grammar(json!({"format": "uuid"}));
+    assert!(matches(&g, "\"123e4567-E89B-12d3-a456-426614174000\""));
+    assert!(!matches(&g, "\"123e4567e89b-12d3-a456-426614174000\"") && !prefix(&g, "\"123g"));
+    // A format constrains strings only: on a number it asks nothing (JSON Schema's rule).
+    assert!(matches(
+        &grammar(json!({"type": "integer", "format": "int32"})),
+        "7"
+    ));
+}
+
+#[test]
 fn whitespace_is_what_json_printers_write() {
     let g = grammar(json!({"type": "object"}));
     let doc = json!({"a": [1, 2, {"b": null}], "c": {}, "d": "x y", "e": [[]]});
@@ -304,9 +363,14 @@ fn unsupported_or_impossible_schemas_are_refused_by_name() {
             "`pattern` is not supported",
         ),
         (
-            json!({"properties": {"when": {"type": "string", "format": "date-time"}}}),
-            "#/properties/when",
-            "`format`",
+            json!({"properties": {"email": {"type": "string", "format": "email"}}}),
+            "#/properties/email",
+            "`format: \"email\"` is not supported",
+        ),
+        (
+            json!({"type": "string", "format": "date", "maxLength": 12}),
+            "#",
+            "beside `format`",
         ),
         (json!({"type": "integer", "minimum": 0}), "#", "`minimum`"),
         (json!({"$ref": "#"}), "#", "refers back to itself"),
@@ -450,11 +514,16 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
         json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"enum": ["x", 1, null]}}, "required": ["a", "b"], "additionalProperties": false}),
         json!({"$defs": {"t": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/t"}, "maxItems": 2}}, "required": ["v"], "additionalProperties": false}}, "$ref": "#/$defs/t"}),
         json!({"type": "string", "minLength": 3}),
+        json!({"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}, "day": {"format": "date"}, "at": {"type": "string", "format": "time"}, "id": {"type": "string", "format": "uuid"}}, "required": ["when", "day", "at", "id"], "additionalProperties": false}),
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for schema in schemas {
         let g = grammar(schema.clone());
-        let validator = jsonschema::validator_for(&schema).unwrap();
+        // Formats asserted too (by default JSON Schema only annotates them).
+        let validator = jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap();
         let mut complete = 0;
         for _ in 0..150 {
             let Some(doc) = random_document(&g, &mut rng) else {
