@@ -317,7 +317,7 @@ fn structured_output_is_json_that_the_schema_accepts() {
         ("{\"type\":", "json_schema is not JSON"),
         (
             "{\"type\": \"string\", \"format\": \"email\"}",
-            "`format` is not supported",
+            "`format: \"email\"` is not supported",
         ),
     ] {
         let (_, p) = post(
@@ -693,7 +693,7 @@ fn tools_are_called_with_arguments_their_schemas_accept() {
         json!({"tools": [{"type": "code_interpreter"}]}),
         "tools[0].type",
     );
-    assert!(bad(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string", "format": "email"}}}]}), "tools[0].function.parameters").contains("`format`"));
+    assert!(bad(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string", "format": "email"}}}]}), "tools[0].function.parameters").contains("`format: \"email\"`"));
     bad(
         json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
         "tool_choice",
