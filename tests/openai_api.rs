@@ -936,16 +936,19 @@ fn a_client_that_leaves_a_stream_cancels_the_generation() {
         seen.extend_from_slice(&buf[..n]);
     }
     drop(stream);
+    wait_until_canceled(&server, 2, "the generation was not canceled");
+}
+
+/// Waits (20 s at most) until `/metrics` counts `n` canceled predictions.
+fn wait_until_canceled(server: &Server, n: u32, failure: &str) {
+    let want = format!("runner_predictions_total{{status=\"canceled\"}} {n}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (_, metrics) = http(&server.addr, "GET", "/metrics", None, &[]);
-        if metrics.contains("runner_predictions_total{status=\"canceled\"} 2") {
-            break;
+        if metrics.contains(&want) {
+            return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the generation was not canceled:\n{metrics}"
-        );
+        assert!(Instant::now() < deadline, "{failure}:\n{metrics}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -1546,18 +1549,7 @@ fn choices_past_the_queue_are_refused_and_the_rest_canceled() {
     );
     let message = error_of(status, &body, 429, None);
     assert!(!message.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, metrics) = http(&server.addr, "GET", "/metrics", None, &[]);
-        if metrics.contains("runner_predictions_total{status=\"canceled\"} 2") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the choices were not canceled:\n{metrics}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_canceled(&server, 2, "the choices were not canceled");
 }
 
 /// A busy server makes OpenAI clients wait their turn (they do not expect Cog's 409); Cog's

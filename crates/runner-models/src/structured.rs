@@ -1797,7 +1797,11 @@ impl Constraint {
             return self.matcher.can_finish();
         }
         match self.vocabulary.bytes(token) {
-            Some(bytes) if !bytes.is_empty() => self.matcher.clone().feed_all(&self.grammar, bytes),
+            Some(bytes) if !bytes.is_empty() => {
+                // A scratch copy fed byte by byte (feed_all would copy it again).
+                let mut trial = self.matcher.clone();
+                bytes.iter().all(|&b| trial.feed(&self.grammar, b))
+            }
             _ => false,
         }
     }

@@ -841,6 +841,8 @@ struct LogitAdjustments {
     presence: f32,
     frequency: f32,
     bias: Vec<(u32, f32)>,
+    /// How often each token occurs in the output so far.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl LogitAdjustments {
@@ -858,6 +860,7 @@ impl LogitAdjustments {
             presence: number("presence_penalty"),
             frequency: number("frequency_penalty"),
             bias,
+            counts: Default::default(),
         })
     }
 
@@ -865,14 +868,17 @@ impl LogitAdjustments {
         self.presence == 0.0 && self.frequency == 0.0 && self.bias.is_empty()
     }
 
-    /// The logits less each penalty for the tokens `output` holds, plus the biases.
-    fn apply(&self, logits: &Tensor, output: &[u32]) -> Result<Tensor, PredictError> {
-        let mut values = logits.to_vec1::<f32>()?;
-        let mut counts: std::collections::HashMap<u32, u32> = Default::default();
-        for &t in output {
-            *counts.entry(t).or_default() += 1;
+    /// Counts a generated token for the penalties.
+    fn generated(&mut self, token: u32) {
+        if self.presence != 0.0 || self.frequency != 0.0 {
+            *self.counts.entry(token).or_default() += 1;
         }
-        for (token, count) in counts {
+    }
+
+    /// The logits less each penalty for the tokens the output holds, plus the biases.
+    fn apply(&self, logits: &Tensor) -> Result<Tensor, PredictError> {
+        let mut values = logits.to_vec1::<f32>()?;
+        for (&token, &count) in &self.counts {
             if let Some(v) = values.get_mut(token as usize) {
                 *v -= self.presence + self.frequency * count as f32;
             }
@@ -934,14 +940,17 @@ fn token_logprobs(logits: &[f32], chosen: u32, top: usize, vocabulary: &Vocabula
             "bytes": bytes,
         })
     };
-    let mut best: Vec<u32> = (0..logits.len() as u32).collect();
-    let top = top.min(best.len());
     let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
-    if top > 0 && top < best.len() {
-        best.select_nth_unstable_by(top - 1, by_logit);
+    let mut best: Vec<u32> = Vec::new();
+    if top > 0 {
+        best = (0..logits.len() as u32).collect();
+        let top = top.min(best.len());
+        if top < best.len() {
+            best.select_nth_unstable_by(top - 1, by_logit);
+        }
+        best.truncate(top);
+        best.sort_by(by_logit);
     }
-    best.truncate(top);
-    best.sort_by(by_logit);
     let mut chosen_entry = entry(chosen);
     chosen_entry["top_logprobs"] = best.into_iter().map(entry).collect();
     chosen_entry
@@ -1050,7 +1059,7 @@ impl Model for LlamaModel {
             true => Some(g.vocabulary()?),
             false => None,
         };
-        let adjust = LogitAdjustments::of(input, g.tokenizer.get_vocab_size(true))?;
+        let mut adjust = LogitAdjustments::of(input, g.tokenizer.get_vocab_size(true))?;
         let mut masked = (0u32, 0f64);
         let mut constraint = match text("json_schema").trim() {
             "" => None,
@@ -1107,7 +1116,7 @@ impl Model for LlamaModel {
                 )?;
             }
             if !adjust.is_empty() {
-                logits = adjust.apply(&logits, &all_tokens[prompt_ids.len()..])?;
+                logits = adjust.apply(&logits)?;
             }
             let next = match &constraint {
                 None => sampler.sample(&logits)?,
@@ -1128,6 +1137,7 @@ impl Model for LlamaModel {
             }
             pending.push(next);
             all_tokens.push(next);
+            adjust.generated(next);
             if let Some(c) = &mut constraint {
                 c.advance(next);
             }
