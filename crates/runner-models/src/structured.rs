@@ -17,6 +17,12 @@ use serde_json::Value;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::Tokenizer;
 
+mod bounds;
+mod pattern;
+
+use bounds::{Decimal, Range};
+use pattern::{Automaton, PatternText};
+
 /// Nodes a schema may compile to: a bound on hostile schemas.
 const MAX_NODES: usize = 4096;
 /// Alternatives one value may start as (after `anyOf`/`enum`/type lists are expanded).
@@ -27,6 +33,12 @@ const MAX_PROPERTIES: usize = 64;
 /// a value: bounds on the recursion a hostile schema could otherwise overflow the stack with.
 const MAX_SCHEMA_DEPTH: usize = 128;
 const MAX_CHAIN: usize = 64;
+/// `pattern`s one schema may hold (each is compiled to an automaton of its own).
+const MAX_PATTERNS: usize = 64;
+/// Time all of one schema's `pattern`s may take to compile: a request's schema must not
+/// hold the server up (each is bounded in size, but a large Unicode class repeated costs
+/// most of a second before its bound is reached).
+const PATTERN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 /// Nesting of objects and arrays in the output.
 const MAX_DEPTH: usize = 64;
 /// Whitespace between JSON tokens is what JSON printers write, compact or indented: after
@@ -59,11 +71,16 @@ enum Node {
     Literals(Vec<Box<[u8]>>),
     Number {
         integer: bool,
+        /// `minimum`/`maximum` and their exclusive forms, if any.
+        range: Option<Range>,
     },
     String {
         min: u32,
         max: u32,
     },
+    /// A string whose text matches a `pattern` (and its length bounds): an index into
+    /// [`Grammar::automata`].
+    Pattern(u32),
     /// A string of a `format`: its text follows the format's grammar.
     Formatted(Format),
     Array {
@@ -86,6 +103,8 @@ enum Node {
 #[derive(Debug, Clone)]
 pub struct Grammar {
     nodes: Vec<Node>,
+    /// The compiled `pattern`s.
+    automata: Vec<Automaton>,
     root: NodeId,
     /// The nesting (objects and arrays) each node's smallest value needs; `u32::MAX` when
     /// no finite value matches. Values are only started where they can be finished.
@@ -113,11 +132,6 @@ const ANNOTATIONS: &[&str] = &[
 
 /// Keywords that constrain values in ways the matcher does not enforce: refused.
 const UNSUPPORTED: &[&str] = &[
-    "pattern",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
     "multipleOf",
     "uniqueItems",
     "contains",
@@ -145,6 +159,8 @@ const UNSUPPORTED: &[&str] = &[
 struct Compiler<'a> {
     root: &'a Value,
     nodes: Vec<Node>,
+    automata: Vec<Automaton>,
+    pattern_time: std::time::Duration,
     /// `$ref` targets already compiled (or being compiled: recursion).
     refs: HashMap<String, NodeId>,
     any: Option<NodeId>,
@@ -222,7 +238,13 @@ impl Compiler<'_> {
             },
             path,
         )?;
-        let number = self.push(Node::Number { integer: false }, path)?;
+        let number = self.push(
+            Node::Number {
+                integer: false,
+                range: None,
+            },
+            path,
+        )?;
         let literals = self.push(
             Node::Literals(vec![
                 Box::from(&b"true"[..]),
@@ -265,7 +287,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -363,8 +385,14 @@ impl Compiler<'_> {
                 } else if object.contains_key("minLength")
                     || object.contains_key("maxLength")
                     || object.contains_key("format")
+                    || object.contains_key("pattern")
                 {
                     vec!["string"]
+                } else if ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]
+                    .iter()
+                    .any(|k| object.contains_key(*k))
+                {
+                    vec!["number"]
                 } else {
                     return self.any(path);
                 }
@@ -405,8 +433,11 @@ impl Compiler<'_> {
                 Node::Literals(vec![Box::from(&b"true"[..]), Box::from(&b"false"[..])]),
                 path,
             ),
-            "number" => self.push(Node::Number { integer: false }, path),
-            "integer" => self.push(Node::Number { integer: true }, path),
+            "number" | "integer" => {
+                let integer = ty == "integer";
+                let range = Range::of(schema, integer, path)?;
+                self.push(Node::Number { integer, range }, path)
+            }
             "string" if schema.contains_key("format") => {
                 let format = match schema["format"].as_str() {
                     Some("date") => Format::Date,
@@ -426,6 +457,12 @@ impl Compiler<'_> {
                         "`minLength`/`maxLength` beside `format` is not supported (the format fixes the length)",
                     ));
                 }
+                if schema.contains_key("pattern") {
+                    return Err(fail(
+                        path,
+                        "`pattern` beside `format` is not supported; write the format into the pattern",
+                    ));
+                }
                 self.push(Node::Formatted(format), path)
             }
             "string" => {
@@ -434,7 +471,28 @@ impl Compiler<'_> {
                 if min > max {
                     return Err(fail(path, "`minLength` is above `maxLength`: no string matches"));
                 }
-                self.push(Node::String { min, max }, path)
+                match schema.get("pattern") {
+                    None => self.push(Node::String { min, max }, path),
+                    Some(Value::String(_)) if self.automata.len() >= MAX_PATTERNS => Err(fail(
+                        path,
+                        format!("more than {MAX_PATTERNS} `pattern`s in one schema"),
+                    )),
+                    Some(Value::String(_)) if self.pattern_time > PATTERN_TIME => Err(fail(
+                        path,
+                        format!("this schema's `pattern`s took more than {PATTERN_TIME:?} to compile"),
+                    )),
+                    Some(Value::String(pattern)) => {
+                        let started = std::time::Instant::now();
+                        let automaton = Automaton::compile(pattern, min, max);
+                        self.pattern_time += started.elapsed();
+                        let automaton = automaton.map_err(|why| {
+                            fail(path, format!("`pattern` {pattern:?}: {why}"))
+                        })?;
+                        self.automata.push(automaton);
+                        self.push(Node::Pattern(self.automata.len() as u32 - 1), path)
+                    }
+                    Some(_) => Err(fail(path, "`pattern` must be a string")),
+                }
             }
             "array" => self.array(schema, path),
             "object" => self.object(schema, path),
@@ -610,8 +668,9 @@ impl Grammar {
     ///
     /// Enforced: `type` (one or a list), `properties`, `required`, `additionalProperties`
     /// (a boolean or a schema; absent means any other key is allowed, as JSON Schema says),
-    /// `items`, `prefixItems`, `minItems`, `maxItems`, `minLength`, `maxLength`, `enum`,
-    /// `const`, `anyOf`, `oneOf` (followed as `anyOf`), `allOf` of one schema, `nullable`,
+    /// `items`, `prefixItems`, `minItems`, `maxItems`, `minLength`, `maxLength`, `pattern`
+    /// (see [`pattern`]), `minimum`, `maximum` and their exclusive forms (see [`bounds`]),
+    /// `enum`, `const`, `anyOf`, `oneOf` (followed as `anyOf`), `allOf` of one schema, `nullable`,
     /// local `$ref` (recursion included), and the string formats of [`Format`]. Annotations
     /// (`title`, `description`, `default`…) and unknown keywords are skipped; the
     /// constraints in [`UNSUPPORTED`] are refused.
@@ -619,6 +678,8 @@ impl Grammar {
         let mut compiler = Compiler {
             root: schema,
             nodes: Vec::new(),
+            automata: Vec::new(),
+            pattern_time: std::time::Duration::ZERO,
             refs: HashMap::new(),
             any: None,
             depth: 0,
@@ -626,6 +687,7 @@ impl Grammar {
         let root = compiler.compile(schema, "#")?;
         let mut grammar = Grammar {
             nodes: compiler.nodes,
+            automata: compiler.automata,
             root,
             min_depth: Vec::new(),
         };
@@ -729,6 +791,7 @@ impl Grammar {
                     Node::Literals(_)
                     | Node::Number { .. }
                     | Node::String { .. }
+                    | Node::Pattern(_)
                     | Node::Formatted(_) => 0,
                     Node::OneOf(alternatives) => alternatives
                         .iter()
@@ -1117,6 +1180,15 @@ enum Frame {
         max: u32,
         text: Text,
     },
+    /// A number held to its node's bounds.
+    Bounded {
+        node: NodeId,
+        text: Decimal,
+    },
+    Pattern {
+        automaton: u32,
+        text: PatternText,
+    },
     Formatted {
         format: Format,
         state: FormatState,
@@ -1261,7 +1333,18 @@ impl Grammar {
                 }
                 return;
             }
-            &Node::Number { integer } => {
+            Node::Number {
+                range: Some(range), ..
+            } => {
+                let Some(text) = Decimal::start(range, b) else {
+                    return;
+                };
+                alt.frames.push(Frame::Bounded { node, text });
+            }
+            &Node::Number {
+                integer,
+                range: None,
+            } => {
                 let part = match b {
                     b'-' => NumberPart::Minus,
                     b'0' => NumberPart::Zero,
@@ -1275,6 +1358,12 @@ impl Grammar {
                     min,
                     max,
                     text: Text::new(),
+                });
+            }
+            &Node::Pattern(automaton) if b == b'"' => {
+                alt.frames.push(Frame::Pattern {
+                    automaton,
+                    text: self.automata[automaton as usize].text(),
                 });
             }
             &Node::Formatted(format) if b == b'"' => {
@@ -1393,6 +1482,34 @@ impl Grammar {
                         };
                     }
                     break;
+                }
+                Frame::Bounded { node, text } => {
+                    let Node::Number {
+                        range: Some(range), ..
+                    } = &self.nodes[*node as usize]
+                    else {
+                        return;
+                    };
+                    match text.step(range, b) {
+                        Some(next) => *text = next,
+                        None if text.complete => {
+                            // The number ended before this byte: its container takes it.
+                            alt.frames.pop();
+                            continue;
+                        }
+                        None => return,
+                    }
+                    break;
+                }
+                Frame::Pattern { automaton, text } => {
+                    match self.automata[*automaton as usize].text_step(text, b) {
+                        TextStep::Took => break,
+                        TextStep::Closed => {
+                            alt.frames.pop();
+                            break;
+                        }
+                        TextStep::Refused => return,
+                    }
                 }
                 Frame::String { min, max, text } => match text.step(b, *min, *max) {
                     TextStep::Took => break,
@@ -1620,6 +1737,7 @@ impl Matcher {
             .any(|alt| match alt.frames.as_slice() {
                 [] => true,
                 [Frame::Number { part, .. }] => part.complete(),
+                [Frame::Bounded { text, .. }] => text.complete,
                 _ => false,
             })
     }

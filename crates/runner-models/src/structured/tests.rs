@@ -168,6 +168,106 @@ fn numbers_strings_and_arrays_keep_their_bounds() {
 }
 
 #[test]
+fn patterns_are_followed_as_ecma_262_reads_them() {
+    let g = grammar(json!({"type": "string", "pattern": "^[A-Z]{3}-\\d{4}$"}));
+    assert!(matches(&g, r#""ABC-1234""#));
+    assert!(
+        !prefix(&g, r#""AB1"#),
+        "refused at the first wrong character"
+    );
+    assert!(!prefix(&g, r#""ABC-12345"#), "no match could follow");
+    assert!(prefix(&g, r#""ABC-12"#) && !matches(&g, r#""ABC-12""#));
+    assert!(
+        !prefix(&g, "\"ABC-\u{0661}"),
+        "`\\d` is ASCII digits, as in ECMA-262"
+    );
+    // Not anchored: any part of the text may match.
+    let g = grammar(json!({"type": "string", "pattern": "cat"}));
+    assert!(matches(&g, r#""a cat!""#) && matches(&g, r#""cat""#));
+    assert!(prefix(&g, r#""dog"#) && !matches(&g, r#""dog""#));
+    let g = grammar(json!({"type": "string", "pattern": "^abc"}));
+    assert!(!prefix(&g, r#""x"#) && matches(&g, r#""abcdef""#));
+    // `.` is no line terminator; escapes are the characters they stand for.
+    let g = grammar(json!({"type": "string", "pattern": "^a.b$"}));
+    assert!(matches(&g, r#""a b""#) && matches(&g, "\"aéb\""));
+    assert!(!prefix(&g, r#""a\n"#) && matches(&g, r#""a\tb""#));
+    let g = grammar(json!({"type": "string", "pattern": "^\"q\"/$"}));
+    assert!(matches(&g, r#""\"q\"/""#) && matches(&g, r#""\"q\"\/""#));
+    // A backslash only where some escape can still lead to a match.
+    let g = grammar(json!({"type": "string", "pattern": "^[a-z]*$"}));
+    assert!(!prefix(&g, r#""ab\"#) && matches(&g, r#""ab""#) && matches(&g, "\"\""));
+    // With lengths: a match of the right length must stay within reach.
+    let g = grammar(json!({"type": "string", "pattern": "^a+$", "maxLength": 3}));
+    assert!(matches(&g, r#""aaa""#) && !prefix(&g, r#""aaaa"#));
+    let g =
+        grammar(json!({"type": "string", "pattern": "^(ab)*$", "minLength": 3, "maxLength": 4}));
+    assert!(matches(&g, r#""abab""#) && !matches(&g, r#""ab""#));
+    let g = grammar(json!({"type": "string", "pattern": "x", "minLength": 4, "maxLength": 4}));
+    assert!(prefix(&g, r#""abc"#) && !prefix(&g, r#""abcd"#) && matches(&g, r#""abcx""#));
+    // Classes: ECMA-262's literal `[` and `&`, escaped punctuation, `\u` escapes.
+    let g = grammar(json!({"type": "string", "pattern": "^[[&\\-]\\.\\u0041$"}));
+    assert!(matches(&g, r#""[.A""#) && matches(&g, r#""&.A""#) && matches(&g, r#""-.A""#));
+    assert!(!prefix(&g, r#""b"#));
+    // In an object, and beside `null`.
+    let g = grammar(json!({
+        "type": "object",
+        "properties": {"id": {"type": ["string", "null"], "pattern": "^id-[0-9]+$"}},
+        "required": ["id"],
+        "additionalProperties": false
+    }));
+    assert!(matches(&g, r#"{"id": "id-42"}"#) && matches(&g, r#"{"id": null}"#));
+    assert!(!prefix(&g, r#"{"id": "x"#));
+}
+
+#[test]
+fn bounded_numbers_stay_within_their_bounds() {
+    let g = grammar(json!({"type": "integer", "minimum": 1, "maximum": 5}));
+    for ok in ["1", "3", "5"] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in ["0", "6", "-", "10", "1.5", "1e0"] {
+        assert!(!prefix(&g, bad), "{bad}");
+    }
+    let g = grammar(json!({"type": "number", "minimum": 0, "maximum": 1}));
+    for ok in ["0", "0.5", "1", "1.0", "1.000", "0.000000000000001"] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in ["-", "2", "1.01", "1.5", "0.5e1", "00"] {
+        assert!(!prefix(&g, bad), "{bad}");
+    }
+    // Exclusive bounds, and draft 4's boolean spelling of them.
+    for schema in [
+        json!({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5}),
+        json!({"type": "number", "minimum": 0, "exclusiveMinimum": true, "maximum": 0.5, "exclusiveMaximum": true}),
+    ] {
+        let g = grammar(schema);
+        let mut m = g.matcher();
+        assert!(
+            m.feed_all(&g, b"0") && !m.can_finish(),
+            "0 is excluded but 0.1 is not"
+        );
+        assert!(matches(&g, "0.1") && matches(&g, "0.4999") && !prefix(&g, "0.5"));
+    }
+    let g = grammar(json!({"type": "integer", "exclusiveMaximum": 10}));
+    assert!(matches(&g, "9") && matches(&g, "-123456") && !matches(&g, "10"));
+    // Negative ranges: `-` first, and values away from zero compared the right way.
+    let g = grammar(json!({"type": "number", "minimum": -2.5, "maximum": -0.25}));
+    assert!(matches(&g, "-2.5") && matches(&g, "-0.25") && matches(&g, "-1"));
+    assert!(!prefix(&g, "0") && !prefix(&g, "-2.51") && !prefix(&g, "-0.1") && !prefix(&g, "-3"));
+    // Fractional bounds of an integer round inwards; huge bounds are no bound.
+    let g = grammar(json!({"type": "integer", "minimum": -1.5, "maximum": 2.5}));
+    assert!(matches(&g, "-1") && matches(&g, "2") && !prefix(&g, "-2") && !prefix(&g, "3"));
+    let g = grammar(json!({"type": "integer", "maximum": 1e300}));
+    assert!(matches(&g, "123456789012345") && matches(&g, "-5"));
+    // Without a type, bounds say "number".
+    let g = grammar(json!({"minimum": 10}));
+    assert!(matches(&g, "10.5") && !prefix(&g, "\""));
+    // In an array: the number ends at `,` or `]` only when within bounds.
+    let g = grammar(json!({"type": "array", "items": {"type": "integer", "minimum": 10}}));
+    assert!(matches(&g, "[10, 99]") && !prefix(&g, "[1,") && prefix(&g, "[1"));
+}
+
+#[test]
 fn dates_times_and_uuids_follow_their_formats() {
     let g = grammar(json!({"type": "string", "format": "date"}));
     for ok in [
@@ -358,9 +458,64 @@ fn alternatives_literals_and_type_lists() {
 fn unsupported_or_impossible_schemas_are_refused_by_name() {
     let cases = [
         (
-            json!({"type": "string", "pattern": "^a"}),
+            json!({"type": "integer", "multipleOf": 5}),
             "#",
-            "`pattern` is not supported",
+            "`multipleOf` is not supported",
+        ),
+        (
+            json!({"type": "string", "pattern": "^(a)\\1$"}),
+            "#",
+            "backreference",
+        ),
+        (
+            json!({"type": "string", "pattern": "^(?!x)"}),
+            "#",
+            "lookaround",
+        ),
+        (
+            json!({"type": "string", "pattern": "^a("}),
+            "#",
+            "not a regular expression runner can follow",
+        ),
+        (
+            json!({"type": "string", "pattern": "^(ab)*$", "minLength": 3, "maxLength": 3}),
+            "#",
+            "no string of the lengths",
+        ),
+        (
+            json!({"type": "string", "pattern": "[]"}),
+            "#",
+            "matches no character",
+        ),
+        (
+            json!({"type": "string", "format": "date", "pattern": "^2"}),
+            "#",
+            "`pattern` beside `format`",
+        ),
+        (
+            json!({"type": "integer", "minimum": 3, "maximum": 2}),
+            "#",
+            "no integer",
+        ),
+        (
+            json!({"type": "integer", "minimum": 0.2, "maximum": 0.8}),
+            "#",
+            "no integer",
+        ),
+        (
+            json!({"type": "number", "minimum": 1e20}),
+            "#",
+            "at most 15 digits",
+        ),
+        (
+            json!({"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 1}),
+            "#",
+            "no number",
+        ),
+        (
+            json!({"type": "number", "maximum": "5"}),
+            "#",
+            "`maximum` must be a number",
         ),
         (
             json!({"properties": {"email": {"type": "string", "format": "email"}}}),
@@ -372,7 +527,6 @@ fn unsupported_or_impossible_schemas_are_refused_by_name() {
             "#",
             "beside `format`",
         ),
-        (json!({"type": "integer", "minimum": 0}), "#", "`minimum`"),
         (json!({"$ref": "#"}), "#", "refers back to itself"),
         (
             json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}),
@@ -514,6 +668,22 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
         json!({"type": "object", "properties": {"a": {"type": "number"}, "b": {"enum": ["x", 1, null]}}, "required": ["a", "b"], "additionalProperties": false}),
         json!({"$defs": {"t": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/t"}, "maxItems": 2}}, "required": ["v"], "additionalProperties": false}}, "$ref": "#/$defs/t"}),
         json!({"type": "string", "minLength": 3}),
+        json!({
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "pattern": "^[A-Z]{2}\\d{2,4}$"},
+                "score": {"type": "number", "minimum": 0, "maximum": 1},
+                "age": {"type": "integer", "minimum": 18, "exclusiveMaximum": 100},
+                "tag": {"type": "string", "pattern": "x.y", "maxLength": 6},
+                "note": {"type": "string", "pattern": "^\\S+( \\S+)*$", "minLength": 2},
+                "low": {"type": "number", "minimum": -2.5, "exclusiveMaximum": -0.25},
+                "word": {"pattern": "^(?:cat|dog)s?\\b"},
+                "any": {"type": "string", "pattern": "."}
+            },
+            "required": ["code", "score", "age", "tag", "note", "low", "word", "any"],
+            "additionalProperties": false
+        }),
+        json!({"type": "array", "items": {"type": "integer", "minimum": -7, "maximum": 12}, "minItems": 3}),
         json!({"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}, "day": {"format": "date"}, "at": {"type": "string", "format": "time"}, "id": {"type": "string", "format": "uuid"}}, "required": ["when", "day", "at", "id"], "additionalProperties": false}),
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -622,6 +792,58 @@ fn the_mask_is_exactly_the_tokens_that_are_allowed_one_by_one() {
     assert!(mask[im_end as usize]);
 }
 
+#[test]
+fn masks_follow_patterns_and_bounds_token_by_token() {
+    let (tokenizer, vocabulary) = smollm2_vocabulary();
+    let vocabulary = Arc::new(vocabulary);
+    let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    let g = Arc::new(grammar(json!({
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{2}\\d{3}$"},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "note": {"type": "string", "pattern": "\\bthere\\b", "maxLength": 20}
+        },
+        "required": ["code", "score", "age", "note"],
+        "additionalProperties": false
+    })));
+    let text = r#"{"code": "AB123", "score": 0.75, "age": 42, "note": "hello there"}"#;
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let mut constraint = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
+    for (i, &id) in ids.iter().enumerate() {
+        let mask = constraint.mask(vocabulary.len());
+        let one_by_one: Vec<bool> = (0..vocabulary.len() as u32)
+            .map(|t| constraint.allows(t))
+            .collect();
+        assert_eq!(mask, one_by_one, "after {i} tokens");
+        assert!(
+            mask[id as usize],
+            "token {i} ({id}) of a valid document is masked out"
+        );
+        constraint.advance(id);
+    }
+    assert!(constraint.is_done());
+    // Tokens that would break a bound or a pattern are masked: after `"age": ` no `1`
+    // (10–19 reach 18 and 19, so it stays) but no `0`; after `"code": "A` no digit.
+    let mut after_age = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
+    for id in tokenizer.encode(r#"{"age": "#, false).unwrap().get_ids() {
+        after_age.advance(*id);
+    }
+    let zero = tokenizer.token_to_id("0").unwrap();
+    let one = tokenizer.token_to_id("1").unwrap();
+    assert!(!after_age.allows(zero) && after_age.allows(one));
+    let mut after_code = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
+    for id in tokenizer.encode(r#"{"code": "A"#, false).unwrap().get_ids() {
+        after_code.advance(*id);
+    }
+    let mask = after_code.mask(vocabulary.len());
+    assert!(
+        !mask[tokenizer.token_to_id("1").unwrap() as usize]
+            && mask[tokenizer.token_to_id("B").unwrap() as usize]
+    );
+}
+
 /// A speed probe, not a check: `cargo test -p runner-models --lib mask_speed -- --ignored
 /// --nocapture`. The full mask at the start, inside a string, a key and a number.
 #[test]
@@ -657,4 +879,52 @@ fn mask_speed() {
             one.elapsed().as_secs_f64() * 1e3,
         );
     }
+}
+
+#[test]
+fn patterns_too_large_to_follow_are_refused_quickly() {
+    let refusal = |schema: Value| match Grammar::compile(&schema) {
+        Ok(_) => panic!("{schema} compiled"),
+        Err(e) => e,
+    };
+    for pattern in [
+        "(a|b)*a(a|b){30}",
+        "\\p{L}{200}x\\p{L}{200}",
+        "((((a{100}){100}){100}){100})",
+    ] {
+        let started = std::time::Instant::now();
+        let e = refusal(json!({"type": "string", "pattern": pattern}));
+        eprintln!("{pattern}: {:?}: {e}", started.elapsed());
+        assert!(e.message.contains("too complex"), "{e}");
+    }
+    let e = refusal(json!({"type": "string", "pattern": "^x+$", "maxLength": 4_000_000}));
+    assert!(e.message.contains("too large to follow"), "{e}");
+    // A long but simple pattern is fine.
+    assert!(Grammar::compile(&json!({"type": "string", "pattern": "^[a-z]{1000}$"})).is_ok());
+    let many: serde_json::Map<String, Value> = (0..65)
+        .map(|i| {
+            (
+                format!("p{i}"),
+                json!({"type": "string", "pattern": format!("^{i}")}),
+            )
+        })
+        .collect();
+    let e = refusal(json!({ "properties": many }));
+    assert!(e.message.contains("more than 64 `pattern`s"), "{e}");
+    // Costly ones, many of them: the schema's time for patterns runs out first.
+    let costly: serde_json::Map<String, Value> = (0..20)
+        .map(|i| {
+            (
+                format!("p{i}"),
+                json!({"type": "string", "pattern": format!("\\p{{L}}{{200}}{i}\\p{{L}}{{200}}")}),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let e = refusal(json!({ "properties": costly }));
+    eprintln!("20 costly patterns: {:?}: {e}", started.elapsed());
+    assert!(
+        e.message.contains("too complex") || e.message.contains("took more than"),
+        "{e}"
+    );
 }
