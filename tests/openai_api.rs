@@ -672,6 +672,60 @@ fn tools_are_called_with_arguments_their_schemas_accept() {
         "{body}"
     );
 
+    // Several calls at once, when the client allows them: each valid, each with its own
+    // id, and indexed in the streamed delta.
+    let both = "What are the weather and the local time in Paris?";
+    let parallel = json!({"tool_choice": "required", "parallel_tool_calls": true});
+    let (status, body) = ask(both, parallel.clone());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{body}");
+    let calls = body["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap();
+    assert!((1..=8).contains(&calls.len()), "{body}");
+    let mut ids = std::collections::HashSet::new();
+    for call in calls {
+        assert!(
+            ids.insert(call["id"].as_str().unwrap().to_string()),
+            "{body}"
+        );
+        let name = call["function"]["name"].as_str().unwrap();
+        let arguments: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(validators[name].is_valid(&arguments), "{body}");
+    }
+    let mut streamed = parallel.clone();
+    streamed["stream"] = json!(true);
+    streamed["messages"] = json!([{"role": "user", "content": both}]);
+    streamed["tools"] = tools.clone();
+    streamed["temperature"] = json!(0);
+    streamed["max_tokens"] = json!(200);
+    let (chunks, _) = streamed_chat(&server, &streamed);
+    let delta = chunks
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array().cloned())
+        .unwrap();
+    assert_eq!(delta.len(), calls.len());
+    for (k, call) in delta.iter().enumerate() {
+        assert_eq!(call["index"], k);
+        assert_eq!(call["function"], calls[k]["function"]);
+    }
+    // A conversation with two calls in one turn and both results goes on.
+    let (status, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &json!({"messages": [
+            {"role": "user", "content": both},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"unit\":\"celsius\"}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{\"place\":{\"city\":\"Paris\"}}"}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"},
+            {"role": "tool", "tool_call_id": "call_2", "content": "14:05"}
+        ], "temperature": 0, "max_tokens": 100, "tools": tools, "parallel_tool_calls": true}),
+    );
+    assert_eq!(status, 200, "{body}");
+
     // What cannot be offered, by name.
     let bad = |extra: Value, param: &str| {
         let mut body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1});
@@ -707,6 +761,10 @@ fn tools_are_called_with_arguments_their_schemas_accept() {
         "response_format",
     );
     bad(json!({"functions": [{"name": "f"}]}), "functions");
+    bad(
+        json!({"tools": tools, "parallel_tool_calls": "yes"}),
+        "parallel_tool_calls",
+    );
     bad(
         json!({"messages": [{"role": "tool", "tool_call_id": "x", "content": "1"}]}),
         "messages[0].role",
@@ -828,10 +886,18 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     assert_eq!(s, 200, "{b}");
     // Structured output runner cannot enforce, or asked for wrongly.
     let (s, b) = chat(
-        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}}}}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3}}}}),
     );
     let message = error_of(s, &b, 400, Some("response_format"));
-    assert!(message.contains("`pattern` is not supported"), "{message}");
+    assert!(
+        message.contains("`multipleOf` is not supported"),
+        "{message}"
+    );
+    let (s, b) = chat(
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(a)\\1"}}}}),
+    );
+    let message = error_of(s, &b, 400, Some("response_format"));
+    assert!(message.contains("backreference"), "{message}");
     for format in [
         json!({"type": "json_schema"}),
         json!({"type": "xml"}),
@@ -1097,7 +1163,9 @@ from pydantic import BaseModel, Field
 class City(BaseModel):
     name: str = Field(max_length=30)
     country: str = Field(max_length=30)
-    population: int
+    population: int = Field(ge=0)
+    rating: float = Field(ge=0, le=5)
+    postcode: str = Field(pattern=r"^\d{5}$")
     landmarks: list[str] = Field(max_length=3)
     size: Literal["small", "medium", "large"]
     mayor: Optional[str]
@@ -1169,9 +1237,20 @@ print(json.dumps(out))
     }
     assert_eq!(out["unauthorized"], true);
     // The SDK parsed the JSON into its Pydantic model: the same values as the text.
-    let parsed_text: Value = serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
+    let mut parsed_text: Value =
+        serde_json::from_str(out["parsed_content"].as_str().unwrap()).unwrap();
+    // Pydantic reads a whole-number `rating` (`2`) as the float it declares (`2.0`).
+    parsed_text["rating"] = json!(parsed_text["rating"].as_f64());
     assert_eq!(out["parsed"], parsed_text);
     assert!(out["parsed"]["landmarks"].as_array().unwrap().len() <= 3);
+    // Bounds and a pattern held (Pydantic checked them too, or parse() would have raised).
+    let rating = out["parsed"]["rating"].as_f64().unwrap();
+    assert!((0.0..=5.0).contains(&rating), "{}", out["parsed"]);
+    let postcode = out["parsed"]["postcode"].as_str().unwrap();
+    assert!(
+        postcode.len() == 5 && postcode.bytes().all(|b| b.is_ascii_digit()),
+        "{postcode}"
+    );
     // `format: date` held: Pydantic parsed a real date.
     assert_eq!(out["founded_type"], "date", "{}", out["parsed"]);
     // The SDK parsed the tool call's arguments into its Pydantic model.

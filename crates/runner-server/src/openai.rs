@@ -1270,10 +1270,21 @@ fn tool_answer(
     call_id: &str,
 ) -> (Map<String, Value>, &'static str) {
     let (fields, finish) = match tools::answer(text) {
-        Some(tools::Answer::Call { name, arguments }) => (
-            json!({"tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}),
-            "tool_calls",
-        ),
+        Some(tools::Answer::Calls(calls)) => {
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .enumerate()
+                .map(|(k, (name, arguments))| {
+                    // The first call keeps the reply's id; the others add their place.
+                    let id = match k {
+                        0 => call_id.to_string(),
+                        k => format!("{call_id}_{k}"),
+                    };
+                    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+                })
+                .collect();
+            (json!({ "tool_calls": calls }), "tool_calls")
+        }
         Some(tools::Answer::Response(response)) => (json!({ "content": response }), finish),
         None => (json!({ "content": text }), finish),
     };
@@ -1587,7 +1598,9 @@ fn stream_reply(
                         finish = reason;
                         let mut delta = Value::Object(fields);
                         if let Some(calls) = delta["tool_calls"].as_array_mut() {
-                            calls[0]["index"] = json!(0);
+                            for (k, call) in calls.iter_mut().enumerate() {
+                                call["index"] = json!(k);
+                            }
                         }
                         st.pending
                             .push_back(st.reply.chunk(index, delta, None).to_string());

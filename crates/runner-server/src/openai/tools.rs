@@ -2,13 +2,17 @@
 //! way llama.cpp's generic tool format does it: the tools are described in the system
 //! message, and structured output holds the answer to one JSON object, either
 //! `{"tool_call": {"name": …, "arguments": {…}}}` or `{"response": "…"}` (only the first
-//! when a call is required). The arguments match the tool's own `parameters` schema, so
-//! they always parse and validate.
+//! when a call is required); with `parallel_tool_calls: true`, `{"tool_calls": [{…}, …]}`
+//! (one to [`MAX_PARALLEL_CALLS`] calls) in place of the first. The arguments match the
+//! tool's own `parameters` schema, so they always parse and validate.
 
 use serde_json::{json, Map, Value};
 
 use super::ApiError;
 use runner_models::ChatMessage;
+
+/// Calls one answer may make with `parallel_tool_calls: true`.
+pub(super) const MAX_PARALLEL_CALLS: u32 = 8;
 
 /// The tools a request offers, and what the answer is held to.
 pub(super) struct Tools {
@@ -20,7 +24,8 @@ pub(super) struct Tools {
 
 /// What the model answered.
 pub(super) enum Answer {
-    Call { name: String, arguments: String },
+    /// One call, or several (`parallel_tool_calls`): names and arguments (JSON text).
+    Calls(Vec<(String, String)>),
     Response(String),
 }
 
@@ -162,17 +167,43 @@ pub(super) fn asked(request: &Map<String, Value>) -> Result<Option<Tools>, ApiEr
             (true, Some(name.to_string()))
         }
     };
+    // OpenAI's default is `true`; llama.cpp's, followed here, `false`: a small model
+    // asked for a list of calls tends to repeat its one call.
+    let parallel = match request.get("parallel_tool_calls") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(parallel)) => *parallel,
+        Some(_) => {
+            return Err(param_error(
+                "parallel_tool_calls",
+                "`parallel_tool_calls` must be true or false".into(),
+            ))
+        }
+    };
     let offered: Vec<Value> = calls
         .into_iter()
         .filter(|(name, _)| only.as_ref().is_none_or(|o| o == name))
         .map(|(_, call)| call)
         .collect();
-    let call = json!({
-        "type": "object",
-        "properties": {"tool_call": {"anyOf": offered}},
-        "required": ["tool_call"],
-        "additionalProperties": false,
-    });
+    let call = if parallel {
+        json!({
+            "type": "object",
+            "properties": {"tool_calls": {
+                "type": "array",
+                "items": {"anyOf": offered},
+                "minItems": 1,
+                "maxItems": MAX_PARALLEL_CALLS,
+            }},
+            "required": ["tool_calls"],
+            "additionalProperties": false,
+        })
+    } else {
+        json!({
+            "type": "object",
+            "properties": {"tool_call": {"anyOf": offered}},
+            "required": ["tool_call"],
+            "additionalProperties": false,
+        })
+    };
     let response = json!({
         "type": "object",
         "properties": {"response": {"type": "string"}},
@@ -185,7 +216,14 @@ pub(super) fn asked(request: &Map<String, Value>) -> Result<Option<Tools>, ApiEr
         json!({"anyOf": [call, response]})
     };
     schema["$defs"] = Value::Object(defs);
+    let call_form = "{\"name\": \"<the tool's name>\", \"arguments\": {...}}";
     let forms = match (&only, required) {
+        (_, true) if parallel => format!(
+            "Answer by calling one or more of them, with one JSON object: {{\"tool_calls\": [{call_form}, ...]}}."
+        ),
+        (_, false) if parallel => format!(
+            "Answer with one JSON object: {{\"tool_calls\": [{call_form}, ...]}} to call one or more tools, or {{\"response\": \"<your answer>\"}} to answer directly."
+        ),
         (Some(name), _) => format!(
             "Answer by calling `{name}`, with one JSON object: {{\"tool_call\": {{\"name\": \"{name}\", \"arguments\": {{...}}}}}}."
         ),
@@ -223,7 +261,7 @@ impl Tools {
 /// An assistant turn that called tools, as the model wrote it (the answer's own form).
 pub(super) fn earlier_call(calls: &Value, index: usize) -> Result<String, ApiError> {
     let param = format!("messages[{index}].tool_calls");
-    let rendered: Vec<String> = calls
+    let rendered: Vec<Value> = calls
         .as_array()
         .ok_or_else(|| param_error(&param, format!("`{param}` must be a list")))?
         .iter()
@@ -239,10 +277,14 @@ pub(super) fn earlier_call(calls: &Value, index: usize) -> Result<String, ApiErr
                 Value::String(text) => serde_json::from_str(text).unwrap_or(json!(text)),
                 other => other.clone(),
             };
-            Ok(json!({"tool_call": {"name": name, "arguments": arguments}}).to_string())
+            Ok(json!({"name": name, "arguments": arguments}))
         })
         .collect::<Result<_, ApiError>>()?;
-    Ok(rendered.join("\n"))
+    // In the answer's own form: one call, or several at once.
+    Ok(match rendered.as_slice() {
+        [one] => json!({ "tool_call": one }).to_string(),
+        _ => json!({ "tool_calls": rendered }).to_string(),
+    })
 }
 
 /// A `tool` message (a call's result), as the model sees it: a user turn.
@@ -258,11 +300,21 @@ pub(super) fn tool_result(message: &Value, content: String) -> ChatMessage {
 /// The answer the model gave, if it is whole JSON of one of the two forms.
 pub(super) fn answer(text: &str) -> Option<Answer> {
     let value: Value = serde_json::from_str(text).ok()?;
-    if let Some(call) = value.get("tool_call") {
-        return Some(Answer::Call {
-            name: call["name"].as_str()?.to_string(),
-            arguments: call.get("arguments")?.to_string(),
-        });
+    let call = |call: &Value| {
+        Some((
+            call["name"].as_str()?.to_string(),
+            call.get("arguments")?.to_string(),
+        ))
+    };
+    if let Some(one) = value.get("tool_call") {
+        return Some(Answer::Calls(vec![call(one)?]));
+    }
+    if let Some(Value::Array(several)) = value.get("tool_calls") {
+        return several
+            .iter()
+            .map(call)
+            .collect::<Option<_>>()
+            .map(Answer::Calls);
     }
     Some(Answer::Response(
         value.get("response")?.as_str()?.to_string(),
