@@ -1753,9 +1753,78 @@ impl Matcher {
 pub struct Vocabulary {
     /// Each token's bytes; `None` for special tokens, which constrained output never holds.
     bytes: Vec<Option<Box<[u8]>>>,
-    /// Trie nodes: children by byte, and the tokens ending here.
+    /// Every token.
+    all: Trie,
+    /// Tokens that are plain string text (see [`plain_chars`]), with their characters:
+    /// inside a string without `pattern` each may follow whenever the length allows, so
+    /// masks there take them from this list and walk only [`Vocabulary::other`].
+    plain: Vec<(u32, u32)>,
+    other: Trie,
+}
+
+/// Tokens by their bytes, for masks: tokens sharing a prefix are checked once.
+#[derive(Debug, Default)]
+struct Trie {
+    /// Nodes: children by byte, and the tokens ending here.
     children: Vec<Vec<(u8, u32)>>,
     ends: Vec<Vec<u32>>,
+}
+
+impl Trie {
+    fn new() -> Self {
+        Trie {
+            children: vec![Vec::new()],
+            ends: vec![Vec::new()],
+        }
+    }
+
+    fn insert(&mut self, token: &[u8], id: u32) {
+        let mut node = 0usize;
+        for &b in token {
+            node = match self.children[node].iter().find(|(c, _)| *c == b) {
+                Some(&(_, child)) => child as usize,
+                None => {
+                    let child = self.children.len();
+                    self.children.push(Vec::new());
+                    self.ends.push(Vec::new());
+                    self.children[node].push((b, child as u32));
+                    child
+                }
+            };
+        }
+        self.ends[node].push(id);
+    }
+
+    /// Marks in `allowed` every token `matcher` can take whole.
+    fn walk(&self, grammar: &Grammar, matcher: &Matcher, allowed: &mut [bool]) {
+        let mut stack = vec![(0u32, matcher.clone())];
+        while let Some((node, matcher)) = stack.pop() {
+            for &(b, child) in &self.children[node as usize] {
+                let mut next = matcher.clone();
+                if !next.feed(grammar, b) {
+                    continue;
+                }
+                for &t in &self.ends[child as usize] {
+                    if let Some(slot) = allowed.get_mut(t as usize) {
+                        *slot = true;
+                    }
+                }
+                if !self.children[child as usize].is_empty() {
+                    stack.push((child, next));
+                }
+            }
+        }
+    }
+}
+
+/// The characters of `token` if a string may hold it as it is, anywhere: whole UTF-8
+/// characters, none of them a quote, a backslash or a control character.
+fn plain_chars(token: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(token).ok()?;
+    if text.is_empty() || text.chars().any(|c| c == '"' || c == '\\' || c < ' ') {
+        return None;
+    }
+    Some(text.chars().count() as u32)
 }
 
 /// GPT-2's byte-level alphabet: the character each byte is written as in the vocabulary.
@@ -1845,34 +1914,23 @@ impl Vocabulary {
                 },
             };
         }
-        let mut vocabulary = Vocabulary {
-            bytes,
-            children: vec![Vec::new()],
-            ends: vec![Vec::new()],
-        };
-        for id in 0..vocabulary.bytes.len() {
-            let Some(token) = vocabulary.bytes[id].clone() else {
+        let (mut all, mut other, mut plain) = (Trie::new(), Trie::new(), Vec::new());
+        for (id, token) in bytes.iter().enumerate() {
+            let Some(token) = token.as_deref().filter(|t| !t.is_empty()) else {
                 continue;
             };
-            if token.is_empty() {
-                continue;
+            all.insert(token, id as u32);
+            match plain_chars(token) {
+                Some(chars) => plain.push((id as u32, chars)),
+                None => other.insert(token, id as u32),
             }
-            let mut node = 0usize;
-            for &b in token.iter() {
-                node = match vocabulary.children[node].iter().find(|(c, _)| *c == b) {
-                    Some(&(_, child)) => child as usize,
-                    None => {
-                        let child = vocabulary.children.len();
-                        vocabulary.children.push(Vec::new());
-                        vocabulary.ends.push(Vec::new());
-                        vocabulary.children[node].push((b, child as u32));
-                        child
-                    }
-                };
-            }
-            vocabulary.ends[node].push(id as u32);
         }
-        Ok(vocabulary)
+        Ok(Vocabulary {
+            bytes,
+            all,
+            plain,
+            other,
+        })
     }
 
     pub fn bytes(&self, token: u32) -> Option<&[u8]> {
@@ -1935,22 +1993,29 @@ impl Constraint {
             }
         }
         let v = &self.vocabulary;
-        let mut stack = vec![(0u32, self.matcher.clone())];
-        while let Some((node, matcher)) = stack.pop() {
-            for &(b, child) in &v.children[node as usize] {
-                let mut next = matcher.clone();
-                if !next.feed(&self.grammar, b) {
-                    continue;
+        // Inside a plain string (one way to read the output, between characters) every
+        // plain token fits while the length allows; only the others need the walk.
+        let in_plain_string = match self.matcher.alternatives.as_slice() {
+            [alt] => match alt.frames.last() {
+                Some(Frame::String { max, text, .. }) if text.escape == 0 && text.pending == 0 => {
+                    Some(max.saturating_sub(text.chars))
                 }
-                for &t in &v.ends[child as usize] {
-                    if let Some(slot) = allowed.get_mut(t as usize) {
-                        *slot = true;
+                _ => None,
+            },
+            _ => None,
+        };
+        match in_plain_string {
+            Some(room) => {
+                for &(t, chars) in &v.plain {
+                    if chars <= room {
+                        if let Some(slot) = allowed.get_mut(t as usize) {
+                            *slot = true;
+                        }
                     }
                 }
-                if !v.children[child as usize].is_empty() {
-                    stack.push((child, next));
-                }
+                v.other.walk(&self.grammar, &self.matcher, &mut allowed);
             }
+            None => v.all.walk(&self.grammar, &self.matcher, &mut allowed),
         }
         allowed
     }
