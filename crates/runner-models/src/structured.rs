@@ -1759,6 +1759,8 @@ pub struct Vocabulary {
     /// inside a string without `pattern` each may follow whenever the length allows, so
     /// masks there take them from this list and walk only [`Vocabulary::other`].
     plain: Vec<(u32, u32)>,
+    /// The same tokens in a trie, for strings held to a `pattern`.
+    plain_trie: Trie,
     other: Trie,
 }
 
@@ -1797,11 +1799,22 @@ impl Trie {
 
     /// Marks in `allowed` every token `matcher` can take whole.
     fn walk(&self, grammar: &Grammar, matcher: &Matcher, allowed: &mut [bool]) {
-        let mut stack = vec![(0u32, matcher.clone())];
-        while let Some((node, matcher)) = stack.pop() {
+        self.walk_with(matcher, |m, b| m.feed(grammar, b), allowed);
+    }
+
+    /// Marks in `allowed` every token that `step` takes whole from `start`, byte by byte
+    /// (`step` leaves the state unchanged when it refuses a byte).
+    fn walk_with<S: Clone>(
+        &self,
+        start: &S,
+        step: impl Fn(&mut S, u8) -> bool,
+        allowed: &mut [bool],
+    ) {
+        let mut stack = vec![(0u32, start.clone())];
+        while let Some((node, state)) = stack.pop() {
             for &(b, child) in &self.children[node as usize] {
-                let mut next = matcher.clone();
-                if !next.feed(grammar, b) {
+                let mut next = state.clone();
+                if !step(&mut next, b) {
                     continue;
                 }
                 for &t in &self.ends[child as usize] {
@@ -1915,13 +1928,17 @@ impl Vocabulary {
             };
         }
         let (mut all, mut other, mut plain) = (Trie::new(), Trie::new(), Vec::new());
+        let mut plain_trie = Trie::new();
         for (id, token) in bytes.iter().enumerate() {
             let Some(token) = token.as_deref().filter(|t| !t.is_empty()) else {
                 continue;
             };
             all.insert(token, id as u32);
             match plain_chars(token) {
-                Some(chars) => plain.push((id as u32, chars)),
+                Some(chars) => {
+                    plain.push((id as u32, chars));
+                    plain_trie.insert(token, id as u32);
+                }
                 None => other.insert(token, id as u32),
             }
         }
@@ -1929,6 +1946,7 @@ impl Vocabulary {
             bytes,
             all,
             plain,
+            plain_trie,
             other,
         })
     }
@@ -1993,19 +2011,17 @@ impl Constraint {
             }
         }
         let v = &self.vocabulary;
-        // Inside a plain string (one way to read the output, between characters) every
-        // plain token fits while the length allows; only the others need the walk.
-        let in_plain_string = match self.matcher.alternatives.as_slice() {
-            [alt] => match alt.frames.last() {
-                Some(Frame::String { max, text, .. }) if text.escape == 0 && text.pending == 0 => {
-                    Some(max.saturating_sub(text.chars))
-                }
-                _ => None,
-            },
+        // Inside a string (one way to read the output, between characters) a plain token
+        // never closes it: every one fits while the length allows, or, held to a pattern,
+        // each is followed through the pattern's automaton alone. Only the other tokens
+        // need the whole matcher.
+        let top = match self.matcher.alternatives.as_slice() {
+            [alt] => alt.frames.last(),
             _ => None,
         };
-        match in_plain_string {
-            Some(room) => {
+        match top {
+            Some(Frame::String { max, text, .. }) if text.escape == 0 && text.pending == 0 => {
+                let room = max.saturating_sub(text.chars);
                 for &(t, chars) in &v.plain {
                     if chars <= room {
                         if let Some(slot) = allowed.get_mut(t as usize) {
@@ -2015,7 +2031,20 @@ impl Constraint {
                 }
                 v.other.walk(&self.grammar, &self.matcher, &mut allowed);
             }
-            None => v.all.walk(&self.grammar, &self.matcher, &mut allowed),
+            Some(&Frame::Pattern { automaton, text }) if text.between_chars() => {
+                let automaton = &self.grammar.automata[automaton as usize];
+                let step = |text: &mut PatternText, b| {
+                    let mut next = *text;
+                    let took = matches!(automaton.text_step(&mut next, b), TextStep::Took);
+                    if took {
+                        *text = next;
+                    }
+                    took
+                };
+                v.plain_trie.walk_with(&text, step, &mut allowed);
+                v.other.walk(&self.grammar, &self.matcher, &mut allowed);
+            }
+            _ => v.all.walk(&self.grammar, &self.matcher, &mut allowed),
         }
         allowed
     }

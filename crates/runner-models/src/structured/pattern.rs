@@ -63,6 +63,13 @@ pub(super) struct Automaton {
     live: Vec<u64>,
 }
 
+impl PatternText {
+    /// Between characters: not inside an escape or a multi-byte character.
+    pub(super) fn between_chars(&self) -> bool {
+        !self.escape && self.pending == 0
+    }
+}
+
 /// Where a pattern string stands (after its opening quote).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct PatternText {
@@ -359,6 +366,7 @@ impl Automaton {
         self.next[state as usize * self.class_count + self.classes[b as usize] as usize]
     }
 
+    /// A pattern string's text at its start (after the opening quote).
     pub(super) fn text(&self) -> PatternText {
         PatternText {
             state: self.start,
