@@ -5,14 +5,16 @@ GBNF grammar), on the same SmolLM2 GGUF, in one run; and runner with the schema 
 runner without it, for what the constraint costs per token.
 
     benches/structured-output.py --llama-python VENV/bin/python [--runner target/release/runner]
-                                 [--runs 8] [--json-out FILE]
+                                 [--runs 8] [--schema city|bounded] [--json-out FILE]
 
 VENV is the llama-cpp-python build of benches/openai-server.py. Each request asks for a
 city described as JSON matching SCHEMA (bounded strings and arrays, so a small model must
 finish), greedy, up to 400 tokens, streamed. Reported per server (medians): the time to the
 whole answer, the time to its first token, the tokens per second after it (each streamed
 chunk is a token), and how many answers are whole JSON the schema accepts (checked here, by
-hand, for this schema). "runner, no schema" is a second runner server asked the same
+hand, for this schema). `--schema bounded` asks for BOUNDED_SCHEMA instead: numbers held to
+`minimum`/`maximum` and strings to a `pattern` (Pydantic's `Field(ge=…, le=…, pattern=…)`),
+which llama.cpp's schema-to-grammar converter also claims. "runner, no schema" is a second runner server asked the same
 prompts for as many tokens as runner's constrained answer had, without the schema: its own
 server, so that both runners' prompt caches see the same requests. Requests alternate
 between the servers. Prints a Markdown table on stdout.
@@ -20,6 +22,7 @@ between the servers. Prints a Markdown table on stdout.
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -42,7 +45,36 @@ SCHEMA = {
     "required": ["name", "country", "population", "landmarks", "size", "mayor", "coastal"],
     "additionalProperties": False,
 }
+BOUNDED_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "population": {"type": "integer", "minimum": 0},
+        "founded": {"type": "integer", "minimum": -3000, "maximum": 2025},
+        "rating": {"type": "number", "minimum": 0, "maximum": 5},
+        "postcode": {"type": "string", "pattern": "^[0-9]{5}$"},
+        "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+    },
+    "required": ["name", "population", "founded", "rating", "postcode", "code"],
+    "additionalProperties": False,
+}
 CITIES = ["Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Mumbai", "Rome"]
+
+
+def valid_bounded(v):
+    """Whether `v` is a value BOUNDED_SCHEMA accepts (checked by hand for this schema)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    integer = lambda x: number(x) and float(x).is_integer()
+    return (
+        isinstance(v, dict)
+        and set(v) == set(BOUNDED_SCHEMA["required"])
+        and isinstance(v["name"], str) and len(v["name"]) <= 30
+        and integer(v["population"]) and v["population"] >= 0
+        and integer(v["founded"]) and -3000 <= v["founded"] <= 2025
+        and number(v["rating"]) and 0 <= v["rating"] <= 5
+        and isinstance(v["postcode"], str) and re.fullmatch(r"[0-9]{5}", v["postcode"]) is not None
+        and isinstance(v["code"], str) and re.fullmatch(r"[A-Z]{3}", v["code"]) is not None
+    )
 
 
 def valid(text):
@@ -51,6 +83,8 @@ def valid(text):
         v = json.loads(text)
     except ValueError:
         return False
+    if SCHEMA is BOUNDED_SCHEMA:
+        return valid_bounded(v)
     short = lambda s: isinstance(s, str) and len(s) <= 30
     return (
         isinstance(v, dict)
@@ -82,8 +116,12 @@ def main():
     ap.add_argument("--llama-python", required=True)
     ap.add_argument("--runner", default=os.path.join(bench.ROOT, "target/release/runner"))
     ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--schema", choices=["city", "bounded"], default="city")
     ap.add_argument("--json-out")
     args = ap.parse_args()
+    global SCHEMA
+    if args.schema == "bounded":
+        SCHEMA = BOUNDED_SCHEMA
     physical = len({l for l in open("/proc/cpuinfo") if l.startswith("core id")}) or os.cpu_count()
     runner = lambda port: [args.runner, "serve", bench.MODEL, "--port", str(port), "--device", "cpu"]
     commands = {
