@@ -966,9 +966,13 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     let (s, t) = http(&server.addr, "GET", "/v1/models/gpt-4o", None, &[]);
     let b: Value = serde_json::from_str(&t).unwrap();
     error_of(s, &b, 404, Some("model"));
+    let (s, t) = http(&server.addr, "POST", "/v1/assistants", Some("{}"), &[]);
+    let b: Value = serde_json::from_str(&t).unwrap();
+    assert!(error_of(s, &b, 404, None).contains("/v1/responses"));
+    // The Responses API: a request without `input` names it.
     let (s, t) = http(&server.addr, "POST", "/v1/responses", Some("{}"), &[]);
     let b: Value = serde_json::from_str(&t).unwrap();
-    assert!(error_of(s, &b, 404, None).contains("/v1/chat/completions"));
+    error_of(s, &b, 400, Some("input"));
 
     // A route for another kind of model.
     let (s, b) = post(&server, "/v1/embeddings", &json!({"input": "x"}));
@@ -1661,4 +1665,167 @@ fn openai_requests_wait_for_a_busy_model() {
     assert!(answers
         .iter()
         .all(|(_, t)| content(t) == content(&answers[0].1)));
+}
+
+/// OpenAI's Responses API through OpenAI's own client: text (whole and streamed, the
+/// same as the chat completion it means), structured output into a Pydantic model,
+/// function calls and their outputs carried back, and what runner refuses.
+#[test]
+fn the_responses_api_answers_openais_client() {
+    let Some(venv) = std::env::var_os("RUNNER_OPENAI_VENV").map(PathBuf::from) else {
+        eprintln!("SKIPPED: RUNNER_OPENAI_VENV is not set (scripts/test.sh sets it up with scripts/setup-openai.sh)");
+        return;
+    };
+    let server = Server::start(&smollm2(), &[]);
+    const SCRIPT: &str = r#"
+import json, sys, openai
+from pydantic import BaseModel, Field
+llm = openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key="unused", max_retries=0)
+out = {}
+q = "What is the capital of France?"
+chat = llm.chat.completions.create(model="m", messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q}], temperature=0, max_tokens=100)
+out["chat"] = chat.choices[0].message.content
+r = llm.responses.create(model="m", instructions="Answer briefly.", input=q, temperature=0, max_output_tokens=100)
+out["text"] = r.output_text
+out["status"] = r.status
+out["incomplete"] = r.incomplete_details.reason if r.incomplete_details else None
+out["usage"] = [r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens]
+out["item"] = [r.output[0].type, r.output[0].role, r.output[0].content[0].type]
+types, deltas = [], []
+with llm.responses.stream(model="m", instructions="Answer briefly.", input=q, temperature=0, max_output_tokens=100) as stream:
+    for event in stream:
+        types.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+    final = stream.get_final_response()
+out["stream_types"] = types
+out["stream_deltas"] = "".join(deltas)
+out["stream_text"] = final.output_text
+out["stream_status"] = final.status
+short = llm.responses.create(model="m", input=q, temperature=0, max_output_tokens=3)
+out["short"] = [short.status, short.incomplete_details.reason if short.incomplete_details else None, short.usage.output_tokens]
+out["short_stream"] = [e.type for e in llm.responses.create(model="m", input=q, temperature=0, max_output_tokens=3, stream=True)][-1]
+class City(BaseModel):
+    name: str = Field(max_length=30)
+    population: int = Field(ge=0)
+    code: str = Field(pattern=r"^[A-Z]{3}$")
+p = llm.responses.parse(model="m", input=[{"role": "user", "content": "Describe Paris."}], text_format=City, temperature=0, max_output_tokens=200)
+out["parsed"] = p.output_parsed.model_dump()
+weather = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city", "strict": True,
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": False}}
+t = llm.responses.create(model="m", input="What is the weather in Paris?", tools=[weather], tool_choice="required", temperature=0)
+call = next(o for o in t.output if o.type == "function_call")
+out["call"] = [call.name, json.loads(call.arguments), call.call_id.startswith("call_"), call.id.startswith("fc_")]
+with llm.responses.stream(model="m", input="What is the weather in Paris?", tools=[weather], tool_choice="required", temperature=0) as stream:
+    streamed_types = [e.type for e in stream]
+    streamed_call = stream.get_final_response().output[0]
+out["streamed_call"] = [streamed_call.type, streamed_call.name, streamed_call.arguments == call.arguments, streamed_call.call_id.startswith("call_")]
+out["streamed_call_types"] = streamed_types
+follow = llm.responses.create(model="m", input=[
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+    {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"},
+], tools=[weather], temperature=0, max_output_tokens=30)
+out["follow"] = [o.type for o in follow.output]
+for name, kwargs in [("previous", {"previous_response_id": "resp_1"}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 2}}}})]:
+    try:
+        llm.responses.create(model="m", **{"input": "Hi", **kwargs})
+        out[name] = "accepted"
+    except openai.BadRequestError as e:
+        out[name] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+print(json.dumps(out))
+"#;
+    let output = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", SCRIPT, &server.addr])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    // The response is the chat completion it means: the same greedy text, whole and streamed.
+    assert!(!out["chat"].as_str().unwrap().is_empty(), "{out}");
+    assert_eq!(out["text"], out["chat"], "{out}");
+    assert_eq!(out["stream_deltas"], out["chat"], "{out}");
+    assert_eq!(out["stream_text"], out["chat"], "{out}");
+    assert_eq!(out["item"], json!(["message", "assistant", "output_text"]));
+    let usage = out["usage"].as_array().unwrap();
+    assert!(usage[0].as_u64().unwrap() > 5 && usage[1].as_u64().unwrap() < 100);
+    assert_eq!(
+        usage[2].as_u64(),
+        Some(usage[0].as_u64().unwrap() + usage[1].as_u64().unwrap())
+    );
+    assert_eq!(out["status"], "completed");
+    assert_eq!(out["stream_status"], "completed");
+    // Cut short at max_output_tokens: incomplete, saying why, whole and streamed.
+    assert_eq!(out["short"], json!(["incomplete", "max_output_tokens", 3]));
+    assert_eq!(out["short_stream"], "response.incomplete");
+    let types: Vec<&str> = out["stream_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &types[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert!(types.contains(&"response.output_text.delta"));
+    assert_eq!(
+        &types[types.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    // Structured output through `text.format`: Pydantic parsed (and validated) it.
+    let code = out["parsed"]["code"].as_str().unwrap();
+    assert!(
+        code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase()),
+        "{out}"
+    );
+    assert!(out["parsed"]["population"].as_i64().unwrap() >= 0);
+    // A function call, and a conversation that carries it and its output goes on.
+    assert_eq!(out["call"][0], "get_weather");
+    assert!(out["call"][1]["city"].is_string(), "{out}");
+    assert_eq!(out["call"][2], true);
+    assert_eq!(out["call"][3], true);
+    assert!(!out["follow"].as_array().unwrap().is_empty());
+    // Streamed, the same call, its arguments in one delta once the JSON is whole.
+    assert_eq!(
+        out["streamed_call"],
+        json!(["function_call", "get_weather", true, true])
+    );
+    let types: Vec<&str> = out["streamed_call_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    // Refused by name, in the Responses API's own terms.
+    assert_eq!(out["previous"], "previous_response_id");
+    assert_eq!(out["tokens"], "max_output_tokens");
+    assert_eq!(out["image"], "input[0].content[0].type");
+    assert_eq!(out["schema"], "text.format");
 }

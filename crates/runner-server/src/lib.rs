@@ -294,6 +294,7 @@ impl Server {
             .route("/v1/embeddings", post(openai::embeddings))
             .route("/v1/chat/completions", post(openai::chat_completions))
             .route("/v1/completions", post(openai::completions))
+            .route("/v1/responses", post(openai::responses))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),

@@ -12,7 +12,10 @@
 //! request leaves out. Unsupported features (several choices, log probabilities, tools,
 //! penalties) are refused with a 400 naming the parameter, never silently ignored.
 
+mod responses;
 mod tools;
+
+pub(crate) use responses::responses;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -120,7 +123,9 @@ fn parse_body(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
 fn wrong_model(engine: &Engine, route: &str) -> ApiError {
     let offered = match engine.openai() {
         OpenAi::Embeddings => "it answers /v1/embeddings",
-        OpenAi::TextGeneration => "it answers /v1/chat/completions and /v1/completions",
+        OpenAi::TextGeneration => {
+            "it answers /v1/chat/completions, /v1/completions and /v1/responses"
+        }
         OpenAi::None => "it has no OpenAI-compatible routes; use Cog's POST /predictions",
     };
     ApiError {
@@ -290,7 +295,7 @@ pub(crate) async fn unknown_route(uri: axum::http::Uri) -> Response {
     ApiError {
         status: StatusCode::NOT_FOUND,
         message: format!(
-            "{}: runner answers /v1/models, /v1/chat/completions, /v1/completions and /v1/embeddings (as the model allows), and Cog's API",
+            "{}: runner answers /v1/models, /v1/chat/completions, /v1/completions, /v1/responses and /v1/embeddings (as the model allows), and Cog's API",
             uri.path()
         ),
         kind: "invalid_request_error",

@@ -1,0 +1,688 @@
+//! OpenAI's Responses API (`POST /v1/responses`), the one OpenAI's newer SDK helpers and
+//! agent frameworks speak. A request is translated into the chat completion it means, so it
+//! gets the same checks, prompt, sampling, structured output (`text.format`) and tools, and
+//! the answer comes back as a response object, or streamed as the Responses API's events.
+//!
+//! Nothing is stored: a response cannot be fetched again, and `previous_response_id` is
+//! refused by name (send the whole conversation as `input`, function calls and their
+//! outputs included).
+
+use super::*;
+
+/// Keys that ask for state or features runner does not have: refused unless empty.
+const REFUSED: &[(&str, &str)] = &[
+    (
+        "previous_response_id",
+        "continuing a stored response (runner stores none; send the whole conversation as `input`)",
+    ),
+    (
+        "conversation",
+        "a stored conversation (send the whole conversation as `input`)",
+    ),
+    ("prompt", "a stored prompt template"),
+    ("background", "a background response"),
+    ("reasoning", "reasoning settings"),
+    ("include", "extra output (`include`)"),
+    ("top_logprobs", "log probabilities in responses"),
+];
+
+/// Whether a refused key was left at what asks nothing.
+fn asks_nothing(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.values().all(Value::is_null),
+        _ => false,
+    }
+}
+
+/// The text of an input message's `content`: a string, or text parts.
+fn content_text(content: &Value, param: &str) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .enumerate()
+            .map(
+                |(j, part)| match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("input_text" | "output_text" | "text"), Some(text)) => Ok(text),
+                    (Some("refusal"), _) => Ok(part["refusal"].as_str().unwrap_or("")),
+                    (Some(other), _) => Err(ApiError::unsupported(
+                        &format!("{param}[{j}].type"),
+                        &format!("the content part {other:?} (text only)"),
+                    )),
+                    (None, _) => Err(ApiError::invalid(
+                        Some(&format!("{param}[{j}]")),
+                        format!("`{param}[{j}]` needs a `type`"),
+                    )),
+                },
+            )
+            .collect(),
+        _ => Err(ApiError::invalid(
+            Some(param),
+            format!("`{param}` must be a string or a list of content parts"),
+        )),
+    }
+}
+
+/// The chat completion request a Responses request means, and where each of its messages
+/// came from (`instructions`, `input[i]`), for errors.
+fn to_chat(request: &Map<String, Value>) -> Result<(Map<String, Value>, Vec<String>), ApiError> {
+    for &(key, what) in REFUSED {
+        if request.get(key).is_some_and(|v| !asks_nothing(v)) {
+            return Err(ApiError::unsupported(key, what));
+        }
+    }
+    match request.get("truncation").and_then(Value::as_str) {
+        None | Some("disabled") => {}
+        Some(_) => {
+            return Err(ApiError::unsupported(
+                "truncation",
+                "truncating the input to fit (a prompt too long is refused)",
+            ))
+        }
+    }
+    let mut messages: Vec<Value> = Vec::new();
+    let mut origins: Vec<String> = Vec::new();
+    match request.get("instructions") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(text)) => {
+            messages.push(json!({"role": "system", "content": text}));
+            origins.push("instructions".into());
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("instructions"),
+                "`instructions` must be a string",
+            ))
+        }
+    }
+    match request.get("input") {
+        Some(Value::String(text)) => {
+            messages.push(json!({"role": "user", "content": text}));
+            origins.push("input".into());
+        }
+        Some(Value::Array(items)) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                let param = format!("input[{i}]");
+                match item["type"].as_str().unwrap_or("message") {
+                    "message" => {
+                        let role = match item["role"].as_str() {
+                            Some(r @ ("user" | "system" | "developer" | "assistant")) => r,
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    Some(&format!("{param}.role")),
+                                    format!("`{param}.role` must be user, system, developer or assistant"),
+                                ))
+                            }
+                        };
+                        let text = content_text(&item["content"], &format!("{param}.content"))?;
+                        messages.push(json!({"role": role, "content": text}));
+                        origins.push(param);
+                    }
+                    "function_call" => {
+                        let (Some(call_id), Some(name)) =
+                            (item["call_id"].as_str(), item["name"].as_str())
+                        else {
+                            return Err(ApiError::invalid(
+                                Some(&param),
+                                format!("`{param}`: a function call needs `call_id` and `name`"),
+                            ));
+                        };
+                        let call = json!({"id": call_id, "type": "function", "function": {
+                            "name": name,
+                            "arguments": item["arguments"].as_str().unwrap_or("{}"),
+                        }});
+                        // Calls one after the other were one turn's.
+                        match messages.last_mut() {
+                            Some(last) if last["tool_calls"].is_array() => {
+                                last["tool_calls"].as_array_mut().unwrap().push(call);
+                            }
+                            _ => {
+                                messages.push(json!({"role": "assistant", "content": null, "tool_calls": [call]}));
+                                origins.push(param);
+                            }
+                        }
+                    }
+                    "function_call_output" => {
+                        let output = match &item["output"] {
+                            Value::String(s) => s.clone(),
+                            other => content_text(other, &format!("{param}.output"))?,
+                        };
+                        messages.push(json!({
+                            "role": "tool",
+                            "tool_call_id": item["call_id"],
+                            "content": output,
+                        }));
+                        origins.push(param);
+                    }
+                    other => {
+                        return Err(ApiError::unsupported(
+                            &format!("{param}.type"),
+                            &format!("the input item {other:?} (messages, function calls and their outputs are)"),
+                        ))
+                    }
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                Some("input"),
+                "`input` is required: a string, or a list of messages",
+            ))
+        }
+    }
+    let mut chat = Map::new();
+    chat.insert("messages".into(), Value::Array(messages));
+    for (from, to) in [
+        ("max_output_tokens", "max_completion_tokens"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("stream", "stream"),
+        ("parallel_tool_calls", "parallel_tool_calls"),
+        // Not OpenAI's, but llama.cpp's and vLLM's servers take it too.
+        ("seed", "seed"),
+    ] {
+        if let Some(value) = request.get(from).filter(|v| !v.is_null()) {
+            chat.insert(to.into(), value.clone());
+        }
+    }
+    if let Some(format) = request.get("text").and_then(|t| t.get("format")) {
+        let format = match format["type"].as_str() {
+            Some("text") => None,
+            Some("json_object") => Some(json!({"type": "json_object"})),
+            Some("json_schema") => Some(json!({"type": "json_schema", "json_schema": {
+                "name": format["name"],
+                "schema": format["schema"],
+                "strict": format["strict"],
+            }})),
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("text.format"),
+                    "`text.format.type` must be text, json_object or json_schema",
+                ))
+            }
+        };
+        if let Some(format) = format {
+            chat.insert("response_format".into(), format);
+        }
+    }
+    if let Some(tools) = request.get("tools").filter(|v| !v.is_null()) {
+        let tools = tools.as_array().ok_or_else(|| {
+            ApiError::invalid(Some("tools"), "`tools` must be a list of function tools")
+        })?;
+        let tools = tools
+            .iter()
+            .map(|tool| match tool["type"].as_str() {
+                Some("function") => json!({"type": "function", "function": {
+                    "name": tool["name"],
+                    "description": tool["description"],
+                    "parameters": tool["parameters"],
+                }}),
+                // Refused where chat tools are, naming the type.
+                _ => tool.clone(),
+            })
+            .collect();
+        chat.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(choice) = request.get("tool_choice").filter(|v| !v.is_null()) {
+        let choice = match (choice["type"].as_str(), choice["name"].as_str()) {
+            (Some("function"), Some(name)) => {
+                json!({"type": "function", "function": {"name": name}})
+            }
+            _ => choice.clone(),
+        };
+        chat.insert("tool_choice".into(), choice);
+    }
+    Ok((chat, origins))
+}
+
+/// A chat completion's error as the Responses request's: its parameters' names, and for
+/// `messages[k]` the item (or `instructions`) message `k` came from.
+fn in_responses_terms(mut error: ApiError, origins: &[String]) -> ApiError {
+    let rename = |text: &str| {
+        let mut text = text
+            .replace("max_completion_tokens", "max_output_tokens")
+            .replace("response_format", "text.format");
+        while let Some(start) = text.find("messages[") {
+            let digits = &text[start + "messages[".len()..];
+            let end = digits.find(']').unwrap_or(0);
+            let origin = digits[..end]
+                .parse::<usize>()
+                .ok()
+                .and_then(|k| origins.get(k))
+                .map_or("input", String::as_str)
+                .to_string();
+            text.replace_range(start..start + "messages[".len() + end + 1, &origin);
+        }
+        let mut text = text.replace("messages", "input");
+        // Chat tools nest under `function`; Responses tools do not.
+        while let Some(start) = text.find("].function") {
+            text.replace_range(start + 1..start + 1 + ".function".len(), "");
+        }
+        text
+    };
+    error.param = error.param.as_deref().map(rename);
+    error.message = rename(&error.message);
+    error
+}
+
+/// Ids of one response and its items.
+struct Ids {
+    response: String,
+    message: String,
+    call: String,
+}
+
+impl Ids {
+    fn of(running: &Running) -> Self {
+        Ids {
+            response: format!("resp_{}", running.id()),
+            message: format!("msg_{}", running.id()),
+            call: format!("call_{}", running.id()),
+        }
+    }
+}
+
+fn message_item(ids: &Ids, text: &str, status: &str) -> Value {
+    json!({
+        "type": "message",
+        "id": ids.message,
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    })
+}
+
+/// The output items of a finished answer: a message, or the function calls it made.
+fn output_items(ids: &Ids, text: &str, tools: bool, status: &str) -> Vec<Value> {
+    match tools.then(|| tools::answer(text)).flatten() {
+        Some(tools::Answer::Calls(calls)) => calls
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, arguments))| {
+                let suffix = if k == 0 {
+                    String::new()
+                } else {
+                    format!("_{k}")
+                };
+                json!({
+                    "type": "function_call",
+                    "id": format!("fc_{}{suffix}", &ids.call["call_".len()..]),
+                    "call_id": format!("{}{suffix}", ids.call),
+                    "name": name,
+                    "arguments": arguments,
+                    "status": "completed",
+                })
+            })
+            .collect(),
+        Some(tools::Answer::Response(response)) => vec![message_item(ids, &response, status)],
+        None => vec![message_item(ids, text, status)],
+    }
+}
+
+/// What the response object repeats of its request.
+fn echoed(request: &Map<String, Value>) -> Map<String, Value> {
+    let get = |key: &str, default: Value| {
+        request
+            .get(key)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(default)
+    };
+    let mut fields = Map::new();
+    for (key, default) in [
+        ("instructions", Value::Null),
+        ("max_output_tokens", Value::Null),
+        ("metadata", json!({})),
+        ("parallel_tool_calls", json!(false)),
+        ("temperature", json!(1.0)),
+        ("top_p", json!(1.0)),
+        ("tools", json!([])),
+        ("tool_choice", json!("auto")),
+        ("text", json!({"format": {"type": "text"}})),
+        ("truncation", json!("disabled")),
+        ("user", Value::Null),
+    ] {
+        fields.insert(key.into(), get(key, default));
+    }
+    fields.insert("previous_response_id".into(), Value::Null);
+    fields.insert("reasoning".into(), Value::Null);
+    // Nothing is kept once answered.
+    fields.insert("store".into(), json!(false));
+    fields
+}
+
+struct Answer<'a> {
+    ids: &'a Ids,
+    reply: &'a Reply,
+    request: &'a Map<String, Value>,
+}
+
+impl Answer<'_> {
+    /// The response object: in progress (no body yet), or finished from `body`.
+    fn response(&self, status: &str, output: Vec<Value>, body: Option<&Value>) -> Value {
+        let mut response = json!({
+            "id": self.ids.response,
+            "object": "response",
+            "created_at": self.reply.created,
+            "status": status,
+            "error": null,
+            "incomplete_details": null,
+            "model": self.reply.model,
+            "output": output,
+            "usage": null,
+        });
+        let fields = response.as_object_mut().unwrap();
+        fields.extend(echoed(self.request));
+        if status == "incomplete" {
+            fields.insert(
+                "incomplete_details".into(),
+                json!({"reason": "max_output_tokens"}),
+            );
+        }
+        if let Some(body) = body {
+            let usage = self.reply.usage(std::slice::from_ref(body));
+            fields.insert(
+                "usage".into(),
+                json!({
+                    "input_tokens": usage["prompt_tokens"],
+                    "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0)},
+                    "output_tokens": usage["completion_tokens"],
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": usage["total_tokens"],
+                }),
+            );
+        }
+        response
+    }
+
+    /// A finished prediction's status and output items.
+    fn finished(&self, body: &Value, tools: bool) -> (&'static str, Vec<Value>) {
+        let text = output_text(&body["output"]);
+        let cut_short = self.reply.finish(body) == "length";
+        let items = output_items(self.ids, &text, tools, "completed");
+        let called = items.iter().any(|i| i["type"] == "function_call");
+        if cut_short && !called {
+            (
+                "incomplete",
+                output_items(self.ids, &text, tools, "incomplete"),
+            )
+        } else {
+            ("completed", items)
+        }
+    }
+}
+
+/// `POST /v1/responses`.
+pub(crate) async fn responses(State(state): State<AppState>, body: Bytes) -> Response {
+    respond(&state, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
+    let engine = &state.engine;
+    if engine.openai() != OpenAi::TextGeneration {
+        return Err(wrong_model(engine, "/v1/responses"));
+    }
+    let request = parse_body(body)?;
+    let (chat, origins) = to_chat(&request)?;
+    let generation = {
+        let engine = Arc::clone(engine);
+        tokio::task::spawn_blocking(move || generation(&engine, &chat, Kind::Chat))
+            .await
+            .map_err(|e| ApiError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("reading the request failed: {e}"),
+                kind: "server_error",
+                param: None,
+                code: None,
+            })?
+            .map_err(|e| in_responses_terms(e, &origins))?
+    };
+    let param_of = generation_param("max_output_tokens", Kind::Chat);
+    let (runnings, guards) = submit_all(engine, [generation.input_for_choice(0)], &|name| {
+        rename_param(&param_of(name))
+    })?;
+    let running = Arc::clone(&runnings[0]);
+    let ids = Ids::of(&running);
+    let reply = Reply {
+        id: ids.response.clone(),
+        created: unix_now(),
+        model: engine.model_name(),
+        kind: Kind::Chat,
+        prompt_tokens: generation.prompt_tokens,
+        limit: generation.limit,
+    };
+    if generation.stream {
+        return Ok(stream(
+            running,
+            guards,
+            reply,
+            ids,
+            request,
+            generation.tools,
+        ));
+    }
+    let bodies = wait_all(&runnings, guards).await?;
+    let answer = Answer {
+        ids: &ids,
+        reply: &reply,
+        request: &request,
+    };
+    let (status, output) = answer.finished(&bodies[0], generation.tools);
+    Ok(Json(answer.response(status, output, Some(&bodies[0]))).into_response())
+}
+
+fn rename_param(name: &str) -> String {
+    match name {
+        "messages" => "input".into(),
+        "response_format" => "text.format".into(),
+        other => other.into(),
+    }
+}
+
+/// The answer as Responses events: `response.created`, `response.in_progress`, the message
+/// item, its content part and its text deltas as they are generated (with tools, the
+/// function calls or the message once the JSON answer is whole), then
+/// `response.completed` (or `response.incomplete`, or `response.failed`).
+fn stream(
+    running: Arc<Running>,
+    guards: Vec<CancelOnDrop>,
+    reply: Reply,
+    ids: Ids,
+    request: Map<String, Value>,
+    tools: bool,
+) -> Response {
+    struct State {
+        subscription: runner_engine::Subscription,
+        guards: Vec<CancelOnDrop>,
+        reply: Reply,
+        ids: Ids,
+        request: Map<String, Value>,
+        tools: bool,
+        pending: std::collections::VecDeque<(String, Value)>,
+        sequence: u64,
+        /// The text sent so far (without tools).
+        text: String,
+        done: bool,
+    }
+    impl State {
+        fn answer(&self) -> Answer<'_> {
+            Answer {
+                ids: &self.ids,
+                reply: &self.reply,
+                request: &self.request,
+            }
+        }
+        fn push(&mut self, kind: &str, mut data: Value) {
+            data["type"] = json!(kind);
+            self.pending.push_back((kind.to_string(), data));
+        }
+        /// The events that open the message item and its text part.
+        fn open_message(&mut self, output_index: usize) {
+            let mut item = message_item(&self.ids, "", "in_progress");
+            item["content"] = json!([]);
+            self.push(
+                "response.output_item.added",
+                json!({"output_index": output_index, "item": item}),
+            );
+            self.push(
+                "response.content_part.added",
+                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
+            );
+        }
+        fn delta(&mut self, output_index: usize, delta: &str) {
+            self.push(
+                "response.output_text.delta",
+                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "delta": delta, "logprobs": []}),
+            );
+        }
+        /// The events that close the message item, `item` being its final form.
+        fn close_message(&mut self, output_index: usize, item: &Value) {
+            let text = item["content"][0]["text"].clone();
+            self.push(
+                "response.output_text.done",
+                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "text": text, "logprobs": []}),
+            );
+            self.push(
+                "response.content_part.done",
+                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "part": item["content"][0]}),
+            );
+            self.push(
+                "response.output_item.done",
+                json!({"output_index": output_index, "item": item}),
+            );
+        }
+        fn fail(&mut self, message: String) {
+            let mut response = self.answer().response("failed", Vec::new(), None);
+            response["error"] = json!({"code": "server_error", "message": message});
+            self.push("response.failed", json!({ "response": response }));
+            self.done = true;
+        }
+        fn finish(&mut self, body: &Value) {
+            if body["status"] != "succeeded" {
+                let error = failed(body).message;
+                return self.fail(error);
+            }
+            let (status, items) = self.answer().finished(body, self.tools);
+            if self.tools {
+                for (k, item) in items.iter().enumerate() {
+                    if item["type"] == "function_call" {
+                        let mut added = item.clone();
+                        added["arguments"] = json!("");
+                        added["status"] = json!("in_progress");
+                        self.push(
+                            "response.output_item.added",
+                            json!({"output_index": k, "item": added}),
+                        );
+                        self.push(
+                            "response.function_call_arguments.delta",
+                            json!({"item_id": item["id"], "output_index": k, "delta": item["arguments"]}),
+                        );
+                        self.push(
+                            "response.function_call_arguments.done",
+                            json!({"item_id": item["id"], "output_index": k, "name": item["name"], "arguments": item["arguments"]}),
+                        );
+                        self.push(
+                            "response.output_item.done",
+                            json!({"output_index": k, "item": item}),
+                        );
+                    } else {
+                        self.open_message(k);
+                        let text = item["content"][0]["text"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string();
+                        if !text.is_empty() {
+                            self.delta(k, &text);
+                        }
+                        self.close_message(k, item);
+                    }
+                }
+            } else {
+                // A model that returns its text whole sends it here, in one delta.
+                let whole = items[0]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(rest) = whole.strip_prefix(self.text.as_str()) {
+                    if !rest.is_empty() {
+                        self.delta(0, rest);
+                    }
+                }
+                self.close_message(0, &items[0]);
+            }
+            let response = self.answer().response(status, items, Some(body));
+            let kind = if status == "incomplete" {
+                "response.incomplete"
+            } else {
+                "response.completed"
+            };
+            self.push(kind, json!({ "response": response }));
+            self.guards.drain(..).for_each(CancelOnDrop::disarm);
+            self.done = true;
+        }
+    }
+    let mut state = State {
+        subscription: running.subscribe(),
+        guards,
+        reply,
+        ids,
+        request,
+        tools,
+        pending: std::collections::VecDeque::new(),
+        sequence: 0,
+        text: String::new(),
+        done: false,
+    };
+    let created = state.answer().response("in_progress", Vec::new(), None);
+    state.push("response.created", json!({ "response": created.clone() }));
+    state.push("response.in_progress", json!({ "response": created }));
+    if !tools {
+        state.open_message(0);
+    }
+    let events = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some((kind, mut data)) = st.pending.pop_front() {
+                data["sequence_number"] = json!(st.sequence);
+                st.sequence += 1;
+                let event = Event::default().event(kind).data(data.to_string());
+                return Some((Ok::<_, Infallible>(event), st));
+            }
+            if st.done {
+                return None;
+            }
+            if st.subscription.skipped > 0 {
+                st.fail("the stream fell behind and lost tokens".into());
+                continue;
+            }
+            let event = match st.subscription.replay.pop_front() {
+                Some(event) => event,
+                None => match st.subscription.receiver.recv().await {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(_)) => {
+                        st.fail("the stream fell behind and lost tokens".into());
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            match &*event {
+                StreamEvent::Output { chunk, .. } if !st.tools => {
+                    if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
+                        st.text.push_str(text);
+                        st.delta(0, text);
+                    }
+                }
+                StreamEvent::Completed(body) => st.finish(body),
+                _ => {}
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
