@@ -1,6 +1,6 @@
 //! OpenAI-compatible routes, runner's addition to Cog's API: `/v1/models`,
-//! `/v1/embeddings` for embedding models, and `/v1/chat/completions` and `/v1/completions`
-//! for text generators (runner's own, and Python Cog language models), so the OpenAI SDKs
+//! `/v1/embeddings` for embedding models, and `/v1/chat/completions`, `/v1/completions` and
+//! `/v1/responses` for text generators (runner's own, and Python Cog language models), so the OpenAI SDKs
 //! and the tools built on them can use a model runner serves. Each request becomes an
 //! ordinary prediction built from the model's own Cog inputs: it takes a slot, can wait in
 //! the queue, is canceled when its client leaves, and shows in the logs and `/metrics`.
@@ -9,8 +9,9 @@
 //! For runner's own models, OpenAI's defaults replace the model's Cog defaults: temperature
 //! 1, top_p 1, no top-k, no repetition penalty, and generation until the end of the turn
 //! (chat) or 16 tokens (completions). A Python predictor keeps its own defaults for what a
-//! request leaves out. Unsupported features (several choices, log probabilities, tools,
-//! penalties) are refused with a 400 naming the parameter, never silently ignored.
+//! request leaves out. What a model cannot do (log probabilities, tools or penalties for a
+//! model without such inputs, `best_of`, image parts) is refused with a 400 naming the
+//! parameter, never silently ignored.
 
 mod responses;
 mod tools;
