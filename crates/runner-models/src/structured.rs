@@ -871,6 +871,24 @@ struct Text {
     high: u8,
 }
 
+/// A string's byte that starts a character: the continuation bytes it needs, and the range
+/// of the first (UTF-8 without overlong forms or surrogates); `None` for a control
+/// character or a byte no character starts with.
+fn utf8_lead(b: u8) -> Option<(u8, u8, u8)> {
+    Some(match b {
+        0x00..=0x1F => return None,
+        0x20..=0x7F => (0, 0x80, 0xBF),
+        0xC2..=0xDF => (1, 0x80, 0xBF),
+        0xE0 => (2, 0xA0, 0xBF),
+        0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
+        0xED => (2, 0x80, 0x9F),
+        0xF0 => (3, 0x90, 0xBF),
+        0xF1..=0xF3 => (3, 0x80, 0xBF),
+        0xF4 => (3, 0x80, 0x8F),
+        _ => return None,
+    })
+}
+
 enum TextStep {
     Took,
     Closed,
@@ -942,21 +960,11 @@ impl Text {
         if self.chars >= max {
             return TextStep::Refused;
         }
-        let (pending, low, high) = match b {
-            0x00..=0x1F => return TextStep::Refused,
-            b'\\' => {
-                self.escape = 1;
-                (0, 0x80, 0xBF)
-            }
-            0x20..=0x7F => (0, 0x80, 0xBF),
-            0xC2..=0xDF => (1, 0x80, 0xBF),
-            0xE0 => (2, 0xA0, 0xBF),
-            0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
-            0xED => (2, 0x80, 0x9F),
-            0xF0 => (3, 0x90, 0xBF),
-            0xF1..=0xF3 => (3, 0x80, 0xBF),
-            0xF4 => (3, 0x80, 0x8F),
-            _ => return TextStep::Refused,
+        if b == b'\\' {
+            self.escape = 1;
+        }
+        let Some((pending, low, high)) = utf8_lead(b) else {
+            return TextStep::Refused;
         };
         self.chars += 1;
         (self.pending, self.low, self.high) = (pending, low, high);

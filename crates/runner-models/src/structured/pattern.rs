@@ -431,17 +431,8 @@ impl Automaton {
             text.chars = chars;
             return TextStep::Took;
         }
-        let (pending, low, high) = match b {
-            0x00..=0x1F => return TextStep::Refused,
-            0x20..=0x7F => (0, 0x80, 0xBF),
-            0xC2..=0xDF => (1, 0x80, 0xBF),
-            0xE0 => (2, 0xA0, 0xBF),
-            0xE1..=0xEC | 0xEE..=0xEF => (2, 0x80, 0xBF),
-            0xED => (2, 0x80, 0x9F),
-            0xF0 => (3, 0x90, 0xBF),
-            0xF1..=0xF3 => (3, 0x80, 0xBF),
-            0xF4 => (3, 0x80, 0x8F),
-            _ => return TextStep::Refused,
+        let Some((pending, low, high)) = super::utf8_lead(b) else {
+            return TextStep::Refused;
         };
         if !take(text, b, chars) {
             return TextStep::Refused;
