@@ -400,7 +400,7 @@ async fn model_checks(
                 runner_models::OpenAi::None => "",
                 runner_models::OpenAi::Embeddings => "; OpenAI-compatible: /v1/embeddings",
                 runner_models::OpenAi::TextGeneration => {
-                    "; OpenAI-compatible: /v1/chat/completions, /v1/completions"
+                    "; OpenAI-compatible: /v1/chat/completions, /v1/completions, /v1/responses"
                 }
             };
             found.add(

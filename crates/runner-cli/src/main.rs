@@ -872,7 +872,9 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
     let openai_routes: &[&str] = match engine.openai() {
         runner_models::OpenAi::None => &[],
         runner_models::OpenAi::Embeddings => &["/v1/embeddings"],
-        runner_models::OpenAi::TextGeneration => &["/v1/chat/completions", "/v1/completions"],
+        runner_models::OpenAi::TextGeneration => {
+            &["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+        }
     };
     let request = runner_package::Request {
         model: &model_dir,
