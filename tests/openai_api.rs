@@ -1705,6 +1705,12 @@ out["stream_status"] = final.status
 short = llm.responses.create(model="m", input=q, temperature=0, max_output_tokens=3)
 out["short"] = [short.status, short.incomplete_details.reason if short.incomplete_details else None, short.usage.output_tokens]
 out["short_stream"] = [e.type for e in llm.responses.create(model="m", input=q, temperature=0, max_output_tokens=3, stream=True)][-1]
+inc = ["message.output_text.logprobs"]
+lp = llm.responses.create(model="m", input=q, temperature=0, max_output_tokens=5, include=inc, top_logprobs=2)
+out["lp"] = [[t.token, t.logprob, [a.token for a in t.top_logprobs]] for t in lp.output[0].content[0].logprobs]
+clp = llm.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
+out["chat_lp"] = [[t.token, t.logprob, [a.token for a in t.top_logprobs]] for t in clp.choices[0].logprobs.content]
+out["stream_lp"] = [[t.token, t.logprob] for e in llm.responses.create(model="m", input=q, temperature=0, max_output_tokens=5, include=inc, top_logprobs=2, stream=True) if e.type == "response.output_text.delta" for t in e.logprobs]
 class City(BaseModel):
     name: str = Field(max_length=30)
     population: int = Field(ge=0)
@@ -1727,7 +1733,7 @@ follow = llm.responses.create(model="m", input=[
     {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"},
 ], tools=[weather], temperature=0, max_output_tokens=30)
 out["follow"] = [o.type for o in follow.output]
-for name, kwargs in [("previous", {"previous_response_id": "resp_1"}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 2}}}})]:
+for name, kwargs in [("previous", {"previous_response_id": "resp_1"}), ("include", {"include": ["reasoning.encrypted_content"]}), ("top", {"top_logprobs": 2}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 2}}}})]:
     try:
         llm.responses.create(model="m", **{"input": "Hi", **kwargs})
         out[name] = "accepted"
@@ -1825,6 +1831,18 @@ print(json.dumps(out))
     );
     // Refused by name, in the Responses API's own terms.
     assert_eq!(out["previous"], "previous_response_id");
+    assert_eq!(out["include"], "include[0]");
+    assert_eq!(out["top"], "top_logprobs");
+    // Log probabilities through `include`: the chat completion's, whole and streamed.
+    assert_eq!(out["lp"].as_array().unwrap().len(), 5, "{out}");
+    assert_eq!(out["lp"], out["chat_lp"]);
+    let pairs: Vec<Value> = out["lp"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| json!([t[0], t[1]]))
+        .collect();
+    assert_eq!(out["stream_lp"], json!(pairs));
     assert_eq!(out["tokens"], "max_output_tokens");
     assert_eq!(out["image"], "input[0].content[0].type");
     assert_eq!(out["schema"], "text.format");

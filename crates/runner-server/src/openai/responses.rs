@@ -22,9 +22,10 @@ const REFUSED: &[(&str, &str)] = &[
     ("prompt", "a stored prompt template"),
     ("background", "a background response"),
     ("reasoning", "reasoning settings"),
-    ("include", "extra output (`include`)"),
-    ("top_logprobs", "log probabilities in responses"),
 ];
+
+/// The `include` value that asks for the output text's log probabilities.
+const LOGPROBS: &str = "message.output_text.logprobs";
 
 /// Whether a refused key was left at what asks nothing.
 fn asks_nothing(value: &Value) -> bool {
@@ -225,6 +226,42 @@ fn to_chat(request: &Map<String, Value>) -> Result<(Map<String, Value>, Vec<Stri
             .collect();
         chat.insert("tools".into(), Value::Array(tools));
     }
+    // Log probabilities: asked for by `include`, with `top_logprobs` alternatives per token.
+    let mut logprobs = false;
+    match request.get("include") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str() {
+                    Some(LOGPROBS) => logprobs = true,
+                    other => {
+                        return Err(ApiError::unsupported(
+                            &format!("include[{i}]"),
+                            &format!("the extra output {other:?} (only {LOGPROBS:?} is)"),
+                        ))
+                    }
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("include"),
+                "`include` must be a list",
+            ))
+        }
+    }
+    let top = request.get("top_logprobs").filter(|v| !v.is_null());
+    if logprobs {
+        chat.insert("logprobs".into(), json!(true));
+        if let Some(top) = top {
+            chat.insert("top_logprobs".into(), top.clone());
+        }
+    } else if top.is_some_and(|t| t.as_u64() != Some(0)) {
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            format!("`top_logprobs` needs `include: [{LOGPROBS:?}]`"),
+        ));
+    }
     if let Some(choice) = request.get("tool_choice").filter(|v| !v.is_null()) {
         let choice = match (choice["type"].as_str(), choice["name"].as_str()) {
             (Some("function"), Some(name)) => {
@@ -243,7 +280,11 @@ fn in_responses_terms(mut error: ApiError, origins: &[String]) -> ApiError {
     let rename = |text: &str| {
         let mut text = text
             .replace("max_completion_tokens", "max_output_tokens")
-            .replace("response_format", "text.format");
+            .replace("response_format", "text.format")
+            .replace("`logprobs`", "`include`");
+        if text == "logprobs" {
+            text = "include".into();
+        }
         while let Some(start) = text.find("messages[") {
             let digits = &text[start + "messages[".len()..];
             let end = digits.find(']').unwrap_or(0);
@@ -284,18 +325,19 @@ impl Ids {
     }
 }
 
-fn message_item(ids: &Ids, text: &str, status: &str) -> Value {
+fn message_item(ids: &Ids, text: &str, status: &str, logprobs: &Value) -> Value {
     json!({
         "type": "message",
         "id": ids.message,
         "status": status,
         "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}],
     })
 }
 
-/// The output items of a finished answer: a message, or the function calls it made.
-fn output_items(ids: &Ids, text: &str, tools: bool, status: &str) -> Vec<Value> {
+/// The output items of a finished answer: a message (with its tokens' log probabilities,
+/// if asked), or the function calls it made.
+fn output_items(ids: &Ids, text: &str, tools: bool, status: &str, logprobs: &Value) -> Vec<Value> {
     match tools.then(|| tools::answer(text)).flatten() {
         Some(tools::Answer::Calls(calls)) => calls
             .into_iter()
@@ -316,8 +358,10 @@ fn output_items(ids: &Ids, text: &str, tools: bool, status: &str) -> Vec<Value> 
                 })
             })
             .collect(),
-        Some(tools::Answer::Response(response)) => vec![message_item(ids, &response, status)],
-        None => vec![message_item(ids, text, status)],
+        Some(tools::Answer::Response(response)) => {
+            vec![message_item(ids, &response, status, &json!([]))]
+        }
+        None => vec![message_item(ids, text, status, logprobs)],
     }
 }
 
@@ -401,12 +445,16 @@ impl Answer<'_> {
     fn finished(&self, body: &Value, tools: bool) -> (&'static str, Vec<Value>) {
         let text = output_text(&body["output"]);
         let cut_short = self.reply.finish(body) == "length";
-        let items = output_items(self.ids, &text, tools, "completed");
+        let logprobs = match &body["metrics"]["logprobs"] {
+            Value::Array(entries) => Value::Array(entries.clone()),
+            _ => json!([]),
+        };
+        let items = output_items(self.ids, &text, tools, "completed", &logprobs);
         let called = items.iter().any(|i| i["type"] == "function_call");
         if cut_short && !called {
             (
                 "incomplete",
-                output_items(self.ids, &text, tools, "incomplete"),
+                output_items(self.ids, &text, tools, "incomplete", &logprobs),
             )
         } else {
             ("completed", items)
@@ -463,6 +511,7 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
             ids,
             request,
             generation.tools,
+            generation.logprobs,
         ));
     }
     let bodies = wait_all(&runnings, guards).await?;
@@ -494,6 +543,7 @@ fn stream(
     ids: Ids,
     request: Map<String, Value>,
     tools: bool,
+    logprobs: bool,
 ) -> Response {
     struct State {
         subscription: runner_engine::Subscription,
@@ -506,6 +556,8 @@ fn stream(
         sequence: u64,
         /// The text sent so far (without tools).
         text: String,
+        /// With log probabilities: those of tokens whose text is not sent yet.
+        logprobs: Option<Vec<Value>>,
         done: bool,
     }
     impl State {
@@ -522,7 +574,7 @@ fn stream(
         }
         /// The events that open the message item and its text part.
         fn open_message(&mut self, output_index: usize) {
-            let mut item = message_item(&self.ids, "", "in_progress");
+            let mut item = message_item(&self.ids, "", "in_progress", &json!([]));
             item["content"] = json!([]);
             self.push(
                 "response.output_item.added",
@@ -535,9 +587,14 @@ fn stream(
             );
         }
         fn delta(&mut self, output_index: usize, delta: &str) {
+            let logprobs = self
+                .logprobs
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
             self.push(
                 "response.output_text.delta",
-                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "delta": delta, "logprobs": []}),
+                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "delta": delta, "logprobs": logprobs}),
             );
         }
         /// The events that close the message item, `item` being its final form.
@@ -545,7 +602,7 @@ fn stream(
             let text = item["content"][0]["text"].clone();
             self.push(
                 "response.output_text.done",
-                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "text": text, "logprobs": []}),
+                json!({"item_id": self.ids.message, "output_index": output_index, "content_index": 0, "text": text, "logprobs": item["content"][0]["logprobs"]}),
             );
             self.push(
                 "response.content_part.done",
@@ -636,6 +693,7 @@ fn stream(
         pending: std::collections::VecDeque::new(),
         sequence: 0,
         text: String::new(),
+        logprobs: logprobs.then(Vec::new),
         done: false,
     };
     let created = state.answer().response("in_progress", Vec::new(), None);
@@ -671,6 +729,11 @@ fn stream(
                 },
             };
             match &*event {
+                StreamEvent::Metric { name, value, .. } if name == "logprobs" => {
+                    if let Some(entries) = st.logprobs.as_mut() {
+                        entries.push(value.clone());
+                    }
+                }
                 StreamEvent::Output { chunk, .. } if !st.tools => {
                     if let Some(text) = chunk.as_str().filter(|t| !t.is_empty()) {
                         st.text.push_str(text);
