@@ -1474,6 +1474,63 @@ fn a_python_language_model_answers_chat_and_completions() {
     assert!(chunks.len() >= 10, "one chunk per yielded piece: {text}");
     assert_eq!(chunks.last().unwrap()["usage"]["total_tokens"], 10);
 
+    // The Responses API: `instructions` to `system_prompt`, `input` to `prompt`.
+    let respond = |body: Value| post(&server, "/v1/responses", &body);
+    let (s, b) = respond(
+        json!({"instructions": "Be brief.", "input": "hello there", "temperature": 0.2, "seed": 5}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["object"], "response");
+    assert_eq!(b["status"], "completed");
+    assert_eq!(
+        b["output"][0]["content"][0]["text"],
+        "[Be brief.] you said: hello there t=0.2 p=0.9 seed=5"
+    );
+    assert_eq!(
+        (&b["usage"]["input_tokens"], &b["usage"]["output_tokens"]),
+        (&json!(2), &json!(8))
+    );
+    let (_, b) = respond(json!({"input": "hello there", "max_output_tokens": 3}));
+    assert_eq!(
+        b["output"][0]["content"][0]["text"],
+        "[You are helpful.] you said:"
+    );
+    assert_eq!(b["status"], "incomplete");
+    assert_eq!(b["incomplete_details"]["reason"], "max_output_tokens");
+    let (s, text) = http(
+        &server.addr,
+        "POST",
+        "/v1/responses",
+        Some(&json!({"input": "hello there", "stream": true}).to_string()),
+        &[],
+    );
+    assert_eq!(s, 200, "{text}");
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert!(deltas.len() >= 8, "one delta per yielded piece: {text}");
+    assert_eq!(
+        deltas.concat(),
+        "[You are helpful.] you said: hello there t=0.6 p=0.9 seed=None"
+    );
+    let sequence: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequence, (0..events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    let (s, b) = respond(json!({"input": "a", "max_output_tokens": 1000}));
+    assert!(error_of(s, &b, 400, Some("max_output_tokens")).contains("512"));
+    let (s, b) = respond(json!({"input": "a", "tools": [{"type": "function", "name": "f"}]}));
+    error_of(s, &b, 400, Some("tools"));
+
     // What this model cannot take, by name.
     let (s, b) = chat(
         json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}),
