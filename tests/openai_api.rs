@@ -1772,8 +1772,10 @@ class City(BaseModel):
     name: str = Field(max_length=30)
     population: int = Field(ge=0)
     code: str = Field(pattern=r"^[A-Z]{3}$")
+    landmarks: set[str] = Field(min_length=2, max_length=3)
 p = llm.responses.parse(model="m", input=[{"role": "user", "content": "Describe Paris."}], text_format=City, temperature=0, max_output_tokens=200)
-out["parsed"] = p.output_parsed.model_dump()
+out["parsed"] = p.output_parsed.model_dump(mode="json")
+out["landmarks_text"] = json.loads(p.output_text)["landmarks"]
 weather = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": False}}
 t = llm.responses.create(model="m", input="What is the weather in Paris?", tools=[weather], tool_choice="required", temperature=0)
@@ -1857,6 +1859,11 @@ print(json.dumps(out))
         "{out}"
     );
     assert!(out["parsed"]["population"].as_i64().unwrap() >= 0);
+    // `set[str]` is `uniqueItems`: no landmark twice, so the set keeps every one.
+    let written = out["landmarks_text"].as_array().unwrap();
+    let kept = out["parsed"]["landmarks"].as_array().unwrap();
+    assert!((2..=3).contains(&written.len()), "{out}");
+    assert_eq!(written.len(), kept.len(), "{out}");
     // A function call, and a conversation that carries it and its output goes on.
     assert_eq!(out["call"][0], "get_weather");
     assert!(out["call"][1]["city"].is_string(), "{out}");

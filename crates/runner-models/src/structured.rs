@@ -89,6 +89,7 @@ enum Node {
         items: Option<NodeId>,
         min: u32,
         max: u32,
+        unique: Unique,
     },
     Object {
         /// Names as they appear between the quotes (JSON-escaped), and their schemas.
@@ -98,6 +99,25 @@ enum Node {
         additional: Option<NodeId>,
     },
 }
+
+/// `uniqueItems`, as the matcher enforces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unique {
+    No,
+    /// Asked for; what the items are is known once the whole schema is compiled.
+    Asked,
+    /// Strings without a maximum length: a repeated one can always be written on, so
+    /// one is refused only at its closing quote.
+    Strings,
+    /// Values of an `enum`/`const` (this many): one already in the array does not start.
+    Literals(u32),
+}
+
+/// FNV-1a, one byte on: the hashes of keys and of unique items.
+fn fnv(hash: u64, b: u8) -> u64 {
+    (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+}
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// A compiled JSON Schema.
 #[derive(Debug, Clone)]
@@ -133,7 +153,6 @@ const ANNOTATIONS: &[&str] = &[
 /// Keywords that constrain values in ways the matcher does not enforce: refused.
 const UNSUPPORTED: &[&str] = &[
     "multipleOf",
-    "uniqueItems",
     "contains",
     "minContains",
     "maxContains",
@@ -228,6 +247,7 @@ impl Compiler<'_> {
                 items: Some(id),
                 min: 0,
                 max: u32::MAX,
+                unique: Unique::No,
             },
             path,
         )?;
@@ -287,7 +307,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings or enum values), minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -544,11 +564,23 @@ impl Compiler<'_> {
                 "`minItems` asks for more items than `prefixItems` allows",
             ));
         }
+        let unique = match schema.get("uniqueItems") {
+            None | Some(Value::Bool(false)) => Unique::No,
+            Some(Value::Bool(true)) if !prefix.is_empty() => {
+                return Err(fail(
+                    path,
+                    "`uniqueItems` beside `prefixItems` is not supported",
+                ))
+            }
+            Some(Value::Bool(true)) => Unique::Asked,
+            Some(_) => return Err(fail(path, "`uniqueItems` must be true or false")),
+        };
         self.nodes[id as usize] = Node::Array {
             prefix,
             items,
             min,
             max,
+            unique,
         };
         Ok(id)
     }
@@ -692,6 +724,7 @@ impl Grammar {
             min_depth: Vec::new(),
         };
         grammar.check_alternatives()?;
+        grammar.resolve_unique()?;
         grammar.min_depth = grammar.min_depths();
         match grammar.min_depth[root as usize] {
             u32::MAX => Err(fail(
@@ -704,6 +737,63 @@ impl Grammar {
             )),
             _ => Ok(grammar),
         }
+    }
+
+    /// What each `uniqueItems` array holds: strings without a maximum length, or values of
+    /// `enum`s/`const`s; anything else is refused (a repeated item there could be a dead
+    /// end: a number at its last digit, a string at its `maxLength`).
+    fn resolve_unique(&mut self) -> Result<(), SchemaError> {
+        for i in 0..self.nodes.len() {
+            let Node::Array {
+                items: Some(items),
+                min,
+                unique: Unique::Asked,
+                ..
+            } = self.nodes[i]
+            else {
+                continue;
+            };
+            // The values an item may start as (alternatives are followed, as `start` does;
+            // `check_alternatives` has bounded them).
+            let (mut literals, mut strings, mut other) = (Vec::new(), 0u32, 0u32);
+            let mut stack = vec![items];
+            let mut seen = Vec::new();
+            while let Some(id) = stack.pop() {
+                if seen.contains(&id) {
+                    continue;
+                }
+                seen.push(id);
+                match &self.nodes[id as usize] {
+                    Node::OneOf(alternatives) => stack.extend(alternatives),
+                    Node::Literals(texts) => literals.extend(texts.iter().cloned()),
+                    Node::String { max: u32::MAX, .. } => strings += 1,
+                    _ => other += 1,
+                }
+            }
+            // Distinct values: an `enum` listing one twice offers it once.
+            literals.sort();
+            literals.dedup();
+            let unique = match (literals.len() as u32, strings, other) {
+                (0, 1.., 0) => Unique::Strings,
+                (n @ 1.., 0, 0) if min <= n => Unique::Literals(n),
+                (n @ 1.., 0, 0) => {
+                    return Err(fail(
+                        "#",
+                        format!("`minItems` {min} asks for more unique items than the {n} values an item may be"),
+                    ))
+                }
+                _ => {
+                    return Err(fail(
+                        "#",
+                        "`uniqueItems` is enforced for arrays of strings (without `maxLength`, `pattern` or `format`) or of `enum`/`const` values; remove it, or check it after generation",
+                    ))
+                }
+            };
+            if let Node::Array { unique: u, .. } = &mut self.nodes[i] {
+                *u = unique;
+            }
+        }
+        Ok(())
     }
 
     /// Refuses references that loop without any JSON in between (`{"$ref": "#"}`), and
@@ -853,6 +943,7 @@ impl Grammar {
                 frames: vec![Frame::Value(self.root)],
                 whitespace: 0,
                 other_keys: Vec::new(),
+                unique_items: Vec::new(),
             }],
         }
     }
@@ -1187,6 +1278,10 @@ enum Frame {
         min: u32,
         max: u32,
         text: Text,
+        /// FNV-1a of the decoded text (escapes as the characters they stand for), for
+        /// `uniqueItems`; and a `\u` escape's code point so far.
+        value: u64,
+        code: u16,
     },
     /// A number held to its node's bounds.
     Bounded {
@@ -1234,6 +1329,8 @@ struct Alternative {
     /// Keys other than the declared properties, by the depth of their object and their
     /// hash: a small model otherwise writes one key again and again.
     other_keys: Vec<(usize, u64)>,
+    /// The items of open `uniqueItems` arrays, by the depth of their array and their hash.
+    unique_items: Vec<(usize, u64)>,
 }
 
 /// Where the output stands: every way the bytes so far can still become a match.
@@ -1305,6 +1402,32 @@ impl Grammar {
         candidates != 0 || other.is_some()
     }
 
+    /// The depth of the `uniqueItems` array whose item starts or ends here (the top frame),
+    /// if it is one.
+    fn unique_array(&self, alt: &Alternative) -> Option<usize> {
+        match alt.frames.last() {
+            Some(Frame::Array { node, .. }) => match &self.nodes[*node as usize] {
+                Node::Array {
+                    unique: Unique::Strings | Unique::Literals(_),
+                    ..
+                } => Some(alt.frames.len()),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether a `uniqueItems` array of values has one left to add (others always may).
+    fn another_unique(&self, node: NodeId, items: &[(usize, u64)], depth: usize) -> bool {
+        match &self.nodes[node as usize] {
+            Node::Array {
+                unique: Unique::Literals(n),
+                ..
+            } => (items.iter().filter(|&&(d, _)| d == depth).count() as u32) < *n,
+            _ => true,
+        }
+    }
+
     fn may_close(&self, node: NodeId, seen: u64) -> bool {
         match &self.nodes[node as usize] {
             Node::Object { required, .. } => required & !seen == 0,
@@ -1325,9 +1448,17 @@ impl Grammar {
                 return;
             }
             Node::Literals(texts) => {
+                let unique = self.unique_array(&alt);
                 for (index, text) in texts.iter().enumerate() {
+                    let hash = text.iter().fold(FNV_START, |h, &b| fnv(h, b));
+                    if unique.is_some_and(|depth| alt.unique_items.contains(&(depth, hash))) {
+                        continue; // already in the array
+                    }
                     if text.first() == Some(&b) {
                         let mut a = alt.clone();
+                        if let Some(depth) = unique {
+                            a.unique_items.push((depth, hash));
+                        }
                         if text.len() > 1 {
                             a.frames.push(Frame::Literal {
                                 node,
@@ -1366,6 +1497,8 @@ impl Grammar {
                     min,
                     max,
                     text: Text::new(),
+                    value: FNV_START,
+                    code: 0,
                 });
             }
             &Node::Pattern(automaton) if b == b'"' => {
@@ -1519,14 +1652,54 @@ impl Grammar {
                         TextStep::Refused => return,
                     }
                 }
-                Frame::String { min, max, text } => match text.step(b, *min, *max) {
-                    TextStep::Took => break,
-                    TextStep::Closed => {
-                        alt.frames.pop();
-                        break;
+                Frame::String {
+                    min,
+                    max,
+                    text,
+                    value,
+                    code,
+                } => {
+                    let escape = text.escape;
+                    match text.step(b, *min, *max) {
+                        TextStep::Took => {
+                            match escape {
+                                0 if b == b'\\' => {}
+                                0 => *value = fnv(*value, b),
+                                1 if b == b'u' => *code = 0,
+                                1 => {
+                                    let decoded = pattern::ESCAPES
+                                        .iter()
+                                        .find(|&&(e, _)| e == b)
+                                        .map_or(b, |&(_, d)| d);
+                                    *value = fnv(*value, decoded);
+                                }
+                                digit => {
+                                    let hex = (b as char).to_digit(16).unwrap_or(0) as u16;
+                                    *code = (*code << 4) | hex;
+                                    if digit == 5 {
+                                        let c = char::from_u32(u32::from(*code)).unwrap_or('\0');
+                                        for &byte in c.encode_utf8(&mut [0; 4]).as_bytes() {
+                                            *value = fnv(*value, byte);
+                                        }
+                                    }
+                                }
+                            }
+                            break;
+                        }
+                        TextStep::Closed => {
+                            let value = *value;
+                            alt.frames.pop();
+                            if let Some(depth) = self.unique_array(&alt) {
+                                if alt.unique_items.contains(&(depth, value)) {
+                                    return; // the same string again: it must go on
+                                }
+                                alt.unique_items.push((depth, value));
+                            }
+                            break;
+                        }
+                        TextStep::Refused => return,
                     }
-                    TextStep::Refused => return,
-                },
+                }
                 Frame::Key {
                     node,
                     candidates,
@@ -1611,10 +1784,13 @@ impl Grammar {
                     match (*state, b) {
                         (ArrayState::Open | ArrayState::AfterItem, b']') if *count >= min => {
                             alt.frames.pop();
+                            alt.unique_items.retain(|&(d, _)| d != depth);
                             break;
                         }
                         (ArrayState::AfterItem, b',')
-                            if alt.whitespace == 0 && self.item(node, *count, depth).is_some() =>
+                            if alt.whitespace == 0
+                                && self.item(node, *count, depth).is_some()
+                                && self.another_unique(node, &alt.unique_items, depth) =>
                         {
                             *state = ArrayState::AfterComma;
                             break;

@@ -23,7 +23,7 @@ const DEAD: u32 = 0;
 
 /// The escapes a pattern string may use (`\uXXXX` is not among them: every character it
 /// could write is written as itself, or as one of these), and the byte each stands for.
-const ESCAPES: [(u8, u8); 8] = [
+pub(super) const ESCAPES: [(u8, u8); 8] = [
     (b'"', b'"'),
     (b'\\', b'\\'),
     (b'/', b'/'),

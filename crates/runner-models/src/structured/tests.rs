@@ -268,6 +268,80 @@ fn bounded_numbers_stay_within_their_bounds() {
 }
 
 #[test]
+fn unique_items_are_never_repeated() {
+    // Strings: a repeated one is refused at its closing quote, and may go on instead.
+    let g = grammar(json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true}));
+    assert!(matches(&g, r#"["a","b","ab"]"#));
+    assert!(!prefix(&g, r#"["a","a""#) && prefix(&g, r#"["a","ab""#));
+    // Compared as decoded text: escapes are the characters they stand for.
+    for (first, again) in [
+        ("A", r"\u0041"),
+        ("/", r"\/"),
+        (r"\n", r"\u000a"),
+        ("é", r"\u00e9"),
+    ] {
+        assert!(
+            !prefix(&g, &format!(r#"["{first}","{again}""#)),
+            "{first} and {again}"
+        );
+    }
+    // Each array its own: nested and sibling arrays do not share their items.
+    let g = grammar(
+        json!({"type": "array", "items": {"type": "array", "items": {"type": "string"}, "uniqueItems": true}}),
+    );
+    assert!(matches(&g, r#"[["a","b"],["a","b"]]"#));
+    assert!(!prefix(&g, r#"[["a"],["b","b""#));
+    // Values of an enum: a used one does not start, and no comma once all are used.
+    let g =
+        grammar(json!({"type": "array", "items": {"enum": ["x", "y", 1]}, "uniqueItems": true}));
+    assert!(matches(&g, r#"["x", 1, "y"]"#));
+    assert!(prefix(&g, r#"["x",""#) && !prefix(&g, r#"["x","x"#));
+    assert!(!prefix(&g, r#"[1,1"#) && !prefix(&g, r#"["x",1,"y","#));
+    // An enum listing a value twice offers it once.
+    let g = grammar(json!({"type": "array", "items": {"enum": ["x", "x"]}, "uniqueItems": true}));
+    assert!(matches(&g, r#"["x"]"#) && !prefix(&g, r#"["x","#));
+    // What cannot be held to it without dead ends is refused, and so is the impossible.
+    for (schema, message) in [
+        (
+            json!({"type": "array", "items": {"type": "integer"}, "uniqueItems": true}),
+            "enforced for arrays of strings",
+        ),
+        (
+            json!({"type": "array", "items": {"type": "string", "maxLength": 3}, "uniqueItems": true}),
+            "enforced for arrays of strings",
+        ),
+        (
+            json!({"type": "array", "uniqueItems": true}),
+            "enforced for arrays of strings",
+        ),
+        (
+            json!({"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": true, "minItems": 3}),
+            "more unique items than the 2",
+        ),
+        (
+            json!({"type": "array", "prefixItems": [{"type": "string"}], "uniqueItems": true}),
+            "beside `prefixItems`",
+        ),
+        (
+            json!({"type": "array", "items": {"type": "string"}, "uniqueItems": "yes"}),
+            "true or false",
+        ),
+    ] {
+        let e = Grammar::compile(&schema).unwrap_err();
+        assert!(e.message.contains(message), "{schema}: {e}");
+    }
+    // Pydantic's `set[str]` and `set[Literal[...]]`, as OpenAI's SDK sends them.
+    let g = grammar(
+        json!({"properties": {"tags": {"items": {"type": "string"}, "type": "array", "uniqueItems": true}, "colors": {"items": {"enum": ["red", "green"], "type": "string"}, "type": "array", "uniqueItems": true}}, "required": ["tags", "colors"], "type": "object", "additionalProperties": false}),
+    );
+    assert!(matches(
+        &g,
+        r#"{"tags": ["a", "b"], "colors": ["green", "red"]}"#
+    ));
+    assert!(!prefix(&g, r#"{"tags": ["a", "a""#));
+}
+
+#[test]
 fn dates_times_and_uuids_follow_their_formats() {
     let g = grammar(json!({"type": "string", "format": "date"}));
     for ok in [
@@ -684,6 +758,8 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
             "additionalProperties": false
         }),
         json!({"type": "array", "items": {"type": "integer", "minimum": -7, "maximum": 12}, "minItems": 3}),
+        json!({"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": true, "minItems": 4}),
+        json!({"type": "array", "items": {"anyOf": [{"enum": ["r", "g", "b"]}, {"const": 1}, {"type": "null"}]}, "uniqueItems": true, "minItems": 2}),
         json!({"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}, "day": {"format": "date"}, "at": {"type": "string", "format": "time"}, "id": {"type": "string", "format": "uuid"}}, "required": ["when", "day", "at", "id"], "additionalProperties": false}),
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
