@@ -101,7 +101,7 @@ enum Node {
 }
 
 /// `uniqueItems`, as the matcher enforces it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Unique {
     No,
     /// Asked for; what the items are is known once the whole schema is compiled.
@@ -109,8 +109,9 @@ enum Unique {
     /// Strings without a maximum length: a repeated one can always be written on, so
     /// one is refused only at its closing quote.
     Strings,
-    /// Values of an `enum`/`const` (this many): one already in the array does not start.
-    Literals(u32),
+    /// Values of `enum`s/`const`s, their texts sorted and distinct (an item is recorded by
+    /// its place here, exactly): one already in the array does not start.
+    Literals(Vec<Box<[u8]>>),
 }
 
 /// FNV-1a, one byte on: the hashes of keys and of unique items.
@@ -749,10 +750,11 @@ impl Grammar {
                 min,
                 unique: Unique::Asked,
                 ..
-            } = self.nodes[i]
+            } = &self.nodes[i]
             else {
                 continue;
             };
+            let (items, min) = (*items, *min);
             // The values an item may start as (alternatives are followed, as `start` does;
             // `check_alternatives` has bounded them).
             let (mut literals, mut strings, mut other) = (Vec::new(), 0u32, 0u32);
@@ -775,7 +777,7 @@ impl Grammar {
             literals.dedup();
             let unique = match (literals.len() as u32, strings, other) {
                 (0, 1.., 0) => Unique::Strings,
-                (n @ 1.., 0, 0) if min <= n => Unique::Literals(n),
+                (n @ 1.., 0, 0) if min <= n => Unique::Literals(literals),
                 (n @ 1.., 0, 0) => {
                     return Err(fail(
                         "#",
@@ -1402,15 +1404,15 @@ impl Grammar {
         candidates != 0 || other.is_some()
     }
 
-    /// The depth of the `uniqueItems` array whose item starts or ends here (the top frame),
-    /// if it is one.
-    fn unique_array(&self, alt: &Alternative) -> Option<usize> {
+    /// The depth and kind of the `uniqueItems` array whose item starts or ends here (the
+    /// top frame), if it is one.
+    fn unique_array(&self, alt: &Alternative) -> Option<(usize, &Unique)> {
         match alt.frames.last() {
             Some(Frame::Array { node, .. }) => match &self.nodes[*node as usize] {
                 Node::Array {
-                    unique: Unique::Strings | Unique::Literals(_),
+                    unique: unique @ (Unique::Strings | Unique::Literals(_)),
                     ..
-                } => Some(alt.frames.len()),
+                } => Some((alt.frames.len(), unique)),
                 _ => None,
             },
             _ => None,
@@ -1421,9 +1423,9 @@ impl Grammar {
     fn another_unique(&self, node: NodeId, items: &[(usize, u64)], depth: usize) -> bool {
         match &self.nodes[node as usize] {
             Node::Array {
-                unique: Unique::Literals(n),
+                unique: Unique::Literals(values),
                 ..
-            } => (items.iter().filter(|&&(d, _)| d == depth).count() as u32) < *n,
+            } => items.iter().filter(|&&(d, _)| d == depth).count() < values.len(),
             _ => true,
         }
     }
@@ -1450,14 +1452,21 @@ impl Grammar {
             Node::Literals(texts) => {
                 let unique = self.unique_array(&alt);
                 for (index, text) in texts.iter().enumerate() {
-                    let hash = text.iter().fold(FNV_START, |h, &b| fnv(h, b));
-                    if unique.is_some_and(|depth| alt.unique_items.contains(&(depth, hash))) {
+                    // In a `uniqueItems` array: the value's place among the array's values.
+                    let recorded = match unique {
+                        Some((depth, Unique::Literals(values))) => {
+                            let place = values.binary_search(text).unwrap_or(usize::MAX);
+                            Some((depth, place as u64))
+                        }
+                        _ => None,
+                    };
+                    if recorded.is_some_and(|r| alt.unique_items.contains(&r)) {
                         continue; // already in the array
                     }
                     if text.first() == Some(&b) {
                         let mut a = alt.clone();
-                        if let Some(depth) = unique {
-                            a.unique_items.push((depth, hash));
+                        if let Some(r) = recorded {
+                            a.unique_items.push(r);
                         }
                         if text.len() > 1 {
                             a.frames.push(Frame::Literal {
@@ -1689,7 +1698,7 @@ impl Grammar {
                         TextStep::Closed => {
                             let value = *value;
                             alt.frames.pop();
-                            if let Some(depth) = self.unique_array(&alt) {
+                            if let Some((depth, _)) = self.unique_array(&alt) {
                                 if alt.unique_items.contains(&(depth, value)) {
                                     return; // the same string again: it must go on
                                 }
@@ -1751,7 +1760,7 @@ impl Grammar {
                     } else if b == b'"' && text.escape == 0 {
                         return;
                     }
-                    *hash = (*hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                    *hash = fnv(*hash, b);
                     let position = *at as usize;
                     for (i, (name, _)) in properties.iter().enumerate() {
                         if name.get(position) != Some(&b) {
@@ -1844,7 +1853,7 @@ impl Grammar {
                                 candidates,
                                 at: 0,
                                 text: Text::new(),
-                                hash: 0xcbf2_9ce4_8422_2325,
+                                hash: FNV_START,
                                 free,
                             });
                         }
