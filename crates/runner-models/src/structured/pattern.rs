@@ -187,50 +187,102 @@ pub(super) fn ecma_to_rust(pattern: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// A DFA of `pattern` (regex crate syntax), anchored at the start, reporting every match.
+fn build_dfa(pattern: &str) -> Result<dense::DFA<Vec<u32>>, String> {
+    dense::Builder::new()
+        .configure(
+            dense::Config::new()
+                .match_kind(MatchKind::All)
+                .start_kind(regex_automata::dfa::StartKind::Anchored)
+                .accelerate(false)
+                .unicode_word_boundary(true)
+                .dfa_size_limit(Some(BUILD_LIMIT))
+                .determinize_size_limit(Some(BUILD_LIMIT)),
+        )
+        // Bounded before the DFA too: `((a{100}){100}){100}` is small text but a huge NFA.
+        .thompson(regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(BUILD_LIMIT)))
+        .build(pattern)
+        .map_err(|e| {
+            // The builder's own message is generic; its sources say what failed.
+            let mut e: &dyn std::error::Error = &e;
+            while let Some(source) = e.source() {
+                e = source;
+            }
+            let e = e.to_string();
+            if e.contains("exceeded") || e.contains("limit") {
+                "it is too complex to follow (its automaton is too large)".to_string()
+            } else {
+                format!("it is not a regular expression runner can follow: {e}")
+            }
+        })
+}
+
+/// Lookaheads at the very start of an anchored pattern (`^(?=.*\d)(?!0)…`, as password
+/// rules and Pydantic's `Decimal` write them): each `(positive, body)`, and the pattern
+/// without them. Anywhere else a lookahead is refused (by [`ecma_to_rust`]).
+fn leading_lookaheads(pattern: &str) -> Result<(Vec<(bool, String)>, String), String> {
+    let Some(mut rest) = pattern.strip_prefix('^') else {
+        return Ok((Vec::new(), pattern.to_string()));
+    };
+    let mut found = Vec::new();
+    while let Some(positive) = match rest.get(..3) {
+        Some("(?=") => Some(true),
+        Some("(?!") => Some(false),
+        _ => None,
+    } {
+        // The group's end: its closing parenthesis, past escapes and classes.
+        let (mut depth, mut in_class, mut escaped, mut end) = (0usize, false, false, None);
+        for (i, c) in rest.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '[' if !in_class => in_class = true,
+                ']' if in_class => in_class = false,
+                '(' if !in_class => depth += 1,
+                ')' if !in_class => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let end = end.ok_or("a lookahead is not closed")?;
+        found.push((positive, rest[3..end].to_string()));
+        rest = &rest[end + 1..];
+    }
+    Ok((found, format!("^{rest}")))
+}
+
 impl Automaton {
     /// Compiles `pattern` for strings of `min..=max` characters (`max` `u32::MAX`: none).
     pub(super) fn compile(pattern: &str, min: u32, max: u32) -> Result<Self, String> {
-        let translated = ecma_to_rust(pattern)?;
+        let (lookaheads, rest) = leading_lookaheads(pattern)?;
         // JSON Schema's patterns are not anchored: the text matches if any part of it does.
-        let whole = format!("(?s:.)*(?:{translated})(?s:.)*");
-        let dfa = dense::Builder::new()
-            .configure(
-                dense::Config::new()
-                    .match_kind(MatchKind::All)
-                    .start_kind(regex_automata::dfa::StartKind::Anchored)
-                    .accelerate(false)
-                    .unicode_word_boundary(true)
-                    .dfa_size_limit(Some(BUILD_LIMIT))
-                    .determinize_size_limit(Some(BUILD_LIMIT)),
-            )
-            // Bounded before the DFA too: `((a{100}){100}){100}` is small text but a huge NFA.
-            .thompson(
-                regex_automata::nfa::thompson::Config::new().nfa_size_limit(Some(BUILD_LIMIT)),
-            )
-            .build(&whole)
-            .map_err(|e| {
-                // The builder's own message is generic; its sources say what failed.
-                let mut e: &dyn std::error::Error = &e;
-                while let Some(source) = e.source() {
-                    e = source;
-                }
-                let e = e.to_string();
-                if e.contains("exceeded") || e.contains("limit") {
-                    "it is too complex to follow (its automaton is too large)".to_string()
-                } else {
-                    format!("it is not a regular expression runner can follow: {e}")
-                }
-            })?;
-        let start = dfa
-            .start_state_forward(&Input::new("").anchored(Anchored::Yes))
-            .map_err(|e| format!("it has no start: {e}"))?;
+        let main = build_dfa(&format!("(?s:.)*(?:{})(?s:.)*", ecma_to_rust(&rest)?))?;
+        // A lookahead at the start holds if some prefix of the text matches it.
+        let checks = lookaheads
+            .iter()
+            .map(|(positive, body)| Ok((*positive, build_dfa(&ecma_to_rust(body)?)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let start_of = |dfa: &dense::DFA<Vec<u32>>| {
+            dfa.start_state_forward(&Input::new("").anchored(Anchored::Yes))
+                .map_err(|e| format!("it has no start: {e}"))
+        };
 
-        // Byte classes: the DFA's, split where a string's view of the byte differs.
+        // Byte classes: the DFAs', split where a string's view of the byte differs.
         let mut classes = [0u8; 256];
         let mut representatives: Vec<u8> = Vec::new();
-        let mut by_signature: HashMap<(u8, bool, bool), u8> = HashMap::new();
+        let mut by_signature: HashMap<Vec<u8>, u8> = HashMap::new();
         for b in 0..=255u8 {
-            let signature = (dfa.byte_classes().get(b), writable(b), continuation(b));
+            let mut signature = vec![
+                main.byte_classes().get(b),
+                u8::from(writable(b)),
+                u8::from(continuation(b)),
+            ];
+            signature.extend(checks.iter().map(|(_, dfa)| dfa.byte_classes().get(b)));
             classes[b as usize] = *by_signature.entry(signature).or_insert_with(|| {
                 representatives.push(b);
                 (representatives.len() - 1) as u8
@@ -238,22 +290,72 @@ impl Automaton {
         }
         let class_count = representatives.len();
 
-        let mut ids: HashMap<StateID, u32> = HashMap::from([(start, 1)]);
+        // The product of the pattern's DFA and its lookaheads': each lookahead's DFA state,
+        // or whether some prefix already matched it.
+        #[derive(Clone, PartialEq, Eq, Hash)]
+        enum Check {
+            Running(StateID),
+            Matched,
+            Never,
+        }
+        let mut start = vec![Check::Running(start_of(&main)?)];
+        for (_, dfa) in &checks {
+            start.push(Check::Running(start_of(dfa)?));
+        }
+        let mut ids: HashMap<Vec<Check>, u32> = HashMap::from([(start.clone(), 1)]);
         let mut states = vec![start];
         let mut next = vec![DEAD; class_count]; // the dead state's row
         let mut accepting = vec![false];
         let mut index = 0;
         while index < states.len() {
-            let state = states[index];
+            let state = states[index].clone();
             index += 1;
-            accepting.push(dfa.is_match_state(dfa.next_eoi_state(state)));
+            let Check::Running(main_state) = state[0] else {
+                unreachable!("the pattern's own DFA is always running here")
+            };
+            // Whether the whole text, ending here, matches: the pattern, and each lookahead
+            // as it asks (matched by some prefix, or by none).
+            let ends_matched = |check: &Check, dfa: &dense::DFA<Vec<u32>>| match check {
+                Check::Matched => true,
+                Check::Never => false,
+                Check::Running(s) => dfa.is_match_state(dfa.next_eoi_state(*s)),
+            };
+            accepting.push(
+                main.is_match_state(main.next_eoi_state(main_state))
+                    && checks
+                        .iter()
+                        .zip(&state[1..])
+                        .all(|((positive, dfa), check)| ends_matched(check, dfa) == *positive),
+            );
             for &b in &representatives {
-                let target = dfa.next_state(state, b);
+                let target = main.next_state(main_state, b);
                 // A quit: a non-ASCII byte where a word boundary matters, which
                 // validators decide differently. Refused: such patterns write ASCII.
-                let id = if !writable(b) || dfa.is_dead_state(target) || dfa.is_quit_state(target) {
+                let mut dead =
+                    !writable(b) || main.is_dead_state(target) || main.is_quit_state(target);
+                let mut product = vec![Check::Running(target)];
+                for ((positive, dfa), check) in checks.iter().zip(&state[1..]) {
+                    let after = match check {
+                        Check::Running(s) => {
+                            let t = dfa.next_state(*s, b);
+                            // A match state: a prefix before this byte matched.
+                            if dfa.is_match_state(t) {
+                                Check::Matched
+                            } else if dfa.is_dead_state(t) || dfa.is_quit_state(t) {
+                                Check::Never
+                            } else {
+                                Check::Running(t)
+                            }
+                        }
+                        done => done.clone(),
+                    };
+                    // A negative lookahead something matched: no text from here can match.
+                    dead |= !positive && after == Check::Matched;
+                    product.push(after);
+                }
+                let id = if dead {
                     DEAD
-                } else if let Some(&id) = ids.get(&target) {
+                } else if let Some(&id) = ids.get(&product) {
                     id
                 } else {
                     if states.len() >= MAX_STATES {
@@ -261,8 +363,8 @@ impl Automaton {
                             "it is too complex to follow (more than {MAX_STATES} automaton states)"
                         ));
                     }
-                    states.push(target);
-                    ids.insert(target, states.len() as u32);
+                    states.push(product.clone());
+                    ids.insert(product, states.len() as u32);
                     states.len() as u32
                 };
                 next.push(id);
