@@ -1736,7 +1736,7 @@ fn the_responses_api_answers_openais_client() {
     let server = Server::start(&smollm2(), &[]);
     const SCRIPT: &str = r#"
 import json, sys, openai
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 llm = openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key="unused", max_retries=0)
 out = {}
 q = "What is the capital of France?"
@@ -1773,9 +1773,13 @@ class City(BaseModel):
     population: int = Field(ge=0)
     code: str = Field(pattern=r"^[A-Z]{3}$")
     landmarks: set[str] = Field(min_length=2, max_length=3)
+    # A lookahead (Pydantic checks it with Python's re): four capitals and digits, a digit among them.
+    model_config = ConfigDict(regex_engine="python-re")
+    ref: str = Field(pattern=r"^(?=.*\d)[A-Z0-9]{4}$")
 p = llm.responses.parse(model="m", input=[{"role": "user", "content": "Describe Paris."}], text_format=City, temperature=0, max_output_tokens=200)
 out["parsed"] = p.output_parsed.model_dump(mode="json")
 out["landmarks_text"] = json.loads(p.output_text)["landmarks"]
+out["ref"] = p.output_parsed.ref
 weather = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": False}}
 t = llm.responses.create(model="m", input="What is the weather in Paris?", tools=[weather], tool_choice="required", temperature=0)
@@ -1864,6 +1868,12 @@ print(json.dumps(out))
     let kept = out["parsed"]["landmarks"].as_array().unwrap();
     assert!((2..=3).contains(&written.len()), "{out}");
     assert_eq!(written.len(), kept.len(), "{out}");
+    // A pattern with a lookahead held (and Pydantic checked it again).
+    let reference = out["ref"].as_str().unwrap();
+    assert!(
+        reference.len() == 4 && reference.bytes().any(|b| b.is_ascii_digit()),
+        "{out}"
+    );
     // A function call, and a conversation that carries it and its output goes on.
     assert_eq!(out["call"][0], "get_weather");
     assert!(out["call"][1]["city"].is_string(), "{out}");

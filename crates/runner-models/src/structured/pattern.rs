@@ -218,7 +218,7 @@ fn build_dfa(pattern: &str) -> Result<dense::DFA<Vec<u32>>, String> {
 }
 
 /// Lookaheads at the very start of an anchored pattern (`^(?=.*\d)(?!0)…`, as password
-/// rules and Pydantic's `Decimal` write them): each `(positive, body)`, and the pattern
+/// rules and older Pydantic's `Decimal` write them): each `(positive, body)`, and the pattern
 /// without them. Anywhere else a lookahead is refused (by [`ecma_to_rust`]).
 fn leading_lookaheads(pattern: &str) -> Result<(Vec<(bool, String)>, String), String> {
     let Some(mut rest) = pattern.strip_prefix('^') else {
