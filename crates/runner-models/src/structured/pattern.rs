@@ -15,6 +15,8 @@ use super::TextStep;
 /// `minLength`/`maxLength`: bounds on what a request's schema may cost.
 const MAX_STATES: usize = 16_384;
 const MAX_PAIRS: usize = 1 << 22;
+/// Lookaheads one pattern may start with (each is an automaton run beside the pattern's).
+const MAX_LOOKAHEADS: usize = 8;
 /// The DFA's own size limits while it is built (bytes).
 const BUILD_LIMIT: usize = 8 << 20;
 
@@ -250,6 +252,11 @@ fn leading_lookaheads(pattern: &str) -> Result<(Vec<(bool, String)>, String), St
             }
         }
         let end = end.ok_or("a lookahead is not closed")?;
+        if found.len() == MAX_LOOKAHEADS {
+            return Err(format!(
+                "it starts with more than {MAX_LOOKAHEADS} lookaheads"
+            ));
+        }
         found.push((positive, rest[3..end].to_string()));
         rest = &rest[end + 1..];
     }

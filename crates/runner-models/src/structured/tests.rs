@@ -1015,6 +1015,9 @@ fn patterns_too_large_to_follow_are_refused_quickly() {
     }
     let e = refusal(json!({"type": "string", "pattern": "^x+$", "maxLength": 4_000_000}));
     assert!(e.message.contains("too large to follow"), "{e}");
+    let many = format!("^{}x", "(?=.*a)".repeat(9));
+    let e = refusal(json!({"type": "string", "pattern": many}));
+    assert!(e.message.contains("more than 8 lookaheads"), "{e}");
     // A long but simple pattern is fine.
     assert!(Grammar::compile(&json!({"type": "string", "pattern": "^[a-z]{1000}$"})).is_ok());
     let many: serde_json::Map<String, Value> = (0..65)
