@@ -1796,7 +1796,24 @@ follow = llm.responses.create(model="m", input=[
     {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"},
 ], tools=[weather], temperature=0, max_output_tokens=30)
 out["follow"] = [o.type for o in follow.output]
-for name, kwargs in [("previous", {"previous_response_id": "resp_1"}), ("include", {"include": ["reasoning.encrypted_content"]}), ("top", {"top_logprobs": 2}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 2}}}})]:
+# Kept responses: a conversation continued by `previous_response_id` is the chat it means.
+first = llm.responses.create(model="m", input="My name is Ada. Say hello to me.", temperature=0, max_output_tokens=30)
+second = llm.responses.create(model="m", previous_response_id=first.id, input="What is my name?", temperature=0, max_output_tokens=30)
+same = llm.chat.completions.create(model="m", messages=[{"role": "user", "content": "My name is Ada. Say hello to me."}, {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}], temperature=0, max_tokens=30)
+out["continued"] = [second.output_text, same.choices[0].message.content, second.previous_response_id == first.id]
+with llm.responses.stream(model="m", previous_response_id=second.id, input="Thanks!", temperature=0, max_output_tokens=100) as stream:
+    third = stream.get_final_response()
+out["third"] = llm.responses.retrieve(third.id).output_text == third.output_text and third.output_text != ""
+out["retrieved"] = llm.responses.retrieve(first.id).output_text == first.output_text
+llm.responses.delete(first.id)
+unkept = llm.responses.create(model="m", input="Hi", max_output_tokens=2, store=False)
+for name, call in [("deleted", lambda: llm.responses.retrieve(first.id)), ("unkept", lambda: llm.responses.retrieve(unkept.id)), ("unknown", lambda: llm.responses.create(model="m", input="Hi", previous_response_id="resp_nope"))]:
+    try:
+        call()
+        out[name] = "found"
+    except openai.NotFoundError as e:
+        out[name] = e.body.get("param") if isinstance(e.body, dict) else "404"
+for name, kwargs in [("include", {"include": ["reasoning.encrypted_content"]}), ("top", {"top_logprobs": 2}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 2}}}})]:
     try:
         llm.responses.create(model="m", **{"input": "Hi", **kwargs})
         out[name] = "accepted"
@@ -1904,7 +1921,15 @@ print(json.dumps(out))
         ]
     );
     // Refused by name, in the Responses API's own terms.
-    assert_eq!(out["previous"], "previous_response_id");
+    // Kept responses continue conversations, whole and streamed, and can be fetched and
+    // deleted; those sent with `store: false` are not kept.
+    assert_eq!(out["continued"][0], out["continued"][1], "{out}");
+    assert_eq!(out["continued"][2], true);
+    assert_eq!(out["third"], true);
+    assert_eq!(out["retrieved"], true);
+    assert_eq!(out["deleted"], Value::Null, "{out}");
+    assert_eq!(out["unkept"], Value::Null, "{out}");
+    assert_eq!(out["unknown"], "previous_response_id", "{out}");
     assert_eq!(out["include"], "include[0]");
     assert_eq!(out["top"], "top_logprobs");
     // Log probabilities through `include`: the chat completion's, whole and streamed.

@@ -295,6 +295,10 @@ impl Server {
             .route("/v1/chat/completions", post(openai::chat_completions))
             .route("/v1/completions", post(openai::completions))
             .route("/v1/responses", post(openai::responses))
+            .route(
+                "/v1/responses/{id}",
+                get(openai::get_response).delete(openai::delete_response),
+            )
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),

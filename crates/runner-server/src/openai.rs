@@ -16,7 +16,7 @@
 mod responses;
 mod tools;
 
-pub(crate) use responses::responses;
+pub(crate) use responses::{delete_response, get_response, responses};
 
 use std::convert::Infallible;
 use std::sync::Arc;

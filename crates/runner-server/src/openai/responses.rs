@@ -3,18 +3,14 @@
 //! gets the same checks, prompt, sampling, structured output (`text.format`) and tools, and
 //! the answer comes back as a response object, or streamed as the Responses API's events.
 //!
-//! Nothing is stored: a response cannot be fetched again, and `previous_response_id` is
-//! refused by name (send the whole conversation as `input`, function calls and their
-//! outputs included).
+//! Responses are kept in memory (the latest [`MAX_STORED`], at most [`MAX_STORED_BYTES`]
+//! in all; none with `store: false`), so `previous_response_id` continues a conversation
+//! and `GET`/`DELETE /v1/responses/{id}` find one; a restart forgets them.
 
 use super::*;
 
 /// Keys that ask for state or features runner does not have: refused unless empty.
 const REFUSED: &[(&str, &str)] = &[
-    (
-        "previous_response_id",
-        "continuing a stored response (runner stores none; send the whole conversation as `input`)",
-    ),
     (
         "conversation",
         "a stored conversation (send the whole conversation as `input`)",
@@ -23,6 +19,111 @@ const REFUSED: &[(&str, &str)] = &[
     ("background", "a background response"),
     ("reasoning", "reasoning settings"),
 ];
+
+/// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`: the latest
+/// ones, within a count and a size (their conversations, serialized).
+const MAX_STORED: usize = 256;
+const MAX_STORED_BYTES: usize = 64 << 20;
+
+/// A kept response, and the conversation it ends (chat messages, without instructions:
+/// those of one response do not carry over to the next, as in OpenAI's API).
+#[derive(Clone)]
+struct Stored {
+    response: Value,
+    conversation: Vec<Value>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Store {
+    order: std::collections::VecDeque<String>,
+    responses: std::collections::HashMap<String, Stored>,
+    bytes: usize,
+}
+
+fn store() -> &'static std::sync::Mutex<Store> {
+    static STORE: std::sync::OnceLock<std::sync::Mutex<Store>> = std::sync::OnceLock::new();
+    STORE.get_or_init(Default::default)
+}
+
+fn remember(id: &str, response: &Value, conversation: Vec<Value>) {
+    let bytes = response.to_string().len() + Value::Array(conversation.clone()).to_string().len();
+    let mut store = store().lock().unwrap_or_else(|e| e.into_inner());
+    store.order.push_back(id.to_string());
+    store.bytes += bytes;
+    store.responses.insert(
+        id.to_string(),
+        Stored {
+            response: response.clone(),
+            conversation,
+            bytes,
+        },
+    );
+    while store.order.len() > MAX_STORED || store.bytes > MAX_STORED_BYTES {
+        let Some(oldest) = store.order.pop_front() else {
+            break;
+        };
+        if let Some(gone) = store.responses.remove(&oldest) {
+            store.bytes -= gone.bytes;
+        }
+    }
+}
+
+fn recall(id: &str) -> Option<Stored> {
+    let store = store().lock().unwrap_or_else(|e| e.into_inner());
+    store.responses.get(id).cloned()
+}
+
+fn not_found(id: &str, param: Option<&str>) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no response `{id}` is kept here (runner keeps the latest {MAX_STORED} in memory, none sent with `store: false`, and forgets them when it restarts)"),
+        kind: "invalid_request_error",
+        param: param.map(str::to_string),
+        code: Some("not_found"),
+    }
+}
+
+/// The chat turns a finished response's output adds to its conversation.
+fn assistant_turns(items: &[Value]) -> Vec<Value> {
+    let calls: Vec<Value> = items
+        .iter()
+        .filter(|i| i["type"] == "function_call")
+        .map(|i| json!({"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}))
+        .collect();
+    let mut turns: Vec<Value> = items
+        .iter()
+        .filter(|i| i["type"] == "message")
+        .map(|i| json!({"role": "assistant", "content": i["content"][0]["text"]}))
+        .collect();
+    if !calls.is_empty() {
+        turns.push(json!({"role": "assistant", "content": null, "tool_calls": calls}));
+    }
+    turns
+}
+
+/// `GET /v1/responses/{id}`: a kept response.
+pub(crate) async fn get_response(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    match recall(&id) {
+        Some(stored) => Json(stored.response).into_response(),
+        None => not_found(&id, None).into_response(),
+    }
+}
+
+/// `DELETE /v1/responses/{id}`: forgets a kept response.
+pub(crate) async fn delete_response(
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let mut store = store().lock().unwrap_or_else(|e| e.into_inner());
+    match store.responses.remove(&id) {
+        Some(gone) => {
+            store.bytes -= gone.bytes;
+            store.order.retain(|kept| *kept != id);
+            Json(json!({"id": id, "object": "response", "deleted": true})).into_response()
+        }
+        None => not_found(&id, None).into_response(),
+    }
+}
 
 /// The `include` value that asks for the output text's log probabilities.
 const LOGPROBS: &str = "message.output_text.logprobs";
@@ -66,9 +167,12 @@ fn content_text(content: &Value, param: &str) -> Result<String, ApiError> {
     }
 }
 
-/// The chat completion request a Responses request means, and where each of its messages
-/// came from (`instructions`, `input[i]`), for errors.
-fn to_chat(request: &Map<String, Value>) -> Result<(Map<String, Value>, Vec<String>), ApiError> {
+/// The chat completion request a Responses request means, where each of its messages came
+/// from (`instructions`, `previous_response_id`, `input[i]`), for errors, and the index of
+/// the first message past the instructions (the conversation a kept response continues).
+fn to_chat(
+    request: &Map<String, Value>,
+) -> Result<(Map<String, Value>, Vec<String>, usize), ApiError> {
     for &(key, what) in REFUSED {
         if request.get(key).is_some_and(|v| !asks_nothing(v)) {
             return Err(ApiError::unsupported(key, what));
@@ -95,6 +199,26 @@ fn to_chat(request: &Map<String, Value>) -> Result<(Map<String, Value>, Vec<Stri
             return Err(ApiError::invalid(
                 Some("instructions"),
                 "`instructions` must be a string",
+            ))
+        }
+    }
+    let history_start = messages.len();
+    match request.get("previous_response_id") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(id)) => {
+            let stored = recall(id).ok_or_else(|| not_found(id, Some("previous_response_id")))?;
+            origins.extend(
+                stored
+                    .conversation
+                    .iter()
+                    .map(|_| "previous_response_id".to_string()),
+            );
+            messages.extend(stored.conversation);
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("previous_response_id"),
+                "`previous_response_id` must be a string",
             ))
         }
     }
@@ -271,7 +395,7 @@ fn to_chat(request: &Map<String, Value>) -> Result<(Map<String, Value>, Vec<Stri
         };
         chat.insert("tool_choice".into(), choice);
     }
-    Ok((chat, origins))
+    Ok((chat, origins, history_start))
 }
 
 /// A chat completion's error as the Responses request's: its parameters' names, and for
@@ -390,10 +514,15 @@ fn echoed(request: &Map<String, Value>) -> Map<String, Value> {
     ] {
         fields.insert(key.into(), get(key, default));
     }
-    fields.insert("previous_response_id".into(), Value::Null);
+    fields.insert(
+        "previous_response_id".into(),
+        get("previous_response_id", Value::Null),
+    );
     fields.insert("reasoning".into(), Value::Null);
-    // Nothing is kept once answered.
-    fields.insert("store".into(), json!(false));
+    fields.insert(
+        "store".into(),
+        json!(request.get("store") != Some(&Value::Bool(false))),
+    );
     fields
 }
 
@@ -475,7 +604,23 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
         return Err(wrong_model(engine, "/v1/responses"));
     }
     let request = parse_body(body)?;
-    let (chat, origins) = to_chat(&request)?;
+    let (chat, origins, history_start) = to_chat(&request)?;
+    // What a kept response's conversation starts with: this one's, before its answer.
+    let history = match request.get("store") {
+        Some(Value::Bool(false)) => None,
+        None | Some(Value::Null) | Some(Value::Bool(true)) => Some(
+            chat["messages"]
+                .as_array()
+                .map(|m| m[history_start..].to_vec())
+                .unwrap_or_default(),
+        ),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("store"),
+                "`store` must be true or false",
+            ))
+        }
+    };
     let generation = {
         let engine = Arc::clone(engine);
         tokio::task::spawn_blocking(move || generation(&engine, &chat, Kind::Chat))
@@ -512,6 +657,7 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
             request,
             generation.tools,
             generation.logprobs,
+            history,
         ));
     }
     let bodies = wait_all(&runnings, guards).await?;
@@ -521,7 +667,14 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
         request: &request,
     };
     let (status, output) = answer.finished(&bodies[0], generation.tools);
-    Ok(Json(answer.response(status, output, Some(&bodies[0]))).into_response())
+    let response = answer.response(status, output, Some(&bodies[0]));
+    if let Some(mut conversation) = history {
+        conversation.extend(assistant_turns(
+            response["output"].as_array().map_or(&[][..], Vec::as_slice),
+        ));
+        remember(&ids.response, &response, conversation);
+    }
+    Ok(Json(response).into_response())
 }
 
 fn rename_param(name: &str) -> String {
@@ -544,6 +697,7 @@ fn stream(
     request: Map<String, Value>,
     tools: bool,
     logprobs: bool,
+    history: Option<Vec<Value>>,
 ) -> Response {
     struct State {
         subscription: runner_engine::Subscription,
@@ -558,6 +712,8 @@ fn stream(
         text: String,
         /// With log probabilities: those of tokens whose text is not sent yet.
         logprobs: Option<Vec<Value>>,
+        /// The conversation to keep with the response (`None`: not kept).
+        history: Option<Vec<Value>>,
         done: bool,
     }
     impl State {
@@ -673,6 +829,12 @@ fn stream(
                 self.close_message(0, &items[0]);
             }
             let response = self.answer().response(status, items, Some(body));
+            if let Some(mut conversation) = self.history.take() {
+                conversation.extend(assistant_turns(
+                    response["output"].as_array().map_or(&[][..], Vec::as_slice),
+                ));
+                remember(&self.ids.response, &response, conversation);
+            }
             let kind = if status == "incomplete" {
                 "response.incomplete"
             } else {
@@ -694,6 +856,7 @@ fn stream(
         sequence: 0,
         text: String::new(),
         logprobs: logprobs.then(Vec::new),
+        history,
         done: false,
     };
     let created = state.answer().response("in_progress", Vec::new(), None);
@@ -748,4 +911,34 @@ fn stream(
     Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_the_latest_responses_within_its_bounds() {
+        for i in 0..MAX_STORED + 10 {
+            remember(
+                &format!("resp_test{i}"),
+                &json!({"id": i}),
+                vec![json!({"role": "user", "content": "hi"})],
+            );
+        }
+        assert!(recall("resp_test0").is_none() && recall("resp_test9").is_none());
+        assert!(recall("resp_test10").is_some());
+        let last = recall(&format!("resp_test{}", MAX_STORED + 9)).unwrap();
+        assert_eq!(last.response["id"], MAX_STORED + 9);
+        // A few large conversations push the others out by size.
+        let big = vec![json!({"role": "user", "content": "x".repeat(MAX_STORED_BYTES / 3)})];
+        for i in 0..4 {
+            remember(&format!("resp_big{i}"), &json!({}), big.clone());
+        }
+        let store = store().lock().unwrap();
+        assert!(store.bytes <= MAX_STORED_BYTES);
+        assert!(!store.responses.contains_key("resp_big0"));
+        assert!(store.responses.contains_key("resp_big3"));
+        assert_eq!(store.order.len(), store.responses.len());
+    }
 }
