@@ -167,12 +167,17 @@ fn content_text(content: &Value, param: &str) -> Result<String, ApiError> {
     }
 }
 
-/// The chat completion request a Responses request means, where each of its messages came
-/// from (`instructions`, `previous_response_id`, `input[i]`), for errors, and the index of
-/// the first message past the instructions (the conversation a kept response continues).
-fn to_chat(
-    request: &Map<String, Value>,
-) -> Result<(Map<String, Value>, Vec<String>, usize), ApiError> {
+/// A Responses request as the chat completion it means.
+struct Translated {
+    chat: Map<String, Value>,
+    /// Where each message came from (`instructions`, `previous_response_id`, `input[i]`),
+    /// for errors.
+    origins: Vec<String>,
+    /// The first message past the instructions: the conversation a kept response continues.
+    history_start: usize,
+}
+
+fn to_chat(request: &Map<String, Value>) -> Result<Translated, ApiError> {
     for &(key, what) in REFUSED {
         if request.get(key).is_some_and(|v| !asks_nothing(v)) {
             return Err(ApiError::unsupported(key, what));
@@ -395,7 +400,11 @@ fn to_chat(
         };
         chat.insert("tool_choice".into(), choice);
     }
-    Ok((chat, origins, history_start))
+    Ok(Translated {
+        chat,
+        origins,
+        history_start,
+    })
 }
 
 /// A chat completion's error as the Responses request's: its parameters' names, and for
@@ -604,7 +613,11 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
         return Err(wrong_model(engine, "/v1/responses"));
     }
     let request = parse_body(body)?;
-    let (chat, origins, history_start) = to_chat(&request)?;
+    let Translated {
+        chat,
+        origins,
+        history_start,
+    } = to_chat(&request)?;
     // What a kept response's conversation starts with: this one's, before its answer.
     let history = match request.get("store") {
         Some(Value::Bool(false)) => None,
@@ -649,16 +662,12 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
         limit: generation.limit,
     };
     if generation.stream {
-        return Ok(stream(
-            running,
-            guards,
-            reply,
-            ids,
-            request,
-            generation.tools,
-            generation.logprobs,
+        let options = StreamOptions {
+            tools: generation.tools,
+            logprobs: generation.logprobs,
             history,
-        ));
+        };
+        return Ok(stream(running, guards, reply, ids, request, options));
     }
     let bodies = wait_all(&runnings, guards).await?;
     let answer = Answer {
@@ -685,6 +694,15 @@ fn rename_param(name: &str) -> String {
     }
 }
 
+/// What a streamed answer carries besides its text.
+struct StreamOptions {
+    /// The answer is a tool call or a response, as JSON.
+    tools: bool,
+    logprobs: bool,
+    /// The conversation to keep with the response (`None`: not kept).
+    history: Option<Vec<Value>>,
+}
+
 /// The answer as Responses events: `response.created`, `response.in_progress`, the message
 /// item, its content part and its text deltas as they are generated (with tools, the
 /// function calls or the message once the JSON answer is whole), then
@@ -695,10 +713,13 @@ fn stream(
     reply: Reply,
     ids: Ids,
     request: Map<String, Value>,
-    tools: bool,
-    logprobs: bool,
-    history: Option<Vec<Value>>,
+    options: StreamOptions,
 ) -> Response {
+    let StreamOptions {
+        tools,
+        logprobs,
+        history,
+    } = options;
     struct State {
         subscription: runner_engine::Subscription,
         guards: Vec<CancelOnDrop>,
