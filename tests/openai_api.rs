@@ -1120,6 +1120,22 @@ fn the_api_key_guards_the_openai_routes_too() {
     assert_eq!(s, 200);
 }
 
+/// Runs a Python script of the OpenAI venv with these arguments: the JSON it prints.
+fn python_json(venv: &std::path::Path, script: &str, args: &[&str]) -> Value {
+    let output = std::process::Command::new(venv.join("bin/python"))
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// OpenAI's own client against both kinds of model, through its parsers.
 #[test]
 fn openais_python_client_works_against_runner() {
@@ -1193,16 +1209,7 @@ out["embeddings"] = [d.embedding for d in e.data]
 out["embedding_tokens"] = e.usage.prompt_tokens
 print(json.dumps(out))
 "#;
-    let output = std::process::Command::new(venv.join("bin/python"))
-        .args(["-c", SCRIPT, &llm.addr, &embedder.addr])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let out = python_json(&venv, SCRIPT, &[&llm.addr, &embedder.addr]);
     assert_eq!(out["models"], json!(["smollm2-135m-instruct"]));
     let (want, _) = {
         let (s, p) = {
@@ -1821,16 +1828,7 @@ for name, kwargs in [("include", {"include": ["reasoning.encrypted_content"]}), 
         out[name] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
 print(json.dumps(out))
 "#;
-    let output = std::process::Command::new(venv.join("bin/python"))
-        .args(["-c", SCRIPT, &server.addr])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let out = python_json(&venv, SCRIPT, &[&server.addr]);
     // The response is the chat completion it means: the same greedy text, whole and streamed.
     assert!(!out["chat"].as_str().unwrap().is_empty(), "{out}");
     assert_eq!(out["text"], out["chat"], "{out}");
