@@ -1783,6 +1783,7 @@ class City(BaseModel):
     # A lookahead (Pydantic checks it with Python's re): four capitals and digits, a digit among them.
     model_config = ConfigDict(regex_engine="python-re")
     ref: str = Field(pattern=r"^(?=.*\d)[A-Z0-9]{4}$")
+    scores: dict[str, int] = Field(min_length=1, max_length=2)
 p = llm.responses.parse(model="m", input=[{"role": "user", "content": "Describe Paris."}], text_format=City, temperature=0, max_output_tokens=200)
 out["parsed"] = p.output_parsed.model_dump(mode="json")
 out["landmarks_text"] = json.loads(p.output_text)["landmarks"]
@@ -1883,6 +1884,9 @@ print(json.dumps(out))
     let kept = out["parsed"]["landmarks"].as_array().unwrap();
     assert!((2..=3).contains(&written.len()), "{out}");
     assert_eq!(written.len(), kept.len(), "{out}");
+    // `dict[str, int]` with `min_length`/`max_length`: minProperties/maxProperties.
+    let scores = out["parsed"]["scores"].as_object().unwrap();
+    assert!((1..=2).contains(&scores.len()), "{out}");
     // A pattern with a lookahead held (and Pydantic checked it again).
     let reference = out["ref"].as_str().unwrap();
     assert!(

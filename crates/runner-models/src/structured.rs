@@ -97,6 +97,9 @@ enum Node {
         required: u64,
         /// Other keys' schema; `None`: no other keys.
         additional: Option<NodeId>,
+        /// `minProperties`/`maxProperties`: how many keys, of any kind.
+        min: u32,
+        max: u32,
     },
 }
 
@@ -159,8 +162,6 @@ const UNSUPPORTED: &[&str] = &[
     "maxContains",
     "patternProperties",
     "propertyNames",
-    "minProperties",
-    "maxProperties",
     "dependentRequired",
     "dependentSchemas",
     "dependencies",
@@ -239,6 +240,8 @@ impl Compiler<'_> {
                 properties: Vec::new(),
                 required: 0,
                 additional: Some(id),
+                min: 0,
+                max: u32::MAX,
             },
             path,
         )?;
@@ -308,7 +311,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings or enum values), minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings or enum values), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -655,7 +658,7 @@ impl Compiler<'_> {
                 format!("{} properties; runner's constrained decoding takes at most {MAX_PROPERTIES} per object", properties.len()),
             ));
         }
-        let properties = properties
+        let properties: Vec<(Box<[u8]>, NodeId)> = properties
             .into_iter()
             .map(|(name, schema)| {
                 // Between the quotes, as serde_json would write the name.
@@ -663,10 +666,26 @@ impl Compiler<'_> {
                 (Box::from(&quoted[1..quoted.len() - 1]), schema)
             })
             .collect();
+        let min = bound(schema, "minProperties", path)?.unwrap_or(0);
+        let max = bound(schema, "maxProperties", path)?.unwrap_or(u32::MAX);
+        let impossible = if min > max {
+            Some("`minProperties` is above `maxProperties`")
+        } else if required.count_ones() > max {
+            Some("more properties are required than `maxProperties` allows")
+        } else if additional.is_none() && min as usize > properties.len() {
+            Some("`minProperties` asks for more keys than `properties` has, and `additionalProperties` is false")
+        } else {
+            None
+        };
+        if let Some(why) = impossible {
+            return Err(fail(path, format!("{why}: no object matches")));
+        }
         self.nodes[id as usize] = Node::Object {
             properties,
             required,
             additional,
+            min,
+            max,
         };
         Ok(id)
     }
@@ -907,6 +926,8 @@ impl Grammar {
                     Node::Object {
                         properties,
                         required,
+                        additional,
+                        min,
                         ..
                     } => {
                         let mut needed = properties
@@ -914,7 +935,25 @@ impl Grammar {
                             .enumerate()
                             .filter(|(k, _)| required & (1 << k) != 0)
                             .map(|(_, (_, id))| *id);
-                        match deepest(&depth, &mut needed) {
+                        let required_depth = deepest(&depth, &mut needed);
+                        // `minProperties` beyond the required keys: the shallowest others
+                        // (other keys' schema as often as needed).
+                        let more = (*min).saturating_sub(required.count_ones()) as usize;
+                        let mut optional: Vec<u32> = properties
+                            .iter()
+                            .enumerate()
+                            .filter(|(k, _)| required & (1 << k) == 0)
+                            .map(|(_, (_, id))| depth[*id as usize])
+                            .collect();
+                        if let Some(a) = additional {
+                            optional.extend(std::iter::repeat_n(depth[*a as usize], more));
+                        }
+                        optional.sort_unstable();
+                        let more_depth = match more {
+                            0 => 0,
+                            n => optional.get(n - 1).copied().unwrap_or(u32::MAX),
+                        };
+                        match required_depth.max(more_depth) {
                             u32::MAX => u32::MAX,
                             d => d + 1,
                         }
@@ -1430,9 +1469,20 @@ impl Grammar {
         }
     }
 
-    fn may_close(&self, node: NodeId, seen: u64) -> bool {
+    /// Whether an object may close, having seen `seen` and `others` other keys.
+    fn may_close(&self, node: NodeId, seen: u64, others: usize) -> bool {
         match &self.nodes[node as usize] {
-            Node::Object { required, .. } => required & !seen == 0,
+            Node::Object { required, min, .. } => {
+                required & !seen == 0 && seen.count_ones() as usize + others >= *min as usize
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether an object's keys may number one more.
+    fn below_max(&self, node: NodeId, seen: u64, others: usize) -> bool {
+        match &self.nodes[node as usize] {
+            Node::Object { max, .. } => (seen.count_ones() as usize + others) < *max as usize,
             _ => false,
         }
     }
@@ -1817,30 +1867,37 @@ impl Grammar {
                     }
                 }
                 Frame::Object { node, seen, state } => {
+                    // Other keys this object holds (`depth` counts it).
+                    let others = alt.other_keys.iter().filter(|&&(d, _)| d == depth).count();
                     if whitespace {
                         match *state {
                             ObjectState::Colon(_) => return, // nothing between a key and `:`
                             // After a value only `}` may follow whitespace: none if it may not.
-                            ObjectState::AfterValue if !self.may_close(*node, *seen) => return,
+                            ObjectState::AfterValue if !self.may_close(*node, *seen, others) => {
+                                return
+                            }
                             _ => return take_whitespace(alt, out),
                         }
                     }
                     let (node, seen_now) = (*node, *seen);
                     match (*state, b) {
                         (ObjectState::Open | ObjectState::AfterValue, b'}')
-                            if self.may_close(node, seen_now) =>
+                            if self.may_close(node, seen_now, others) =>
                         {
                             let depth = alt.frames.len();
                             alt.other_keys.retain(|&(d, _)| d != depth);
                             alt.frames.pop();
                         }
                         (ObjectState::AfterValue, b',')
-                            if alt.whitespace == 0 && self.more_keys(node, seen_now, depth) =>
+                            if alt.whitespace == 0
+                                && self.more_keys(node, seen_now, depth)
+                                && self.below_max(node, seen_now, others) =>
                         {
                             *state = ObjectState::AfterComma;
                         }
                         (ObjectState::Open | ObjectState::AfterComma, b'"')
-                            if self.more_keys(node, seen_now, depth) =>
+                            if self.more_keys(node, seen_now, depth)
+                                && self.below_max(node, seen_now, others) =>
                         {
                             let (unseen, other) = self.next_keys(node, seen_now, depth);
                             let free = other.is_some();

@@ -359,6 +359,55 @@ fn unique_items_are_never_repeated() {
 }
 
 #[test]
+fn objects_hold_their_number_of_keys() {
+    // Pydantic's `dict[str, int] = Field(min_length=1, max_length=2)`.
+    let g = grammar(
+        json!({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1, "maxProperties": 2}),
+    );
+    assert!(!matches(&g, "{}") && matches(&g, r#"{"a": 1}"#) && matches(&g, r#"{"a": 1, "b": 2}"#));
+    assert!(!prefix(&g, r#"{"a": 1, "b": 2,"#));
+    assert!(
+        !prefix(&g, "{ }"),
+        "no whitespace where only a key may follow"
+    );
+    // Declared and other keys count alike; required ones count toward the minimum.
+    let g = grammar(
+        json!({"type": "object", "properties": {"x": {"type": "null"}, "y": {"type": "null"}}, "required": ["x"], "minProperties": 2, "maxProperties": 2}),
+    );
+    assert!(!matches(&g, r#"{"x": null}"#) && matches(&g, r#"{"x": null, "other": 3}"#));
+    assert!(matches(&g, r#"{"y": null, "x": null}"#) && !prefix(&g, r#"{"x": null, "y": null,"#));
+    // maxProperties 0: only `{}`.
+    let g = grammar(json!({"type": "object", "maxProperties": 0}));
+    assert!(matches(&g, "{}") && !prefix(&g, r#"{""#));
+    for (schema, message) in [
+        (
+            json!({"type": "object", "minProperties": 3, "maxProperties": 2}),
+            "above `maxProperties`",
+        ),
+        (
+            json!({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"], "maxProperties": 1}),
+            "more properties are required",
+        ),
+        (
+            json!({"type": "object", "properties": {"a": {}}, "additionalProperties": false, "minProperties": 2}),
+            "more keys than `properties` has",
+        ),
+    ] {
+        let e = Grammar::compile(&schema).unwrap_err();
+        assert!(e.message.contains(message), "{schema}: {e}");
+    }
+    // A minimum met only by keys whose values nest: counted in the nesting a value needs.
+    let mut schema = json!({"type": "null"});
+    for _ in 0..63 {
+        schema = json!({"type": "object", "additionalProperties": schema, "minProperties": 1});
+    }
+    assert_eq!(
+        grammar(schema.clone()).min_depth[grammar(schema).root as usize],
+        63
+    );
+}
+
+#[test]
 fn dates_times_and_uuids_follow_their_formats() {
     let g = grammar(json!({"type": "string", "format": "date"}));
     for ok in [
@@ -776,6 +825,7 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
         }),
         json!({"type": "array", "items": {"type": "integer", "minimum": -7, "maximum": 12}, "minItems": 3}),
         json!({"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": true, "minItems": 4}),
+        json!({"type": "object", "properties": {"scores": {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2, "maxProperties": 3}, "pick": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"type": "integer"}}, "additionalProperties": false, "minProperties": 2}}, "required": ["scores", "pick"], "additionalProperties": false}),
         json!({"type": "object", "properties": {"amount": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}, "password": {"type": "string", "pattern": "^(?=.*[A-Z])(?=.*\\d)(?!.*x).{8,12}$"}}, "required": ["amount", "password"], "additionalProperties": false}),
         json!({"type": "array", "items": {"anyOf": [{"enum": ["r", "g", "b"]}, {"const": 1}, {"type": "null"}]}, "uniqueItems": true, "minItems": 2}),
         json!({"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}, "day": {"format": "date"}, "at": {"type": "string", "format": "time"}, "id": {"type": "string", "format": "uuid"}}, "required": ["when", "day", "at", "id"], "additionalProperties": false}),
