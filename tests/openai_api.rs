@@ -1415,16 +1415,25 @@ fn no_server_errors(server: &Server, path: &str, base: &Value, fields: &[&str]) 
     tried
 }
 
+/// The coglet venv's Python (RUNNER_COGLET_VENV), or `None` after saying the test skips.
+fn coglet_python() -> Option<String> {
+    match std::env::var("RUNNER_COGLET_VENV") {
+        Ok(venv) => Some(format!("{venv}/bin/python")),
+        Err(_) => {
+            eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (scripts/test.sh sets it up)");
+            None
+        }
+    }
+}
+
 /// A Python Cog language model (Replicate's inputs: `prompt`, `system_prompt`,
 /// `max_new_tokens`, `temperature`, `top_p`, `seed`, comma-separated `stop_sequences`; a
 /// ConcatenateIterator[str] out) gets the same routes, its inputs found by name.
 #[test]
 fn a_python_language_model_answers_chat_and_completions() {
-    let Ok(venv) = std::env::var("RUNNER_COGLET_VENV") else {
-        eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (scripts/test.sh sets it up)");
+    let Some(python) = coglet_python() else {
         return;
     };
-    let python = format!("{venv}/bin/python");
     let dir = repo_root().join("tests/data/python-predictors/llm");
     let server = Server::start(&dir, &["--python", &python]);
     let (_, models) = http(&server.addr, "GET", "/v1/models", None, &[]);
@@ -1583,11 +1592,9 @@ fn a_python_language_model_answers_chat_and_completions() {
 /// prediction per text, run side by side, in order.
 #[test]
 fn python_embedding_models_answer_the_embeddings_route() {
-    let Ok(venv) = std::env::var("RUNNER_COGLET_VENV") else {
-        eprintln!("SKIPPED: RUNNER_COGLET_VENV is not set (scripts/test.sh sets it up)");
+    let Some(python) = coglet_python() else {
         return;
     };
-    let python = format!("{venv}/bin/python");
     // What the predictors compute, by hand.
     let vector = |t: &str| {
         let sum: u32 = t.chars().map(|c| c as u32).sum();

@@ -99,6 +99,19 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A request's JSON body, if this model serves `route` (it serves what `serves` names).
+fn request_for(
+    engine: &Engine,
+    serves: OpenAi,
+    route: &str,
+    body: &Bytes,
+) -> Result<Map<String, Value>, ApiError> {
+    if engine.openai() != serves {
+        return Err(wrong_model(engine, route));
+    }
+    parse_body(body)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -328,10 +341,7 @@ pub(crate) async fn embeddings(State(state): State<AppState>, body: Bytes) -> Re
 
 async fn embed(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
     let engine = &state.engine;
-    if engine.openai() != OpenAi::Embeddings {
-        return Err(wrong_model(engine, "/v1/embeddings"));
-    }
-    let request = parse_body(body)?;
+    let request = request_for(engine, OpenAi::Embeddings, "/v1/embeddings", body)?;
     let base64 = match request.get("encoding_format").and_then(Value::as_str) {
         None | Some("float") => false,
         Some("base64") => true,
@@ -1206,10 +1216,7 @@ async fn complete(state: &AppState, body: &Bytes, kind: Kind) -> Result<Response
         Kind::Chat => "/v1/chat/completions",
         Kind::Text => "/v1/completions",
     };
-    if engine.openai() != OpenAi::TextGeneration {
-        return Err(wrong_model(engine, route));
-    }
-    let request = parse_body(body)?;
+    let request = request_for(engine, OpenAi::TextGeneration, route, body)?;
     // Rendering and counting a long prompt's tokens is CPU work: off the server's threads.
     let generation = {
         let engine = Arc::clone(engine);
@@ -1438,6 +1445,34 @@ impl Reply {
     }
 }
 
+/// One prediction's events, tagged with an index.
+type Events = futures_util::stream::BoxStream<'static, (usize, Result<Arc<StreamEvent>, u64>)>;
+
+/// A choice's events: what already happened, then what comes; `Err(n)` when `n` fell
+/// out of the history before they could be read.
+fn events(index: usize, subscription: runner_engine::Subscription) -> Events {
+    Box::pin(futures_util::stream::unfold(
+        Some(subscription),
+        move |subscription| async move {
+            let mut sub = subscription?;
+            if sub.skipped > 0 {
+                let lost = sub.skipped;
+                return Some(((index, Err(lost)), None));
+            }
+            let event = match sub.replay.pop_front() {
+                Some(e) => e,
+                None => match sub.receiver.recv().await {
+                    Ok(e) => e,
+                    Err(RecvError::Lagged(n)) => return Some(((index, Err(n)), None)),
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            let last = matches!(&*event, StreamEvent::Completed(_));
+            Some(((index, Ok(event)), (!last).then_some(sub)))
+        },
+    ))
+}
+
 /// The completion as OpenAI's event stream: chunks of each choice's pieces as they are
 /// generated (choices interleaved, each chunk naming its `index`), a chunk with each
 /// choice's finish reason, optionally one with the usage, then `[DONE]`. A client that goes
@@ -1448,7 +1483,6 @@ fn stream_reply(
     reply: Reply,
     generation: Generation,
 ) -> Response {
-    type Events = futures_util::stream::BoxStream<'static, (usize, Result<Arc<StreamEvent>, u64>)>;
     /// One choice's progress.
     struct Choice {
         /// Whether any text came as it was generated (a model returning one string sends
@@ -1472,30 +1506,6 @@ fn stream_reply(
         /// The finished choices' predictions, by index.
         bodies: Vec<Option<Value>>,
         done: bool,
-    }
-    /// A choice's events: what already happened, then what comes; `Err(n)` when `n` fell
-    /// out of the history before they could be read.
-    fn events(index: usize, subscription: runner_engine::Subscription) -> Events {
-        Box::pin(futures_util::stream::unfold(
-            Some(subscription),
-            move |subscription| async move {
-                let mut sub = subscription?;
-                if sub.skipped > 0 {
-                    let lost = sub.skipped;
-                    return Some(((index, Err(lost)), None));
-                }
-                let event = match sub.replay.pop_front() {
-                    Some(e) => e,
-                    None => match sub.receiver.recv().await {
-                        Ok(e) => e,
-                        Err(RecvError::Lagged(n)) => return Some(((index, Err(n)), None)),
-                        Err(RecvError::Closed) => return None,
-                    },
-                };
-                let last = matches!(&*event, StreamEvent::Completed(_));
-                Some(((index, Ok(event)), (!last).then_some(sub)))
-            },
-        ))
     }
     let data = |v: Value| v.to_string();
     let mut pending = std::collections::VecDeque::new();

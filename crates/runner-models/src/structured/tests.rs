@@ -906,15 +906,7 @@ fn the_mask_is_exactly_the_tokens_that_are_allowed_one_by_one() {
     // Checked at every token boundary of a real tokenization: inside keys, strings, numbers
     // and between them.
     for (i, &id) in ids.iter().enumerate() {
-        let mask = constraint.mask(vocabulary.len());
-        let one_by_one: Vec<bool> = (0..vocabulary.len() as u32)
-            .map(|t| constraint.allows(t))
-            .collect();
-        assert_eq!(mask, one_by_one, "after {i} tokens");
-        assert!(
-            mask[id as usize],
-            "token {i} ({id}) of a valid document is masked out"
-        );
+        let mask = mask_checked(&constraint, vocabulary.len(), i, id);
         assert!(
             !mask[im_end as usize],
             "the end before the document is complete"
@@ -934,6 +926,19 @@ fn the_mask_is_exactly_the_tokens_that_are_allowed_one_by_one() {
         "only the end of turn"
     );
     assert!(mask[im_end as usize]);
+}
+
+/// The mask after `i` tokens, checked against every token one by one, and holding `next`
+/// (the valid document's next token).
+fn mask_checked(constraint: &Constraint, len: usize, i: usize, next: u32) -> Vec<bool> {
+    let mask = constraint.mask(len);
+    let one_by_one: Vec<bool> = (0..len as u32).map(|t| constraint.allows(t)).collect();
+    assert_eq!(mask, one_by_one, "after {i} tokens");
+    assert!(
+        mask[next as usize],
+        "token {i} ({next}) of a valid document is masked out"
+    );
+    mask
 }
 
 #[test]
@@ -956,15 +961,7 @@ fn masks_follow_patterns_and_bounds_token_by_token() {
     let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     let mut constraint = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
     for (i, &id) in ids.iter().enumerate() {
-        let mask = constraint.mask(vocabulary.len());
-        let one_by_one: Vec<bool> = (0..vocabulary.len() as u32)
-            .map(|t| constraint.allows(t))
-            .collect();
-        assert_eq!(mask, one_by_one, "after {i} tokens");
-        assert!(
-            mask[id as usize],
-            "token {i} ({id}) of a valid document is masked out"
-        );
+        mask_checked(&constraint, vocabulary.len(), i, id);
         constraint.advance(id);
     }
     assert!(constraint.is_done());

@@ -470,7 +470,7 @@ fn message_item(ids: &Ids, text: &str, status: &str, logprobs: &Value) -> Value 
 
 /// The output items of a finished answer: a message (with its tokens' log probabilities,
 /// if asked), or the function calls it made.
-fn output_items(ids: &Ids, text: &str, tools: bool, status: &str, logprobs: &Value) -> Vec<Value> {
+fn output_items(ids: &Ids, text: &str, tools: bool, logprobs: &Value) -> Vec<Value> {
     match tools.then(|| tools::answer(text)).flatten() {
         Some(tools::Answer::Calls(calls)) => calls
             .into_iter()
@@ -492,9 +492,9 @@ fn output_items(ids: &Ids, text: &str, tools: bool, status: &str, logprobs: &Val
             })
             .collect(),
         Some(tools::Answer::Response(response)) => {
-            vec![message_item(ids, &response, status, &json!([]))]
+            vec![message_item(ids, &response, "completed", &json!([]))]
         }
-        None => vec![message_item(ids, text, status, logprobs)],
+        None => vec![message_item(ids, text, "completed", logprobs)],
     }
 }
 
@@ -587,16 +587,15 @@ impl Answer<'_> {
             Value::Array(entries) => Value::Array(entries.clone()),
             _ => json!([]),
         };
-        let items = output_items(self.ids, &text, tools, "completed", &logprobs);
-        let called = items.iter().any(|i| i["type"] == "function_call");
-        if cut_short && !called {
-            (
-                "incomplete",
-                output_items(self.ids, &text, tools, "incomplete", &logprobs),
-            )
-        } else {
-            ("completed", items)
+        let mut items = output_items(self.ids, &text, tools, &logprobs);
+        // Cut short: the message is incomplete (a whole function call is not).
+        if cut_short && items.iter().all(|i| i["type"] == "message") {
+            for item in &mut items {
+                item["status"] = json!("incomplete");
+            }
+            return ("incomplete", items);
         }
+        ("completed", items)
     }
 }
 
@@ -609,10 +608,7 @@ pub(crate) async fn responses(State(state): State<AppState>, body: Bytes) -> Res
 
 async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
     let engine = &state.engine;
-    if engine.openai() != OpenAi::TextGeneration {
-        return Err(wrong_model(engine, "/v1/responses"));
-    }
-    let request = parse_body(body)?;
+    let request = request_for(engine, OpenAi::TextGeneration, "/v1/responses", body)?;
     let Translated {
         chat,
         origins,
@@ -721,7 +717,7 @@ fn stream(
         history,
     } = options;
     struct State {
-        subscription: runner_engine::Subscription,
+        events: Events,
         guards: Vec<CancelOnDrop>,
         reply: Reply,
         ids: Ids,
@@ -867,7 +863,7 @@ fn stream(
         }
     }
     let mut state = State {
-        subscription: running.subscribe(),
+        events: events(0, running.subscribe()),
         guards,
         reply,
         ids,
@@ -887,6 +883,7 @@ fn stream(
         state.open_message(0);
     }
     let events = futures_util::stream::unfold(state, |mut st| async move {
+        use futures_util::StreamExt as _;
         loop {
             if let Some((kind, mut data)) = st.pending.pop_front() {
                 data["sequence_number"] = json!(st.sequence);
@@ -897,20 +894,12 @@ fn stream(
             if st.done {
                 return None;
             }
-            if st.subscription.skipped > 0 {
-                st.fail("the stream fell behind and lost tokens".into());
-                continue;
-            }
-            let event = match st.subscription.replay.pop_front() {
-                Some(event) => event,
-                None => match st.subscription.receiver.recv().await {
-                    Ok(event) => event,
-                    Err(RecvError::Lagged(_)) => {
-                        st.fail("the stream fell behind and lost tokens".into());
-                        continue;
-                    }
-                    Err(RecvError::Closed) => return None,
-                },
+            let event = match st.events.next().await? {
+                (_, Ok(event)) => event,
+                (_, Err(_lost)) => {
+                    st.fail("the stream fell behind and lost tokens".into());
+                    continue;
+                }
             };
             match &*event {
                 StreamEvent::Metric { name, value, .. } if name == "logprobs" => {
