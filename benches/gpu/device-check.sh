@@ -203,6 +203,11 @@ step "restore sweep (big)" 60 restore_sweep big
 step "PyTorch big cold start" 90 pytorch_big big
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
 step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
+read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandwidth, and a PyTorch ring
+  python3 read_ceiling.py "$(ls "$1"/.runner/*.rsnap | grep -v cpu | head -1)" > "$WORK/read-ceiling-$1.md"
+}
+export -f read_ceiling
+step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
 step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
 step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
@@ -255,6 +260,7 @@ PY
 report
 { echo; echo "failed steps: ${FAILED[*]:-none}"; } >> "$WORK/results.md"
 for f in minilm.md smollm2.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; } >> "$WORK/results.md"; done
+for f in "$WORK"/read-ceiling-*.md; do [ -f "$f" ] && { echo; cat "$f"; } >> "$WORK/results.md"; done
 [ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""What a restore from the page cache can reach on this machine, measured without runner.
+
+    read_ceiling.py FILE
+
+For 1, 4, 8 and 16 threads, each taking 4 MiB pieces of FILE in turn (as runner's reader
+threads do): (a) pread into reused pageable buffers, the page cache's own read bandwidth;
+(b) pread into pinned buffers, each copied to the GPU on the thread's own stream with a
+ring of two buffers guarded by events, the same pipeline as runner's `pinned` path, written
+in PyTorch. Prints a markdown table. FILE should already be in the page cache (it is read
+once first so that it is).
+"""
+import os
+import sys
+import threading
+import time
+
+import torch
+
+PIECE = 4 << 20
+
+
+def run(path, threads, pinned):
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    pieces = list(range(0, size, PIECE))
+    lock = threading.Lock()
+    cursor = [0]
+    dest = torch.empty(size, dtype=torch.uint8, device="cuda") if pinned else None
+
+    def take():
+        with lock:
+            i = cursor[0]
+            cursor[0] += 1
+        return pieces[i] if i < len(pieces) else None
+
+    def worker():
+        ring = []
+        for _ in range(2):
+            b = torch.empty(PIECE, dtype=torch.uint8, pin_memory=pinned)
+            ring.append((b, b.numpy(), torch.cuda.Event() if pinned else None))
+        stream = torch.cuda.Stream() if pinned else None
+        turn = 0
+        while (at := take()) is not None:
+            b, view, event = ring[turn % 2]
+            turn += 1
+            if event is not None:
+                event.synchronize()
+            n = os.preadv(fd, [memoryview(view)[: min(PIECE, size - at)]], at)
+            if pinned:
+                with torch.cuda.stream(stream):
+                    dest[at : at + n].copy_(b[:n], non_blocking=True)
+                    event.record(stream)
+        if stream is not None:
+            stream.synchronize()
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - started
+    os.close(fd)
+    return size / seconds / 1e9
+
+
+def main():
+    path = sys.argv[1]
+    run(path, 8, False)  # into the page cache, and the threads' first allocations
+    print(f"Page-cache ceilings for {os.path.basename(path)} ({os.path.getsize(path) / 1e9:.2f} GB), "
+          f"4 MiB pieces, PyTorch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    print("| threads | pread into pageable buffers | pread into pinned buffers + H2D copies (runner's `pinned` pipeline) |")
+    print("|---|---|---|")
+    for threads in (1, 4, 8, 16):
+        plain = max(run(path, threads, False) for _ in range(2))
+        piped = max(run(path, threads, True) for _ in range(2))
+        print(f"| {threads} | {plain:.1f} GB/s | {piped:.1f} GB/s |")
+
+
+if __name__ == "__main__":
+    main()
