@@ -39,8 +39,9 @@ pub(crate) enum CudaRestorePath {
     Pinned,
     /// `mapped`: the snapshot file's page-cache pages are themselves page-locked
     /// (`cuMemHostRegister`, read-only) chunk by chunk and copied from directly, so the CPU
-    /// reads each byte once (for its checksum) and copies nothing. Unverified on a GPU so far:
-    /// the GPU script measures it beside the ring.
+    /// reads each byte once (for its checksum) and copies nothing. On an H200 (2026-11-30)
+    /// it restored bit-identically at 12.1 GB/s against the ring's 18.6 GB/s for 2.15 GB:
+    /// locking the page cache's pages cost more than copying them.
     Mapped,
     /// `pageable`: read each arena into ordinary memory and upload it with one copy.
     Pageable,
