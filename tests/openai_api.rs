@@ -1820,6 +1820,12 @@ with llm.responses.stream(model="m", previous_response_id=second.id, input="Than
     third = stream.get_final_response()
 out["third"] = llm.responses.retrieve(third.id).output_text == third.output_text and third.output_text != ""
 out["retrieved"] = llm.responses.retrieve(first.id).output_text == first.output_text
+items = llm.responses.input_items.list(follow.id)
+out["input_items"] = [[i.type, i.id.split("_")[0]] for i in items.data]
+page = llm.responses.input_items.list(follow.id, order="asc", limit=2)
+rest = llm.responses.input_items.list(follow.id, order="asc", limit=2, after=page.data[-1].id)
+out["input_pages"] = [[i.type for i in page.data], page.has_more, [i.type for i in rest.data], rest.has_more]
+out["input_text"] = page.data[0].content[0].text
 llm.responses.delete(first.id)
 unkept = llm.responses.create(model="m", input="Hi", max_output_tokens=2, store=False)
 for name, call in [("deleted", lambda: llm.responses.retrieve(first.id)), ("unkept", lambda: llm.responses.retrieve(unkept.id)), ("unknown", lambda: llm.responses.create(model="m", input="Hi", previous_response_id="resp_nope"))]:
@@ -1936,6 +1942,25 @@ print(json.dumps(out))
     assert_eq!(out["continued"][2], true);
     assert_eq!(out["third"], true);
     assert_eq!(out["retrieved"], true);
+    // A kept response's input, newest first, and a page at a time oldest first.
+    assert_eq!(
+        out["input_items"],
+        json!([
+            ["function_call_output", "fco"],
+            ["function_call", "fc"],
+            ["message", "msg"]
+        ])
+    );
+    assert_eq!(
+        out["input_pages"],
+        json!([
+            ["message", "function_call"],
+            true,
+            ["function_call_output"],
+            false
+        ])
+    );
+    assert_eq!(out["input_text"], "What is the weather in Paris?");
     assert_eq!(out["deleted"], Value::Null, "{out}");
     assert_eq!(out["unkept"], Value::Null, "{out}");
     assert_eq!(out["unknown"], "previous_response_id", "{out}");

@@ -299,6 +299,7 @@ impl Server {
                 "/v1/responses/{id}",
                 get(openai::get_response).delete(openai::delete_response),
             )
+            .route("/v1/responses/{id}/input_items", get(openai::input_items))
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),

@@ -16,7 +16,7 @@
 mod responses;
 mod tools;
 
-pub(crate) use responses::{delete_response, get_response, responses};
+pub(crate) use responses::{delete_response, get_response, input_items, responses};
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -37,6 +37,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::AppState;
 
 /// An OpenAI-shaped error answer.
+#[derive(Debug)]
 struct ApiError {
     status: StatusCode,
     message: String,

@@ -5,7 +5,8 @@
 //!
 //! Responses are kept in memory (the latest [`MAX_STORED`], at most [`MAX_STORED_BYTES`]
 //! in all; none with `store: false`), so `previous_response_id` continues a conversation
-//! and `GET`/`DELETE /v1/responses/{id}` find one; a restart forgets them.
+//! and `GET`/`DELETE /v1/responses/{id}` find one, `GET /v1/responses/{id}/input_items` its
+//! input; a restart forgets them.
 
 use super::*;
 
@@ -31,6 +32,8 @@ const MAX_STORED_BYTES: usize = 64 << 20;
 struct Stored {
     response: Value,
     conversation: Vec<Value>,
+    /// The request's own `input`, as input items with ids (`input_items`).
+    input_items: Vec<Value>,
     bytes: usize,
 }
 
@@ -46,8 +49,10 @@ fn store() -> &'static std::sync::Mutex<Store> {
     STORE.get_or_init(Default::default)
 }
 
-fn remember(id: &str, response: &Value, conversation: Vec<Value>) {
-    let bytes = response.to_string().len() + Value::Array(conversation.clone()).to_string().len();
+fn remember(id: &str, response: &Value, conversation: Vec<Value>, input_items: Vec<Value>) {
+    let bytes = response.to_string().len()
+        + Value::Array(conversation.clone()).to_string().len()
+        + Value::Array(input_items.clone()).to_string().len();
     let mut store = store().lock().unwrap_or_else(|e| e.into_inner());
     store.order.push_back(id.to_string());
     store.bytes += bytes;
@@ -56,6 +61,7 @@ fn remember(id: &str, response: &Value, conversation: Vec<Value>) {
         Stored {
             response: response.clone(),
             conversation,
+            input_items,
             bytes,
         },
     );
@@ -123,6 +129,129 @@ pub(crate) async fn delete_response(
         }
         None => not_found(&id, None).into_response(),
     }
+}
+
+/// `GET /v1/responses/{id}/input_items`: a kept response's input, a page at a time, as
+/// OpenAI lists it (`limit` 1–100, default 20; `order` `desc` by default; `after`/`before`
+/// an item id).
+pub(crate) async fn input_items(
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let Some(stored) = recall(&id) else {
+        return not_found(&id, None).into_response();
+    };
+    match page_of(stored.input_items, &query) {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn page_of(
+    mut items: Vec<Value>,
+    query: &std::collections::HashMap<String, String>,
+) -> Result<Value, ApiError> {
+    let limit = match query.get("limit") {
+        None => 20,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n @ 1..=100) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    Some("limit"),
+                    format!("`limit` must be an integer from 1 to 100, not {text:?}"),
+                ))
+            }
+        },
+    };
+    match query.get("order").map(String::as_str) {
+        None | Some("desc") => items.reverse(),
+        Some("asc") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                Some("order"),
+                format!("`order` must be asc or desc, not {other:?}"),
+            ))
+        }
+    }
+    for key in ["after", "before"] {
+        let Some(cursor) = query.get(key) else {
+            continue;
+        };
+        let Some(at) = items.iter().position(|item| item["id"] == cursor.as_str()) else {
+            return Err(ApiError::invalid(
+                Some(key),
+                format!("`{key}`: this response has no input item {cursor:?}"),
+            ));
+        };
+        if key == "after" {
+            items.drain(..=at);
+        } else {
+            items.truncate(at);
+        }
+    }
+    // `before` keeps the items nearest to it, as OpenAI's cursor pages do.
+    let skip = if query.contains_key("before") && !query.contains_key("after") {
+        items.len().saturating_sub(limit)
+    } else {
+        0
+    };
+    let has_more = items.len() > limit;
+    let data: Vec<Value> = items.into_iter().skip(skip).take(limit).collect();
+    Ok(json!({
+        "object": "list",
+        "data": data,
+        "first_id": data.first().map(|item| item["id"].clone()),
+        "last_id": data.last().map(|item| item["id"].clone()),
+        "has_more": has_more,
+    }))
+}
+
+/// The request's `input` as the input items OpenAI lists for a response: each with an id
+/// (its own, or one made from the response's), text content as parts, and a status.
+fn input_items_of(request: &Map<String, Value>, response_id: &str) -> Vec<Value> {
+    let suffix = response_id.strip_prefix("resp_").unwrap_or(response_id);
+    let parts = |content: &Value, kind: &str| match content {
+        Value::String(text) => json!([{"type": kind, "text": text}]),
+        other => other.clone(),
+    };
+    let items = match request.get("input") {
+        Some(Value::String(text)) => {
+            vec![json!({"type": "message", "role": "user", "content": text})]
+        }
+        Some(Value::Array(items)) => items.clone(),
+        _ => Vec::new(),
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let kind = item["type"].as_str().unwrap_or("message").to_string();
+            let prefix = match kind.as_str() {
+                "function_call" => "fc",
+                "function_call_output" => "fco",
+                _ => "msg",
+            };
+            let mut listed = match kind.as_str() {
+                "message" => {
+                    let role = item["role"].as_str().unwrap_or("user");
+                    let part = if role == "assistant" {
+                        "output_text"
+                    } else {
+                        "input_text"
+                    };
+                    json!({"type": "message", "role": role, "content": parts(&item["content"], part)})
+                }
+                _ => item.clone(),
+            };
+            let id = match item["id"].as_str() {
+                Some(id) => id.to_string(),
+                None => format!("{prefix}_{suffix}_{i}"),
+            };
+            listed["id"] = json!(id);
+            listed["status"] = json!("completed");
+            listed
+        })
+        .collect()
 }
 
 /// The `include` value that asks for the output text's log probabilities.
@@ -677,7 +806,8 @@ async fn respond(state: &AppState, body: &Bytes) -> Result<Response, ApiError> {
         conversation.extend(assistant_turns(
             response["output"].as_array().map_or(&[][..], Vec::as_slice),
         ));
-        remember(&ids.response, &response, conversation);
+        let inputs = input_items_of(&request, &ids.response);
+        remember(&ids.response, &response, conversation, inputs);
     }
     Ok(Json(response).into_response())
 }
@@ -850,7 +980,8 @@ fn stream(
                 conversation.extend(assistant_turns(
                     response["output"].as_array().map_or(&[][..], Vec::as_slice),
                 ));
-                remember(&self.ids.response, &response, conversation);
+                let inputs = input_items_of(&self.request, &self.ids.response);
+                remember(&self.ids.response, &response, conversation, inputs);
             }
             let kind = if status == "incomplete" {
                 "response.incomplete"
@@ -934,6 +1065,7 @@ mod tests {
                 &format!("resp_test{i}"),
                 &json!({"id": i}),
                 vec![json!({"role": "user", "content": "hi"})],
+                Vec::new(),
             );
         }
         assert!(recall("resp_test0").is_none() && recall("resp_test9").is_none());
@@ -943,12 +1075,91 @@ mod tests {
         // A few large conversations push the others out by size.
         let big = vec![json!({"role": "user", "content": "x".repeat(MAX_STORED_BYTES / 3)})];
         for i in 0..4 {
-            remember(&format!("resp_big{i}"), &json!({}), big.clone());
+            remember(&format!("resp_big{i}"), &json!({}), big.clone(), Vec::new());
         }
         let store = store().lock().unwrap();
         assert!(store.bytes <= MAX_STORED_BYTES);
         assert!(!store.responses.contains_key("resp_big0"));
         assert!(store.responses.contains_key("resp_big3"));
         assert_eq!(store.order.len(), store.responses.len());
+    }
+
+    #[test]
+    fn input_items_list_a_page_at_a_time_in_either_order() {
+        let request = json!({"input": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+            {"type": "message", "role": "assistant", "content": "It is sunny.", "id": "msg_mine"},
+            {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]},
+        ]});
+        let items = input_items_of(request.as_object().unwrap(), "resp_abc");
+        let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+        assert_eq!(
+            ids,
+            [
+                "msg_abc_0",
+                "fc_abc_1",
+                "fco_abc_2",
+                "msg_mine",
+                "msg_abc_4"
+            ]
+        );
+        assert_eq!(
+            items[0]["content"],
+            json!([{"type": "input_text", "text": "What is the weather in Paris?"}])
+        );
+        assert_eq!(items[3]["content"][0]["type"], "output_text");
+        assert!(items.iter().all(|i| i["status"] == "completed"));
+        let query = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let page = |pairs: &[(&str, &str)]| page_of(items.clone(), &query(pairs));
+        let ids_of = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        // Newest first by default.
+        let all = page(&[]).unwrap();
+        assert_eq!(ids_of(&all)[0], "msg_abc_4");
+        assert_eq!(
+            (all["first_id"].as_str(), all["has_more"].as_bool()),
+            (Some("msg_abc_4"), Some(false))
+        );
+        // Pages of two, oldest first, walked by `after`.
+        let first = page(&[("order", "asc"), ("limit", "2")]).unwrap();
+        assert_eq!(
+            (ids_of(&first), first["has_more"].as_bool()),
+            (
+                vec!["msg_abc_0".to_string(), "fc_abc_1".to_string()],
+                Some(true)
+            )
+        );
+        let next = page(&[("order", "asc"), ("limit", "2"), ("after", "fc_abc_1")]).unwrap();
+        assert_eq!(ids_of(&next), ["fco_abc_2", "msg_mine"]);
+        let last = page(&[("order", "asc"), ("limit", "2"), ("after", "msg_mine")]).unwrap();
+        assert_eq!(
+            (ids_of(&last), last["has_more"].as_bool()),
+            (vec!["msg_abc_4".to_string()], Some(false))
+        );
+        // `before` keeps the nearest items.
+        let before = page(&[("order", "asc"), ("limit", "2"), ("before", "msg_mine")]).unwrap();
+        assert_eq!(ids_of(&before), ["fc_abc_1", "fco_abc_2"]);
+        // Bad queries name their parameter.
+        for (bad, param) in [
+            (("limit", "0"), "limit"),
+            (("limit", "101"), "limit"),
+            (("order", "up"), "order"),
+            (("after", "msg_nope"), "after"),
+        ] {
+            assert_eq!(page(&[bad]).unwrap_err().param.as_deref(), Some(param));
+        }
     }
 }
