@@ -886,13 +886,10 @@ fn requests_it_cannot_honour_get_openai_errors_naming_the_parameter() {
     assert_eq!(s, 200, "{b}");
     // Structured output runner cannot enforce, or asked for wrongly.
     let (s, b) = chat(
-        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3}}}}),
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "not": {"const": 3}}}}}),
     );
     let message = error_of(s, &b, 400, Some("response_format"));
-    assert!(
-        message.contains("`multipleOf` is not supported"),
-        "{message}"
-    );
+    assert!(message.contains("`not` is not supported"), "{message}");
     let (s, b) = chat(
         json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(a)\\1"}}}}),
     );
@@ -1791,6 +1788,7 @@ class City(BaseModel):
     model_config = ConfigDict(regex_engine="python-re")
     ref: str = Field(pattern=r"^(?=.*\d)[A-Z0-9]{4}$")
     scores: dict[str, int] = Field(min_length=1, max_length=2)
+    altitude: int = Field(ge=0, le=5000, multiple_of=10)
 p = llm.responses.parse(model="m", input=[{"role": "user", "content": "Describe Paris."}], text_format=City, temperature=0, max_output_tokens=200)
 out["parsed"] = p.output_parsed.model_dump(mode="json")
 out["landmarks_text"] = json.loads(p.output_text)["landmarks"]
@@ -1834,7 +1832,7 @@ for name, call in [("deleted", lambda: llm.responses.retrieve(first.id)), ("unke
         out[name] = "found"
     except openai.NotFoundError as e:
         out[name] = e.body.get("param") if isinstance(e.body, dict) else "404"
-for name, kwargs in [("include", {"include": ["reasoning.encrypted_content"]}), ("top", {"top_logprobs": 2}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 2}}}})]:
+for name, kwargs in [("include", {"include": ["reasoning.encrypted_content"]}), ("top", {"top_logprobs": 2}), ("tokens", {"max_output_tokens": 0}), ("image", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}), ("schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "not": {"const": 2}}}}})]:
     try:
         llm.responses.create(model="m", **{"input": "Hi", **kwargs})
         out[name] = "accepted"
@@ -1900,6 +1898,12 @@ print(json.dumps(out))
     // `dict[str, int]` with `min_length`/`max_length`: minProperties/maxProperties.
     let scores = out["parsed"]["scores"].as_object().unwrap();
     assert!((1..=2).contains(&scores.len()), "{out}");
+    // `multiple_of` (`multipleOf`) within bounds.
+    let altitude = out["parsed"]["altitude"].as_i64().unwrap();
+    assert!(
+        (0..=5000).contains(&altitude) && altitude % 10 == 0,
+        "{out}"
+    );
     // A pattern with a lookahead held (and Pydantic checked it again).
     let reference = out["ref"].as_str().unwrap();
     assert!(

@@ -156,7 +156,6 @@ const ANNOTATIONS: &[&str] = &[
 
 /// Keywords that constrain values in ways the matcher does not enforce: refused.
 const UNSUPPORTED: &[&str] = &[
-    "multipleOf",
     "contains",
     "minContains",
     "maxContains",
@@ -311,7 +310,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings or enum values), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings or enum values), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -412,9 +411,15 @@ impl Compiler<'_> {
                     || object.contains_key("pattern")
                 {
                     vec!["string"]
-                } else if ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"]
-                    .iter()
-                    .any(|k| object.contains_key(*k))
+                } else if [
+                    "minimum",
+                    "maximum",
+                    "exclusiveMinimum",
+                    "exclusiveMaximum",
+                    "multipleOf",
+                ]
+                .iter()
+                .any(|k| object.contains_key(*k))
                 {
                     vec!["number"]
                 } else {

@@ -1,10 +1,15 @@
-//! Numbers held to `minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum`.
+//! Numbers held to `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and
+//! `multipleOf`.
 //!
 //! A bounded number is written plainly (`-12.5`, no exponent) with at most
 //! [`MAX_DIGITS`] digits before and after the point, so every value it can take is a
-//! whole number of 10^-15 units: the bounds and each prefix are compared exactly, in
-//! `i128`. A digit is taken only if some number that starts with the text so far lies
-//! within the bounds.
+//! whole number of 10^-15 units: the bounds, the step and each prefix are compared
+//! exactly, in `i128`. A digit is taken only if some number that starts with the text so
+//! far lies within the bounds and is a multiple of the step.
+//!
+//! `multipleOf` has its exact decimal meaning (0.07 is a multiple of 0.01), as Pydantic
+//! checks it; validators that divide binary floating-point numbers can disagree on such
+//! values, never on multiples of whole numbers or of halves, quarters and so on.
 
 use serde_json::{Map, Number, Value};
 
@@ -17,12 +22,22 @@ fn pow10(k: u8) -> i128 {
     10i128.pow(u32::from(k))
 }
 
-/// Inclusive bounds, in units; for integers, multiples of [`SCALE`].
+/// Inclusive bounds, in units, and the step every value is a multiple of: one unit for
+/// numbers, [`SCALE`] for integers, or `multipleOf` (for integers, a multiple of both).
+/// The bounds are multiples of the step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Range {
     lo: i128,
     hi: i128,
+    step: i128,
     integer: bool,
+}
+
+fn gcd(mut a: i128, mut b: i128) -> i128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// `n` in units, rounded down, and whether that is exact. Far-off values are clamped
@@ -119,6 +134,21 @@ impl Range {
             hi = hi.min(if exact { value - 1 } else { value });
             declared = true;
         }
+        let mut step = if integer { SCALE } else { 1 };
+        if let Some(n) = number(schema, "multipleOf", path)? {
+            let (value, exact) = units(&n);
+            if n.as_f64().is_none_or(|f| f <= 0.0) {
+                return Err(fail(path, "`multipleOf` must be greater than 0"));
+            }
+            if !exact || value == 0 || value > pow10(MAX_DIGITS) * SCALE {
+                return Err(fail(
+                    path,
+                    format!("`multipleOf` {n} is not supported: runner writes numbers of at most {MAX_DIGITS} digits either side of the point, so the step must be a multiple of 10^-{MAX_DIGITS} and at most 10^{MAX_DIGITS}"),
+                ));
+            }
+            step = step / gcd(step, value) * value;
+            declared = true;
+        }
         if !declared {
             return Ok(None);
         }
@@ -127,19 +157,27 @@ impl Range {
         } else {
             pow10(MAX_DIGITS) * SCALE - 1
         };
-        let (mut lo, mut hi) = (lo.max(-largest), hi.min(largest));
-        if integer {
-            lo = -((-lo).div_euclid(SCALE)) * SCALE;
-            hi = hi.div_euclid(SCALE) * SCALE;
-        }
+        let (lo, hi) = (lo.max(-largest), hi.min(largest));
+        // The nearest multiples of the step inside the bounds.
+        let (lo, hi) = (-((-lo).div_euclid(step)) * step, hi.div_euclid(step) * step);
         if lo > hi {
             let what = if integer { "integer" } else { "number" };
+            let multiple = if step > 1 && !(integer && step == SCALE) {
+                " and is a multiple of `multipleOf`"
+            } else {
+                ""
+            };
             return Err(fail(
                 path,
-                format!("no {what} (of at most {MAX_DIGITS} digits either side of the point) lies within `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum`"),
+                format!("no {what} (of at most {MAX_DIGITS} digits either side of the point) lies within `minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum`{multiple}"),
             ));
         }
-        Ok(Some(Range { lo, hi, integer }))
+        Ok(Some(Range {
+            lo,
+            hi,
+            step,
+            integer,
+        }))
     }
 
     /// Whether a number that starts with `text` may lie within the bounds.
@@ -151,7 +189,10 @@ impl Range {
             } else {
                 (a, b)
             };
-            a <= b && a <= self.hi && b >= self.lo
+            // The first multiple of the step from where the two ranges overlap.
+            let from = a.max(self.lo);
+            let first = -((-from).div_euclid(self.step)) * self.step;
+            a <= b && first <= b.min(self.hi)
         };
         // The values each way of going on can reach, by magnitude.
         let whole = |p: i128| {
@@ -188,7 +229,9 @@ impl Range {
             Phase::Sign | Phase::Dot => return false,
         };
         let value = if text.negative { -magnitude } else { magnitude };
-        !(text.negative && magnitude == 0) && (self.lo..=self.hi).contains(&value)
+        !(text.negative && magnitude == 0)
+            && (self.lo..=self.hi).contains(&value)
+            && value.rem_euclid(self.step) == 0
     }
 }
 

@@ -285,6 +285,46 @@ fn bounded_numbers_stay_within_their_bounds() {
 }
 
 #[test]
+fn multiples_of_a_step_are_the_only_numbers_written() {
+    let g = grammar(json!({"type": "integer", "multipleOf": 5}));
+    for ok in ["0", "5", "-5", "100", "123456789012345"] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    let mut m = g.matcher();
+    assert!(
+        m.feed_all(&g, b"1") && !m.can_finish(),
+        "1 goes on to 10, 15, ..."
+    );
+    for bad in ["12", "1.5", "-0"] {
+        assert!(!matches(&g, bad), "{bad}");
+    }
+    // Within bounds: only the multiples inside them, and no prefix that leads nowhere.
+    let g = grammar(json!({"type": "integer", "minimum": 7, "maximum": 30, "multipleOf": 7}));
+    for ok in ["7", "14", "21", "28"] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in ["3", "4", "0", "35"] {
+        assert!(!prefix(&g, bad), "{bad}");
+    }
+    assert!(prefix(&g, "2") && !matches(&g, "2"));
+    // Decimal steps have their exact decimal meaning (Pydantic's `Field(multiple_of=0.01)`).
+    let g = grammar(json!({"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}));
+    for ok in ["0", "0.07", "0.1", "0.10", "1", "1.00"] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in ["0.001", "0.075", "1.01"] {
+        assert!(!prefix(&g, bad), "{bad}");
+    }
+    // An integer with a fractional step: multiples of both.
+    let g = grammar(json!({"type": "integer", "multipleOf": 1.5, "maximum": 10, "minimum": 0}));
+    assert!(matches(&g, "0") && matches(&g, "3") && matches(&g, "9"));
+    assert!(!matches(&g, "1") && !matches(&g, "6.5") && !prefix(&g, "10"));
+    // Without a type, a step says "number".
+    let g = grammar(json!({"multipleOf": 0.5}));
+    assert!(matches(&g, "2.5") && !matches(&g, "2.25") && !prefix(&g, "\""));
+}
+
+#[test]
 fn unique_items_are_never_repeated() {
     // Strings: a repeated one is refused at its closing quote, and may go on instead.
     let g = grammar(json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true}));
@@ -598,9 +638,24 @@ fn alternatives_literals_and_type_lists() {
 fn unsupported_or_impossible_schemas_are_refused_by_name() {
     let cases = [
         (
-            json!({"type": "integer", "multipleOf": 5}),
+            json!({"type": "integer", "not": {"const": 5}}),
             "#",
-            "`multipleOf` is not supported",
+            "`not` is not supported",
+        ),
+        (
+            json!({"type": "number", "multipleOf": 0}),
+            "#",
+            "`multipleOf` must be greater than 0",
+        ),
+        (
+            json!({"type": "number", "multipleOf": 1e-20}),
+            "#",
+            "must be a multiple of 10^-15",
+        ),
+        (
+            json!({"type": "integer", "minimum": 1, "maximum": 4, "multipleOf": 5}),
+            "#",
+            "is a multiple of `multipleOf`",
         ),
         (
             json!({"type": "string", "pattern": "^(a)\\1$"}),
@@ -824,6 +879,8 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
             "additionalProperties": false
         }),
         json!({"type": "array", "items": {"type": "integer", "minimum": -7, "maximum": 12}, "minItems": 3}),
+        // Steps that binary floating point divides exactly, as the validator checks them.
+        json!({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}, "q": {"type": "number", "multipleOf": 0.25, "minimum": -3, "maximum": 1000}, "k": {"type": "integer", "multipleOf": 1.5, "exclusiveMinimum": 0}}, "required": ["n", "q", "k"], "additionalProperties": false}),
         json!({"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": true, "minItems": 4}),
         json!({"type": "object", "properties": {"scores": {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2, "maxProperties": 3}, "pick": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"type": "integer"}}, "additionalProperties": false, "minProperties": 2}}, "required": ["scores", "pick"], "additionalProperties": false}),
         json!({"type": "object", "properties": {"amount": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}, "password": {"type": "string", "pattern": "^(?=.*[A-Z])(?=.*\\d)(?!.*x).{8,12}$"}}, "required": ["amount", "password"], "additionalProperties": false}),
@@ -952,12 +1009,14 @@ fn masks_follow_patterns_and_bounds_token_by_token() {
             "code": {"type": "string", "pattern": "^[A-Z]{2}\\d{3}$"},
             "score": {"type": "number", "minimum": 0, "maximum": 1},
             "age": {"type": "integer", "minimum": 18, "maximum": 99},
-            "note": {"type": "string", "pattern": "\\bthere\\b", "maxLength": 20}
+            "note": {"type": "string", "pattern": "\\bthere\\b", "maxLength": 20},
+            "price": {"type": "number", "multipleOf": 0.05, "minimum": 0}
         },
-        "required": ["code", "score", "age", "note"],
+        "required": ["code", "score", "age", "note", "price"],
         "additionalProperties": false
     })));
-    let text = r#"{"code": "AB123", "score": 0.75, "age": 42, "note": "hello there"}"#;
+    let text =
+        r#"{"code": "AB123", "score": 0.75, "age": 42, "note": "hello there", "price": 12.35}"#;
     let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     let mut constraint = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
     for (i, &id) in ids.iter().enumerate() {
@@ -974,6 +1033,17 @@ fn masks_follow_patterns_and_bounds_token_by_token() {
     let zero = tokenizer.token_to_id("0").unwrap();
     let one = tokenizer.token_to_id("1").unwrap();
     assert!(!after_age.allows(zero) && after_age.allows(one));
+    // After `"price": 12.3` only a 0 or a 5 (or the end) keeps it a multiple of 0.05.
+    let mut after_price = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
+    for id in tokenizer
+        .encode(r#"{"price": 12.3"#, false)
+        .unwrap()
+        .get_ids()
+    {
+        after_price.advance(*id);
+    }
+    let five = tokenizer.token_to_id("5").unwrap();
+    assert!(!after_price.allows(one) && after_price.allows(five));
     let mut after_code = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
     for id in tokenizer.encode(r#"{"code": "A"#, false).unwrap().get_ids() {
         after_code.advance(*id);
