@@ -55,9 +55,10 @@ step() {  # step NAME SECONDS COMMAND...: runs a step with a time limit; a failu
   echo "== $name (limit ${limit}s)"
   local t=$(date +%s.%N)
   if timeout "$limit" bash -o pipefail -c '"$@"' step "$@"; then
-    echo "== $name: ok in $(python3 -c "import time;print(round(time.time()-$t,1))") s"
+    echo "== $name: ok in $(python3 -c "import time;print(round(time.time()-$t,1))") s" | tee -a "$WORK/steps.txt"
   else
-    echo "== $name: FAILED (exit $?)"; FAILED+=("$name")
+    echo "== $name: FAILED (exit $?) after $(python3 -c "import time;print(round(time.time()-$t,1))") s" | tee -a "$WORK/steps.txt"
+    FAILED+=("$name")
   fi
 }
 
@@ -152,8 +153,21 @@ step "pinned H2D bandwidth" 60 pinned_h2d
 
 # 4. Cold vs snapshot, per restore path, and PyTorch's cold starts beside them.
 step "generate the big model" 120 ./runner -q generate tiny-mlp big/weights --hidden-size "$BIG_HIDDEN" --layers 16 --dtype bf16
+seed_kernel_cache() {  # seed_kernel_cache DIR: another generated model's compiled kernels
+  # (the same candle kernels; the driver's cache is keyed by the PTX), so a snapshot of DIR
+  # does not spend ~15 s compiling them again. The benches' fresh-machine mode still
+  # starts from an empty cache of its own.
+  local from
+  for from in big huge giant; do
+    if [ "$from" != "$1" ] && [ -d "$from/.runner/cuda-kernel-cache" ] && ! [ -d "$1/.runner/cuda-kernel-cache" ]; then
+      mkdir -p "$1/.runner" && cp -r "$from/.runner/cuda-kernel-cache" "$1/.runner/" && return 0
+    fi
+  done
+}
+export -f seed_kernel_cache
 verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
   local dir=$1 mode; shift
+  seed_kernel_cache "$dir"
   for mode in "$@"; do
     RUNNER_CUDA_RESTORE=$mode ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
     grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
@@ -214,7 +228,7 @@ step "restore sweep (4.3 GB model)" 60 restore_sweep huge
 step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
 # Last, where time is left: a 17 GB model (16 layers of 16384x16384 f32, 8.6 GB as bf16),
 # the size of a 7-8B LLM in bf16, where loading is most of a cold start.
-giant_snapshot() { rm -rf huge/weights huge/.runner; ./runner -q snapshot giant --device "$DEVICE" > /dev/null 2> "$WORK/snapshot-giant.log"; }
+giant_snapshot() { seed_kernel_cache giant; rm -rf huge/weights huge/.runner; ./runner -q snapshot giant --device "$DEVICE" > /dev/null 2> "$WORK/snapshot-giant.log"; }
 export -f giant_snapshot
 step "generate the 17 GB model" 150 ./runner -q generate tiny-mlp giant/weights --hidden-size "$GIANT_HIDDEN" --layers 16 --dtype bf16
 step "17 GB model snapshot" 150 giant_snapshot
@@ -261,6 +275,7 @@ report
 { echo; echo "failed steps: ${FAILED[*]:-none}"; } >> "$WORK/results.md"
 for f in minilm.md smollm2.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; } >> "$WORK/results.md"; done
 for f in "$WORK"/read-ceiling-*.md; do [ -f "$f" ] && { echo; cat "$f"; } >> "$WORK/results.md"; done
+[ -f "$WORK/steps.txt" ] && { echo; echo '```'; cat "$WORK/steps.txt"; echo '```'; } >> "$WORK/results.md"
 [ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null

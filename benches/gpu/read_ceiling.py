@@ -4,11 +4,15 @@
     read_ceiling.py FILE
 
 For 1, 4, 8 and 16 threads, each taking 4 MiB pieces of FILE in turn (as runner's reader
-threads do): (a) pread into reused pageable buffers, the page cache's own read bandwidth;
-(b) pread into pinned buffers, each copied to the GPU on the thread's own stream with a
-ring of two buffers guarded by events, the same pipeline as runner's `pinned` path, written
-in PyTorch. Prints a markdown table. FILE should already be in the page cache (it is read
-once first so that it is).
+threads do):
+  (a) pread into reused pageable buffers: the page cache's own read bandwidth;
+  (b) pread into reused pinned buffers, no copies: what pinned memory costs the reads;
+  (c) H2D copies from the pinned ring, no reads: what the copies cost on their own;
+  (d) pread into pinned buffers, each copied to the GPU on the thread's own stream with a
+      ring of two buffers guarded by events: the same pipeline as runner's `pinned` path,
+      written in PyTorch.
+(b) and (c) tell which half of (d) holds it back. Prints a markdown table. FILE should
+already be in the page cache (it is read once first so that it is).
 """
 import os
 import sys
@@ -20,13 +24,14 @@ import torch
 PIECE = 4 << 20
 
 
-def run(path, threads, pinned):
+def run(path, threads, pinned, read=True, copy=None):
+    copy = pinned if copy is None else copy
     size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     pieces = list(range(0, size, PIECE))
     lock = threading.Lock()
     cursor = [0]
-    dest = torch.empty(size, dtype=torch.uint8, device="cuda") if pinned else None
+    dest = torch.empty(size, dtype=torch.uint8, device="cuda") if copy else None
 
     def take():
         with lock:
@@ -38,16 +43,18 @@ def run(path, threads, pinned):
         ring = []
         for _ in range(2):
             b = torch.empty(PIECE, dtype=torch.uint8, pin_memory=pinned)
-            ring.append((b, b.numpy(), torch.cuda.Event() if pinned else None))
-        stream = torch.cuda.Stream() if pinned else None
+            ring.append((b, b.numpy(), torch.cuda.Event() if copy else None))
+        stream = torch.cuda.Stream() if copy else None
         turn = 0
         while (at := take()) is not None:
             b, view, event = ring[turn % 2]
             turn += 1
             if event is not None:
                 event.synchronize()
-            n = os.preadv(fd, [memoryview(view)[: min(PIECE, size - at)]], at)
-            if pinned:
+            n = min(PIECE, size - at)
+            if read:
+                n = os.preadv(fd, [memoryview(view)[:n]], at)
+            if copy:
                 with torch.cuda.stream(stream):
                     dest[at : at + n].copy_(b[:n], non_blocking=True)
                     event.record(stream)
@@ -70,12 +77,14 @@ def main():
     run(path, 8, False)  # into the page cache, and the threads' first allocations
     print(f"Page-cache ceilings for {os.path.basename(path)} ({os.path.getsize(path) / 1e9:.2f} GB), "
           f"4 MiB pieces, PyTorch {torch.__version__}, {os.cpu_count()} CPUs\n")
-    print("| threads | pread into pageable buffers | pread into pinned buffers + H2D copies (runner's `pinned` pipeline) |")
-    print("|---|---|---|")
+    print("| threads | (a) pread into pageable buffers | (b) pread into pinned buffers | (c) H2D copies from pinned buffers | (d) pread into pinned buffers + H2D copies (runner's `pinned` pipeline) |")
+    print("|---|---|---|---|---|")
     for threads in (1, 4, 8, 16):
         plain = max(run(path, threads, False) for _ in range(2))
+        pinned_reads = max(run(path, threads, True, copy=False) for _ in range(2))
+        copies = max(run(path, threads, True, read=False) for _ in range(2))
         piped = max(run(path, threads, True) for _ in range(2))
-        print(f"| {threads} | {plain:.1f} GB/s | {piped:.1f} GB/s |")
+        print(f"| {threads} | {plain:.1f} GB/s | {pinned_reads:.1f} GB/s | {copies:.1f} GB/s | {piped:.1f} GB/s |")
 
 
 if __name__ == "__main__":
