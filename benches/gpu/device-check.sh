@@ -213,6 +213,10 @@ restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring
 export -f restore_sweep
 step "bench big (pinned)" 150 bench big big pinned "$RUNS"
 step "bench big (mapped)" 150 bench big-mapped big mapped "$RUNS" --no-fresh-machine
+# Kernels and cuBLAS started beside the weights (opt-in until measured here).
+bench_prewarm() { RUNNER_CUDA_PREWARM=on bench "$@"; }
+export -f bench_prewarm
+step "bench big (pinned, kernels pre-warmed)" 90 bench_prewarm big-prewarm big pinned "$RUNS" --no-fresh-machine
 step "restore sweep (big)" 60 restore_sweep big
 step "PyTorch big cold start" 90 pytorch_big big
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
@@ -224,6 +228,7 @@ export -f read_ceiling
 step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
 step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
 step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
+step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
 step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
 # Last, where time is left: a 17 GB model (16 layers of 16384x16384 f32, 8.6 GB as bf16),
@@ -254,13 +259,14 @@ print(f"| pinned H2D, PyTorch, 1 GiB x5 | {h2d or 'not measured'} GB/s |")
 print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pytorch_big.txt')} s |")
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
-for name in ["big", "big-mapped", "huge", "huge-mapped", "giant-mapped", "giant"]:
+for name in ["big", "big-mapped", "big-prewarm", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
         print(f"| {name} | not measured |"); continue
     for m in r["modes"]:
-        print(f"| {name}: {m['mode']} → ready / first prediction (median of {m['runs']}) | {m['ready_seconds']['median']:.3f} s / {m['first_prediction_seconds']['median']:.3f} s |")
+        phases = ", ".join(f"{p['name']} {p['seconds']:.3f}" for p in m.get("median_phases", []))
+        print(f"| {name}: {m['mode']} → ready / first prediction (median of {m['runs']}) | {m['ready_seconds']['median']:.3f} s / {m['first_prediction_seconds']['median']:.3f} s ({phases}) |")
     print(f"| {name}: snapshot speedup to first prediction, vs cold with the kernel cache warm | {r['speedup_first_prediction']:.2f}x |")
     if r.get('speedup_first_prediction_vs_fresh_machine'):
         print(f"| {name}: snapshot speedup to first prediction, vs cold on a fresh machine (empty kernel cache) | {r['speedup_first_prediction_vs_fresh_machine']:.2f}x |")

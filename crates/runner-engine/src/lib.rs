@@ -626,6 +626,8 @@ impl Engine {
         };
         let device_name = runner_models::device::describe(&device);
         phases.push(("device init".to_string(), t.elapsed()));
+        // Kernels and cuBLAS start beside the weights (`RUNNER_CUDA_PREWARM=on`, CUDA only).
+        let prewarm = runner_models::device::prewarm(&device, !self.dir.weights.gguf.is_empty());
         self.setup_log(&format!(
             "loading {} ({}) on {device_name}",
             self.dir.root.display(),
@@ -687,6 +689,14 @@ impl Engine {
             }
         };
         let warm = Instant::now();
+        if let Some(prewarm) = prewarm {
+            if let Ok(took) = prewarm.join() {
+                self.setup_log(&format!(
+                    "kernels pre-warmed in {:.3}s (beside the weights)",
+                    took.as_secs_f64()
+                ));
+            }
+        }
         model
             .warm_up()
             .map_err(|e| format!("warm-up prediction failed: {e}"))?;

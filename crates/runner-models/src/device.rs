@@ -226,6 +226,72 @@ pub fn process_resident_bytes() -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
+/// Runs one small instance of each kind of operation runner's models use: casts, a matrix
+/// product in each float dtype, element-wise and broadcast arithmetic, activations,
+/// reductions, softmax, RMS norm, copies, indexing, selection, and a quantized product when
+/// `quantized`. On CUDA that loads candle's kernel modules (from the kernel cache) and
+/// initialises cuBLAS, which a model's first prediction otherwise waits for.
+pub fn exercise_kernels(device: &Device, quantized: bool) -> candle_core::Result<()> {
+    use candle_core::{DType, Module, Tensor, D};
+    let base = (Tensor::arange(0f32, 512., device)?.reshape((8, 64))? * 0.01)?;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let x = base.to_dtype(dtype)?;
+        let product = x.matmul(&x.t()?)?;
+        let sum = product.broadcast_add(&product.narrow(0, 0, 1)?)?;
+        let activated = sum.relu()?.exp()?.tanh()?.gelu()?;
+        candle_nn::ops::silu(&activated)?;
+        candle_nn::ops::softmax_last_dim(&activated)?;
+        candle_nn::ops::rms_norm(&x, &Tensor::ones(64, dtype, device)?, 1e-5)?;
+        activated.sum_keepdim(D::Minus1)?.max_keepdim(0)?;
+        activated.t()?.contiguous()?;
+        activated.index_select(&Tensor::new(&[0u32, 3], device)?, 0)?;
+        activated
+            .ge(0.5)?
+            .where_cond(&activated, &activated.zeros_like()?)?;
+    }
+    if quantized {
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        let weights = Tensor::zeros((32, 256), DType::F32, &Device::Cpu)?;
+        let product = QMatMul::from_qtensor(QTensor::quantize_onto(
+            &weights,
+            GgmlDType::Q4_1,
+            device,
+        )?)?;
+        product.forward(&Tensor::zeros((1, 256), DType::F32, device)?)?;
+        product.forward(&Tensor::zeros((4, 256), DType::F32, device)?)?;
+    }
+    device.synchronize()
+}
+
+/// With `RUNNER_CUDA_PREWARM=on`, on CUDA: [`exercise_kernels`] on a thread of its own,
+/// started right after the device opens, so the kernels load and cuBLAS starts while the
+/// weights load or the snapshot restores. Join it before the warm-up: it returns how long
+/// it took. Off by default until it is measured on a GPU (unverified so far).
+pub fn prewarm(
+    device: &Device,
+    quantized: bool,
+) -> Option<std::thread::JoinHandle<std::time::Duration>> {
+    if !matches!(device, Device::Cuda(_))
+        || !std::env::var("RUNNER_CUDA_PREWARM").is_ok_and(|v| v == "on")
+    {
+        return None;
+    }
+    let device = device.clone();
+    Some(std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &device {
+            // A new thread has no current CUDA context until one is bound.
+            let _ = cuda.cuda_stream().context().bind_to_thread();
+        }
+        if let Err(e) = exercise_kernels(&device, quantized) {
+            // Only a head start: the warm-up loads whatever this did not.
+            tracing::debug!(target: "runner::setup", "kernel pre-warm stopped: {e}");
+        }
+        started.elapsed()
+    }))
+}
+
 #[cfg(feature = "cuda")]
 fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
@@ -264,6 +330,13 @@ fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_exercise_runs_every_operation_it_names() {
+        // On the CPU it runs the same operations as on a GPU: shapes and dtypes check out.
+        exercise_kernels(&Device::Cpu, true).unwrap();
+        assert!(prewarm(&Device::Cpu, false).is_none(), "only on CUDA");
+    }
 
     #[test]
     fn parses() {
