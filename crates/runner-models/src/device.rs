@@ -252,11 +252,8 @@ pub fn exercise_kernels(device: &Device, quantized: bool) -> candle_core::Result
     if quantized {
         use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
         let weights = Tensor::zeros((32, 256), DType::F32, &Device::Cpu)?;
-        let product = QMatMul::from_qtensor(QTensor::quantize_onto(
-            &weights,
-            GgmlDType::Q4_1,
-            device,
-        )?)?;
+        let product =
+            QMatMul::from_qtensor(QTensor::quantize_onto(&weights, GgmlDType::Q4_1, device)?)?;
         product.forward(&Tensor::zeros((1, 256), DType::F32, device)?)?;
         product.forward(&Tensor::zeros((4, 256), DType::F32, device)?)?;
     }
