@@ -1789,9 +1789,11 @@ class City(BaseModel):
     ref: str = Field(pattern=r"^(?=.*\d)[A-Z0-9]{4}$")
     scores: dict[str, int] = Field(min_length=1, max_length=2)
     altitude: int = Field(ge=0, le=5000, multiple_of=10)
+    years: set[int] = Field(min_length=2, max_length=3)
 p = llm.responses.parse(model="m", input=[{"role": "user", "content": "Describe Paris."}], text_format=City, temperature=0, max_output_tokens=200)
 out["parsed"] = p.output_parsed.model_dump(mode="json")
 out["landmarks_text"] = json.loads(p.output_text)["landmarks"]
+out["years_text"] = json.loads(p.output_text)["years"]
 out["ref"] = p.output_parsed.ref
 weather = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": False}}
@@ -1898,6 +1900,14 @@ print(json.dumps(out))
     // `dict[str, int]` with `min_length`/`max_length`: minProperties/maxProperties.
     let scores = out["parsed"]["scores"].as_object().unwrap();
     assert!((1..=2).contains(&scores.len()), "{out}");
+    // `set[int]` is `uniqueItems` of integers: none twice, so the set keeps every one.
+    let written = out["years_text"].as_array().unwrap();
+    assert!((2..=3).contains(&written.len()), "{out}");
+    assert_eq!(
+        written.len(),
+        out["parsed"]["years"].as_array().unwrap().len(),
+        "{out}"
+    );
     // `multiple_of` (`multipleOf`) within bounds.
     let altitude = out["parsed"]["altitude"].as_i64().unwrap();
     assert!(

@@ -115,6 +115,10 @@ enum Unique {
     /// Values of `enum`s/`const`s, their texts sorted and distinct (an item is recorded by
     /// its place here, exactly): one already in the array does not start.
     Literals(Vec<Box<[u8]>>),
+    /// Integers (Pydantic's `set[int]`), held to a range (the whole 15 digits when none is
+    /// declared); an item is recorded by its value. A digit is taken only while the range
+    /// holds more values that start with the text than the array already has.
+    Integers(Range),
 }
 
 /// FNV-1a, one byte on: the hashes of keys and of unique items.
@@ -310,7 +314,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings or enum values), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings, integers or enum values), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -764,9 +768,10 @@ impl Grammar {
         }
     }
 
-    /// What each `uniqueItems` array holds: strings without a maximum length, or values of
-    /// `enum`s/`const`s; anything else is refused (a repeated item there could be a dead
-    /// end: a number at its last digit, a string at its `maxLength`).
+    /// What each `uniqueItems` array holds: strings without a maximum length, integers
+    /// (counted against their range, so none is a dead end), or values of `enum`s/`const`s;
+    /// anything else is refused (a repeated item there could be a dead end: a fraction at
+    /// its last digit, a string at its `maxLength`).
     fn resolve_unique(&mut self) -> Result<(), SchemaError> {
         for i in 0..self.nodes.len() {
             let Node::Array {
@@ -782,6 +787,7 @@ impl Grammar {
             // The values an item may start as (alternatives are followed, as `start` does;
             // `check_alternatives` has bounded them).
             let (mut literals, mut strings, mut other) = (Vec::new(), 0u32, 0u32);
+            let mut integers = Vec::new();
             let mut stack = vec![items];
             let mut seen = Vec::new();
             while let Some(id) = stack.pop() {
@@ -793,9 +799,31 @@ impl Grammar {
                     Node::OneOf(alternatives) => stack.extend(alternatives),
                     Node::Literals(texts) => literals.extend(texts.iter().cloned()),
                     Node::String { max: u32::MAX, .. } => strings += 1,
+                    Node::Number { integer: true, .. } => integers.push(id),
                     _ => other += 1,
                 }
             }
+            if let ([integer], true, 0, 0) =
+                (integers.as_slice(), literals.is_empty(), strings, other)
+            {
+                let integer = *integer;
+                let Node::Number { range, .. } = &mut self.nodes[integer as usize] else {
+                    continue;
+                };
+                // Written through the bounded path, so every digit can be checked.
+                let range = *range.get_or_insert_with(Range::whole_integers);
+                if i128::from(min) > range.count() {
+                    return Err(fail(
+                        "#",
+                        format!("`minItems` {min} asks for more unique items than the {} integers an item may be", range.count()),
+                    ));
+                }
+                if let Node::Array { unique: u, .. } = &mut self.nodes[i] {
+                    *u = Unique::Integers(range);
+                }
+                continue;
+            }
+            let other = other + integers.len() as u32;
             // Distinct values: an `enum` listing one twice offers it once.
             literals.sort();
             literals.dedup();
@@ -811,7 +839,7 @@ impl Grammar {
                 _ => {
                     return Err(fail(
                         "#",
-                        "`uniqueItems` is enforced for arrays of strings (without `maxLength`, `pattern` or `format`) or of `enum`/`const` values; remove it, or check it after generation",
+                        "`uniqueItems` is enforced for arrays of strings (without `maxLength`, `pattern` or `format`), of integers, or of `enum`/`const` values; remove it, or check it after generation",
                     ))
                 }
             };
@@ -1454,13 +1482,41 @@ impl Grammar {
         match alt.frames.last() {
             Some(Frame::Array { node, .. }) => match &self.nodes[*node as usize] {
                 Node::Array {
-                    unique: unique @ (Unique::Strings | Unique::Literals(_)),
+                    unique: unique @ (Unique::Strings | Unique::Literals(_) | Unique::Integers(_)),
                     ..
                 } => Some((alt.frames.len(), unique)),
                 _ => None,
             },
             _ => None,
         }
+    }
+
+    /// The `uniqueItems` array of integers (its depth and range) whose item is the number
+    /// on top, if it is one.
+    fn unique_integers(&self, alt: &Alternative) -> Option<(usize, Range)> {
+        let under = alt.frames.len().checked_sub(2)?;
+        match alt.frames[under] {
+            Frame::Array { node, .. } => match &self.nodes[node as usize] {
+                Node::Array {
+                    unique: Unique::Integers(range),
+                    ..
+                } => Some((under + 1, *range)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Whether an integer item that starts with `text` can still be one its array (at
+    /// `depth`) does not hold yet: the range has more values that start so than the array
+    /// has items that do.
+    fn integer_room(alt: &Alternative, depth: usize, range: &Range, text: &Decimal) -> bool {
+        let taken = alt
+            .unique_items
+            .iter()
+            .filter(|&&(d, v)| d == depth && text.leads_to(v as i64))
+            .count();
+        range.count_from(text) > taken as i128
     }
 
     /// Whether a `uniqueItems` array of values has one left to add (others always may).
@@ -1470,6 +1526,10 @@ impl Grammar {
                 unique: Unique::Literals(values),
                 ..
             } => items.iter().filter(|&&(d, _)| d == depth).count() < values.len(),
+            Node::Array {
+                unique: Unique::Integers(range),
+                ..
+            } => (items.iter().filter(|&&(d, _)| d == depth).count() as i128) < range.count(),
             _ => true,
         }
     }
@@ -1542,6 +1602,11 @@ impl Grammar {
                 let Some(text) = Decimal::start(range, b) else {
                     return;
                 };
+                if let Some((depth, Unique::Integers(range))) = self.unique_array(&alt) {
+                    if !Self::integer_room(&alt, depth, range, &text) {
+                        return;
+                    }
+                }
                 alt.frames.push(Frame::Bounded { node, text });
             }
             &Node::Number {
@@ -1695,10 +1760,26 @@ impl Grammar {
                     else {
                         return;
                     };
-                    match text.step(range, b) {
-                        Some(next) => *text = next,
-                        None if text.complete => {
-                            // The number ended before this byte: its container takes it.
+                    let (range, before) = (*range, *text);
+                    match before.step(&range, b) {
+                        Some(next) => {
+                            *text = next;
+                            if let Some((depth, integers)) = self.unique_integers(&alt) {
+                                if !Self::integer_room(&alt, depth, &integers, &next) {
+                                    return;
+                                }
+                            }
+                        }
+                        None if before.complete => {
+                            // The number ended before this byte: its container takes it,
+                            // unless it is an integer its `uniqueItems` array already holds.
+                            if let Some((depth, _)) = self.unique_integers(&alt) {
+                                let value = before.integer().unwrap_or_default() as u64;
+                                if alt.unique_items.contains(&(depth, value)) {
+                                    return;
+                                }
+                                alt.unique_items.push((depth, value));
+                            }
                             alt.frames.pop();
                             continue;
                         }

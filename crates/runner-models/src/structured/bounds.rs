@@ -180,6 +180,57 @@ impl Range {
         }))
     }
 
+    /// Every integer of at most [`MAX_DIGITS`] digits: the range of an unbounded
+    /// integer whose values must be told apart (`uniqueItems`).
+    pub(super) fn whole_integers() -> Self {
+        let largest = (pow10(MAX_DIGITS) - 1) * SCALE;
+        Range {
+            lo: -largest,
+            hi: largest,
+            step: SCALE,
+            integer: true,
+        }
+    }
+
+    /// How many multiples of the step lie within `[a, b]` and the bounds.
+    fn count_within(&self, a: i128, b: i128) -> i128 {
+        let (a, b) = (a.max(self.lo), b.min(self.hi));
+        if a > b {
+            return 0;
+        }
+        // floor(b / step) - ceil(a / step) + 1
+        b.div_euclid(self.step) + (-a).div_euclid(self.step) + 1
+    }
+
+    /// How many values the range holds.
+    pub(super) fn count(&self) -> i128 {
+        self.count_within(self.lo, self.hi)
+    }
+
+    /// How many values within the range an integer that starts with `text` can become.
+    pub(super) fn count_from(&self, text: &Decimal) -> i128 {
+        debug_assert!(self.integer);
+        // The magnitudes each way of going on reaches, as signed values in units.
+        let within = |a: i128, b: i128| {
+            if text.negative {
+                self.count_within(-b * SCALE, -(a.max(1)) * SCALE)
+            } else {
+                self.count_within(a * SCALE, b * SCALE)
+            }
+        };
+        match text.phase {
+            Phase::Sign => within(1, pow10(MAX_DIGITS) - 1),
+            Phase::Int if text.int == 0 => within(0, 0),
+            Phase::Int => (0..=MAX_DIGITS - text.int_digits)
+                .map(|k| {
+                    let first = i128::from(text.int) * pow10(k);
+                    within(first, first + pow10(k) - 1)
+                })
+                .sum(),
+            Phase::Dot | Phase::Fraction => 0,
+        }
+    }
+
     /// Whether a number that starts with `text` may lie within the bounds.
     fn reachable(&self, text: &Decimal) -> bool {
         let overlaps = |a: i128, b: i128| {
@@ -259,6 +310,31 @@ pub(super) struct Decimal {
 }
 
 impl Decimal {
+    /// The integer written so far, if the text is one (`-` alone is not).
+    pub(super) fn integer(&self) -> Option<i64> {
+        let magnitude = i64::try_from(self.int).ok()?;
+        match self.phase {
+            Phase::Int if self.negative => Some(-magnitude),
+            Phase::Int => Some(magnitude),
+            _ => None,
+        }
+    }
+
+    /// Whether the integer `value`, written plainly, starts with this text.
+    pub(super) fn leads_to(&self, value: i64) -> bool {
+        if self.negative != (value < 0) {
+            return false;
+        }
+        match self.phase {
+            Phase::Sign => true,
+            Phase::Int => value
+                .unsigned_abs()
+                .to_string()
+                .starts_with(&self.int.to_string()),
+            Phase::Dot | Phase::Fraction => false,
+        }
+    }
+
     /// A number starting with `b`, if one within `range` can.
     pub(super) fn start(range: &Range, b: u8) -> Option<Self> {
         let empty = Decimal {

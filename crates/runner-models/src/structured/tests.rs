@@ -357,11 +357,45 @@ fn unique_items_are_never_repeated() {
     // An enum listing a value twice offers it once.
     let g = grammar(json!({"type": "array", "items": {"enum": ["x", "x"]}, "uniqueItems": true}));
     assert!(matches(&g, r#"["x"]"#) && !prefix(&g, r#"["x","#));
+    // Integers (Pydantic's `set[int]`): an integer already in the array cannot end, and a
+    // digit is taken only while the integers it can still become are not all in it.
+    let g = grammar(json!({"type": "array", "items": {"type": "integer"}, "uniqueItems": true}));
+    assert!(matches(&g, "[1, 2, 12, -1, 0]"));
+    for repeated in ["[1, 1]", "[1, 1,", "[7, -3, -3 ", "[0, 0"] {
+        assert!(!prefix(&g, repeated), "{repeated}");
+    }
+    assert!(
+        matches(&g, "[1, 10]") && prefix(&g, "[1, 1"),
+        "1 goes on to 10"
+    );
+    assert!(
+        !prefix(&g, "[123456789012345, 123456789012345"),
+        "15 digits cannot go on"
+    );
+    assert!(matches(&g, "[123456789012345, 123456789012346]"));
+    // Within a range: no prefix whose every integer is taken, no comma once all are.
+    let g = grammar(
+        json!({"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 12}, "uniqueItems": true}),
+    );
+    assert!(!prefix(&g, "[1, 10, 11, 12, 1") && prefix(&g, "[1, 10, 12, 1"));
+    let g = grammar(
+        json!({"type": "array", "items": {"type": "integer", "minimum": -1, "maximum": 1}, "uniqueItems": true, "minItems": 3}),
+    );
+    assert!(matches(&g, "[1, -1, 0]") && !prefix(&g, "[1, -1, 0,") && !prefix(&g, "[1, -1, -"));
+    // Arrays in arrays keep their own items.
+    let g = grammar(
+        json!({"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "uniqueItems": true}}),
+    );
+    assert!(matches(&g, "[[1, 2], [1, 2]]") && !prefix(&g, "[[1, 2], [2, 2]"));
     // What cannot be held to it without dead ends is refused, and so is the impossible.
     for (schema, message) in [
         (
-            json!({"type": "array", "items": {"type": "integer"}, "uniqueItems": true}),
+            json!({"type": "array", "items": {"type": "number"}, "uniqueItems": true}),
             "enforced for arrays of strings",
+        ),
+        (
+            json!({"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 3}, "uniqueItems": true, "minItems": 4}),
+            "more unique items than the 3 integers",
         ),
         (
             json!({"type": "array", "items": {"type": "string", "maxLength": 3}, "uniqueItems": true}),
@@ -882,6 +916,7 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
         // Steps that binary floating point divides exactly, as the validator checks them.
         json!({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}, "q": {"type": "number", "multipleOf": 0.25, "minimum": -3, "maximum": 1000}, "k": {"type": "integer", "multipleOf": 1.5, "exclusiveMinimum": 0}}, "required": ["n", "q", "k"], "additionalProperties": false}),
         json!({"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": true, "minItems": 4}),
+        json!({"type": "object", "properties": {"any": {"type": "array", "items": {"type": "integer"}, "uniqueItems": true, "minItems": 3}, "few": {"type": "array", "items": {"type": "integer", "minimum": -2, "maximum": 3}, "uniqueItems": true, "minItems": 5}}, "required": ["any", "few"], "additionalProperties": false}),
         json!({"type": "object", "properties": {"scores": {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2, "maxProperties": 3}, "pick": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"type": "integer"}}, "additionalProperties": false, "minProperties": 2}}, "required": ["scores", "pick"], "additionalProperties": false}),
         json!({"type": "object", "properties": {"amount": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}, "password": {"type": "string", "pattern": "^(?=.*[A-Z])(?=.*\\d)(?!.*x).{8,12}$"}}, "required": ["amount", "password"], "additionalProperties": false}),
         json!({"type": "array", "items": {"anyOf": [{"enum": ["r", "g", "b"]}, {"const": 1}, {"type": "null"}]}, "uniqueItems": true, "minItems": 2}),
@@ -1010,13 +1045,13 @@ fn masks_follow_patterns_and_bounds_token_by_token() {
             "score": {"type": "number", "minimum": 0, "maximum": 1},
             "age": {"type": "integer", "minimum": 18, "maximum": 99},
             "note": {"type": "string", "pattern": "\\bthere\\b", "maxLength": 20},
-            "price": {"type": "number", "multipleOf": 0.05, "minimum": 0}
+            "price": {"type": "number", "multipleOf": 0.05, "minimum": 0},
+            "ids": {"type": "array", "items": {"type": "integer"}, "uniqueItems": true}
         },
-        "required": ["code", "score", "age", "note", "price"],
+        "required": ["code", "score", "age", "note", "price", "ids"],
         "additionalProperties": false
     })));
-    let text =
-        r#"{"code": "AB123", "score": 0.75, "age": 42, "note": "hello there", "price": 12.35}"#;
+    let text = r#"{"code": "AB123", "score": 0.75, "age": 42, "note": "hello there", "price": 12.35, "ids": [3, 14, 1, 15]}"#;
     let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     let mut constraint = Constraint::new(Arc::clone(&g), Arc::clone(&vocabulary), vec![im_end]);
     for (i, &id) in ids.iter().enumerate() {
