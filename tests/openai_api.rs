@@ -1191,6 +1191,11 @@ p = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": 
 out["parsed"] = p.choices[0].message.parsed.model_dump(mode="json")
 out["founded_type"] = type(p.choices[0].message.parsed.founded).__name__
 out["parsed_content"] = p.choices[0].message.content
+# `dict[Literal[…], int]`: the keys come from the Literal (`propertyNames`).
+class Census(BaseModel):
+    counts: dict[Literal["north", "south"], int] = Field(min_length=1)
+c = llm.chat.completions.parse(model="m", messages=[{"role": "user", "content": "How many people live in the north and the south of Paris?"}], response_format=Census, temperature=0, max_tokens=100)
+out["census"] = c.choices[0].message.parsed.model_dump(mode="json")
 # Tools the SDK's way: a Pydantic model as a strict function tool, its arguments parsed.
 class GetWeather(BaseModel):
     city: str = Field(max_length=40)
@@ -1261,6 +1266,9 @@ print(json.dumps(out))
     );
     // `format: date` held: Pydantic parsed a real date.
     assert_eq!(out["founded_type"], "date", "{}", out["parsed"]);
+    let counts = out["census"]["counts"].as_object().unwrap();
+    assert!(!counts.is_empty(), "{out}");
+    assert!(counts.keys().all(|k| k == "north" || k == "south"), "{out}");
     // The SDK parsed the tool call's arguments into its Pydantic model.
     assert_eq!(out["tool_call"][0], "GetWeather");
     assert!(

@@ -164,7 +164,6 @@ const UNSUPPORTED: &[&str] = &[
     "minContains",
     "maxContains",
     "patternProperties",
-    "propertyNames",
     "dependentRequired",
     "dependentSchemas",
     "dependencies",
@@ -314,7 +313,7 @@ impl Compiler<'_> {
                 return Err(fail(
                     path,
                     format!(
-                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings, integers or enum values), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
+                        "`{key}` is not supported by runner's constrained decoding, which enforces type, properties, required, additionalProperties, items, prefixItems, minItems, maxItems, uniqueItems (of strings, integers or enum values), propertyNames (an enum or const of names), minProperties, maxProperties, minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, enum, const, anyOf, oneOf, allOf (of one schema), local $ref and the formats date, time, date-time and uuid; remove `{key}`, or check it after generation"
                     ),
                 ));
             }
@@ -401,6 +400,7 @@ impl Compiler<'_> {
                 if object.contains_key("properties")
                     || object.contains_key("required")
                     || object.contains_key("additionalProperties")
+                    || object.contains_key("propertyNames")
                 {
                     vec!["object"]
                 } else if object.contains_key("items")
@@ -618,7 +618,7 @@ impl Compiler<'_> {
             }
             Some(_) => return Err(fail(path, "`properties` must be an object of schemas")),
         }
-        let additional = match schema.get("additionalProperties") {
+        let mut additional = match schema.get("additionalProperties") {
             None | Some(Value::Bool(true)) => Some(self.any(path)?),
             Some(Value::Bool(false)) => None,
             Some(s @ Value::Object(_)) => {
@@ -631,6 +631,35 @@ impl Compiler<'_> {
                 ))
             }
         };
+        // `propertyNames` as a list of names (Pydantic's `dict[Literal[…], T]` and
+        // `dict[SomeEnum, T]`): each allowed name becomes a property with the other keys'
+        // schema, and no other key is written.
+        if let Some(names) = schema.get("propertyNames") {
+            if let Some(allowed) = self.property_names(names, path)? {
+                if let Some(name) = schema
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .find(|name| !allowed.iter().any(|a| a == name))
+                {
+                    return Err(fail(
+                        path,
+                        format!("`{name}` is required but `propertyNames` does not allow it: no object matches"),
+                    ));
+                }
+                properties.retain(|(name, _)| allowed.contains(name));
+                if let Some(others) = additional {
+                    for name in allowed {
+                        if !properties.iter().any(|(n, _)| *n == name) {
+                            properties.push((name, others));
+                        }
+                    }
+                }
+                additional = None;
+            }
+        }
         let mut required = 0u64;
         if let Some(names) = schema.get("required") {
             let names = names
@@ -697,6 +726,71 @@ impl Compiler<'_> {
             max,
         };
         Ok(id)
+    }
+
+    /// The names a `propertyNames` schema allows: `None` for any (`true`, `{}`), else the
+    /// strings of its `enum` or `const`, through local `$ref`s. Other name constraints
+    /// (`pattern`, `maxLength`, …) are refused by name.
+    fn property_names(
+        &self,
+        names: &Value,
+        path: &str,
+    ) -> Result<Option<Vec<String>>, SchemaError> {
+        let path = format!("{path}/propertyNames");
+        let mut names = names;
+        for _ in 0..=MAX_DEPTH {
+            let object = match names {
+                Value::Bool(true) => return Ok(None),
+                Value::Bool(false) => return Ok(Some(Vec::new())),
+                Value::Object(object) => object,
+                _ => return Err(fail(&path, "`propertyNames` must be a schema")),
+            };
+            if let Some(reference) = object.get("$ref") {
+                let target = reference
+                    .as_str()
+                    .and_then(|r| r.strip_prefix('#'))
+                    .and_then(|pointer| self.root.pointer(pointer));
+                names = target.ok_or_else(|| {
+                    fail(
+                        &path,
+                        format!(
+                            "`$ref: {reference}` is not a local reference to a schema in this one"
+                        ),
+                    )
+                })?;
+                continue;
+            }
+            let listed = match (object.get("enum"), object.get("const")) {
+                (Some(Value::Array(values)), None) => values.clone(),
+                (None, Some(value)) => vec![value.clone()],
+                (None, None) => Vec::new(),
+                _ => return Err(fail(&path, "`enum` must be a list")),
+            };
+            let constrains = object.keys().any(|k| {
+                !matches!(
+                    k.as_str(),
+                    "enum" | "const" | "type" | "title" | "description" | "$comment"
+                )
+            });
+            if constrains || (listed.is_empty() && !object.contains_key("enum")) {
+                if !constrains && object.get("type").is_none_or(|t| t == "string") {
+                    return Ok(None); // `{}` or `{"type": "string"}`: any name
+                }
+                return Err(fail(
+                    &path,
+                    "`propertyNames` is enforced as an `enum` or `const` of names (Pydantic's `dict[Literal[…], …]`); remove its other constraints, or check them after generation",
+                ));
+            }
+            // Names are strings: other values name no key.
+            let mut allowed: Vec<String> = listed
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            allowed.sort();
+            allowed.dedup();
+            return Ok(Some(allowed));
+        }
+        Err(fail(&path, "`propertyNames` refers to itself"))
     }
 
     fn reference(&mut self, reference: &str, path: &str) -> Result<NodeId, SchemaError> {

@@ -325,6 +325,52 @@ fn multiples_of_a_step_are_the_only_numbers_written() {
 }
 
 #[test]
+fn property_names_limit_the_keys_to_a_list() {
+    // Pydantic's `dict[Literal["a", "b"], int]`.
+    let g = grammar(
+        json!({"type": "object", "additionalProperties": {"type": "integer"}, "propertyNames": {"enum": ["a", "b"]}}),
+    );
+    for ok in ["{}", r#"{"a": 1}"#, r#"{"b": 2, "a": 1}"#] {
+        assert!(matches(&g, ok), "{ok}");
+    }
+    for bad in [r#"{"c"#, r#"{"ab"#, r#"{"a": 1, "a""#, r#"{"a": "x""#] {
+        assert!(!prefix(&g, bad), "{bad}");
+    }
+    // Pydantic's `dict[SomeEnum, bool]`: the names through a `$ref`, with a count.
+    let g = grammar(json!({
+        "$defs": {"Key": {"enum": ["x", "y"], "title": "Key", "type": "string"}},
+        "type": "object",
+        "additionalProperties": {"type": "boolean"},
+        "propertyNames": {"$ref": "#/$defs/Key"},
+        "minProperties": 2
+    }));
+    assert!(matches(&g, r#"{"y": true, "x": false}"#));
+    let mut m = g.matcher();
+    assert!(m.feed_all(&g, br#"{"x": true"#) && !m.feed_all(&g, b"}"));
+    // Declared properties outside the list are never written; any name is no limit.
+    let g = grammar(
+        json!({"properties": {"a": {"type": "null"}, "z": {"type": "null"}}, "additionalProperties": false, "propertyNames": {"const": "a"}}),
+    );
+    assert!(matches(&g, r#"{"a": null}"#) && !prefix(&g, r#"{"z"#));
+    let g = grammar(json!({"type": "object", "propertyNames": {"type": "string"}}));
+    assert!(matches(&g, r#"{"anything": 1}"#));
+    // Other name constraints, and names the list forbids but `required` asks for.
+    for (schema, message) in [
+        (
+            json!({"type": "object", "propertyNames": {"pattern": "^a"}}),
+            "enforced as an `enum` or `const`",
+        ),
+        (
+            json!({"type": "object", "propertyNames": {"enum": ["a"]}, "required": ["b"]}),
+            "`b` is required but `propertyNames` does not allow it",
+        ),
+    ] {
+        let e = Grammar::compile(&schema).unwrap_err();
+        assert!(e.message.contains(message), "{schema}: {e}");
+    }
+}
+
+#[test]
 fn unique_items_are_never_repeated() {
     // Strings: a repeated one is refused at its closing quote, and may go on instead.
     let g = grammar(json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true}));
@@ -916,6 +962,7 @@ fn every_document_the_matcher_completes_is_valid_json_that_the_schema_accepts() 
         // Steps that binary floating point divides exactly, as the validator checks them.
         json!({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 7}, "q": {"type": "number", "multipleOf": 0.25, "minimum": -3, "maximum": 1000}, "k": {"type": "integer", "multipleOf": 1.5, "exclusiveMinimum": 0}}, "required": ["n", "q", "k"], "additionalProperties": false}),
         json!({"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": true, "minItems": 4}),
+        json!({"$defs": {"Colour": {"enum": ["red", "green", "blue"], "type": "string"}}, "type": "object", "additionalProperties": {"type": "integer", "minimum": 0}, "propertyNames": {"$ref": "#/$defs/Colour"}, "minProperties": 1}),
         json!({"type": "object", "properties": {"any": {"type": "array", "items": {"type": "integer"}, "uniqueItems": true, "minItems": 3}, "few": {"type": "array", "items": {"type": "integer", "minimum": -2, "maximum": 3}, "uniqueItems": true, "minItems": 5}}, "required": ["any", "few"], "additionalProperties": false}),
         json!({"type": "object", "properties": {"scores": {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2, "maxProperties": 3}, "pick": {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"type": "integer"}}, "additionalProperties": false, "minProperties": 2}}, "required": ["scores", "pick"], "additionalProperties": false}),
         json!({"type": "object", "properties": {"amount": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]}, "password": {"type": "string", "pattern": "^(?=.*[A-Z])(?=.*\\d)(?!.*x).{8,12}$"}}, "required": ["amount", "password"], "additionalProperties": false}),
