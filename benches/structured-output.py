@@ -5,7 +5,7 @@ GBNF grammar), on the same SmolLM2 GGUF, in one run; and runner with the schema 
 runner without it, for what the constraint costs per token.
 
     benches/structured-output.py --llama-python VENV/bin/python [--runner target/release/runner]
-                                 [--runs 8] [--schema city|bounded] [--json-out FILE]
+                                 [--runs 8] [--schema city|bounded|collections] [--json-out FILE]
 
 VENV is the llama-cpp-python build of benches/openai-server.py. Each request asks for a
 city described as JSON matching SCHEMA (bounded strings and arrays, so a small model must
@@ -14,7 +14,9 @@ whole answer, the time to its first token, the tokens per second after it (each 
 chunk is a token), and how many answers are whole JSON the schema accepts (checked here, by
 hand, for this schema). `--schema bounded` asks for BOUNDED_SCHEMA instead: numbers held to
 `minimum`/`maximum` and strings to a `pattern` (Pydantic's `Field(ge=…, le=…, pattern=…)`),
-which llama.cpp's schema-to-grammar converter also claims. "runner, no schema" is a second runner server asked the same
+which llama.cpp's schema-to-grammar converter also claims. `--schema collections` asks for
+COLLECTIONS_SCHEMA: a `set[int]` within bounds (`uniqueItems`), a `dict[Literal[…], int]`
+(`propertyNames`) and a `Field(multiple_of=0.5)` (`multipleOf`). "runner, no schema" is a second runner server asked the same
 prompts for as many tokens as runner's constrained answer had, without the schema: its own
 server, so that both runners' prompt caches see the same requests. Requests alternate
 between the servers. Prints a Markdown table on stdout.
@@ -58,6 +60,19 @@ BOUNDED_SCHEMA = {
     "required": ["name", "population", "founded", "rating", "postcode", "code"],
     "additionalProperties": False,
 }
+COLLECTIONS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "years": {"type": "array", "items": {"type": "integer", "minimum": 1000, "maximum": 2025},
+                  "uniqueItems": True, "minItems": 2, "maxItems": 4},
+        "districts": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                      "propertyNames": {"enum": ["north", "south", "east", "west"]}, "minProperties": 2},
+        "area": {"type": "number", "multipleOf": 0.5, "minimum": 0},
+    },
+    "required": ["name", "years", "districts", "area"],
+    "additionalProperties": False,
+}
 CITIES = ["Paris", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Sydney", "Toronto", "Mumbai", "Rome"]
 
 
@@ -77,6 +92,24 @@ def valid_bounded(v):
     )
 
 
+def valid_collections(v):
+    """Whether `v` is a value COLLECTIONS_SCHEMA accepts (checked by hand for this schema)."""
+    integer = lambda x: isinstance(x, int) and not isinstance(x, bool)
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    return (
+        isinstance(v, dict)
+        and set(v) == set(COLLECTIONS_SCHEMA["required"])
+        and isinstance(v["name"], str) and len(v["name"]) <= 30
+        and isinstance(v["years"], list) and 2 <= len(v["years"]) <= 4
+        and all(integer(y) and 1000 <= y <= 2025 for y in v["years"])
+        and len(set(v["years"])) == len(v["years"])
+        and isinstance(v["districts"], dict) and len(v["districts"]) >= 2
+        and set(v["districts"]) <= {"north", "south", "east", "west"}
+        and all(integer(n) and n >= 0 for n in v["districts"].values())
+        and number(v["area"]) and v["area"] >= 0 and float(v["area"] * 2).is_integer()
+    )
+
+
 def valid(text):
     """Whether `text` is JSON that SCHEMA accepts (checked by hand for this schema)."""
     try:
@@ -85,6 +118,8 @@ def valid(text):
         return False
     if SCHEMA is BOUNDED_SCHEMA:
         return valid_bounded(v)
+    if SCHEMA is COLLECTIONS_SCHEMA:
+        return valid_collections(v)
     short = lambda s: isinstance(s, str) and len(s) <= 30
     return (
         isinstance(v, dict)
@@ -116,12 +151,14 @@ def main():
     ap.add_argument("--llama-python", required=True)
     ap.add_argument("--runner", default=os.path.join(bench.ROOT, "target/release/runner"))
     ap.add_argument("--runs", type=int, default=8)
-    ap.add_argument("--schema", choices=["city", "bounded"], default="city")
+    ap.add_argument("--schema", choices=["city", "bounded", "collections"], default="city")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     global SCHEMA
     if args.schema == "bounded":
         SCHEMA = BOUNDED_SCHEMA
+    elif args.schema == "collections":
+        SCHEMA = COLLECTIONS_SCHEMA
     physical = len({l for l in open("/proc/cpuinfo") if l.startswith("core id")}) or os.cpu_count()
     runner = lambda port: [args.runner, "serve", bench.MODEL, "--port", str(port), "--device", "cpu"]
     commands = {
