@@ -327,10 +327,18 @@ impl Decimal {
         }
         match self.phase {
             Phase::Sign => true,
-            Phase::Int => value
-                .unsigned_abs()
-                .to_string()
-                .starts_with(&self.int.to_string()),
+            Phase::Int => {
+                // The value's leading `int_digits` digits, without formatting either.
+                let magnitude = value.unsigned_abs();
+                let mut digits = 1u8;
+                let mut reach = 10u64;
+                while digits < 20 && magnitude >= reach {
+                    digits += 1;
+                    reach = reach.saturating_mul(10);
+                }
+                digits >= self.int_digits
+                    && magnitude / 10u64.pow(u32::from(digits - self.int_digits)) == self.int
+            }
             Phase::Dot | Phase::Fraction => false,
         }
     }

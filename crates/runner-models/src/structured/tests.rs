@@ -1246,3 +1246,40 @@ fn patterns_too_large_to_follow_are_refused_quickly() {
         "{e}"
     );
 }
+
+#[test]
+fn integer_prefixes_count_what_they_can_still_become() {
+    let text = |range: &Range, written: &str| {
+        let bytes = written.as_bytes();
+        let mut text = Decimal::start(range, bytes[0]).unwrap();
+        for &b in &bytes[1..] {
+            text = text.step(range, b).unwrap();
+        }
+        text
+    };
+    let any = Range::whole_integers();
+    let twelve = text(&any, "12");
+    assert!(twelve.leads_to(12) && twelve.leads_to(123) && twelve.leads_to(129_999));
+    assert!(!twelve.leads_to(1) && !twelve.leads_to(-12) && !twelve.leads_to(212));
+    assert_eq!(twelve.integer(), Some(12));
+    let minus = text(&any, "-");
+    assert!(minus.leads_to(-5) && !minus.leads_to(5) && minus.integer().is_none());
+    let zero = text(&any, "0");
+    assert!(zero.leads_to(0) && !zero.leads_to(10));
+    // 1..=12: "1" can become 1, 10, 11 or 12; "-" nothing.
+    let schema = json!({"type": "integer", "minimum": 1, "maximum": 12});
+    let range = Range::of(schema.as_object().unwrap(), true, "#")
+        .unwrap()
+        .unwrap();
+    assert_eq!(range.count(), 12);
+    assert_eq!(range.count_from(&text(&range, "1")), 4);
+    assert_eq!(range.count_from(&text(&range, "9")), 1);
+    // Multiples of 5 in -20..=20: "-" can become -5, -10, -15, -20; "1" only 10 and 15.
+    let schema = json!({"type": "integer", "minimum": -20, "maximum": 20, "multipleOf": 5});
+    let range = Range::of(schema.as_object().unwrap(), true, "#")
+        .unwrap()
+        .unwrap();
+    assert_eq!(range.count(), 9);
+    assert_eq!(range.count_from(&text(&range, "-")), 4);
+    assert_eq!(range.count_from(&text(&range, "1")), 2);
+}
