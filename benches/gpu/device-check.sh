@@ -230,6 +230,26 @@ step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
 step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
+# Out of GPU memory: another process holds all but 1 GiB, so the 4.3 GB model (2.15 GB as
+# bf16) cannot fit; setup must fail naming both sizes instead of crashing mid-load.
+gpu_oom() {
+  rm -f "$WORK/gpu-held"
+  python3 - "$WORK/gpu-held" <<'PY' &
+import sys, time, torch
+free, _ = torch.cuda.mem_get_info()
+held = torch.empty(free - (1 << 30), dtype=torch.uint8, device="cuda")
+open(sys.argv[1], "w").write(f"{held.numel() / 1e9:.1f} GB held")
+time.sleep(40)
+PY
+  local holder=$! rc
+  for _ in $(seq 300); do [ -s "$WORK/gpu-held" ] && break; sleep 0.1; done
+  ./runner run huge --device "$DEVICE" --snapshot off --json "{\"vector\": [$(python3 -c 'print(",".join(["0"] * 128))')]}" > /dev/null 2> "$WORK/gpu-oom.log"; rc=$?
+  kill $holder 2>/dev/null; wait $holder 2>/dev/null
+  echo "GPU out of memory ($(cat "$WORK/gpu-held" 2>/dev/null)): runner run exit $rc: $(grep -ho 'out of memory[^;]*' "$WORK/gpu-oom.log" | head -1)" | tee -a "$WORK/correctness.txt"
+  [ "$rc" -ne 0 ] && grep -q "out of memory" "$WORK/gpu-oom.log"
+}
+export -f gpu_oom
+step "out of GPU memory (4.3 GB model)" 60 gpu_oom
 step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
 # Last, where time is left: a 17 GB model (16 layers of 16384x16384 f32, 8.6 GB as bf16),
 # the size of a 7-8B LLM in bf16, where loading is most of a cold start.
