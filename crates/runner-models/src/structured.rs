@@ -760,11 +760,11 @@ impl Compiler<'_> {
                 })?;
                 continue;
             }
-            let listed = match (object.get("enum"), object.get("const")) {
-                (Some(Value::Array(values)), None) => values.clone(),
-                (None, Some(value)) => vec![value.clone()],
-                (None, None) => Vec::new(),
-                _ => return Err(fail(&path, "`enum` must be a list")),
+            let refused = || {
+                fail(
+                    &path,
+                    "`propertyNames` is enforced as an `enum` or `const` of names (Pydantic's `dict[Literal[…], …]`); remove its other constraints, or check them after generation",
+                )
             };
             let constrains = object.keys().any(|k| {
                 !matches!(
@@ -772,15 +772,19 @@ impl Compiler<'_> {
                     "enum" | "const" | "type" | "title" | "description" | "$comment"
                 )
             });
-            if constrains || (listed.is_empty() && !object.contains_key("enum")) {
-                if !constrains && object.get("type").is_none_or(|t| t == "string") {
-                    return Ok(None); // `{}` or `{"type": "string"}`: any name
-                }
-                return Err(fail(
-                    &path,
-                    "`propertyNames` is enforced as an `enum` or `const` of names (Pydantic's `dict[Literal[…], …]`); remove its other constraints, or check them after generation",
-                ));
+            if constrains {
+                return Err(refused());
             }
+            let listed = match (object.get("enum"), object.get("const")) {
+                (Some(Value::Array(values)), None) => values.as_slice(),
+                (None, Some(value)) => std::slice::from_ref(value),
+                // `{}` or `{"type": "string"}`: any name.
+                (None, None) if object.get("type").is_none_or(|t| t == "string") => {
+                    return Ok(None)
+                }
+                (None, None) => return Err(refused()),
+                _ => return Err(fail(&path, "`enum` must be a list")),
+            };
             // Names are strings: other values name no key.
             let mut allowed: Vec<String> = listed
                 .iter()

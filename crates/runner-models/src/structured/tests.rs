@@ -1267,18 +1267,18 @@ fn integer_prefixes_count_what_they_can_still_become() {
     let zero = text(&any, "0");
     assert!(zero.leads_to(0) && !zero.leads_to(10));
     // 1..=12: "1" can become 1, 10, 11 or 12; "-" nothing.
-    let schema = json!({"type": "integer", "minimum": 1, "maximum": 12});
-    let range = Range::of(schema.as_object().unwrap(), true, "#")
-        .unwrap()
-        .unwrap();
+    let integers = |schema: Value| {
+        Range::of(schema.as_object().unwrap(), true, "#")
+            .unwrap()
+            .unwrap()
+    };
+    let range = integers(json!({"type": "integer", "minimum": 1, "maximum": 12}));
     assert_eq!(range.count(), 12);
     assert_eq!(range.count_from(&text(&range, "1")), 4);
     assert_eq!(range.count_from(&text(&range, "9")), 1);
     // Multiples of 5 in -20..=20: "-" can become -5, -10, -15, -20; "1" only 10 and 15.
-    let schema = json!({"type": "integer", "minimum": -20, "maximum": 20, "multipleOf": 5});
-    let range = Range::of(schema.as_object().unwrap(), true, "#")
-        .unwrap()
-        .unwrap();
+    let range =
+        integers(json!({"type": "integer", "minimum": -20, "maximum": 20, "multipleOf": 5}));
     assert_eq!(range.count(), 9);
     assert_eq!(range.count_from(&text(&range, "-")), 4);
     assert_eq!(range.count_from(&text(&range, "1")), 2);
