@@ -810,3 +810,244 @@ fn runner_chat_holds_a_conversation() {
     assert_eq!(code, 1);
     assert!(stderr.contains("does not generate text"), "{stderr}");
 }
+
+/// The converted f32 safetensors of the GGUF, in a temporary folder.
+fn converted_f32() -> (tempfile::TempDir, PathBuf) {
+    let out = tempfile::tempdir().unwrap();
+    let converted = out.path().join("smollm2-f32");
+    let (code, _, stderr) = runner(&[
+        "convert",
+        model_dir().join(GGUF).to_str().unwrap(),
+        "--out",
+        converted.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    (out, converted)
+}
+
+fn quantized_generator(dir: &Path, quantize: &str) -> Generator {
+    let model = ModelDir::open(dir).unwrap();
+    let log = |_: &str| {};
+    let ctx = LoadContext::new(&log).with_quantize(Some(quantize.into()));
+    llama::load_generator(&model, &candle_core::Device::Cpu, &ctx).unwrap()
+}
+
+/// Safetensors quantized at load (`--quantize`): Q4_1 of the dequantized GGUF gives back
+/// the GGUF's own blocks (llama.cpp's quantizer, its q/k layout, Q8_0 vocabulary), so the
+/// same logits to the bit; Q8_0 stays within what 8-bit activations alone cost the GGUF;
+/// Q5_0 runs through candle's kernels and keeps most first tokens.
+#[test]
+fn safetensors_quantized_at_load_track_the_gguf_and_the_f32_model() {
+    let (_scratch, converted) = converted_f32();
+    let full = generator(&converted);
+    let gguf = generator(&model_dir());
+    let q4_1 = quantized_generator(&converted, "q4_1");
+    let q8_0 = quantized_generator(&converted, "q8_0");
+    let q5_0 = quantized_generator(&converted, "q5_0");
+    let worst = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let mut q5_0_agrees = 0;
+    for case in reference()["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let prompt_ids = ids(&case["prompt_ids"]);
+        let (f32_ids, f32_logits) = full.greedy(&prompt_ids, 1).unwrap();
+        let (gguf_ids, gguf_logits) = gguf.greedy(&prompt_ids, 8).unwrap();
+        let (ids_4_1, logits_4_1) = q4_1.greedy(&prompt_ids, 8).unwrap();
+        assert_eq!(logits_4_1, gguf_logits, "{prompt:?}: q4_1 against the GGUF");
+        assert_eq!(ids_4_1, gguf_ids, "{prompt:?}");
+        // 8-bit activations alone put the GGUF 0.65–1.71 logits away from f32 on these
+        // prompts; q8_0 measured 0.68–1.71.
+        let (ids_8_0, logits_8_0) = q8_0.greedy(&prompt_ids, 1).unwrap();
+        let gguf_gap = worst(&gguf_logits, &f32_logits);
+        let q8_gap = worst(&logits_8_0, &f32_logits);
+        assert!(
+            q8_gap <= 2.0,
+            "{prompt:?}: q8_0 {q8_gap} from f32, the GGUF {gguf_gap}"
+        );
+        assert_eq!(ids_8_0[0], f32_ids[0], "{prompt:?}: q8_0's first token");
+        let (ids_5_0, _) = q5_0.greedy(&prompt_ids, 1).unwrap();
+        q5_0_agrees += usize::from(ids_5_0[0] == f32_ids[0]);
+    }
+    // Q5_0 cannot hold the Q4_1 grid these f32 weights lie on: 3 of 4 measured.
+    assert!(
+        q5_0_agrees >= 3,
+        "q5_0 kept {q5_0_agrees} of 4 first tokens"
+    );
+}
+
+fn run_args_error(args: &[&str]) -> String {
+    let (code, _, stderr) = runner(args);
+    assert_eq!(code, 1, "{args:?}: {stderr}");
+    stderr
+}
+
+/// A model directory that asks for quantization at load in its cog.yaml serves what the
+/// GGUF serves, snapshots the quantized form (bit-identical on restore, a quarter of the
+/// f32 weights), and refuses a snapshot taken with another type; bad settings are refused
+/// with what to do.
+#[test]
+fn a_model_quantized_at_load_serves_and_snapshots_it() {
+    let (_scratch, converted) = converted_f32();
+    let cog_yaml = converted.join("cog.yaml");
+    let mut yaml = std::fs::read_to_string(&cog_yaml).unwrap();
+    yaml.push_str("environment:\n  - RUNNER_QUANTIZE=q4_1\n");
+    std::fs::write(&cog_yaml, &yaml).unwrap();
+    let snap = converted.join("q4_1.rsnap");
+    let (dir_arg, snap_arg) = (converted.to_str().unwrap(), snap.to_str().unwrap());
+    let (code, _, stderr) = runner(&[
+        "snapshot", dir_arg, "--device", "cpu", "-o", snap_arg, "--verify",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("bit-identical to the cold load"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("quantized to q4_1 at load"), "{stderr}");
+    let f32_bytes = std::fs::metadata(converted.join("weights/model.safetensors"))
+        .unwrap()
+        .len();
+    let snapshot_bytes = std::fs::metadata(&snap).unwrap().len();
+    assert!(
+        snapshot_bytes * 3 < f32_bytes,
+        "snapshot {snapshot_bytes} bytes for {f32_bytes} bytes of f32"
+    );
+
+    let gguf = Server::start(&model_dir(), &["--snapshot", "off"]);
+    let cold = Server::start(&converted, &["--snapshot", "off"]);
+    let restored = Server::start(&converted, &["--snapshot", snap_arg, "--require-snapshot"]);
+    assert!(
+        restored.status_line.contains("weights snapshot"),
+        "{}",
+        restored.status_line
+    );
+    for case in reference()["cases"].as_array().unwrap() {
+        let input = greedy_input(case["prompt"].as_str().unwrap(), 12);
+        let want = gguf.predict(input.clone()).1;
+        assert_eq!(want["status"], "succeeded", "{want}");
+        assert_eq!(cold.predict(input.clone()).1["output"], want["output"]);
+        assert_eq!(restored.predict(input).1["output"], want["output"]);
+    }
+    drop((gguf, cold, restored));
+
+    // --quantize overrides cog.yaml, so this snapshot (q4_1) no longer fits.
+    let stderr = run_args_error(&[
+        "run",
+        dir_arg,
+        "--quantize",
+        "q8_0",
+        "--snapshot",
+        snap_arg,
+        "--require-snapshot",
+        "-i",
+        "prompt=Hi",
+        "-i",
+        "max_new_tokens=1",
+    ]);
+    assert!(
+        stderr.contains("quantized at load to q4_1")
+            && stderr.contains("quantized at load to q8_0"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = runner(&[
+        "run",
+        dir_arg,
+        "--quantize",
+        "off",
+        "--snapshot",
+        "off",
+        "-i",
+        "prompt=Hi",
+        "-i",
+        "max_new_tokens=1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("safetensors (F32) loaded"), "{stderr}");
+
+    // Bad settings.
+    let run = |extra: &[&str], dir: &str| {
+        let mut args = vec!["run", dir, "--snapshot", "off", "-i", "prompt=Hi"];
+        args.extend_from_slice(extra);
+        run_args_error(&args)
+    };
+    let e = run(&["--quantize", "q3"], dir_arg);
+    assert!(
+        e.contains("\"q3\"") && e.contains("q4_1") && e.contains("off"),
+        "{e}"
+    );
+    // SmolLM2's rows of 576 values do not split into k-quant blocks of 256.
+    let e = run(&["--quantize", "q4_k"], dir_arg);
+    assert!(e.contains("blocks of 256") && e.contains("q8_0"), "{e}");
+    let e = run(&["--quantize", "q8_0"], model_dir().to_str().unwrap());
+    assert!(e.contains("already quantized"), "{e}");
+    let minilm = repo_root().join("models/all-minilm-l6-v2");
+    let e = run(&["--quantize", "q8_0"], minilm.to_str().unwrap());
+    assert!(e.contains("applies to candle:llama"), "{e}");
+    std::fs::write(&cog_yaml, yaml.replace("=q4_1", "=q4")).unwrap();
+    let e = run(&[], dir_arg);
+    assert!(
+        e.contains("cog.yaml") && e.contains("RUNNER_QUANTIZE=q4"),
+        "{e}"
+    );
+    // Rotary scaling the quantized Llama does not apply is refused, not ignored.
+    std::fs::write(&cog_yaml, &yaml).unwrap();
+    let config_path = converted.join("weights/config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["rope_scaling"] = json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"});
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let e = run(&[], dir_arg);
+    assert!(e.contains("rope_scaling"), "{e}");
+}
+
+/// candle's forward pass (`RUNNER_LLAMA_CPU=candle` here; every GPU) snapshots the GGUF's
+/// quantized tensors as they are held, and a restore serves the same text.
+#[test]
+fn candles_quantized_forward_pass_snapshots_too() {
+    let dir = model_dir();
+    let scratch = tempfile::tempdir().unwrap();
+    let snap = scratch.path().join("candle.rsnap");
+    let (dir_arg, snap_arg) = (dir.to_str().unwrap(), snap.to_str().unwrap());
+    let with_candle = |args: &[&str]| {
+        let out = std::process::Command::new(support::RUNNER)
+            .env("RUNNER_LLAMA_CPU", "candle")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, _, stderr) = with_candle(&[
+        "snapshot", dir_arg, "--device", "cpu", "-o", snap_arg, "--verify",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("bit-identical to the cold load"),
+        "{stderr}"
+    );
+    let generate = |snapshot: &str| {
+        let (code, stdout, stderr) = with_candle(&[
+            "run",
+            dir_arg,
+            "--device",
+            "cpu",
+            "--snapshot",
+            snapshot,
+            "--json",
+            r#"{"prompt": "The capital of France is", "use_chat_template": false, "temperature": 0, "max_new_tokens": 12}"#,
+        ]);
+        assert_eq!(code, Some(0), "{stderr}");
+        (stdout, stderr)
+    };
+    let (cold, _) = generate("off");
+    let (restored, stderr) = generate(snap_arg);
+    assert!(stderr.contains("restored from the snapshot"), "{stderr}");
+    assert!(stderr.contains("candle's forward pass"), "{stderr}");
+    assert_eq!(restored, cold);
+}

@@ -136,6 +136,9 @@ fn one_start(
     if let Some(dir) = kernel_cache {
         command.env("CUDA_CACHE_PATH", dir);
     }
+    if let Some(quantize) = crate::QUANTIZE.get().cloned().flatten() {
+        command.env("RUNNER_QUANTIZE", quantize);
+    }
     let started = Instant::now();
     let mut child = command
         .arg("serve")

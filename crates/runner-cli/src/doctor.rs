@@ -380,6 +380,7 @@ async fn model_checks(
                     python,
                     snapshot,
                     progress,
+                    quantize: crate::QUANTIZE.get().cloned().flatten(),
                     ..Default::default()
                 },
             )

@@ -51,6 +51,11 @@ struct Cli {
     /// the `cog` package must be importable there. Default: python3 on PATH.
     #[arg(long, global = true, env = "RUNNER_PYTHON", value_name = "PATH")]
     python: Option<PathBuf>,
+    /// Quantize a candle:llama model's safetensors weights at load: q4_0, q4_1, q5_0,
+    /// q5_1, q8_0, q2_k … q6_k, or off. Overrides cog.yaml's `environment`
+    /// RUNNER_QUANTIZE; a snapshot keeps the quantized weights.
+    #[arg(long, global = true, env = "RUNNER_QUANTIZE", value_name = "TYPE")]
+    quantize: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -480,6 +485,7 @@ fn main() -> ExitCode {
     logging.quiet |= chat && logging.verbose == 0;
     init_logging(&logging, matches!(cli.command, Command::Run { .. }) || chat);
     let _ = PYTHON.set(cli.python.clone());
+    let _ = QUANTIZE.set(cli.quantize.clone());
     SHOW_PROGRESS.store(
         !cli.logging.quiet && std::io::stderr().is_terminal(),
         std::sync::atomic::Ordering::Relaxed,
@@ -824,6 +830,7 @@ fn package(args: PackageArgs) -> Result<ExitCode> {
         DeviceSpec::Cpu,
         EngineOptions {
             python: PYTHON.get().cloned().flatten(),
+            quantize: QUANTIZE.get().cloned().flatten(),
             ..Default::default()
         },
     )?;
@@ -967,11 +974,16 @@ fn probe_runner_binary(path: &Path) -> runner_package::RunnerBinary {
 
 /// `--python`, for every command that opens an engine.
 static PYTHON: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+/// `--quantize`, for every engine this process opens.
+pub(crate) static QUANTIZE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 
 fn open_engine(dir: &Path, device: DeviceSpec, mut options: EngineOptions) -> Result<Arc<Engine>> {
     let model_dir = ModelDir::open(dir)?;
     if options.python.is_none() {
         options.python = PYTHON.get().cloned().flatten();
+    }
+    if options.quantize.is_none() {
+        options.quantize = QUANTIZE.get().cloned().flatten();
     }
     Ok(Engine::new(model_dir, device, options)?)
 }
@@ -1046,6 +1058,7 @@ async fn serve(
         record_for_snapshot: false,
         progress: progress_bars(),
         python: None,
+        quantize: None, // open_engine fills it in
         mode,
         // 0, like unset, is no limit.
         setup_timeout: serving

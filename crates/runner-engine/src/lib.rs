@@ -111,6 +111,9 @@ pub struct EngineOptions {
     pub mode: Mode,
     /// Setup that takes longer fails (`SETUP_FAILED`), as with Cog's `COG_SETUP_TIMEOUT`.
     pub setup_timeout: Option<Duration>,
+    /// Quantization at load (`--quantize`): overrides the model directory's
+    /// `RUNNER_QUANTIZE`; `off` turns it off. candle:llama safetensors only.
+    pub quantize: Option<String>,
 }
 
 /// Starts a progress report for a long step, given its label and total bytes; the
@@ -218,6 +221,8 @@ pub struct Engine {
     snapshot_options: SnapshotOptions,
     progress: Option<ProgressBars>,
     recorded: Option<runner_models::load::Recorded>,
+    /// The quantization at load in effect (`q8_0`, …), from `--quantize` or cog.yaml.
+    quantize: Option<&'static str>,
     device: OnceLock<candle_core::Device>,
     metrics: metrics::EngineMetrics,
     /// Whether the signature has file inputs / file outputs (decided once, not per request).
@@ -297,6 +302,23 @@ impl Engine {
             Mode::Predict => dir.config.train.clone(),
         };
         let architecture = architecture_for(&dir)?;
+        let quantize = if architecture.name == runner_models::llama::ARCHITECTURE.name {
+            runner_models::llama::isq::choice(&dir, options.quantize.as_deref())?.map(|q| q.0)
+        } else {
+            match options.quantize.as_deref().map(runner_models::llama::isq::parse) {
+                Some(Ok(Some((name, _)))) => {
+                    return Err(EngineError::Load(LoadError::Other(format!(
+                        "--quantize {name}: quantization at load applies to candle:llama models in safetensors, and {} runs {}",
+                        dir.root.display(),
+                        dir.config.run
+                    ))))
+                }
+                Some(Err(e)) => {
+                    return Err(EngineError::Load(LoadError::Other(format!("--quantize: {e}"))))
+                }
+                _ => None,
+            }
+        };
         // A Python predictor built by Cog carries the schema Cog generated: serve that one.
         let cog_schema = std::fs::read_to_string(dir.root.join(".cog/openapi_schema.json"))
             .ok()
@@ -421,6 +443,7 @@ impl Engine {
             recorded: options
                 .record_for_snapshot
                 .then(|| Arc::new(Mutex::new(Vec::new()))),
+            quantize,
             device: OnceLock::new(),
             metrics: Default::default(),
             file_inputs,
@@ -547,7 +570,14 @@ impl Engine {
             gpu_name: gpu.name,
             compute_capability: gpu.compute_capability,
             driver_version: gpu.driver_version,
-            dtype_policy: self.architecture.dtype_policy.into(),
+            // A snapshot holds the weights as quantized at load, so the type must match.
+            dtype_policy: match self.quantize {
+                Some(q) => format!(
+                    "{}; quantized at load to {q}",
+                    self.architecture.dtype_policy
+                ),
+                None => self.architecture.dtype_policy.into(),
+            },
         })
     }
 
@@ -658,6 +688,7 @@ impl Engine {
                     None => LoadContext::new(&log),
                 }
                 .with_python(self.python.clone())
+                .with_quantize(Some(self.quantize.unwrap_or("off").to_string()))
                 .with_python_started(
                     self.python_started
                         .lock()
@@ -818,7 +849,8 @@ impl Engine {
             LoadContext::restoring(log, job)
         } else {
             LoadContext::restored(log, restore()?)
-        };
+        }
+        .with_quantize(Some(self.quantize.unwrap_or("off").to_string()));
         let built = (self.architecture.load)(&self.dir, device, &ctx);
         // A failed restore (a damaged chunk, say) is what to report, not what the model's
         // load made of the missing tensors.

@@ -70,6 +70,9 @@ pub struct LoadContext<'a> {
     /// A Python worker already started (it imported the predictor to describe it), to set
     /// up instead of starting another.
     python_started: std::sync::Mutex<Option<crate::python::Started>>,
+    /// Quantization at load asked for on the command line (`--quantize`), which overrides
+    /// the model directory's own `RUNNER_QUANTIZE`.
+    quantize: Option<String>,
 }
 
 impl<'a> LoadContext<'a> {
@@ -82,6 +85,7 @@ impl<'a> LoadContext<'a> {
             progress: None,
             python: None,
             python_started: Default::default(),
+            quantize: None,
         }
     }
     /// A load from a snapshot's tensors instead of the weights files.
@@ -93,6 +97,7 @@ impl<'a> LoadContext<'a> {
             progress: None,
             python: None,
             python_started: Default::default(),
+            quantize: None,
         }
     }
     /// A load from a snapshot whose restore is still running on `job`'s thread.
@@ -104,6 +109,7 @@ impl<'a> LoadContext<'a> {
             progress: None,
             python: None,
             python_started: Default::default(),
+            quantize: None,
         }
     }
     /// Waits for the snapshot restore (if the model never asked for a tensor) and says
@@ -124,6 +130,7 @@ impl<'a> LoadContext<'a> {
             progress: None,
             python: None,
             python_started: Default::default(),
+            quantize: None,
         }
     }
     /// Reports weight bytes read to `progress`.
@@ -145,6 +152,14 @@ impl<'a> LoadContext<'a> {
     pub fn with_python(mut self, python: Option<std::path::PathBuf>) -> Self {
         self.python = python;
         self
+    }
+    /// Quantization at load from the command line (`--quantize`).
+    pub fn with_quantize(mut self, quantize: Option<String>) -> Self {
+        self.quantize = quantize;
+        self
+    }
+    pub fn quantize(&self) -> Option<&str> {
+        self.quantize.as_deref()
     }
     pub fn python(&self) -> Option<&std::path::Path> {
         self.python.as_deref()

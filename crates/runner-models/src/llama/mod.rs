@@ -12,6 +12,7 @@
 //! a stop sequence's beginning), and notices cancellation between tokens.
 
 pub mod convert;
+pub mod isq;
 mod native;
 mod packed;
 mod prompt_cache;
@@ -342,7 +343,7 @@ pub fn load_generator(
     ctx: &LoadContext,
 ) -> Result<Generator, LoadError> {
     match dir.weights.gguf.as_slice() {
-        [one] => load_gguf(one, device, ctx),
+        [one] => load_gguf(dir, one, device, ctx),
         [] => load_safetensors(dir, device, ctx),
         many => Err(other(format!(
             "{} GGUF files in the weights ({}); keep one",
@@ -598,7 +599,19 @@ impl<R: std::io::Seek> std::io::Seek for CountingReader<'_, '_, R> {
     }
 }
 
-fn load_gguf(path: &Path, device: &Device, ctx: &LoadContext) -> Result<Generator, LoadError> {
+fn load_gguf(
+    dir: &ModelDir,
+    path: &Path,
+    device: &Device,
+    ctx: &LoadContext,
+) -> Result<Generator, LoadError> {
+    if let Some((name, _)) = isq::choice(dir, ctx.quantize())? {
+        return Err(other(format!(
+            "{}={name}: {} is a GGUF, already quantized; quantization at load applies to safetensors weights (unset it, or `runner convert` the GGUF to safetensors first)",
+            isq::ENV,
+            path.display()
+        )));
+    }
     let (mut content, mut file) = open_gguf(path)?;
     let meta_u32 = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
     let meta_str = |key: &str| {
@@ -699,6 +712,7 @@ fn load_safetensors(
     let (_, config): (_, full::LlamaConfig) =
         crate::weights::read_json_config(layout, "config.json", "llama")?;
     let context = config.max_position_embeddings;
+    let raw_config = config.clone();
     let config = config.into_config(false);
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| other(format!("{}: {e}", tokenizer_path.display())))?;
@@ -765,6 +779,51 @@ fn load_safetensors(
     }
     drop(checked);
     let started = Instant::now();
+    if let Some(quantize) = isq::choice(dir, ctx.quantize())? {
+        let mut gguf = isq::quantize(layout, &raw_config, quantize, ctx)?;
+        let quantized_in = started.elapsed();
+        let weights = quantized::ModelWeights::from_gguf(
+            gguf.content,
+            &mut gguf.data,
+            device,
+            context,
+            Some(ctx),
+            None,
+        )
+        .map_err(|e| other(format!("{}={}: {e}", isq::ENV, quantize.0)))?;
+        ctx.log(&format!(
+            "llama: safetensors {} in {:.2}s; context {context} tokens; {}",
+            if ctx.is_restore() {
+                format!("quantized to {} restored from the snapshot", quantize.0)
+            } else {
+                format!(
+                    "quantized to {} at load ({:.1} MB → {:.1} MB in {:.2}s)",
+                    quantize.0,
+                    gguf.source_bytes as f64 / 1e6,
+                    gguf.quantized_bytes as f64 / 1e6,
+                    quantized_in.as_secs_f64()
+                )
+            },
+            started.elapsed().as_secs_f64(),
+            match weights.native_kernel() {
+                Some(kernel) => format!("runner's forward pass, {kernel:?} kernel"),
+                None => "candle's forward pass".to_string(),
+            }
+        ));
+        return Ok(Generator {
+            network: Network::Quantized(weights),
+            stop_tokens: stop_tokens(&tokenizer, &declared),
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            context,
+            device: device.clone(),
+            source: format!("safetensors quantized to {} at load", quantize.0),
+            prompt_cache: Default::default(),
+            vocabulary: OnceLock::new(),
+        });
+    }
     let vb = ctx.var_builder(layout, dtype, device)?;
     let model = full::Llama::load(vb, &config).map_err(other)?;
     ctx.log(&format!(

@@ -285,21 +285,15 @@ impl ModelWeights {
                 return Ok(Self::Native(native::Model::new(weights)));
             }
         }
-        if ctx.is_some_and(|c| c.is_restore() || c.is_recording()) {
-            candle_core::bail!(
-                "snapshots of GGUF models hold runner's own CPU form of the weights, and this \
-                 load runs candle's forward pass ({}): serve it with --snapshot off",
-                if !device.is_cpu() {
-                    "on a GPU"
-                } else if native.is_none() {
-                    "RUNNER_LLAMA_CPU=candle, RUNNER_CPU_KERNEL=none, or a CPU without AVX2"
-                } else {
-                    "a weight type or architecture runner's forward pass does not handle"
-                }
-            );
-        }
-        Ok(Self::Candle(CandleWeights::from_gguf(
-            ct, reader, device, context,
+        let why = if !device.is_cpu() {
+            "on a GPU"
+        } else if native.is_none() {
+            "RUNNER_LLAMA_CPU=candle, RUNNER_CPU_KERNEL=none, or a CPU without AVX2"
+        } else {
+            "a weight type or architecture runner's forward pass does not handle"
+        };
+        Ok(Self::Candle(CandleWeights::from_gguf_in(
+            ct, reader, device, context, ctx, why,
         )?))
     }
 
@@ -646,6 +640,20 @@ impl CandleWeights {
         device: &Device,
         context: usize,
     ) -> Result<Self> {
+        Self::from_gguf_in(ct, reader, device, context, None, "")
+    }
+
+    /// With a load's context: a snapshot restore takes every quantized tensor from the
+    /// snapshot as it was held (the GGUF's tensors are not read), a recording keeps them.
+    /// `why` says why candle's forward pass runs, for a snapshot of runner's own form.
+    fn from_gguf_in<R: std::io::Seek + std::io::Read>(
+        ct: gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        context: usize,
+        ctx: Option<&LoadContext>,
+        why: &str,
+    ) -> Result<Self> {
         let md = |s: &str| match ct.metadata.get(s) {
             None => candle_core::bail!("cannot find {s} in the GGUF metadata"),
             Some(v) => Ok(v),
@@ -669,20 +677,41 @@ impl CandleWeights {
         let (cos, sin) = rotary_tables(rope_dim, rope_freq_base, context, device)?;
         let neg_inf = Tensor::new(f32::NEG_INFINITY, device)?;
 
-        let embeddings_q = ct.tensor(reader, "token_embd.weight", device)?;
+        let restoring = ctx.filter(|c| c.is_restore());
+        let recording = ctx.filter(|c| c.is_recording());
+        let mut tensor = |name: &str| -> Result<QTensor> {
+            let key = |part: &str| format!("runner.llama.q.{name}.{part}");
+            if let Some(ctx) = restoring {
+                let part = |p: &str| {
+                    ctx.prepared(&key(p), || {
+                        candle_core::bail!(
+                            "tensor `{}` is missing from the snapshot: it holds another form of the weights (runner's own CPU form, or other weights), and this load runs candle's forward pass ({why}); take a new snapshot with the same settings",
+                            key(p)
+                        )
+                    })
+                };
+                return snapshot_qtensor(part, device)
+                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")));
+            }
+            let q = ct.tensor(reader, name, device)?;
+            if let Some(ctx) = recording {
+                for (p, t) in qtensor_parts(&q)? {
+                    ctx.prepared(&key(p), || Ok(t))?;
+                }
+            }
+            Ok(q)
+        };
+        let embeddings_q = tensor("token_embd.weight")?;
         let embeddings = embeddings_q.dequantize(device)?;
-        let norm = RmsNorm::from_qtensor(
-            ct.tensor(reader, "output_norm.weight", device)?,
-            rms_norm_eps,
-        )?;
+        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, rms_norm_eps)?;
         // Tied embeddings: no output.weight, the token embeddings project back.
-        let output = match ct.tensor(reader, "output.weight", device) {
-            Ok(t) => t,
-            Err(_) => embeddings_q,
+        let output = match ct.tensor_infos.contains_key("output.weight") {
+            true => tensor("output.weight")?,
+            false => embeddings_q,
         };
         let mut layers = Vec::with_capacity(block_count);
         for i in 0..block_count {
-            let mut t = |name: &str| ct.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
+            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"));
             layers.push(Layer {
                 qkv: Projections::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], device)?,
                 wo: matrix(t("attn_output")?)?,
@@ -740,6 +769,114 @@ impl CandleWeights {
         let h = self.norm.forward(&h)?;
         self.output.forward(&h.i((.., seq_len - 1, ..))?)
     }
+}
+
+/// GGML's own type numbers, which a snapshot's `ggml` part records.
+const GGML_TYPES: &[(u32, GgmlDType)] = &[
+    (0, GgmlDType::F32),
+    (1, GgmlDType::F16),
+    (2, GgmlDType::Q4_0),
+    (3, GgmlDType::Q4_1),
+    (6, GgmlDType::Q5_0),
+    (7, GgmlDType::Q5_1),
+    (8, GgmlDType::Q8_0),
+    (9, GgmlDType::Q8_1),
+    (10, GgmlDType::Q2K),
+    (11, GgmlDType::Q3K),
+    (12, GgmlDType::Q4K),
+    (13, GgmlDType::Q5K),
+    (14, GgmlDType::Q6K),
+    (15, GgmlDType::Q8K),
+    (30, GgmlDType::BF16),
+];
+
+/// A quantized tensor as snapshot parts: `ggml` (its GGML type number, then its dims) and
+/// `data` (its blocks as bytes, exactly as the device holds them).
+pub fn qtensor_parts(q: &QTensor) -> Result<[(&'static str, Tensor); 2]> {
+    let Some(&(code, _)) = GGML_TYPES.iter().find(|(_, t)| *t == q.dtype()) else {
+        candle_core::bail!("no snapshot form for {:?} tensors", q.dtype());
+    };
+    let mut ggml = vec![code];
+    ggml.extend(q.shape().dims().iter().map(|&d| d as u32));
+    let data = q.data()?;
+    let bytes = Tensor::from_slice(&data, data.len(), &Device::Cpu)?;
+    Ok([
+        ("ggml", Tensor::new(ggml.as_slice(), &Device::Cpu)?),
+        ("data", bytes),
+    ])
+}
+
+/// The quantized tensor [`qtensor_parts`] made, on `device`. The data's length is checked
+/// against the type and dims, so no kernel reads past it. On CUDA the blocks are copied
+/// from the restored arena on the device; nothing goes through the host.
+pub fn snapshot_qtensor(part: impl Fn(&str) -> Result<Tensor>, device: &Device) -> Result<QTensor> {
+    let ggml: Vec<u32> = part("ggml")?.flatten_all()?.to_vec1()?;
+    let Some((&code, dims)) = ggml.split_first() else {
+        candle_core::bail!("snapshot tensor with an empty `ggml` part");
+    };
+    let Some(&(_, dtype)) = GGML_TYPES.iter().find(|(c, _)| *c == code) else {
+        candle_core::bail!("snapshot tensor of unknown GGML type {code}");
+    };
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let elements: usize = dims.iter().product();
+    let data = part("data")?;
+    let want = elements / dtype.block_size() * dtype.type_size();
+    if dims.is_empty()
+        || !elements.is_multiple_of(dtype.block_size())
+        || data.dtype() != DType::U8
+        || data.elem_count() != want
+    {
+        candle_core::bail!(
+            "snapshot {dtype:?} tensor of dims {dims:?}: {} {:?} values, expected {want} bytes",
+            data.elem_count(),
+            data.dtype()
+        );
+    }
+    let storage = match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => QStorage::Cuda(cuda_qstorage(cuda, &data, elements, dtype)?),
+        _ => {
+            let bytes = data.to_device(&Device::Cpu)?.to_vec1::<u8>()?;
+            QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?
+        }
+    };
+    QTensor::new(storage, dims)
+}
+
+/// A device copy of restored blocks into candle's own (padded) quantized storage, on the
+/// device's stream, so the kernels that use it are ordered after it.
+#[cfg(feature = "cuda")]
+fn cuda_qstorage(
+    cuda: &candle_core::CudaDevice,
+    data: &Tensor,
+    elements: usize,
+    dtype: GgmlDType,
+) -> Result<candle_core::quantized::cuda::QCudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr};
+    let storage = candle_core::quantized::cuda::QCudaStorage::zeros(cuda, elements, dtype)?;
+    let bytes = data.elem_count();
+    let data = data.to_device(&Device::Cuda(cuda.clone()))?;
+    let (source, layout) = data.storage_and_layout();
+    let candle_core::Storage::Cuda(source) = &*source else {
+        candle_core::bail!("restored snapshot data is not on the GPU");
+    };
+    let stream = cuda.cuda_stream();
+    let slice = source.as_cuda_slice::<u8>()?;
+    let (from, _guard) = slice.device_ptr(&stream);
+    let to = storage.device_ptr()? as u64;
+    // SAFETY: `from + start` holds `bytes` restored bytes (the layout is the tensor's view
+    // into its arena) and `to` is a fresh allocation of at least `bytes`; both live until
+    // the stream has run the copy (`_guard`, and `storage` returned to the caller).
+    unsafe {
+        result::memcpy_dtod_async(
+            to,
+            from + layout.start_offset() as u64,
+            bytes,
+            stream.cu_stream(),
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("cannot copy restored blocks on the GPU: {e}")))?;
+    Ok(storage)
 }
 
 /// A read-only mapping of a whole file, for the span of a load: the GGUF's tensors are

@@ -1,0 +1,436 @@
+//! Quantization at load: a Llama in safetensors (f32, bf16 or f16, Hugging Face's layout)
+//! quantized to a GGML type while it loads, then served exactly as a GGUF of that type would
+//! be (runner's own CPU kernels for Q4_1 and Q8_0, candle's quantized kernels otherwise,
+//! CUDA included).
+//!
+//! Asked for with `RUNNER_QUANTIZE=q8_0` in cog.yaml's `environment`, or `--quantize` on
+//! the command line (which overrides it; `--quantize off` turns it off). As llama.cpp does,
+//! the token embeddings and the output projection stay at 8 bits (Q8_0) whatever the type
+//! asked for, and norms stay f32. The tensors are
+//! renamed to llama.cpp's names and the q/k projections permuted into its rotary layout,
+//! so the GGUF code paths take them unchanged. Quantizing costs CPU time on every cold
+//! load; a snapshot keeps the quantized (and, on the CPU, repacked) matrices, so a restore
+//! skips it.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+
+use candle_core::quantized::gguf_file::{self, TensorInfo, Value as GgufValue};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_transformers::models::llama as full;
+use rayon::prelude::*;
+use runner_spec::{ModelDir, WeightsLayout};
+
+use crate::weights::CheckedWeights;
+use crate::{LoadContext, LoadError};
+
+/// The cog.yaml `environment` entry (and environment variable) that asks for it.
+pub const ENV: &str = "RUNNER_QUANTIZE";
+
+/// The GGML types runner quantizes to, by the names llama.cpp gives them.
+pub const TYPES: &[(&str, GgmlDType)] = &[
+    ("q4_0", GgmlDType::Q4_0),
+    ("q4_1", GgmlDType::Q4_1),
+    ("q5_0", GgmlDType::Q5_0),
+    ("q5_1", GgmlDType::Q5_1),
+    ("q8_0", GgmlDType::Q8_0),
+    ("q2_k", GgmlDType::Q2K),
+    ("q3_k", GgmlDType::Q3K),
+    ("q4_k", GgmlDType::Q4K),
+    ("q5_k", GgmlDType::Q5K),
+    ("q6_k", GgmlDType::Q6K),
+];
+
+fn other(e: impl std::fmt::Display) -> LoadError {
+    LoadError::Other(e.to_string())
+}
+
+fn type_names() -> String {
+    TYPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+}
+
+/// A quantization type by name (`q8_0`, `Q4_K`, …); `Ok(None)` for `off`, `none` or empty.
+pub fn parse(name: &str) -> Result<Option<(&'static str, GgmlDType)>, String> {
+    let wanted = name.trim().to_ascii_lowercase();
+    if matches!(wanted.as_str(), "" | "off" | "none") {
+        return Ok(None);
+    }
+    TYPES
+        .iter()
+        .find(|(n, _)| *n == wanted || n.replace('_', "") == wanted)
+        .map(|&(n, t)| Some((n, t)))
+        .ok_or_else(|| {
+            format!(
+                "unknown quantization type {name:?}: choose one of {}, or off",
+                type_names()
+            )
+        })
+}
+
+/// The quantization this load asks for: `explicit` (the command line) first, else the
+/// model directory's cog.yaml `environment`. Errors name where the bad value came from.
+pub fn choice(
+    dir: &ModelDir,
+    explicit: Option<&str>,
+) -> Result<Option<(&'static str, GgmlDType)>, LoadError> {
+    match explicit {
+        Some(v) => parse(v).map_err(|e| other(format!("--quantize / {ENV}: {e}"))),
+        None => match dir.config.environment.get(ENV) {
+            Some(v) => parse(v).map_err(|e| {
+                other(format!(
+                    "{}: environment {ENV}={v}: {e}",
+                    dir.config.path.display()
+                ))
+            }),
+            None => Ok(None),
+        },
+    }
+}
+
+/// The model as an in-memory GGUF: its metadata and tensor table, and the quantized data
+/// (empty on a snapshot restore, whose matrices come from the snapshot instead).
+pub struct QuantizedGguf {
+    pub content: gguf_file::Content,
+    pub data: Cursor<Vec<u8>>,
+    /// Bytes of the source tensors read, and of the quantized data.
+    pub source_bytes: u64,
+    pub quantized_bytes: u64,
+}
+
+/// One tensor to write: llama.cpp's name, Hugging Face's, the shape both agree on, and
+/// whether it is a matrix (quantized) or a norm (kept as f32).
+struct Planned {
+    gguf: String,
+    hf: String,
+    shape: Vec<usize>,
+    matrix: bool,
+    /// The token embeddings and the output projection: kept at 8 bits, as llama.cpp keeps
+    /// them above the type asked for (the logits come straight out of them).
+    vocabulary: bool,
+    /// Attention heads when the rows must be permuted into llama.cpp's rotary layout.
+    permute_heads: Option<usize>,
+}
+
+/// Checks `config` and the weights' shapes, and quantizes every matrix to `dtype` (norms stay
+/// f32), on all cores. On a restore only the tensor table is built.
+pub fn quantize(
+    layout: &WeightsLayout,
+    config: &full::LlamaConfig,
+    (type_name, dtype): (&str, GgmlDType),
+    ctx: &LoadContext,
+) -> Result<QuantizedGguf, LoadError> {
+    let refuse = |why: String| other(format!("{ENV}={type_name}: {why}"));
+    if config.rope_scaling.is_some() {
+        return Err(refuse(
+            "config.json has `rope_scaling` (Llama 3.1-style rotary scaling), which the quantized Llama does not apply; serve these weights unquantized".into(),
+        ));
+    }
+    let hidden = config.hidden_size;
+    let heads = config.num_attention_heads;
+    let kv_heads = config.num_key_value_heads();
+    if heads == 0
+        || kv_heads == 0
+        || !hidden.is_multiple_of(heads)
+        || !heads.is_multiple_of(kv_heads)
+    {
+        return Err(refuse(format!(
+            "config.json has {heads} attention heads, {kv_heads} key/value heads and hidden size {hidden}; the heads must divide the hidden size and the key/value heads the heads"
+        )));
+    }
+    let head_dim = hidden / heads;
+    if !head_dim.is_multiple_of(2) {
+        return Err(refuse(format!(
+            "head dimension {head_dim} is odd; rotary embeddings need it even"
+        )));
+    }
+    let ffn = config.intermediate_size;
+    let vocab = config.vocab_size;
+    let mut plan = vec![Planned {
+        gguf: "token_embd.weight".into(),
+        hf: "model.embed_tokens.weight".into(),
+        shape: vec![vocab, hidden],
+        matrix: true,
+        vocabulary: true,
+        permute_heads: None,
+    }];
+    let norm = |gguf: String, hf: String| Planned {
+        gguf,
+        hf,
+        shape: vec![hidden],
+        matrix: false,
+        vocabulary: false,
+        permute_heads: None,
+    };
+    for i in 0..config.num_hidden_layers {
+        let layer = |gguf: &str, hf: &str, shape: [usize; 2], permute_heads| Planned {
+            gguf: format!("blk.{i}.{gguf}.weight"),
+            hf: format!("model.layers.{i}.{hf}.weight"),
+            shape: shape.to_vec(),
+            matrix: true,
+            vocabulary: false,
+            permute_heads,
+        };
+        plan.push(norm(
+            format!("blk.{i}.attn_norm.weight"),
+            format!("model.layers.{i}.input_layernorm.weight"),
+        ));
+        plan.push(layer(
+            "attn_q",
+            "self_attn.q_proj",
+            [heads * head_dim, hidden],
+            Some(heads),
+        ));
+        plan.push(layer(
+            "attn_k",
+            "self_attn.k_proj",
+            [kv_heads * head_dim, hidden],
+            Some(kv_heads),
+        ));
+        plan.push(layer(
+            "attn_v",
+            "self_attn.v_proj",
+            [kv_heads * head_dim, hidden],
+            None,
+        ));
+        plan.push(layer(
+            "attn_output",
+            "self_attn.o_proj",
+            [hidden, heads * head_dim],
+            None,
+        ));
+        plan.push(norm(
+            format!("blk.{i}.ffn_norm.weight"),
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+        ));
+        plan.push(layer("ffn_gate", "mlp.gate_proj", [ffn, hidden], None));
+        plan.push(layer("ffn_up", "mlp.up_proj", [ffn, hidden], None));
+        plan.push(layer("ffn_down", "mlp.down_proj", [hidden, ffn], None));
+    }
+    plan.push(norm(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+    ));
+    if !config.tie_word_embeddings.unwrap_or(false) {
+        plan.push(Planned {
+            gguf: "output.weight".into(),
+            hf: "lm_head.weight".into(),
+            shape: vec![vocab, hidden],
+            matrix: true,
+            vocabulary: true,
+            permute_heads: None,
+        });
+    }
+
+    let weights = CheckedWeights::open(layout)?;
+    let mut source_bytes = 0u64;
+    for p in &plan {
+        let info = weights.info(&p.hf).ok_or_else(|| {
+            other(format!(
+                "the safetensors weights have no `{}`, which a Llama with {} layers needs",
+                p.hf, config.num_hidden_layers
+            ))
+        })?;
+        if info.shape != p.shape {
+            return Err(other(format!(
+                "tensor `{}` has shape {:?}, but config.json implies {:?}; the weights and config.json do not match",
+                p.hf, info.shape, p.shape
+            )));
+        }
+        source_bytes += info.offsets.1.saturating_sub(info.offsets.0);
+        let row = p.shape[p.shape.len() - 1];
+        if p.matrix && !row.is_multiple_of(stored_type(p, dtype).block_size()) {
+            return Err(refuse(format!(
+                "tensor `{}` has rows of {row} values, and {type_name} quantizes blocks of {}; choose a type with blocks of 32 (q4_0, q4_1, q5_0, q5_1, q8_0)",
+                p.hf,
+                dtype.block_size()
+            )));
+        }
+    }
+
+    let u32_value = |n: usize| GgufValue::U32(n as u32);
+    let metadata: HashMap<String, GgufValue> = [
+        ("general.architecture", GgufValue::String("llama".into())),
+        ("llama.block_count", u32_value(config.num_hidden_layers)),
+        ("llama.embedding_length", u32_value(hidden)),
+        ("llama.feed_forward_length", u32_value(ffn)),
+        ("llama.attention.head_count", u32_value(heads)),
+        ("llama.attention.head_count_kv", u32_value(kv_heads)),
+        ("llama.rope.dimension_count", u32_value(head_dim)),
+        (
+            "llama.context_length",
+            u32_value(config.max_position_embeddings),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(config.rms_norm_eps as f32),
+        ),
+        ("llama.rope.freq_base", GgufValue::F32(config.rope_theta)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+
+    let mut tensor_infos = HashMap::new();
+    let mut data = Vec::new();
+    if !ctx.is_restore() {
+        let stored: u64 = plan
+            .iter()
+            .map(|p| {
+                let t = stored_type(p, dtype);
+                let n: usize = p.shape.iter().product();
+                (n / t.block_size() * t.type_size()) as u64
+            })
+            .sum();
+        data.reserve(stored as usize);
+    }
+    for p in &plan {
+        let t = stored_type(p, dtype);
+        let offset = data.len() as u64;
+        if !ctx.is_restore() {
+            let source = weights
+                .get_unchecked(&p.hf, DType::F32, &Device::Cpu)
+                .map_err(|e| other(format!("tensor `{}`: {e}", p.hf)))?;
+            let source = match p.permute_heads {
+                Some(h) => permute(&source, h),
+                None => Ok(source),
+            }
+            .map_err(|e| other(format!("tensor `{}`: {e}", p.hf)))?;
+            let bytes = quantize_rows(&source, t)
+                .map_err(|e| other(format!("cannot quantize `{}`: {e}", p.hf)))?;
+            data.extend_from_slice(&bytes);
+            // GGUF's alignment, so the table reads as a GGUF file's would.
+            data.resize(data.len().next_multiple_of(32), 0);
+        }
+        tensor_infos.insert(
+            p.gguf.clone(),
+            TensorInfo {
+                ggml_dtype: t,
+                shape: candle_core::Shape::from_dims(&p.shape),
+                offset,
+            },
+        );
+    }
+    let quantized_bytes = data.len() as u64;
+    Ok(QuantizedGguf {
+        content: gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos,
+            tensor_data_offset: 0,
+        },
+        data: Cursor::new(data),
+        source_bytes,
+        quantized_bytes,
+    })
+}
+
+/// The type a tensor is stored in: norms in f32, the vocabulary matrices in Q8_0 unless
+/// the type asked for is at least as precise, every other matrix in the type asked for.
+fn stored_type(p: &Planned, asked: GgmlDType) -> GgmlDType {
+    match (p.matrix, p.vocabulary) {
+        (false, _) => GgmlDType::F32,
+        (true, true) if asked != GgmlDType::Q8_0 => GgmlDType::Q8_0,
+        (true, _) => asked,
+    }
+}
+
+/// Hugging Face's q/k rows into llama.cpp's rotary layout (the inverse of
+/// [`super::convert::unpermute`]): `(heads, 2, d/2, in)` stored as `(heads, d/2, 2, in)`.
+pub fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    w.reshape((heads, 2, out / heads / 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))
+}
+
+/// `t` (f32 on the CPU) quantized to `dtype`, its rows split across all cores; the bytes are
+/// those one `QTensor::quantize` of the whole tensor gives (blocks never span rows).
+pub fn quantize_rows(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<Vec<u8>> {
+    let t = t.contiguous()?;
+    let rows = if t.rank() == 1 { 1 } else { t.dim(0)? };
+    let t = if t.rank() == 1 {
+        t.reshape((1, t.elem_count()))?
+    } else {
+        t
+    };
+    let columns = t.elem_count() / rows.max(1);
+    let pieces = rayon::current_num_threads().max(1) * 4;
+    let per = rows.div_ceil(pieces).max(1);
+    let starts: Vec<usize> = (0..rows).step_by(per).collect();
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("quantization at load reads f32 tensors in CPU memory");
+    };
+    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()];
+    let parts = starts
+        .par_iter()
+        .map(|&start| {
+            // Each piece in a tensor of its own: `QTensor::quantize` reads a view's whole
+            // storage, not the view.
+            let n = per.min(rows - start);
+            let part = Tensor::from_slice(
+                &values[start * columns..(start + n) * columns],
+                (n, columns),
+                &Device::Cpu,
+            )?;
+            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+        })
+        .collect::<candle_core::Result<Vec<Vec<u8>>>>()?;
+    Ok(parts.concat())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_bad_ones_are_refused_with_the_choices() {
+        assert_eq!(parse("q8_0").unwrap().unwrap().1, GgmlDType::Q8_0);
+        assert_eq!(parse("Q4_K").unwrap().unwrap().1, GgmlDType::Q4K);
+        assert_eq!(parse("q4k").unwrap().unwrap().1, GgmlDType::Q4K);
+        assert!(parse("off").unwrap().is_none());
+        assert!(parse("").unwrap().is_none());
+        let e = parse("q3").unwrap_err();
+        assert!(
+            e.contains("q3") && e.contains("q8_0") && e.contains("off"),
+            "{e}"
+        );
+    }
+
+    /// Quantizing rows on all cores gives the bytes one whole-tensor quantization gives.
+    #[test]
+    fn row_split_quantization_equals_whole_tensor_quantization() {
+        let t = Tensor::randn(0f32, 1.0, (97, 256), &Device::Cpu).unwrap();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::F32,
+        ] {
+            let whole = QTensor::quantize(&t, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .into_owned();
+            assert_eq!(quantize_rows(&t, dtype).unwrap(), whole, "{dtype:?}");
+        }
+    }
+
+    /// The permutation is the inverse of the one `runner convert` undoes.
+    #[test]
+    fn permute_inverts_convert_unpermute() {
+        let w = Tensor::arange(0f32, 8.0 * 3.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 3))
+            .unwrap();
+        let back = super::super::convert::unpermute(&permute(&w, 2).unwrap(), 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert_ne!(
+            permute(&w, 2).unwrap().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+    }
+}
