@@ -6,6 +6,10 @@
                                            embeddings, dynamic batching, throughput, /metrics
     checks.py smollm2 DEVICE GGUF_DIR      runner (GGUF and converted safetensors, CPU and
                                            DEVICE) vs transformers: greedy text, tokens/s
+    checks.py llama-generate DIR           a TinyLlama-shaped Llama (random bf16 weights,
+                                           seed 0; LLAMA_LAYERS sets the depth) into DIR,
+                                           beside a tokenizer.json of vocabulary 49,152
+    checks.py llama-compare ADDR ADDR      two servers of one model generate the same text
 
 Each prints a markdown section on stdout. Servers are runner processes on 127.0.0.1 that
 this script starts and stops. DEVICE=cpu runs everything on the CPU (a dry run).
@@ -288,6 +292,67 @@ def smollm2(device, gguf_dir):
     print()
 
 
+def llama_generate(weights_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, ffn, heads, kv_heads, vocab = 2048, 5632, 32, 4, 49152
+    layers = int(os.environ.get("LLAMA_LAYERS", "22"))
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "hidden_act": "silu",
+    }
+    json.dump(config, open(f"{weights_dir}/config.json", "w"), indent=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def matrix(rows, cols):
+        return (torch.randn(rows, cols, generator=g, device=device) * 0.02).to(torch.bfloat16).cpu()
+
+    w = {"model.embed_tokens.weight": matrix(vocab, hidden), "lm_head.weight": matrix(vocab, hidden),
+         "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        w[p + "self_attn.q_proj.weight"] = matrix(heads * head_dim, hidden)
+        w[p + "self_attn.k_proj.weight"] = matrix(kv_heads * head_dim, hidden)
+        w[p + "self_attn.v_proj.weight"] = matrix(kv_heads * head_dim, hidden)
+        w[p + "self_attn.o_proj.weight"] = matrix(hidden, heads * head_dim)
+        w[p + "mlp.gate_proj.weight"] = matrix(ffn, hidden)
+        w[p + "mlp.up_proj.weight"] = matrix(ffn, hidden)
+        w[p + "mlp.down_proj.weight"] = matrix(hidden, ffn)
+    save_file(w, f"{weights_dir}/model.safetensors", metadata={"format": "pt"})
+    params = sum(t.numel() for t in w.values())
+    print(f"random TinyLlama-shaped Llama: {layers} layers, {params / 1e9:.2f} B parameters, "
+          f"{os.path.getsize(f'{weights_dir}/model.safetensors') / 1e9:.2f} GB of bf16")
+
+
+def llama_compare(cold_addr, restored_addr):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    same = 0
+    for prompt in prompts:
+        body = {"input": {"prompt": prompt, "use_chat_template": False, "temperature": 0, "max_new_tokens": 16}}
+        answers = []
+        for addr in (cold_addr, restored_addr):
+            req = urllib.request.Request(f"http://{addr}/predictions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            answers.append(json.load(urllib.request.urlopen(req, timeout=120)))
+        texts = ["".join(a.get("output") or []) for a in answers]
+        ok = all(a["status"] == "succeeded" for a in answers) and texts[0] == texts[1]
+        same += ok
+        rate = answers[1].get("metrics", {}).get("tokens_per_second")
+        print(f"llama q8_0 {prompt!r}: cold and restored {'identical' if ok else 'DIFFER'} "
+              f"({len(texts[0])} chars; restored {rate} tokens/s)")
+    print(f"llama q8_0: {same} of {len(prompts)} generations identical, cold vs restored")
+    sys.exit(0 if same == len(prompts) else 1)
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"minilm-generate": minilm_generate, "minilm": minilm, "smollm2": smollm2}[command](*args)
+    {"minilm-generate": minilm_generate, "minilm": minilm, "smollm2": smollm2,
+     "llama-generate": llama_generate, "llama-compare": llama_compare}[command](*args)

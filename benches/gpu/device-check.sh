@@ -13,7 +13,10 @@
 #     tensor bit for bit against the cold load, and that restored servers answer
 #     bit-identically;
 #  4. measures pinned host-to-device bandwidth with PyTorch (the ceiling for a restore);
-#  5. runs `runner bench --cold-start` for a generated 1.1 GB model, a 4.3 GB one and, when
+#  5. a TinyLlama-shaped 1.2 B Llama (bf16 safetensors generated here) quantized to Q8_0 at
+#     load: its snapshot verified, cold and restored servers generating the same text, the
+#     cold-vs-snapshot bench, and transformers' bf16 cold start beside it;
+#  6. runs `runner bench --cold-start` for a generated 1.1 GB model, a 4.3 GB one and, when
 #     time is left, a 17 GB one (f32 converted to bf16 at load), through the pinned ring and
 #     through the page-locked mapping (`RUNNER_CUDA_RESTORE=mapped`), sweeps the restore's
 #     settings, and times PyTorch cold starts of the same models beside them.
@@ -219,6 +222,51 @@ export -f bench_prewarm
 step "bench big (pinned, kernels pre-warmed)" 90 bench_prewarm big-prewarm big pinned "$RUNS" --no-fresh-machine
 step "restore sweep (big)" 60 restore_sweep big
 step "PyTorch big cold start" 90 pytorch_big big
+# An LLM whose cold load does real work: a TinyLlama-shaped Llama (22 layers of 2048, 1.2 B
+# parameters, 2.3 GB of bf16 safetensors, random weights, SmolLM2's tokenizer) that cog.yaml
+# asks to quantize to Q8_0 at load (RUNNER_QUANTIZE). The cold start reads and quantizes
+# it on the CPU's cores; the snapshot holds the Q8_0 blocks (1.25 GB) and restores them
+# through the pinned ring, then copies each on the device into candle's quantized storage.
+llama_generate() {
+  rm -rf "$WORK/smollm2-converted"
+  ./runner -q convert smollm2/weights/*.gguf --out "$WORK/smollm2-converted" > /dev/null || return 1
+  mkdir -p llama/weights
+  cp "$WORK/smollm2-converted"/weights/tokenizer*.json llama/weights/
+  printf '%s\n' 'run: "candle:llama"' 'build:' '  gpu: true' '  python_version: "3.11"' \
+    'environment:' "  - RUNNER_QUANTIZE=${LLAMA_QUANTIZE:-q8_0}" > llama/cog.yaml
+  python3 checks.py llama-generate llama/weights
+}
+export -f llama_generate
+llama_snapshot() {  # snapshot (verified tensor by tensor), then cold and restored servers
+  # must generate the same text
+  seed_kernel_cache llama
+  ./runner snapshot llama --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-llama.log" || { tail -3 "$WORK/snapshot-llama.log"; return 1; }
+  grep -h "verified\|quantized to" "$WORK/snapshot-llama.log" | sed "s/^/llama q8_0: /" | tee -a "$WORK/correctness.txt"
+  local cold restored; cold=$(serve llama "$WORK/llama-cold.log" --snapshot off) || return 1
+  restored=$(serve llama "$WORK/llama-restored.log" --require-snapshot) || return 1
+  python3 checks.py llama-compare "$cold" "$restored" | tee -a "$WORK/correctness.txt"
+  local rc=$?
+  kill "$(cat "$WORK/llama-cold.log.pid")" "$(cat "$WORK/llama-restored.log.pid")"; wait 2>/dev/null
+  return $rc
+}
+export -f llama_snapshot
+pytorch_llama() {  # what a user would run instead: transformers, bf16 to the GPU, one token
+  python3 - llama/weights > "$WORK/pytorch_llama.txt" <<'PY'
+import time; t = time.time()
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16).to("cuda" if torch.cuda.is_available() else "cpu")
+ids = tok("Hello", return_tensors="pt").input_ids.to(model.device)
+model.generate(ids, max_new_tokens=4, do_sample=False)
+print(round(time.time() - t, 3))
+PY
+}
+export -f pytorch_llama
+step "generate the 1.2 B Llama (bf16 safetensors, Q8_0 at load)" 120 llama_generate
+step "Llama Q8_0 at load: snapshot verified, restored server generates the same" 180 llama_snapshot
+step "bench Llama Q8_0 at load (pinned)" 180 bench llama llama pinned "$RUNS"
+step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
 step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
 read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandwidth, and a PyTorch ring
@@ -279,7 +327,8 @@ print(f"| pinned H2D, PyTorch, 1 GiB x5 | {h2d or 'not measured'} GB/s |")
 print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pytorch_big.txt')} s |")
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
+print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
+for name in ["big", "big-mapped", "big-prewarm", "llama", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
