@@ -640,6 +640,10 @@ impl Engine {
         let mut phases = Vec::new();
         let t = Instant::now();
         self.prefetch_snapshot();
+        // Files the load will parse anyway are read while the device initialises.
+        if self.architecture.name == runner_models::llama::ARCHITECTURE.name {
+            runner_models::llama::prefetch(&self.dir);
+        }
         // A Python predictor picks its own device; runner only talks to it, so it opens no
         // GPU of its own (a CUDA context would hold GPU memory the predictor needs).
         let python = matches!(self.dir.config.run, runner_spec::RunTarget::Python { .. });
