@@ -228,12 +228,15 @@ step "PyTorch big cold start" 90 pytorch_big big
 # it on the CPU's cores; the snapshot holds the Q8_0 blocks (1.25 GB) and restores them
 # through the pinned ring, then copies each on the device into candle's quantized storage.
 llama_generate() {
-  rm -rf "$WORK/smollm2-converted"
-  ./runner -q convert smollm2/weights/*.gguf --out "$WORK/smollm2-converted" > /dev/null || return 1
+  local converted; converted=$(mktemp -d)  # not under $WORK: its weights would fill the logs
+  ./runner -q convert smollm2/weights/*.gguf --out "$converted/smollm2" --force > /dev/null || return 1
   mkdir -p llama/weights
-  cp "$WORK/smollm2-converted"/weights/tokenizer*.json llama/weights/
-  printf '%s\n' 'run: "candle:llama"' 'build:' '  gpu: true' '  python_version: "3.11"' \
-    'environment:' "  - RUNNER_QUANTIZE=${LLAMA_QUANTIZE:-q8_0}" > llama/cog.yaml
+  cp "$converted"/smollm2/weights/tokenizer*.json llama/weights/
+  rm -rf "$converted"
+  printf '%s\n' 'model: local/tinyllama-shaped-q8' 'run: "candle:llama"' 'build:' '  gpu: true' \
+    '  python_version: "3.11"' 'environment:' "  - RUNNER_QUANTIZE=${LLAMA_QUANTIZE:-q8_0}" \
+    'weights:' '  - name: tinyllama-shaped' '    target: /src/weights' '    source:' \
+    '      uri: ./weights' > llama/cog.yaml
   python3 checks.py llama-generate llama/weights
 }
 export -f llama_generate
@@ -354,7 +357,7 @@ for f in "$WORK"/read-ceiling-*.md; do [ -f "$f" ] && { echo; cat "$f"; } >> "$W
 [ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null
-cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-big-mapped.json "$WORK"/bench-huge-mapped.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
-rm -rf big/weights huge/weights giant/weights minilm/weights/model.safetensors
+cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-llama.json "$WORK"/bench-huge-mapped.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
+rm -rf big/weights huge/weights giant/weights llama/weights minilm/weights/model.safetensors
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.rsnap' .
 cat "$OUT/results.md" "$OUT/correctness.txt" 2>/dev/null

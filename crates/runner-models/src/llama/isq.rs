@@ -13,7 +13,6 @@
 //! skips it.
 
 use std::collections::HashMap;
-use std::io::Cursor;
 
 use candle_core::quantized::gguf_file::{self, TensorInfo, Value as GgufValue};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -93,7 +92,7 @@ pub fn choice(
 /// (empty on a snapshot restore, whose matrices come from the snapshot instead).
 pub struct QuantizedGguf {
     pub content: gguf_file::Content,
-    pub data: Cursor<Vec<u8>>,
+    pub data: Vec<u8>,
     /// Bytes of the source tensors read, and of the quantized data.
     pub source_bytes: u64,
     pub quantized_bytes: u64,
@@ -289,17 +288,26 @@ pub fn quantize(
         let t = stored_type(p, dtype);
         let offset = data.len() as u64;
         if !ctx.is_restore() {
+            // In the dtype it is stored in (mapped, not copied, where it can be): the
+            // conversion to f32 happens piece by piece on all cores as it is quantized.
+            let stored = match weights.info(&p.hf).map(|i| i.dtype.as_str()) {
+                Some("BF16") => DType::BF16,
+                Some("F16") => DType::F16,
+                _ => DType::F32,
+            };
             let source = weights
-                .get_unchecked(&p.hf, DType::F32, &Device::Cpu)
+                .get_unchecked(&p.hf, stored, &Device::Cpu)
                 .map_err(|e| other(format!("tensor `{}`: {e}", p.hf)))?;
             let source = match p.permute_heads {
                 Some(h) => permute(&source, h),
                 None => Ok(source),
             }
             .map_err(|e| other(format!("tensor `{}`: {e}", p.hf)))?;
-            let bytes = quantize_rows(&source, t)
+            let n: usize = p.shape.iter().product();
+            let start = data.len();
+            data.resize(start + n / t.block_size() * t.type_size(), 0);
+            quantize_rows_into(&source, t, &mut data[start..])
                 .map_err(|e| other(format!("cannot quantize `{}`: {e}", p.hf)))?;
-            data.extend_from_slice(&bytes);
             // GGUF's alignment, so the table reads as a GGUF file's would.
             data.resize(data.len().next_multiple_of(32), 0);
         }
@@ -320,7 +328,7 @@ pub fn quantize(
             tensor_infos,
             tensor_data_offset: 0,
         },
-        data: Cursor::new(data),
+        data,
         source_bytes,
         quantized_bytes,
     })
@@ -346,40 +354,67 @@ pub fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((out, inp))
 }
 
-/// `t` (f32 on the CPU) quantized to `dtype`, its rows split across all cores; the bytes are
-/// those one `QTensor::quantize` of the whole tensor gives (blocks never span rows).
+/// `t` (f32, bf16 or f16 on the CPU) quantized to `dtype`, its rows split across all cores.
+/// The bytes are those one `QTensor::quantize` of the whole tensor in f32 gives (blocks
+/// never span rows).
 pub fn quantize_rows(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<Vec<u8>> {
+    let n = t.elem_count();
+    let mut out = vec![0u8; n / dtype.block_size() * dtype.type_size()];
+    quantize_rows_into(t, dtype, &mut out)?;
+    Ok(out)
+}
+
+/// [`quantize_rows`] into `out`, which must hold exactly the quantized bytes. Each piece of
+/// rows is converted to f32 and quantized on its own core, straight into its place in `out`.
+pub fn quantize_rows_into(t: &Tensor, dtype: GgmlDType, out: &mut [u8]) -> candle_core::Result<()> {
+    use half::slice::HalfFloatSliceExt;
     let t = t.contiguous()?;
-    let rows = if t.rank() == 1 { 1 } else { t.dim(0)? };
-    let t = if t.rank() == 1 {
-        t.reshape((1, t.elem_count()))?
-    } else {
-        t
-    };
-    let columns = t.elem_count() / rows.max(1);
+    let elements = t.elem_count();
+    let rows = if t.rank() <= 1 { 1 } else { t.dim(0)? };
+    let columns = elements / rows.max(1);
+    if !columns.is_multiple_of(dtype.block_size()) {
+        candle_core::bail!("rows of {columns} values do not split into {dtype:?} blocks");
+    }
+    let row_bytes = columns / dtype.block_size() * dtype.type_size();
+    if out.len() != rows * row_bytes {
+        candle_core::bail!("{} bytes for {rows} rows of {row_bytes}", out.len());
+    }
     let pieces = rayon::current_num_threads().max(1) * 4;
     let per = rows.div_ceil(pieces).max(1);
-    let starts: Vec<usize> = (0..rows).step_by(per).collect();
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("quantization at load reads f32 tensors in CPU memory");
+        candle_core::bail!("quantization at load reads tensors in CPU memory");
     };
-    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..][..t.elem_count()];
-    let parts = starts
-        .par_iter()
-        .map(|&start| {
-            // Each piece in a tensor of its own: `QTensor::quantize` reads a view's whole
-            // storage, not the view.
-            let n = per.min(rows - start);
-            let part = Tensor::from_slice(
-                &values[start * columns..(start + n) * columns],
-                (n, columns),
-                &Device::Cpu,
-            )?;
-            Ok(QTensor::quantize(&part, dtype)?.data()?.into_owned())
+    let at = layout.start_offset();
+    // Values [from, to) of the tensor, as f32.
+    let to_f32 = |from: usize, to: usize| -> candle_core::Result<Vec<f32>> {
+        let (from, to) = (at + from, at + to);
+        Ok(match cpu {
+            candle_core::CpuStorage::F32(v) => v[from..to].to_vec(),
+            candle_core::CpuStorage::BF16(v) => {
+                let mut f = vec![0f32; to - from];
+                v[from..to].convert_to_f32_slice(&mut f);
+                f
+            }
+            candle_core::CpuStorage::F16(v) => {
+                let mut f = vec![0f32; to - from];
+                v[from..to].convert_to_f32_slice(&mut f);
+                f
+            }
+            _ => candle_core::bail!("cannot quantize {:?} values", t.dtype()),
         })
-        .collect::<candle_core::Result<Vec<Vec<u8>>>>()?;
-    Ok(parts.concat())
+    };
+    out.par_chunks_mut(per * row_bytes)
+        .enumerate()
+        .try_for_each(|(i, chunk)| {
+            let first = i * per;
+            let count = chunk.len() / row_bytes;
+            let values = to_f32(first * columns, (first + count) * columns)?;
+            // A tensor of its own: `QTensor::quantize` reads a view's whole storage.
+            let part = Tensor::from_vec(values, (count, columns), &Device::Cpu)?;
+            chunk.copy_from_slice(&QTensor::quantize(&part, dtype)?.data()?);
+            Ok(())
+        })
 }
 
 #[cfg(test)]
@@ -416,7 +451,37 @@ mod tests {
                 .unwrap()
                 .into_owned();
             assert_eq!(quantize_rows(&t, dtype).unwrap(), whole, "{dtype:?}");
+            // bf16 and f16 weights: converted piece by piece, the same bytes as converting
+            // the whole tensor first.
+            for half in [DType::BF16, DType::F16] {
+                let h = t.to_dtype(half).unwrap();
+                let f = h.to_dtype(DType::F32).unwrap();
+                let whole = QTensor::quantize(&f, dtype)
+                    .unwrap()
+                    .data()
+                    .unwrap()
+                    .into_owned();
+                assert_eq!(
+                    quantize_rows(&h, dtype).unwrap(),
+                    whole,
+                    "{dtype:?} {half:?}"
+                );
+            }
         }
+        // A view (rows 48..97) quantizes as that view, not as the storage under it.
+        let view = t.narrow(0, 48, 49).unwrap();
+        let rows = Tensor::from_vec(
+            view.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (49, 256),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want = QTensor::quantize(&rows, GgmlDType::Q8_0)
+            .unwrap()
+            .data()
+            .unwrap()
+            .into_owned();
+        assert_eq!(quantize_rows(&view, GgmlDType::Q8_0).unwrap(), want);
     }
 
     /// The permutation is the inverse of the one `runner convert` undoes.

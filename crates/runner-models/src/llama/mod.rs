@@ -787,15 +787,14 @@ fn load_safetensors(
     drop(checked);
     let started = Instant::now();
     if let Some(quantize) = isq::choice(dir, ctx.quantize())? {
-        let mut gguf = isq::quantize(layout, &raw_config, quantize, ctx)?;
+        let gguf = isq::quantize(layout, &raw_config, quantize, ctx)?;
         let quantized_in = started.elapsed();
-        let weights = quantized::ModelWeights::from_gguf(
+        let weights = quantized::ModelWeights::from_gguf_data(
             gguf.content,
-            &mut gguf.data,
+            &gguf.data,
             device,
             context,
             Some(ctx),
-            None,
         );
         let tokenizer = tokenizer()?;
         let weights = weights.map_err(|e| other(format!("{}={}: {e}", isq::ENV, quantize.0)))?;

@@ -254,8 +254,39 @@ impl ModelWeights {
     ) -> Result<Self> {
         let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
         let native = if candle { None } else { Kernel::detect() };
-        let source = Source { ctx, file };
+        let source = Source {
+            ctx,
+            file,
+            bytes: None,
+        };
         Self::load(ct, reader, device, context, native, source)
+    }
+
+    /// A model held in memory as GGUF data (tensor offsets into `data`): quantized at load
+    /// ([`super::isq`]). Runner's own forward pass packs its matrices straight from `data`;
+    /// on a snapshot restore `data` is empty and nothing is read from it.
+    pub fn from_gguf_data(
+        ct: gguf_file::Content,
+        data: &[u8],
+        device: &Device,
+        context: usize,
+        ctx: Option<&LoadContext>,
+    ) -> Result<Self> {
+        let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
+        let native = if candle { None } else { Kernel::detect() };
+        let source = Source {
+            ctx,
+            file: None,
+            bytes: (!data.is_empty()).then_some(data),
+        };
+        Self::load(
+            ct,
+            &mut std::io::Cursor::new(data),
+            device,
+            context,
+            native,
+            source,
+        )
     }
 
     /// `native`: the kernel runner's own forward pass multiplies with, where the model
@@ -329,6 +360,9 @@ pub struct Source<'a, 'b> {
     /// from the mapping instead of reading each tensor into a buffer first (candle's path
     /// and a restore do not map it).
     pub file: Option<&'a std::fs::File>,
+    /// The GGUF's tensor data already in memory (offsets as in the file), used as the
+    /// mapping of `file` would be.
+    pub bytes: Option<&'a [u8]>,
 }
 
 /// The weights for runner's own forward pass, or `None` where it does not apply (another
@@ -388,7 +422,7 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
         Some(file) if !ctx.is_some_and(|c| c.is_restore()) => FileView::map(file),
         _ => None,
     };
-    let mapped = view.as_ref().map(FileView::bytes);
+    let mapped = view.as_ref().map(FileView::bytes).or(source.bytes);
     let matrices = |reader: &mut R, names: &[String]| -> Result<Option<PackedMatrix>> {
         if let Some(file) = mapped {
             // Rows straight from the mapping (open_gguf checked every tensor lies inside the
