@@ -706,7 +706,18 @@ impl Engine {
                 // Native models hold their weights in memory (a Python predictor loads what
                 // it likes, so its files say little).
                 if self.run_target().starts_with("candle:") {
-                    runner_models::device::check_fits(&device, weights_bytes, "the weights")?;
+                    // Quantized at load, the model takes what its quantized form takes.
+                    let quantized = self.quantize.and_then(|q| {
+                        runner_models::llama::isq::device_bytes(
+                            &self.dir.weights,
+                            q,
+                            !device.is_cpu(),
+                        )
+                        .map(|bytes| (bytes, format!("the weights (quantized to {q})")))
+                    });
+                    let (needed, what) =
+                        quantized.unwrap_or((weights_bytes, "the weights".to_string()));
+                    runner_models::device::check_fits(&device, needed, &what)?;
                 }
                 let model = (self.architecture.load)(&self.dir, &device, &ctx)
                     .map_err(|e| e.to_string())?;

@@ -334,6 +334,32 @@ pub fn quantize(
     })
 }
 
+/// What the model takes in device memory once quantized to `dtype` (the name of a type in
+/// [`TYPES`]): every matrix in its stored type, norms in f32, and on a GPU the token
+/// embeddings dequantized to f32 besides (candle's quantized Llama looks them up that way).
+/// Read from the safetensors headers alone; `None` if they cannot be read.
+pub fn device_bytes(layout: &WeightsLayout, dtype: &str, on_gpu: bool) -> Option<u64> {
+    let (_, dtype) = parse(dtype).ok()??;
+    let weights = CheckedWeights::open(layout).ok()?;
+    let mut total = 0u64;
+    for file in weights.files() {
+        for (name, info) in crate::weights::read_header(file).ok()? {
+            let n: usize = info.shape.iter().product();
+            let vocabulary = name.contains("embed_tokens") || name.starts_with("lm_head");
+            let stored = match (info.shape.len(), vocabulary) {
+                (2, true) if dtype != GgmlDType::Q8_0 => GgmlDType::Q8_0,
+                (2, _) => dtype,
+                _ => GgmlDType::F32,
+            };
+            total += (n / stored.block_size() * stored.type_size()) as u64;
+            if vocabulary && on_gpu && name.contains("embed_tokens") {
+                total += n as u64 * 4;
+            }
+        }
+    }
+    Some(total)
+}
+
 /// The type a tensor is stored in: norms in f32, the vocabulary matrices in Q8_0 unless
 /// the type asked for is at least as precise, every other matrix in the type asked for.
 fn stored_type(p: &Planned, asked: GgmlDType) -> GgmlDType {
@@ -552,6 +578,121 @@ mod tests {
         assert_ne!(
             permute(&w, 2).unwrap().to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    /// A small Llama in f32 safetensors (2 layers of 64, vocabulary 128), as a model
+    /// directory.
+    fn tiny_llama(tie: bool) -> (tempfile::TempDir, ModelDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("weights");
+        std::fs::create_dir(&weights).unwrap();
+        std::fs::write(
+            dir.path().join("cog.yaml"),
+            "model: local/tiny\nrun: \"candle:llama\"\nweights:\n  - name: tiny\n    target: /src/weights\n    source:\n      uri: ./weights\n",
+        )
+        .unwrap();
+        let config = serde_json::json!({"hidden_size": 64, "intermediate_size": 128, "vocab_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+            "tie_word_embeddings": tie});
+        std::fs::write(weights.join("config.json"), config.to_string()).unwrap();
+        let values = |n: usize| {
+            (0..n)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect::<Vec<_>>()
+        };
+        let mut tensors: Vec<(String, Vec<usize>)> = vec![
+            ("model.embed_tokens.weight".into(), vec![128, 64]),
+            ("model.norm.weight".into(), vec![64]),
+        ];
+        if !tie {
+            tensors.push(("lm_head.weight".into(), vec![128, 64]));
+        }
+        for l in 0..2 {
+            for (part, shape) in [
+                ("input_layernorm", vec![64]),
+                ("post_attention_layernorm", vec![64]),
+                ("self_attn.q_proj", vec![64, 64]),
+                ("self_attn.k_proj", vec![32, 64]),
+                ("self_attn.v_proj", vec![32, 64]),
+                ("self_attn.o_proj", vec![64, 64]),
+                ("mlp.gate_proj", vec![128, 64]),
+                ("mlp.up_proj", vec![128, 64]),
+                ("mlp.down_proj", vec![64, 128]),
+            ] {
+                tensors.push((format!("model.layers.{l}.{part}.weight"), shape));
+            }
+        }
+        let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.clone(), values(s.iter().product())))
+            .collect();
+        crate::weights::write_f32_safetensors(&weights.join("model.safetensors"), &tensors)
+            .unwrap();
+        let model = ModelDir::open(dir.path()).unwrap();
+        (dir, model)
+    }
+
+    fn config(model: &ModelDir) -> full::LlamaConfig {
+        crate::weights::read_json_config(&model.weights, "config.json", "llama")
+            .unwrap()
+            .1
+    }
+
+    /// The device memory a quantized model takes is known from the headers before any
+    /// quantizing, to the padding between tensors; vocabulary matrices stay Q8_0.
+    #[test]
+    fn the_quantized_size_is_known_before_quantizing() {
+        for tie in [false, true] {
+            let (_dir, model) = tiny_llama(tie);
+            let log = |_: &str| {};
+            let ctx = LoadContext::new(&log);
+            for name in ["q8_0", "q4_1", "q5_0"] {
+                let q = quantize(
+                    &model.weights,
+                    &config(&model),
+                    parse(name).unwrap().unwrap(),
+                    &ctx,
+                )
+                .unwrap();
+                let estimate = device_bytes(&model.weights, name, false).unwrap();
+                let tensors = q.content.tensor_infos.len() as u64;
+                assert!(
+                    q.quantized_bytes >= estimate && q.quantized_bytes - estimate < 32 * tensors,
+                    "{name}: {} quantized, {estimate} estimated",
+                    q.quantized_bytes
+                );
+                let embeddings = &q.content.tensor_infos["token_embd.weight"];
+                assert_eq!(embeddings.ggml_dtype, GgmlDType::Q8_0, "{name}");
+                assert_eq!(q.content.tensor_infos.contains_key("output.weight"), !tie);
+                // On a GPU the embeddings are also held dequantized.
+                assert_eq!(
+                    device_bytes(&model.weights, name, true).unwrap(),
+                    estimate + 128 * 64 * 4
+                );
+            }
+        }
+    }
+
+    /// A restore builds the tensor table only: nothing is read or quantized.
+    #[test]
+    fn a_restore_builds_the_table_without_quantizing() {
+        let (_dir, model) = tiny_llama(false);
+        let log = |_: &str| {};
+        let ctx = LoadContext::restored(&log, Vec::new());
+        let q = quantize(
+            &model.weights,
+            &config(&model),
+            parse("q4_1").unwrap().unwrap(),
+            &ctx,
+        )
+        .unwrap();
+        assert!(q.data.is_empty());
+        assert_eq!(q.content.tensor_infos.len(), 3 + 2 * 9);
+        assert_eq!(
+            q.content.tensor_infos["blk.1.attn_k.weight"].ggml_dtype,
+            GgmlDType::Q4_1
         );
     }
 }
