@@ -852,7 +852,9 @@ pub fn snapshot_qtensor(part: impl Fn(&str) -> Result<Tensor>, device: &Device) 
         candle_core::bail!("snapshot tensor of unknown GGML type {code}");
     };
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-    let elements: usize = dims.iter().product();
+    let Some(elements) = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) else {
+        candle_core::bail!("snapshot tensor of dims {dims:?}: too many values");
+    };
     let data = part("data")?;
     let want = elements / dtype.block_size() * dtype.type_size();
     if dims.is_empty()
@@ -959,6 +961,47 @@ impl Drop for FileView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quantized tensor's snapshot parts give back the same blocks; parts that do not
+    /// describe them (another length, an unknown type, no dims, dims that overflow) are
+    /// refused instead of handed to a kernel.
+    #[test]
+    fn qtensor_snapshot_parts_round_trip_and_bad_ones_are_refused() {
+        let w = Tensor::randn(0f32, 1.0, (8, 64), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::F32] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let parts: HashMap<&str, Tensor> = qtensor_parts(&q).unwrap().into_iter().collect();
+            let back = snapshot_qtensor(|p| Ok(parts[p].clone()), &Device::Cpu).unwrap();
+            assert_eq!(back.dtype(), dtype);
+            assert_eq!(back.shape().dims(), &[8, 64]);
+            assert_eq!(back.data().unwrap(), q.data().unwrap(), "{dtype:?}");
+        }
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let parts: HashMap<&str, Tensor> = qtensor_parts(&q).unwrap().into_iter().collect();
+        let with = |ggml: &[u32], data: Tensor| {
+            let ggml = Tensor::new(ggml, &Device::Cpu).unwrap();
+            snapshot_qtensor(
+                |p| {
+                    Ok(if p == "ggml" {
+                        ggml.clone()
+                    } else {
+                        data.clone()
+                    })
+                },
+                &Device::Cpu,
+            )
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+        };
+        let data = parts["data"].clone();
+        let short = data.narrow(0, 0, data.elem_count() - 1).unwrap();
+        assert!(with(&[8, 8, 64], short).contains("expected 544 bytes"));
+        assert!(with(&[99, 8, 64], data.clone()).contains("unknown GGML type 99"));
+        assert!(with(&[], data.clone()).contains("empty"));
+        assert!(with(&[8, u32::MAX, u32::MAX, u32::MAX], data.clone()).contains("too many"));
+        assert!(with(&[8, 8, 60], data).contains("expected"));
+    }
 
     #[test]
     fn fused_projections_equal_separate_ones() {
