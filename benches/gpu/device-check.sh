@@ -200,14 +200,16 @@ PY
 }
 export -f pytorch_big
 restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
-  local dir=$1 setting threads piece pin alloc path addr log
-  # threads:piece KiB:pinning:allocation order[:path]; path `mapped` locks the mapped file
-  # itself (piece, pinning and order do not apply to it)
-  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 16:0:-:-:mapped 8:1024:register:first 8:512:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
-    IFS=: read -r threads piece pin alloc path <<< "$setting"
-    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}.log"
+  local dir=$1 setting threads piece pin alloc path mapped addr log
+  # threads:piece KiB:pinning:allocation order[:path[:mapped threads]]; path `mapped` locks
+  # the mapped file itself (piece, pinning and order do not apply to it); mapped threads
+  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers
+  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
+    IFS=: read -r threads piece pin alloc path mapped <<< "$setting"
+    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}.log"
     addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
       RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
+      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} \
       serve "$dir" "$log" --require-snapshot) || return 1
     kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
     echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
@@ -311,7 +313,7 @@ step "17 GB model snapshot" 150 giant_snapshot
 step "bench 17 GB model (mapped)" 150 bench giant-mapped giant mapped 1 --no-fresh-machine
 step "bench 17 GB model (pinned)" 150 bench giant giant pinned 1 --no-fresh-machine
 # At this size pinning is paid off: do more reader threads help either path?
-giant_sweep() { SWEEP="8:1024:alloc:alongside 16:1024:alloc:alongside 16:4096:alloc:alongside 8:0:-:-:mapped 16:0:-:-:mapped" restore_sweep giant; }
+giant_sweep() { SWEEP="8:1024:alloc:alongside 16:1024:alloc:alongside 8:1024:alloc:alongside:pinned:4 8:0:-:-:mapped 16:0:-:-:mapped" restore_sweep giant; }
 export -f giant_sweep
 step "restore sweep (17 GB model)" 90 giant_sweep
 step "PyTorch 17 GB model cold start" 120 pytorch_big giant

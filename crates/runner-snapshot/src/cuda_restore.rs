@@ -292,6 +292,17 @@ impl Snapshot {
         // buffers, instead of alongside (both take the driver's locks).
         let alloc_first = std::env::var("RUNNER_RESTORE_ALLOC").is_ok_and(|v| v == "first");
         let pinned_alloc_nanos = AtomicUsize::new(0);
+        // `RUNNER_RESTORE_MAPPED_THREADS=N` (unmeasured, off by default): N more threads take
+        // chunks from the same queue through the mapped path (page-locked where they lie in
+        // the page cache, no CPU copy), beside the ring, in case the two are held back by
+        // different things.
+        let mapped_threads = env_usize("RUNNER_RESTORE_MAPPED_THREADS").unwrap_or(0);
+        let mapping = if mapped_threads > 0 {
+            self.lockable_mapping()
+        } else {
+            None
+        };
+        let (lock_nanos, unlock_nanos) = (AtomicUsize::new(0), AtomicUsize::new(0));
         // The arenas' device addresses, once allocated; the reader threads pin their
         // buffers meanwhile (pinning costs about as much as the device allocation).
         let bases: OnceLock<Option<Vec<u64>>> = OnceLock::new();
@@ -389,6 +400,24 @@ impl Snapshot {
                 })
                 .collect();
 
+            let mut handles = handles;
+            if let Some(mapping) = &mapping {
+                for _ in 0..mapped_threads {
+                    let (jobs, bases, ctx, copy_stream) = (&jobs, &bases, &ctx, &copy_stream);
+                    let (lock_nanos, unlock_nanos) = (&lock_nanos, &unlock_nanos);
+                    handles.push(scope.spawn(move || {
+                        self.mapped_reader(
+                            jobs,
+                            bases,
+                            ctx,
+                            copy_stream,
+                            mapping,
+                            lock_nanos,
+                            unlock_nanos,
+                        )
+                    }));
+                }
+            }
             let allocated = allocated_first.unwrap_or_else(allocate);
             hand_over(allocated, &bases, &copy_stream, handles)
         });
@@ -403,9 +432,12 @@ impl Snapshot {
         let total = started.elapsed();
         tracing::debug!(
             target: "runner::setup",
-            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.2} MiB ({}); device alloc {:.1} ms ({}), pinned alloc (slowest thread) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
+            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.2} MiB ({}), {} mapped threads (locking {:.1} ms, unlocking {:.1} ms); device alloc {:.1} ms ({}), pinned alloc (slowest thread) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
             piece as f64 / (1u64 << 20) as f64,
             if pin_by_registering() { "registered" } else { "cuMemHostAlloc" },
+            if mapping.is_some() { mapped_threads } else { 0 },
+            lock_nanos.into_inner() as f64 / 1e6,
+            unlock_nanos.into_inner() as f64 / 1e6,
             device_alloc.as_secs_f64() * 1e3,
             if alloc_first { "first" } else { "alongside the pinning" },
             pinned_alloc_nanos.into_inner() as f64 / 1e6,
@@ -427,41 +459,13 @@ impl Snapshot {
         cuda: &CudaDevice,
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         let started = Instant::now();
-        let page = page_size();
-        let aligned = self.manifest.arenas.iter().all(|a| {
-            (self.data_offset + a.offset).is_multiple_of(page) && a.chunk_bytes.is_multiple_of(page)
-        });
-        let file_len = self.data_offset + self.header.data_bytes;
-        if !aligned || self.header.data_bytes == 0 {
-            tracing::debug!("cuda restore: the chunks are not page-aligned; using the pinned ring");
-            return self.restore_arenas_pinned(cuda);
-        }
         let stream = cuda.cuda_stream();
         let ctx = stream.context().clone();
         ctx.bind_to_thread()
             .map_err(driver_err("cannot bind the CUDA context"))?;
-        let mapping = match ReadOnlyMapping::new(&self.file, file_len as usize) {
-            Ok(mapping) => mapping,
-            Err(e) => {
-                tracing::debug!(
-                    "cuda restore: cannot map the snapshot ({e}); using the pinned ring"
-                );
-                return self.restore_arenas_pinned(cuda);
-            }
-        };
-        // Can this driver lock a read-only file mapping at all? One page tells.
-        let probe = mapping.range(
-            self.data_offset as usize,
-            page.min(self.header.data_bytes) as usize,
-        );
-        if let Err(e) = register_read_only(probe) {
-            tracing::debug!(
-                "cuda restore: cannot page-lock the mapped snapshot ({e}); using the pinned ring"
-            );
-            drop(mapping);
+        let Some(mapping) = self.lockable_mapping() else {
             return self.restore_arenas_pinned(cuda);
-        }
-        unregister(probe);
+        };
         let copy_stream = ctx
             .new_stream()
             .map_err(driver_err("cannot create a copy stream"))?;
@@ -478,77 +482,16 @@ impl Snapshot {
                     let (jobs, bases, ctx, copy_stream, mapping) =
                         (&jobs, &bases, &ctx, &copy_stream, &mapping);
                     let (lock_nanos, unlock_nanos) = (&lock_nanos, &unlock_nanos);
-                    scope.spawn(move || -> Result<(), SnapshotError> {
-                        ctx.bind_to_thread()
-                            .map_err(driver_err("cannot bind the CUDA context"))?;
-                        // Chunks locked by this thread, with the event after their copy.
-                        let mut locked = Vec::new();
-                        let outcome = (|| loop {
-                            let Some(job) = jobs.take() else {
-                                return Ok(());
-                            };
-                            let arena = &self.manifest.arenas[job.arena];
-                            let at = (self.data_offset + arena.offset + job.start) as usize;
-                            let bytes = mapping.range(at, job.len as usize);
-                            let lock_started = Instant::now();
-                            register_read_only(bytes)
-                                .map_err(driver_err("cannot page-lock the mapped snapshot"))?;
-                            lock_nanos.fetch_add(
-                                lock_started.elapsed().as_nanos() as usize,
-                                Ordering::Relaxed,
-                            );
-                            let event = ctx.new_event(None);
-                            let event = match event {
-                                Ok(event) => event,
-                                Err(e) => {
-                                    unregister(bytes);
-                                    return Err(driver_err("cannot create a CUDA event")(e));
-                                }
-                            };
-                            locked.push((bytes, event));
-                            let Some(bases) = bases.wait() else {
-                                return Ok(()); // the allocation failed; it says why
-                            };
-                            // SAFETY: the destination lies inside the arena's allocation
-                            // (offsets validated when the snapshot was opened); the source
-                            // stays mapped and locked until the event after the copy is
-                            // waited for below.
-                            unsafe {
-                                result::memcpy_htod_async(
-                                    bases[job.arena] + job.start,
-                                    bytes,
-                                    copy_stream.cu_stream(),
-                                )
-                            }
-                            .map_err(driver_err("cannot copy to the GPU"))?;
-                            let (_, event) = locked.last().expect("just pushed");
-                            if let Err(e) = event.record(copy_stream) {
-                                // Without the event, only the stream says when the copy
-                                // has read the locked pages.
-                                let _ = copy_stream.synchronize();
-                                return Err(driver_err("cannot record a CUDA event")(e));
-                            }
-                            // Checked while the GPU copies the same pages.
-                            if xxhash_rust::xxh3::xxh3_64(bytes) != arena.chunk_checksums[job.chunk]
-                            {
-                                return Err(self.chunk_error(job.arena, job.chunk));
-                            }
-                            self.advance(bytes.len());
-                        })();
-                        if outcome.is_err() {
-                            jobs.fail();
-                        }
-                        // No chunk is unlocked while a copy may still read it.
-                        let unlock_started = Instant::now();
-                        for (bytes, event) in locked {
-                            let _ = event.synchronize();
-                            unregister(bytes);
-                        }
-                        unlock_nanos.fetch_add(
-                            unlock_started.elapsed().as_nanos() as usize,
-                            Ordering::Relaxed,
-                        );
-                        outcome
+                    scope.spawn(move || {
+                        self.mapped_reader(
+                            jobs,
+                            bases,
+                            ctx,
+                            copy_stream,
+                            mapping,
+                            lock_nanos,
+                            unlock_nanos,
+                        )
                     })
                 })
                 .collect();
@@ -577,6 +520,125 @@ impl Snapshot {
             total.as_secs_f64() * 1e3
         );
         Ok((tensors, self.device_stats(read, total)))
+    }
+
+    /// The snapshot file mapped read-only, where this driver can page-lock it chunk by chunk
+    /// (the chunks start on page boundaries, and one locked page says the driver allows
+    /// it); `None`, with the reason logged, otherwise.
+    fn lockable_mapping(&self) -> Option<ReadOnlyMapping> {
+        let page = page_size();
+        let aligned = self.manifest.arenas.iter().all(|a| {
+            (self.data_offset + a.offset).is_multiple_of(page) && a.chunk_bytes.is_multiple_of(page)
+        });
+        let file_len = self.data_offset + self.header.data_bytes;
+        if !aligned || self.header.data_bytes == 0 {
+            tracing::debug!(
+                "cuda restore: the chunks are not page-aligned; not locking the mapped file"
+            );
+            return None;
+        }
+        let mapping = match ReadOnlyMapping::new(&self.file, file_len as usize) {
+            Ok(mapping) => mapping,
+            Err(e) => {
+                tracing::debug!("cuda restore: cannot map the snapshot ({e})");
+                return None;
+            }
+        };
+        let probe = mapping.range(
+            self.data_offset as usize,
+            page.min(self.header.data_bytes) as usize,
+        );
+        if let Err(e) = register_read_only(probe) {
+            tracing::debug!("cuda restore: cannot page-lock the mapped snapshot ({e})");
+            return None;
+        }
+        unregister(probe);
+        Some(mapping)
+    }
+
+    /// One thread of the mapped path: takes chunks from `jobs`, page-locks each where it
+    /// lies in the mapped file, copies it to its arena on `copy_stream`, and checks it
+    /// while the GPU reads the same pages; unlocks every chunk once its copy is done.
+    #[allow(clippy::too_many_arguments)]
+    fn mapped_reader(
+        &self,
+        jobs: &JobQueue,
+        bases: &OnceLock<Option<Vec<u64>>>,
+        ctx: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+        copy_stream: &CudaStream,
+        mapping: &ReadOnlyMapping,
+        lock_nanos: &AtomicUsize,
+        unlock_nanos: &AtomicUsize,
+    ) -> Result<(), SnapshotError> {
+        ctx.bind_to_thread()
+            .map_err(driver_err("cannot bind the CUDA context"))?;
+        // Chunks locked by this thread, with the event after their copy.
+        let mut locked = Vec::new();
+        let outcome = (|| loop {
+            let Some(job) = jobs.take() else {
+                return Ok(());
+            };
+            let arena = &self.manifest.arenas[job.arena];
+            let at = (self.data_offset + arena.offset + job.start) as usize;
+            let bytes = mapping.range(at, job.len as usize);
+            let lock_started = Instant::now();
+            register_read_only(bytes)
+                .map_err(driver_err("cannot page-lock the mapped snapshot"))?;
+            lock_nanos.fetch_add(
+                lock_started.elapsed().as_nanos() as usize,
+                Ordering::Relaxed,
+            );
+            let event = ctx.new_event(None);
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    unregister(bytes);
+                    return Err(driver_err("cannot create a CUDA event")(e));
+                }
+            };
+            locked.push((bytes, event));
+            let Some(bases) = bases.wait() else {
+                return Ok(()); // the allocation failed; it says why
+            };
+            // SAFETY: the destination lies inside the arena's allocation
+            // (offsets validated when the snapshot was opened); the source
+            // stays mapped and locked until the event after the copy is
+            // waited for below.
+            unsafe {
+                result::memcpy_htod_async(
+                    bases[job.arena] + job.start,
+                    bytes,
+                    copy_stream.cu_stream(),
+                )
+            }
+            .map_err(driver_err("cannot copy to the GPU"))?;
+            let (_, event) = locked.last().expect("just pushed");
+            if let Err(e) = event.record(copy_stream) {
+                // Without the event, only the stream says when the copy
+                // has read the locked pages.
+                let _ = copy_stream.synchronize();
+                return Err(driver_err("cannot record a CUDA event")(e));
+            }
+            // Checked while the GPU copies the same pages.
+            if xxhash_rust::xxh3::xxh3_64(bytes) != arena.chunk_checksums[job.chunk] {
+                return Err(self.chunk_error(job.arena, job.chunk));
+            }
+            self.advance(bytes.len());
+        })();
+        if outcome.is_err() {
+            jobs.fail();
+        }
+        // No chunk is unlocked while a copy may still read it.
+        let unlock_started = Instant::now();
+        for (bytes, event) in locked {
+            let _ = event.synchronize();
+            unregister(bytes);
+        }
+        unlock_nanos.fetch_add(
+            unlock_started.elapsed().as_nanos() as usize,
+            Ordering::Relaxed,
+        );
+        outcome
     }
 
     /// The restored tensors (views into the arenas), once every reader thread succeeded:
