@@ -155,29 +155,18 @@ export -f pinned_h2d
 step "pinned H2D bandwidth" 60 pinned_h2d
 
 # 4. Cold vs snapshot, per restore path, and PyTorch's cold starts beside them.
-step "generate the big model" 120 ./runner -q generate tiny-mlp big/weights --hidden-size "$BIG_HIDDEN" --layers 16 --dtype bf16
 seed_kernel_cache() {  # seed_kernel_cache DIR: another generated model's compiled kernels
   # (the same candle kernels; the driver's cache is keyed by the PTX), so a snapshot of DIR
   # does not spend ~15 s compiling them again. The benches' fresh-machine mode still
   # starts from an empty cache of its own.
   local from
-  for from in big huge giant; do
+  for from in big huge giant llama; do
     if [ "$from" != "$1" ] && [ -d "$from/.runner/cuda-kernel-cache" ] && ! [ -d "$1/.runner/cuda-kernel-cache" ]; then
       mkdir -p "$1/.runner" && cp -r "$from/.runner/cuda-kernel-cache" "$1/.runner/" && return 0
     fi
   done
 }
 export -f seed_kernel_cache
-verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
-  local dir=$1 mode; shift
-  seed_kernel_cache "$dir"
-  for mode in "$@"; do
-    RUNNER_CUDA_RESTORE=$mode ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
-    grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
-  done
-}
-export -f verify_model
-step "big model snapshot, verified tensor by tensor" 150 verify_model big mapped pageable pinned
 bench() {  # bench NAME DIR MODE RUNS ARGS...: uses DIR's snapshot when there is one
   local name=$1 dir=$2 mode=$3 runs=$4; shift 4
   local snap; snap=$(ls "$dir"/.runner/*.rsnap 2>/dev/null | grep -v cpu | head -1)
@@ -185,45 +174,6 @@ bench() {  # bench NAME DIR MODE RUNS ARGS...: uses DIR's snapshot when there is
     --chart "$WORK/$name.svg" ${snap:+--snapshot "$snap"} "$@" > "$WORK/bench-$name.json" 2> "$WORK/bench-$name.log"
 }
 export -f bench
-pytorch_big() {  # pytorch_big DIR: what a user would write instead: safetensors to the GPU as bf16, one matmul
-  python3 - "$1" > "$WORK/pytorch_$1.txt" <<'PY'
-import time; t = time.time()
-import torch, glob, sys
-from safetensors.torch import load_file
-w = {}
-for f in sorted(glob.glob(f"{sys.argv[1]}/weights/*.safetensors")):
-    w.update({k: v.to("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16) for k, v in load_file(f).items()})
-x = torch.ones(1, next(v for v in w.values() if v.dim() == 2).shape[1], device=next(iter(w.values())).device, dtype=torch.bfloat16)
-(x @ next(v for v in w.values() if v.dim() == 2).T).sum().item()
-print(round(time.time() - t, 3))
-PY
-}
-export -f pytorch_big
-restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
-  local dir=$1 setting threads piece pin alloc path mapped addr log
-  # threads:piece KiB:pinning:allocation order[:path[:mapped threads]]; path `mapped` locks
-  # the mapped file itself (piece, pinning and order do not apply to it); mapped threads
-  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers
-  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
-    IFS=: read -r threads piece pin alloc path mapped <<< "$setting"
-    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}.log"
-    addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
-      RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
-      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} \
-      serve "$dir" "$log" --require-snapshot) || return 1
-    kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
-    echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
-  done | tee -a "$WORK/restore-sweep.txt"
-}
-export -f restore_sweep
-step "bench big (pinned)" 150 bench big big pinned "$RUNS"
-step "bench big (mapped)" 150 bench big-mapped big mapped "$RUNS" --no-fresh-machine
-# Kernels and cuBLAS started beside the weights (opt-in until measured here).
-bench_prewarm() { RUNNER_CUDA_PREWARM=on bench "$@"; }
-export -f bench_prewarm
-step "bench big (pinned, kernels pre-warmed)" 90 bench_prewarm big-prewarm big pinned "$RUNS" --no-fresh-machine
-step "restore sweep (big)" 60 restore_sweep big
-step "PyTorch big cold start" 90 pytorch_big big
 # An LLM whose cold load does real work: a TinyLlama-shaped Llama (22 layers of 2048, 1.2 B
 # parameters, 2.3 GB of bf16 safetensors, random weights, SmolLM2's tokenizer) that cog.yaml
 # asks to quantize to Q8_0 at load (RUNNER_QUANTIZE). The cold start reads and quantizes
@@ -272,6 +222,56 @@ step "generate the 1.2 B Llama (bf16 safetensors, Q8_0 at load)" 120 llama_gener
 step "Llama Q8_0 at load: snapshot verified, restored server generates the same" 180 llama_snapshot
 step "bench Llama Q8_0 at load (pinned)" 180 bench llama llama pinned "$RUNS"
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
+step "generate the big model" 120 ./runner -q generate tiny-mlp big/weights --hidden-size "$BIG_HIDDEN" --layers 16 --dtype bf16
+verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
+  local dir=$1 mode; shift
+  seed_kernel_cache "$dir"
+  for mode in "$@"; do
+    RUNNER_CUDA_RESTORE=$mode ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
+    grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
+  done
+}
+export -f verify_model
+step "big model snapshot, verified tensor by tensor" 150 verify_model big mapped pageable pinned
+pytorch_big() {  # pytorch_big DIR: what a user would write instead: safetensors to the GPU as bf16, one matmul
+  python3 - "$1" > "$WORK/pytorch_$1.txt" <<'PY'
+import time; t = time.time()
+import torch, glob, sys
+from safetensors.torch import load_file
+w = {}
+for f in sorted(glob.glob(f"{sys.argv[1]}/weights/*.safetensors")):
+    w.update({k: v.to("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16) for k, v in load_file(f).items()})
+x = torch.ones(1, next(v for v in w.values() if v.dim() == 2).shape[1], device=next(iter(w.values())).device, dtype=torch.bfloat16)
+(x @ next(v for v in w.values() if v.dim() == 2).T).sum().item()
+print(round(time.time() - t, 3))
+PY
+}
+export -f pytorch_big
+restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
+  local dir=$1 setting threads piece pin alloc path mapped addr log
+  # threads:piece KiB:pinning:allocation order[:path[:mapped threads]]; path `mapped` locks
+  # the mapped file itself (piece, pinning and order do not apply to it); mapped threads
+  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers
+  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
+    IFS=: read -r threads piece pin alloc path mapped <<< "$setting"
+    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}.log"
+    addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
+      RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
+      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} \
+      serve "$dir" "$log" --require-snapshot) || return 1
+    kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
+    echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
+  done | tee -a "$WORK/restore-sweep.txt"
+}
+export -f restore_sweep
+step "bench big (pinned)" 150 bench big big pinned "$RUNS"
+step "bench big (mapped)" 150 bench big-mapped big mapped "$RUNS" --no-fresh-machine
+# Kernels and cuBLAS started beside the weights (opt-in until measured here).
+bench_prewarm() { RUNNER_CUDA_PREWARM=on bench "$@"; }
+export -f bench_prewarm
+step "bench big (pinned, kernels pre-warmed)" 90 bench_prewarm big-prewarm big pinned "$RUNS" --no-fresh-machine
+step "restore sweep (big)" 60 restore_sweep big
+step "PyTorch big cold start" 90 pytorch_big big
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
 step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
 read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandwidth, and a PyTorch ring
