@@ -920,9 +920,16 @@ fn a_model_quantized_at_load_serves_and_snapshots_it() {
     let cold = Server::start(&converted, &["--snapshot", "off"]);
     let restored = Server::start(&converted, &["--snapshot", snap_arg, "--require-snapshot"]);
     assert!(
-        restored.status_line.contains("weights snapshot"),
+        restored.status_line.contains("weights snapshot")
+            && restored.status_line.contains("quantized to q4_1 at load"),
         "{}",
         restored.status_line
+    );
+    assert!(
+        cold.status_line
+            .contains("weights safetensors, quantized to q4_1 at load"),
+        "{}",
+        cold.status_line
     );
     for case in reference()["cases"].as_array().unwrap() {
         let input = greedy_input(case["prompt"].as_str().unwrap(), 12);

@@ -1167,6 +1167,10 @@ async fn serve(
                     .batching()
                     .map(|b| format!(" · batches of up to {} ({} ms wait)", b.max_batch_size, b.max_wait.as_secs_f64() * 1000.0))
                     .unwrap_or_default();
+                let quantized = engine
+                    .quantize()
+                    .map(|q| format!(", quantized to {q} at load"))
+                    .unwrap_or_default();
                 let trainings = if engine.mode() == Mode::Train {
                     " · trainings at /trainings"
                 } else {
@@ -1176,7 +1180,7 @@ async fn serve(
                     mark_ready(&path);
                 }
                 stderr_line(&format!(
-                    "runner: ready at {url}{trainings} · model {} ({}) · device {} · weights {}{restored}{batching} · ready in {:.2}s",
+                    "runner: ready at {url}{trainings} · model {} ({}) · device {} · weights {}{restored}{quantized}{batching} · ready in {:.2}s",
                     engine.model_name(),
                     engine.run_target(),
                     loaded.device,

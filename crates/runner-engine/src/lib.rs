@@ -459,6 +459,11 @@ impl Engine {
     pub fn run_target(&self) -> String {
         self.dir.config.run.to_string()
     }
+    /// The quantization at load in effect (`q8_0`, …): `--quantize`, else cog.yaml's
+    /// `RUNNER_QUANTIZE`.
+    pub fn quantize(&self) -> Option<&'static str> {
+        self.quantize
+    }
     /// Predictions, or trainings (`--mode train`).
     pub fn mode(&self) -> Mode {
         self.mode
