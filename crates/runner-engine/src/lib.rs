@@ -666,7 +666,8 @@ impl Engine {
         let device_name = runner_models::device::describe(&device);
         phases.push(("device init".to_string(), t.elapsed()));
         // Kernels and cuBLAS start beside the weights (`RUNNER_CUDA_PREWARM=on`, CUDA only).
-        let prewarm = runner_models::device::prewarm(&device, !self.dir.weights.gguf.is_empty());
+        let quantized = !self.dir.weights.gguf.is_empty() || self.quantize.is_some();
+        let prewarm = runner_models::device::prewarm(&device, quantized);
         self.setup_log(&format!(
             "loading {} ({}) on {device_name}",
             self.dir.root.display(),
