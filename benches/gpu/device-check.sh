@@ -221,6 +221,10 @@ export -f pytorch_llama
 step "generate the 1.2 B Llama (bf16 safetensors, Q8_0 at load)" 120 llama_generate
 step "Llama Q8_0 at load: snapshot verified, restored server generates the same" 180 llama_snapshot
 step "bench Llama Q8_0 at load (pinned)" 180 bench llama llama pinned "$RUNS"
+# Kernels (the quantized product's included) and cuBLAS started beside the restore.
+bench_llama_prewarm() { RUNNER_CUDA_PREWARM=on bench llama-prewarm llama pinned "$RUNS" --no-fresh-machine; }
+export -f bench_llama_prewarm
+step "bench Llama Q8_0 at load (pinned, kernels pre-warmed)" 90 bench_llama_prewarm
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
 step "generate the big model" 120 ./runner -q generate tiny-mlp big/weights --hidden-size "$BIG_HIDDEN" --layers 16 --dtype bf16
 verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
@@ -333,7 +337,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "llama", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
+for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
