@@ -695,4 +695,43 @@ mod tests {
             GgmlDType::Q4_1
         );
     }
+
+    /// Weights that do not match config.json are refused before anything is quantized,
+    /// naming the tensor: one missing, one of another shape, a head count that does not
+    /// divide the width.
+    #[test]
+    fn mismatched_weights_are_refused_by_name() {
+        let (dir, model) = tiny_llama(false);
+        let log = |_: &str| {};
+        let ctx = LoadContext::new(&log);
+        let q8 = parse("q8_0").unwrap().unwrap();
+        let mut config = config(&model);
+        config.num_hidden_layers = 3;
+        let e = quantize(&model.weights, &config, q8, &ctx)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.layers.2.") && e.contains("3 layers"),
+            "{e}"
+        );
+        let mut config = self::config(&model);
+        config.intermediate_size = 96;
+        let e = quantize(&model.weights, &config, q8, &ctx)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mlp.gate_proj") && e.contains("[128, 64]") && e.contains("[96, 64]"),
+            "{e}"
+        );
+        let mut config = self::config(&model);
+        config.num_attention_heads = 5;
+        let e = quantize(&model.weights, &config, q8, &ctx)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("5 attention heads"), "{e}");
+        drop(dir);
+    }
 }
