@@ -225,6 +225,11 @@ step "bench Llama Q8_0 at load (pinned)" 180 bench llama llama pinned "$RUNS"
 bench_llama_prewarm() { RUNNER_CUDA_PREWARM=on bench llama-prewarm llama pinned "$RUNS" --no-fresh-machine; }
 export -f bench_llama_prewarm
 step "bench Llama Q8_0 at load (pinned, kernels pre-warmed)" 90 bench_llama_prewarm
+# Q4_K, the 4-bit type most people run (llama.cpp's Q4_K_M, mistral.rs's in-situ default):
+# candle's k-quant quantizer makes the cold start's work heavier, the snapshot smaller.
+bench_llama_q4k() { rm -f llama/.runner/*.rsnap; RUNNER_QUANTIZE=q4_k bench llama-q4k llama pinned "$RUNS" --no-fresh-machine; }
+export -f bench_llama_q4k
+step "bench Llama Q4_K at load (pinned)" 150 bench_llama_q4k
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
 step "generate the big model" 120 ./runner -q generate tiny-mlp big/weights --hidden-size "$BIG_HIDDEN" --layers 16 --dtype bf16
 verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
@@ -337,7 +342,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
+for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
