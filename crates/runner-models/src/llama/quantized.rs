@@ -872,8 +872,19 @@ pub fn snapshot_qtensor(part: impl Fn(&str) -> Result<Tensor>, device: &Device) 
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => QStorage::Cuda(cuda_qstorage(cuda, &data, elements, dtype)?),
         _ => {
-            let bytes = data.to_device(&Device::Cpu)?.to_vec1::<u8>()?;
-            QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?
+            // One copy, out of the restored memory (a mapping of the snapshot on the CPU;
+            // tensors there are 256-byte aligned, as the blocks' fields need).
+            let data = data.to_device(&Device::Cpu)?;
+            let (storage, layout) = data.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::U8(bytes)) = &*storage else {
+                candle_core::bail!("restored snapshot data is not bytes in CPU memory");
+            };
+            let at = layout.start_offset();
+            QStorage::from_data(
+                std::borrow::Cow::Borrowed(&bytes[at..at + want]),
+                device,
+                dtype,
+            )?
         }
     };
     QTensor::new(storage, dims)
