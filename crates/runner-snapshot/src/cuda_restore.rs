@@ -402,21 +402,13 @@ impl Snapshot {
 
             let mut handles = handles;
             if let Some(mapping) = &mapping {
-                for _ in 0..mapped_threads {
-                    let (jobs, bases, ctx, copy_stream) = (&jobs, &bases, &ctx, &copy_stream);
-                    let (lock_nanos, unlock_nanos) = (&lock_nanos, &unlock_nanos);
-                    handles.push(scope.spawn(move || {
-                        self.mapped_reader(
-                            jobs,
-                            bases,
-                            ctx,
-                            copy_stream,
-                            mapping,
-                            lock_nanos,
-                            unlock_nanos,
-                        )
-                    }));
-                }
+                handles.extend(self.spawn_mapped_readers(
+                    scope,
+                    mapped_threads,
+                    (&jobs, &bases, &ctx, &copy_stream),
+                    mapping,
+                    (&lock_nanos, &unlock_nanos),
+                ));
             }
             let allocated = allocated_first.unwrap_or_else(allocate);
             hand_over(allocated, &bases, &copy_stream, handles)
@@ -477,24 +469,13 @@ impl Snapshot {
         let bases: OnceLock<Option<Vec<u64>>> = OnceLock::new();
         let mut device_alloc = Duration::ZERO;
         let (arenas, results) = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    let (jobs, bases, ctx, copy_stream, mapping) =
-                        (&jobs, &bases, &ctx, &copy_stream, &mapping);
-                    let (lock_nanos, unlock_nanos) = (&lock_nanos, &unlock_nanos);
-                    scope.spawn(move || {
-                        self.mapped_reader(
-                            jobs,
-                            bases,
-                            ctx,
-                            copy_stream,
-                            mapping,
-                            lock_nanos,
-                            unlock_nanos,
-                        )
-                    })
-                })
-                .collect();
+            let handles = self.spawn_mapped_readers(
+                scope,
+                threads,
+                (&jobs, &bases, &ctx, &copy_stream),
+                &mapping,
+                (&lock_nanos, &unlock_nanos),
+            );
 
             let alloc_started = Instant::now();
             let allocated = self.alloc_arenas(cuda, &stream);
@@ -554,6 +535,38 @@ impl Snapshot {
         }
         unregister(probe);
         Some(mapping)
+    }
+
+    /// Starts `n` threads of the mapped path ([`Self::mapped_reader`]) in `scope`, sharing
+    /// the reader threads' queue, arena addresses, context and copy stream.
+    fn spawn_mapped_readers<'scope, 'env: 'scope>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        n: usize,
+        (jobs, bases, ctx, copy_stream): (
+            &'env JobQueue,
+            &'env OnceLock<Option<Vec<u64>>>,
+            &'env std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+            &'env CudaStream,
+        ),
+        mapping: &'env ReadOnlyMapping,
+        (lock_nanos, unlock_nanos): (&'env AtomicUsize, &'env AtomicUsize),
+    ) -> Vec<std::thread::ScopedJoinHandle<'scope, Result<(), SnapshotError>>> {
+        (0..n)
+            .map(|_| {
+                scope.spawn(move || {
+                    self.mapped_reader(
+                        jobs,
+                        bases,
+                        ctx,
+                        copy_stream,
+                        mapping,
+                        lock_nanos,
+                        unlock_nanos,
+                    )
+                })
+            })
+            .collect()
     }
 
     /// One thread of the mapped path: takes chunks from `jobs`, page-locks each where it

@@ -786,65 +786,61 @@ fn load_safetensors(
     }
     drop(checked);
     let started = Instant::now();
-    if let Some(quantize) = isq::choice(dir, ctx.quantize())? {
-        let gguf = isq::quantize(layout, &raw_config, quantize, ctx)?;
-        let quantized_in = started.elapsed();
-        let weights = quantized::ModelWeights::from_gguf_data(
-            gguf.content,
-            &gguf.data,
-            device,
-            context,
-            Some(ctx),
-        );
-        let tokenizer = tokenizer()?;
-        let weights = weights.map_err(|e| other(format!("{}={}: {e}", isq::ENV, quantize.0)))?;
-        ctx.log(&format!(
-            "llama: safetensors {} in {:.2}s; context {context} tokens; {}",
-            if ctx.is_restore() {
-                format!("quantized to {} restored from the snapshot", quantize.0)
-            } else {
-                format!(
-                    "quantized to {} at load ({:.1} MB → {:.1} MB in {:.2}s)",
-                    quantize.0,
-                    gguf.source_bytes as f64 / 1e6,
-                    gguf.quantized_bytes as f64 / 1e6,
-                    quantized_in.as_secs_f64()
-                )
-            },
-            started.elapsed().as_secs_f64(),
-            match weights.native_kernel() {
-                Some(kernel) => format!("runner's forward pass, {kernel:?} kernel"),
-                None => "candle's forward pass".to_string(),
-            }
-        ));
-        return Ok(Generator {
-            network: Network::Quantized(weights),
-            stop_tokens: stop_tokens(&tokenizer, &declared),
-            tokenizer,
-            chat_template,
-            bos_token,
-            eos_token,
-            context,
-            device: device.clone(),
-            source: format!("safetensors quantized to {} at load", quantize.0),
-            prompt_cache: Default::default(),
-            vocabulary: OnceLock::new(),
-        });
-    }
-    let vb = ctx.var_builder(layout, dtype, device)?;
-    let model = full::Llama::load(vb, &config);
-    let tokenizer = tokenizer()?;
-    let model = model.map_err(other)?;
-    ctx.log(&format!(
-        "llama: safetensors ({dtype:?}) loaded in {:.2}s; context {context} tokens",
-        started.elapsed().as_secs_f64()
-    ));
+    let (network, source, tokenizer) = match isq::choice(dir, ctx.quantize())? {
+        Some(quantize) => {
+            let gguf = isq::quantize(layout, &raw_config, quantize, ctx)?;
+            let quantized_in = started.elapsed();
+            let weights = quantized::ModelWeights::from_gguf_data(
+                gguf.content,
+                &gguf.data,
+                device,
+                context,
+                Some(ctx),
+            );
+            let tokenizer = tokenizer()?;
+            let weights =
+                weights.map_err(|e| other(format!("{}={}: {e}", isq::ENV, quantize.0)))?;
+            ctx.log(&format!(
+                "llama: safetensors {} in {:.2}s; context {context} tokens; {}",
+                if ctx.is_restore() {
+                    format!("quantized to {} restored from the snapshot", quantize.0)
+                } else {
+                    format!(
+                        "quantized to {} at load ({:.1} MB → {:.1} MB in {:.2}s)",
+                        quantize.0,
+                        gguf.source_bytes as f64 / 1e6,
+                        gguf.quantized_bytes as f64 / 1e6,
+                        quantized_in.as_secs_f64()
+                    )
+                },
+                started.elapsed().as_secs_f64(),
+                match weights.native_kernel() {
+                    Some(kernel) => format!("runner's forward pass, {kernel:?} kernel"),
+                    None => "candle's forward pass".to_string(),
+                }
+            ));
+            let source = format!("safetensors quantized to {} at load", quantize.0);
+            (Network::Quantized(weights), source, tokenizer)
+        }
+        None => {
+            let vb = ctx.var_builder(layout, dtype, device)?;
+            let model = full::Llama::load(vb, &config);
+            let tokenizer = tokenizer()?;
+            let model = model.map_err(other)?;
+            ctx.log(&format!(
+                "llama: safetensors ({dtype:?}) loaded in {:.2}s; context {context} tokens",
+                started.elapsed().as_secs_f64()
+            ));
+            let network = Network::Full {
+                model: Arc::new(model),
+                config,
+                dtype,
+            };
+            (network, format!("safetensors {dtype:?}"), tokenizer)
+        }
+    };
     Ok(Generator {
-        network: Network::Full {
-            model: Arc::new(model),
-            config,
-            dtype,
-        },
+        network,
         stop_tokens: stop_tokens(&tokenizer, &declared),
         tokenizer,
         chat_template,
@@ -852,7 +848,7 @@ fn load_safetensors(
         eos_token,
         context,
         device: device.clone(),
-        source: format!("safetensors {dtype:?}"),
+        source,
         prompt_cache: Default::default(),
         vocabulary: OnceLock::new(),
     })
