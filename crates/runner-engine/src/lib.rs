@@ -843,11 +843,19 @@ impl Engine {
             .check_compatible(&self.compat_key(device)?)
             .map_err(|e| e.to_string())?;
         phases.push(("snapshot check".to_string(), t.elapsed()));
-        runner_models::device::check_fits(
-            device,
-            snapshot.header.data_bytes,
-            "the snapshot's tensors",
-        )?;
+        // On a GPU, quantized tensors are restored into one arena and then copied into
+        // candle's own quantized storage, so for a moment they are held twice.
+        let quantized_on_gpu =
+            !device.is_cpu() && (!self.dir.weights.gguf.is_empty() || self.quantize.is_some());
+        let (needed, what) = if quantized_on_gpu {
+            (
+                snapshot.header.data_bytes.saturating_mul(2),
+                "the snapshot's quantized tensors (held twice while they move into candle's quantized storage)",
+            )
+        } else {
+            (snapshot.header.data_bytes, "the snapshot's tensors")
+        };
+        runner_models::device::check_fits(device, needed, what)?;
         // The restore runs on its own thread while the model starts building (reading its
         // configuration, parsing its tokenizer); the model waits for the tensors when it
         // first asks for one.
