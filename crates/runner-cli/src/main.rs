@@ -486,6 +486,16 @@ fn main() -> ExitCode {
     init_logging(&logging, matches!(cli.command, Command::Run { .. }) || chat);
     let _ = PYTHON.set(cli.python.clone());
     let _ = QUANTIZE.set(cli.quantize.clone());
+    if let Some(q) = &cli.quantize {
+        if matches!(
+            cli.command,
+            Command::Convert { .. } | Command::Generate { .. } | Command::Package(_)
+        ) {
+            tracing::warn!(
+                "--quantize {q} (RUNNER_QUANTIZE) applies when a model loads (serve, run, chat, snapshot, bench, doctor); this command ignores it (to package a quantized model, put RUNNER_QUANTIZE in cog.yaml's `environment`)"
+            );
+        }
+    }
     SHOW_PROGRESS.store(
         !cli.logging.quiet && std::io::stderr().is_terminal(),
         std::sync::atomic::Ordering::Relaxed,
