@@ -940,6 +940,11 @@ fn a_model_quantized_at_load_serves_and_snapshots_it() {
     }
     drop((gguf, cold, restored));
 
+    // `runner doctor` says what the load will do.
+    let (code, stdout, stderr) = runner(&["doctor", dir_arg, "--device", "cpu", "--port", "0"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("quantized to q4_1 at load"), "{stdout}");
+
     // --quantize overrides cog.yaml, so this snapshot (q4_1) no longer fits.
     let stderr = run_args_error(&[
         "run",

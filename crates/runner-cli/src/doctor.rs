@@ -591,10 +591,19 @@ fn weights(engine: &Engine, model_dir: &ModelDir, device: Option<&Device>, found
             "weights",
             Status::Ok,
             format!(
-                "{} {kind} file{}, {}; headers and sizes check out",
+                "{} {kind} file{}, {}; headers and sizes check out{}",
                 files.len(),
                 if files.len() == 1 { "" } else { "s" },
-                gb(bytes)
+                gb(bytes),
+                engine
+                    .quantize()
+                    .map(|q| {
+                        let held = runner_models::llama::isq::device_bytes(layout, q, false)
+                            .map(|b| format!(", {} once quantized", gb(b)))
+                            .unwrap_or_default();
+                        format!("; quantized to {q} at load{held}")
+                    })
+                    .unwrap_or_default()
             ),
         ),
         Err(e) => {
