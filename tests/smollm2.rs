@@ -622,15 +622,8 @@ fn a_gguf_snapshot_restores_to_identical_generations() {
         let mut args = vec!["run", "--snapshot", snap_arg];
         args.extend_from_slice(extra);
         args.extend([dir_arg, "-i", "prompt=Hi", "-i", "max_new_tokens=2"]);
-        let out = std::process::Command::new(support::RUNNER)
-            .env("RUNNER_LLAMA_CPU", "candle")
-            .args(&args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        let (code, _, stderr) = runner_with_candle(&args);
+        (code, stderr)
     };
     let (code, stderr) = run(&["--require-snapshot"]);
     assert_ne!(code, Some(0));
@@ -809,6 +802,21 @@ fn runner_chat_holds_a_conversation() {
     let (code, _, stderr) = runner(&["chat", support::minilm_dir().to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(stderr.contains("does not generate text"), "{stderr}");
+}
+
+/// `runner ARGS` with candle's forward pass (`RUNNER_LLAMA_CPU=candle`): (exit code,
+/// stdout, stderr).
+fn runner_with_candle(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(support::RUNNER)
+        .env("RUNNER_LLAMA_CPU", "candle")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 /// The converted f32 safetensors of the GGUF, in a temporary folder.
@@ -1023,19 +1031,7 @@ fn candles_quantized_forward_pass_snapshots_too() {
     let scratch = tempfile::tempdir().unwrap();
     let snap = scratch.path().join("candle.rsnap");
     let (dir_arg, snap_arg) = (dir.to_str().unwrap(), snap.to_str().unwrap());
-    let with_candle = |args: &[&str]| {
-        let out = std::process::Command::new(support::RUNNER)
-            .env("RUNNER_LLAMA_CPU", "candle")
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
-    let (code, _, stderr) = with_candle(&[
+    let (code, _, stderr) = runner_with_candle(&[
         "snapshot", dir_arg, "--device", "cpu", "-o", snap_arg, "--verify",
     ]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -1044,7 +1040,7 @@ fn candles_quantized_forward_pass_snapshots_too() {
         "{stderr}"
     );
     let generate = |snapshot: &str| {
-        let (code, stdout, stderr) = with_candle(&[
+        let (code, stdout, stderr) = runner_with_candle(&[
             "run",
             dir_arg,
             "--device",

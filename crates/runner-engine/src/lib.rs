@@ -464,6 +464,11 @@ impl Engine {
     pub fn quantize(&self) -> Option<&'static str> {
         self.quantize
     }
+    /// The quantization every load (cold or restored) is told: the one resolved at start,
+    /// or `off`, so the loader does not read cog.yaml's `RUNNER_QUANTIZE` again.
+    fn quantize_for_load(&self) -> Option<String> {
+        Some(self.quantize.unwrap_or("off").to_string())
+    }
     /// Predictions, or trainings (`--mode train`).
     pub fn mode(&self) -> Mode {
         self.mode
@@ -698,7 +703,7 @@ impl Engine {
                     None => LoadContext::new(&log),
                 }
                 .with_python(self.python.clone())
-                .with_quantize(Some(self.quantize.unwrap_or("off").to_string()))
+                .with_quantize(self.quantize_for_load())
                 .with_python_started(
                     self.python_started
                         .lock()
@@ -879,7 +884,7 @@ impl Engine {
         } else {
             LoadContext::restored(log, restore()?)
         }
-        .with_quantize(Some(self.quantize.unwrap_or("off").to_string()));
+        .with_quantize(self.quantize_for_load());
         let built = (self.architecture.load)(&self.dir, device, &ctx);
         // A failed restore (a damaged chunk, say) is what to report, not what the model's
         // load made of the missing tensors.

@@ -238,6 +238,11 @@ impl CheckedWeights {
         self.tensors.get(name).map(|(_, i)| i)
     }
 
+    /// Every tensor's name and header entry, across the shards.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &TensorInfo)> {
+        self.tensors.iter().map(|(n, (_, i))| (n.as_str(), i))
+    }
+
     /// A VarBuilder over these weights, converting to `dtype` on `device`.
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())

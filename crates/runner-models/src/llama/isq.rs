@@ -115,7 +115,7 @@ struct Planned {
 /// Checks `config` and the weights' shapes, and quantizes every matrix to `dtype` (norms stay
 /// f32), on all cores. On a restore only the tensor table is built.
 pub fn quantize(
-    layout: &WeightsLayout,
+    weights: &CheckedWeights,
     config: &full::LlamaConfig,
     (type_name, dtype): (&str, GgmlDType),
     ctx: &LoadContext,
@@ -222,7 +222,6 @@ pub fn quantize(
         });
     }
 
-    let weights = CheckedWeights::open(layout)?;
     let mut source_bytes = 0u64;
     for p in &plan {
         let info = weights.info(&p.hf).ok_or_else(|| {
@@ -342,19 +341,17 @@ pub fn device_bytes(layout: &WeightsLayout, dtype: &str, on_gpu: bool) -> Option
     let (_, dtype) = parse(dtype).ok()??;
     let weights = CheckedWeights::open(layout).ok()?;
     let mut total = 0u64;
-    for file in weights.files() {
-        for (name, info) in crate::weights::read_header(file).ok()? {
-            let n: usize = info.shape.iter().product();
-            let vocabulary = name.contains("embed_tokens") || name.starts_with("lm_head");
-            let stored = match (info.shape.len(), vocabulary) {
-                (2, true) if dtype != GgmlDType::Q8_0 => GgmlDType::Q8_0,
-                (2, _) => dtype,
-                _ => GgmlDType::F32,
-            };
-            total += (n / stored.block_size() * stored.type_size()) as u64;
-            if vocabulary && on_gpu && name.contains("embed_tokens") {
-                total += n as u64 * 4;
-            }
+    for (name, info) in weights.tensors() {
+        let n: usize = info.shape.iter().product();
+        let vocabulary = name.contains("embed_tokens") || name.starts_with("lm_head");
+        let stored = match (info.shape.len(), vocabulary) {
+            (2, true) if dtype != GgmlDType::Q8_0 => GgmlDType::Q8_0,
+            (2, _) => dtype,
+            _ => GgmlDType::F32,
+        };
+        total += (n / stored.block_size() * stored.type_size()) as u64;
+        if vocabulary && on_gpu && name.contains("embed_tokens") {
+            total += n as u64 * 4;
         }
     }
     Some(total)
@@ -380,18 +377,10 @@ pub fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((out, inp))
 }
 
-/// `t` (f32, bf16 or f16 on the CPU) quantized to `dtype`, its rows split across all cores.
-/// The bytes are those one `QTensor::quantize` of the whole tensor in f32 gives (blocks
-/// never span rows).
-pub fn quantize_rows(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<Vec<u8>> {
-    let n = t.elem_count();
-    let mut out = vec![0u8; n / dtype.block_size() * dtype.type_size()];
-    quantize_rows_into(t, dtype, &mut out)?;
-    Ok(out)
-}
-
-/// [`quantize_rows`] into `out`, which must hold exactly the quantized bytes. Each piece of
-/// rows is converted to f32 and quantized on its own core, straight into its place in `out`.
+/// `t` (f32, bf16 or f16 on the CPU) quantized to `dtype` into `out`, which must hold exactly
+/// the quantized bytes: the bytes one `QTensor::quantize` of the whole tensor in f32 gives
+/// (blocks never span rows). Each piece of rows is converted to f32 and quantized on its own
+/// core, straight into its place in `out`.
 pub fn quantize_rows_into(t: &Tensor, dtype: GgmlDType, out: &mut [u8]) -> candle_core::Result<()> {
     use half::slice::HalfFloatSliceExt;
     let t = t.contiguous()?;
@@ -489,6 +478,12 @@ fn quantize_q8_0_blocks(xs: &[f32], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn quantize_rows(t: &Tensor, dtype: GgmlDType) -> candle_core::Result<Vec<u8>> {
+        let mut out = vec![0u8; t.elem_count() / dtype.block_size() * dtype.type_size()];
+        quantize_rows_into(t, dtype, &mut out)?;
+        Ok(out)
+    }
 
     #[test]
     fn names_parse_and_bad_ones_are_refused_with_the_choices() {
@@ -634,6 +629,10 @@ mod tests {
         (dir, model)
     }
 
+    fn weights(model: &ModelDir) -> CheckedWeights {
+        CheckedWeights::open(&model.weights).unwrap()
+    }
+
     fn config(model: &ModelDir) -> full::LlamaConfig {
         crate::weights::read_json_config(&model.weights, "config.json", "llama")
             .unwrap()
@@ -650,7 +649,7 @@ mod tests {
             let ctx = LoadContext::new(&log);
             for name in ["q8_0", "q4_1", "q5_0"] {
                 let q = quantize(
-                    &model.weights,
+                    &weights(&model),
                     &config(&model),
                     parse(name).unwrap().unwrap(),
                     &ctx,
@@ -682,7 +681,7 @@ mod tests {
         let log = |_: &str| {};
         let ctx = LoadContext::restored(&log, Vec::new());
         let q = quantize(
-            &model.weights,
+            &weights(&model),
             &config(&model),
             parse("q4_1").unwrap().unwrap(),
             &ctx,
@@ -705,32 +704,29 @@ mod tests {
         let log = |_: &str| {};
         let ctx = LoadContext::new(&log);
         let q8 = parse("q8_0").unwrap().unwrap();
+        let refusal = |config: &full::LlamaConfig| {
+            quantize(&weights(&model), config, q8, &ctx)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
         let mut config = config(&model);
         config.num_hidden_layers = 3;
-        let e = quantize(&model.weights, &config, q8, &ctx)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&config);
         assert!(
             e.contains("model.layers.2.") && e.contains("3 layers"),
             "{e}"
         );
         let mut config = self::config(&model);
         config.intermediate_size = 96;
-        let e = quantize(&model.weights, &config, q8, &ctx)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&config);
         assert!(
             e.contains("mlp.gate_proj") && e.contains("[128, 64]") && e.contains("[96, 64]"),
             "{e}"
         );
         let mut config = self::config(&model);
         config.num_attention_heads = 5;
-        let e = quantize(&model.weights, &config, q8, &ctx)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let e = refusal(&config);
         assert!(e.contains("5 attention heads"), "{e}");
         drop(dir);
     }

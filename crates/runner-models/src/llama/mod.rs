@@ -784,11 +784,11 @@ fn load_safetensors(
             config.num_hidden_layers
         )));
     }
-    drop(checked);
     let started = Instant::now();
     let (network, source, tokenizer) = match isq::choice(dir, ctx.quantize())? {
         Some(quantize) => {
-            let gguf = isq::quantize(layout, &raw_config, quantize, ctx)?;
+            let gguf = isq::quantize(&checked, &raw_config, quantize, ctx)?;
+            drop(checked);
             let quantized_in = started.elapsed();
             let weights = quantized::ModelWeights::from_gguf_data(
                 gguf.content,
@@ -823,6 +823,7 @@ fn load_safetensors(
             (Network::Quantized(weights), source, tokenizer)
         }
         None => {
+            drop(checked);
             let vb = ctx.var_builder(layout, dtype, device)?;
             let model = full::Llama::load(vb, &config);
             let tokenizer = tokenizer()?;

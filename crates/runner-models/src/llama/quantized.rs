@@ -252,8 +252,7 @@ impl ModelWeights {
         ctx: Option<&LoadContext>,
         file: Option<&std::fs::File>,
     ) -> Result<Self> {
-        let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
-        let native = if candle { None } else { Kernel::detect() };
+        let native = chosen_kernel();
         let source = Source {
             ctx,
             file,
@@ -272,8 +271,7 @@ impl ModelWeights {
         context: usize,
         ctx: Option<&LoadContext>,
     ) -> Result<Self> {
-        let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
-        let native = if candle { None } else { Kernel::detect() };
+        let native = chosen_kernel();
         let source = Source {
             ctx,
             file: None,
@@ -348,6 +346,17 @@ impl ModelWeights {
                 Tensor::from_vec(logits, (1, vocab), &Device::Cpu)
             }
         }
+    }
+}
+
+/// Runner's own kernel for this CPU, unless `RUNNER_LLAMA_CPU=candle` asks for candle's
+/// forward pass.
+fn chosen_kernel() -> Option<Kernel> {
+    let candle = std::env::var("RUNNER_LLAMA_CPU").is_ok_and(|v| v == "candle");
+    if candle {
+        None
+    } else {
+        Kernel::detect()
     }
 }
 
