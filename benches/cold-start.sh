@@ -6,7 +6,8 @@
 # Writes benches/results/<date>-<host kind>/ with the tables, JSON reports and charts.
 #   benches/cold-start.sh [RUNS] [--drop-caches]
 # RUNNER_RESTORE_CPU=copy measures the copying CPU restore instead of the mapped one (its
-# files end in -copy), for the same-session comparison.
+# files end in -copy), and RUNNER_RESTORE_READ=direct restores that read around the page
+# cache (O_DIRECT; files end in -direct), for same-session comparisons.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,6 +28,7 @@ fi
 for model in models/all-minilm-l6-v2 models/smollm2-135m-instruct "$BIG"; do
   name=$(basename "$model")
   if [ "${RUNNER_RESTORE_CPU:-}" = copy ]; then name="$name-copy"; fi
+  if [ "${RUNNER_RESTORE_READ:-}" = direct ]; then name="$name-direct"; fi
   case " $* " in *" --drop-caches "*) name="$name-dropped-caches" ;; esac
   "$RUNNER" -q bench "$model" --cold-start --runs "$RUNS" --device cpu "$@" \
     --chart "$OUTDIR/$name.svg" --json-out "$OUTDIR/$name.json" | tee "$OUTDIR/$name.txt"

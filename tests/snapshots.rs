@@ -86,6 +86,25 @@ fn a_restored_model_predicts_exactly_as_a_cold_one() {
         sequential.status_line
     );
     assert_eq!(predict_raw(&cold), predict_raw(&sequential));
+
+    // By default the restore reads through the page cache and says how much of the data it
+    // found there (the snapshot was just written, so some of it).
+    let snapshot = &h["runner"]["snapshot"];
+    assert_eq!(snapshot["read"], "page cache", "{snapshot}");
+    let resident = snapshot["page_cache_resident"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&resident), "{snapshot}");
+    // Reading around the page cache (O_DIRECT; what a fresh machine's disk may prefer)
+    // restores the same model, where the file system takes direct reads.
+    let mut command = std::process::Command::new(RUNNER);
+    command.env("RUNNER_RESTORE_READ", "direct");
+    let direct = Server::start_with(command, model.path(), &[]);
+    let read = health(&direct)["runner"]["snapshot"]["read"].clone();
+    if read == "direct" {
+        assert_eq!(predict_raw(&cold), predict_raw(&direct));
+    } else {
+        eprintln!("direct reads skipped: the temporary directory refuses O_DIRECT");
+        assert_eq!(read, "page cache");
+    }
 }
 
 /// A server restored from a snapshot maps it; `runner snapshot` writing a new one over the
@@ -316,6 +335,12 @@ fn bench_reports_both_modes_as_json_and_svg() {
     assert!(report["snapshot_restore_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["page_cache_read_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["speedup_first_prediction"].as_f64().unwrap() > 0.0);
+    // How the restores read, and what the page cache held; the cold-file ceiling only
+    // with --drop-caches.
+    assert_eq!(report["restore_reads"], "page cache", "{report}");
+    let resident = report["page_cache_resident_at_restore"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&resident), "{report}");
+    assert!(report["cold_read_gb_per_s"].is_null(), "{report}");
     // The pinned ceiling and the fresh-machine mode exist on CUDA only.
     assert!(report["pinned_h2d_gb_per_s"].is_null(), "{report}");
     assert!(report["speedup_first_prediction_vs_fresh_machine"].is_null());

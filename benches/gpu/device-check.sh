@@ -19,7 +19,9 @@
 #  6. runs `runner bench --cold-start` for a generated 1.1 GB model, a 4.3 GB one and, when
 #     time is left, a 17 GB one (f32 converted to bf16 at load), through the pinned ring and
 #     through the page-locked mapping (`RUNNER_CUDA_RESTORE=mapped`), sweeps the restore's
-#     settings, and times PyTorch cold starts of the same models beside them.
+#     settings, and times PyTorch cold starts of the same models beside them; for the 4.3 GB
+#     model also with the page cache dropped before each start (root only), the ring reading
+#     through the page cache and around it (`RUNNER_RESTORE_READ=direct`, O_DIRECT).
 # Every step has its own time limit and a failed step does not stop the others. $OUT gets
 # at most 8 files (the device tool's limit): results.md, correctness.txt, the bench JSON
 # reports and a chart, and logs.tar.gz with everything else.
@@ -292,6 +294,17 @@ step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
 step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
+# What a fresh machine's disk gives: the page cache dropped before every start (needs root),
+# the restore reading the snapshot through the page cache and then around it (O_DIRECT into
+# the pinned ring), to decide what RUNNER_RESTORE_READ=auto should do on CUDA.
+bench_cold_cache() {  # bench_cold_cache NAME DIR
+  local read
+  for read in cache direct; do
+    RUNNER_RESTORE_READ=$read bench "$1-cold-cache-$read" "$2" pinned 1 --no-fresh-machine --drop-caches || return 1
+  done
+}
+export -f bench_cold_cache
+step "bench 4.3 GB model, page cache dropped (reads through it vs O_DIRECT)" 150 bench_cold_cache huge huge
 # Out of GPU memory: another process holds all but 1 GiB, so the 4.3 GB model (2.15 GB as
 # bf16) cannot fit; setup must fail naming both sizes instead of crashing mid-load.
 gpu_oom() {
@@ -342,7 +355,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "giant-mapped", "giant"]:
+for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
@@ -358,6 +371,9 @@ for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "llam
     gbs = r['snapshot_restore_gb_per_s']
     vs = f"; {100 * gbs / float(h2d):.0f}% of pinned H2D" if h2d else ""
     print(f"| {name}: restore | {gbs:.2f} GB/s ({r['snapshot_data_bytes']/1e9:.2f} GB){vs}; page cache read {r.get('page_cache_read_gb_per_s', 0):.1f} GB/s |")
+    if r.get('cold_read_gb_per_s'):
+        resident = r.get('page_cache_resident_at_restore')
+        print(f"| {name}: page cache dropped: cold-file read ceiling / restore reads | {r['cold_read_gb_per_s']:.2f} GB/s / {r.get('restore_reads')} ({'?' if resident is None else f'{100 * resident:.0f}%'} resident as it began) |")
 PY
 }
 report
@@ -368,7 +384,7 @@ for f in "$WORK"/read-ceiling-*.md; do [ -f "$f" ] && { echo; cat "$f"; } >> "$W
 [ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null
-cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-llama.json "$WORK"/bench-huge-mapped.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
+cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-llama.json "$WORK"/bench-huge-mapped.json "$WORK"/bench-huge-cold-cache-*.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
 rm -rf big/weights huge/weights giant/weights llama/weights minilm/weights/model.safetensors
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.rsnap' .
 cat "$OUT/results.md" "$OUT/correctness.txt" 2>/dev/null

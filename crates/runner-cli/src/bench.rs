@@ -21,6 +21,9 @@ pub struct StartRun {
     pub phases: Vec<(String, f64)>,
     /// Time before setup began: process start, runtime, socket.
     pub process_start: f64,
+    /// How a restore read the snapshot ("direct" or "page cache"), and the share of its
+    /// data the page cache held when it began; `None` for a cold start.
+    pub restore_read: Option<(String, Option<f64>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,11 +211,16 @@ fn one_start(
             })
             .unwrap_or_default();
         let setup = health["runner"]["setup_time"].as_f64().unwrap_or(0.0);
+        let snapshot = &health["runner"]["snapshot"];
+        let restore_read = snapshot["read"]
+            .as_str()
+            .map(|read| (read.to_string(), snapshot["page_cache_resident"].as_f64()));
         Ok(StartRun {
             ready: ready.as_secs_f64(),
             first_prediction: first_prediction.as_secs_f64(),
             process_start: (ready.as_secs_f64() - setup).max(0.0),
             phases,
+            restore_read,
         })
     })();
     let _ = child.kill();
@@ -298,6 +306,40 @@ pub fn page_cache_read_bandwidth(path: &Path) -> Result<f64> {
     Ok(bytes as f64 / t.as_secs_f64().max(1e-9))
 }
 
+/// Read bandwidth of a file the page cache does not hold (dropped first; needs root): four
+/// threads each read a quarter in 16 MiB pieces, so the disk has several requests at once.
+/// The ceiling for a restore when the page cache is dropped before each start.
+pub fn cold_read_bandwidth(path: &Path) -> Result<f64> {
+    use std::os::unix::fs::FileExt;
+    drop_page_cache()?;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let quarter = len.div_ceil(4);
+    let t = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let readers: Vec<_> = (0..4u64)
+            .map(|i| {
+                let file = &file;
+                scope.spawn(move || -> std::io::Result<()> {
+                    let mut buf = vec![0u8; 16 << 20];
+                    let (mut at, end) = (i * quarter, ((i + 1) * quarter).min(len));
+                    while at < end {
+                        let n = buf.len().min((end - at) as usize);
+                        file.read_exact_at(&mut buf[..n], at)?;
+                        at += n as u64;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().expect("a reader thread panicked")?;
+        }
+        Ok(())
+    })?;
+    Ok(len as f64 / t.elapsed().as_secs_f64().max(1e-9))
+}
+
 /// Sequential read bandwidth of a whole file into freshly allocated memory, as a restore
 /// must do (the kernel faults in and zeroes every new page): bytes per second.
 pub fn fresh_memory_read_bandwidth(path: &Path) -> Result<f64> {
@@ -352,8 +394,29 @@ pub struct Report<'a> {
     pub fresh_memory_bytes_per_s: f64,
     pub results: &'a [ModeResult],
     pub caches_dropped: bool,
+    /// The snapshot file read with the page cache dropped ([`cold_read_bandwidth`]), when
+    /// the bench drops it.
+    pub cold_read_bytes_per_s: Option<f64>,
     /// Pinned host-to-device bandwidth (CUDA only): the ceiling for a GPU restore.
     pub pinned_h2d_bytes_per_s: Option<f64>,
+}
+
+/// How the snapshot runs' restores read the file (the first run's answer; they all run
+/// alike), and the median share of the data the page cache held as each began.
+fn restore_reads(c: &Report) -> Option<(String, Option<f64>)> {
+    let snap = c.results.iter().find(|m| m.kind == ModeKind::Snapshot)?;
+    let how = snap
+        .runs
+        .iter()
+        .find_map(|r| r.restore_read.as_ref())?
+        .0
+        .clone();
+    let resident: Vec<f64> = snap
+        .runs
+        .iter()
+        .filter_map(|r| r.restore_read.as_ref()?.1)
+        .collect();
+    Some((how, (!resident.is_empty()).then(|| median(resident))))
 }
 
 pub fn to_json(c: &Report) -> Value {
@@ -384,6 +447,10 @@ pub fn to_json(c: &Report) -> Value {
         "fresh_memory_read_gb_per_s": c.fresh_memory_bytes_per_s / 1e9,
         "snapshot_restore_gb_per_s": restore / 1e9,
         "restore_vs_page_cache": restore / c.page_cache_bytes_per_s.max(1.0),
+        "cold_read_gb_per_s": c.cold_read_bytes_per_s.map(|b| b / 1e9),
+        "restore_vs_cold_read": c.cold_read_bytes_per_s.map(|b| restore / b.max(1.0)),
+        "restore_reads": restore_reads(c).map(|r| r.0),
+        "page_cache_resident_at_restore": restore_reads(c).and_then(|r| r.1),
         "pinned_h2d_gb_per_s": c.pinned_h2d_bytes_per_s.map(|b| b / 1e9),
         "restore_vs_pinned_h2d": c.pinned_h2d_bytes_per_s.map(|b| restore / b.max(1.0)),
         "speedup_ready": speedup(c, ModeKind::Cold, |r| r.ready).unwrap_or(0.0),
@@ -469,6 +536,29 @@ pub fn to_table(c: &Report) -> String {
         "(the same file read on one thread into freshly allocated memory: {:.2} GB/s)\n",
         c.fresh_memory_bytes_per_s / 1e9
     ));
+    if let Some(cold) = c.cold_read_bytes_per_s {
+        out.push_str(&format!(
+            "cold-file read ceiling {:.2} GB/s (the snapshot read by 4 threads, page cache dropped) · restore at {:.0}% of it\n",
+            cold / 1e9,
+            100.0 * restore / cold.max(1.0)
+        ));
+    }
+    if let Some((how, resident)) = restore_reads(c) {
+        out.push_str(&format!(
+            "restores read {}{}\n",
+            if how == "direct" {
+                "around the page cache (O_DIRECT)"
+            } else {
+                "through the page cache"
+            },
+            resident
+                .map(|r| format!(
+                    "; {:.0}% of the data was in it as they began (median)",
+                    r * 100.0
+                ))
+                .unwrap_or_default()
+        ));
+    }
     let copying = std::env::var("RUNNER_RESTORE_CPU").is_ok_and(|v| v == "copy");
     if c.pinned_h2d_bytes_per_s.is_none() && !copying {
         out.push_str(

@@ -1343,6 +1343,11 @@ fn bench_cold_start(
         .sum();
     let ceiling = bench::page_cache_read_bandwidth(&snapshot)?;
     let fresh_memory = bench::fresh_memory_read_bandwidth(&snapshot)?;
+    let cold_read = if drop_caches {
+        Some(bench::cold_read_bandwidth(&snapshot)?)
+    } else {
+        None
+    };
     let options = bench::BenchOptions {
         dir,
         device: &device_arg,
@@ -1370,6 +1375,7 @@ fn bench_cold_start(
         fresh_memory_bytes_per_s: fresh_memory,
         results: &results,
         caches_dropped: drop_caches,
+        cold_read_bytes_per_s: cold_read,
         pinned_h2d_bytes_per_s: pinned_h2d,
     };
     let json = serde_json::to_string_pretty(&bench::to_json(&report))?;

@@ -157,6 +157,11 @@ pub struct SnapshotInfo {
     pub path: PathBuf,
     pub data_bytes: u64,
     pub restore_seconds: f64,
+    /// Read around the page cache (`O_DIRECT`) rather than through it.
+    pub direct_reads: bool,
+    /// The share of the snapshot's data in the page cache when the restore began, where the
+    /// kernel said.
+    pub page_cache_resident: Option<f64>,
 }
 
 /// candle's version, part of a snapshot's compatibility key.
@@ -711,7 +716,13 @@ impl Engine {
                         .take(),
                 );
                 let weights_bytes = self.weights_file_bytes();
-                if let Some(bar) = self.progress_bar("loading weights", weights_bytes) {
+                // The bar moves as each tensor is read; quantizing at load, each is
+                // quantized right after, so the bar tracks that work too.
+                let label = match self.quantize {
+                    Some(q) => format!("loading weights, quantizing to {q}"),
+                    None => "loading weights".to_string(),
+                };
+                if let Some(bar) = self.progress_bar(&label, weights_bytes) {
                     ctx = ctx.with_progress(bar);
                 }
                 // Native models hold their weights in memory (a Python predictor loads what
@@ -796,6 +807,11 @@ impl Engine {
         };
         std::thread::spawn(move || {
             use std::os::fd::AsRawFd;
+            // A restore that will read around the page cache gains nothing from it, and
+            // the readahead would compete with its reads for the disk.
+            if runner_snapshot::direct::plan_for_path(&path, kind).is_some_and(|p| p.direct) {
+                return;
+            }
             if let Ok(file) = std::fs::File::open(&path) {
                 // SAFETY: an advisory call on a descriptor we own.
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
@@ -903,11 +919,20 @@ impl Engine {
             built_at.saturating_duration_since(restored_at),
         ));
         self.setup_log(&format!(
-            "restored {count} tensors ({:.1} MB) from {} in {:.3}s ({:.2} GB/s)",
+            "restored {count} tensors ({:.1} MB) from {} in {:.3}s ({:.2} GB/s, read {}{})",
             stats.data_bytes as f64 / 1e6,
             path.display(),
             stats.total.as_secs_f64(),
-            stats.gb_per_s()
+            stats.gb_per_s(),
+            if stats.direct {
+                "around the page cache"
+            } else {
+                "through the page cache"
+            },
+            stats
+                .resident
+                .map(|r| format!("; {:.0}% of it was in the page cache", r * 100.0))
+                .unwrap_or_default()
         ));
         Ok((
             model,
@@ -915,6 +940,8 @@ impl Engine {
                 path: path.to_path_buf(),
                 data_bytes: stats.data_bytes,
                 restore_seconds: stats.total.as_secs_f64(),
+                direct_reads: stats.direct,
+                page_cache_resident: stats.resident,
             },
         ))
     }

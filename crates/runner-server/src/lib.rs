@@ -465,6 +465,8 @@ async fn health_check(State(state): State<AppState>) -> Json<Value> {
                 "path": s.path,
                 "bytes": s.data_bytes,
                 "restore_seconds": s.restore_seconds,
+                "read": if s.direct_reads { "direct" } else { "page cache" },
+                "page_cache_resident": s.page_cache_resident,
             })),
             "slots": engine.total_slots(),
             "in_flight": engine.in_flight(),

@@ -267,9 +267,12 @@ impl Snapshot {
         }
     }
 
+    /// `direct`: the snapshot opened for direct reads (`O_DIRECT`), where the restore reads
+    /// around the page cache (see [`crate::direct`]).
     pub(crate) fn restore_arenas_pinned(
         &self,
         cuda: &CudaDevice,
+        direct: Option<&std::fs::File>,
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
         let started = Instant::now();
         let stream = cuda.cuda_stream();
@@ -288,6 +291,8 @@ impl Snapshot {
             .or_else(|| env_usize("RUNNER_RESTORE_PIECE_MIB").map(|m| m << 20))
             .unwrap_or(PIECE_BYTES)
             .min(largest.max(1));
+        // Direct reads fill whole blocks: only with pieces of whole blocks.
+        let direct = direct.filter(|_| piece.is_multiple_of(crate::direct::DIRECT_ALIGN));
         // `RUNNER_RESTORE_ALLOC=first` allocates the arenas before the readers pin their
         // buffers, instead of alongside (both take the driver's locks).
         let alloc_first = std::env::var("RUNNER_RESTORE_ALLOC").is_ok_and(|v| v == "first");
@@ -355,10 +360,8 @@ impl Snapshot {
                                     event
                                         .synchronize()
                                         .map_err(driver_err("waiting for a copy"))?;
-                                    let bytes = buffer.bytes_mut(len);
-                                    self.file.read_exact_at(bytes, file_base + done).map_err(
-                                        io(&self.path, "cannot read the snapshot's data"),
-                                    )?;
+                                    let at = file_base + done;
+                                    let bytes = self.read_piece(direct, buffer, len, at)?;
                                     hasher.update(bytes);
                                     // The first piece is read while the arenas are still
                                     // being allocated; only the copy waits for them.
@@ -424,9 +427,10 @@ impl Snapshot {
         let total = started.elapsed();
         tracing::debug!(
             target: "runner::setup",
-            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.2} MiB ({}), {} mapped threads (locking {:.1} ms, unlocking {:.1} ms); device alloc {:.1} ms ({}), pinned alloc (slowest thread) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
+            "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.2} MiB ({}, {} reads), {} mapped threads (locking {:.1} ms, unlocking {:.1} ms); device alloc {:.1} ms ({}), pinned alloc (slowest thread) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
             piece as f64 / (1u64 << 20) as f64,
             if pin_by_registering() { "registered" } else { "cuMemHostAlloc" },
+            if direct.is_some() { "direct" } else { "page-cache" },
             if mapping.is_some() { mapped_threads } else { 0 },
             lock_nanos.into_inner() as f64 / 1e6,
             unlock_nanos.into_inner() as f64 / 1e6,
@@ -437,7 +441,7 @@ impl Snapshot {
             sync.as_secs_f64() * 1e3,
             total.as_secs_f64() * 1e3
         );
-        Ok((tensors, self.device_stats(read, total)))
+        Ok((tensors, self.device_stats(read, total, direct.is_some())))
     }
 
     /// The `mapped` path ([`CudaRestorePath::Mapped`]): the file mapped read-only, each
@@ -500,14 +504,14 @@ impl Snapshot {
             pipeline.as_secs_f64() * 1e3,
             total.as_secs_f64() * 1e3
         );
-        Ok((tensors, self.device_stats(read, total)))
+        Ok((tensors, self.device_stats(read, total, false)))
     }
 
     /// The snapshot file mapped read-only, where this driver can page-lock it chunk by chunk
     /// (the chunks start on page boundaries, and one locked page says the driver allows
     /// it); `None`, with the reason logged, otherwise.
     fn lockable_mapping(&self) -> Option<ReadOnlyMapping> {
-        let page = page_size();
+        let page = super::page_size() as u64;
         let aligned = self.manifest.arenas.iter().all(|a| {
             (self.data_offset + a.offset).is_multiple_of(page) && a.chunk_bytes.is_multiple_of(page)
         });
@@ -668,13 +672,41 @@ impl Snapshot {
         self.views(&arenas)
     }
 
-    fn device_stats(&self, read: Duration, total: Duration) -> RestoreStats {
+    fn device_stats(&self, read: Duration, total: Duration, direct: bool) -> RestoreStats {
         RestoreStats {
             data_bytes: self.header.data_bytes,
             read,
             upload: total - read,
             total,
+            direct,
+            resident: None,
         }
+    }
+
+    /// Reads `len` bytes at `at` into a ring buffer: directly where `direct` is given (a
+    /// piece the kernel turns down is read through the page cache instead), else through
+    /// the page cache.
+    fn read_piece<'b>(
+        &self,
+        direct: Option<&std::fs::File>,
+        buffer: &'b mut PinnedBuffer,
+        len: usize,
+        at: u64,
+    ) -> Result<&'b mut [u8], SnapshotError> {
+        let failed = io(&self.path, "cannot read the snapshot's data");
+        if let Some(file) = direct {
+            let room = buffer.bytes_mut(len.next_multiple_of(crate::direct::DIRECT_ALIGN));
+            match crate::direct::read_direct(file, room, len, at) {
+                Ok(()) => return Ok(&mut room[..len]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::InvalidInput
+                        || e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        let bytes = buffer.bytes_mut(len);
+        self.file.read_exact_at(bytes, at).map_err(failed)?;
+        Ok(bytes)
     }
 
     /// One device allocation per arena, through the model's own device.
@@ -753,12 +785,6 @@ fn reader_threads(jobs: usize) -> usize {
                 .min(MAX_THREADS)
         })
         .min(jobs.max(1))
-}
-
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
 /// The whole snapshot file mapped read-only and shared: its pages are the page cache's.

@@ -33,9 +33,16 @@ use xxhash_rust::xxh3::xxh3_64;
 
 #[cfg(feature = "cuda")]
 mod cuda_restore;
+pub mod direct;
 mod mapped;
 
 pub use mapped::{allocator_installed, live_mappings, Mapping, SnapshotAllocator};
+
+/// The system's page size (at least 4 KiB).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as usize
+}
 
 // The unit tests run the mapped restore too.
 #[cfg(test)]
@@ -618,6 +625,11 @@ pub struct RestoreStats {
     /// Copying host memory to the device (zero on CPU).
     pub upload: Duration,
     pub total: Duration,
+    /// Whether the data was read around the page cache (`O_DIRECT`; see [`direct`]).
+    pub direct: bool,
+    /// The share of the data that was in the page cache when the restore began, where the
+    /// kernel said.
+    pub resident: Option<f64>,
 }
 
 impl RestoreStats {
@@ -769,17 +781,198 @@ impl Snapshot {
         &self,
         device: &Device,
     ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
-        match device {
-            Device::Cpu if cpu_restore_maps() => self.restore_mapped(device),
+        self.restore_reading(device, direct::read_mode())
+    }
+
+    /// [`restore`](Self::restore) with the read mode given rather than taken from
+    /// `RUNNER_RESTORE_READ`.
+    pub fn restore_reading(
+        &self,
+        device: &Device,
+        mode: direct::ReadMode,
+    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+        let kind = if device.is_cpu() { "cpu" } else { "cuda" };
+        let plan = direct::plan(
+            &self.file,
+            self.data_offset,
+            self.header.data_bytes,
+            kind,
+            mode,
+        );
+        let direct_file = plan
+            .direct
+            .then(|| match direct::open_direct(&self.path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::debug!(
+                        "snapshot restore: no direct reads ({e}); reading through the page cache"
+                    );
+                    None
+                }
+            })
+            .flatten();
+        let restored = match device {
+            Device::Cpu if cpu_restore_maps() => match &direct_file {
+                Some(file) => match self.restore_direct(device, file)? {
+                    Some(done) => Ok(done),
+                    None => self.restore_mapped(device),
+                },
+                None => self.restore_mapped(device),
+            },
             Device::Cpu => self.restore_per_tensor(device),
             #[cfg(feature = "cuda")]
             Device::Cuda(cuda) => match cuda_restore::restore_path() {
-                cuda_restore::CudaRestorePath::Pinned => self.restore_arenas_pinned(cuda),
+                cuda_restore::CudaRestorePath::Pinned => {
+                    self.restore_arenas_pinned(cuda, direct_file.as_ref())
+                }
                 cuda_restore::CudaRestorePath::Mapped => self.restore_arenas_registered(cuda),
                 cuda_restore::CudaRestorePath::Pageable => self.restore_arenas(device),
             },
             _ => self.restore_arenas(device),
+        };
+        restored.map(|(tensors, stats)| {
+            (
+                tensors,
+                RestoreStats {
+                    resident: plan.resident,
+                    ..stats
+                },
+            )
+        })
+    }
+
+    /// The CPU restore for a snapshot the page cache does not hold: each arena read with
+    /// `O_DIRECT` into fresh anonymous memory, 16 MiB chunks on several threads (the disk
+    /// gets several requests at once), each chunk checked as it lands; tensors then take
+    /// their buffers from that memory as they do from a mapping. `None` where the file
+    /// system turned the direct reads down (the caller reads through the page cache).
+    fn restore_direct(
+        &self,
+        device: &Device,
+        direct: &File,
+    ) -> Result<Option<(Vec<(String, Tensor)>, RestoreStats)>, SnapshotError> {
+        let started = Instant::now();
+        let mut restored: Vec<Option<Tensor>> = vec![None; self.manifest.tensors.len()];
+        for (a, arena) in self.manifest.arenas.iter().enumerate() {
+            if arena.bytes == 0 {
+                continue;
+            }
+            let memory = mapped::Mapping::anonymous(arena.bytes as usize).map_err(io(
+                &self.path,
+                "cannot allocate memory for the snapshot's data",
+            ))?;
+            let Some(memory) = memory else {
+                return Ok(None); // every slot taken: the page-cache path copies instead
+            };
+            if !self.read_direct_parallel(a, arena, &memory, direct)? {
+                return Ok(None);
+            }
+            self.hand_out(a, &memory, device, &mut restored)?;
         }
+        let stats = RestoreStats {
+            direct: true,
+            ..self.stats(started)
+        };
+        Ok(Some((self.named(restored), stats)))
+    }
+
+    /// Fills `memory` with arena `index` by direct reads on several threads, checking each
+    /// chunk; `false` where the file system refused a direct read.
+    fn read_direct_parallel(
+        &self,
+        index: usize,
+        arena: &Arena,
+        memory: &mapped::Mapping,
+        direct: &File,
+    ) -> Result<bool, SnapshotError> {
+        let chunk = arena.chunk_bytes as usize;
+        let chunks = arena.chunk_checksums.len();
+        // Reads wait on the disk more than on a core: more threads than cores keep
+        // several requests in flight.
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get() * 2)
+            .unwrap_or(2)
+            .clamp(4, 16)
+            .min(chunks.max(1));
+        let base = self.data_offset + arena.offset;
+        let (ptr, capacity) = (memory.as_mut_ptr() as usize, memory.capacity());
+        let next = AtomicUsize::new(0);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let work = || -> Result<bool, SnapshotError> {
+            loop {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks || stop.load(Ordering::Relaxed) {
+                    return Ok(true);
+                }
+                let start = c * chunk;
+                let len = chunk.min(arena.bytes as usize - start);
+                let room = len
+                    .next_multiple_of(direct::DIRECT_ALIGN)
+                    .min(capacity - start);
+                // SAFETY: chunks are disjoint ranges of the anonymous mapping, each written
+                // by the one thread that took its index; nothing else reads them until the
+                // threads are joined.
+                let dst = unsafe { std::slice::from_raw_parts_mut((ptr + start) as *mut u8, room) };
+                let outcome = match direct::read_direct(direct, dst, len, base + start as u64) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+                    Err(e) => Err(io(&self.path, "cannot read the snapshot's data")(e)),
+                    Ok(()) if xxh3_64(&dst[..len]) != arena.chunk_checksums[c] => {
+                        Err(self.chunk_error(index, c))
+                    }
+                    Ok(()) => {
+                        self.advance(len);
+                        continue;
+                    }
+                };
+                stop.store(true, Ordering::Relaxed);
+                return outcome;
+            }
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+            let mut all = work();
+            for h in handles {
+                let theirs = h.join().expect("a reader thread panicked");
+                all = match (all, theirs) {
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                    (Ok(a), Ok(b)) => Ok(a && b),
+                };
+            }
+            all
+        })
+    }
+
+    /// Gives the tensors of arena `index` their buffers inside `memory` (a mapping of the
+    /// arena's bytes, already checked).
+    fn hand_out(
+        &self,
+        index: usize,
+        memory: &mapped::Mapping,
+        device: &Device,
+        restored: &mut [Option<Tensor>],
+    ) -> Result<(), SnapshotError> {
+        for (i, entry) in self.manifest.tensors.iter().enumerate() {
+            if entry.arena != index {
+                continue;
+            }
+            let dtype = parse_dtype(&entry.dtype).expect("validated");
+            let numel: usize = entry.shape.iter().product();
+            let at = entry.offset as usize;
+            let len = numel * dtype.size_in_bytes();
+            let t = match ArenaBuffer::mapped(memory, dtype, at, numel) {
+                Some(buf) => buf,
+                None => {
+                    // Empty, or not handed out: an ordinary buffer with the same bytes.
+                    let mut buf = ArenaBuffer::new(dtype, len);
+                    buf.bytes_mut()
+                        .copy_from_slice(&memory.bytes()[at..at + len]);
+                    buf
+                }
+            }
+            .into_tensor_of(entry, device)?;
+            restored[i] = Some(t);
+        }
+        Ok(())
     }
 
     /// The CPU restore without a copy: see [`mapped`](crate::mapped).
@@ -793,9 +986,6 @@ impl Snapshot {
             if arena.bytes == 0 {
                 continue;
             }
-            let members: Vec<usize> = (0..self.manifest.tensors.len())
-                .filter(|&i| self.manifest.tensors[i].arena == a)
-                .collect();
             let offset = self.data_offset + arena.offset;
             let mapping = mapped::Mapping::new(&self.file, offset, arena.bytes as usize)
                 .map_err(io(&self.path, "cannot map the snapshot's data"))?;
@@ -806,25 +996,7 @@ impl Snapshot {
                 return Ok((tensors, self.stats(started)));
             };
             self.verify_parallel(a, arena, mapping.bytes())?;
-            for i in members {
-                let entry = &self.manifest.tensors[i];
-                let dtype = parse_dtype(&entry.dtype).expect("validated");
-                let numel: usize = entry.shape.iter().product();
-                let at = entry.offset as usize;
-                let len = numel * dtype.size_in_bytes();
-                let t = match ArenaBuffer::mapped(&mapping, dtype, at, numel) {
-                    Some(buf) => buf,
-                    None => {
-                        // Empty, or not handed out: an ordinary buffer with the same bytes.
-                        let mut buf = ArenaBuffer::new(dtype, len);
-                        buf.bytes_mut()
-                            .copy_from_slice(&mapping.bytes()[at..at + len]);
-                        buf
-                    }
-                }
-                .into_tensor_of(entry, device)?;
-                restored[i] = Some(t);
-            }
+            self.hand_out(a, &mapping, device, &mut restored)?;
         }
         Ok((self.named(restored), self.stats(started)))
     }
@@ -847,6 +1019,8 @@ impl Snapshot {
             read: total,
             upload: Duration::ZERO,
             total,
+            direct: false,
+            resident: None,
         }
     }
 
@@ -977,6 +1151,8 @@ impl Snapshot {
             read,
             upload,
             total: started.elapsed(),
+            direct: false,
+            resident: None,
         };
         Ok((tensors, stats))
     }

@@ -161,8 +161,7 @@ impl Mapping {
     /// Maps `len` bytes of `file` from `offset`; `None` when no slot is free (the caller
     /// copies instead).
     pub fn new(file: &File, offset: u64, len: usize) -> std::io::Result<Option<Mapping>> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+        let page = crate::page_size() as u64;
         let start = offset / page * page;
         let lead = (offset - start) as usize;
         let map_len = lead + len;
@@ -180,8 +179,40 @@ impl Mapping {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        // SAFETY: the range was just mapped; the advice only steers readahead.
-        unsafe { libc::madvise(ptr, map_len, libc::MADV_SEQUENTIAL | libc::MADV_WILLNEED) };
+        // SAFETY: the range was just mapped; the advice only steers readahead (the two are
+        // separate calls: madvise's advice values are not flags).
+        unsafe {
+            libc::madvise(ptr, map_len, libc::MADV_SEQUENTIAL);
+            libc::madvise(ptr, map_len, libc::MADV_WILLNEED);
+        }
+        Ok(Self::register(ptr, map_len, lead, len))
+    }
+
+    /// `len` bytes of fresh anonymous memory (zero pages until written), page-aligned and
+    /// rounded up to whole pages, registered like a file mapping: a direct read fills it
+    /// and tensors take buffers from it. `None` when no slot is free.
+    pub fn anonymous(len: usize) -> std::io::Result<Option<Mapping>> {
+        let map_len = len.max(1).next_multiple_of(crate::page_size());
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it yet.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self::register(ptr, map_len, 0, len))
+    }
+
+    /// Claims a slot for a fresh mapping of `map_len` bytes at `ptr`, whose useful `len`
+    /// bytes start `lead` bytes in; unmaps it and answers `None` when every slot is taken.
+    fn register(ptr: *mut libc::c_void, map_len: usize, lead: usize, len: usize) -> Option<Self> {
         let claimed = SLOT_TABLE.iter().enumerate().find(|(_, s)| {
             s.start
                 .compare_exchange(0, ptr as usize, Ordering::AcqRel, Ordering::Acquire)
@@ -190,17 +221,30 @@ impl Mapping {
         let Some((index, slot)) = claimed else {
             // SAFETY: nothing was handed out from the mapping.
             unsafe { libc::munmap(ptr, map_len) };
-            return Ok(None);
+            return None;
         };
         slot.live.store(1, Ordering::Release);
         slot.len.store(map_len, Ordering::Release);
         SLOTS_USED.fetch_max(index + 1, Ordering::AcqRel);
         MAPPINGS_LIVE.fetch_add(1, Ordering::AcqRel);
-        Ok(Some(Mapping {
+        Some(Mapping {
             slot,
             base: ptr as usize + lead,
             len,
-        }))
+        })
+    }
+
+    /// The first byte of the mapping's useful range, for filling an anonymous mapping
+    /// from several threads (each writes its own bytes, before any buffer is taken).
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.base as *mut u8
+    }
+
+    /// Bytes mapped from [`as_mut_ptr`](Self::as_mut_ptr) on: the useful length rounded
+    /// up to whole pages past the range's start.
+    pub fn capacity(&self) -> usize {
+        let start = self.slot.start.load(Ordering::Acquire);
+        start + self.slot.len.load(Ordering::Acquire) - self.base
     }
 
     /// The mapped bytes (read-only here: the restore only checks them).

@@ -162,6 +162,79 @@ fn many_chunks_are_checked() {
     assert!(same_bits(&t, &restored[0].1));
 }
 
+/// Whether the temporary directory's file system takes direct reads (tmpfs does not).
+fn direct_reads_work(dir: &Path) -> bool {
+    let probe = dir.join("probe");
+    std::fs::write(&probe, [0u8; 4096]).unwrap();
+    let works = direct::open_direct(&probe).is_ok();
+    std::fs::remove_file(&probe).unwrap();
+    if !works {
+        eprintln!("skipped: {} refuses O_DIRECT", dir.display());
+    }
+    works
+}
+
+#[test]
+fn the_direct_restore_reads_around_the_page_cache_and_gives_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    if !direct_reads_work(dir.path()) {
+        return;
+    }
+    let path = dir.path().join("direct.rsnap");
+    // Three 16 MiB chunks in the f32 arena (the last one short), and arenas whose lengths
+    // are not whole blocks.
+    let mut originals = tensors();
+    let big = Tensor::arange(0f32, ((10 << 20) + 333) as f32, &Device::Cpu).unwrap();
+    originals.push(("big".into(), big));
+    write(&path, &key(), &originals).unwrap();
+    let snap = Snapshot::open(&path).unwrap();
+    let (restored, stats) = snap
+        .restore_reading(&Device::Cpu, direct::ReadMode::Direct)
+        .unwrap();
+    assert!(stats.direct, "the restore read directly");
+    assert!(stats.resident.is_some(), "mincore answers on this file");
+    for ((n1, t1), (n2, t2)) in originals.iter().zip(&restored) {
+        assert_eq!(n1, n2);
+        assert!(same_bits(t1, t2), "{n1} differs in the direct restore");
+    }
+    drop(snap);
+    // The tensors live in memory of their own: nothing maps the file.
+    assert_eq!(mappings_of(&path), 0);
+    let x = Tensor::ones((1, 10), DType::F32, &Device::Cpu).unwrap();
+    assert!(same_bits(
+        &x.matmul(&originals[0].1).unwrap(),
+        &x.matmul(&restored[0].1).unwrap()
+    ));
+    // Asked for the page cache, the same snapshot maps the file.
+    let snap = Snapshot::open(&path).unwrap();
+    let (mapped, stats) = snap
+        .restore_reading(&Device::Cpu, direct::ReadMode::Cache)
+        .unwrap();
+    assert!(!stats.direct);
+    assert!(mappings_of(&path) >= 1);
+    for ((n1, t1), (_, t2)) in originals.iter().zip(&mapped) {
+        assert!(same_bits(t1, t2), "{n1} differs in the mapped restore");
+    }
+}
+
+#[test]
+fn a_damaged_chunk_is_caught_by_the_direct_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    if !direct_reads_work(dir.path()) {
+        return;
+    }
+    let path = dir.path().join("bad-direct.rsnap");
+    let t = Tensor::arange(0f32, (10 << 20) as f32, &Device::Cpu).unwrap();
+    write(&path, &key(), &[("big".into(), t)]).unwrap();
+    flip_bit(&path, 4096 + (40 << 20) - 5);
+    let snap = Snapshot::open(&path).unwrap();
+    let err = snap
+        .restore_reading(&Device::Cpu, direct::ReadMode::Direct)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data chunk 2 of arena 0"), "{err}");
+}
+
 fn flip_bit(path: &Path, at: u64) {
     let mut bytes = std::fs::read(path).unwrap();
     bytes[at as usize] ^= 0x10;
