@@ -378,7 +378,9 @@ enum Command {
         /// Use this snapshot instead of taking a fresh one first.
         #[arg(long, env = "RUNNER_BENCH_SNAPSHOT")]
         snapshot: Option<PathBuf>,
-        /// Drop the page cache before every start (needs root): cold-disk numbers.
+        /// Drop the page cache before every start (needs root): cold-disk numbers, beside
+        /// the snapshot file's cold read bandwidth as the ceiling. RUNNER_RESTORE_READ=direct
+        /// (or cache) picks how the restores read it.
         #[arg(long, env = "RUNNER_BENCH_DROP_CACHES")]
         drop_caches: bool,
         /// On CUDA, leave out the cold start on an empty kernel cache (a fresh machine's),

@@ -654,7 +654,7 @@ impl Engine {
     fn load_blocking(&self) -> Result<(Box<dyn Model>, Loaded), String> {
         let mut phases = Vec::new();
         let t = Instant::now();
-        self.prefetch_snapshot();
+        self.prefetch();
         // Files the load will parse anyway are read while the device initialises.
         if self.architecture.name == runner_models::llama::ARCHITECTURE.name {
             runner_models::llama::prefetch(&self.dir);
@@ -790,11 +790,12 @@ impl Engine {
         (total > 0).then(|| (bars.0)(label, total))
     }
 
-    /// The snapshot `--snapshot` points at, if it should be tried.
-    /// Asks the kernel to start reading the snapshot this start will most likely use into
-    /// the page cache, so a disk read overlaps the device's initialisation (a CUDA context
-    /// takes a few hundred milliseconds). Best effort: a wrong guess costs only readahead.
-    fn prefetch_snapshot(&self) {
+    /// Asks the kernel to start reading what this start will most likely load into the page
+    /// cache (the snapshot it would restore, else the weights), so a disk read overlaps the
+    /// device's initialisation (a CUDA context takes a few hundred milliseconds) and the
+    /// setup before the load. Best effort: a wrong guess costs only readahead. Skipped
+    /// where the restore will read around the page cache.
+    fn prefetch(&self) {
         let kind = match self.device_spec {
             DeviceSpec::Cpu => "cpu",
             DeviceSpec::Cuda(_) => "cuda",
@@ -802,19 +803,44 @@ impl Engine {
             DeviceSpec::Auto if candle_core::utils::cuda_is_available() => "cuda",
             DeviceSpec::Auto => "cpu",
         };
-        let Some(path) = self.snapshot_candidate(kind) else {
-            return;
+        let snapshot = self.snapshot_candidate(kind).filter(|p| p.is_file());
+        // A Python predictor loads what it likes: its files say little.
+        let weights: Vec<PathBuf> = if self.architecture.name == runner_models::PYTHON.name {
+            Vec::new()
+        } else {
+            let w = &self.dir.weights;
+            w.safetensors.iter().chain(&w.gguf).cloned().collect()
         };
         std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
+            use runner_snapshot::direct;
+            let Some(path) = snapshot else {
+                for path in weights {
+                    if let Ok(file) = std::fs::File::open(&path) {
+                        direct::read_ahead(&file, 0, file.metadata().map_or(0, |m| m.len()));
+                    }
+                }
+                return;
+            };
             // A restore that will read around the page cache gains nothing from it, and
             // the readahead would compete with its reads for the disk.
-            if runner_snapshot::direct::plan_for_path(&path, kind).is_some_and(|p| p.direct) {
+            if direct::plan_for_path(&path, kind).is_some_and(|p| p.direct) {
                 return;
             }
             if let Ok(file) = std::fs::File::open(&path) {
-                // SAFETY: an advisory call on a descriptor we own.
-                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+                let len = file.metadata().map_or(0, |m| m.len());
+                // First what the compatibility check reads before the restore reads any
+                // data: the snapshot's header and manifest (at its end) and the start of
+                // each weights file (their fingerprint).
+                let tail = len.min(1 << 20);
+                direct::read_ahead(&file, len - tail, tail);
+                for weights in weights {
+                    if let Ok(w) = std::fs::File::open(&weights) {
+                        let head = w.metadata().map_or(0, |m| m.len());
+                        let head = if head <= 16 << 20 { head } else { 1 << 20 };
+                        direct::read_ahead(&w, 0, head);
+                    }
+                }
+                direct::read_ahead(&file, 0, len - tail);
             }
         });
     }

@@ -18,7 +18,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::{io, parse_dtype, RestoreStats, Snapshot, SnapshotError};
+use super::{io, parse_dtype, RestoreStats, Restored, Snapshot, SnapshotError};
 
 /// Pinned bytes per buffer (`RUNNER_RESTORE_PIECE_KIB` or `_MIB`); each reader thread owns
 /// two, so one is copied while the next is read. Pinning costs time in proportion to the
@@ -273,7 +273,7 @@ impl Snapshot {
         &self,
         cuda: &CudaDevice,
         direct: Option<&std::fs::File>,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    ) -> Result<Restored, SnapshotError> {
         let started = Instant::now();
         let stream = cuda.cuda_stream();
         let ctx = stream.context().clone();
@@ -453,7 +453,7 @@ impl Snapshot {
     pub(crate) fn restore_arenas_registered(
         &self,
         cuda: &CudaDevice,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    ) -> Result<Restored, SnapshotError> {
         let started = Instant::now();
         let stream = cuda.cuda_stream();
         let ctx = stream.context().clone();

@@ -5,8 +5,8 @@
 //! `RUNNER_RESTORE_READ` picks how a restore reads: `cache` (through the page cache: the
 //! CPU restore maps it, the CUDA ring copies from it), `direct` (always `O_DIRECT`), or
 //! `auto` (the default): `O_DIRECT` where less than half of the snapshot's data is in the
-//! page cache and the device is one where direct reads measured faster. Which devices those
-//! are is in [`direct_pays_on`]. A file system that refuses `O_DIRECT` (tmpfs, some network
+//! page cache and the device is one where direct reads measured faster ([`direct_pays_on`]);
+//! the page cache is then filled in the background for the next start. A file system that refuses `O_DIRECT` (tmpfs, some network
 //! file systems) gets the page-cache path, whatever the setting.
 
 use std::fs::File;
@@ -46,13 +46,60 @@ pub fn read_mode() -> ReadMode {
 
 /// Whether `auto` reads a cold snapshot directly on this kind of device ("cpu" or "cuda").
 ///
-/// On the CPU it does not: on the 2-core VM (virtio disk, 2026-11-30) a cold 1.1 GB restore
-/// through the page cache (the mapped restore, kernel readahead) ran faster than direct reads
-/// into fresh memory (`benches/results/2026-11-30-cpu-cold-restore/`), and the mapped pages
-/// stay in the page cache for the next start. On CUDA it is not measured yet either, so it
-/// does not until the GPU script has compared both.
+/// On the CPU it does not. On the 2-core VM (virtio disk, 2026-11-30, page cache dropped
+/// before each start; `benches/results/2026-11-30-cpu-cold-restore/`) direct reads of a
+/// 538 MB snapshot beat the page-cache path (0.52 s against 0.60 s, 11 of 14 pairs) only
+/// while the start-up readahead was broken (one `POSIX_FADV_WILLNEED` for the whole file,
+/// which Linux caps at one readahead window: see [`read_ahead`]). With that fixed, the
+/// page-cache path is as fast or faster to ready, and it leaves the snapshot in the page
+/// cache for the next start and the weights mapped rather than copied. On CUDA it does
+/// not until the GPU script has compared both there.
 pub fn direct_pays_on(_device_kind: &str) -> bool {
     false
+}
+
+/// After a direct restore: asks the kernel, on a thread of its own, to read `len` bytes of
+/// the snapshot at `path` from `offset` into the page cache, so the next start restores
+/// from memory rather than the disk. Best effort.
+pub fn warm_page_cache(path: &Path, offset: u64, len: u64) {
+    let Ok(file) = File::open(path) else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("snapshot-warm-cache".into())
+        .spawn(move || read_ahead(&file, offset, len));
+    if let Err(e) = spawned {
+        tracing::debug!("snapshot restore: not warming the page cache ({e})");
+    }
+}
+
+/// Asks the kernel to read `len` bytes of `file` from `offset` into the page cache, without
+/// waiting for them (it waits only while the disk's queue is full).
+///
+/// One `POSIX_FADV_WILLNEED` for the whole range is not enough: Linux reads at most one
+/// readahead window per call (8 MiB on the 2-core VM, often 128 KiB), so a single call for a
+/// 538 MB snapshot brought in 1.6 % of it. The range goes in 128 KiB steps instead, the
+/// smallest common window.
+pub fn read_ahead(file: &File, offset: u64, len: u64) {
+    const STEP: u64 = 128 << 10;
+    let mut at = offset;
+    let end = offset.saturating_add(len);
+    while at < end {
+        let n = STEP.min(end - at);
+        // SAFETY: an advisory call on a descriptor the caller holds open.
+        let failed = unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                at as libc::off_t,
+                n as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        } != 0;
+        if failed {
+            return; // best effort: a file system without readahead
+        }
+        at += n;
+    }
 }
 
 /// The share of `len` bytes of `file` from `offset` that sits in the page cache (`mincore`
@@ -103,10 +150,8 @@ pub struct ReadPlan {
 /// Whether a restore onto `device_kind` in `mode` reads the data of `file` (`len` bytes
 /// from `offset`) directly: see [`ReadMode`].
 pub fn plan(file: &File, offset: u64, len: u64, device_kind: &str, mode: ReadMode) -> ReadPlan {
-    let resident = match mode {
-        ReadMode::Cache => None,
-        _ => resident_fraction(file, offset, len),
-    };
+    // Asked even where the mode decides alone: benchmarks report it.
+    let resident = resident_fraction(file, offset, len);
     let direct = match mode {
         ReadMode::Cache => false,
         ReadMode::Direct => true,

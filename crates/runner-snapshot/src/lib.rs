@@ -616,6 +616,9 @@ impl std::fmt::Debug for ProgressHook {
 /// thread.
 pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 
+/// A restore's tensors, with their manifest names, and what it did.
+pub type Restored = (Vec<(String, Tensor)>, RestoreStats);
+
 /// What a restore did, for phase timings and bandwidth.
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreStats {
@@ -777,10 +780,7 @@ impl Snapshot {
     /// 1.71–1.90 GB/s): transparent huge pages (0.97–1.10 GB/s) and `MADV_POPULATE_WRITE`
     /// per reader thread before its read (1.35–1.40 GB/s). So its buffers keep ordinary
     /// pages, faulted in by the read itself.
-    pub fn restore(
-        &self,
-        device: &Device,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    pub fn restore(&self, device: &Device) -> Result<Restored, SnapshotError> {
         self.restore_reading(device, direct::read_mode())
     }
 
@@ -790,7 +790,7 @@ impl Snapshot {
         &self,
         device: &Device,
         mode: direct::ReadMode,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    ) -> Result<Restored, SnapshotError> {
         let kind = if device.is_cpu() { "cpu" } else { "cuda" };
         let plan = direct::plan(
             &self.file,
@@ -830,15 +830,16 @@ impl Snapshot {
             },
             _ => self.restore_arenas(device),
         };
-        restored.map(|(tensors, stats)| {
-            (
-                tensors,
-                RestoreStats {
-                    resident: plan.resident,
-                    ..stats
-                },
-            )
-        })
+        let (tensors, stats) = restored?;
+        if stats.direct {
+            // The next start then finds the snapshot in memory.
+            direct::warm_page_cache(&self.path, self.data_offset, self.header.data_bytes);
+        }
+        let stats = RestoreStats {
+            resident: plan.resident,
+            ..stats
+        };
+        Ok((tensors, stats))
     }
 
     /// The CPU restore for a snapshot the page cache does not hold: each arena read with
@@ -850,7 +851,7 @@ impl Snapshot {
         &self,
         device: &Device,
         direct: &File,
-    ) -> Result<Option<(Vec<(String, Tensor)>, RestoreStats)>, SnapshotError> {
+    ) -> Result<Option<Restored>, SnapshotError> {
         let started = Instant::now();
         let mut restored: Vec<Option<Tensor>> = vec![None; self.manifest.tensors.len()];
         for (a, arena) in self.manifest.arenas.iter().enumerate() {
@@ -976,10 +977,7 @@ impl Snapshot {
     }
 
     /// The CPU restore without a copy: see [`mapped`](crate::mapped).
-    fn restore_mapped(
-        &self,
-        device: &Device,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    fn restore_mapped(&self, device: &Device) -> Result<Restored, SnapshotError> {
         let started = Instant::now();
         let mut restored: Vec<Option<Tensor>> = vec![None; self.manifest.tensors.len()];
         for (a, arena) in self.manifest.arenas.iter().enumerate() {
@@ -1066,10 +1064,7 @@ impl Snapshot {
         }
     }
 
-    fn restore_per_tensor(
-        &self,
-        device: &Device,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    fn restore_per_tensor(&self, device: &Device) -> Result<Restored, SnapshotError> {
         let started = Instant::now();
         let mut restored: Vec<Option<Tensor>> = vec![None; self.manifest.tensors.len()];
         let mut scratch = Vec::new();
@@ -1116,10 +1111,7 @@ impl Snapshot {
         Ok((self.named(restored), self.stats(started)))
     }
 
-    fn restore_arenas(
-        &self,
-        device: &Device,
-    ) -> Result<(Vec<(String, Tensor)>, RestoreStats), SnapshotError> {
+    fn restore_arenas(&self, device: &Device) -> Result<Restored, SnapshotError> {
         let started = Instant::now();
         let mut host = Vec::with_capacity(self.manifest.arenas.len());
         for (i, arena) in self.manifest.arenas.iter().enumerate() {
