@@ -460,7 +460,7 @@ impl Snapshot {
         ctx.bind_to_thread()
             .map_err(driver_err("cannot bind the CUDA context"))?;
         let Some(mapping) = self.lockable_mapping() else {
-            return self.restore_arenas_pinned(cuda);
+            return self.restore_arenas_pinned(cuda, None);
         };
         let copy_stream = ctx
             .new_stream()
@@ -694,19 +694,23 @@ impl Snapshot {
         at: u64,
     ) -> Result<&'b mut [u8], SnapshotError> {
         let failed = io(&self.path, "cannot read the snapshot's data");
+        let mut read = false;
         if let Some(file) = direct {
             let room = buffer.bytes_mut(len.next_multiple_of(crate::direct::DIRECT_ALIGN));
             match crate::direct::read_direct(file, room, len, at) {
-                Ok(()) => return Ok(&mut room[..len]),
+                Ok(()) => read = true,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::InvalidInput
                         || e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(failed(e)),
             }
         }
-        let bytes = buffer.bytes_mut(len);
-        self.file.read_exact_at(bytes, at).map_err(failed)?;
-        Ok(bytes)
+        if !read {
+            self.file
+                .read_exact_at(buffer.bytes_mut(len), at)
+                .map_err(failed)?;
+        }
+        Ok(buffer.bytes_mut(len))
     }
 
     /// One device allocation per arena, through the model's own device.
