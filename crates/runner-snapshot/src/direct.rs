@@ -220,36 +220,6 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A page-aligned anonymous buffer for direct reads in tests.
-    struct Aligned(*mut u8, usize);
-    impl Aligned {
-        fn new(len: usize) -> Self {
-            // SAFETY: a fresh private anonymous mapping.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            Aligned(p as *mut u8, len)
-        }
-        fn bytes(&mut self) -> &mut [u8] {
-            // SAFETY: the mapping holds `len` bytes.
-            unsafe { std::slice::from_raw_parts_mut(self.0, self.1) }
-        }
-    }
-    impl Drop for Aligned {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made in `new`.
-            unsafe { libc::munmap(self.0 as *mut libc::c_void, self.1) };
-        }
-    }
-
     #[test]
     fn direct_reads_return_the_files_bytes_up_to_its_end_and_refuse_past_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -265,18 +235,22 @@ mod tests {
             eprintln!("skipped: the temporary directory's file system refuses O_DIRECT");
             return;
         };
-        let mut buf = Aligned::new(4 * DIRECT_ALIGN);
+        let memory = crate::Mapping::anonymous(4 * DIRECT_ALIGN)
+            .unwrap()
+            .unwrap();
+        // SAFETY: the mapping's whole capacity is ours while `memory` lives.
+        let buf = unsafe { std::slice::from_raw_parts_mut(memory.as_mut_ptr(), memory.capacity()) };
         // The tail: not a whole block, read up to the file's end.
         let at = 2 * DIRECT_ALIGN;
-        read_direct(&file, buf.bytes(), DIRECT_ALIGN + 100, at as u64).unwrap();
-        assert_eq!(&buf.bytes()[..DIRECT_ALIGN + 100], &bytes[at..]);
+        read_direct(&file, buf, DIRECT_ALIGN + 100, at as u64).unwrap();
+        assert_eq!(&buf[..DIRECT_ALIGN + 100], &bytes[at..]);
         // Past the end: refused, saying how much is missing.
-        let err = read_direct(&file, buf.bytes(), DIRECT_ALIGN + 101, at as u64).unwrap_err();
+        let err = read_direct(&file, buf, DIRECT_ALIGN + 101, at as u64).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");
         // Unaligned offsets and buffers are refused rather than handed to the kernel.
-        let err = read_direct(&file, buf.bytes(), 10, 1).unwrap_err();
+        let err = read_direct(&file, buf, 10, 1).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
-        let err = read_direct(&file, &mut buf.bytes()[1..], 10, 0).unwrap_err();
+        let err = read_direct(&file, &mut buf[1..], 10, 0).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     }
 
