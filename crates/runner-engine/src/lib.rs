@@ -823,7 +823,7 @@ impl Engine {
             };
             // A restore that will read around the page cache gains nothing from it, and
             // the readahead would compete with its reads for the disk.
-            if direct::plan_for_path(&path, kind).is_some_and(|p| p.direct) {
+            if direct::will_read_direct(&path, kind) {
                 return;
             }
             if let Ok(file) = std::fs::File::open(&path) {

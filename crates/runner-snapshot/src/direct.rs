@@ -160,12 +160,20 @@ pub fn plan(file: &File, offset: u64, len: u64, device_kind: &str, mode: ReadMod
     ReadPlan { direct, resident }
 }
 
-/// [`plan`] for the snapshot at `path` before it is opened (the engine asks, so that it does
-/// not read ahead into the page cache what a restore will read around it).
-pub fn plan_for_path(path: &Path, device_kind: &str) -> Option<ReadPlan> {
-    let file = File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    Some(plan(&file, 0, len, device_kind, read_mode()))
+/// Whether a restore of the snapshot at `path` onto `device_kind` will read it directly, as
+/// [`plan`] decides, asked before the snapshot is opened (the engine asks, so that it does not
+/// read ahead into the page cache what a restore will read around it). The page cache is
+/// asked only where the answer depends on it, so start-up pays nothing for it by default.
+pub fn will_read_direct(path: &Path, device_kind: &str) -> bool {
+    match read_mode() {
+        ReadMode::Cache => false,
+        ReadMode::Direct => true,
+        ReadMode::Auto if !direct_pays_on(device_kind) => false,
+        ReadMode::Auto => File::open(path).is_ok_and(|file| {
+            let len = file.metadata().map_or(0, |m| m.len());
+            resident_fraction(&file, 0, len).is_some_and(|r| r < 0.5)
+        }),
+    }
 }
 
 /// Opens `path` for direct reads; an error where the file system refuses them.
