@@ -281,6 +281,12 @@ step "bench big (mapped)" 150 bench big-mapped big mapped "$RUNS" --no-fresh-mac
 bench_prewarm() { RUNNER_CUDA_PREWARM=on bench "$@"; }
 export -f bench_prewarm
 step "bench big (pinned, kernels pre-warmed)" 90 bench_prewarm big-prewarm big pinned "$RUNS" --no-fresh-machine
+# Since stop 29 the binary opens cuBLAS and cuRAND at run time, on a thread of their own as a
+# CUDA command starts (before, the loader ran cuBLAS's constructors before main: the 73-92 ms
+# "process start" of 2026-11-30). Off: they open inside the device's initialisation.
+bench_no_preload() { RUNNER_CUDA_PRELOAD=off bench "$@"; }
+export -f bench_no_preload
+step "bench big (pinned, CUDA libraries opened in device init)" 90 bench_no_preload big-no-preload big pinned "$RUNS" --no-fresh-machine
 step "restore sweep (big)" 60 restore_sweep big
 step "PyTorch big cold start" 90 pytorch_big big
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
@@ -355,7 +361,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
+for name in ["big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:

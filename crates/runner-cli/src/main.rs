@@ -502,8 +502,15 @@ fn main() -> ExitCode {
         !cli.logging.quiet && std::io::stderr().is_terminal(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    keep_cuda_kernels_beside_the_model(&cli.command);
+    let cuda_dir = cuda_model_dir(&cli.command);
+    if let Some(dir) = cuda_dir {
+        keep_cuda_kernels_beside_the_model(dir);
+    }
     fix_the_cpu_thread_count();
+    // After the environment is set: this starts a thread.
+    if cuda_dir.is_some() {
+        runner_models::device::preload_cuda_libraries();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -540,10 +547,10 @@ fn fix_the_cpu_thread_count() {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 }
 
-/// candle's kernels are PTX that the CUDA driver compiles on first use; its JIT cache
-/// (read when CUDA initialises) is kept in the model directory beside the snapshot, so a
-/// restored server does not compile them again. Set before any thread starts.
-fn keep_cuda_kernels_beside_the_model(command: &Command) {
+/// The model directory of a command that opens a GPU: serve, snapshot, run, chat or doctor
+/// on a model, built with CUDA, not `--device cpu`, and not a Python predictor (runner opens
+/// no GPU for one). Read before any thread starts.
+fn cuda_model_dir(command: &Command) -> Option<&Path> {
     let (dir, device) = match command {
         Command::Serve { dir, device, .. }
         | Command::Snapshot { dir, device, .. }
@@ -554,19 +561,22 @@ fn keep_cuda_kernels_beside_the_model(command: &Command) {
             device,
             ..
         } => (dir, device),
-        _ => return,
+        _ => return None,
     };
-    if !cfg!(feature = "cuda")
-        || matches!(device.device, DeviceSpec::Cpu)
-        || std::env::var_os("CUDA_CACHE_PATH").is_some()
-    {
-        return;
+    if !cfg!(feature = "cuda") || matches!(device.device, DeviceSpec::Cpu) {
+        return None;
     }
-    // A Python predictor keeps its own kernel cache (runner opens no GPU for it). Read
-    // only here: a CPU start does not parse cog.yaml twice.
+    // Read only here: a CPU start does not parse cog.yaml twice.
     let python = runner_spec::CogConfig::load(&dir.join("cog.yaml"))
         .is_ok_and(|c| matches!(c.run, runner_spec::RunTarget::Python { .. }));
-    if python {
+    (!python).then_some(dir.as_path())
+}
+
+/// candle's kernels are PTX that the CUDA driver compiles on first use; its JIT cache
+/// (read when CUDA initialises) is kept in the model directory beside the snapshot, so a
+/// restored server does not compile them again. Set before any thread starts.
+fn keep_cuda_kernels_beside_the_model(dir: &Path) {
+    if std::env::var_os("CUDA_CACHE_PATH").is_some() {
         return;
     }
     let cache = dir.join(".runner").join("cuda-kernel-cache");

@@ -799,8 +799,8 @@ impl Engine {
         let kind = match self.device_spec {
             DeviceSpec::Cpu => "cpu",
             DeviceSpec::Cuda(_) => "cuda",
-            // candle answers from how it was built, without touching a GPU.
-            DeviceSpec::Auto if candle_core::utils::cuda_is_available() => "cuda",
+            // A guess: the driver's library is there (opening the device says more).
+            DeviceSpec::Auto if runner_models::device::cuda_driver_present() => "cuda",
             DeviceSpec::Auto => "cpu",
         };
         let snapshot = self.snapshot_candidate(kind).filter(|p| p.is_file());

@@ -51,20 +51,26 @@ impl FromStr for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device.
+    /// Opens the device. `auto` takes CUDA device 0 when it opens, else the CPU (saying why).
     pub fn open(self) -> Result<Device, DeviceError> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto => {
-                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                    DeviceSpec::Cuda(0).open()
-                } else {
-                    Ok(Device::Cpu)
+                if !cfg!(feature = "cuda") || !cuda_driver_present() {
+                    return Ok(Device::Cpu);
                 }
+                DeviceSpec::Cuda(0).open().or_else(|e| {
+                    tracing::warn!("--device auto: {e}; using the CPU");
+                    Ok(Device::Cpu)
+                })
             }
             DeviceSpec::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NoCudaSupport(self));
+                }
+                // cudarc panics where a library is missing: say which, and what to do.
+                if let Some(reason) = missing_cuda_libraries() {
+                    return Err(DeviceError::Unavailable { spec: self, reason });
                 }
                 Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
                     spec: self,
@@ -72,6 +78,105 @@ impl DeviceSpec {
                 })
             }
         }
+    }
+}
+
+/// The CUDA libraries candle uses, by cudarc's names (libcublas brings libcublasLt). cudarc
+/// opens each the first time it is used (`vendor/README.md`).
+#[cfg(feature = "cuda")]
+const CUDA_LIBRARIES: [(&str, &str, &str); 3] = [
+    ("cuda", "the NVIDIA driver's CUDA library", "libcuda.so.1"),
+    ("cublas", "cuBLAS (CUDA 13)", "libcublas.so.13"),
+    ("curand", "cuRAND (CUDA 13)", "libcurand.so.10"),
+];
+
+/// Opens CUDA library `i` of [`CUDA_LIBRARIES`] once per process: the file name it was
+/// found under, or every name tried. Names are tried in cudarc's order, so the file is the
+/// one cudarc opens later, and the handle is kept: cudarc's own open then finds it loaded.
+#[cfg(feature = "cuda")]
+fn open_cuda_library(i: usize) -> &'static Result<String, Vec<String>> {
+    static OPENED: [std::sync::OnceLock<Result<String, Vec<String>>>; 3] =
+        [const { std::sync::OnceLock::new() }; 3];
+    OPENED[i].get_or_init(|| {
+        let names = candle_core::cuda_backend::cudarc::get_lib_name_candidates(CUDA_LIBRARIES[i].0);
+        for name in &names {
+            let Ok(c_name) = std::ffi::CString::new(name.as_str()) else {
+                continue;
+            };
+            // SAFETY: dlopen with a valid C string; the handle is never closed, so the
+            // library stays loaded for cudarc.
+            let handle =
+                unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+            if !handle.is_null() {
+                return Ok(name.clone());
+            }
+        }
+        Err(names)
+    })
+}
+
+/// Whether the NVIDIA driver's library can be opened: a CUDA build on a machine without it
+/// serves on the CPU under `--device auto`.
+pub fn cuda_driver_present() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        open_cuda_library(0).is_ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// What is missing for CUDA, in words, or `None` when every library opens.
+pub fn missing_cuda_libraries() -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        let missing: Vec<String> = (0..CUDA_LIBRARIES.len())
+            .filter_map(|i| {
+                open_cuda_library(i).as_ref().err().map(|tried| {
+                    let (_, what, file) = CUDA_LIBRARIES[i];
+                    format!(
+                        "{what} is not found ({file}, or any of the {} names cudarc tries)",
+                        tried.len()
+                    )
+                })
+            })
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "{}; install the NVIDIA driver and CUDA 13's cuBLAS and cuRAND (for example `pip install nvidia-cublas nvidia-curand`) and put the folders holding their libraries on LD_LIBRARY_PATH, or use --device cpu",
+                missing.join("; ")
+            )
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
+}
+
+/// Opens the CUDA libraries on a thread of their own, for a command about to open a GPU:
+/// cuBLAS's library constructors take ~70 ms (and 147 MB) on the 2-core VM, time that then
+/// passes beside the rest of the start-up (the runtime, the listener, the model directory,
+/// the snapshot's checks and readahead) instead of inside the device's initialisation. Does
+/// nothing without CUDA; a missing library is reported when the device opens.
+/// `RUNNER_CUDA_PRELOAD=off` leaves them to the device's initialisation (the GPU script's
+/// comparison; unmeasured on a GPU so far).
+pub fn preload_cuda_libraries() {
+    #[cfg(feature = "cuda")]
+    if !std::env::var("RUNNER_CUDA_PRELOAD").is_ok_and(|v| v == "off") {
+        std::thread::spawn(|| {
+            let started = std::time::Instant::now();
+            for i in 0..CUDA_LIBRARIES.len() {
+                let _ = open_cuda_library(i);
+            }
+            tracing::debug!(
+                target: "runner::setup",
+                "CUDA libraries opened in {:.3}s",
+                started.elapsed().as_secs_f64()
+            );
+        });
     }
 }
 
@@ -343,6 +448,14 @@ mod tests {
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
         assert!("tpu".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn without_cuda_nothing_is_missing_and_nothing_is_loaded() {
+        assert!(!cuda_driver_present());
+        assert!(missing_cuda_libraries().is_none());
+        preload_cuda_libraries();
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Checks a CUDA build of runner on a machine without a GPU or CUDA's libraries (CI runs it on
+# the build from `cargo build --features cuda`): the binary names no CUDA library as needed,
+# so it starts anywhere; it serves on the CPU with --device cpu and under --device auto; and
+# --device cuda fails in runner's words, naming the missing libraries, instead of the
+# dynamic loader refusing to start it or cudarc panicking.
+#   scripts/cuda-smoke.sh PATH/TO/runner
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN="${1:?usage: scripts/cuda-smoke.sh PATH/TO/runner (built with --features cuda)}"
+MODEL="$ROOT/models/all-minilm-l6-v2"
+fail() { echo "cuda-smoke: $*" >&2; exit 1; }
+# Whatever this machine has must not hide what the binary itself needs.
+unset LD_LIBRARY_PATH
+
+needed="$(readelf -d "$BIN" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
+echo "needed libraries: $needed"
+for lib in libcuda libcublas libcurand libcudart libnvrtc; do
+  case " $needed" in *" $lib"*) fail "$BIN needs $lib.* to start (candle's cudarc must load it, not link it: vendor/README.md)";; esac
+done
+
+version="$("$BIN" --version)" || fail "$BIN --version failed"
+echo "$version"
+[[ "$version" == *"(cuda"* ]] || fail "expected a CUDA build, got: $version"
+
+ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' && {
+  echo "cuda-smoke: this machine has libcuda.so.1; the missing-library checks need a machine without it (skipped)"
+  exit 0
+}
+
+out="$("$BIN" run "$MODEL" -i text=hello --device cpu -q)" || fail "--device cpu did not predict"
+[[ "$out" == *"["* ]] || fail "--device cpu printed no embedding: $out"
+out="$("$BIN" run "$MODEL" -i text=hello --device auto 2>&1)" || fail "--device auto did not fall back to the CPU: $out"
+[[ "$out" == *"["* ]] || fail "--device auto printed no embedding: $out"
+
+if err="$("$BIN" run "$MODEL" -i text=hello --device cuda 2>&1)"; then
+  fail "--device cuda succeeded on a machine without CUDA: $err"
+fi
+echo "$err" | tail -1
+for words in "cannot open the GPU" "the NVIDIA driver's CUDA library is not found" "libcuda.so.1" \
+  "cuBLAS (CUDA 13) is not found" "libcublas.so.13" "LD_LIBRARY_PATH" "--device cpu"; do
+  [[ "$err" == *"$words"* ]] || fail "the --device cuda error does not say \"$words\": $err"
+done
+[[ "$err" != *"panicked"* ]] || fail "--device cuda panicked: $err"
+echo "cuda-smoke: ok"
