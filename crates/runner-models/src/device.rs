@@ -157,12 +157,13 @@ pub fn missing_cuda_libraries() -> Option<String> {
 }
 
 /// Opens the CUDA libraries on a thread of their own, for a command about to open a GPU:
-/// cuBLAS's library constructors take ~70 ms (and 147 MB) on the 2-core VM, time that then
-/// passes beside the rest of the start-up (the runtime, the listener, the model directory,
-/// the snapshot's checks and readahead) instead of inside the device's initialisation. Does
-/// nothing without CUDA; a missing library is reported when the device opens.
-/// `RUNNER_CUDA_PRELOAD=off` leaves them to the device's initialisation (the GPU script's
-/// comparison; unmeasured on a GPU so far).
+/// cuBLAS's library constructors take 71–83 ms (and 147 MB) on the 2-core VM, time that then
+/// passes beside the start-up before the device opens (the runtime, the listener, the model
+/// directory, the readahead) instead of before `main`. Opening the device waits for them
+/// ([`missing_cuda_libraries`]), so CUDA's own initialisation never runs beside a library's
+/// constructors. Does nothing without CUDA; a missing library is reported when the device
+/// opens. `RUNNER_CUDA_PRELOAD=off` leaves them to the device's initialisation (the GPU
+/// script's comparison; unmeasured on a GPU so far).
 pub fn preload_cuda_libraries() {
     #[cfg(feature = "cuda")]
     if !std::env::var("RUNNER_CUDA_PRELOAD").is_ok_and(|v| v == "off") {
