@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks a CUDA build of runner on a machine without a GPU or CUDA's libraries (CI runs it on
 # the build from `cargo build --features cuda`): the binary names no CUDA library as needed,
-# so it starts anywhere; it serves on the CPU with --device cpu and under --device auto; and
+# so it starts anywhere; it serves on the CPU with --device cpu and under --device auto (and
+# `runner doctor` says why auto is the CPU); and
 # --device cuda fails in runner's words, naming the missing libraries, instead of the
 # dynamic loader refusing to start it or cudarc panicking.
 #   scripts/cuda-smoke.sh PATH/TO/runner
@@ -32,6 +33,10 @@ out="$("$BIN" run "$MODEL" -i text=hello --device cpu -q)" || fail "--device cpu
 [[ "$out" == *"["* ]] || fail "--device cpu printed no embedding: $out"
 out="$("$BIN" run "$MODEL" -i text=hello --device auto 2>&1)" || fail "--device auto did not fall back to the CPU: $out"
 [[ "$out" == *"["* ]] || fail "--device auto printed no embedding: $out"
+
+doctor="$("$BIN" doctor "$MODEL" --port 0 2>&1)" || fail "runner doctor found problems: $doctor"
+[[ "$doctor" == *"cpu (auto: the NVIDIA driver's CUDA library is not found"* ]] \
+  || fail "runner doctor does not say why --device auto is the CPU: $doctor"
 
 if err="$("$BIN" run "$MODEL" -i text=hello --device cuda 2>&1)"; then
   fail "--device cuda succeeded on a machine without CUDA: $err"
