@@ -288,11 +288,12 @@ fn open_device(request: &Request, found: &mut Findings) -> Option<Device> {
             let summary = match (&device, request.device) {
                 (Device::Cpu, DeviceSpec::Auto) if cfg!(feature = "cuda") => {
                     // Without the driver's library nothing was tried: say what is missing.
-                    match runner_models::device::missing_cuda_libraries() {
-                        Some(missing) if !runner_models::device::cuda_driver_present() => {
-                            format!("{name} (auto: {missing})")
-                        }
-                        _ => format!("{name} (auto: no CUDA device found)"),
+                    let missing = (!runner_models::device::cuda_driver_present())
+                        .then(runner_models::device::missing_cuda_libraries)
+                        .flatten();
+                    match missing {
+                        Some(missing) => format!("{name} (auto: {missing})"),
+                        None => format!("{name} (auto: no CUDA device found)"),
                     }
                 }
                 (Device::Cpu, DeviceSpec::Auto) => format!("{name} (auto: built without CUDA)"),

@@ -152,12 +152,18 @@ pub struct ReadPlan {
 pub fn plan(file: &File, offset: u64, len: u64, device_kind: &str, mode: ReadMode) -> ReadPlan {
     // Asked even where the mode decides alone: benchmarks report it.
     let resident = resident_fraction(file, offset, len);
-    let direct = match mode {
+    let direct = reads_direct(mode, device_kind, || resident);
+    ReadPlan { direct, resident }
+}
+
+/// The rule of [`ReadMode`]: `auto` reads directly where that pays on the device and less
+/// than half of the data is cached. `resident` is asked only where the answer depends on it.
+fn reads_direct(mode: ReadMode, device_kind: &str, resident: impl FnOnce() -> Option<f64>) -> bool {
+    match mode {
         ReadMode::Cache => false,
         ReadMode::Direct => true,
-        ReadMode::Auto => direct_pays_on(device_kind) && resident.is_some_and(|r| r < 0.5),
-    };
-    ReadPlan { direct, resident }
+        ReadMode::Auto => direct_pays_on(device_kind) && resident().is_some_and(|r| r < 0.5),
+    }
 }
 
 /// Whether a restore of the snapshot at `path` onto `device_kind` will read it directly, as
@@ -165,15 +171,11 @@ pub fn plan(file: &File, offset: u64, len: u64, device_kind: &str, mode: ReadMod
 /// read ahead into the page cache what a restore will read around it). The page cache is
 /// asked only where the answer depends on it, so start-up pays nothing for it by default.
 pub fn will_read_direct(path: &Path, device_kind: &str) -> bool {
-    match read_mode() {
-        ReadMode::Cache => false,
-        ReadMode::Direct => true,
-        ReadMode::Auto if !direct_pays_on(device_kind) => false,
-        ReadMode::Auto => File::open(path).is_ok_and(|file| {
-            let len = file.metadata().map_or(0, |m| m.len());
-            resident_fraction(&file, 0, len).is_some_and(|r| r < 0.5)
-        }),
-    }
+    reads_direct(read_mode(), device_kind, || {
+        let file = File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        resident_fraction(&file, 0, len)
+    })
 }
 
 /// Opens `path` for direct reads; an error where the file system refuses them.
