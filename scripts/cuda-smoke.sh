@@ -4,8 +4,11 @@
 # so it starts anywhere; it serves on the CPU with --device cpu and under --device auto (and
 # `runner doctor` says why auto is the CPU); and
 # --device cuda fails in runner's words, naming the missing libraries, instead of the
-# dynamic loader refusing to start it or cudarc panicking.
-#   scripts/cuda-smoke.sh PATH/TO/runner
+# dynamic loader refusing to start it or cudarc panicking. Then, with CUDA's libraries and the
+# toolkit's link stub standing in for the driver's (a machine with the toolkit but no driver,
+# as in a container built without the GPU): --device cuda says the driver's library is the
+# stub, --device auto serves on the CPU, and so does runner doctor.
+#   scripts/cuda-smoke.sh PATH/TO/runner   (CUDA_ROOT or CUDA_PATH: the toolkit, for the stub)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${1:?usage: scripts/cuda-smoke.sh PATH/TO/runner (built with --features cuda)}"
@@ -47,4 +50,29 @@ for words in "cannot open the GPU" "the NVIDIA driver's CUDA library is not foun
   [[ "$err" == *"$words"* ]] || fail "the --device cuda error does not say \"$words\": $err"
 done
 [[ "$err" != *"panicked"* ]] || fail "--device cuda panicked: $err"
+
+toolkit="${CUDA_ROOT:-${CUDA_PATH:-}}"
+if [ -z "$toolkit" ] || [ ! -f "$toolkit/lib/stubs/libcuda.so" ]; then
+  echo "cuda-smoke: no toolkit with lib/stubs/libcuda.so (CUDA_ROOT, CUDA_PATH): the stub checks are skipped"
+  echo "cuda-smoke: ok"
+  exit 0
+fi
+stub="$(mktemp -d)"
+trap 'rm -rf "$stub"' EXIT
+ln -s "$toolkit/lib/stubs/libcuda.so" "$stub/libcuda.so.1"
+export LD_LIBRARY_PATH="$toolkit/lib:$stub"
+if err="$("$BIN" run "$MODEL" -i text=hello --device cuda 2>&1)"; then
+  fail "--device cuda succeeded with the toolkit's stub for a driver: $err"
+fi
+echo "$err" | tail -1
+for words in "cannot open the GPU" "$stub/libcuda.so.1 is the CUDA toolkit's link stub" \
+  "install the driver" "CUDA_ERROR_STUB_LIBRARY" "--device cpu"; do
+  [[ "$err" == *"$words"* ]] || fail "with the stub, the --device cuda error does not say \"$words\": $err"
+done
+[[ "$err" != *"panicked"* ]] || fail "--device cuda panicked with the stub: $err"
+out="$("$BIN" run "$MODEL" -i text=hello --device auto 2>&1)" || fail "--device auto did not fall back to the CPU beside the stub: $out"
+[[ "$out" == *"["* && "$out" == *"link stub"* ]] || fail "--device auto beside the stub: no embedding, or no word why: $out"
+doctor="$("$BIN" doctor "$MODEL" --port 0 2>&1)" || fail "runner doctor found problems beside the stub: $doctor"
+[[ "$doctor" == *"cpu (auto: $stub/libcuda.so.1 is the CUDA toolkit's link stub"* ]] \
+  || fail "runner doctor does not say the driver's library is the stub: $doctor"
 echo "cuda-smoke: ok"

@@ -287,13 +287,10 @@ fn open_device(request: &Request, found: &mut Findings) -> Option<Device> {
             let name = runner_models::device::describe(&device);
             let summary = match (&device, request.device) {
                 (Device::Cpu, DeviceSpec::Auto) if cfg!(feature = "cuda") => {
-                    // Without the driver's library nothing was tried: say what is missing.
-                    let missing = (!runner_models::device::cuda_driver_present())
-                        .then(runner_models::device::missing_cuda_libraries)
-                        .flatten();
-                    match missing {
-                        Some(missing) => format!("{name} (auto: {missing})"),
-                        None => format!("{name} (auto: no CUDA device found)"),
+                    // Say why: a library missing, the toolkit's stub, no GPU, an old driver.
+                    match runner_models::device::cuda_unavailable(0) {
+                        Some(why) => format!("{name} (auto: {why})"),
+                        None => format!("{name} (auto: the GPU did not open; see the log)"),
                     }
                 }
                 (Device::Cpu, DeviceSpec::Auto) => format!("{name} (auto: built without CUDA)"),

@@ -59,6 +59,13 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") || !cuda_driver_present() {
                     return Ok(Device::Cpu);
                 }
+                // No usable GPU here (the toolkit's stub, no device, an old driver): the
+                // CPU, said once at info level; a GPU that is there but fails to open
+                // is worth a warning.
+                if let Some(reason) = cuda_unavailable(0) {
+                    tracing::info!("--device auto: the CPU, because {reason}");
+                    return Ok(Device::Cpu);
+                }
                 DeviceSpec::Cuda(0).open().or_else(|e| {
                     tracing::warn!("--device auto: {e}; using the CPU");
                     Ok(Device::Cpu)
@@ -68,13 +75,14 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NoCudaSupport(self));
                 }
-                // cudarc panics where a library is missing: say which, and what to do.
-                if let Some(reason) = missing_cuda_libraries() {
+                // cudarc panics where a library is missing, and reports the driver's
+                // refusals as bare codes: say what is wrong, and what to do.
+                if let Some(reason) = cuda_unavailable(n) {
                     return Err(DeviceError::Unavailable { spec: self, reason });
                 }
                 Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
                     spec: self,
-                    reason: e.to_string(),
+                    reason: driver_error_words(&e.to_string()),
                 })
             }
         }
@@ -154,6 +162,119 @@ pub fn missing_cuda_libraries() -> Option<String> {
     {
         None
     }
+}
+
+/// Why CUDA device `n` cannot be used, in words (what is wrong, and what to do), or `None`
+/// when the libraries open, the driver initialises and the device exists. Asked before
+/// candle opens the device, which would panic (a missing library) or print a bare driver
+/// code (`CUDA_ERROR_STUB_LIBRARY`). `cuInit` here is the one candle would call anyway.
+pub fn cuda_unavailable(n: usize) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        if let Some(missing) = missing_cuda_libraries() {
+            return Some(missing);
+        }
+        if let Err(e) = result::init() {
+            return Some(driver_refusal(e.0 as i32, &format!("{:?}", e.0)));
+        }
+        let count = match result::device::get_count() {
+            Ok(count) => count.max(0) as usize,
+            Err(e) => return Some(driver_refusal(e.0 as i32, &format!("{:?}", e.0))),
+        };
+        (n >= count).then(|| {
+            let have = match count {
+                0 => "none".to_string(),
+                1 => "one, cuda:0".to_string(),
+                _ => format!("{count}, cuda:0 to cuda:{}", count - 1),
+            };
+            format!(
+                "there is no GPU {n}: the NVIDIA driver sees {have}{}; pick one of those with --device cuda:N",
+                visible_devices_note()
+            )
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = n;
+        None
+    }
+}
+
+/// ` (CUDA_VISIBLE_DEVICES="…" hides the others)` where that variable is set.
+#[cfg(feature = "cuda")]
+fn visible_devices_note() -> String {
+    std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v:?} hides the others)"))
+        .unwrap_or_default()
+}
+
+/// The driver's refusal `code` (named `name`) in words: what it means on a machine that is
+/// meant to have a GPU, and what to do about it.
+#[cfg(feature = "cuda")]
+fn driver_refusal(code: i32, name: &str) -> String {
+    let what = match code {
+        34 => format!(
+            "{} is the CUDA toolkit's link stub, not the NVIDIA driver's library: this machine has no NVIDIA driver, or the stub's folder comes before the driver's on LD_LIBRARY_PATH; install the driver (check with nvidia-smi) or take the stubs folder off LD_LIBRARY_PATH, or use --device cpu",
+            cuda_driver_library_path().unwrap_or_else(|| "libcuda.so.1".into())
+        ),
+        35 => format!(
+            "the NVIDIA driver{} is older than CUDA 13 needs (580 or newer): update the driver, or use --device cpu",
+            driver_version().map(|v| format!(" (which supports CUDA {v})")).unwrap_or_default()
+        ),
+        100 => format!(
+            "the NVIDIA driver sees no GPU{}: check nvidia-smi; in a container, start it with the GPU (docker run --gpus all); or use --device cpu",
+            visible_devices_note()
+        ),
+        2 => "the GPU has no memory left for a CUDA context: other processes hold it (nvidia-smi lists them)".into(),
+        46 | 802 => "the GPU is not available: it is busy in exclusive-process mode, lost, or (on NVSwitch machines) waiting for nvidia-fabricmanager; see nvidia-smi -q".into(),
+        304 | 800 => "the operating system refused access to the GPU: check the permissions of /dev/nvidia* (the user must be allowed to open them)".into(),
+        803 => "the NVIDIA driver's library does not match its kernel module (a driver update without a reboot?): reboot, or reinstall the driver".into(),
+        804 => "CUDA's forward-compatibility library is in use on a GPU that does not support it: take the compat folder off LD_LIBRARY_PATH, or update the driver".into(),
+        _ => return format!("the CUDA driver refused ({name})"),
+    };
+    format!("{what} ({name})")
+}
+
+/// The newest CUDA version the driver supports (`13.0`), where the driver answers.
+#[cfg(feature = "cuda")]
+fn driver_version() -> Option<String> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut version: std::os::raw::c_int = 0;
+    // SAFETY: the driver writes one integer through the pointer.
+    let ok = unsafe { sys::cuDriverGetVersion(&mut version) } == sys::CUresult::CUDA_SUCCESS;
+    ok.then(|| format!("{}.{}", version / 1000, (version % 1000) / 10))
+}
+
+/// Where the driver's library that was opened lies on disk, for messages about it.
+#[cfg(feature = "cuda")]
+fn cuda_driver_library_path() -> Option<String> {
+    let name = std::ffi::CString::new(open_cuda_library(0).as_ref().ok()?.as_str()).ok()?;
+    // SAFETY: RTLD_NOLOAD only looks up a library this process has open (and takes one
+    // more reference, never dropped, as the library stays loaded anyway); dladdr reads
+    // the loader's tables for an address inside it.
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        if handle.is_null() {
+            return None;
+        }
+        let symbol = libc::dlsym(handle, c"cuInit".as_ptr());
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if symbol.is_null() || libc::dladdr(symbol, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        Some(
+            std::ffi::CStr::from_ptr(info.dli_fname)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
+/// candle's CUDA error text, with its backtrace (present under `RUST_BACKTRACE`) cut off:
+/// the first line says what failed.
+fn driver_error_words(error: &str) -> String {
+    error.lines().next().unwrap_or(error).trim().to_string()
 }
 
 /// Opens the CUDA libraries on a thread of their own, for a command about to open a GPU:
@@ -419,14 +540,10 @@ fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
         .ok()?;
         Some(format!("{major}.{minor}"))
     });
-    let mut version: std::os::raw::c_int = 0;
-    // SAFETY: the driver writes one integer through the pointer.
-    let ok = unsafe { sys::cuDriverGetVersion(&mut version) } == sys::CUresult::CUDA_SUCCESS;
-    let driver = ok.then(|| format!("{}.{}", version / 1000, (version % 1000) / 10));
     GpuIdentity {
         name: Some(name.unwrap_or_else(|| format!("cuda:{ordinal}"))),
         compute_capability: cc,
-        driver_version: driver,
+        driver_version: driver_version(),
     }
 }
 
@@ -439,6 +556,22 @@ mod tests {
         // On the CPU it runs the same operations as on a GPU: shapes and dtypes check out.
         exercise_kernels(&Device::Cpu, true).unwrap();
         assert!(prewarm(&Device::Cpu, false).is_none(), "only on CUDA");
+    }
+
+    #[test]
+    fn a_driver_error_keeps_its_first_line() {
+        let with_backtrace = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")\n   0: candle_core::error::Error::bt\n             at src/error.rs:1";
+        assert_eq!(
+            driver_error_words(with_backtrace),
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        );
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn without_cuda_no_gpu_is_unavailable_for_a_reason() {
+        // The reason is CUDA's to give: a CPU build says "built without CUDA" elsewhere.
+        assert!(cuda_unavailable(0).is_none());
     }
 
     #[test]
