@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (see prepare.sh), within about 8 minutes:
+# Runs on the GPU machine (see prepare.sh), in this order (issue 4's numbers first, since
+# the whole script takes longer than one call's 8 minutes):
 #  1. MiniLM-shaped BERT with random weights generated here (the real weights do not fit the
 #     carry limit beside the rest; they are checked on the CPU in CI): runner on the GPU
 #     against sentence-transformers on the same weights, dynamic batching (32 concurrent
 #     predictions equal one-at-a-time ones), HTTP throughput against sentence-transformers
 #     batch 1 and 32, and the device-memory gauges in /metrics;
-#  2. SmolLM2's first blocks (trimmed from the real GGUF by trim_gguf.py): runner's GGUF and
+#  2. snapshots MiniLM on the GPU, restores it through each path and checks every tensor bit
+#     for bit against the cold load, and that restored servers answer bit-identically;
+#     `runner doctor` on the GPU; pinned host-to-device bandwidth with PyTorch (the ceiling
+#     for a restore);
+#  3. a generated 4.3 GB model (f32 converted to bf16 at load): snapshot verified, the
+#     page cache's read ceiling, `runner bench --cold-start` through the pinned ring and the
+#     page-locked mapping (`RUNNER_CUDA_RESTORE=mapped`), with kernels pre-warmed, with the
+#     CUDA libraries opened each way (`RUNNER_CUDA_PRELOAD`), a sweep of the ring's settings,
+#     the page cache dropped before each start (root only; reading through it and around it,
+#     O_DIRECT), out of GPU memory, and PyTorch's cold start beside it;
+#  4. a TinyLlama-shaped 1.2 B Llama (bf16 safetensors generated here) quantized to Q8_0 at
+#     load: its snapshot verified, cold and restored servers generating the same text, the
+#     cold-vs-snapshot bench (also pre-warmed, and at Q4_K), and transformers' cold start;
+#  5. SmolLM2's first blocks (trimmed from the real GGUF by trim_gguf.py): runner's GGUF and
 #     converted-safetensors paths on the CPU and the GPU against transformers, greedy text
 #     and tokens/s; structured output (`json_schema`) and the first step's `top_logprobs`
 #     on each device (the GPU's against the CPU's);
-#  3. snapshots MiniLM and the generated models on the GPU, restores each and checks every
-#     tensor bit for bit against the cold load, and that restored servers answer
-#     bit-identically;
-#  4. measures pinned host-to-device bandwidth with PyTorch (the ceiling for a restore);
-#  5. a TinyLlama-shaped 1.2 B Llama (bf16 safetensors generated here) quantized to Q8_0 at
-#     load: its snapshot verified, cold and restored servers generating the same text, the
-#     cold-vs-snapshot bench, and transformers' bf16 cold start beside it;
-#  6. runs `runner bench --cold-start` for a generated 1.1 GB model, a 4.3 GB one and, when
-#     time is left, a 17 GB one (f32 converted to bf16 at load), through the pinned ring and
-#     through the page-locked mapping (`RUNNER_CUDA_RESTORE=mapped`), sweeps the restore's
-#     settings, and times PyTorch cold starts of the same models beside them; for the 4.3 GB
-#     model also with the page cache dropped before each start (root only), the ring reading
-#     through the page cache and around it (`RUNNER_RESTORE_READ=direct`, O_DIRECT).
+#  6. a generated 1.1 GB model: snapshot verified through every path, the benches, a sweep,
+#     and PyTorch; last, where time is left, a 17 GB one.
 # Every step has its own time limit and a failed step does not stop the others. $OUT gets
-# at most 8 files (the device tool's limit): results.md, correctness.txt, the bench JSON
+# at most 8 files (the device tool's limit): results.md, correctness.txt, three bench JSON
 # reports and a chart, and logs.tar.gz with everything else.
 # DEVICE=cpu runs the same steps on a CPU build, as a dry run of the script itself.
 # ONLY=REGEX runs only the steps whose names match (a short re-check); RUNS, BUDGET,
@@ -105,7 +108,6 @@ minilm_checks() { python3 checks.py minilm "$DEVICE" minilm > "$WORK/minilm.md";
 smollm2_checks() { python3 checks.py smollm2 "$DEVICE" smollm2 > "$WORK/smollm2.md"; }
 export -f minilm_checks smollm2_checks
 step "MiniLM: runner vs sentence-transformers, batching, throughput" 150 minilm_checks
-step "SmolLM2 (first blocks): runner GGUF and safetensors, CPU and GPU, vs transformers" 180 smollm2_checks
 
 # 2. Snapshot on the GPU; restore through each path and compare bit for bit.
 snapshot_roundtrip() {
@@ -176,6 +178,105 @@ bench() {  # bench NAME DIR MODE RUNS ARGS...: uses DIR's snapshot when there is
     --chart "$WORK/$name.svg" ${snap:+--snapshot "$snap"} "$@" > "$WORK/bench-$name.json" 2> "$WORK/bench-$name.log"
 }
 export -f bench
+verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
+  local dir=$1 mode; shift
+  seed_kernel_cache "$dir"
+  for mode in "$@"; do
+    RUNNER_CUDA_RESTORE=$mode ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
+    grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
+  done
+}
+export -f verify_model
+pytorch_big() {  # pytorch_big DIR: what a user would write instead: safetensors to the GPU as bf16, one matmul
+  python3 - "$1" > "$WORK/pytorch_$1.txt" <<'PY'
+import time; t = time.time()
+import torch, glob, sys
+from safetensors.torch import load_file
+w = {}
+for f in sorted(glob.glob(f"{sys.argv[1]}/weights/*.safetensors")):
+    w.update({k: v.to("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16) for k, v in load_file(f).items()})
+x = torch.ones(1, next(v for v in w.values() if v.dim() == 2).shape[1], device=next(iter(w.values())).device, dtype=torch.bfloat16)
+(x @ next(v for v in w.values() if v.dim() == 2).T).sum().item()
+print(round(time.time() - t, 3))
+PY
+}
+export -f pytorch_big
+restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
+  local dir=$1 setting threads piece pin alloc path mapped addr log
+  # threads:piece KiB:pinning:allocation order[:path[:mapped threads]]; path `mapped` locks
+  # the mapped file itself (piece, pinning and order do not apply to it); mapped threads
+  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers
+  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
+    IFS=: read -r threads piece pin alloc path mapped <<< "$setting"
+    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}.log"
+    addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
+      RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
+      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} \
+      serve "$dir" "$log" --require-snapshot) || return 1
+    kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
+    echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
+  done | tee -a "$WORK/restore-sweep.txt"
+}
+export -f restore_sweep
+# Kernels and cuBLAS started beside the weights (opt-in until measured here).
+bench_prewarm() { RUNNER_CUDA_PREWARM=on bench "$@"; }
+export -f bench_prewarm
+# Since stop 29 the binary opens cuBLAS and cuRAND at run time, on a thread of their own as a
+# CUDA command starts (before, the loader ran cuBLAS's constructors before main: the 73-92 ms
+# "process start" of 2026-11-30). Off: they open inside the device's initialisation.
+bench_no_preload() { RUNNER_CUDA_PRELOAD=off bench "$@"; }
+export -f bench_no_preload
+# Since stop 30, as an option: the driver initialises and creates the context while cuBLAS is
+# still loading on the preload thread (the default waits for cuBLAS first).
+bench_beside_init() { RUNNER_CUDA_PRELOAD=beside-init bench "$@"; }
+export -f bench_beside_init
+# Issue 4's measurements come first (the 4.3 GB model, then the Llama quantized at load),
+# then text generation's regression check, then the 1.1 GB model and, last, the 17 GB one.
+step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
+step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
+read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandwidth, and a PyTorch ring
+  python3 read_ceiling.py "$(ls "$1"/.runner/*.rsnap | grep -v cpu | head -1)" > "$WORK/read-ceiling-$1.md"
+}
+export -f read_ceiling
+step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
+step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
+step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
+step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
+step "bench 4.3 GB model (pinned, CUDA libraries opened in device init)" 90 bench_no_preload huge-no-preload huge pinned 1 --no-fresh-machine
+step "bench 4.3 GB model (pinned, driver initialised while cuBLAS loads)" 90 bench_beside_init huge-beside-init huge pinned 1 --no-fresh-machine
+step "restore sweep (4.3 GB model)" 60 restore_sweep huge
+# What a fresh machine's disk gives: the page cache dropped before every start (needs root),
+# the restore reading the snapshot through the page cache and then around it (O_DIRECT into
+# the pinned ring), to decide what RUNNER_RESTORE_READ=auto should do on CUDA.
+bench_cold_cache() {  # bench_cold_cache NAME DIR
+  local read
+  for read in cache direct; do
+    RUNNER_RESTORE_READ=$read bench "$1-cold-cache-$read" "$2" pinned 1 --no-fresh-machine --drop-caches || return 1
+  done
+}
+export -f bench_cold_cache
+step "bench 4.3 GB model, page cache dropped (reads through it vs O_DIRECT)" 150 bench_cold_cache huge huge
+# Out of GPU memory: another process holds all but 1 GiB, so the 4.3 GB model (2.15 GB as
+# bf16) cannot fit; setup must fail naming both sizes instead of crashing mid-load.
+gpu_oom() {
+  rm -f "$WORK/gpu-held"
+  python3 - "$WORK/gpu-held" <<'PY' &
+import sys, time, torch
+free, _ = torch.cuda.mem_get_info()
+held = torch.empty(free - (1 << 30), dtype=torch.uint8, device="cuda")
+open(sys.argv[1], "w").write(f"{held.numel() / 1e9:.1f} GB held")
+time.sleep(40)
+PY
+  local holder=$! rc
+  for _ in $(seq 300); do [ -s "$WORK/gpu-held" ] && break; sleep 0.1; done
+  ./runner run huge --device "$DEVICE" --snapshot off --json "{\"vector\": [$(python3 -c 'print(",".join(["0"] * 128))')]}" > /dev/null 2> "$WORK/gpu-oom.log"; rc=$?
+  kill $holder 2>/dev/null; wait $holder 2>/dev/null
+  echo "GPU out of memory ($(cat "$WORK/gpu-held" 2>/dev/null)): runner run exit $rc: $(grep -ho 'out of memory[^;]*' "$WORK/gpu-oom.log" | head -1)" | tee -a "$WORK/correctness.txt"
+  [ "$rc" -ne 0 ] && grep -q "out of memory" "$WORK/gpu-oom.log"
+}
+export -f gpu_oom
+step "out of GPU memory (4.3 GB model)" 60 gpu_oom
+step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
 # An LLM whose cold load does real work: a TinyLlama-shaped Llama (22 layers of 2048, 1.2 B
 # parameters, 2.3 GB of bf16 safetensors, random weights, SmolLM2's tokenizer) that cog.yaml
 # asks to quantize to Q8_0 at load (RUNNER_QUANTIZE). The cold start reads and quantizes
@@ -233,105 +334,15 @@ bench_llama_q4k() { rm -f llama/.runner/*.rsnap; RUNNER_QUANTIZE=q4_k bench llam
 export -f bench_llama_q4k
 step "bench Llama Q4_K at load (pinned)" 150 bench_llama_q4k
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
+step "SmolLM2 (first blocks): runner GGUF and safetensors, CPU and GPU, vs transformers" 180 smollm2_checks
 step "generate the big model" 120 ./runner -q generate tiny-mlp big/weights --hidden-size "$BIG_HIDDEN" --layers 16 --dtype bf16
-verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
-  local dir=$1 mode; shift
-  seed_kernel_cache "$dir"
-  for mode in "$@"; do
-    RUNNER_CUDA_RESTORE=$mode ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
-    grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
-  done
-}
-export -f verify_model
 step "big model snapshot, verified tensor by tensor" 150 verify_model big mapped pageable pinned
-pytorch_big() {  # pytorch_big DIR: what a user would write instead: safetensors to the GPU as bf16, one matmul
-  python3 - "$1" > "$WORK/pytorch_$1.txt" <<'PY'
-import time; t = time.time()
-import torch, glob, sys
-from safetensors.torch import load_file
-w = {}
-for f in sorted(glob.glob(f"{sys.argv[1]}/weights/*.safetensors")):
-    w.update({k: v.to("cuda" if torch.cuda.is_available() else "cpu", torch.bfloat16) for k, v in load_file(f).items()})
-x = torch.ones(1, next(v for v in w.values() if v.dim() == 2).shape[1], device=next(iter(w.values())).device, dtype=torch.bfloat16)
-(x @ next(v for v in w.values() if v.dim() == 2).T).sum().item()
-print(round(time.time() - t, 3))
-PY
-}
-export -f pytorch_big
-restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
-  local dir=$1 setting threads piece pin alloc path mapped addr log
-  # threads:piece KiB:pinning:allocation order[:path[:mapped threads]]; path `mapped` locks
-  # the mapped file itself (piece, pinning and order do not apply to it); mapped threads
-  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers
-  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
-    IFS=: read -r threads piece pin alloc path mapped <<< "$setting"
-    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}.log"
-    addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
-      RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
-      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} \
-      serve "$dir" "$log" --require-snapshot) || return 1
-    kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
-    echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
-  done | tee -a "$WORK/restore-sweep.txt"
-}
-export -f restore_sweep
 step "bench big (pinned)" 150 bench big big pinned "$RUNS"
 step "bench big (mapped)" 150 bench big-mapped big mapped "$RUNS" --no-fresh-machine
-# Kernels and cuBLAS started beside the weights (opt-in until measured here).
-bench_prewarm() { RUNNER_CUDA_PREWARM=on bench "$@"; }
-export -f bench_prewarm
 step "bench big (pinned, kernels pre-warmed)" 90 bench_prewarm big-prewarm big pinned "$RUNS" --no-fresh-machine
-# Since stop 29 the binary opens cuBLAS and cuRAND at run time, on a thread of their own as a
-# CUDA command starts (before, the loader ran cuBLAS's constructors before main: the 73-92 ms
-# "process start" of 2026-11-30). Off: they open inside the device's initialisation.
-bench_no_preload() { RUNNER_CUDA_PRELOAD=off bench "$@"; }
-export -f bench_no_preload
 step "bench big (pinned, CUDA libraries opened in device init)" 90 bench_no_preload big-no-preload big pinned "$RUNS" --no-fresh-machine
 step "restore sweep (big)" 60 restore_sweep big
 step "PyTorch big cold start" 90 pytorch_big big
-step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
-step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
-read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandwidth, and a PyTorch ring
-  python3 read_ceiling.py "$(ls "$1"/.runner/*.rsnap | grep -v cpu | head -1)" > "$WORK/read-ceiling-$1.md"
-}
-export -f read_ceiling
-step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
-step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1
-step "bench 4.3 GB model (mapped)" 150 bench huge-mapped huge mapped 1 --no-fresh-machine
-step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
-step "restore sweep (4.3 GB model)" 60 restore_sweep huge
-# What a fresh machine's disk gives: the page cache dropped before every start (needs root),
-# the restore reading the snapshot through the page cache and then around it (O_DIRECT into
-# the pinned ring), to decide what RUNNER_RESTORE_READ=auto should do on CUDA.
-bench_cold_cache() {  # bench_cold_cache NAME DIR
-  local read
-  for read in cache direct; do
-    RUNNER_RESTORE_READ=$read bench "$1-cold-cache-$read" "$2" pinned 1 --no-fresh-machine --drop-caches || return 1
-  done
-}
-export -f bench_cold_cache
-step "bench 4.3 GB model, page cache dropped (reads through it vs O_DIRECT)" 150 bench_cold_cache huge huge
-# Out of GPU memory: another process holds all but 1 GiB, so the 4.3 GB model (2.15 GB as
-# bf16) cannot fit; setup must fail naming both sizes instead of crashing mid-load.
-gpu_oom() {
-  rm -f "$WORK/gpu-held"
-  python3 - "$WORK/gpu-held" <<'PY' &
-import sys, time, torch
-free, _ = torch.cuda.mem_get_info()
-held = torch.empty(free - (1 << 30), dtype=torch.uint8, device="cuda")
-open(sys.argv[1], "w").write(f"{held.numel() / 1e9:.1f} GB held")
-time.sleep(40)
-PY
-  local holder=$! rc
-  for _ in $(seq 300); do [ -s "$WORK/gpu-held" ] && break; sleep 0.1; done
-  ./runner run huge --device "$DEVICE" --snapshot off --json "{\"vector\": [$(python3 -c 'print(",".join(["0"] * 128))')]}" > /dev/null 2> "$WORK/gpu-oom.log"; rc=$?
-  kill $holder 2>/dev/null; wait $holder 2>/dev/null
-  echo "GPU out of memory ($(cat "$WORK/gpu-held" 2>/dev/null)): runner run exit $rc: $(grep -ho 'out of memory[^;]*' "$WORK/gpu-oom.log" | head -1)" | tee -a "$WORK/correctness.txt"
-  [ "$rc" -ne 0 ] && grep -q "out of memory" "$WORK/gpu-oom.log"
-}
-export -f gpu_oom
-step "out of GPU memory (4.3 GB model)" 60 gpu_oom
-step "PyTorch 4.3 GB model cold start" 90 pytorch_big huge
 # Last, where time is left: a 17 GB model (16 layers of 16384x16384 f32, 8.6 GB as bf16),
 # the size of a 7-8B LLM in bf16, where loading is most of a cold start.
 giant_snapshot() { seed_kernel_cache giant; rm -rf huge/weights huge/.runner; ./runner -q snapshot giant --device "$DEVICE" > /dev/null 2> "$WORK/snapshot-giant.log"; }
@@ -361,7 +372,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
+for name in ["big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-no-preload", "huge-beside-init", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:
@@ -390,7 +401,8 @@ for f in "$WORK"/read-ceiling-*.md; do [ -f "$f" ] && { echo; cat "$f"; } >> "$W
 [ -f "$WORK/restore-sweep.txt" ] && { echo; echo '```'; cat "$WORK/restore-sweep.txt"; echo '```'; } >> "$WORK/results.md"
 cp "$WORK/results.md" "$OUT/"
 cp "$WORK/correctness.txt" "$OUT/" 2>/dev/null
-cp "$WORK"/bench-big.json "$WORK"/bench-huge.json "$WORK"/bench-llama.json "$WORK"/bench-huge-mapped.json "$WORK"/bench-huge-cold-cache-*.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
+# At most 8 files come back: every bench's JSON is in logs.tar.gz too.
+cp "$WORK"/bench-huge.json "$WORK"/bench-llama.json "$WORK"/bench-big.json "$WORK"/huge.svg "$OUT/" 2>/dev/null
 rm -rf big/weights huge/weights giant/weights llama/weights minilm/weights/model.safetensors
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude='*.rsnap' .
 cat "$OUT/results.md" "$OUT/correctness.txt" 2>/dev/null

@@ -4,10 +4,11 @@
 # binary, MiniLM's configuration and tokenizer (the GPU machine generates weights), and
 # SmolLM2's first 3 blocks, xz-compressed. Then, from the device tool:
 #   run(command="bash benches/gpu/device-check.sh", carry=["benches/gpu/stage"], timeout_s=560)
-# The whole script fills its 8 minutes (MiniLM, SmolLM2, snapshots, doctor, pinned H2D, the
-# quantized-at-load Llama, then the 1.1 GB model while time lasts); a second call measures
-# the larger models:
-#   run(command="ONLY='pinned H2D|4.3 GB|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
+# The whole script fills its 8 minutes (MiniLM, snapshots, doctor, pinned H2D, the 4.3 GB
+# model, the quantized-at-load Llama, then SmolLM2 and the 1.1 GB model while time lasts);
+# a second call takes what the first did not reach, for example:
+#   run(command="ONLY='pinned H2D|SmolLM2|big|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
+# (results.md's "failed steps" names the ones skipped for time).
 # (a session has 15 device minutes in all, machine starts included: ~40 s each).
 # Run on an H200 on 2026-11-28 and 2026-11-30; results in benches/results/.
 set -euo pipefail

@@ -75,6 +75,9 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NoCudaSupport(self));
                 }
+                // Held until candle has the same (primary) context: dropping the last
+                // reference would tear it down.
+                let _early_context = driver_context_beside_the_libraries(n);
                 // cudarc panics where a library is missing, and reports the driver's
                 // refusals as bare codes: say what is wrong, and what to do.
                 if let Some(reason) = cuda_unavailable(n) {
@@ -277,17 +280,68 @@ fn driver_error_words(error: &str) -> String {
     error.lines().next().unwrap_or(error).trim().to_string()
 }
 
+/// How the CUDA libraries are opened (`RUNNER_CUDA_PRELOAD`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Preload {
+    /// The default: on a thread of their own as the command starts; the device's
+    /// initialisation waits for them.
+    Beside,
+    /// `beside-init`: the same thread, but the driver initialises and creates the GPU's
+    /// context while cuBLAS is still loading (unmeasured on a GPU so far).
+    BesideInit,
+    /// `off`: inside the device's initialisation, one after the other.
+    Off,
+}
+
+fn preload_mode() -> Preload {
+    match std::env::var("RUNNER_CUDA_PRELOAD").as_deref() {
+        Ok("off") => Preload::Off,
+        Ok("beside-init") => Preload::BesideInit,
+        _ => Preload::Beside,
+    }
+}
+
+/// Under `RUNNER_CUDA_PRELOAD=beside-init`: initialises the driver and retains GPU `n`'s
+/// primary context (the bulk of a device's initialisation: a few hundred milliseconds on a
+/// large GPU) while the preload thread is still loading cuBLAS, instead of after it. The
+/// context returned is the one candle then retains; keep it until candle has. `None`
+/// otherwise, or where the driver refuses (the checks after say why).
+fn driver_context_beside_the_libraries(n: usize) -> Option<Box<dyn std::any::Any>> {
+    if preload_mode() != Preload::BesideInit {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        // Only the driver's own library (the preload opens it first, in a millisecond).
+        open_cuda_library(0).as_ref().ok()?;
+        let started = std::time::Instant::now();
+        let context = candle_core::cuda_backend::cudarc::driver::CudaContext::new(n).ok()?;
+        tracing::debug!(
+            target: "runner::setup",
+            "CUDA driver initialised and GPU {n}'s context created in {:.3}s, beside the libraries' loading",
+            started.elapsed().as_secs_f64()
+        );
+        Some(Box::new(context))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = n;
+        None
+    }
+}
+
 /// Opens the CUDA libraries on a thread of their own, for a command about to open a GPU:
 /// cuBLAS's library constructors take 71–83 ms (and 147 MB) on the 2-core VM, time that then
 /// passes beside the start-up before the device opens (the runtime, the listener, the model
 /// directory, the readahead) instead of before `main`. Opening the device waits for them
 /// ([`missing_cuda_libraries`]), so CUDA's own initialisation never runs beside a library's
 /// constructors. Does nothing without CUDA; a missing library is reported when the device
-/// opens. `RUNNER_CUDA_PRELOAD=off` leaves them to the device's initialisation (the GPU
-/// script's comparison; unmeasured on a GPU so far).
+/// opens. `RUNNER_CUDA_PRELOAD=off` leaves them to the device's initialisation, and
+/// `beside-init` lets the driver initialise while cuBLAS loads (the GPU script's
+/// comparisons; both unmeasured on a GPU so far).
 pub fn preload_cuda_libraries() {
     #[cfg(feature = "cuda")]
-    if !std::env::var("RUNNER_CUDA_PRELOAD").is_ok_and(|v| v == "off") {
+    if preload_mode() != Preload::Off {
         std::thread::spawn(|| {
             let started = std::time::Instant::now();
             for i in 0..CUDA_LIBRARIES.len() {
