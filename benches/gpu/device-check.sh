@@ -107,7 +107,7 @@ step "MiniLM: generate random weights" 60 python3 checks.py minilm-generate mini
 minilm_checks() { python3 checks.py minilm "$DEVICE" minilm > "$WORK/minilm.md"; }
 smollm2_checks() { python3 checks.py smollm2 "$DEVICE" smollm2 > "$WORK/smollm2.md"; }
 export -f minilm_checks smollm2_checks
-step "MiniLM: runner vs sentence-transformers, batching, throughput" 150 minilm_checks
+step "MiniLM: runner vs sentence-transformers, batching, throughput" 180 minilm_checks
 
 # 2. Snapshot on the GPU; restore through each path and compare bit for bit.
 snapshot_roundtrip() {

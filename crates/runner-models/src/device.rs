@@ -83,10 +83,12 @@ impl DeviceSpec {
                 if let Some(reason) = cuda_unavailable(n) {
                     return Err(DeviceError::Unavailable { spec: self, reason });
                 }
-                Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
+                let device = Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
                     spec: self,
                     reason: driver_error_words(&e.to_string()),
-                })
+                })?;
+                without_event_tracking_if_asked(&device);
+                Ok(device)
             }
         }
     }
@@ -165,6 +167,27 @@ pub fn missing_cuda_libraries() -> Option<String> {
     {
         None
     }
+}
+
+/// `RUNNER_CUDA_EVENT_TRACKING=off` (opt-in, unmeasured on a GPU so far): cudarc gives every
+/// device allocation two CUDA events by default (created and destroyed with it: four driver
+/// calls for each tensor an operation makes) that order its uses across streams, but only
+/// while a second stream exists. runner's model runs on candle's one stream, and the
+/// restore's copy stream is synchronized before its tensors are handed over, so the events
+/// order nothing here. Set before the first tensor: only allocations made after it go
+/// without.
+fn without_event_tracking_if_asked(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        if std::env::var("RUNNER_CUDA_EVENT_TRACKING").is_ok_and(|v| v == "off") {
+            // SAFETY: see above: every use of a tensor on another stream (the restore's
+            // copies) is ordered by an explicit synchronize before the tensor is used.
+            unsafe { cuda.disable_event_tracking() };
+            tracing::debug!(target: "runner::setup", "cudarc's event tracking is off");
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// Why CUDA device `n` cannot be used, in words (what is wrong, and what to do), or `None`
