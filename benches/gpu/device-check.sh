@@ -181,8 +181,11 @@ export -f bench
 verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
   local dir=$1 mode; shift
   seed_kernel_cache "$dir"
-  for mode in "$@"; do
-    RUNNER_CUDA_RESTORE=$mode ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
+  for mode in "$@"; do  # pinned, mapped, pageable, or one-copier (the ring, RUNNER_RESTORE_COPIER=one)
+    local path=$mode copier=
+    [ "$mode" = one-copier ] && { path=pinned; copier=one; }
+    RUNNER_CUDA_RESTORE=$path RUNNER_RESTORE_COPIER=$copier \
+      ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
     grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
   done
 }
@@ -202,19 +205,21 @@ PY
 }
 export -f pytorch_big
 restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
-  local dir=$1 setting threads piece pin alloc path mapped addr log
-  # threads:piece KiB:pinning:allocation order[:path[:mapped threads]]; path `mapped` locks
-  # the mapped file itself (piece, pinning and order do not apply to it); mapped threads
-  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers
-  for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
-    IFS=: read -r threads piece pin alloc path mapped <<< "$setting"
-    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}.log"
+  local dir=$1 setting threads piece pin alloc path mapped copier addr log
+  # threads:piece KiB:pinning:allocation order[:path[:mapped threads[:copier]]]; path `mapped`
+  # locks the mapped file itself (piece, pinning and order do not apply to it); mapped threads
+  # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers;
+  # copier `one` (RUNNER_RESTORE_COPIER, since stop 30): only the restoring thread talks to
+  # the driver, the readers just read (does contention for the driver hold the ring back?)
+  for setting in ${SWEEP:-8:1024:alloc:alongside 8:1024:alloc:alongside:pinned:0:one 8:0:-:-:mapped 8:4096:alloc:alongside:pinned:0:one 16:1024:alloc:alongside:pinned:0:one 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 4:1024:alloc:alongside:pinned:0:one 8:0:-:-:mapped 8:1024:alloc:alongside 8:1024:alloc:alongside:pinned:0:one}; do
+    IFS=: read -r threads piece pin alloc path mapped copier <<< "$setting"
+    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}-${copier:-ring}.log"
     addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
       RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
-      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} \
+      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} RUNNER_RESTORE_COPIER=${copier:-} \
       serve "$dir" "$log" --require-snapshot) || return 1
     kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
-    echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore: .*' "$log" | tail -1)"
+    echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore.*' "$log" | tail -1)"
   done | tee -a "$WORK/restore-sweep.txt"
 }
 export -f restore_sweep
@@ -233,7 +238,7 @@ export -f bench_beside_init
 # Issue 4's measurements come first (the 4.3 GB model, then the Llama quantized at load),
 # then text generation's regression check, then the 1.1 GB model and, last, the 17 GB one.
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
-step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
+step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned one-copier
 read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandwidth, and a PyTorch ring
   python3 read_ceiling.py "$(ls "$1"/.runner/*.rsnap | grep -v cpu | head -1)" > "$WORK/read-ceiling-$1.md"
 }

@@ -283,14 +283,12 @@ impl Snapshot {
             .new_stream()
             .map_err(driver_err("cannot create a copy stream"))?;
 
+        if one_copier() {
+            return self.restore_arenas_one_copier(cuda, direct);
+        }
         let jobs = self.chunk_jobs();
         let threads = reader_threads(jobs.len());
-        let largest = jobs.largest_chunk();
-        let piece = env_usize("RUNNER_RESTORE_PIECE_KIB")
-            .map(|k| k << 10)
-            .or_else(|| env_usize("RUNNER_RESTORE_PIECE_MIB").map(|m| m << 20))
-            .unwrap_or(PIECE_BYTES)
-            .min(largest.max(1));
+        let piece = piece_bytes(&jobs);
         // Direct reads fill whole blocks: only with pieces of whole blocks.
         let direct = direct.filter(|_| piece.is_multiple_of(crate::direct::DIRECT_ALIGN));
         // `RUNNER_RESTORE_ALLOC=first` allocates the arenas before the readers pin their
@@ -683,9 +681,7 @@ impl Snapshot {
         }
     }
 
-    /// Reads `len` bytes at `at` into a ring buffer: directly where `direct` is given (a
-    /// piece the kernel turns down is read through the page cache instead), else through
-    /// the page cache.
+    /// Reads `len` bytes at `at` into a ring buffer ([`Self::read_into`]).
     fn read_piece<'b>(
         &self,
         direct: Option<&std::fs::File>,
@@ -693,24 +689,8 @@ impl Snapshot {
         len: usize,
         at: u64,
     ) -> Result<&'b mut [u8], SnapshotError> {
-        let failed = io(&self.path, "cannot read the snapshot's data");
-        let mut read = false;
-        if let Some(file) = direct {
-            let room = buffer.bytes_mut(len.next_multiple_of(crate::direct::DIRECT_ALIGN));
-            match crate::direct::read_direct(file, room, len, at) {
-                Ok(()) => read = true,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::InvalidInput
-                        || e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(failed(e)),
-            }
-        }
-        if !read {
-            self.file
-                .read_exact_at(buffer.bytes_mut(len), at)
-                .map_err(failed)?;
-        }
-        Ok(buffer.bytes_mut(len))
+        let whole = buffer.len;
+        self.read_into(direct, buffer.bytes_mut(whole), len, at)
     }
 
     /// One device allocation per arena, through the model's own device.
@@ -738,6 +718,377 @@ impl Snapshot {
             .map_err(driver_err("cannot synchronize the device"))?;
         Ok(arenas)
     }
+}
+
+/// `RUNNER_RESTORE_COPIER=one` (unmeasured, off by default): the ring with a single thread
+/// talking to the driver. On an H200 (2026-11-30) reading the page cache into pageable
+/// buffers scaled to 37.5 GB/s on 8 threads, but the same reads feeding H2D copies topped
+/// out at 16–18 GB/s, in runner (8 readers sharing one copy stream) and in PyTorch (a
+/// stream per reader) alike, and fell with 16 threads; one suspect is the readers
+/// contending for the driver (a copy, an event record and an event wait per piece, from
+/// every reader). Here the readers only read and check; they hand each filled buffer to
+/// the restoring thread, which issues every copy and event and hands buffers back as their
+/// copies finish.
+fn one_copier() -> bool {
+    std::env::var("RUNNER_RESTORE_COPIER").is_ok_and(|v| v == "one")
+}
+
+/// Pinned buffers per reader thread on the one-copier path (`RUNNER_RESTORE_BUFFERS`
+/// overrides the total): each reader pins one block and cuts it into these.
+const COPIER_BUFFERS_PER_THREAD: usize = 4;
+
+/// A piece of a pinned block: what travels between the readers and the copier.
+struct PinnedPiece {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a slice of a pinned block that outlives every piece (the blocks are freed after
+// the readers and the copier are done); one thread uses a piece at a time.
+unsafe impl Send for PinnedPiece {}
+
+impl PinnedPiece {
+    fn bytes(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: `ptr` points at `self.len` bytes of a live block; len is clamped.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len.min(self.len)) }
+    }
+}
+
+/// The pieces no copy is reading: readers take them, the copier gives them back.
+struct FreePieces {
+    free: std::sync::Mutex<(Vec<PinnedPiece>, bool)>,
+    returned: std::sync::Condvar,
+}
+
+impl FreePieces {
+    fn new() -> Self {
+        Self {
+            free: std::sync::Mutex::new((Vec::new(), false)),
+            returned: std::sync::Condvar::new(),
+        }
+    }
+    /// A free piece; `None` once closed (the restore stopped).
+    fn take(&self) -> Option<PinnedPiece> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if free.1 {
+                return None;
+            }
+            if let Some(piece) = free.0.pop() {
+                return Some(piece);
+            }
+            free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    fn give(&self, piece: PinnedPiece) {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(piece);
+        self.returned.notify_one();
+    }
+    fn close(&self) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.returned.notify_all();
+    }
+}
+
+/// A filled piece on its way to the GPU.
+struct Filled {
+    piece: PinnedPiece,
+    arena: usize,
+    /// Offset in the arena, and length.
+    offset: u64,
+    len: usize,
+}
+
+impl Snapshot {
+    /// The one-copier ring ([`one_copier`]): reader threads read and check pieces into
+    /// pinned buffers and send them here; this thread copies each to its arena on a
+    /// stream of its own, records an event after it, and returns the buffer to the readers
+    /// once the event has passed. Same checks and hand-over as the ring.
+    fn restore_arenas_one_copier(
+        &self,
+        cuda: &CudaDevice,
+        direct: Option<&std::fs::File>,
+    ) -> Result<Restored, SnapshotError> {
+        use std::sync::mpsc;
+        let started = Instant::now();
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()
+            .map_err(driver_err("cannot bind the CUDA context"))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("cannot create a copy stream"))?;
+        let jobs = self.chunk_jobs();
+        let threads = reader_threads(jobs.len());
+        let piece = piece_bytes(&jobs);
+        let direct = direct.filter(|_| piece.is_multiple_of(crate::direct::DIRECT_ALIGN));
+        let per_thread = env_usize("RUNNER_RESTORE_BUFFERS")
+            .map(|total| total.div_ceil(threads))
+            .unwrap_or(COPIER_BUFFERS_PER_THREAD);
+        let free = FreePieces::new();
+        // The readers' pinned blocks, freed when everything below has finished.
+        let blocks = std::sync::Mutex::new(Vec::with_capacity(threads));
+        let pinned_alloc_nanos = AtomicUsize::new(0);
+        let (filled_tx, filled_rx) = mpsc::channel::<Filled>();
+        let mut device_alloc = Duration::ZERO;
+        let mut waits = 0usize;
+        let (arenas, results) = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (jobs, free, blocks, filled_tx, ctx) =
+                        (&jobs, &free, &blocks, filled_tx.clone(), &ctx);
+                    let pinned_alloc_nanos = &pinned_alloc_nanos;
+                    scope.spawn(move || -> Result<(), SnapshotError> {
+                        ctx.bind_to_thread()
+                            .map_err(driver_err("cannot bind the CUDA context"))?;
+                        let alloc_started = Instant::now();
+                        let block = PinnedBuffer::new(piece * per_thread);
+                        pinned_alloc_nanos.fetch_max(
+                            alloc_started.elapsed().as_nanos() as usize,
+                            Ordering::Relaxed,
+                        );
+                        let block = match block {
+                            Ok(block) => block,
+                            Err(e) => {
+                                jobs.fail();
+                                return Err(e);
+                            }
+                        };
+                        for i in 0..per_thread {
+                            free.give(PinnedPiece {
+                                // SAFETY: inside the block of piece * per_thread bytes.
+                                ptr: unsafe { block.ptr.add(i * piece) },
+                                len: piece,
+                            });
+                        }
+                        blocks.lock().unwrap_or_else(|e| e.into_inner()).push(block);
+                        let outcome = (|| loop {
+                            let Some(job) = jobs.take() else {
+                                return Ok(());
+                            };
+                            let arena = &self.manifest.arenas[job.arena];
+                            let file_base = self.data_offset + arena.offset + job.start;
+                            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                            let mut done = 0u64;
+                            while done < job.len {
+                                let len = (job.len - done).min(piece as u64) as usize;
+                                let Some(mut buffer) = free.take() else {
+                                    return Ok(()); // the copier stopped; it says why
+                                };
+                                let read = self.read_into(
+                                    direct,
+                                    buffer.bytes(len),
+                                    len,
+                                    file_base + done,
+                                )?;
+                                hasher.update(read);
+                                let filled = Filled {
+                                    piece: buffer,
+                                    arena: job.arena,
+                                    offset: job.start + done,
+                                    len,
+                                };
+                                if filled_tx.send(filled).is_err() {
+                                    return Ok(()); // the copier stopped; it says why
+                                }
+                                self.advance(len);
+                                done += len as u64;
+                            }
+                            if hasher.digest() != arena.chunk_checksums[job.chunk] {
+                                return Err(self.chunk_error(job.arena, job.chunk));
+                            }
+                        })();
+                        if outcome.is_err() {
+                            jobs.fail();
+                        }
+                        outcome
+                    })
+                })
+                .collect();
+            drop(filled_tx);
+
+            let alloc_started = Instant::now();
+            let allocated = self.alloc_arenas(cuda, &stream);
+            device_alloc = alloc_started.elapsed();
+            let mut arenas = match allocated {
+                Ok(arenas) => arenas,
+                Err(e) => {
+                    free.close();
+                    drop(filled_rx);
+                    jobs.fail();
+                    for reader in readers {
+                        let _ = reader.join();
+                    }
+                    return (Err(e), Vec::new());
+                }
+            };
+            let mut guards = Vec::with_capacity(arenas.len());
+            let mut bases = Vec::with_capacity(arenas.len());
+            for a in arenas.iter_mut() {
+                let (ptr, guard) = each_arena!(a, s => s.device_ptr_mut(&copy_stream));
+                bases.push(ptr);
+                guards.push(guard);
+            }
+            let copied =
+                self.copy_filled(&ctx, &copy_stream, &bases, &filled_rx, &free, &mut waits);
+            if copied.is_err() {
+                jobs.fail();
+            }
+            // Readers waiting for a buffer or sending one stop now.
+            free.close();
+            drop(filled_rx);
+            let mut results: ReaderResults = readers
+                .into_iter()
+                .map(|h| h.join().expect("a snapshot reader thread panicked"))
+                .collect();
+            if let Err(e) = copied {
+                results.insert(0, Err(e));
+            }
+            drop(guards);
+            (Ok(arenas), results)
+        });
+        let pipeline = started.elapsed();
+        copy_stream
+            .synchronize()
+            .map_err(driver_err("cannot synchronize the copy stream"))?;
+        drop(blocks);
+        let read = started.elapsed();
+        let tensors = self.checked_views(cuda, arenas, results)?;
+        let total = started.elapsed();
+        tracing::debug!(
+            target: "runner::setup",
+            "cuda restore (one copier): {threads} reader threads x {per_thread} pinned buffers of {:.2} MiB ({} reads); device alloc {:.1} ms, pinned alloc (slowest thread) {:.1} ms, the copier waited for a copy {waits} times, read + copy {:.1} ms; total {:.1} ms",
+            piece as f64 / (1u64 << 20) as f64,
+            if direct.is_some() { "direct" } else { "page-cache" },
+            device_alloc.as_secs_f64() * 1e3,
+            pinned_alloc_nanos.into_inner() as f64 / 1e6,
+            pipeline.as_secs_f64() * 1e3,
+            total.as_secs_f64() * 1e3
+        );
+        Ok((tensors, self.device_stats(read, total, direct.is_some())))
+    }
+
+    /// The copier's loop: copies each filled piece to its arena, and gives pieces back as
+    /// their copies finish (waiting for the oldest copy only when no piece is waiting to be
+    /// copied). Returns once every reader has hung up and every copy has finished.
+    fn copy_filled(
+        &self,
+        ctx: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+        copy_stream: &CudaStream,
+        bases: &[u64],
+        filled: &std::sync::mpsc::Receiver<Filled>,
+        free: &FreePieces,
+        waits: &mut usize,
+    ) -> Result<(), SnapshotError> {
+        use std::sync::mpsc::TryRecvError;
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut spare_events = Vec::new();
+        let outcome = (|| loop {
+            while let Some((_, event)) = in_flight.front() {
+                if !copy_finished(event)? {
+                    break;
+                }
+                let (piece, event) = in_flight.pop_front().expect("a front");
+                free.give(piece);
+                spare_events.push(event);
+            }
+            let next = match filled.try_recv() {
+                Ok(next) => next,
+                Err(TryRecvError::Empty) => {
+                    if let Some((piece, event)) = in_flight.pop_front() {
+                        event
+                            .synchronize()
+                            .map_err(driver_err("waiting for a copy"))?;
+                        *waits += 1;
+                        free.give(piece);
+                        spare_events.push(event);
+                        continue;
+                    }
+                    match filled.recv() {
+                        Ok(next) => next,
+                        Err(_) => return Ok(()),
+                    }
+                }
+                Err(TryRecvError::Disconnected) => return Ok(()),
+            };
+            let Filled {
+                mut piece,
+                arena,
+                offset,
+                len,
+            } = next;
+            // SAFETY: the destination lies inside the arena's allocation (offsets validated
+            // when the snapshot was opened); the piece stays pinned and untouched until the
+            // event recorded after the copy has passed.
+            unsafe {
+                result::memcpy_htod_async(
+                    bases[arena] + offset,
+                    &*piece.bytes(len),
+                    copy_stream.cu_stream(),
+                )
+            }
+            .map_err(driver_err("cannot copy to the GPU"))?;
+            let event = match spare_events.pop() {
+                Some(event) => event,
+                None => ctx
+                    .new_event(None)
+                    .map_err(driver_err("cannot create a CUDA event"))?,
+            };
+            event
+                .record(copy_stream)
+                .map_err(driver_err("cannot record a CUDA event"))?;
+            in_flight.push_back((piece, event));
+        })();
+        // No piece goes back (or its block is freed) while a copy may still read it.
+        for (piece, event) in in_flight {
+            if event.synchronize().is_ok() {
+                free.give(piece);
+            }
+        }
+        outcome
+    }
+
+    /// Reads `len` bytes at `at` into `room` (a pinned piece): directly where `direct` is
+    /// given (a piece the kernel turns down is read through the page cache instead), else
+    /// through the page cache.
+    fn read_into<'b>(
+        &self,
+        direct: Option<&std::fs::File>,
+        room: &'b mut [u8],
+        len: usize,
+        at: u64,
+    ) -> Result<&'b mut [u8], SnapshotError> {
+        let failed = io(&self.path, "cannot read the snapshot's data");
+        if let Some(file) = direct {
+            let whole = len
+                .next_multiple_of(crate::direct::DIRECT_ALIGN)
+                .min(room.len());
+            match crate::direct::read_direct(file, &mut room[..whole], len, at) {
+                Ok(()) => return Ok(&mut room[..len]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::InvalidInput
+                        || e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        self.file
+            .read_exact_at(&mut room[..len], at)
+            .map_err(failed)?;
+        Ok(&mut room[..len])
+    }
+}
+
+/// Whether the copy before `event` has finished, without waiting.
+fn copy_finished(
+    event: &candle_core::cuda_backend::cudarc::driver::CudaEvent,
+) -> Result<bool, SnapshotError> {
+    event
+        .try_is_complete()
+        .map_err(driver_err("asking whether a copy finished"))
 }
 
 /// What the reader threads report, one result each.
@@ -776,6 +1127,16 @@ fn hand_over(
         .collect();
     drop(guards);
     (Ok(arenas), results)
+}
+
+/// Bytes per pinned buffer: [`PIECE_BYTES`] (`RUNNER_RESTORE_PIECE_KIB` or `_MIB`), at most
+/// the largest chunk.
+fn piece_bytes(jobs: &JobQueue) -> usize {
+    env_usize("RUNNER_RESTORE_PIECE_KIB")
+        .map(|k| k << 10)
+        .or_else(|| env_usize("RUNNER_RESTORE_PIECE_MIB").map(|m| m << 20))
+        .unwrap_or(PIECE_BYTES)
+        .min(jobs.largest_chunk().max(1))
 }
 
 /// Reader threads for `jobs` chunks: the cores, at most [`MAX_THREADS`]
