@@ -244,7 +244,52 @@ impl JobQueue {
     }
 }
 
+/// What both rings start from.
+struct RingStart<'f> {
+    started: Instant,
+    /// The model's stream, and its context (bound to the restoring thread).
+    stream: std::sync::Arc<CudaStream>,
+    ctx: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    /// The copies' own stream.
+    copy_stream: std::sync::Arc<CudaStream>,
+    jobs: JobQueue,
+    threads: usize,
+    /// Bytes per pinned buffer.
+    piece: usize,
+    /// The file for direct reads, where the pieces are whole blocks.
+    direct: Option<&'f std::fs::File>,
+}
+
 impl Snapshot {
+    fn ring_start<'f>(
+        &self,
+        cuda: &CudaDevice,
+        direct: Option<&'f std::fs::File>,
+    ) -> Result<RingStart<'f>, SnapshotError> {
+        let started = Instant::now();
+        let stream = cuda.cuda_stream();
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread()
+            .map_err(driver_err("cannot bind the CUDA context"))?;
+        let copy_stream = ctx
+            .new_stream()
+            .map_err(driver_err("cannot create a copy stream"))?;
+        let jobs = self.chunk_jobs();
+        let threads = reader_threads(jobs.len());
+        let piece = piece_bytes(&jobs);
+        Ok(RingStart {
+            started,
+            stream,
+            ctx,
+            copy_stream,
+            jobs,
+            threads,
+            piece,
+            // Direct reads fill whole blocks: only with pieces of whole blocks.
+            direct: direct.filter(|_| piece.is_multiple_of(crate::direct::DIRECT_ALIGN)),
+        })
+    }
+
     /// Every data chunk of every arena, in file order: the reader threads' work list.
     fn chunk_jobs(&self) -> JobQueue {
         let mut jobs = Vec::new();
@@ -274,23 +319,19 @@ impl Snapshot {
         cuda: &CudaDevice,
         direct: Option<&std::fs::File>,
     ) -> Result<Restored, SnapshotError> {
-        let started = Instant::now();
-        let stream = cuda.cuda_stream();
-        let ctx = stream.context().clone();
-        ctx.bind_to_thread()
-            .map_err(driver_err("cannot bind the CUDA context"))?;
-        let copy_stream = ctx
-            .new_stream()
-            .map_err(driver_err("cannot create a copy stream"))?;
-
         if one_copier() {
             return self.restore_arenas_one_copier(cuda, direct);
         }
-        let jobs = self.chunk_jobs();
-        let threads = reader_threads(jobs.len());
-        let piece = piece_bytes(&jobs);
-        // Direct reads fill whole blocks: only with pieces of whole blocks.
-        let direct = direct.filter(|_| piece.is_multiple_of(crate::direct::DIRECT_ALIGN));
+        let RingStart {
+            started,
+            stream,
+            ctx,
+            copy_stream,
+            jobs,
+            threads,
+            piece,
+            direct,
+        } = self.ring_start(cuda, direct)?;
         // `RUNNER_RESTORE_ALLOC=first` allocates the arenas before the readers pin their
         // buffers, instead of alongside (both take the driver's locks).
         let alloc_first = std::env::var("RUNNER_RESTORE_ALLOC").is_ok_and(|v| v == "first");
@@ -414,15 +455,15 @@ impl Snapshot {
             let allocated = allocated_first.unwrap_or_else(allocate);
             hand_over(allocated, &bases, &copy_stream, handles)
         });
-        let pipeline = started.elapsed();
-        let sync_started = Instant::now();
-        copy_stream
-            .synchronize()
-            .map_err(driver_err("cannot synchronize the copy stream"))?;
-        let sync = sync_started.elapsed();
-        let read = started.elapsed();
-        let tensors = self.checked_views(cuda, arenas, results)?;
-        let total = started.elapsed();
+        let (
+            tensors,
+            RingTimes {
+                pipeline,
+                read,
+                total,
+            },
+        ) = self.finish_ring(cuda, started, &copy_stream, (), arenas, results)?;
+        let sync = read - pipeline;
         tracing::debug!(
             target: "runner::setup",
             "cuda restore: {threads} reader threads x {BUFFERS_PER_THREAD} pinned buffers of {:.2} MiB ({}, {} reads), {} mapped threads (locking {:.1} ms, unlocking {:.1} ms); device alloc {:.1} ms ({}), pinned alloc (slowest thread) {:.1} ms, read + copy {:.1} ms, final sync {:.1} ms; total {:.1} ms",
@@ -484,14 +525,14 @@ impl Snapshot {
             device_alloc = alloc_started.elapsed();
             hand_over(allocated, &bases, &copy_stream, handles)
         });
-        let pipeline = started.elapsed();
-        copy_stream
-            .synchronize()
-            .map_err(driver_err("cannot synchronize the copy stream"))?;
-        drop(mapping);
-        let read = started.elapsed();
-        let tensors = self.checked_views(cuda, arenas, results)?;
-        let total = started.elapsed();
+        let (
+            tensors,
+            RingTimes {
+                pipeline,
+                read,
+                total,
+            },
+        ) = self.finish_ring(cuda, started, &copy_stream, mapping, arenas, results)?;
         tracing::debug!(
             target: "runner::setup",
             "cuda restore (mapped): {threads} threads locking {} chunks of the mapped file; device alloc {:.1} ms, locking {:.1} ms and unlocking {:.1} ms (all threads together), lock + copy + check {:.1} ms; total {:.1} ms",
@@ -656,6 +697,35 @@ impl Snapshot {
         outcome
     }
 
+    /// The end of every ring: waits for the last copies, then frees `sources` (what the
+    /// copies read from), checks every reader's result and makes the tensors.
+    fn finish_ring<Sources>(
+        &self,
+        cuda: &CudaDevice,
+        started: Instant,
+        copy_stream: &CudaStream,
+        sources: Sources,
+        arenas: Result<Vec<DeviceArena>, SnapshotError>,
+        results: ReaderResults,
+    ) -> Result<(Vec<(String, Tensor)>, RingTimes), SnapshotError> {
+        let pipeline = started.elapsed();
+        copy_stream
+            .synchronize()
+            .map_err(driver_err("cannot synchronize the copy stream"))?;
+        drop(sources);
+        let read = started.elapsed();
+        let tensors = self.checked_views(cuda, arenas, results)?;
+        let total = started.elapsed();
+        Ok((
+            tensors,
+            RingTimes {
+                pipeline,
+                read,
+                total,
+            },
+        ))
+    }
+
     /// The restored tensors (views into the arenas), once every reader thread succeeded:
     /// the first error otherwise, and the arenas are freed.
     fn checked_views(
@@ -814,18 +884,16 @@ impl Snapshot {
         direct: Option<&std::fs::File>,
     ) -> Result<Restored, SnapshotError> {
         use std::sync::mpsc;
-        let started = Instant::now();
-        let stream = cuda.cuda_stream();
-        let ctx = stream.context().clone();
-        ctx.bind_to_thread()
-            .map_err(driver_err("cannot bind the CUDA context"))?;
-        let copy_stream = ctx
-            .new_stream()
-            .map_err(driver_err("cannot create a copy stream"))?;
-        let jobs = self.chunk_jobs();
-        let threads = reader_threads(jobs.len());
-        let piece = piece_bytes(&jobs);
-        let direct = direct.filter(|_| piece.is_multiple_of(crate::direct::DIRECT_ALIGN));
+        let RingStart {
+            started,
+            stream,
+            ctx,
+            copy_stream,
+            jobs,
+            threads,
+            piece,
+            direct,
+        } = self.ring_start(cuda, direct)?;
         let per_thread = env_usize("RUNNER_RESTORE_BUFFERS")
             .map(|total| total.div_ceil(threads))
             .unwrap_or(COPIER_BUFFERS_PER_THREAD);
@@ -951,14 +1019,14 @@ impl Snapshot {
             drop(guards);
             (Ok(arenas), results)
         });
-        let pipeline = started.elapsed();
-        copy_stream
-            .synchronize()
-            .map_err(driver_err("cannot synchronize the copy stream"))?;
-        drop(blocks);
-        let read = started.elapsed();
-        let tensors = self.checked_views(cuda, arenas, results)?;
-        let total = started.elapsed();
+        let (
+            tensors,
+            RingTimes {
+                pipeline,
+                read,
+                total,
+            },
+        ) = self.finish_ring(cuda, started, &copy_stream, blocks, arenas, results)?;
         tracing::debug!(
             target: "runner::setup",
             "cuda restore (one copier): {threads} reader threads x {per_thread} pinned buffers of {:.2} MiB ({} reads); device alloc {:.1} ms, pinned alloc (slowest thread) {:.1} ms, the copier waited for a copy {waits} times, read + copy {:.1} ms; total {:.1} ms",
@@ -1089,6 +1157,14 @@ fn copy_finished(
     event
         .try_is_complete()
         .map_err(driver_err("asking whether a copy finished"))
+}
+
+/// How long a ring took: reading and copying (until the last copy was issued), until the
+/// last copy finished, and in all.
+struct RingTimes {
+    pipeline: Duration,
+    read: Duration,
+    total: Duration,
 }
 
 /// What the reader threads report, one result each.
