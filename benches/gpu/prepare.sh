@@ -9,6 +9,13 @@
 # a second call takes what the first did not reach, for example:
 #   run(command="ONLY='pinned H2D|SmolLM2|big|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
 # (results.md's "failed steps" names the ones skipped for time).
+# What the results decide (each option is off by default until a GPU run shows it helps):
+#  - bench huge-prewarm vs huge: RUNNER_CUDA_PREWARM=on by default if first prediction drops;
+#  - huge-beside-init / huge-no-preload vs huge: the default for RUNNER_CUDA_PRELOAD;
+#  - the sweep's `...:one` rows vs the ring's: RUNNER_RESTORE_COPIER=one by default if faster
+#    (read_ceiling.md's columns (b) and (c) say whether reads or copies hold the ring back);
+#  - MiniLM's "without cudarc's event tracking" row: RUNNER_CUDA_EVENT_TRACKING=off by default
+#    if its vectors are bit-identical and its rates no lower.
 # (a session has 15 device minutes in all, machine starts included: ~40 s each).
 # Run on an H200 on 2026-11-28 and 2026-11-30; results in benches/results/.
 set -euo pipefail
