@@ -947,9 +947,10 @@ impl Snapshot {
                                 let Some(mut buffer) = free.take() else {
                                     return Ok(()); // the copier stopped; it says why
                                 };
+                                // The whole piece as room: a direct read fills whole blocks.
                                 let read = self.read_into(
                                     direct,
-                                    buffer.bytes(len),
+                                    buffer.bytes(piece),
                                     len,
                                     file_base + done,
                                 )?;
