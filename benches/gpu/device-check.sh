@@ -49,6 +49,17 @@ done
 chmod +x runner
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU ($DEVICE)"; } | tee "$WORK/gpu.txt"
 nproc > "$WORK/cpus.txt"
+# What the host side of a restore runs on (the ring stopped at 16-18 GB/s on the H200 while
+# the page cache alone read 37.5 GB/s): kernel, memory, huge pages, the GPU's PCIe link.
+{
+  echo "kernel: $(uname -r)"; echo "cmdline: $(cat /proc/cmdline 2>/dev/null)"
+  grep -E 'MemTotal|Hugepagesize|HugePages_Total' /proc/meminfo
+  echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null), shmem $(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null)"
+  lscpu 2>/dev/null | grep -E 'Model name|^CPU\(s\)|NUMA node|L3'
+  echo "IOMMU groups: $(ls /sys/kernel/iommu_groups 2>/dev/null | wc -l)"
+  nvidia-smi --query-gpu=pci.bus_id,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,pcie.link.width.max --format=csv 2>/dev/null
+  nvidia-smi topo -m 2>/dev/null | head -5
+} > "$WORK/machine.txt" 2>&1
 
 FAILED=()
 # The whole script stops starting steps after BUDGET seconds, so the report always comes
@@ -400,6 +411,7 @@ PY
 }
 report
 { echo; echo "failed steps: ${FAILED[*]:-none}"; } >> "$WORK/results.md"
+{ echo; echo '```'; cat "$WORK/machine.txt"; echo '```'; } >> "$WORK/results.md"
 for f in minilm.md smollm2.md; do [ -f "$WORK/$f" ] && { echo; cat "$WORK/$f"; } >> "$WORK/results.md"; done
 for f in "$WORK"/read-ceiling-*.md; do [ -f "$f" ] && { echo; cat "$f"; } >> "$WORK/results.md"; done
 [ -f "$WORK/steps.txt" ] && { echo; echo '```'; cat "$WORK/steps.txt"; echo '```'; } >> "$WORK/results.md"
