@@ -18,8 +18,9 @@
 #    if its vectors are bit-identical and its rates no lower.
 # The second call can carry the first call's winners as environment variables (the script
 # passes its environment on to runner), e.g. for the 17 GB model, where the restore weighs
-# most (at the ring's 18 GB/s its snapshot start is ~4.5x a warm-cache cold start, by the
-# 4.3 GB model's phases; issue 4 asks for 5x):
+# most (projected from the 4.3 GB model's phases: at the ring's 18 GB/s a snapshot start
+# ~3.7x sooner than a warm-cache cold start, ~4.5x with the kernels pre-warmed; issue 4 asks
+# for 5x):
 #   run(command="RUNNER_RESTORE_COPIER=one RUNNER_CUDA_PREWARM=on ONLY='pinned H2D|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
 # (a session has 15 device minutes in all, machine starts included: ~40 s each).
 # Run on an H200 on 2026-11-28 and 2026-11-30; results in benches/results/.
