@@ -59,6 +59,8 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") || !cuda_driver_present() {
                     return Ok(Device::Cpu);
                 }
+                // As in `Cuda` below: the context may start while cuBLAS loads.
+                let _early_context = driver_context_beside_the_libraries(0);
                 // No usable GPU here (the toolkit's stub, no device, an old driver): the
                 // CPU, said once at info level; a GPU that is there but fails to open
                 // is worth a warning.
