@@ -668,7 +668,9 @@ pub fn to_svg(c: &Report) -> String {
     svg
 }
 
-/// A short description of this machine (CPU model, cores, memory).
+/// A short description of this machine (CPU model, cores, memory, kernel). The kernel says
+/// what the numbers ran under: GPU machines here run in a Firecracker microVM or under
+/// gVisor, whose kernel (always "4.4.0") proxies file reads and GPU driver calls.
 pub fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -692,5 +694,46 @@ pub fn machine_description() -> String {
         })
         .map(|kb| format!("{:.0} GB RAM", kb / 1e6))
         .unwrap_or_default();
-    format!("{cpu}, {cores} cores, {mem}")
+    let kernel = kernel_description(
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").ok(),
+        std::fs::read_to_string("/proc/version").ok(),
+    );
+    format!("{cpu}, {cores} cores, {mem}{kernel}")
+}
+
+/// `, Linux RELEASE`, marked as gVisor where `/proc/version` is gVisor's fixed one.
+fn kernel_description(release: Option<String>, version: Option<String>) -> String {
+    let Some(release) = release
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+    else {
+        return String::new();
+    };
+    // gVisor reports this kernel, built on this date, whatever the host runs.
+    let gvisor = release == "4.4.0"
+        && version.is_some_and(|v| v.contains("#1 SMP Sun Jan 10 15:06:54 PST 2016"));
+    format!(", Linux {release}{}", if gvisor { " (gVisor)" } else { "" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_is_named_and_gvisor_recognised() {
+        let gvisor = Some("Linux version 4.4.0 #1 SMP Sun Jan 10 15:06:54 PST 2016\n".into());
+        assert_eq!(
+            kernel_description(Some("4.4.0\n".into()), gvisor),
+            ", Linux 4.4.0 (gVisor)"
+        );
+        assert_eq!(
+            kernel_description(
+                Some("6.18.44-fc-v657\n".into()),
+                Some("Linux version 6.18.44-fc-v657 (gcc 12) #1 SMP".into())
+            ),
+            ", Linux 6.18.44-fc-v657"
+        );
+        assert_eq!(kernel_description(None, None), "");
+        assert!(machine_description().contains(" cores, "));
+    }
 }
