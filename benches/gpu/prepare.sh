@@ -5,9 +5,10 @@
 # SmolLM2's first 3 blocks, xz-compressed. Then, from the device tool:
 #   run(command="bash benches/gpu/device-check.sh", carry=["benches/gpu/stage"], timeout_s=560)
 # The whole script fills its 8 minutes (MiniLM, snapshots, doctor, pinned H2D, the 4.3 GB
-# model, the quantized-at-load Llama, then SmolLM2 and the 1.1 GB model while time lasts);
-# a second call takes what the first did not reach, for example:
-#   run(command="ONLY='pinned H2D|SmolLM2|big|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
+# model's comparisons, the quantized-at-load Llama, then the rest while time lasts); a second
+# call takes what the first did not reach (a call's carry replaces the stage, so models the
+# first call generated are generated again), for example:
+#   run(command="ONLY='pinned H2D|Llama|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
 # (results.md's "failed steps" names the ones skipped for time).
 # What the results decide (each option is off by default until a GPU run shows it helps):
 #  - bench huge-prewarm vs huge: RUNNER_CUDA_PREWARM=on by default if first prediction drops;
