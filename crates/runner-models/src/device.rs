@@ -61,11 +61,15 @@ impl DeviceSpec {
                 }
                 // As in `Cuda` below: the context may start while cuBLAS loads.
                 let _early_context = driver_context_beside_the_libraries(0);
-                // No usable GPU here (the toolkit's stub, no device, an old driver): the
-                // CPU, said once at info level; a GPU that is there but fails to open
-                // is worth a warning.
+                // No GPU here (the toolkit's stub for a driver, no device): the CPU, said
+                // at info level. A GPU that is there but cannot be used (a library
+                // missing, an old driver, no memory) is worth a warning.
                 if let Some(reason) = cuda_unavailable(0) {
-                    tracing::info!("--device auto: the CPU, because {reason}");
+                    if no_gpu_here() {
+                        tracing::info!("--device auto: the CPU, because {reason}");
+                    } else {
+                        tracing::warn!("--device auto: the CPU, because {reason}");
+                    }
                     return Ok(Device::Cpu);
                 }
                 DeviceSpec::Cuda(0).open().or_else(|e| {
@@ -226,6 +230,21 @@ pub fn cuda_unavailable(n: usize) -> Option<String> {
     {
         let _ = n;
         None
+    }
+}
+
+/// Whether the driver says this machine has no GPU at all: its library is the toolkit's
+/// stub, or it sees no device.
+fn no_gpu_here() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        open_cuda_library(0).is_err()
+            || matches!(result::init(), Err(e) if matches!(e.0 as i32, 34 | 100))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        true
     }
 }
 
