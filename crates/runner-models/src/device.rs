@@ -59,21 +59,15 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") || !cuda_driver_present() {
                     return Ok(Device::Cpu);
                 }
-                // As in `Cuda` below: the context may start while cuBLAS loads.
-                let _early_context = driver_context_beside_the_libraries(0);
-                // No GPU here (the toolkit's stub for a driver, no device): the CPU, said
-                // at info level. A GPU that is there but cannot be used (a library
-                // missing, an old driver, no memory) is worth a warning.
-                if let Some(reason) = cuda_unavailable(0) {
-                    if no_gpu_here() {
+                open_cuda(0).or_else(|(reason, gpu_opened)| {
+                    // No GPU here (the toolkit's stub for a driver, no device): the CPU,
+                    // said at info level. A GPU that is there but cannot be used (a
+                    // library missing, an old driver, no memory) is worth a warning.
+                    if !gpu_opened && no_gpu_here() {
                         tracing::info!("--device auto: the CPU, because {reason}");
                     } else {
                         tracing::warn!("--device auto: the CPU, because {reason}");
                     }
-                    return Ok(Device::Cpu);
-                }
-                DeviceSpec::Cuda(0).open().or_else(|e| {
-                    tracing::warn!("--device auto: {e}; using the CPU");
                     Ok(Device::Cpu)
                 })
             }
@@ -81,23 +75,26 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     return Err(DeviceError::NoCudaSupport(self));
                 }
-                // Held until candle has the same (primary) context: dropping the last
-                // reference would tear it down.
-                let _early_context = driver_context_beside_the_libraries(n);
-                // cudarc panics where a library is missing, and reports the driver's
-                // refusals as bare codes: say what is wrong, and what to do.
-                if let Some(reason) = cuda_unavailable(n) {
-                    return Err(DeviceError::Unavailable { spec: self, reason });
-                }
-                let device = Device::new_cuda(n).map_err(|e| DeviceError::Unavailable {
-                    spec: self,
-                    reason: driver_error_words(&e.to_string()),
-                })?;
-                without_event_tracking_if_asked(&device);
-                Ok(device)
+                open_cuda(n).map_err(|(reason, _)| DeviceError::Unavailable { spec: self, reason })
             }
         }
     }
+}
+
+/// Opens CUDA device `n`; where it cannot, why in words, and whether the driver had let the
+/// device open (candle's own failure) or refused before that ([`cuda_unavailable`]).
+fn open_cuda(n: usize) -> Result<Device, (String, bool)> {
+    // Held until candle has the same (primary) context: dropping the last reference would
+    // tear it down.
+    let _early_context = driver_context_beside_the_libraries(n);
+    // cudarc panics where a library is missing, and reports the driver's refusals as bare
+    // codes: say what is wrong, and what to do.
+    if let Some(reason) = cuda_unavailable(n) {
+        return Err((reason, false));
+    }
+    let device = Device::new_cuda(n).map_err(|e| (driver_error_words(&e.to_string()), true))?;
+    without_event_tracking_if_asked(&device);
+    Ok(device)
 }
 
 /// The CUDA libraries candle uses, by cudarc's names (libcublas brings libcublasLt). cudarc

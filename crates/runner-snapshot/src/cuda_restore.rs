@@ -218,6 +218,16 @@ struct Job {
     len: u64,
 }
 
+/// Where one piece of a chunk goes: its arena, its offset there, its offset in the file, and
+/// its length.
+#[derive(Clone, Copy)]
+struct PieceAt {
+    arena: usize,
+    offset: u64,
+    file: u64,
+    len: usize,
+}
+
 /// The chunks still to restore, shared by the reader threads; empty for all of them once
 /// one has failed.
 struct JobQueue {
@@ -312,6 +322,49 @@ impl Snapshot {
         }
     }
 
+    /// The readers' loop, for both rings: takes chunks from `jobs` until none is left, and
+    /// hands each piece of at most `piece` bytes to `each_piece`, which reads it, feeds what it
+    /// read to the chunk's hasher and sends it on (`false`: stop quietly, another thread
+    /// says why). Each chunk is checked once all its pieces are read; the first error stops
+    /// every reader.
+    fn read_chunks(
+        &self,
+        jobs: &JobQueue,
+        piece: usize,
+        mut each_piece: impl FnMut(PieceAt, &mut xxhash_rust::xxh3::Xxh3) -> Result<bool, SnapshotError>,
+    ) -> Result<(), SnapshotError> {
+        let outcome = (|| {
+            while let Some(job) = jobs.take() {
+                let arena = &self.manifest.arenas[job.arena];
+                let file_base = self.data_offset + arena.offset + job.start;
+                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                let mut done = 0u64;
+                while done < job.len {
+                    let len = (job.len - done).min(piece as u64) as usize;
+                    let at = PieceAt {
+                        arena: job.arena,
+                        offset: job.start + done,
+                        file: file_base + done,
+                        len,
+                    };
+                    if !each_piece(at, &mut hasher)? {
+                        return Ok(());
+                    }
+                    self.advance(len);
+                    done += len as u64;
+                }
+                if hasher.digest() != arena.chunk_checksums[job.chunk] {
+                    return Err(self.chunk_error(job.arena, job.chunk));
+                }
+            }
+            Ok(())
+        })();
+        if outcome.is_err() {
+            jobs.fail();
+        }
+        outcome
+    }
+
     /// `direct`: the snapshot opened for direct reads (`O_DIRECT`), where the restore reads
     /// around the page cache (see [`crate::direct`]).
     pub(crate) fn restore_arenas_pinned(
@@ -382,57 +435,37 @@ impl Snapshot {
                             Ordering::Relaxed,
                         );
                         let mut turn = 0usize;
-                        let outcome = (|| {
-                            loop {
-                                let Some(job) = jobs.take() else {
-                                    return Ok(());
-                                };
-                                let arena = &self.manifest.arenas[job.arena];
-                                let file_base = self.data_offset + arena.offset + job.start;
-                                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-                                let mut done = 0u64;
-                                while done < job.len {
-                                    let len = (job.len - done).min(piece as u64) as usize;
-                                    let (buffer, event) = &mut ring[turn % BUFFERS_PER_THREAD];
-                                    turn += 1;
-                                    // The copy that last read this buffer must be finished.
-                                    event
-                                        .synchronize()
-                                        .map_err(driver_err("waiting for a copy"))?;
-                                    let at = file_base + done;
-                                    let bytes = self.read_piece(direct, buffer, len, at)?;
-                                    hasher.update(bytes);
-                                    // The first piece is read while the arenas are still
-                                    // being allocated; only the copy waits for them.
-                                    let Some(bases) = bases.wait() else {
-                                        return Ok(()); // the allocation failed; it says why
-                                    };
-                                    // SAFETY: the destination lies inside the arena's
-                                    // allocation (offsets validated when the snapshot was
-                                    // opened); the source stays pinned and untouched until
-                                    // the event recorded after the copy completes.
-                                    unsafe {
-                                        result::memcpy_htod_async(
-                                            bases[job.arena] + job.start + done,
-                                            &*bytes,
-                                            copy_stream.cu_stream(),
-                                        )
-                                    }
-                                    .map_err(driver_err("cannot copy to the GPU"))?;
-                                    event
-                                        .record(copy_stream)
-                                        .map_err(driver_err("cannot record a CUDA event"))?;
-                                    self.advance(len);
-                                    done += len as u64;
-                                }
-                                if hasher.digest() != arena.chunk_checksums[job.chunk] {
-                                    return Err(self.chunk_error(job.arena, job.chunk));
-                                }
+                        let outcome = self.read_chunks(jobs, piece, |at, hasher| {
+                            let (buffer, event) = &mut ring[turn % BUFFERS_PER_THREAD];
+                            turn += 1;
+                            // The copy that last read this buffer must be finished.
+                            event
+                                .synchronize()
+                                .map_err(driver_err("waiting for a copy"))?;
+                            let bytes = self.read_piece(direct, buffer, at.len, at.file)?;
+                            hasher.update(bytes);
+                            // The first piece is read while the arenas are still being
+                            // allocated; only the copy waits for them.
+                            let Some(bases) = bases.wait() else {
+                                return Ok(false); // the allocation failed; it says why
+                            };
+                            // SAFETY: the destination lies inside the arena's allocation
+                            // (offsets validated when the snapshot was opened); the source
+                            // stays pinned and untouched until the event recorded after the
+                            // copy completes.
+                            unsafe {
+                                result::memcpy_htod_async(
+                                    bases[at.arena] + at.offset,
+                                    &*bytes,
+                                    copy_stream.cu_stream(),
+                                )
                             }
-                        })();
-                        if outcome.is_err() {
-                            jobs.fail();
-                        }
+                            .map_err(driver_err("cannot copy to the GPU"))?;
+                            event
+                                .record(copy_stream)
+                                .map_err(driver_err("cannot record a CUDA event"))?;
+                            Ok(true)
+                        });
                         // No buffer is freed while a copy may still read it.
                         for (_, event) in &ring {
                             let _ = event.synchronize();
@@ -867,10 +900,7 @@ impl FreePieces {
 /// A filled piece on its way to the GPU.
 struct Filled {
     piece: PinnedPiece,
-    arena: usize,
-    /// Offset in the arena, and length.
-    offset: u64,
-    len: usize,
+    at: PieceAt,
 }
 
 impl Snapshot {
@@ -934,47 +964,17 @@ impl Snapshot {
                             });
                         }
                         blocks.lock().unwrap_or_else(|e| e.into_inner()).push(block);
-                        let outcome = (|| loop {
-                            let Some(job) = jobs.take() else {
-                                return Ok(());
+                        // A `false` stops the reader quietly: the copier stopped, and says why.
+                        self.read_chunks(jobs, piece, |at, hasher| {
+                            let Some(mut buffer) = free.take() else {
+                                return Ok(false);
                             };
-                            let arena = &self.manifest.arenas[job.arena];
-                            let file_base = self.data_offset + arena.offset + job.start;
-                            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-                            let mut done = 0u64;
-                            while done < job.len {
-                                let len = (job.len - done).min(piece as u64) as usize;
-                                let Some(mut buffer) = free.take() else {
-                                    return Ok(()); // the copier stopped; it says why
-                                };
-                                // The whole piece as room: a direct read fills whole blocks.
-                                let read = self.read_into(
-                                    direct,
-                                    buffer.bytes(piece),
-                                    len,
-                                    file_base + done,
-                                )?;
-                                hasher.update(read);
-                                let filled = Filled {
-                                    piece: buffer,
-                                    arena: job.arena,
-                                    offset: job.start + done,
-                                    len,
-                                };
-                                if filled_tx.send(filled).is_err() {
-                                    return Ok(()); // the copier stopped; it says why
-                                }
-                                self.advance(len);
-                                done += len as u64;
-                            }
-                            if hasher.digest() != arena.chunk_checksums[job.chunk] {
-                                return Err(self.chunk_error(job.arena, job.chunk));
-                            }
-                        })();
-                        if outcome.is_err() {
-                            jobs.fail();
-                        }
-                        outcome
+                            // The whole piece as room: a direct read fills whole blocks.
+                            let read =
+                                self.read_into(direct, buffer.bytes(piece), at.len, at.file)?;
+                            hasher.update(read);
+                            Ok(filled_tx.send(Filled { piece: buffer, at }).is_ok())
+                        })
                     })
                 })
                 .collect();
@@ -1084,19 +1084,14 @@ impl Snapshot {
                 }
                 Err(TryRecvError::Disconnected) => return Ok(()),
             };
-            let Filled {
-                mut piece,
-                arena,
-                offset,
-                len,
-            } = next;
+            let Filled { mut piece, at } = next;
             // SAFETY: the destination lies inside the arena's allocation (offsets validated
             // when the snapshot was opened); the piece stays pinned and untouched until the
             // event recorded after the copy has passed.
             unsafe {
                 result::memcpy_htod_async(
-                    bases[arena] + offset,
-                    &*piece.bytes(len),
+                    bases[at.arena] + at.offset,
+                    &*piece.bytes(at.len),
                     copy_stream.cu_stream(),
                 )
             }
