@@ -2,7 +2,8 @@
 # Checks a CUDA build of runner on a machine without a GPU or CUDA's libraries (CI runs it on
 # the build from `cargo build --features cuda`): the binary names no CUDA library as needed,
 # so it starts anywhere; it serves on the CPU with --device cpu and under --device auto (and
-# `runner doctor` says why auto is the CPU); and
+# `runner doctor` says why auto is the CPU, and that candle's kernels are built in as machine
+# code for the GPU the build targets); and
 # --device cuda fails in runner's words, naming the missing libraries, instead of the
 # dynamic loader refusing to start it or cudarc panicking. Then, with CUDA's libraries and the
 # toolkit's link stub standing in for the driver's (a machine with the toolkit but no driver,
@@ -40,6 +41,11 @@ out="$("$BIN" run "$MODEL" -i text=hello --device auto 2>&1)" || fail "--device 
 doctor="$("$BIN" doctor "$MODEL" --port 0 2>&1)" || fail "runner doctor found problems: $doctor"
 [[ "$doctor" == *"cpu (auto: the NVIDIA driver's CUDA library is not found"* ]] \
   || fail "runner doctor does not say why --device auto is the CPU: $doctor"
+# The build assembles candle's kernels into machine code for the GPU it targets
+# (CUDA_COMPUTE_CAP, 90 with ../shared/cuda), so an H100/H200 compiles nothing at start.
+cap="${CUDA_COMPUTE_CAP:-90}"
+[[ "$doctor" == *"candle's kernels as machine code for compute capability ${cap:0:-1}.${cap: -1}"* ]] \
+  || fail "runner doctor does not say the build holds candle's kernels as machine code for compute capability $cap: $doctor"
 
 if err="$("$BIN" run "$MODEL" -i text=hello --device cuda 2>&1)"; then
   fail "--device cuda succeeded on a machine without CUDA: $err"

@@ -8,6 +8,7 @@
 #     batch 1 and 32, and the device-memory gauges in /metrics;
 #  2. snapshots MiniLM on the GPU, restores it through each path and checks every tensor bit
 #     for bit against the cold load, and that restored servers answer bit-identically;
+#     a fresh machine's cold start with candle's kernels as built-in machine code and as PTX;
 #     `runner doctor` on the GPU; pinned host-to-device bandwidth with PyTorch (the ceiling
 #     for a restore);
 #  3. a generated 4.3 GB model (f32 converted to bf16 at load): snapshot verified, the
@@ -128,6 +129,8 @@ snapshot_roundtrip() {
     grep -h "verified" "$WORK/snapshot-$mode.log" | sed "s/^/MiniLM ($mode): /" | tee -a "$WORK/correctness.txt"
   done
   serve_and_embed "$WORK/serve-cold.log" "$WORK/cold.json" --snapshot off || return 1
+  # Since stop 31 candle's kernels are built in as sm_90a machine code: did the GPU take it?
+  grep -ho "candle's CUDA kernels.*" "$WORK/serve-cold.log" | tail -1 | sed 's/^/MiniLM cold: /' | tee -a "$WORK/correctness.txt"
   for mode in pinned mapped pageable; do
     RUNNER_CUDA_RESTORE=$mode serve_and_embed "$WORK/serve-restored-$mode.log" "$WORK/restored-$mode.json" --require-snapshot || return 1
     if cmp -s "$WORK/cold.json" "$WORK/restored-$mode.json"; then
@@ -147,6 +150,14 @@ snapshot_roundtrip() {
 }
 export -f snapshot_roundtrip
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip
+
+# A fresh machine (an empty kernel cache) since stop 31: candle's kernels as machine code
+# built for the H100/H200 (the default) against their PTX, which the driver compiles on first
+# use as before (RUNNER_CUDA_KERNELS=ptx; 14.6 s of a 4.3 GB model's cold start, 2026-11-30).
+bench_ptx() { RUNNER_CUDA_KERNELS=ptx bench "$@"; }
+export -f bench_ptx
+step "bench MiniLM, fresh machine (kernels as machine code)" 60 bench minilm-fresh minilm pinned 1
+step "bench MiniLM, fresh machine (kernels as PTX)" 90 bench_ptx minilm-fresh-ptx minilm pinned 1
 
 # runner doctor on the GPU: its name, driver, memory, kernel cache, the snapshot found
 # compatible, a load from it, and runner's own pinned H2D figure (unverified until here).
@@ -256,8 +267,9 @@ read_ceiling() {  # read_ceiling DIR: the page cache's multi-threaded read bandw
 }
 export -f read_ceiling
 step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
-# No fresh-machine mode (an empty kernel cache costs ~15 s a start; measured 2026-11-30:
-# 14.6 s, 29.4x the snapshot): the device minutes go to the comparisons below.
+# No fresh-machine mode (an empty kernel cache cost ~15 s a start while candle's kernels were
+# PTX; measured 2026-11-30: 14.6 s, 29.4x the snapshot; MiniLM's fresh-machine benches above
+# compare the two): the device minutes go to the comparisons below.
 step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, CUDA libraries opened in device init)" 90 bench_no_preload huge-no-preload huge pinned 1 --no-fresh-machine
@@ -399,7 +411,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-no-preload", "huge-beside-init", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
+for name in ["minilm-fresh", "minilm-fresh-ptx", "big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-no-preload", "huge-beside-init", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:

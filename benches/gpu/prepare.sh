@@ -2,7 +2,7 @@
 # Builds the CUDA runner binary here (no GPU needed) and stages what the GPU machine needs
 # under benches/gpu/stage/ (git-ignored), under the 64 MiB carry limit: the xz-compressed
 # binary, MiniLM's configuration and tokenizer (the GPU machine generates weights), and
-# SmolLM2's first 3 blocks, xz-compressed. Then, from the device tool:
+# SmolLM2's first 2 blocks, xz-compressed. Then, from the device tool:
 #   run(command="bash benches/gpu/device-check.sh", carry=["benches/gpu/stage"], timeout_s=560)
 # The whole script fills its 8 minutes (MiniLM, snapshots, doctor, pinned H2D, the 4.3 GB
 # model's comparisons, the quantized-at-load Llama, then the rest while time lasts); a second
@@ -11,6 +11,10 @@
 #   run(command="ONLY='pinned H2D|Llama|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
 # (results.md's "failed steps" names the ones skipped for time).
 # What the results decide (each option is off by default until a GPU run shows it helps):
+#  - bench minilm-fresh vs minilm-fresh-ptx, and correctness.txt's "candle's CUDA kernels"
+#    line: whether the built-in sm_90a machine code (on by default since stop 31; its outputs are
+#    checked against sentence-transformers in step 1) loads and removes the fresh machine's
+#    JIT (if the driver refuses it, runner falls back to the PTX and the line says so);
 #  - bench huge-prewarm vs huge: RUNNER_CUDA_PREWARM=on by default if first prediction drops;
 #  - huge-beside-init / huge-no-preload vs huge: the default for RUNNER_CUDA_PRELOAD;
 #  - the sweep's `...:one` rows vs the ring's: RUNNER_RESTORE_COPIER=one by default if faster
@@ -39,16 +43,18 @@ xz -T0 -6 -c target/cuda/release/runner > "$STAGE/runner.xz"
 mkdir -p "$STAGE/minilm/weights"
 cp models/all-minilm-l6-v2/cog.yaml "$STAGE/minilm/"
 (cd models/all-minilm-l6-v2/weights && cp -r config.json modules.json sentence_bert_config.json tokenizer.json 1_Pooling "$ROOT/$STAGE/minilm/weights/")
-# SmolLM2's first 3 of 30 blocks (with the real embeddings, tokenizer and quantization;
-# 4 until stop 29, when vendor/candle-core's 1.8 MB in the tracked tree needed the room):
+# SmolLM2's first 2 of 30 blocks (with the real embeddings, tokenizer and quantization;
+# 4 until stop 29, when vendor/candle-core's 1.8 MB in the tracked tree needed the room, and 3
+# until stop 31, when vendor/candle-kernels' 0.9 MB and candle's kernels as machine code in
+# the binary (0.5 MB compressed) did):
 # the whole GGUF (98 MB) does not fit the 64 MiB carry limit, which also counts the
 # tracked tree as a tar archive counts it: 512-byte headers and padding for each of its
 # 9,000 files (most of them fuzz corpus inputs) make 6.8 MB of files 11.6 MB.
 mkdir -p "$STAGE/smollm2/weights"
 cp models/smollm2-135m-instruct/cog.yaml "$STAGE/smollm2/"
 python3 benches/gpu/trim_gguf.py models/smollm2-135m-instruct/weights/SmolLM2-135M-Instruct.Q4_1.gguf \
-  "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-3-blocks.Q4_1.gguf" 3
-xz -T0 -6 "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-3-blocks.Q4_1.gguf"
+  "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-2-blocks.Q4_1.gguf" 2
+xz -T0 -6 "$STAGE/smollm2/weights/SmolLM2-135M-Instruct-2-blocks.Q4_1.gguf"
 cp tests/data/minilm_reference.json tests/data/smollm2_reference.json benches/data/sentences.txt benches/gpu/checks.py benches/gpu/read_ceiling.py "$STAGE/"
 # The large benchmark models are generated on the GPU machine; only their cog.yaml travels.
 mkdir -p "$STAGE/big" "$STAGE/huge" "$STAGE/giant"

@@ -203,10 +203,15 @@ pub async fn run(request: Request) -> Report {
 }
 
 fn runner_build(found: &mut Findings) {
-    let cuda = if cfg!(feature = "cuda") {
-        "built with CUDA"
-    } else {
-        "built without CUDA (CPU only)"
+    let cuda = match runner_models::device::kernels_built_for() {
+        Some(cc) => format!(
+            "built with CUDA (candle's kernels as machine code for compute capability {cc}, as PTX for other GPUs)"
+        ),
+        None if cfg!(feature = "cuda") => {
+            "built with CUDA (candle's kernels as PTX only: ptxas was missing at build time)"
+                .to_string()
+        }
+        None => "built without CUDA (CPU only)".to_string(),
     };
     found.add(
         "runner",
@@ -457,8 +462,8 @@ async fn model_checks(
         weights(&engine, &model_dir, device, found);
         if let Some(device) = device {
             snapshot(request, &engine, device, &retake, found);
-            if matches!(device, Device::Cuda(_)) {
-                kernel_cache(&model_dir, found);
+            if let Some(code) = runner_models::device::kernel_code(device) {
+                kernel_cache(&model_dir, &code, found);
             }
         }
         snapshot_room(&engine, &model_dir, found);
@@ -707,18 +712,29 @@ fn snapshot(
     }
 }
 
-/// candle's kernels are compiled by the driver on first use unless its cache has them.
-fn kernel_cache(model_dir: &ModelDir, found: &mut Findings) {
+/// candle's kernels are machine code for the GPU the build was made for; on any other,
+/// the driver compiles their PTX on first use unless its kernel cache has them.
+fn kernel_cache(
+    model_dir: &ModelDir,
+    code: &runner_models::device::KernelCode,
+    found: &mut Findings,
+) {
     let cache = std::env::var_os("CUDA_CACHE_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|| model_dir.root.join(".runner").join("cuda-kernel-cache"));
     let bytes = dir_bytes(&cache);
-    if bytes == 0 {
+    if code.machine_code {
+        found.add(
+            "kernels",
+            Status::Ok,
+            format!("{code}: nothing to compile at start"),
+        );
+    } else if bytes == 0 {
         found.add_fix(
             "kernel cache",
             Status::Warn,
             format!(
-                "{} is empty: the first start compiles candle's CUDA kernels (seconds)",
+                "{} is empty: the first start compiles candle's CUDA kernels (seconds); they reach this GPU as {code}",
                 cache.display()
             ),
             format!("runner snapshot {} fills it", model_dir.root.display()),

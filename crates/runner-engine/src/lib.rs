@@ -770,6 +770,9 @@ impl Engine {
             .map_err(|e| format!("warm-up prediction failed: {e}"))?;
         phases.push(("warm-up".to_string(), warm.elapsed()));
         self.setup_log(&format!("warm-up in {:.3}s", warm.elapsed().as_secs_f64()));
+        if let Some(line) = runner_models::device::kernel_loads(&device) {
+            self.setup_log(&line);
+        }
         release_freed_heap();
         let _ = self.device.set(device);
         Ok((

@@ -433,6 +433,99 @@ pub fn gpu_identity(device: &Device) -> GpuIdentity {
     }
 }
 
+/// How candle's CUDA kernels reach a GPU in this build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelCode {
+    /// The GPU loads them as machine code made for it at build time: its driver compiles
+    /// nothing at start, and the kernel cache is not needed.
+    pub machine_code: bool,
+    /// The compute capability this build holds machine code for, if any.
+    pub built_for: Option<String>,
+}
+
+impl fmt::Display for KernelCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.machine_code, &self.built_for) {
+            (true, Some(cc)) => write!(f, "machine code built for compute capability {cc}"),
+            (_, Some(cc)) => write!(
+                f,
+                "PTX, which the driver compiles on first use (this build has machine code for compute capability {cc} only{})",
+                if kernels_forced_to_ptx() { "; RUNNER_CUDA_KERNELS=ptx" } else { "" }
+            ),
+            (_, None) => write!(
+                f,
+                "PTX, which the driver compiles on first use (this build has no machine code: ptxas was missing when it was built)"
+            ),
+        }
+    }
+}
+
+/// `RUNNER_CUDA_KERNELS=ptx`: candle's kernels from PTX even where machine code is built in
+/// (to compare the two, or should a driver mishandle the machine code).
+fn kernels_forced_to_ptx() -> bool {
+    std::env::var("RUNNER_CUDA_KERNELS").is_ok_and(|v| v == "ptx")
+}
+
+/// The compute capability this build holds candle's kernels as machine code for (`None`
+/// without CUDA, or where ptxas was missing at build time).
+pub fn kernels_built_for() -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Some((major, minor)) = candle_core::cuda_backend::kernels::CUBIN_COMPUTE_CAP {
+        return Some(format!("{major}.{minor}"));
+    }
+    None
+}
+
+/// How candle's kernels reach `device`'s GPU: `None` off CUDA.
+pub fn kernel_code(device: &Device) -> Option<KernelCode> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let built_for = kernels_built_for();
+            let gpu = cuda
+                .cuda_stream()
+                .context()
+                .compute_capability()
+                .ok()
+                .map(|(major, minor)| format!("{major}.{minor}"));
+            Some(KernelCode {
+                machine_code: !kernels_forced_to_ptx() && gpu.is_some() && built_for == gpu,
+                built_for,
+            })
+        }
+        _ => {
+            let _ = device;
+            None
+        }
+    }
+}
+
+/// How candle's kernel modules have loaded so far in this process (CUDA only): a line for
+/// the setup log that shows whether the GPU ran machine code or the driver compiled PTX.
+pub fn kernel_loads(device: &Device) -> Option<String> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let loads = candle_core::cuda_backend::kernel_module_loads();
+            let mut line = format!(
+                "candle's CUDA kernels: {} modules loaded as machine code, {} from PTX",
+                loads.from_cubin, loads.from_ptx
+            );
+            if loads.cubins_refused > 0 {
+                line.push_str(&format!(
+                    " ({} whose machine code the driver refused)",
+                    loads.cubins_refused
+                ));
+            }
+            Some(line)
+        }
+        _ => {
+            let _ = device;
+            None
+        }
+    }
+}
+
 /// Device memory in use and in total, in bytes, where the device reports it (CUDA: the
 /// driver's view of the whole GPU, other processes included; read on an H200,
 /// 2026-11-30). `None` on the CPU.
@@ -667,6 +760,37 @@ mod tests {
     fn without_cuda_no_gpu_is_unavailable_for_a_reason() {
         // The reason is CUDA's to give: a CPU build says "built without CUDA" elsewhere.
         assert!(cuda_unavailable(0).is_none());
+    }
+
+    #[test]
+    fn kernel_code_says_whether_the_driver_compiles_anything() {
+        // Off CUDA there is nothing to say; a CPU build holds no machine code.
+        assert_eq!(kernel_code(&Device::Cpu), None);
+        assert_eq!(kernel_loads(&Device::Cpu), None);
+        if !cfg!(feature = "cuda") {
+            assert_eq!(kernels_built_for(), None);
+        }
+        let built_for = Some("9.0".to_string());
+        let native = KernelCode {
+            machine_code: true,
+            built_for: built_for.clone(),
+        };
+        assert_eq!(
+            native.to_string(),
+            "machine code built for compute capability 9.0"
+        );
+        let other_gpu = KernelCode {
+            machine_code: false,
+            built_for,
+        };
+        assert!(other_gpu
+            .to_string()
+            .starts_with("PTX, which the driver compiles on first use (this build has machine code for compute capability 9.0 only"));
+        let none = KernelCode {
+            machine_code: false,
+            built_for: None,
+        };
+        assert!(none.to_string().contains("ptxas was missing"));
     }
 
     #[test]

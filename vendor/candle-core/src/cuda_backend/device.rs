@@ -25,6 +25,35 @@ impl DeviceId {
     }
 }
 
+/// runner's change: kernel modules loaded so far, from machine code, from PTX, and cubins
+/// the driver refused (each then loaded from PTX).
+static KERNEL_MODULE_LOADS: [std::sync::atomic::AtomicUsize; 3] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+/// runner's change: how candle's kernel modules have been loaded in this process so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelModuleLoads {
+    /// From machine code built for this GPU (nothing for the driver to compile).
+    pub from_cubin: usize,
+    /// From PTX, compiled by the driver (or found in its kernel cache).
+    pub from_ptx: usize,
+    /// Cubins the driver refused; each of these modules then loaded from PTX.
+    pub cubins_refused: usize,
+}
+
+/// runner's change: see [`KernelModuleLoads`].
+pub fn kernel_module_loads() -> KernelModuleLoads {
+    use std::sync::atomic::Ordering::Relaxed;
+    KernelModuleLoads {
+        from_cubin: KERNEL_MODULE_LOADS[0].load(Relaxed),
+        from_ptx: KERNEL_MODULE_LOADS[1].load(Relaxed),
+        cubins_refused: KERNEL_MODULE_LOADS[2].load(Relaxed),
+    }
+}
+
 struct CudaRng(cudarc::curand::CudaRng);
 unsafe impl Send for CudaRng {}
 
@@ -347,13 +376,45 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+        let cuda_module = self.load_kernel_module(mdl)?;
         ms.mdls[mdl.index()] = Some(cuda_module.clone());
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
         })
+    }
+
+    /// runner's change (vendor/README.md): a kernel module from its machine code where the
+    /// build made it for this GPU's compute capability, else (or if the driver refuses it)
+    /// from its PTX, which the driver compiles. `RUNNER_CUDA_KERNELS=ptx` always takes the PTX.
+    fn load_kernel_module(
+        &self,
+        mdl: &kernels::Module,
+    ) -> Result<Arc<cudarc::driver::CudaModule>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let wanted = std::env::var("RUNNER_CUDA_KERNELS").map_or(true, |v| v != "ptx");
+        if let (Some(cubin), Some((major, minor)), true) =
+            (mdl.cubin(), kernels::CUBIN_COMPUTE_CAP, wanted)
+        {
+            if self.context.compute_capability().ok() == Some((major as i32, minor as i32)) {
+                match self
+                    .context
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+                {
+                    Ok(module) => {
+                        KERNEL_MODULE_LOADS[0].fetch_add(1, Relaxed);
+                        return Ok(module);
+                    }
+                    Err(_) => {
+                        KERNEL_MODULE_LOADS[2].fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        let module = self.context.load_module(mdl.ptx().into()).w()?;
+        KERNEL_MODULE_LOADS[1].fetch_add(1, Relaxed);
+        Ok(module)
     }
 
     pub fn cublas_handle(&self) -> Arc<cudarc::cublas::CudaBlas> {
