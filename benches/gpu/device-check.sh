@@ -227,18 +227,20 @@ PY
 }
 export -f pytorch_big
 restore_sweep() {  # restore_sweep DIR: restore DIR's snapshot with several ring settings
-  local dir=$1 setting threads piece pin alloc path mapped copier addr log
-  # threads:piece KiB:pinning:allocation order[:path[:mapped threads[:copier]]]; path `mapped`
+  local dir=$1 setting threads piece pin alloc path mapped copier reads addr log
+  # threads:piece KiB:pinning:allocation order[:path[:mapped threads[:copier[:reads]]]]; path `mapped`
   # locks the mapped file itself (piece, pinning and order do not apply to it); mapped threads
   # (RUNNER_RESTORE_MAPPED_THREADS) lock and copy chunks that way beside the ring's readers;
   # copier `one` (RUNNER_RESTORE_COPIER, since stop 30): only the restoring thread talks to
-  # the driver, the readers just read (does contention for the driver hold the ring back?)
+  # the driver, the readers just read (does contention for the driver hold the ring back?);
+  # reads `bounce` (RUNNER_RESTORE_BOUNCE, since stop 31): the readers read into ordinary
+  # memory and copy into the pinned buffers (is the kernel slow at filling pinned pages?)
   for setting in ${SWEEP:-8:1024:alloc:alongside 8:0:-:-:mapped 4:0:-:-:mapped 8:1024:alloc:alongside:pinned:2 8:1024:alloc:alongside:pinned:4 8:1024:register:first 4:1024:alloc:alongside 8:0:-:-:mapped 8:1024:alloc:alongside}; do
-    IFS=: read -r threads piece pin alloc path mapped copier <<< "$setting"
-    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}-${copier:-ring}.log"
+    IFS=: read -r threads piece pin alloc path mapped copier reads <<< "$setting"
+    log="$WORK/sweep-$dir-$threads-$piece-$pin-$alloc-${path:-pinned}-${mapped:-0}-${copier:-ring}-${reads:-plain}.log"
     addr=$(RUNNER_LOG=info,runner::setup=debug RUNNER_RESTORE_THREADS=$threads RUNNER_RESTORE_PIECE_KIB=$piece \
       RUNNER_RESTORE_PIN=$pin RUNNER_RESTORE_ALLOC=$alloc RUNNER_CUDA_RESTORE=${path:-pinned} \
-      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} RUNNER_RESTORE_COPIER=${copier:-} \
+      RUNNER_RESTORE_MAPPED_THREADS=${mapped:-0} RUNNER_RESTORE_COPIER=${copier:-} RUNNER_RESTORE_BOUNCE=$([ "$reads" = bounce ] && echo on) \
       serve "$dir" "$log" --require-snapshot) || return 1
     kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
     echo "$dir, $setting: $(grep -ho 'restored .*' "$log" | tail -1 | sed 's/ from [^ ]* / /') | $(grep -ho 'cuda restore.*' "$log" | tail -1)"
@@ -277,9 +279,9 @@ step "restore sweep (4.3 GB model)" 60 restore_sweep huge
 # Since stop 30, each in a step of its own with a short limit, after the ring's own: should
 # an option hang on the GPU, it costs its step alone.
 step "one-copier ring (4.3 GB model): verified tensor by tensor" 45 verify_model huge one-copier
-copier_sweep() { SWEEP="8:1024:alloc:alongside:pinned:0:one 8:4096:alloc:alongside:pinned:0:one 16:1024:alloc:alongside:pinned:0:one 4:1024:alloc:alongside:pinned:0:one 8:1024:alloc:alongside 8:1024:alloc:alongside:pinned:0:one" restore_sweep "$@"; }
+copier_sweep() { SWEEP="8:1024:alloc:alongside:pinned:0:one 8:4096:alloc:alongside:pinned:0:one 16:1024:alloc:alongside:pinned:0:one 4:1024:alloc:alongside:pinned:0:one 8:1024:alloc:alongside 8:1024:alloc:alongside:pinned:0:one 8:1024:alloc:alongside:pinned:0::bounce 16:1024:alloc:alongside:pinned:0::bounce 8:1024:alloc:alongside:pinned:0:one:bounce" restore_sweep "$@"; }
 export -f copier_sweep
-step "restore sweep, one copier (4.3 GB model)" 45 copier_sweep huge
+step "restore sweep, one copier and bounce reads (4.3 GB model)" 60 copier_sweep huge
 step "bench 4.3 GB model (pinned, driver initialised while cuBLAS loads)" 45 bench_beside_init huge-beside-init huge pinned 1 --no-fresh-machine
 # What a fresh machine's disk gives: the page cache dropped before every start (needs root),
 # the restore reading the snapshot through the page cache and then around it (O_DIRECT into

@@ -19,6 +19,8 @@
 #  - huge-beside-init / huge-no-preload vs huge: the default for RUNNER_CUDA_PRELOAD;
 #  - the sweep's `...:one` rows vs the ring's: RUNNER_RESTORE_COPIER=one by default if faster
 #    (read_ceiling.md's columns (b) and (c) say whether reads or copies hold the ring back);
+#  - the sweep's `...:bounce` rows and read_ceiling.md's column (e): RUNNER_RESTORE_BOUNCE=on
+#    (read into ordinary memory, then copy into the pinned buffer) by default if faster;
 #  - MiniLM's "without cudarc's event tracking" row: RUNNER_CUDA_EVENT_TRACKING=off by default
 #    if its vectors are bit-identical and its rates no lower.
 # The second call can carry the first call's winners as environment variables (the script

@@ -1118,7 +1118,7 @@ impl Snapshot {
 
     /// Reads `len` bytes at `at` into `room` (a pinned piece): directly where `direct` is
     /// given (a piece the kernel turns down is read through the page cache instead), else
-    /// through the page cache.
+    /// through the page cache (into ordinary memory first with [`bounce`]).
     fn read_into<'b>(
         &self,
         direct: Option<&std::fs::File>,
@@ -1139,11 +1139,41 @@ impl Snapshot {
                 Err(e) => return Err(failed(e)),
             }
         }
+        if bounce() {
+            STAGING.with(|staging| {
+                let mut staging = staging.borrow_mut();
+                if staging.len() < len {
+                    staging.resize(len, 0);
+                }
+                self.file
+                    .read_exact_at(&mut staging[..len], at)
+                    .map_err(failed)?;
+                room[..len].copy_from_slice(&staging[..len]);
+                Ok::<(), SnapshotError>(())
+            })?;
+            return Ok(&mut room[..len]);
+        }
         self.file
             .read_exact_at(&mut room[..len], at)
             .map_err(failed)?;
         Ok(&mut room[..len])
     }
+}
+
+/// `RUNNER_RESTORE_BOUNCE=on` (unmeasured, off by default): the ring's readers read each
+/// piece through the page cache into ordinary memory and copy it into the pinned buffer
+/// themselves. On the H200 (gVisor, 2026-11-30) 8 threads read the page cache at 37.5 GB/s
+/// into ordinary buffers but the pinned pipeline ran at 16 GB/s: if the kernel is what is
+/// slow at filling pinned pages, a copy by the reader (memory bandwidth) gets round it.
+/// `read_ceiling.py`'s column (e) measures the same in PyTorch.
+fn bounce() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RUNNER_RESTORE_BOUNCE").is_ok_and(|v| v == "on"))
+}
+
+thread_local! {
+    /// A reader thread's ordinary buffer for [`bounce`]: one piece, reused.
+    static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Whether the copy before `event` has finished, without waiting.
