@@ -8,9 +8,9 @@
 #     batch 1 and 32, and the device-memory gauges in /metrics;
 #  2. snapshots MiniLM on the GPU, restores it through each path and checks every tensor bit
 #     for bit against the cold load, and that restored servers answer bit-identically;
-#     a fresh machine's cold start with candle's kernels as built-in machine code and as PTX;
 #     `runner doctor` on the GPU; pinned host-to-device bandwidth with PyTorch (the ceiling
-#     for a restore);
+#     for a restore); a fresh machine's cold start with candle's kernels as built-in machine
+#     code and as PTX;
 #  3. a generated 4.3 GB model (f32 converted to bf16 at load): snapshot verified, the
 #     page cache's read ceiling, `runner bench --cold-start` through the pinned ring and the
 #     page-locked mapping (`RUNNER_CUDA_RESTORE=mapped`), with kernels pre-warmed, with the
@@ -151,14 +151,6 @@ snapshot_roundtrip() {
 export -f snapshot_roundtrip
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip
 
-# A fresh machine (an empty kernel cache) since stop 31: candle's kernels as machine code
-# built for the H100/H200 (the default) against their PTX, which the driver compiles on first
-# use as before (RUNNER_CUDA_KERNELS=ptx; 14.6 s of a 4.3 GB model's cold start, 2026-11-30).
-bench_ptx() { RUNNER_CUDA_KERNELS=ptx bench "$@"; }
-export -f bench_ptx
-step "bench MiniLM, fresh machine (kernels as machine code)" 60 bench minilm-fresh minilm pinned 1
-step "bench MiniLM, fresh machine (kernels as PTX)" 90 bench_ptx minilm-fresh-ptx minilm pinned 1
-
 # runner doctor on the GPU: its name, driver, memory, kernel cache, the snapshot found
 # compatible, a load from it, and runner's own pinned H2D figure (unverified until here).
 doctor_gpu() {
@@ -200,6 +192,15 @@ bench() {  # bench NAME DIR MODE RUNS ARGS...: uses DIR's snapshot when there is
     --chart "$WORK/$name.svg" ${snap:+--snapshot "$snap"} "$@" > "$WORK/bench-$name.json" 2> "$WORK/bench-$name.log"
 }
 export -f bench
+# A fresh machine (an empty kernel cache) since stop 31: candle's kernels as machine code
+# built for the H100/H200 (the default) against their PTX, which the driver compiles on first
+# use as before (RUNNER_CUDA_KERNELS=ptx; a 4.3 GB model's cold start took 14.6 s
+# instead of 1.05 s, 2026-11-30).
+bench_ptx() { RUNNER_CUDA_KERNELS=ptx bench "$@"; }
+export -f bench_ptx
+step "bench MiniLM, fresh machine (kernels as machine code)" 60 bench minilm-fresh minilm pinned 1
+step "bench MiniLM, fresh machine (kernels as PTX)" 90 bench_ptx minilm-fresh-ptx minilm pinned 1
+
 verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
   local dir=$1 mode; shift
   seed_kernel_cache "$dir"

@@ -513,8 +513,9 @@ pub fn kernel_loads(device: &Device) -> Option<String> {
             );
             if loads.cubins_refused > 0 {
                 line.push_str(&format!(
-                    " ({} whose machine code the driver refused)",
-                    loads.cubins_refused
+                    " ({} whose machine code the driver refused: {})",
+                    loads.cubins_refused,
+                    loads.first_refusal.as_deref().unwrap_or("no reason given")
                 ));
             }
             Some(line)

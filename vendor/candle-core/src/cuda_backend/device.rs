@@ -33,8 +33,11 @@ static KERNEL_MODULE_LOADS: [std::sync::atomic::AtomicUsize; 3] = [
     std::sync::atomic::AtomicUsize::new(0),
 ];
 
+/// runner's change: why the driver refused the first cubin it refused.
+static FIRST_CUBIN_REFUSAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// runner's change: how candle's kernel modules have been loaded in this process so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelModuleLoads {
     /// From machine code built for this GPU (nothing for the driver to compile).
     pub from_cubin: usize,
@@ -42,6 +45,8 @@ pub struct KernelModuleLoads {
     pub from_ptx: usize,
     /// Cubins the driver refused; each of these modules then loaded from PTX.
     pub cubins_refused: usize,
+    /// The driver's error for the first cubin it refused.
+    pub first_refusal: Option<String>,
 }
 
 /// runner's change: see [`KernelModuleLoads`].
@@ -51,6 +56,7 @@ pub fn kernel_module_loads() -> KernelModuleLoads {
         from_cubin: KERNEL_MODULE_LOADS[0].load(Relaxed),
         from_ptx: KERNEL_MODULE_LOADS[1].load(Relaxed),
         cubins_refused: KERNEL_MODULE_LOADS[2].load(Relaxed),
+        first_refusal: FIRST_CUBIN_REFUSAL.get().cloned(),
     }
 }
 
@@ -388,10 +394,7 @@ impl CudaDevice {
     /// runner's change (vendor/README.md): a kernel module from its machine code where the
     /// build made it for this GPU's compute capability, else (or if the driver refuses it)
     /// from its PTX, which the driver compiles. `RUNNER_CUDA_KERNELS=ptx` always takes the PTX.
-    fn load_kernel_module(
-        &self,
-        mdl: &kernels::Module,
-    ) -> Result<Arc<cudarc::driver::CudaModule>> {
+    fn load_kernel_module(&self, mdl: &kernels::Module) -> Result<Arc<cudarc::driver::CudaModule>> {
         use std::sync::atomic::Ordering::Relaxed;
         let wanted = std::env::var("RUNNER_CUDA_KERNELS").map_or(true, |v| v != "ptx");
         if let (Some(cubin), Some((major, minor)), true) =
@@ -406,8 +409,9 @@ impl CudaDevice {
                         KERNEL_MODULE_LOADS[0].fetch_add(1, Relaxed);
                         return Ok(module);
                     }
-                    Err(_) => {
+                    Err(e) => {
                         KERNEL_MODULE_LOADS[2].fetch_add(1, Relaxed);
+                        let _ = FIRST_CUBIN_REFUSAL.set(e.to_string());
                     }
                 }
             }
