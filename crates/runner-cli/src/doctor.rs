@@ -208,7 +208,7 @@ fn runner_build(found: &mut Findings) {
             "built with CUDA (candle's kernels as machine code for compute capability {cc}, as PTX for other GPUs)"
         ),
         None if cfg!(feature = "cuda") => {
-            "built with CUDA (candle's kernels as PTX only: ptxas was missing at build time)"
+            "built with CUDA (candle's kernels as PTX only: ptxas was missing at build time, or RUNNER_KERNELS_CUBIN=off)"
                 .to_string()
         }
         None => "built without CUDA (CPU only)".to_string(),

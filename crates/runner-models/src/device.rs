@@ -454,7 +454,7 @@ impl fmt::Display for KernelCode {
             ),
             (_, None) => write!(
                 f,
-                "PTX, which the driver compiles on first use (this build has no machine code: ptxas was missing when it was built)"
+                "PTX, which the driver compiles on first use (this build has no machine code: ptxas was missing when it was built, or RUNNER_KERNELS_CUBIN=off)"
             ),
         }
     }
