@@ -719,17 +719,19 @@ fn kernel_cache(
     code: &runner_models::device::KernelCode,
     found: &mut Findings,
 ) {
-    let cache = std::env::var_os("CUDA_CACHE_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| model_dir.root.join(".runner").join("cuda-kernel-cache"));
-    let bytes = dir_bytes(&cache);
     if code.machine_code {
         found.add(
             "kernels",
             Status::Ok,
             format!("{code}: nothing to compile at start"),
         );
-    } else if bytes == 0 {
+        return;
+    }
+    let cache = std::env::var_os("CUDA_CACHE_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model_dir.root.join(".runner").join("cuda-kernel-cache"));
+    let bytes = dir_bytes(&cache);
+    if bytes == 0 {
         found.add_fix(
             "kernel cache",
             Status::Warn,

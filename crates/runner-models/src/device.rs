@@ -449,8 +449,7 @@ impl fmt::Display for KernelCode {
             (true, Some(cc)) => write!(f, "machine code built for compute capability {cc}"),
             (_, Some(cc)) => write!(
                 f,
-                "PTX, which the driver compiles on first use (this build has machine code for compute capability {cc} only{})",
-                if kernels_forced_to_ptx() { "; RUNNER_CUDA_KERNELS=ptx" } else { "" }
+                "PTX, which the driver compiles on first use (this build has machine code for compute capability {cc} only, or RUNNER_CUDA_KERNELS=ptx)"
             ),
             (_, None) => write!(
                 f,
@@ -458,12 +457,6 @@ impl fmt::Display for KernelCode {
             ),
         }
     }
-}
-
-/// `RUNNER_CUDA_KERNELS=ptx`: candle's kernels from PTX even where machine code is built in
-/// (to compare the two, or should a driver mishandle the machine code).
-fn kernels_forced_to_ptx() -> bool {
-    std::env::var("RUNNER_CUDA_KERNELS").is_ok_and(|v| v == "ptx")
 }
 
 /// The compute capability this build holds candle's kernels as machine code for (`None`
@@ -480,19 +473,11 @@ pub fn kernels_built_for() -> Option<String> {
 pub fn kernel_code(device: &Device) -> Option<KernelCode> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => {
-            let built_for = kernels_built_for();
-            let gpu = cuda
-                .cuda_stream()
-                .context()
-                .compute_capability()
-                .ok()
-                .map(|(major, minor)| format!("{major}.{minor}"));
-            Some(KernelCode {
-                machine_code: !kernels_forced_to_ptx() && gpu.is_some() && built_for == gpu,
-                built_for,
-            })
-        }
+        // The same decision candle's loader makes (vendor/candle-core, `RUNNER_CUDA_KERNELS`).
+        Device::Cuda(cuda) => Some(KernelCode {
+            machine_code: cuda.takes_machine_code(),
+            built_for: kernels_built_for(),
+        }),
         _ => {
             let _ = device;
             None

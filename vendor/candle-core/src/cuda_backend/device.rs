@@ -391,28 +391,34 @@ impl CudaDevice {
         })
     }
 
+    /// runner's change (vendor/README.md): whether this GPU takes candle's kernels as the
+    /// machine code built in ([`kernels::CUBIN_COMPUTE_CAP`] is exactly its compute
+    /// capability, and `RUNNER_CUDA_KERNELS=ptx` is not set).
+    pub fn takes_machine_code(&self) -> bool {
+        let wanted = std::env::var("RUNNER_CUDA_KERNELS").map_or(true, |v| v != "ptx");
+        wanted
+            && kernels::CUBIN_COMPUTE_CAP.is_some_and(|(major, minor)| {
+                self.context.compute_capability().ok() == Some((major as i32, minor as i32))
+            })
+    }
+
     /// runner's change (vendor/README.md): a kernel module from its machine code where the
     /// build made it for this GPU's compute capability, else (or if the driver refuses it)
     /// from its PTX, which the driver compiles. `RUNNER_CUDA_KERNELS=ptx` always takes the PTX.
     fn load_kernel_module(&self, mdl: &kernels::Module) -> Result<Arc<cudarc::driver::CudaModule>> {
         use std::sync::atomic::Ordering::Relaxed;
-        let wanted = std::env::var("RUNNER_CUDA_KERNELS").map_or(true, |v| v != "ptx");
-        if let (Some(cubin), Some((major, minor)), true) =
-            (mdl.cubin(), kernels::CUBIN_COMPUTE_CAP, wanted)
-        {
-            if self.context.compute_capability().ok() == Some((major as i32, minor as i32)) {
-                match self
-                    .context
-                    .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
-                {
-                    Ok(module) => {
-                        KERNEL_MODULE_LOADS[0].fetch_add(1, Relaxed);
-                        return Ok(module);
-                    }
-                    Err(e) => {
-                        KERNEL_MODULE_LOADS[2].fetch_add(1, Relaxed);
-                        let _ = FIRST_CUBIN_REFUSAL.set(e.to_string());
-                    }
+        if let Some(cubin) = mdl.cubin().filter(|_| self.takes_machine_code()) {
+            match self
+                .context
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+            {
+                Ok(module) => {
+                    KERNEL_MODULE_LOADS[0].fetch_add(1, Relaxed);
+                    return Ok(module);
+                }
+                Err(e) => {
+                    KERNEL_MODULE_LOADS[2].fetch_add(1, Relaxed);
+                    let _ = FIRST_CUBIN_REFUSAL.set(e.to_string());
                 }
             }
         }
