@@ -185,7 +185,7 @@ fn what_stops_serve_fails_the_check() {
     // A CUDA device from a CPU build.
     let conformance = repo_root().join("models/conformance");
     let (code, report, _) = doctor(&[conformance.to_str().unwrap(), "--device", "cuda"]);
-    if !runner(&["--version"]).1.contains("(cuda)") {
+    if !runner(&["--version"]).1.contains("(cuda") {
         assert_eq!(code, 1);
         let (status, summary, _) = finding(&report, "device");
         assert_eq!(status, "fail");

@@ -1049,3 +1049,120 @@ fn a_modal_package_says_its_url_answers_openais_sdks_where_the_model_does() {
     );
     assert!(!stdout.contains("OpenAI"), "{stdout}");
 }
+
+/// A real x86-64 executable that answers `--version` as a CUDA build of runner whose
+/// kernels target `arch` does (compiled with the C compiler cargo links with), so that
+/// `runner package` reads which GPUs it runs on.
+fn fake_cuda_runner(dir: &Path, arch: &str) -> PathBuf {
+    use runner_spec::cuda_arch::{GpuArch, KernelTargets};
+    let modules = GpuArch::parse(arch).unwrap();
+    let targets = KernelTargets {
+        modules,
+        linked: Some(modules),
+    };
+    let line = format!(
+        "runner 0.1.0 (cuda: {}; runs on {})",
+        targets.version_note(),
+        targets.runs_on_words()
+    );
+    let source = dir.join(format!("runner-{arch}.c"));
+    std::fs::write(
+        &source,
+        format!("#include <stdio.h>\nint main(void) {{ puts({line:?}); return 0; }}\n"),
+    )
+    .unwrap();
+    let bin = dir.join(format!("runner-{arch}"));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .arg(&source)
+        .arg("-o")
+        .arg(&bin)
+        .status()
+        .unwrap_or_else(|e| panic!("{cc}: {e}"));
+    assert!(status.success(), "{cc} could not build the stand-in runner");
+    bin
+}
+
+#[test]
+fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
+    let model = scratch_model("tiny-mlp");
+    runner_models::tiny_mlp::write_model(&model.path().join("weights"), &Default::default(), 7)
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let hopper = fake_cuda_runner(scratch.path(), "sm_90a");
+    let ampere = fake_cuda_runner(scratch.path(), "sm_86");
+    let hopper_bin = hopper.to_str().unwrap();
+
+    // The H100/H200 build, for an A10G: refused before anything is written, saying why
+    // and what to do.
+    let out = scratch.path().join("a10g");
+    let (code, _, stderr) = package(
+        model.path(),
+        &out,
+        &[
+            "--target",
+            "modal",
+            "--gpu",
+            "A10G",
+            "--runner-bin",
+            hopper_bin,
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    for expected in [
+        "on the A10G it would fail at setup",
+        "built for sm_90a, which runs on compute capability 9.0 only (H100, H200, GH200)",
+        "the A10G has compute capability 8.6",
+        "CUDA_COMPUTE_CAP=86",
+        "--gpu H100 | H200",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} not in:\n{stderr}");
+    }
+    assert!(!out.exists());
+
+    // The same binary for the H100, and an A10G build for the A10G: packaged, with no word
+    // about kernels.
+    for (gpu, bin) in [("H100", &hopper), ("A10G", &ampere)] {
+        let out = scratch.path().join(gpu);
+        let (code, _, stderr) = package(
+            model.path(),
+            &out,
+            &[
+                "--target",
+                "modal",
+                "--gpu",
+                gpu,
+                "--runner-bin",
+                bin.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        assert!(!stderr.contains("kernels"), "{stderr}");
+        let manifest: Value =
+            serde_json::from_slice(&std::fs::read(out.join("runner-package.json")).unwrap())
+                .unwrap();
+        assert_eq!(manifest["hardware"], gpu);
+    }
+
+    // cog.yaml asks for a GPU and none is named: the smallest GPU the binary runs on, and a
+    // warning saying which smaller one it cannot.
+    let config = model.path().join("cog.yaml");
+    let yaml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, yaml.replace("build:\n", "build:\n  gpu: true\n")).unwrap();
+    let out = scratch.path().join("auto");
+    let (code, _, stderr) = package(
+        model.path(),
+        &out,
+        &["--target", "modal", "--runner-bin", hopper_bin],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("the T4 is the smallest modal GPU that holds the weights")
+            && stderr.contains("packaged for the H100 instead")
+            && stderr.contains("CUDA_COMPUTE_CAP=75"),
+        "{stderr}"
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(out.join("runner-package.json")).unwrap()).unwrap();
+    assert_eq!(manifest["hardware"], "H100");
+}

@@ -24,7 +24,10 @@ fn main() -> Result<()> {
 
     bindings.write(&ptx_path)?;
     // runner's change (vendor/README.md).
-    assemble_cubins(&out_dir);
+    let linked_arch = cudaforge::detect_compute_cap()
+        .ok()
+        .map(|arch| arch.to_nvcc_arch());
+    assemble_cubins(&out_dir, linked_arch.as_deref());
 
     let mut moe_sources = vec![
         "src/moe/moe_gguf.cu",
@@ -90,7 +93,11 @@ fn main() -> Result<()> {
 /// capability loads the cubin; any other still has its driver compile the PTX on first use
 /// (15-17 s on an H200 whose kernel cache is empty). Where ptxas is missing or fails, or
 /// with RUNNER_KERNELS_CUBIN=off, a module has no cubin and runs from its PTX as before.
-fn assemble_cubins(out_dir: &Path) {
+///
+/// `cubin.rs` also names the architecture of the PTX and of the kernels linked in as
+/// machine code (libmoe, built below for `linked_arch`), so that runner can tell before
+/// loading anything whether a GPU can run this build (`runner_spec::cuda_arch`).
+fn assemble_cubins(out_dir: &Path, linked_arch: Option<&str>) {
     println!("cargo::rerun-if-env-changed=RUNNER_KERNELS_CUBIN");
     let mut modules: Vec<String> = std::fs::read_dir(out_dir)
         .into_iter()
@@ -153,10 +160,18 @@ fn assemble_cubins(out_dir: &Path) {
     };
     let mut list = String::new();
     let capability = target
+        .clone()
         .filter(|_| assembled.iter().any(|&a| a))
         .map(|(_, cc)| cc);
     list.push_str(&format!(
         "/// The compute capability (major, minor) the cubins below are machine code for.\npub const COMPUTE_CAP: Option<(u32, u32)> = {capability:?};\n"
+    ));
+    list.push_str(&format!(
+        "/// The architecture the PTX was compiled for (its `.target`, e.g. `sm_90a`).\npub const PTX_TARGET: Option<&str> = {:?};\n",
+        target.as_ref().map(|(arch, _)| arch.as_str())
+    ));
+    list.push_str(&format!(
+        "/// The architecture of the kernels linked in as machine code (libmoe).\npub const LINKED_TARGET: Option<&str> = {linked_arch:?};\n"
     ));
     for (m, ok) in modules.iter().zip(&assembled) {
         let name = m.to_uppercase().replace(['.', '-'], "_");

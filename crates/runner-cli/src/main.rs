@@ -29,19 +29,24 @@ use serde_json::{Map, Value};
 #[global_allocator]
 static ALLOCATOR: runner_snapshot::SnapshotAllocator = runner_snapshot::SnapshotAllocator;
 
-/// `runner --version`: says whether CUDA is compiled in (`runner package` reads it).
-#[cfg(feature = "cuda")]
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (cuda)");
-#[cfg(not(feature = "cuda"))]
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (cpu only: built without the cuda feature)"
-);
+/// `runner --version`: says whether CUDA is compiled in and which GPUs its kernels run on
+/// (`runner package` reads both: `runner_spec::cuda_arch::KernelTargets::from_version_line`).
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let build = match runner_models::device::kernel_targets() {
+            Some(t) => format!("cuda: {}; runs on {}", t.version_note(), t.runs_on_words()),
+            None if cfg!(feature = "cuda") => "cuda".to_string(),
+            None => "cpu only: built without the cuda feature".to_string(),
+        };
+        format!("{} ({build})", env!("CARGO_PKG_VERSION"))
+    })
+}
 
 #[derive(Parser)]
 #[command(
     name = "runner",
-    version = VERSION,
+    version = version(),
     about = "Serve Cog-style model directories with candle, over Cog's HTTP API"
 )]
 struct Cli {
@@ -968,7 +973,7 @@ fn exit_with_parent() {
 /// Where `runner bench --cold-start` keeps its last report, for `runner package`.
 const BENCH_REPORT: &str = "bench-cold-start.json";
 
-/// Runs `BIN --version` to learn whether it was built with CUDA.
+/// Runs `BIN --version` to learn whether it was built with CUDA, and for which GPUs.
 fn probe_runner_binary(path: &Path) -> runner_package::RunnerBinary {
     let version = std::process::Command::new(path)
         .arg("--version")
@@ -987,10 +992,14 @@ fn probe_runner_binary(path: &Path) -> runner_package::RunnerBinary {
             None
         }
     });
+    let kernels = version
+        .as_deref()
+        .and_then(runner_package::KernelTargets::from_version_line);
     runner_package::RunnerBinary {
         path: path.to_path_buf(),
         version,
         cuda,
+        kernels,
     }
 }
 

@@ -4,6 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::Device;
+#[cfg(feature = "cuda")]
+use runner_spec::cuda_arch::GpuArch;
+use runner_spec::cuda_arch::KernelTargets;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
@@ -211,22 +214,48 @@ pub fn cuda_unavailable(n: usize) -> Option<String> {
             Ok(count) => count.max(0) as usize,
             Err(e) => return Some(driver_refusal(e.0 as i32, &format!("{:?}", e.0))),
         };
-        (n >= count).then(|| {
+        if n >= count {
             let have = match count {
                 0 => "none".to_string(),
                 1 => "one, cuda:0".to_string(),
                 _ => format!("{count}, cuda:0 to cuda:{}", count - 1),
             };
-            format!(
+            return Some(format!(
                 "there is no GPU {n}: the NVIDIA driver sees {have}{}; pick one of those with --device cuda:N",
                 visible_devices_note()
-            )
-        })
+            ));
+        }
+        kernels_refuse(n)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = n;
         None
+    }
+}
+
+/// Why GPU `n` cannot run this build's kernels at all (candle's PTX targets another GPU
+/// family): found here, before anything loads, instead of at the first kernel launch as a
+/// bare `CUDA_ERROR_NO_BINARY_FOR_GPU`. A GPU that runs all but the quantized matrix
+/// kernels opens with a warning.
+#[cfg(feature = "cuda")]
+fn kernels_refuse(n: usize) -> Option<String> {
+    use runner_spec::cuda_arch::Support;
+    let targets = kernel_targets()?;
+    let (name, Some(cc)) = name_and_capability(n) else {
+        return None;
+    };
+    let gpu = match name {
+        Some(name) => format!("GPU {n} ({name})"),
+        None => format!("GPU {n}"),
+    };
+    let why = targets.refusal(&gpu, cc)?;
+    match targets.support(cc) {
+        Support::None => Some(why),
+        _ => {
+            tracing::warn!("{why}");
+            None
+        }
     }
 }
 
@@ -692,33 +721,47 @@ pub fn prewarm(
 
 #[cfg(feature = "cuda")]
 fn cuda_identity(cuda: &candle_core::CudaDevice) -> GpuIdentity {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
     let ordinal = cuda.cuda_stream().context().ordinal();
-    let dev = result::device::get(ordinal as i32).ok();
-    let name = dev.and_then(|d| result::device::get_name(d).ok());
-    let cc = dev.and_then(|d| {
-        // SAFETY: plain attribute queries on a device handle the driver gave us.
-        let major = unsafe {
-            result::device::get_attribute(
-                d,
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-            )
-        }
-        .ok()?;
-        let minor = unsafe {
-            result::device::get_attribute(
-                d,
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-            )
-        }
-        .ok()?;
-        Some(format!("{major}.{minor}"))
-    });
+    let (name, cc) = name_and_capability(ordinal);
     GpuIdentity {
         name: Some(name.unwrap_or_else(|| format!("cuda:{ordinal}"))),
-        compute_capability: cc,
+        compute_capability: cc.map(|(major, minor)| format!("{major}.{minor}")),
         driver_version: driver_version(),
     }
+}
+
+/// GPU `ordinal`'s name and compute capability as the driver reports them; asking needs
+/// `cuInit`, not a context.
+#[cfg(feature = "cuda")]
+fn name_and_capability(ordinal: usize) -> (Option<String>, Option<(u32, u32)>) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let Ok(dev) = result::device::get(ordinal as i32) else {
+        return (None, None);
+    };
+    let attribute = |a| {
+        // SAFETY: a plain attribute query on a device handle the driver gave us.
+        unsafe { result::device::get_attribute(dev, a) }
+            .ok()
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let cc = attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).zip(
+        attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+    );
+    (result::device::get_name(dev).ok(), cc)
+}
+
+/// What this build's candle kernels are compiled for (`None` without CUDA).
+pub fn kernel_targets() -> Option<KernelTargets> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::kernels;
+        Some(KernelTargets {
+            modules: GpuArch::parse(kernels::PTX_TARGET?)?,
+            linked: kernels::LINKED_TARGET.and_then(GpuArch::parse),
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 #[cfg(test)]

@@ -12,20 +12,23 @@ pub struct Gpu {
     pub replicate_sku: Option<&'static str>,
     /// Whether Modal offers it.
     pub on_modal: bool,
+    /// NVIDIA's compute capability (major, minor): which builds of runner's CUDA kernels
+    /// run on it (`runner_spec::cuda_arch`).
+    pub compute_capability: (u32, u32),
 }
 
 /// Smallest first, so the first that fits is the cheapest class that fits.
 #[rustfmt::skip]
 pub const GPUS: &[Gpu] = &[
-    Gpu { name: "T4", memory_gb: 16.0, replicate_sku: Some("gpu-t4"), on_modal: true },
-    Gpu { name: "L4", memory_gb: 24.0, replicate_sku: None, on_modal: true },
-    Gpu { name: "A10G", memory_gb: 24.0, replicate_sku: None, on_modal: true },
-    Gpu { name: "A100-40GB", memory_gb: 40.0, replicate_sku: None, on_modal: true },
-    Gpu { name: "L40S", memory_gb: 48.0, replicate_sku: Some("gpu-l40s"), on_modal: true },
-    Gpu { name: "A100-80GB", memory_gb: 80.0, replicate_sku: Some("gpu-a100-large"), on_modal: true },
-    Gpu { name: "H100", memory_gb: 80.0, replicate_sku: Some("gpu-h100"), on_modal: true },
-    Gpu { name: "H200", memory_gb: 141.0, replicate_sku: None, on_modal: true },
-    Gpu { name: "B200", memory_gb: 180.0, replicate_sku: None, on_modal: true },
+    Gpu { name: "T4", memory_gb: 16.0, replicate_sku: Some("gpu-t4"), on_modal: true, compute_capability: (7, 5) },
+    Gpu { name: "L4", memory_gb: 24.0, replicate_sku: None, on_modal: true, compute_capability: (8, 9) },
+    Gpu { name: "A10G", memory_gb: 24.0, replicate_sku: None, on_modal: true, compute_capability: (8, 6) },
+    Gpu { name: "A100-40GB", memory_gb: 40.0, replicate_sku: None, on_modal: true, compute_capability: (8, 0) },
+    Gpu { name: "L40S", memory_gb: 48.0, replicate_sku: Some("gpu-l40s"), on_modal: true, compute_capability: (8, 9) },
+    Gpu { name: "A100-80GB", memory_gb: 80.0, replicate_sku: Some("gpu-a100-large"), on_modal: true, compute_capability: (8, 0) },
+    Gpu { name: "H100", memory_gb: 80.0, replicate_sku: Some("gpu-h100"), on_modal: true, compute_capability: (9, 0) },
+    Gpu { name: "H200", memory_gb: 141.0, replicate_sku: None, on_modal: true, compute_capability: (9, 0) },
+    Gpu { name: "B200", memory_gb: 180.0, replicate_sku: None, on_modal: true, compute_capability: (10, 0) },
 ];
 
 /// Replicate's SKU for CPU-only models.
@@ -52,10 +55,15 @@ pub fn find(target: Target, name: &str) -> Option<&'static Gpu> {
     offered(target).find(|g| g.name.eq_ignore_ascii_case(name))
 }
 
-/// The smallest GPU `target` offers that holds `weights_bytes`.
-pub fn smallest_fitting(target: Target, weights_bytes: u64) -> Option<&'static Gpu> {
+/// The smallest GPU `target` offers that holds `weights_bytes` and whose compute capability
+/// `runs` accepts.
+pub fn smallest_fitting(
+    target: Target,
+    weights_bytes: u64,
+    runs: impl Fn(&Gpu) -> bool,
+) -> Option<&'static Gpu> {
     let need = required_gb(weights_bytes);
-    offered(target).find(|g| g.memory_gb >= need)
+    offered(target).find(|g| g.memory_gb >= need && runs(g))
 }
 
 /// A published per-second price.
@@ -92,36 +100,46 @@ mod tests {
     fn the_smallest_gpu_that_holds_the_weights_is_chosen() {
         // 90 MB of weights fit anywhere: the smallest offered.
         assert_eq!(
-            smallest_fitting(Target::Modal, 90_000_000).unwrap().name,
+            smallest_fitting(Target::Modal, 90_000_000, |_| true)
+                .unwrap()
+                .name,
             "T4"
         );
         assert_eq!(
-            smallest_fitting(Target::Replicate, 90_000_000)
+            smallest_fitting(Target::Replicate, 90_000_000, |_| true)
                 .unwrap()
                 .name,
             "T4"
         );
         // 16 GB × 1.2 + 2 = 21.2 GB: L4 on Modal, L40S on Replicate (no 24 GB class there).
         assert_eq!(
-            smallest_fitting(Target::Modal, 16_000_000_000)
+            smallest_fitting(Target::Modal, 16_000_000_000, |_| true)
                 .unwrap()
                 .name,
             "L4"
         );
         assert_eq!(
-            smallest_fitting(Target::Replicate, 16_000_000_000)
+            smallest_fitting(Target::Replicate, 16_000_000_000, |_| true)
                 .unwrap()
                 .name,
             "L40S"
         );
         // 70 GB × 1.2 + 2 = 86 GB: H200 on Modal, nothing on Replicate.
         assert_eq!(
-            smallest_fitting(Target::Modal, 70_000_000_000)
+            smallest_fitting(Target::Modal, 70_000_000_000, |_| true)
                 .unwrap()
                 .name,
             "H200"
         );
-        assert!(smallest_fitting(Target::Replicate, 70_000_000_000).is_none());
+        assert!(smallest_fitting(Target::Replicate, 70_000_000_000, |_| true).is_none());
+        // A build whose kernels run on compute capability 9.0 only: the smallest of those.
+        let hopper = |g: &Gpu| g.compute_capability == (9, 0);
+        assert_eq!(
+            smallest_fitting(Target::Modal, 90_000_000, hopper)
+                .unwrap()
+                .name,
+            "H100"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use gpu::{Gpu, Price, GPUS, HEADROOM_GB, PRICES, PRICES_RECORDED};
+pub use runner_spec::cuda_arch::KernelTargets;
+use runner_spec::cuda_arch::Support;
 
 /// The Cog CLI release whose `cog push` flags the Replicate package uses.
 pub const COG_CLI_VERSION: &str = "0.23.1";
@@ -84,6 +86,14 @@ pub enum PackageError {
     OutputContainsModel { out: PathBuf, model: PathBuf },
     #[error("--runner-bin {}: {reason}", path.display())]
     RunnerBinary { path: PathBuf, reason: String },
+    #[error("--runner-bin {}: on the {gpu} it would fail at setup: {reason}{others}", path.display())]
+    GpuCannotRunKernels {
+        path: PathBuf,
+        gpu: &'static str,
+        reason: String,
+        /// ", or choose a GPU it runs on: …" where the target offers one.
+        others: String,
+    },
     #[error("cannot package this model as a standard Cog project: {0}")]
     Unsupported(String),
     #[error("`run: {0}` is a Python Cog predictor, which is a Cog model already: push it to Replicate with `cog push`; `runner package --target modal` packages it for Modal")]
@@ -111,6 +121,8 @@ pub struct RunnerBinary {
     pub version: Option<String>,
     /// Built with the `cuda` feature, when the version line says.
     pub cuda: Option<bool>,
+    /// The GPU architecture its CUDA kernels were built for, when the version line says.
+    pub kernels: Option<KernelTargets>,
 }
 
 impl RunnerBinary {
@@ -290,27 +302,54 @@ fn default_name(model: &ModelDir) -> String {
     }
 }
 
-fn choose_hardware(req: &Request, weights_bytes: u64) -> Result<Hardware, PackageError> {
+/// The GPU the package runs on (`--gpu`, or the smallest that holds the weights and runs the
+/// binary's kernels), and a note where the binary's kernels ruled smaller GPUs out.
+fn choose_hardware(
+    req: &Request,
+    weights_bytes: u64,
+    kernels: Option<&KernelTargets>,
+) -> Result<(Hardware, Option<String>), PackageError> {
     let target = req.target;
     let choices = || {
         let mut names: Vec<&str> = gpu::offered(target).map(|g| g.name).collect();
         names.push("cpu");
         names.join(", ")
     };
+    let runs = |g: &Gpu| kernels.is_none_or(|k| k.support(g.compute_capability) != Support::None);
     match req.gpu {
-        Some(name) if name.eq_ignore_ascii_case("cpu") => Ok(Hardware::Cpu),
+        Some(name) if name.eq_ignore_ascii_case("cpu") => Ok((Hardware::Cpu, None)),
         Some(name) => {
-            gpu::find(target, name)
-                .map(Hardware::Gpu)
-                .ok_or_else(|| PackageError::UnknownGpu {
-                    name: name.to_string(),
-                    target,
-                    choices: choices(),
-                })
+            let gpu = gpu::find(target, name).ok_or_else(|| PackageError::UnknownGpu {
+                name: name.to_string(),
+                target,
+                choices: choices(),
+            })?;
+            match kernels.and_then(|k| {
+                (k.support(gpu.compute_capability) == Support::None)
+                    .then(|| k.refusal(&format!("the {}", gpu.name), gpu.compute_capability))
+                    .flatten()
+            }) {
+                None => Ok((Hardware::Gpu(gpu), None)),
+                Some(reason) => {
+                    let able: Vec<&str> = gpu::offered(target)
+                        .filter(|g| runs(g))
+                        .map(|g| g.name)
+                        .collect();
+                    Err(PackageError::GpuCannotRunKernels {
+                        path: req.runner.path.clone(),
+                        gpu: gpu.name,
+                        reason,
+                        others: if able.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", or choose a GPU it runs on: --gpu {}", able.join(" | "))
+                        },
+                    })
+                }
+            }
         }
-        None if req.model.config.gpu => gpu::smallest_fitting(target, weights_bytes)
-            .map(Hardware::Gpu)
-            .ok_or_else(|| PackageError::TooLarge {
+        None if req.model.config.gpu => {
+            let too_large = || PackageError::TooLarge {
                 weights_gb: weights_bytes as f64 / 1e9,
                 need_gb: gpu::required_gb(weights_bytes),
                 target,
@@ -318,8 +357,40 @@ fn choose_hardware(req: &Request, weights_bytes: u64) -> Result<Hardware, Packag
                     .last()
                     .map(|g| format!("{} with {} GB", g.name, g.memory_gb))
                     .unwrap_or_default(),
-            }),
-        None => Ok(Hardware::Cpu),
+            };
+            let smallest =
+                gpu::smallest_fitting(target, weights_bytes, |_| true).ok_or_else(too_large)?;
+            let chosen = gpu::smallest_fitting(target, weights_bytes, runs).ok_or_else(|| {
+                PackageError::GpuCannotRunKernels {
+                    path: req.runner.path.clone(),
+                    gpu: smallest.name,
+                    reason: kernels
+                        .and_then(|k| {
+                            k.refusal(
+                                &format!("the {}", smallest.name),
+                                smallest.compute_capability,
+                            )
+                        })
+                        .unwrap_or_default(),
+                    others: String::new(),
+                }
+            })?;
+            let note = (chosen != smallest).then(|| {
+                format!(
+                    "the {} is the smallest {target} GPU that holds the weights, but {}'s CUDA kernels do not run on it (compute capability {}.{}); packaged for the {} instead (build runner with CUDA_COMPUTE_CAP={}{} to run on the {})",
+                    smallest.name,
+                    req.runner.path.display(),
+                    smallest.compute_capability.0,
+                    smallest.compute_capability.1,
+                    chosen.name,
+                    smallest.compute_capability.0,
+                    smallest.compute_capability.1,
+                    smallest.name
+                )
+            });
+            Ok((Hardware::Gpu(chosen), note))
+        }
+        None => Ok((Hardware::Cpu, None)),
     }
 }
 
@@ -486,8 +557,10 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
         false,
     );
 
-    let hardware = choose_hardware(req, weights_bytes)?;
-    let mut warnings = Vec::new();
+    // A Python predictor uses the GPU itself; runner only serves it.
+    let kernels = req.runner.kernels.as_ref().filter(|_| !python);
+    let (hardware, hardware_note) = choose_hardware(req, weights_bytes, kernels)?;
+    let mut warnings: Vec<String> = hardware_note.into_iter().collect();
     if let Some(train) = &req.model.config.train {
         // The package carries runner, not a Python environment for the training function.
         warnings.push(format!(
@@ -505,7 +578,18 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
         match req.runner.cuda {
             // A Python predictor uses the GPU itself; runner only serves it.
             _ if python => {}
-            Some(true) => {}
+            Some(true) => match kernels {
+                Some(k) => warnings.extend(k.refusal(&format!("the {}", g.name), g.compute_capability)),
+                None => warnings.push(format!(
+                    "could not tell which GPUs {}'s CUDA kernels were built for (`--version` did not say); if they were not built for the {} (compute capability {}.{}: CUDA_COMPUTE_CAP={}{}), the package fails at setup",
+                    req.runner.path.display(),
+                    g.name,
+                    g.compute_capability.0,
+                    g.compute_capability.1,
+                    g.compute_capability.0,
+                    g.compute_capability.1
+                )),
+            },
             Some(false) => warnings.push(format!(
                 "{} was built without CUDA, so on the {} it would run on the CPU. Build the CUDA binary (`cargo build --release --features cuda -p runner-cli`, with the CUDA 13 toolkit) and pass it with --runner-bin target/release/runner",
                 req.runner.path.display(),

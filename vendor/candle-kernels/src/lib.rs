@@ -11,6 +11,14 @@ mod cubin {
 /// code is for; `None` where the build made none.
 pub const CUBIN_COMPUTE_CAP: Option<(u32, u32)> = cubin::COMPUTE_CAP;
 
+/// runner's change: the architecture the kernels' PTX targets (`sm_90a`), which decides the
+/// GPUs whose driver can compile it.
+pub const PTX_TARGET: Option<&str> = cubin::PTX_TARGET;
+
+/// runner's change: the architecture of the kernels linked in as machine code only (the
+/// quantized matrix kernels of `ffi`).
+pub const LINKED_TARGET: Option<&str> = cubin::LINKED_TARGET;
+
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Id {
