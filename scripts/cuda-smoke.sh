@@ -30,9 +30,15 @@ echo "$version"
 # --version names the architecture candle's kernels were built for (CUDA_COMPUTE_CAP, 90
 # with ../shared/cuda: sm_90a, arch-specific from 9.0 on), which `runner package` checks
 # against the GPU it packages for.
-cap="${CUDA_COMPUTE_CAP:-90}"
-arch="sm_${cap}"; [ "${cap%a}" -ge 90 ] 2>/dev/null && arch="sm_${cap%a}a"
-[[ "$version" == *"kernels $arch;"* ]] || fail "--version does not name the kernels' target $arch: $version"
+# CUDA_COMPUTE_CAP may list several GPUs (a portable build): the note then starts with the
+# lowest, and the PTX is for it too.
+caps="${CUDA_COMPUTE_CAP:-90}"
+cap="${caps%%,*}"; cap="${cap%a}"
+arch="sm_${cap}"; [ "$cap" -ge 90 ] && arch="sm_${cap}a"
+if [[ "$caps" == *,* ]]; then
+  [[ "$version" == *"+ PTX $arch;"* ]] || fail "--version does not name the portable build's PTX $arch: $version"
+fi
+[[ "$version" == *"kernels $arch"* ]] || fail "--version does not name the kernels' target $arch: $version"
 
 ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1' && {
   echo "cuda-smoke: this machine has libcuda.so.1; the missing-library checks need a machine without it (skipped)"
@@ -49,9 +55,8 @@ doctor="$("$BIN" doctor "$MODEL" --port 0 2>&1)" || fail "runner doctor found pr
   || fail "runner doctor does not say why --device auto is the CPU: $doctor"
 # The build assembles candle's kernels into machine code for the GPU it targets
 # (CUDA_COMPUTE_CAP, 90 with ../shared/cuda), so an H100/H200 compiles nothing at start.
-[[ "$doctor" == *"candle's kernels for $arch, which runs on compute capability"* ]] \
+[[ "$doctor" == *"candle's kernels $arch"*", which run on compute capability"* ]] \
   || fail "runner doctor does not name the kernels' target $arch: $doctor"
-cap="${cap%a}"
 [[ "$doctor" == *"as machine code for compute capability ${cap:0:-1}.${cap: -1}"* ]] \
   || fail "runner doctor does not say the build holds candle's kernels as machine code for compute capability $cap: $doctor"
 

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use runner_spec::cuda_arch::{GpuArch, KernelTargets};
 use serde_json::{json, Value};
 use support::{http, repo_root, runner, scratch_model, RUNNER};
 
@@ -1051,27 +1052,21 @@ fn a_modal_package_says_its_url_answers_openais_sdks_where_the_model_does() {
 }
 
 /// A real x86-64 executable that answers `--version` as a CUDA build of runner whose
-/// kernels target `arch` does (compiled with the C compiler cargo links with), so that
-/// `runner package` reads which GPUs it runs on.
-fn fake_cuda_runner(dir: &Path, arch: &str) -> PathBuf {
-    use runner_spec::cuda_arch::{GpuArch, KernelTargets};
-    let modules = GpuArch::parse(arch).unwrap();
-    let targets = KernelTargets {
-        modules,
-        linked: Some(modules),
-    };
+/// kernels were built for `targets` does (compiled with the C compiler cargo links with),
+/// so that `runner package` reads which GPUs it runs on.
+fn fake_cuda_runner(dir: &Path, name: &str, targets: &KernelTargets) -> PathBuf {
     let line = format!(
         "runner 0.1.0 (cuda: {}; runs on {})",
         targets.version_note(),
         targets.runs_on_words()
     );
-    let source = dir.join(format!("runner-{arch}.c"));
+    let source = dir.join(format!("{name}.c"));
     std::fs::write(
         &source,
         format!("#include <stdio.h>\nint main(void) {{ puts({line:?}); return 0; }}\n"),
     )
     .unwrap();
-    let bin = dir.join(format!("runner-{arch}"));
+    let bin = dir.join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let status = Command::new(&cc)
         .arg(&source)
@@ -1089,8 +1084,27 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
     runner_models::tiny_mlp::write_model(&model.path().join("weights"), &Default::default(), 7)
         .unwrap();
     let scratch = tempfile::tempdir().unwrap();
-    let hopper = fake_cuda_runner(scratch.path(), "sm_90a");
-    let ampere = fake_cuda_runner(scratch.path(), "sm_86");
+    let arch = |name| GpuArch::parse(name).unwrap();
+    let hopper = fake_cuda_runner(
+        scratch.path(),
+        "runner-hopper",
+        &KernelTargets::single(arch("sm_90a")),
+    );
+    let ampere = fake_cuda_runner(
+        scratch.path(),
+        "runner-ampere",
+        &KernelTargets::single(arch("sm_86")),
+    );
+    // CUDA_COMPUTE_CAP=75,86,90: machine code for each, PTX for the T4's 7.5 and newer.
+    let portable = fake_cuda_runner(
+        scratch.path(),
+        "runner-portable",
+        &KernelTargets {
+            machine_code: vec![arch("sm_75"), arch("sm_86"), arch("sm_90a")],
+            ptx: arch("sm_75"),
+            linked_ptx: true,
+        },
+    );
     let hopper_bin = hopper.to_str().unwrap();
 
     // The H100/H200 build, for an A10G: refused before anything is written, saying why
@@ -1120,9 +1134,15 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
     }
     assert!(!out.exists());
 
-    // The same binary for the H100, and an A10G build for the A10G: packaged, with no word
-    // about kernels.
-    for (gpu, bin) in [("H100", &hopper), ("A10G", &ampere)] {
+    // The same binary for the H100, an A10G build for the A10G, and the portable build for
+    // any of them: packaged, with no word about kernels.
+    for (gpu, bin) in [
+        ("H100", &hopper),
+        ("A10G", &ampere),
+        ("T4", &portable),
+        ("L40S", &portable),
+        ("B200", &portable),
+    ] {
         let out = scratch.path().join(gpu);
         let (code, _, stderr) = package(
             model.path(),

@@ -204,14 +204,14 @@ pub async fn run(request: Request) -> Report {
 
 fn runner_build(found: &mut Findings) {
     let targets = runner_models::device::kernel_targets()
-        .map(|t| format!("for {}, which runs on {}", t.modules, t.runs_on_words()))
-        .unwrap_or_else(|| "for a GPU architecture the build did not record".into());
+        .map(|t| format!("{}, which run on {}", t.version_note(), t.runs_on_words()))
+        .unwrap_or_else(|| "kernels for a GPU architecture the build did not record".into());
     let cuda = match runner_models::device::kernels_built_for() {
         Some(cc) => format!(
-            "built with CUDA (candle's kernels {targets}; both as machine code for compute capability {cc} and as PTX)"
+            "built with CUDA (candle's {targets}; as machine code for compute capability {cc}, and as PTX)"
         ),
         None if cfg!(feature = "cuda") => format!(
-            "built with CUDA (candle's kernels {targets}; as PTX only: ptxas was missing at build time, or RUNNER_KERNELS_CUBIN=off)"
+            "built with CUDA (candle's {targets}; its modules as PTX only: ptxas was missing at build time, or RUNNER_KERNELS_CUBIN=off)"
         ),
         None => "built without CUDA (CPU only)".to_string(),
     };

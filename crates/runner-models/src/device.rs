@@ -468,7 +468,7 @@ pub struct KernelCode {
     /// The GPU loads them as machine code made for it at build time: its driver compiles
     /// nothing at start, and the kernel cache is not needed.
     pub machine_code: bool,
-    /// The compute capability this build holds machine code for, if any.
+    /// The compute capabilities this build holds machine code for ("9.0", "8.0, 8.6"), if any.
     pub built_for: Option<String>,
 }
 
@@ -488,12 +488,19 @@ impl fmt::Display for KernelCode {
     }
 }
 
-/// The compute capability this build holds candle's kernels as machine code for (`None`
+/// The compute capabilities this build holds candle's kernels as machine code for (`None`
 /// without CUDA, or where ptxas was missing at build time).
 pub fn kernels_built_for() -> Option<String> {
     #[cfg(feature = "cuda")]
-    if let Some((major, minor)) = candle_core::cuda_backend::kernels::CUBIN_COMPUTE_CAP {
-        return Some(format!("{major}.{minor}"));
+    {
+        let ccs: Vec<String> = candle_core::cuda_backend::kernels::CUBIN_ARCHS
+            .iter()
+            .filter_map(|n| GpuArch::parse(n))
+            .map(|a| format!("{}.{}", a.major, a.minor))
+            .collect();
+        if !ccs.is_empty() {
+            return Some(ccs.join(", "));
+        }
     }
     None
 }
@@ -755,9 +762,24 @@ pub fn kernel_targets() -> Option<KernelTargets> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::cuda_backend::kernels;
+        let archs = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| GpuArch::parse(n))
+                .collect::<Option<Vec<_>>>()
+        };
+        let ptx = GpuArch::parse(kernels::PTX_TARGET?)?;
+        // The linked kernels' machine code (from CUDA_COMPUTE_CAP) is what decides where the
+        // build runs in full; the modules' cubins are the same list where ptxas ran.
+        let machine_code = archs(kernels::LINKED_ARCHS)?;
         Some(KernelTargets {
-            modules: GpuArch::parse(kernels::PTX_TARGET?)?,
-            linked: kernels::LINKED_TARGET.and_then(GpuArch::parse),
+            machine_code: if machine_code.is_empty() {
+                vec![ptx]
+            } else {
+                machine_code
+            },
+            ptx,
+            linked_ptx: kernels::LINKED_PTX,
         })
     }
     #[cfg(not(feature = "cuda"))]
@@ -837,6 +859,7 @@ mod tests {
     fn without_cuda_nothing_is_missing_and_nothing_is_loaded() {
         assert!(!cuda_driver_present());
         assert!(missing_cuda_libraries().is_none());
+        assert_eq!(kernel_targets(), None);
         preload_cuda_libraries();
     }
 

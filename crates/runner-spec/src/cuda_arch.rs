@@ -92,12 +92,20 @@ pub fn gpu_family(cc: (u32, u32)) -> Option<&'static str> {
     })
 }
 
-/// What a build's kernels are compiled for: candle's kernel modules (PTX) and the
-/// quantized matrix kernels linked in as machine code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a build's kernels are compiled for: machine code for some GPU architectures (candle's
+/// kernel modules and the quantized matrix kernels linked in), and PTX for one, which the
+/// driver compiles for the GPU on first use.
+///
+/// A build for one GPU family (`CUDA_COMPUTE_CAP=90`) has machine code and PTX for that
+/// architecture, and its linked kernels have no PTX. A portable build
+/// (`CUDA_COMPUTE_CAP=80,86,89,90`) has machine code for each listed architecture and PTX
+/// for the lowest in both.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelTargets {
-    pub modules: GpuArch,
-    pub linked: Option<GpuArch>,
+    pub machine_code: Vec<GpuArch>,
+    pub ptx: GpuArch,
+    /// The linked kernels carry the PTX too (portable builds).
+    pub linked_ptx: bool,
 }
 
 /// How much of a build runs on one GPU.
@@ -111,88 +119,120 @@ pub enum Support {
 }
 
 impl KernelTargets {
-    /// Reads `runner --version`'s note, `kernels sm_90a` or `kernels sm_80 (quantized sm_80)`.
+    /// A build for one architecture.
+    pub fn single(arch: GpuArch) -> Self {
+        Self {
+            machine_code: vec![arch],
+            ptx: arch,
+            linked_ptx: false,
+        }
+    }
+
+    /// Reads `runner --version`'s note: `kernels sm_90a` or `kernels sm_80 sm_86 + PTX sm_80`.
     pub fn from_version_line(line: &str) -> Option<Self> {
         let rest = &line[line.find("kernels ")? + "kernels ".len()..];
-        let modules = GpuArch::parse(rest.split([' ', ')', ',', ';']).next()?)?;
-        let linked = match rest.find("quantized ") {
-            Some(at) => Some(GpuArch::parse(
-                rest[at + "quantized ".len()..]
-                    .split([' ', ')', ',', ';'])
-                    .next()?,
-            )?),
-            None => Some(modules),
+        let note = rest.split([';', ')']).next()?;
+        let (code, ptx) = match note.split_once(" + PTX ") {
+            Some((code, ptx)) => (code, Some(GpuArch::parse(ptx)?)),
+            None => (note, None),
         };
-        Some(Self { modules, linked })
+        let machine_code = code
+            .split_whitespace()
+            .map(GpuArch::parse)
+            .collect::<Option<Vec<_>>>()?;
+        match ptx {
+            Some(ptx) => Some(Self {
+                machine_code,
+                ptx,
+                linked_ptx: true,
+            }),
+            None if machine_code.len() == 1 => Some(Self::single(machine_code[0])),
+            None => None,
+        }
     }
 
     /// The note `runner --version` prints, which [`Self::from_version_line`] reads back.
     pub fn version_note(&self) -> String {
-        match self.linked {
-            Some(linked) if linked != self.modules => {
-                format!("kernels {} (quantized {linked})", self.modules)
-            }
-            _ => format!("kernels {}", self.modules),
+        let code: Vec<String> = self.machine_code.iter().map(|a| a.to_string()).collect();
+        if self.linked_ptx {
+            format!("kernels {} + PTX {}", code.join(" "), self.ptx)
+        } else {
+            format!("kernels {}", code.join(" "))
         }
     }
 
     pub fn support(&self, cc: (u32, u32)) -> Support {
-        if !self.modules.ptx_runs_on(cc) {
+        let machine_code = self.machine_code.iter().any(|a| a.machine_code_runs_on(cc));
+        let ptx = self.ptx.ptx_runs_on(cc);
+        if !machine_code && !ptx {
             Support::None
-        } else if self.linked.is_some_and(|l| !l.machine_code_runs_on(cc)) {
+        } else if !machine_code && !self.linked_ptx {
             Support::WithoutQuantizedKernels
         } else {
             Support::Full
         }
     }
 
-    /// The GPUs the build runs on in full, in words: "compute capability 9.0 only (H100,
-    /// H200, GH200)" or "compute capability 8.6 to 8.9 (…)".
+    /// The GPUs the build runs in full, in words: "compute capability 9.0 only (H100, H200,
+    /// GH200)", "compute capability 8.6 to 8.9" or "compute capability 7.5 and newer".
     pub fn runs_on_words(&self) -> String {
-        let m = self.modules;
-        let exact = m.arch_specific || self.linked.is_some_and(|l| l.arch_specific);
-        let family = |cc| {
-            gpu_family(cc)
-                .map(|f| format!(" ({f})"))
-                .unwrap_or_default()
-        };
-        if exact {
-            format!(
-                "compute capability {}.{} only{}",
-                m.major,
-                m.minor,
-                family((m.major, m.minor))
-            )
-        } else if self.linked.is_some() {
-            format!(
-                "compute capability {}.{} to {}.9",
-                m.major, m.minor, m.major
-            )
-        } else {
-            format!("compute capability {}.{} and newer", m.major, m.minor)
+        if self.linked_ptx && !self.ptx.arch_specific {
+            return format!(
+                "compute capability {}.{} and newer",
+                self.ptx.major, self.ptx.minor
+            );
         }
+        let ranges: Vec<String> = self
+            .machine_code
+            .iter()
+            .map(|a| {
+                if a.arch_specific || a.minor == 9 {
+                    format!("{}.{}", a.major, a.minor)
+                } else {
+                    format!("{}.{} to {}.9", a.major, a.minor, a.major)
+                }
+            })
+            .collect();
+        let only = self.machine_code.iter().all(|a| a.arch_specific);
+        let families: Vec<&str> = self
+            .machine_code
+            .iter()
+            .filter(|a| a.arch_specific)
+            .filter_map(|a| gpu_family((a.major, a.minor)))
+            .collect();
+        format!(
+            "compute capability {}{}{}",
+            ranges.join(", "),
+            if only { " only" } else { "" },
+            if families.is_empty() || !only {
+                String::new()
+            } else {
+                format!(" ({})", families.join("; "))
+            }
+        )
     }
 
     /// Why a GPU of compute capability `cc` (named `gpu`) cannot run this build, and what
     /// to do; `None` where it runs everything.
     pub fn refusal(&self, gpu: &str, cc: (u32, u32)) -> Option<String> {
         let rebuild = format!(
-            "build runner for it with CUDA_COMPUTE_CAP={} (`CUDA_COMPUTE_CAP={} cargo build --release --features cuda -p runner-cli`)",
+            "build runner for it with CUDA_COMPUTE_CAP={} (`CUDA_COMPUTE_CAP={} cargo build --release --features cuda -p runner-cli`; a list such as 80,86,89,90 builds for several)",
             GpuArch::compute_cap_for(cc),
             GpuArch::compute_cap_for(cc)
         );
+        let code: Vec<String> = self.machine_code.iter().map(|a| a.to_string()).collect();
         match self.support(cc) {
             Support::Full => None,
             Support::None => Some(format!(
                 "this runner's CUDA kernels were built for {}, which runs on {}; {gpu} has compute capability {}.{}, which cannot run them: {rebuild}",
-                self.modules,
+                code.join(", "),
                 self.runs_on_words(),
                 cc.0,
                 cc.1
             )),
             Support::WithoutQuantizedKernels => Some(format!(
                 "this runner's quantized matrix kernels were built as machine code for {} only; {gpu} has compute capability {}.{}, so GGUF and quantized-at-load models would fail on it (other models run): {rebuild}",
-                self.linked.map(|l| l.to_string()).unwrap_or_default(),
+                code.join(", "),
                 cc.0,
                 cc.1
             )),
@@ -204,20 +244,17 @@ impl KernelTargets {
 mod tests {
     use super::*;
 
-    fn targets(modules: &str) -> KernelTargets {
-        KernelTargets {
-            modules: GpuArch::parse(modules).unwrap(),
-            linked: GpuArch::parse(modules),
-        }
+    fn arch(name: &str) -> GpuArch {
+        GpuArch::parse(name).unwrap()
     }
 
     #[test]
     fn parses_nvcc_names() {
-        let a = GpuArch::parse("sm_90a").unwrap();
+        let a = arch("sm_90a");
         assert_eq!((a.major, a.minor, a.arch_specific), (9, 0, true));
-        let b = GpuArch::parse("sm_100a").unwrap();
+        let b = arch("sm_100a");
         assert_eq!((b.major, b.minor), (10, 0));
-        assert_eq!(GpuArch::parse("compute_86").unwrap().to_string(), "sm_86");
+        assert_eq!(arch("compute_86").to_string(), "sm_86");
         for bad in ["sm_", "sm_9", "90", "sm_90x", "sm_9a0", ""] {
             assert_eq!(GpuArch::parse(bad), None, "{bad}");
         }
@@ -225,14 +262,16 @@ mod tests {
 
     #[test]
     fn an_h100_build_runs_only_on_compute_capability_9_0() {
-        let h100 = targets("sm_90a");
+        let h100 = KernelTargets::single(arch("sm_90a"));
         assert_eq!(h100.support((9, 0)), Support::Full);
         for other in [(8, 0), (8, 6), (8, 9), (10, 0), (12, 0), (7, 5)] {
             assert_eq!(h100.support(other), Support::None, "{other:?}");
         }
         let why = h100.refusal("GPU 0 (NVIDIA A10G)", (8, 6)).unwrap();
         assert!(
-            why.contains("compute capability 9.0 only (H100, H200, GH200)"),
+            why.contains(
+                "built for sm_90a, which runs on compute capability 9.0 only (H100, H200, GH200)"
+            ),
             "{why}"
         );
         assert!(
@@ -245,7 +284,7 @@ mod tests {
 
     #[test]
     fn an_ampere_build_runs_its_modules_on_newer_gpus_but_not_its_quantized_kernels() {
-        let a100 = targets("sm_80");
+        let a100 = KernelTargets::single(arch("sm_80"));
         assert_eq!(a100.support((8, 0)), Support::Full);
         assert_eq!(a100.support((8, 6)), Support::Full);
         assert_eq!(a100.support((8, 9)), Support::Full);
@@ -261,16 +300,47 @@ mod tests {
     }
 
     #[test]
+    fn a_portable_build_runs_on_its_lowest_gpu_and_everything_newer() {
+        let portable = KernelTargets {
+            machine_code: vec![arch("sm_80"), arch("sm_86"), arch("sm_89"), arch("sm_90a")],
+            ptx: arch("sm_80"),
+            linked_ptx: true,
+        };
+        for cc in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+            assert_eq!(portable.support(cc), Support::Full, "{cc:?}");
+        }
+        assert_eq!(portable.support((7, 5)), Support::None);
+        assert_eq!(portable.runs_on_words(), "compute capability 8.0 and newer");
+        // Without PTX below 9.0, machine code only: exactly the GPUs listed.
+        let hopper_blackwell = KernelTargets {
+            machine_code: vec![arch("sm_90a"), arch("sm_100a")],
+            ptx: arch("sm_90a"),
+            linked_ptx: true,
+        };
+        assert_eq!(hopper_blackwell.support((10, 0)), Support::Full);
+        assert_eq!(hopper_blackwell.support((12, 0)), Support::None);
+        assert_eq!(
+            hopper_blackwell.runs_on_words(),
+            "compute capability 9.0, 10.0 only (H100, H200, GH200; B200, GB200)"
+        );
+    }
+
+    #[test]
     fn the_version_note_reads_back() {
         for t in [
-            targets("sm_90a"),
-            targets("sm_86"),
+            KernelTargets::single(arch("sm_90a")),
+            KernelTargets::single(arch("sm_86")),
             KernelTargets {
-                modules: GpuArch::parse("sm_80").unwrap(),
-                linked: GpuArch::parse("sm_86"),
+                machine_code: vec![arch("sm_75"), arch("sm_86"), arch("sm_90a")],
+                ptx: arch("sm_75"),
+                linked_ptx: true,
             },
         ] {
-            let line = format!("runner 0.1.0 (cuda: {})", t.version_note());
+            let line = format!(
+                "runner 0.1.0 (cuda: {}; runs on {})",
+                t.version_note(),
+                t.runs_on_words()
+            );
             assert_eq!(KernelTargets::from_version_line(&line), Some(t), "{line}");
         }
         assert_eq!(

@@ -392,22 +392,30 @@ impl CudaDevice {
     }
 
     /// runner's change (vendor/README.md): whether this GPU takes candle's kernels as the
-    /// machine code built in ([`kernels::CUBIN_COMPUTE_CAP`] is exactly its compute
-    /// capability, and `RUNNER_CUDA_KERNELS=ptx` is not set).
+    /// machine code built in (the build has machine code that runs on its compute
+    /// capability, [`kernels::has_machine_code_for`], and `RUNNER_CUDA_KERNELS=ptx` is not
+    /// set).
     pub fn takes_machine_code(&self) -> bool {
+        self.machine_code_capability()
+            .is_some_and(kernels::has_machine_code_for)
+    }
+
+    /// This GPU's compute capability, unless `RUNNER_CUDA_KERNELS=ptx` asks for the PTX.
+    fn machine_code_capability(&self) -> Option<(u32, u32)> {
         let wanted = std::env::var("RUNNER_CUDA_KERNELS").map_or(true, |v| v != "ptx");
-        wanted
-            && kernels::CUBIN_COMPUTE_CAP.is_some_and(|(major, minor)| {
-                self.context.compute_capability().ok() == Some((major as i32, minor as i32))
-            })
+        let (major, minor) = self.context.compute_capability().ok()?;
+        wanted.then_some((major as u32, minor as u32))
     }
 
     /// runner's change (vendor/README.md): a kernel module from its machine code where the
-    /// build made it for this GPU's compute capability, else (or if the driver refuses it)
+    /// build made some that runs on this GPU (the best fit), else (or if the driver refuses it)
     /// from its PTX, which the driver compiles. `RUNNER_CUDA_KERNELS=ptx` always takes the PTX.
     fn load_kernel_module(&self, mdl: &kernels::Module) -> Result<Arc<cudarc::driver::CudaModule>> {
         use std::sync::atomic::Ordering::Relaxed;
-        if let Some(cubin) = mdl.cubin().filter(|_| self.takes_machine_code()) {
+        if let Some(cubin) = self
+            .machine_code_capability()
+            .and_then(|cc| mdl.cubin_for(cc))
+        {
             match self
                 .context
                 .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
