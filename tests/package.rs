@@ -1105,23 +1105,18 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
             linked_ptx: true,
         },
     );
-    let hopper_bin = hopper.to_str().unwrap();
+    // Packages for Modal, on `gpu` (or the one runner chooses) with the binary `bin`.
+    let for_modal = |name: &str, gpu: Option<&str>, bin: &Path| {
+        let out = scratch.path().join(name);
+        let mut args = vec!["--target", "modal", "--runner-bin", bin.to_str().unwrap()];
+        args.extend(gpu.map(|g| ["--gpu", g]).into_iter().flatten());
+        let (code, _, stderr) = package(model.path(), &out, &args);
+        (out, code, stderr)
+    };
 
     // The H100/H200 build, for an A10G: refused before anything is written, saying why
     // and what to do.
-    let out = scratch.path().join("a10g");
-    let (code, _, stderr) = package(
-        model.path(),
-        &out,
-        &[
-            "--target",
-            "modal",
-            "--gpu",
-            "A10G",
-            "--runner-bin",
-            hopper_bin,
-        ],
-    );
+    let (out, code, stderr) = for_modal("a10g", Some("A10G"), &hopper);
     assert_eq!(code, 1, "{stderr}");
     for expected in [
         "on the A10G it would fail at setup",
@@ -1143,19 +1138,7 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
         ("L40S", &portable),
         ("B200", &portable),
     ] {
-        let out = scratch.path().join(gpu);
-        let (code, _, stderr) = package(
-            model.path(),
-            &out,
-            &[
-                "--target",
-                "modal",
-                "--gpu",
-                gpu,
-                "--runner-bin",
-                bin.to_str().unwrap(),
-            ],
-        );
+        let (out, code, stderr) = for_modal(gpu, Some(gpu), bin);
         assert_eq!(code, 0, "{stderr}");
         assert!(!stderr.contains("kernels"), "{stderr}");
         let manifest: Value =
@@ -1169,12 +1152,7 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
     let config = model.path().join("cog.yaml");
     let yaml = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, yaml.replace("build:\n", "build:\n  gpu: true\n")).unwrap();
-    let out = scratch.path().join("auto");
-    let (code, _, stderr) = package(
-        model.path(),
-        &out,
-        &["--target", "modal", "--runner-bin", hopper_bin],
-    );
+    let (out, code, stderr) = for_modal("auto", None, &hopper);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("the T4 is the smallest modal GPU that holds the weights")
