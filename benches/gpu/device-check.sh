@@ -53,6 +53,7 @@ nproc > "$WORK/cpus.txt"
 # What the host side of a restore runs on (the ring stopped at 16-18 GB/s on the H200 while
 # the page cache alone read 37.5 GB/s): kernel, memory, huge pages, the GPU's PCIe link.
 {
+  echo "runner: $(./runner --version 2>&1)"  # the kernels' target, which this GPU must run
   echo "kernel: $(uname -r)"; echo "cmdline: $(cat /proc/cmdline 2>/dev/null)"
   grep -E 'MemTotal|Hugepagesize|HugePages_Total' /proc/meminfo
   echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null), shmem $(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null)"
