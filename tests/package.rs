@@ -1095,7 +1095,7 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
         "runner-ampere",
         &KernelTargets::single(arch("sm_86")),
     );
-    // CUDA_COMPUTE_CAP=75,86,90: machine code for each, PTX for the T4's 7.5 and newer.
+    // CUDA_COMPUTE_CAP=75,86,90: machine code for each, PTX for 7.5 and newer.
     let portable = fake_cuda_runner(
         scratch.path(),
         "runner-portable",
@@ -1134,7 +1134,7 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
     for (gpu, bin) in [
         ("H100", &hopper),
         ("A10G", &ampere),
-        ("T4", &portable),
+        ("A100-40GB", &portable),
         ("L40S", &portable),
         ("B200", &portable),
     ] {
@@ -1147,17 +1147,30 @@ fn a_gpu_package_needs_a_runner_whose_kernels_run_on_that_gpu() {
         assert_eq!(manifest["hardware"], gpu);
     }
 
+    // A GPU older than bf16 (the T4, 7.5), whatever the binary: runner's models cannot
+    // run there.
+    let (out, code, stderr) = for_modal("t4", Some("T4"), &portable);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("the T4 has compute capability 7.5")
+            && stderr.contains("bf16")
+            && stderr.contains("choose one of: --gpu L4 | A10G"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+
     // cog.yaml asks for a GPU and none is named: the smallest GPU the binary runs on, and a
-    // warning saying which smaller one it cannot.
+    // warning saying which smaller one it cannot (the T4 is never chosen).
     let config = model.path().join("cog.yaml");
     let yaml = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, yaml.replace("build:\n", "build:\n  gpu: true\n")).unwrap();
     let (out, code, stderr) = for_modal("auto", None, &hopper);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("the T4 is the smallest modal GPU that holds the weights")
-            && stderr.contains("packaged for the H100 instead")
-            && stderr.contains("CUDA_COMPUTE_CAP=75"),
+        stderr.contains(
+            "the L4 is the smallest modal GPU that holds the weights and that runner supports"
+        ) && stderr.contains("packaged for the H100 instead")
+            && stderr.contains("CUDA_COMPUTE_CAP=89"),
         "{stderr}"
     );
     let manifest: Value =

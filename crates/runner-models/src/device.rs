@@ -235,7 +235,7 @@ pub fn cuda_unavailable(n: usize) -> Option<String> {
 }
 
 /// Why GPU `n` cannot run this build's kernels at all (candle's PTX targets another GPU
-/// family): found here, before anything loads, instead of at the first kernel launch as a
+/// family, or the GPU predates bf16): found here, before anything loads, instead of at the first kernel launch as a
 /// bare `CUDA_ERROR_NO_BINARY_FOR_GPU`. A GPU that runs all but the quantized matrix
 /// kernels opens with a warning.
 #[cfg(feature = "cuda")]
@@ -249,6 +249,9 @@ fn kernels_refuse(n: usize) -> Option<String> {
         Some(name) => format!("GPU {n} ({name})"),
         None => format!("GPU {n}"),
     };
+    if let Some(why) = runner_spec::cuda_arch::too_old(&gpu, cc) {
+        return Some(format!("{why}; use --device cpu"));
+    }
     let why = targets.refusal(&gpu, cc)?;
     match targets.support(cc) {
         Support::None => Some(why),

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 pub use gpu::{Gpu, Price, GPUS, HEADROOM_GB, PRICES, PRICES_RECORDED};
 pub use runner_spec::cuda_arch::KernelTargets;
-use runner_spec::cuda_arch::Support;
+use runner_spec::cuda_arch::{too_old, Support, MIN_CAPABILITY};
 
 /// The Cog CLI release whose `cog push` flags the Replicate package uses.
 pub const COG_CLI_VERSION: &str = "0.23.1";
@@ -86,6 +86,8 @@ pub enum PackageError {
     OutputContainsModel { out: PathBuf, model: PathBuf },
     #[error("--runner-bin {}: {reason}", path.display())]
     RunnerBinary { path: PathBuf, reason: String },
+    #[error("--gpu: {reason}; choose one of: --gpu {others}")]
+    GpuTooOld { reason: String, others: String },
     #[error("--runner-bin {}: on the {gpu} it would fail at setup: {reason}{others}", path.display())]
     GpuCannotRunKernels {
         path: PathBuf,
@@ -302,11 +304,14 @@ fn default_name(model: &ModelDir) -> String {
     }
 }
 
-/// The GPU the package runs on (`--gpu`, or the smallest that holds the weights and runs the
-/// binary's kernels), and a note where the binary's kernels ruled smaller GPUs out.
+/// The GPU the package runs on (`--gpu`, or the smallest that holds the weights and that
+/// runner can use with this binary), and a note where the binary's kernels ruled smaller
+/// GPUs out. `runner_computes`: runner runs the model on the GPU itself (not a Python
+/// predictor), so the GPU must support bf16 and run the binary's `kernels` (when known).
 fn choose_hardware(
     req: &Request,
     weights_bytes: u64,
+    runner_computes: bool,
     kernels: Option<&KernelTargets>,
 ) -> Result<(Hardware, Option<String>), PackageError> {
     let target = req.target;
@@ -315,7 +320,23 @@ fn choose_hardware(
         names.push("cpu");
         names.join(", ")
     };
-    let runs = |g: &Gpu| kernels.is_none_or(|k| k.support(g.compute_capability) != Support::None);
+    let new_enough = |g: &Gpu| !runner_computes || g.compute_capability >= MIN_CAPABILITY;
+    let kernels_run = |g: &Gpu| {
+        !runner_computes || kernels.is_none_or(|k| k.support(g.compute_capability) != Support::None)
+    };
+    let usable = |g: &Gpu| new_enough(g) && kernels_run(g);
+    let usable_names = || -> String {
+        let names: Vec<&str> = gpu::offered(target)
+            .filter(|g| usable(g))
+            .map(|g| g.name)
+            .collect();
+        names.join(" | ")
+    };
+    let kernels_refusal = |g: &Gpu| {
+        kernels
+            .and_then(|k| k.refusal(&format!("the {}", g.name), g.compute_capability))
+            .unwrap_or_default()
+    };
     match req.gpu {
         Some(name) if name.eq_ignore_ascii_case("cpu") => Ok((Hardware::Cpu, None)),
         Some(name) => {
@@ -324,29 +345,27 @@ fn choose_hardware(
                 target,
                 choices: choices(),
             })?;
-            match kernels.and_then(|k| {
-                (k.support(gpu.compute_capability) == Support::None)
-                    .then(|| k.refusal(&format!("the {}", gpu.name), gpu.compute_capability))
-                    .flatten()
-            }) {
-                None => Ok((Hardware::Gpu(gpu), None)),
-                Some(reason) => {
-                    let able: Vec<&str> = gpu::offered(target)
-                        .filter(|g| runs(g))
-                        .map(|g| g.name)
-                        .collect();
-                    Err(PackageError::GpuCannotRunKernels {
-                        path: req.runner.path.clone(),
-                        gpu: gpu.name,
-                        reason,
-                        others: if able.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", or choose a GPU it runs on: --gpu {}", able.join(" | "))
-                        },
-                    })
-                }
+            if !new_enough(gpu) {
+                return Err(PackageError::GpuTooOld {
+                    reason: too_old(&format!("the {}", gpu.name), gpu.compute_capability)
+                        .unwrap_or_default(),
+                    others: usable_names(),
+                });
             }
+            if !kernels_run(gpu) {
+                let others = usable_names();
+                return Err(PackageError::GpuCannotRunKernels {
+                    path: req.runner.path.clone(),
+                    gpu: gpu.name,
+                    reason: kernels_refusal(gpu),
+                    others: if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", or choose a GPU it runs on: --gpu {others}")
+                    },
+                });
+            }
+            Ok((Hardware::Gpu(gpu), None))
         }
         None if req.model.config.gpu => {
             let too_large = || PackageError::TooLarge {
@@ -358,33 +377,24 @@ fn choose_hardware(
                     .map(|g| format!("{} with {} GB", g.name, g.memory_gb))
                     .unwrap_or_default(),
             };
+            // The smallest GPU runner could use, and the smallest this binary runs on.
             let smallest =
-                gpu::smallest_fitting(target, weights_bytes, |_| true).ok_or_else(too_large)?;
-            let chosen = gpu::smallest_fitting(target, weights_bytes, runs).ok_or_else(|| {
+                gpu::smallest_fitting(target, weights_bytes, new_enough).ok_or_else(too_large)?;
+            let chosen = gpu::smallest_fitting(target, weights_bytes, usable).ok_or_else(|| {
                 PackageError::GpuCannotRunKernels {
                     path: req.runner.path.clone(),
                     gpu: smallest.name,
-                    reason: kernels
-                        .and_then(|k| {
-                            k.refusal(
-                                &format!("the {}", smallest.name),
-                                smallest.compute_capability,
-                            )
-                        })
-                        .unwrap_or_default(),
+                    reason: kernels_refusal(smallest),
                     others: String::new(),
                 }
             })?;
             let note = (chosen != smallest).then(|| {
+                let (major, minor) = smallest.compute_capability;
                 format!(
-                    "the {} is the smallest {target} GPU that holds the weights, but {}'s CUDA kernels do not run on it (compute capability {}.{}); packaged for the {} instead (build runner with CUDA_COMPUTE_CAP={}{} to run on the {})",
+                    "the {} is the smallest {target} GPU that holds the weights and that runner supports, but {}'s CUDA kernels do not run on it (compute capability {major}.{minor}); packaged for the {} instead (build runner with CUDA_COMPUTE_CAP={major}{minor} to run on the {})",
                     smallest.name,
                     req.runner.path.display(),
-                    smallest.compute_capability.0,
-                    smallest.compute_capability.1,
                     chosen.name,
-                    smallest.compute_capability.0,
-                    smallest.compute_capability.1,
                     smallest.name
                 )
             });
@@ -559,7 +569,7 @@ pub fn plan(req: &Request) -> Result<Plan, PackageError> {
 
     // A Python predictor uses the GPU itself; runner only serves it.
     let kernels = req.runner.kernels.as_ref().filter(|_| !python);
-    let (hardware, hardware_note) = choose_hardware(req, weights_bytes, kernels)?;
+    let (hardware, hardware_note) = choose_hardware(req, weights_bytes, !python, kernels)?;
     let mut warnings: Vec<String> = hardware_note.into_iter().collect();
     if let Some(train) = &req.model.config.train {
         // The package carries runner, not a Python environment for the training function.

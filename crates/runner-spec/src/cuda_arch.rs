@@ -76,6 +76,22 @@ impl fmt::Display for GpuArch {
     }
 }
 
+/// The oldest GPUs runner's CUDA path runs on: its models compute in bf16 on CUDA (and its
+/// warm-up runs every float dtype), and candle builds its bf16 kernels for compute
+/// capability 8.0 (Ampere) and newer only.
+pub const MIN_CAPABILITY: (u32, u32) = (8, 0);
+
+/// Why runner cannot use a GPU of compute capability `cc` (named `gpu`) at all, whatever it
+/// was built for; `None` from [`MIN_CAPABILITY`] on.
+pub fn too_old(gpu: &str, cc: (u32, u32)) -> Option<String> {
+    (cc < MIN_CAPABILITY).then(|| {
+        format!(
+            "{gpu} has compute capability {}.{}; runner's models compute in bf16 on CUDA, which candle's kernels support from compute capability {}.{} on (A100, A10G, L4, L40S, H100 and newer)",
+            cc.0, cc.1, MIN_CAPABILITY.0, MIN_CAPABILITY.1
+        )
+    })
+}
+
 /// The GPU families of a compute capability, for messages.
 pub fn gpu_family(cc: (u32, u32)) -> Option<&'static str> {
     Some(match cc {
@@ -323,6 +339,15 @@ mod tests {
             hopper_blackwell.runs_on_words(),
             "compute capability 9.0, 10.0 only (H100, H200, GH200; B200, GB200)"
         );
+    }
+
+    #[test]
+    fn gpus_before_ampere_are_too_old_for_bf16() {
+        let why = too_old("the T4", (7, 5)).unwrap();
+        assert!(why.contains("the T4 has compute capability 7.5"), "{why}");
+        assert!(why.contains("from compute capability 8.0 on"), "{why}");
+        assert_eq!(too_old("the A100", (8, 0)), None);
+        assert_eq!(too_old("the B200", (10, 0)), None);
     }
 
     #[test]
