@@ -76,8 +76,8 @@ impl fmt::Display for GpuArch {
     }
 }
 
-/// The oldest GPUs runner's CUDA path runs on: its models compute in bf16 on CUDA (and its
-/// warm-up runs every float dtype), and candle builds its bf16 kernels for compute
+/// The oldest GPUs runner's CUDA path runs on: its Llama models compute in bf16 on CUDA,
+/// every warm-up runs each float dtype, and candle builds its bf16 kernels for compute
 /// capability 8.0 (Ampere) and newer only.
 pub const MIN_CAPABILITY: (u32, u32) = (8, 0);
 
@@ -86,7 +86,7 @@ pub const MIN_CAPABILITY: (u32, u32) = (8, 0);
 pub fn too_old(gpu: &str, cc: (u32, u32)) -> Option<String> {
     (cc < MIN_CAPABILITY).then(|| {
         format!(
-            "{gpu} has compute capability {}.{}; runner's models compute in bf16 on CUDA, which candle's kernels support from compute capability {}.{} on (A100, A10G, L4, L40S, H100 and newer)",
+            "{gpu} has compute capability {}.{}; runner's CUDA path needs bf16 (its Llama models compute in it, and every warm-up runs it), which candle's kernels support from compute capability {}.{} on (A100, A10G, L4, L40S, H100 and newer)",
             cc.0, cc.1, MIN_CAPABILITY.0, MIN_CAPABILITY.1
         )
     })
