@@ -24,6 +24,8 @@ pub struct StartRun {
     /// How a restore read the snapshot ("direct" or "page cache"), and the share of its
     /// data the page cache held when it began; `None` for a cold start.
     pub restore_read: Option<(String, Option<f64>)>,
+    /// Where "device init" went on CUDA (the setup log's "CUDA device opened in …" line).
+    pub device_open: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,12 +217,18 @@ fn one_start(
         let restore_read = snapshot["read"]
             .as_str()
             .map(|read| (read.to_string(), snapshot["page_cache_resident"].as_f64()));
+        let device_open = health["setup"]["logs"].as_str().and_then(|logs| {
+            logs.lines()
+                .find(|l| l.starts_with("CUDA device opened"))
+                .map(str::to_string)
+        });
         Ok(StartRun {
             ready: ready.as_secs_f64(),
             first_prediction: first_prediction.as_secs_f64(),
             process_start: (ready.as_secs_f64() - setup).max(0.0),
             phases,
             restore_read,
+            device_open,
         })
     })();
     let _ = child.kill();
@@ -432,6 +440,7 @@ pub fn to_json(c: &Report) -> Value {
                 "ready_seconds": {"min": rmin, "median": rmed, "max": rmax},
                 "first_prediction_seconds": {"min": fmin, "median": fmed, "max": fmax},
                 "median_phases": median_phases(m).iter().map(|(n, s)| json!({"name": n, "seconds": s})).collect::<Vec<_>>(),
+                "device_open": m.runs.iter().filter_map(|r| r.device_open.as_deref()).collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -49,6 +49,23 @@ pub struct KernelModuleLoads {
     pub first_refusal: Option<String>,
 }
 
+/// runner's change: how long the last device creation took in each of its steps (cudarc's
+/// context, the cuBLAS handle, the cuRAND generator), so that a start's "device init" can be
+/// told apart on a GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceCreationTimes {
+    pub context: std::time::Duration,
+    pub cublas: std::time::Duration,
+    pub curand: std::time::Duration,
+}
+
+static DEVICE_CREATION: std::sync::Mutex<Option<DeviceCreationTimes>> = std::sync::Mutex::new(None);
+
+/// runner's change: see [`DeviceCreationTimes`]; `None` before a device was created.
+pub fn last_device_creation() -> Option<DeviceCreationTimes> {
+    *DEVICE_CREATION.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// runner's change: see [`KernelModuleLoads`].
 pub fn kernel_module_loads() -> KernelModuleLoads {
     use std::sync::atomic::Ordering::Relaxed;
@@ -442,17 +459,28 @@ impl CudaDevice {
 
 impl CudaDevice {
     pub fn new_with_stream(ordinal: usize) -> Result<Self> {
+        let started = std::time::Instant::now();
         let context = cudarc::driver::CudaContext::new(ordinal).w()?;
         let stream = context.new_stream().w()?;
-        Self::from_context_and_stream(context, stream)
+        Self::from_context_and_stream(context, stream, started.elapsed())
     }
 
     fn from_context_and_stream(
         context: Arc<cudarc::driver::CudaContext>,
         stream: Arc<cudarc::driver::CudaStream>,
+        context_time: std::time::Duration,
     ) -> Result<Self> {
+        // runner's change: each step's time (`last_device_creation`).
+        let started = std::time::Instant::now();
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).w()?;
+        let cublas_time = started.elapsed();
+        let started = std::time::Instant::now();
         let curand = cudarc::curand::CudaRng::new(299792458, stream.clone()).w()?;
+        *DEVICE_CREATION.lock().unwrap_or_else(|e| e.into_inner()) = Some(DeviceCreationTimes {
+            context: context_time,
+            cublas: cublas_time,
+            curand: started.elapsed(),
+        });
         let module_store = ModuleStore {
             mdls: [const { None }; kernels::ALL_IDS.len()],
         };
@@ -473,9 +501,10 @@ impl BackendDevice for CudaDevice {
     type Storage = CudaStorage;
 
     fn new(ordinal: usize) -> Result<Self> {
+        let started = std::time::Instant::now();
         let context = cudarc::driver::CudaContext::new(ordinal).w()?;
         let stream = context.per_thread_stream();
-        Self::from_context_and_stream(context, stream)
+        Self::from_context_and_stream(context, stream, started.elapsed())
     }
 
     fn set_seed(&self, seed: u64) -> Result<()> {

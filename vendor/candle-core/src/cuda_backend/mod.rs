@@ -20,7 +20,10 @@ pub mod cutile;
 mod device;
 mod error;
 mod utils;
-pub use device::{kernel_module_loads, CudaDevice, DeviceId, KernelModuleLoads};
+pub use device::{
+    kernel_module_loads, last_device_creation, CudaDevice, DeviceCreationTimes, DeviceId,
+    KernelModuleLoads,
+};
 pub use error::{CudaError, WrapErr};
 pub use utils::{Map1, Map1Any, Map2, Map2Any, Map2InPlace, Map3, S};
 
