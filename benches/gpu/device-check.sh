@@ -132,6 +132,8 @@ snapshot_roundtrip() {
   serve_and_embed "$WORK/serve-cold.log" "$WORK/cold.json" --snapshot off || return 1
   # Since stop 31 candle's kernels are built in as sm_90a machine code: did the GPU take it?
   grep -ho "candle's CUDA kernels.*" "$WORK/serve-cold.log" | tail -1 | sed 's/^/MiniLM cold: /' | tee -a "$WORK/correctness.txt"
+  # Since stop 32 the setup log splits "device init" (also each bench start's `device_open`).
+  grep -ho "CUDA device opened.*" "$WORK/serve-cold.log" | tail -1 | sed 's/^/MiniLM cold: /' | tee -a "$WORK/correctness.txt"
   for mode in pinned mapped pageable; do
     RUNNER_CUDA_RESTORE=$mode serve_and_embed "$WORK/serve-restored-$mode.log" "$WORK/restored-$mode.json" --require-snapshot || return 1
     if cmp -s "$WORK/cold.json" "$WORK/restored-$mode.json"; then
