@@ -675,7 +675,7 @@ impl Engine {
         };
         let device_name = runner_models::device::describe(&device);
         phases.push(("device init".to_string(), t.elapsed()));
-        if let Some(line) = runner_models::device::open_times().filter(|_| device.is_cuda()) {
+        if let Some(line) = runner_models::device::open_times() {
             self.setup_log(&line);
         }
         // Kernels and cuBLAS start beside the weights (`RUNNER_CUDA_PREWARM=on`, CUDA only).

@@ -285,11 +285,13 @@ fn kernels_refuse(n: usize) -> Option<String> {
     if let Some(why) = runner_spec::cuda_arch::too_old(&gpu, cc) {
         return Some(format!("{why}; use --device cpu"));
     }
-    let why = targets.refusal(&gpu, cc)?;
     match targets.support(cc) {
-        Support::None => Some(why),
-        _ => {
-            tracing::warn!("{why}");
+        Support::Full => None,
+        Support::None => targets.refusal(&gpu, cc),
+        Support::WithoutQuantizedKernels => {
+            if let Some(why) = targets.refusal(&gpu, cc) {
+                tracing::warn!("{why}");
+            }
             None
         }
     }

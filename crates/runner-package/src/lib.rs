@@ -307,7 +307,8 @@ fn default_name(model: &ModelDir) -> String {
 /// The GPU the package runs on (`--gpu`, or the smallest that holds the weights and that
 /// runner can use with this binary), and a note where the binary's kernels ruled smaller
 /// GPUs out. `runner_computes`: runner runs the model on the GPU itself (not a Python
-/// predictor), so the GPU must support bf16 and run the binary's `kernels` (when known).
+/// predictor), so the GPU must support bf16; `kernels`, the binary's targets where known
+/// and runner computes, must run on it.
 fn choose_hardware(
     req: &Request,
     weights_bytes: u64,
@@ -321,9 +322,8 @@ fn choose_hardware(
         names.join(", ")
     };
     let new_enough = |g: &Gpu| !runner_computes || g.compute_capability >= MIN_CAPABILITY;
-    let kernels_run = |g: &Gpu| {
-        !runner_computes || kernels.is_none_or(|k| k.support(g.compute_capability) != Support::None)
-    };
+    let kernels_run =
+        |g: &Gpu| kernels.is_none_or(|k| k.support(g.compute_capability) != Support::None);
     let usable = |g: &Gpu| new_enough(g) && kernels_run(g);
     let usable_names = || -> String {
         let names: Vec<&str> = gpu::offered(target)
