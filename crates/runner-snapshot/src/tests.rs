@@ -506,3 +506,18 @@ fn random_damage_never_panics_and_never_restores_wrong_bytes() {
         "only {refused} of 3000 refused ({identical} identical)"
     );
 }
+
+/// A restored tensor is a view into its dtype's arena: its bytes are the view's alone.
+#[test]
+fn a_views_bytes_are_only_the_views() {
+    let arena = Tensor::arange(0u32, 12, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 4))
+        .unwrap();
+    let middle_row = arena.narrow(0, 1, 1).unwrap();
+    let want: Vec<u8> = (4u32..8).flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(tensor_bytes("row", &middle_row).unwrap(), want);
+    let second_column = arena.narrow(1, 1, 1).unwrap();
+    let want: Vec<u8> = [1u32, 5, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(tensor_bytes("column", &second_column).unwrap(), want);
+}
