@@ -91,6 +91,15 @@ done
 [[ "$err" != *"panicked"* ]] || fail "--device cuda panicked with the stub: $err"
 out="$("$BIN" run "$MODEL" -i text=hello --device auto 2>&1)" || fail "--device auto did not fall back to the CPU beside the stub: $out"
 [[ "$out" == *"["* && "$out" == *"link stub"* ]] || fail "--device auto beside the stub: no embedding, or no word why: $out"
+# The driver initialised on a thread of its own beside cuBLAS's load: the same refusal, the
+# same fallback.
+err="$(RUNNER_CUDA_PRELOAD=beside-init "$BIN" run "$MODEL" -i text=hello --device cuda 2>&1)" \
+  && fail "--device cuda succeeded with the stub under RUNNER_CUDA_PRELOAD=beside-init: $err"
+[[ "$err" == *"link stub"* && "$err" == *"CUDA_ERROR_STUB_LIBRARY"* && "$err" != *"panicked"* ]] \
+  || fail "under RUNNER_CUDA_PRELOAD=beside-init the stub is not named: $err"
+out="$(RUNNER_CUDA_PRELOAD=beside-init "$BIN" run "$MODEL" -i text=hello --device auto 2>&1)" \
+  || fail "--device auto did not fall back to the CPU under RUNNER_CUDA_PRELOAD=beside-init: $out"
+[[ "$out" == *"["* && "$out" == *"link stub"* ]] || fail "--device auto under beside-init: no embedding, or no word why: $out"
 doctor="$("$BIN" doctor "$MODEL" --port 0 2>&1)" || fail "runner doctor found problems beside the stub: $doctor"
 [[ "$doctor" == *"cpu (auto: $stub/libcuda.so.1 is the CUDA toolkit's link stub"* ]] \
   || fail "runner doctor does not say the driver's library is the stub: $doctor"

@@ -4,33 +4,25 @@
 # binary, MiniLM's configuration and tokenizer (the GPU machine generates weights), and
 # SmolLM2's first 2 blocks, xz-compressed. Then, from the device tool:
 #   run(command="bash benches/gpu/device-check.sh", carry=["benches/gpu/stage"], timeout_s=560)
-# The whole script fills its 8 minutes (MiniLM, snapshots, doctor, pinned H2D, the 4.3 GB
-# model's comparisons, the quantized-at-load Llama, then the rest while time lasts); a second
-# call takes what the first did not reach (a call's carry replaces the stage, so models the
-# first call generated are generated again), for example:
-#   run(command="ONLY='pinned H2D|Llama|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
-# (results.md's "failed steps" names the ones skipped for time).
-# What the results decide (each option is off by default until a GPU run shows it helps):
-#  - bench minilm-fresh vs minilm-fresh-ptx, and correctness.txt's "candle's CUDA kernels"
-#    line: whether the built-in sm_90a machine code (on by default since stop 31; its outputs are
-#    checked against sentence-transformers in step 1) loads and removes the fresh machine's
-#    JIT (if the driver refuses it, runner falls back to the PTX and the line says so);
-#  - bench huge-prewarm vs huge: RUNNER_CUDA_PREWARM=on by default if first prediction drops;
-#  - huge-beside-init / huge-no-preload vs huge: the default for RUNNER_CUDA_PRELOAD;
-#  - the sweep's `...:one` rows vs the ring's: RUNNER_RESTORE_COPIER=one by default if faster
-#    (read_ceiling.md's columns (b) and (c) say whether reads or copies hold the ring back);
-#  - the sweep's `...:bounce` rows and read_ceiling.md's column (e): RUNNER_RESTORE_BOUNCE=on
-#    (read into ordinary memory, then copy into the pinned buffer) by default if faster;
+# The whole script fills its 8 minutes (issue 4's open numbers first: the Llama quantized at
+# load, MiniLM's and the 4.3 GB model's snapshots verified, the ring's threads; then what
+# earlier runs measured, then the larger models while time lasts); a second call takes what
+# the first did not reach (a call's carry replaces the stage, so models the first call
+# generated are generated again), for example:
+#   run(command="ONLY='pinned H2D|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
+# (results.md's "failed steps" names the ones skipped for time). A session has 15 device
+# minutes in all, machine starts included (~40-60 s each); on 2026-11-30 (stop 33) a first
+# call lost the machine after 7 minutes and nothing came back, so a short first call (RUNS=1,
+# BUDGET=300) is the safer start.
+# What the results decide:
+#  - bench llama-beside-init vs llama (and huge-beside-init vs huge): whether
+#    RUNNER_CUDA_PRELOAD=beside-init (the driver's context made while cuBLAS loads; the
+#    "CUDA device opened" line in each mode's `device_open` says when) becomes the default;
+#  - the sweep's 16-thread rows against its 8-thread ones: the ring's thread cap (8) and
+#    RUNNER_RESTORE_BOUNCE (21.4 GB/s on 16 threads on 2026-11-30, against 18.1 on 8);
 #  - MiniLM's "without cudarc's event tracking" row: RUNNER_CUDA_EVENT_TRACKING=off by default
 #    if its vectors are bit-identical and its rates no lower.
-# The second call can carry the first call's winners as environment variables (the script
-# passes its environment on to runner), e.g. for the 17 GB model, where the restore weighs
-# most (projected from the 4.3 GB model's phases: at the ring's 18 GB/s a snapshot start
-# ~3.7x sooner than a warm-cache cold start, ~4.5x with the kernels pre-warmed; issue 4 asks
-# for 5x):
-#   run(command="RUNNER_RESTORE_COPIER=one RUNNER_CUDA_PREWARM=on ONLY='pinned H2D|17 GB' BUDGET=300 bash benches/gpu/device-check.sh", ...)
-# (a session has 15 device minutes in all, machine starts included: ~40 s each).
-# Run on an H200 on 2026-11-28 and 2026-11-30; results in benches/results/.
+# Run on an H200 on 2026-11-28, 2026-11-30 and in stop 33; results in benches/results/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"

@@ -507,14 +507,14 @@ fn main() -> ExitCode {
         !cli.logging.quiet && std::io::stderr().is_terminal(),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let cuda_dir = cuda_model_dir(&cli.command);
-    if let Some(dir) = cuda_dir {
+    let cuda_start = cuda_model_dir(&cli.command);
+    if let Some((dir, _)) = cuda_start {
         keep_cuda_kernels_beside_the_model(dir);
     }
     fix_the_cpu_thread_count();
     // After the environment is set: this starts a thread.
-    if cuda_dir.is_some() {
-        runner_models::device::preload_cuda_libraries();
+    if let Some((_, gpu)) = cuda_start {
+        runner_models::device::preload_cuda_libraries(gpu);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -552,10 +552,10 @@ fn fix_the_cpu_thread_count() {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 }
 
-/// The model directory of a command that opens a GPU: serve, snapshot, run, chat or doctor
-/// on a model, built with CUDA, not `--device cpu`, and not a Python predictor (runner opens
-/// no GPU for one). Read before any thread starts.
-fn cuda_model_dir(command: &Command) -> Option<&Path> {
+/// The model directory and GPU (`--device auto`: GPU 0) of a command that opens a GPU:
+/// serve, snapshot, run, chat or doctor on a model, built with CUDA, not `--device cpu`, and
+/// not a Python predictor (runner opens no GPU for one). Read before any thread starts.
+fn cuda_model_dir(command: &Command) -> Option<(&Path, usize)> {
     let (dir, device) = match command {
         Command::Serve { dir, device, .. }
         | Command::Snapshot { dir, device, .. }
@@ -574,7 +574,11 @@ fn cuda_model_dir(command: &Command) -> Option<&Path> {
     // Read only here: a CPU start does not parse cog.yaml twice.
     let python = runner_spec::CogConfig::load(&dir.join("cog.yaml"))
         .is_ok_and(|c| matches!(c.run, runner_spec::RunTarget::Python { .. }));
-    (!python).then_some(dir.as_path())
+    let gpu = match device.device {
+        DeviceSpec::Cuda(n) => n,
+        _ => 0,
+    };
+    (!python).then_some((dir.as_path(), gpu))
 }
 
 /// candle's kernels are PTX that the CUDA driver compiles on first use; its JIT cache

@@ -90,7 +90,8 @@ fn open_cuda(n: usize) -> Result<Device, (String, bool)> {
     let started = std::time::Instant::now();
     // Held until candle has the same (primary) context: dropping the last reference would
     // tear it down.
-    let _early_context = driver_context_beside_the_libraries(n);
+    #[cfg(feature = "cuda")]
+    let early = early_context(n);
     // cudarc panics where a library is missing, and reports the driver's refusals as bare
     // codes: say what is wrong, and what to do.
     if let Some(reason) = cuda_unavailable(n) {
@@ -99,6 +100,8 @@ fn open_cuda(n: usize) -> Result<Device, (String, bool)> {
     let checked = started.elapsed();
     let device = Device::new_cuda(n).map_err(|e| (driver_error_words(&e.to_string()), true))?;
     without_event_tracking_if_asked(&device);
+    #[cfg(feature = "cuda")]
+    let _ = EARLY_CONTEXT_TOOK.set(early.map(|e| e.took));
     let _ = OPEN_TIMES.set((checked, started.elapsed()));
     Ok(device)
 }
@@ -106,6 +109,12 @@ fn open_cuda(n: usize) -> Result<Device, (String, bool)> {
 /// How long the first CUDA device took to open: the libraries and the driver's checks
 /// (waiting for cuBLAS to load where it loads on a thread of its own), then in all.
 static OPEN_TIMES: std::sync::OnceLock<(std::time::Duration, std::time::Duration)> =
+    std::sync::OnceLock::new();
+
+/// How long `beside-init`'s thread took to initialise the driver and create the context
+/// that the device then opened with (`None`: the device made its own).
+#[cfg(feature = "cuda")]
+static EARLY_CONTEXT_TOOK: std::sync::OnceLock<Option<std::time::Duration>> =
     std::sync::OnceLock::new();
 
 /// Where the CUDA device's opening went, for the setup log (CUDA only): "CUDA device opened
@@ -126,8 +135,22 @@ pub fn open_times() -> Option<String> {
         .unwrap_or_default();
     #[cfg(not(feature = "cuda"))]
     let candle = String::new();
+    #[cfg(feature = "cuda")]
+    let early = EARLY_CONTEXT_TOOK
+        .get()
+        .copied()
+        .flatten()
+        .map(|took| {
+            format!(
+                " (its context made beside the libraries' loading, in {:.3}s from the start of the command)",
+                took.as_secs_f64()
+            )
+        })
+        .unwrap_or_default();
+    #[cfg(not(feature = "cuda"))]
+    let early = String::new();
     Some(format!(
-        "CUDA device opened in {:.3}s: libraries and the driver's checks {:.3}s{candle}",
+        "CUDA device opened in {:.3}s: libraries and the driver's checks {:.3}s{candle}{early}",
         total.as_secs_f64(),
         checked.as_secs_f64()
     ))
@@ -389,18 +412,20 @@ fn driver_error_words(error: &str) -> String {
 }
 
 /// How the CUDA libraries are opened (`RUNNER_CUDA_PRELOAD`).
+#[cfg(feature = "cuda")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Preload {
     /// The default: on a thread of their own as the command starts; the device's
     /// initialisation waits for them.
     Beside,
-    /// `beside-init`: the same thread, but the driver initialises and creates the GPU's
-    /// context while cuBLAS is still loading (unmeasured on a GPU so far).
+    /// `beside-init`: the driver initialises and creates the GPU's context on a thread of
+    /// its own while cuBLAS loads on another (unmeasured on a GPU so far).
     BesideInit,
     /// `off`: inside the device's initialisation, one after the other.
     Off,
 }
 
+#[cfg(feature = "cuda")]
 fn preload_mode() -> Preload {
     match std::env::var("RUNNER_CUDA_PRELOAD").as_deref() {
         Ok("off") => Preload::Off,
@@ -409,59 +434,88 @@ fn preload_mode() -> Preload {
     }
 }
 
-/// Under `RUNNER_CUDA_PRELOAD=beside-init`: initialises the driver and retains GPU `n`'s
-/// primary context (the bulk of a device's initialisation: a few hundred milliseconds on a
-/// large GPU) while the preload thread is still loading cuBLAS, instead of after it. The
-/// context returned is the one candle then retains; keep it until candle has. `None`
-/// otherwise, or where the driver refuses (the checks after say why).
-fn driver_context_beside_the_libraries(n: usize) -> Option<Box<dyn std::any::Any>> {
-    if preload_mode() != Preload::BesideInit {
-        return None;
-    }
-    #[cfg(feature = "cuda")]
-    {
-        // Only the driver's own library (the preload opens it first, in a millisecond).
-        open_cuda_library(0).as_ref().ok()?;
-        let started = std::time::Instant::now();
-        let context = candle_core::cuda_backend::cudarc::driver::CudaContext::new(n).ok()?;
-        tracing::debug!(
-            target: "runner::setup",
-            "CUDA driver initialised and GPU {n}'s context created in {:.3}s, beside the libraries' loading",
-            started.elapsed().as_secs_f64()
-        );
-        Some(Box::new(context))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = n;
-        None
-    }
+/// What `RUNNER_CUDA_PRELOAD=beside-init`'s driver thread did: GPU `gpu`'s primary context
+/// (held until candle retains the same one: dropping the last reference would tear it
+/// down), and how long creating it took.
+#[cfg(feature = "cuda")]
+struct EarlyContext {
+    gpu: usize,
+    context: Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>>,
+    took: std::time::Duration,
 }
 
-/// Opens the CUDA libraries on a thread of their own, for a command about to open a GPU:
-/// cuBLAS's library constructors take 71–83 ms (and 147 MB) on the 2-core VM, time that then
-/// passes beside the start-up before the device opens (the runtime, the listener, the model
-/// directory, the readahead) instead of before `main`. Opening the device waits for them
-/// ([`missing_cuda_libraries`]), so CUDA's own initialisation never runs beside a library's
-/// constructors. Does nothing without CUDA; a missing library is reported when the device
-/// opens. `RUNNER_CUDA_PRELOAD=off` leaves them to the device's initialisation, and
-/// `beside-init` lets the driver initialise while cuBLAS loads (the GPU script's
-/// comparisons; both unmeasured on a GPU so far).
-pub fn preload_cuda_libraries() {
+#[cfg(feature = "cuda")]
+static EARLY_CONTEXT: std::sync::Mutex<Option<std::thread::JoinHandle<EarlyContext>>> =
+    std::sync::Mutex::new(None);
+
+/// The context `beside-init` created for GPU `n` (waiting for its thread), and how long that
+/// took; `None` in the other modes, for another GPU, or where the driver refused (the
+/// checks after say why).
+#[cfg(feature = "cuda")]
+fn early_context(n: usize) -> Option<EarlyContext> {
+    let handle = EARLY_CONTEXT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()?;
+    handle
+        .join()
+        .ok()
+        .filter(|early| early.gpu == n && early.context.is_some())
+}
+
+/// Opens the CUDA libraries on a thread of their own, for a command about to open GPU
+/// `gpu`: cuBLAS's library constructors take 71–83 ms (and 147 MB) on the 2-core VM.
+/// Opening the device waits for them ([`missing_cuda_libraries`]). Does nothing without
+/// CUDA; a missing library is reported when the device opens.
+///
+/// While a `dlopen` runs, glibc holds its loader lock, and a Rust thread's first
+/// thread-local with a destructor (`__cxa_thread_atexit_impl`) waits for it: runner's main
+/// thread waited out the whole load before it listened (2-core VM, stop 33), and on the H200
+/// the 0.09 s "process start" of each start is that wait. So by default the load overlaps
+/// little. `beside-init` puts the one slow step that needs no Rust thread-locals beside it:
+/// a thread of its own resolves the driver's functions and initialises it first, then
+/// starts the libraries' thread and creates GPU `gpu`'s primary context (0.13 s on the
+/// H200) while cuBLAS loads. `off` loads the libraries inside the device's initialisation.
+/// Both are unmeasured on a GPU so far (the GPU script compares them).
+pub fn preload_cuda_libraries(gpu: usize) {
     #[cfg(feature = "cuda")]
-    if preload_mode() != Preload::Off {
-        std::thread::spawn(|| {
-            let started = std::time::Instant::now();
-            for i in 0..CUDA_LIBRARIES.len() {
-                let _ = open_cuda_library(i);
-            }
-            tracing::debug!(
-                target: "runner::setup",
-                "CUDA libraries opened in {:.3}s",
-                started.elapsed().as_secs_f64()
-            );
-        });
+    match preload_mode() {
+        Preload::Off => {}
+        Preload::Beside => {
+            std::thread::spawn(open_the_libraries);
+        }
+        Preload::BesideInit => {
+            let handle = std::thread::spawn(move || {
+                use candle_core::cuda_backend::cudarc::driver::{result, CudaContext};
+                let started = std::time::Instant::now();
+                // cudarc opens the driver's library and resolves its functions (dlopen and
+                // dlsym take the loader lock) and the driver initialises, before cuBLAS's
+                // load holds that lock.
+                let driver_ready = open_cuda_library(0).is_ok() && result::init().is_ok();
+                let libraries = std::thread::spawn(open_the_libraries);
+                let context = driver_ready.then(|| CudaContext::new(gpu).ok()).flatten();
+                let took = started.elapsed();
+                let _ = libraries.join();
+                EarlyContext { gpu, context, took }
+            });
+            *EARLY_CONTEXT.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        }
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = gpu;
+}
+
+#[cfg(feature = "cuda")]
+fn open_the_libraries() {
+    let started = std::time::Instant::now();
+    for i in 0..CUDA_LIBRARIES.len() {
+        let _ = open_cuda_library(i);
+    }
+    tracing::debug!(
+        target: "runner::setup",
+        "CUDA libraries opened in {:.3}s",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// A short name for a device, for logs and the ready line.
@@ -898,7 +952,7 @@ mod tests {
         assert!(!cuda_driver_present());
         assert!(missing_cuda_libraries().is_none());
         assert_eq!(kernel_targets(), None);
-        preload_cuda_libraries();
+        preload_cuda_libraries(0);
     }
 
     #[cfg(not(feature = "cuda"))]
