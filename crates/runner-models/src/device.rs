@@ -621,8 +621,10 @@ pub fn kernel_loads(device: &Device) -> Option<String> {
         Device::Cuda(_) => {
             let loads = candle_core::cuda_backend::kernel_module_loads();
             let mut line = format!(
-                "candle's CUDA kernels: {} modules loaded as machine code, {} from PTX",
-                loads.from_cubin, loads.from_ptx
+                "candle's CUDA kernels: {} modules loaded as machine code, {} from PTX, in {:.3}s",
+                loads.from_cubin,
+                loads.from_ptx,
+                loads.loading.as_secs_f64()
             );
             if loads.cubins_refused > 0 {
                 line.push_str(&format!(

@@ -722,6 +722,10 @@ impl CandleWeights {
 
         let restoring = ctx.filter(|c| c.is_restore());
         let recording = ctx.filter(|c| c.is_recording());
+        let build_started = std::time::Instant::now();
+        let metadata = HostCopies::default();
+        let mut restore_time = std::time::Duration::ZERO;
+        let mut restored = 0usize;
         let mut tensor = |name: &str| -> Result<QTensor> {
             let key = |part: &str| format!("runner.llama.q.{name}.{part}");
             if let Some(ctx) = restoring {
@@ -733,8 +737,12 @@ impl CandleWeights {
                         )
                     })
                 };
-                return snapshot_qtensor(part, device)
+                let started = std::time::Instant::now();
+                let q = snapshot_qtensor_with(part, device, &metadata)
                     .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")));
+                restore_time += started.elapsed();
+                restored += 1;
+                return q;
             }
             let q = ct.tensor(reader, name, device)?;
             if let Some(ctx) = recording {
@@ -745,7 +753,9 @@ impl CandleWeights {
             Ok(q)
         };
         let embeddings_q = tensor("token_embd.weight")?;
+        let dequantizing = std::time::Instant::now();
         let embeddings = embeddings_q.dequantize(device)?;
+        let dequantized = dequantizing.elapsed();
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, rms_norm_eps)?;
         // Tied embeddings: no output.weight, the token embeddings project back.
         let output = match ct.tensor_infos.contains_key("output.weight") {
@@ -773,11 +783,24 @@ impl CandleWeights {
                 kv_cache: None,
             });
         }
+        let output = matrix(output)?;
+        if let Some(ctx) = restoring.filter(|_| !device.is_cpu()) {
+            // Where a restored start's "model build" goes on a GPU (each kernel module
+            // loads as it is first used, inside these; the setup log's "candle's CUDA
+            // kernels" line has their time).
+            ctx.log(&format!(
+                "llama: built from the snapshot in {:.3}s: {restored} quantized tensors taken from the restored arenas in {:.3}s (their metadata read to the host {} time(s)), the token embeddings dequantized in {:.3}s",
+                build_started.elapsed().as_secs_f64(),
+                restore_time.as_secs_f64(),
+                metadata.reads.get(),
+                dequantized.as_secs_f64()
+            ));
+        }
         Ok(Self {
             embeddings: Embedding::new(embeddings, embedding_length),
             layers,
             norm,
-            output: matrix(output)?,
+            output,
             masks: HashMap::new(),
         })
     }
@@ -849,11 +872,65 @@ pub fn qtensor_parts(q: &QTensor) -> Result<[(&'static str, Tensor); 2]> {
     ])
 }
 
+/// Host copies of the restored arenas that small metadata tensors (the `ggml` parts) are
+/// views into. candle's `to_vec1` copies a GPU tensor's whole storage and waits for the
+/// stream, so reading each of a Llama's ~200 `ggml` parts that way cost ~200 synchronous
+/// copies of the same arena: it is copied once per build here instead.
+#[derive(Default)]
+struct HostCopies {
+    /// The arena last copied: its device address and length, and its values.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    arena: std::cell::RefCell<Option<(u64, usize, Vec<u32>)>>,
+    /// How many times an arena was copied to the host.
+    reads: std::cell::Cell<usize>,
+}
+
+impl HostCopies {
+    /// `t`'s values (a rank-1 u32 tensor), from the host copy of its arena on a GPU.
+    fn u32_values(&self, t: &Tensor) -> Result<Vec<u32>> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = t.device() {
+            use candle_core::backend::BackendStorage;
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+            let (guard, layout) = t.storage_and_layout();
+            let candle_core::Storage::Cuda(storage) = &*guard else {
+                candle_core::bail!("a CUDA tensor without CUDA storage");
+            };
+            let Some((from, to)) = layout.contiguous_offsets() else {
+                drop(guard);
+                return t.to_vec1();
+            };
+            let slice = storage.as_cuda_slice::<u32>()?;
+            let address = slice.device_ptr(&cuda.cuda_stream()).0;
+            let mut arena = self.arena.borrow_mut();
+            if !matches!(&*arena, Some((a, n, _)) if *a == address && *n == slice.len()) {
+                let candle_core::CpuStorage::U32(values) = storage.to_cpu_storage()? else {
+                    candle_core::bail!("snapshot metadata is not u32");
+                };
+                self.reads.set(self.reads.get() + 1);
+                *arena = Some((address, slice.len(), values));
+            }
+            let values = &arena.as_ref().expect("filled above").2;
+            return Ok(values[from..to].to_vec());
+        }
+        t.to_vec1()
+    }
+}
+
 /// The quantized tensor [`qtensor_parts`] made, on `device`. The data's length is checked
 /// against the type and dims, so no kernel reads past it. On CUDA the blocks are copied
 /// from the restored arena on the device; nothing goes through the host.
 pub fn snapshot_qtensor(part: impl Fn(&str) -> Result<Tensor>, device: &Device) -> Result<QTensor> {
-    let ggml: Vec<u32> = part("ggml")?.flatten_all()?.to_vec1()?;
+    snapshot_qtensor_with(part, device, &HostCopies::default())
+}
+
+/// [`snapshot_qtensor`], reading the `ggml` part through `metadata`'s host copies.
+fn snapshot_qtensor_with(
+    part: impl Fn(&str) -> Result<Tensor>,
+    device: &Device,
+    metadata: &HostCopies,
+) -> Result<QTensor> {
+    let ggml: Vec<u32> = metadata.u32_values(&part("ggml")?.flatten_all()?)?;
     let Some((&code, dims)) = ggml.split_first() else {
         candle_core::bail!("snapshot tensor with an empty `ggml` part");
     };

@@ -33,6 +33,11 @@ static KERNEL_MODULE_LOADS: [std::sync::atomic::AtomicUsize; 3] = [
     std::sync::atomic::AtomicUsize::new(0),
 ];
 
+/// runner's change: nanoseconds spent loading kernel modules so far (each is loaded the
+/// first time one of its kernels runs, so this time falls inside a start's phases).
+static KERNEL_MODULE_LOAD_NANOS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// runner's change: why the driver refused the first cubin it refused.
 static FIRST_CUBIN_REFUSAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -47,6 +52,8 @@ pub struct KernelModuleLoads {
     pub cubins_refused: usize,
     /// The driver's error for the first cubin it refused.
     pub first_refusal: Option<String>,
+    /// Time spent loading them, in all.
+    pub loading: std::time::Duration,
 }
 
 /// runner's change: how long the last device creation took in each of its steps (cudarc's
@@ -74,6 +81,7 @@ pub fn kernel_module_loads() -> KernelModuleLoads {
         from_ptx: KERNEL_MODULE_LOADS[1].load(Relaxed),
         cubins_refused: KERNEL_MODULE_LOADS[2].load(Relaxed),
         first_refusal: FIRST_CUBIN_REFUSAL.get().cloned(),
+        loading: std::time::Duration::from_nanos(KERNEL_MODULE_LOAD_NANOS.load(Relaxed)),
     }
 }
 
@@ -428,6 +436,19 @@ impl CudaDevice {
     /// build made some that runs on this GPU (the best fit), else (or if the driver refuses it)
     /// from its PTX, which the driver compiles. `RUNNER_CUDA_KERNELS=ptx` always takes the PTX.
     fn load_kernel_module(&self, mdl: &kernels::Module) -> Result<Arc<cudarc::driver::CudaModule>> {
+        let started = std::time::Instant::now();
+        let loaded = self.load_kernel_module_timed(mdl);
+        KERNEL_MODULE_LOAD_NANOS.fetch_add(
+            started.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        loaded
+    }
+
+    fn load_kernel_module_timed(
+        &self,
+        mdl: &kernels::Module,
+    ) -> Result<Arc<cudarc::driver::CudaModule>> {
         use std::sync::atomic::Ordering::Relaxed;
         if let Some(cubin) = self
             .machine_code_capability()
