@@ -332,6 +332,22 @@ fn bench_reports_both_modes_as_json_and_svg() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert!(phases.contains(&"snapshot restore"), "{phases:?}");
+    // Each start's setup log, line by line: what a GPU run is read from afterwards.
+    let logs = |mode: usize| modes[mode]["setup_logs"][0].as_array().unwrap().clone();
+    assert!(
+        logs(1)
+            .iter()
+            .any(|l| l.as_str().unwrap().starts_with("restored ")),
+        "{:?}",
+        logs(1)
+    );
+    assert!(
+        !logs(0)
+            .iter()
+            .any(|l| l.as_str().unwrap().starts_with("restored ")),
+        "{:?}",
+        logs(0)
+    );
     assert!(report["snapshot_restore_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["page_cache_read_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["speedup_first_prediction"].as_f64().unwrap() > 0.0);

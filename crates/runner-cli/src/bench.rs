@@ -26,6 +26,9 @@ pub struct StartRun {
     pub restore_read: Option<(String, Option<f64>)>,
     /// Where "device init" went on CUDA (the setup log's "CUDA device opened in …" line).
     pub device_open: Option<String>,
+    /// The server's setup log (`/health-check`'s `setup.logs`), line by line: what each
+    /// phase did, for reading a GPU run afterwards.
+    pub setup_log: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,11 +220,14 @@ fn one_start(
         let restore_read = snapshot["read"]
             .as_str()
             .map(|read| (read.to_string(), snapshot["page_cache_resident"].as_f64()));
-        let device_open = health["setup"]["logs"].as_str().and_then(|logs| {
-            logs.lines()
-                .find(|l| l.starts_with("CUDA device opened"))
-                .map(str::to_string)
-        });
+        let setup_log: Vec<String> = health["setup"]["logs"]
+            .as_str()
+            .map(|logs| logs.lines().map(str::to_string).collect())
+            .unwrap_or_default();
+        let device_open = setup_log
+            .iter()
+            .find(|l| l.starts_with("CUDA device opened"))
+            .cloned();
         Ok(StartRun {
             ready: ready.as_secs_f64(),
             first_prediction: first_prediction.as_secs_f64(),
@@ -229,6 +235,7 @@ fn one_start(
             phases,
             restore_read,
             device_open,
+            setup_log,
         })
     })();
     let _ = child.kill();
@@ -441,6 +448,7 @@ pub fn to_json(c: &Report) -> Value {
                 "first_prediction_seconds": {"min": fmin, "median": fmed, "max": fmax},
                 "median_phases": median_phases(m).iter().map(|(n, s)| json!({"name": n, "seconds": s})).collect::<Vec<_>>(),
                 "device_open": m.runs.iter().filter_map(|r| r.device_open.as_deref()).collect::<Vec<_>>(),
+                "setup_logs": m.runs.iter().map(|r| &r.setup_log).collect::<Vec<_>>(),
             })
         })
         .collect();
