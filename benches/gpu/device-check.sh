@@ -457,6 +457,10 @@ for name in ["minilm-fresh", "minilm-fresh-ptx", "big", "big-mapped", "big-prewa
     print(f"| {name}: snapshot speedup to first prediction, vs cold with the kernel cache warm | {r['speedup_first_prediction']:.2f}x |")
     if r.get('speedup_first_prediction_vs_fresh_machine'):
         print(f"| {name}: snapshot speedup to first prediction, vs cold on a fresh machine (empty kernel cache) | {r['speedup_first_prediction_vs_fresh_machine']:.2f}x |")
+    for m in r["modes"]:  # where a start's time went, from its setup log (since stop 33)
+        for line in (m.get("setup_logs") or [[]])[0]:
+            if line.startswith(("CUDA device opened", "candle's CUDA kernels", "llama: built from the snapshot", "restored ", "warm-up")):
+                print(f"| {name}: {m['mode']}, setup log | {line} |")
     if r.get('pinned_h2d_gb_per_s'):
         print(f"| {name}: pinned H2D measured by runner bench | {r['pinned_h2d_gb_per_s']:.1f} GB/s |")
     gbs = r['snapshot_restore_gb_per_s']
