@@ -11,12 +11,14 @@
 #  3. MiniLM-shaped BERT with random weights generated here (the real weights do not fit the
 #     carry limit beside the rest; they are checked on the CPU in CI): snapshotted, restored
 #     through each path and checked bit for bit, restored servers answering as the cold one;
-#  4. a generated 4.3 GB model (f32 converted to bf16 at load): snapshot verified, the bench,
+#  4. a generated 4.3 GB model (f32 converted to bf16 at load): snapshot verified, the page
+#     cache's read ceiling and what holds the ring back (read_ceiling.py: reads into pinned
+#     memory without copies, the copies without reads; never run on a GPU yet), the bench,
 #     the bench with `beside-init`, and a sweep of the ring's reader threads and bounce reads;
 #  5. what earlier runs measured, again: MiniLM against sentence-transformers (batching,
 #     throughput, /metrics), `runner doctor`, a fresh machine's cold start, Q4_K, the options
 #     that measured slower (pre-warmed kernels, the libraries opened in device init, one
-#     copier), the page cache's read ceiling, a dropped page cache, out of GPU memory, the
+#     copier), a dropped page cache, out of GPU memory, the
 #     mapped restore, PyTorch's cold start, SmolLM2's first blocks on CPU and GPU against
 #     transformers (trimmed from the real GGUF by trim_gguf.py), a 1.1 GB model, and last,
 #     where time is left, a 17 GB one.
@@ -397,6 +399,7 @@ step "MiniLM: generate random weights" 60 python3 checks.py minilm-generate mini
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
 step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
+step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
 step "bench 4.3 GB model (pinned)" 150 bench huge huge pinned 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, driver initialised while cuBLAS loads)" 45 bench_beside_init huge-beside-init huge pinned 1 --no-fresh-machine
 step "restore sweep (4.3 GB model)" 60 restore_sweep huge
@@ -407,7 +410,6 @@ step "bench Llama Q4_K at load (pinned)" 150 bench_llama_q4k
 step "bench Llama Q8_0 at load (pinned, kernels pre-warmed)" 90 bench_llama_prewarm
 step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, CUDA libraries opened in device init)" 90 bench_no_preload huge-no-preload huge pinned 1 --no-fresh-machine
-step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
 step "one-copier ring (4.3 GB model): verified tensor by tensor" 45 verify_model huge one-copier
 step "restore sweep, one copier and bounce reads (4.3 GB model)" 60 copier_sweep huge
 step "bench MiniLM, fresh machine (kernels as PTX)" 90 bench_ptx minilm-fresh-ptx minilm pinned 1
