@@ -470,13 +470,14 @@ fn early_context(n: usize) -> Option<EarlyContext> {
 ///
 /// While a `dlopen` runs, glibc holds its loader lock, and a Rust thread's first
 /// thread-local with a destructor (`__cxa_thread_atexit_impl`) waits for it: runner's main
-/// thread waited out the whole load before it listened (2-core VM, stop 33), and on the H200
-/// the 0.09 s "process start" of each start is that wait. So by default the load overlaps
-/// little. `beside-init` puts the one slow step that needs no Rust thread-locals beside it:
-/// a thread of its own resolves the driver's functions and initialises it first, then
-/// starts the libraries' thread and creates GPU `gpu`'s primary context (0.13 s on the
-/// H200) while cuBLAS loads. `off` loads the libraries inside the device's initialisation.
-/// Both are unmeasured on a GPU so far (the GPU script compares them).
+/// thread waited out the whole load before it listened (2-core VM, stop 33). On the H200 each
+/// start's "process start" was 0.09 s with the preload and 0.010 s with it off, most likely
+/// the same wait, so by default the load overlaps little. `beside-init` puts the one slow
+/// step that needs no Rust thread-locals beside it: a thread of its own resolves the
+/// driver's functions and initialises it first, then starts the libraries' thread and
+/// creates GPU `gpu`'s primary context (0.13 s on the H200) while cuBLAS loads (unmeasured
+/// on a GPU so far; the GPU script compares it). `off` loads the libraries inside the
+/// device's initialisation (0.014 s slower in all than the default on the H200).
 pub fn preload_cuda_libraries(gpu: usize) {
     #[cfg(feature = "cuda")]
     match preload_mode() {
