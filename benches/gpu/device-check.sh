@@ -72,7 +72,9 @@ step() {  # step NAME SECONDS COMMAND...: runs a step with a time limit; a failu
   (( limit > left )) && limit=$left
   echo "== $name (limit ${limit}s)"
   local t=$(date +%s.%N) rc
-  timeout "$limit" bash -o pipefail -c '"$@"' step "$@" &
+  # Niced: should a step saturate the cores, the machine's own agent still answers (the
+  # benches run alone, so their timings are unaffected).
+  nice -n 5 timeout "$limit" bash -o pipefail -c '"$@"' step "$@" &
   local pid=$!
   memory_watchdog "$pid" "$name" &
   local dog=$!
