@@ -368,9 +368,6 @@ print(round(time.time() - t, 3))
 PY
 }
 export -f pytorch_llama
-# Kernels (the quantized product's included) and cuBLAS started beside the restore.
-bench_llama_prewarm() { RUNNER_CUDA_PREWARM=on bench llama-prewarm llama pinned "$RUNS" --no-fresh-machine; }
-export -f bench_llama_prewarm
 # Q4_K, the 4-bit type most people run (llama.cpp's Q4_K_M, mistral.rs's in-situ default):
 # candle's k-quant quantizer makes the cold start's work heavier, the snapshot smaller.
 bench_llama_q4k() { rm -f llama/.runner/*.rsnap; RUNNER_QUANTIZE=q4_k bench llama-q4k llama pinned "$RUNS" --no-fresh-machine; }
@@ -388,13 +385,11 @@ export -f giant_sweep
 # The plan, every function being defined: issue 4's open numbers first (the Llama quantized
 # at load, the 5x candidate, with the driver initialised beside cuBLAS's load; the restore's
 # thread count), then the checks and comparisons measured before, then the larger models.
-bench_llama_beside_init() { RUNNER_CUDA_PRELOAD=beside-init bench llama-beside-init llama pinned "$RUNS" --no-fresh-machine; }
-export -f bench_llama_beside_init
 
 step "pinned H2D bandwidth" 60 pinned_h2d
 step "generate the 1.2 B Llama (bf16 safetensors, Q8_0 at load)" 120 llama_generate
 step "bench Llama Q8_0 at load (pinned)" 180 bench llama llama pinned "$RUNS" --no-fresh-machine
-step "bench Llama Q8_0 at load (pinned, driver initialised while cuBLAS loads)" 90 bench_llama_beside_init
+step "bench Llama Q8_0 at load (pinned, driver initialised while cuBLAS loads)" 90 bench_beside_init llama-beside-init llama pinned "$RUNS" --no-fresh-machine
 step "Llama Q8_0 at load: snapshot verified, restored server generates the same" 180 llama_snapshot
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
 step "MiniLM: generate random weights" 60 python3 checks.py minilm-generate minilm/weights
@@ -409,7 +404,7 @@ step "MiniLM: runner vs sentence-transformers, batching, throughput" 180 minilm_
 step "runner doctor (MiniLM, GPU)" 60 doctor_gpu
 step "bench MiniLM, fresh machine (kernels as machine code)" 60 bench minilm-fresh minilm pinned 1
 step "bench Llama Q4_K at load (pinned)" 150 bench_llama_q4k
-step "bench Llama Q8_0 at load (pinned, kernels pre-warmed)" 90 bench_llama_prewarm
+step "bench Llama Q8_0 at load (pinned, kernels pre-warmed)" 90 bench_prewarm llama-prewarm llama pinned "$RUNS" --no-fresh-machine
 step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, CUDA libraries opened in device init)" 90 bench_no_preload huge-no-preload huge pinned 1 --no-fresh-machine
 step "one-copier ring (4.3 GB model): verified tensor by tensor" 45 verify_model huge one-copier

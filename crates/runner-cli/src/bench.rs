@@ -24,8 +24,6 @@ pub struct StartRun {
     /// How a restore read the snapshot ("direct" or "page cache"), and the share of its
     /// data the page cache held when it began; `None` for a cold start.
     pub restore_read: Option<(String, Option<f64>)>,
-    /// Where "device init" went on CUDA (the setup log's "CUDA device opened in …" line).
-    pub device_open: Option<String>,
     /// The server's setup log (`/health-check`'s `setup.logs`), line by line: what each
     /// phase did, for reading a GPU run afterwards.
     pub setup_log: Vec<String>,
@@ -224,17 +222,12 @@ fn one_start(
             .as_str()
             .map(|logs| logs.lines().map(str::to_string).collect())
             .unwrap_or_default();
-        let device_open = setup_log
-            .iter()
-            .find(|l| l.starts_with("CUDA device opened"))
-            .cloned();
         Ok(StartRun {
             ready: ready.as_secs_f64(),
             first_prediction: first_prediction.as_secs_f64(),
             process_start: (ready.as_secs_f64() - setup).max(0.0),
             phases,
             restore_read,
-            device_open,
             setup_log,
         })
     })();
@@ -447,7 +440,8 @@ pub fn to_json(c: &Report) -> Value {
                 "ready_seconds": {"min": rmin, "median": rmed, "max": rmax},
                 "first_prediction_seconds": {"min": fmin, "median": fmed, "max": fmax},
                 "median_phases": median_phases(m).iter().map(|(n, s)| json!({"name": n, "seconds": s})).collect::<Vec<_>>(),
-                "device_open": m.runs.iter().filter_map(|r| r.device_open.as_deref()).collect::<Vec<_>>(),
+                // Where "device init" went on CUDA (the "CUDA device opened in …" line).
+                "device_open": m.runs.iter().filter_map(|r| r.setup_log.iter().find(|l| l.starts_with("CUDA device opened"))).collect::<Vec<_>>(),
                 "setup_logs": m.runs.iter().map(|r| &r.setup_log).collect::<Vec<_>>(),
             })
         })

@@ -92,6 +92,10 @@ fn open_cuda(n: usize) -> Result<Device, (String, bool)> {
     // tear it down.
     #[cfg(feature = "cuda")]
     let early = early_context(n);
+    #[cfg(feature = "cuda")]
+    let early_took = early.as_ref().map(|e| e.took);
+    #[cfg(not(feature = "cuda"))]
+    let early_took = None;
     // cudarc panics where a library is missing, and reports the driver's refusals as bare
     // codes: say what is wrong, and what to do.
     if let Some(reason) = cuda_unavailable(n) {
@@ -100,28 +104,28 @@ fn open_cuda(n: usize) -> Result<Device, (String, bool)> {
     let checked = started.elapsed();
     let device = Device::new_cuda(n).map_err(|e| (driver_error_words(&e.to_string()), true))?;
     without_event_tracking_if_asked(&device);
+    let _ = OPEN_TIMES.set((checked, started.elapsed(), early_took));
     #[cfg(feature = "cuda")]
-    let _ = EARLY_CONTEXT_TOOK.set(early.map(|e| e.took));
-    let _ = OPEN_TIMES.set((checked, started.elapsed()));
+    drop(early);
     Ok(device)
 }
 
 /// How long the first CUDA device took to open: the libraries and the driver's checks
-/// (waiting for cuBLAS to load where it loads on a thread of its own), then in all.
-static OPEN_TIMES: std::sync::OnceLock<(std::time::Duration, std::time::Duration)> =
-    std::sync::OnceLock::new();
-
-/// How long `beside-init`'s thread took to initialise the driver and create the context
-/// that the device then opened with (`None`: the device made its own).
-#[cfg(feature = "cuda")]
-static EARLY_CONTEXT_TOOK: std::sync::OnceLock<Option<std::time::Duration>> =
-    std::sync::OnceLock::new();
+/// (waiting for cuBLAS to load where it loads on a thread of its own), then in all; and how
+/// long `beside-init`'s thread took to create the context it opened with (`None`: the
+/// device made its own).
+type OpenTimes = (
+    std::time::Duration,
+    std::time::Duration,
+    Option<std::time::Duration>,
+);
+static OPEN_TIMES: std::sync::OnceLock<OpenTimes> = std::sync::OnceLock::new();
 
 /// Where the CUDA device's opening went, for the setup log (CUDA only): "CUDA device opened
 /// in 0.155s: libraries and the driver's checks 0.081s, context 0.052s, cuBLAS handle
 /// 0.015s, cuRAND 0.001s".
 pub fn open_times() -> Option<String> {
-    let (checked, total) = *OPEN_TIMES.get()?;
+    let (checked, total, early_took) = *OPEN_TIMES.get()?;
     #[cfg(feature = "cuda")]
     let candle = candle_core::cuda_backend::last_device_creation()
         .map(|t| {
@@ -135,11 +139,7 @@ pub fn open_times() -> Option<String> {
         .unwrap_or_default();
     #[cfg(not(feature = "cuda"))]
     let candle = String::new();
-    #[cfg(feature = "cuda")]
-    let early = EARLY_CONTEXT_TOOK
-        .get()
-        .copied()
-        .flatten()
+    let early = early_took
         .map(|took| {
             format!(
                 " (its context made beside the libraries' loading, in {:.3}s from the start of the command)",
@@ -147,8 +147,6 @@ pub fn open_times() -> Option<String> {
             )
         })
         .unwrap_or_default();
-    #[cfg(not(feature = "cuda"))]
-    let early = String::new();
     Some(format!(
         "CUDA device opened in {:.3}s: libraries and the driver's checks {:.3}s{candle}{early}",
         total.as_secs_f64(),
