@@ -126,6 +126,123 @@ fn a_snapshot_replaced_or_removed_under_a_server_changes_nothing() {
     assert_eq!(h["status"], "READY", "{h}");
 }
 
+/// What `/health-check` says of a `--save-snapshot` save once it has ended.
+fn finished_save(server: &Server) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let save = health(server)["runner"]["snapshot_save"].clone();
+        if save["status"] != "saving" || std::time::Instant::now() > deadline {
+            return save;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `runner serve --save-snapshot`: a server that loads cold writes the snapshot the next
+/// start restores, after it is ready; one restored from it writes nothing; a snapshot made
+/// stale (the model changed) is replaced the same way; a place it cannot write to is a
+/// warning while the server goes on serving.
+#[test]
+fn a_cold_server_saves_the_snapshot_the_next_start_restores() {
+    let model = generated_model(2, "bf16");
+    let cold = Server::start(model.path(), &["--save-snapshot"]);
+    assert!(
+        cold.status_line.contains("weights safetensors"),
+        "{}",
+        cold.status_line
+    );
+    let save = finished_save(&cold);
+    assert_eq!(save["status"], "saved", "{save}");
+    let path = std::path::PathBuf::from(save["path"].as_str().unwrap());
+    assert!(path.starts_with(model.path().join(".runner")), "{save}");
+    assert!(save["bytes"].as_u64().unwrap() > 0, "{save}");
+    let cold_output = predict_raw(&cold);
+    drop(cold);
+
+    let restored = Server::start(model.path(), &["--save-snapshot", "--require-snapshot"]);
+    assert!(
+        restored.status_line.contains("weights snapshot"),
+        "{}",
+        restored.status_line
+    );
+    let h = health(&restored);
+    assert!(h["runner"].get("snapshot_save").is_none(), "{h}");
+    assert_eq!(predict_raw(&restored), cold_output, "bit-identical outputs");
+    drop(restored);
+
+    // The model changes (its cog.yaml does): the old snapshot is refused, and the cold
+    // start that follows saves one that fits again.
+    let cog = model.path().join("cog.yaml");
+    let mut yaml = std::fs::read_to_string(&cog).unwrap();
+    yaml.push_str("# edited\n");
+    std::fs::write(&cog, yaml).unwrap();
+    let stale = Server::start(model.path(), &["--save-snapshot"]);
+    assert!(
+        stale.status_line.contains("weights safetensors"),
+        "{}",
+        stale.status_line
+    );
+    assert_eq!(finished_save(&stale)["status"], "saved");
+    drop(stale);
+    let again = Server::start(model.path(), &["--require-snapshot"]);
+    assert!(
+        again.status_line.contains("weights snapshot"),
+        "{}",
+        again.status_line
+    );
+    assert_eq!(predict_raw(&again), cold_output);
+    drop(again);
+
+    // Somewhere it cannot be written (its folder would be a file): the save fails and says
+    // why; the server serves on.
+    let unwritable = cog.join("x.rsnap");
+    let server = Server::start(
+        model.path(),
+        &[
+            "--save-snapshot",
+            "--snapshot",
+            unwritable.to_str().unwrap(),
+        ],
+    );
+    let save = finished_save(&server);
+    assert_eq!(save["status"], "failed", "{save}");
+    assert!(
+        save["error"].as_str().unwrap().contains("cannot create"),
+        "{save}"
+    );
+    assert_eq!(health(&server)["status"], "READY");
+    assert_eq!(predict_raw(&server), cold_output);
+    // The warning was written before the status changed; its line may still be in the pipe.
+    let mut warned = String::new();
+    for _ in 0..100 {
+        warned.push_str(&server.drain_stderr().join("\n"));
+        if warned.contains("could not save a snapshot") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(warned.contains("could not save a snapshot"), "{warned}");
+    drop(server);
+
+    // Nowhere to put it.
+    let (code, _, stderr) = runner(&[
+        "serve",
+        model.path().to_str().unwrap(),
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--snapshot",
+        "off",
+        "--save-snapshot",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--save-snapshot with --snapshot off"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn bad_snapshots_fall_back_to_a_cold_load_and_say_why() {
     let model = generated_model(1, "f32");

@@ -174,7 +174,6 @@ impl Server {
         })
     }
 
-    /// Everything the server wrote on stderr since it became ready.
     /// Sends SIGTERM, as a supervisor stopping the server does.
     #[allow(dead_code)]
     pub fn sigterm(&self) {
@@ -198,6 +197,7 @@ impl Server {
         false
     }
 
+    /// Everything the server wrote on stderr since it became ready (or since the last call).
     pub fn drain_stderr(&self) -> Vec<String> {
         self.stderr_lines.try_iter().collect()
     }

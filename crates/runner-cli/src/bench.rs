@@ -160,6 +160,8 @@ fn one_start(
         .args((snapshot_arg != "off").then_some("--require-snapshot"))
         .args(["--log-format", "json", "-q"])
         .env_remove("RUNNER_PORT")
+        // A cold start measured must not also write a snapshot beside its predictions.
+        .env_remove("RUNNER_SAVE_SNAPSHOT")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -676,7 +676,9 @@ fn snapshot(
             "snapshot",
             unusable,
             format!("none at {}: serve loads the weights cold", path.display()),
-            format!("{retake} (later starts restore it instead)"),
+            format!(
+                "{retake}, or serve once with --save-snapshot (later starts restore it instead)"
+            ),
         );
         return;
     }
@@ -709,7 +711,7 @@ fn snapshot(
             "snapshot",
             unusable,
             format!("serve would not use it ({e}) and would load the weights cold"),
-            retake,
+            format!("{retake}, or serve once with --save-snapshot"),
         ),
     }
 }

@@ -223,6 +223,7 @@ impl SnapshotArgs {
         SnapshotOptions {
             mode,
             require: self.require_snapshot,
+            save: false,
         }
     }
 }
@@ -300,6 +301,11 @@ enum Command {
         serving: ServingArgs,
         #[command(flatten)]
         snapshot: SnapshotArgs,
+        /// After a cold load (no usable snapshot), write the snapshot in the background once
+        /// the server is ready, so the next start restores it: to --snapshot PATH, else
+        /// where `--snapshot auto` looks (DIR/.runner/).
+        #[arg(long, env = "RUNNER_SAVE_SNAPSHOT")]
+        save_snapshot: bool,
     },
     /// Load a model cold, warm it up, and save its device-resident state as a snapshot
     /// that `runner serve` restores instead of loading the weights.
@@ -667,10 +673,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             mode,
             serving,
             snapshot,
+            save_snapshot,
         } => {
             if serving.exit_with_parent {
                 exit_with_parent();
             }
+            let snapshot = SnapshotOptions {
+                save: save_snapshot,
+                ..snapshot.options()
+            };
             serve(
                 &dir,
                 &host,
@@ -1058,7 +1069,7 @@ async fn serve(
     device: DeviceSpec,
     mode: Mode,
     serving: ServingArgs,
-    snapshot: SnapshotArgs,
+    snapshot: SnapshotOptions,
 ) -> Result<ExitCode> {
     let started = Instant::now();
     let shutdown_timeout = seconds("shutdown-timeout", serving.shutdown_timeout)?;
@@ -1089,7 +1100,7 @@ async fn serve(
             download_timeout: seconds("input-download-timeout", serving.input_download_timeout)?,
             ..Default::default()
         },
-        snapshot: snapshot.options(),
+        snapshot,
         record_for_snapshot: false,
         progress: progress_bars(),
         python: None,
@@ -1247,6 +1258,24 @@ async fn serve(
     match tokio::time::timeout(Duration::from_secs(5), http).await {
         Ok(joined) => joined.context("server task")?.context("server")?,
         Err(_) => tracing::warn!("some connections were still open at exit"),
+    }
+    if let Some(runner_engine::SnapshotSave::Saving { path }) = engine.snapshot_save() {
+        tracing::info!(
+            "waiting up to {:.0}s for the snapshot being saved to {}",
+            shutdown_timeout.as_secs_f64(),
+            path.display()
+        );
+        let waiting = Arc::clone(&engine);
+        let finished =
+            tokio::task::spawn_blocking(move || waiting.wait_for_snapshot_save(shutdown_timeout))
+                .await
+                .unwrap_or(false);
+        if !finished {
+            tracing::warn!(
+                "stopping before the snapshot was saved: none was written to {}, and the next start loads cold",
+                path.display()
+            );
+        }
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)

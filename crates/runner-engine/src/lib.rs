@@ -27,6 +27,8 @@ pub mod cli_inputs;
 pub mod files;
 pub mod metrics;
 pub mod prediction;
+mod snapshot_save;
+pub use snapshot_save::SnapshotSave;
 
 pub use batcher::BatchOptions;
 pub use files::FileConfig;
@@ -73,6 +75,8 @@ pub enum EngineError {
     NoTrainer(String),
     #[error("{0}")]
     Schema(String),
+    #[error("--save-snapshot with --snapshot off: saving a snapshot needs somewhere to put it; drop --snapshot off (the model directory's .runner/ is used) or pass --snapshot PATH")]
+    SaveWithoutSnapshot,
 }
 
 /// Why a prediction was not started.
@@ -149,6 +153,9 @@ pub struct SnapshotOptions {
     pub mode: SnapshotMode,
     /// Fail setup instead of loading cold when the snapshot is missing or unusable.
     pub require: bool,
+    /// After a cold load, write the snapshot (to `mode`'s path) in the background, so the
+    /// next start restores it (`--save-snapshot`). Needs a mode other than `Off`.
+    pub save: bool,
 }
 
 /// The snapshot a model was restored from.
@@ -226,6 +233,8 @@ pub struct Engine {
     snapshot_options: SnapshotOptions,
     progress: Option<ProgressBars>,
     recorded: Option<runner_models::load::Recorded>,
+    /// The background snapshot save after a cold load (`--save-snapshot`).
+    save: snapshot_save::SaveState,
     /// The quantization at load in effect (`q8_0`, …), from `--quantize` or cog.yaml.
     quantize: Option<&'static str>,
     device: OnceLock<candle_core::Device>,
@@ -293,6 +302,9 @@ impl Engine {
         device_spec: DeviceSpec,
         options: EngineOptions,
     ) -> Result<Arc<Self>, EngineError> {
+        if options.snapshot.save && options.snapshot.mode == SnapshotMode::Off {
+            return Err(EngineError::SaveWithoutSnapshot);
+        }
         // A training server is the same server around the `train:` function, as in Cog.
         let mut dir = dir;
         let mode = options.mode;
@@ -409,6 +421,8 @@ impl Engine {
         }
         // A batch can only gather predictions that hold a slot.
         let total_slots = concurrency.max(batching.map_or(1, |b| b.max_batch_size));
+        // A snapshot is written from the tensors the cold load recorded.
+        let record = options.record_for_snapshot || options.snapshot.save;
         Ok(Arc::new(Engine {
             dir,
             mode,
@@ -445,9 +459,8 @@ impl Engine {
             setup_timeout: options.setup_timeout,
             snapshot_options: options.snapshot,
             progress: options.progress,
-            recorded: options
-                .record_for_snapshot
-                .then(|| Arc::new(Mutex::new(Vec::new()))),
+            recorded: record.then(|| Arc::new(Mutex::new(Vec::new()))),
+            save: Default::default(),
             quantize,
             device: OnceLock::new(),
             metrics: Default::default(),
@@ -639,6 +652,8 @@ impl Engine {
                 let _ = self.model.set(model);
                 let _ = self.loaded.set(loaded.clone());
                 state.health_before_ready = Health::Ready;
+                drop(state);
+                self.start_snapshot_save();
                 Ok(loaded)
             }
             Err(e) => {
@@ -1012,6 +1027,13 @@ impl Engine {
             .sum();
         let bar = self.progress_bar("writing snapshot", bytes);
         runner_snapshot::write_with_progress(&path, &key, &tensors, bar).map_err(|e| e.to_string())
+    }
+
+    /// Lets go of the tensors the cold load recorded, once a snapshot no longer needs them.
+    fn forget_recorded(&self) {
+        if let Some(recorded) = &self.recorded {
+            recorded.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 
     /// Restores the snapshot at `path` onto the model's device and compares every tensor,
@@ -1745,6 +1767,7 @@ mod tests {
             snapshot: SnapshotOptions {
                 mode: SnapshotMode::Auto,
                 require: true,
+                ..Default::default()
             },
             ..Default::default()
         };
@@ -1761,6 +1784,7 @@ mod tests {
             snapshot: SnapshotOptions {
                 mode: SnapshotMode::Auto,
                 require: true,
+                ..Default::default()
             },
             record_for_snapshot: true,
             ..Default::default()

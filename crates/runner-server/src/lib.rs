@@ -473,6 +473,10 @@ async fn health_check(State(state): State<AppState>) -> Json<Value> {
             "queued": engine.queued(),
             "max_queue": engine.max_queue(),
         });
+        // With --save-snapshot, after a cold load: saving, saved or failed (and why).
+        if let Some(save) = engine.snapshot_save() {
+            body["runner"]["snapshot_save"] = json!(save);
+        }
     }
     Json(body)
 }
