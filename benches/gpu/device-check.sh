@@ -10,7 +10,8 @@
 #     cold and restored servers generating the same text, and transformers' cold start;
 #  3. MiniLM-shaped BERT with random weights generated here (the real weights do not fit the
 #     carry limit beside the rest; they are checked on the CPU in CI): snapshotted, restored
-#     through each path and checked bit for bit, restored servers answering as the cold one;
+#     through each path and checked bit for bit, restored servers answering as the cold one,
+#     and a snapshot saved by a serving server (`--save-snapshot`) restoring the same;
 #  4. a generated 4.3 GB model (f32 converted to bf16 at load): snapshot verified, the page
 #     cache's read ceiling and what holds the ring back (read_ceiling.py: reads into pinned
 #     memory without copies, the copies without reads; never run on a GPU yet), the bench,
@@ -172,6 +173,27 @@ snapshot_roundtrip() {
   fi | tee -a "$WORK/correctness.txt"
 }
 export -f snapshot_roundtrip
+# Since stop 34: `runner serve --save-snapshot` writes the snapshot after a cold load, in the
+# background while it serves; the next start restores it and must answer as the cold server.
+save_snapshot_serve() {
+  rm -f minilm/.runner/*.rsnap  # written again below, by the server
+  local log="$WORK/serve-save.log" addr status
+  addr=$(serve minilm "$log" --save-snapshot) || return 1
+  for _ in $(seq 600); do
+    status=$(python3 -c 'import json,sys,urllib.request;print(json.load(urllib.request.urlopen(f"http://{sys.argv[1]}/health-check"))["runner"].get("snapshot_save",{}).get("status"))' "$addr")
+    [ "$status" != saving ] && break; sleep 0.1
+  done
+  kill "$(cat "$log.pid")"; wait "$(cat "$log.pid")" 2>/dev/null
+  grep -ho "snapshot saved.*\|could not save.*" "$log" | sed 's/^/MiniLM --save-snapshot: /' | tee -a "$WORK/correctness.txt"
+  [ "$status" = saved ] || return 1
+  serve_and_embed "$WORK/serve-after-save.log" "$WORK/after-save.json" --require-snapshot || return 1
+  if cmp -s "$WORK/cold.json" "$WORK/after-save.json"; then
+    echo "restored (saved by a serving server) == cold: bit-identical outputs"
+  else
+    echo "restored (saved by a serving server) != cold: DIFFERENT"; return 1
+  fi | tee -a "$WORK/correctness.txt"
+}
+export -f save_snapshot_serve
 
 # runner doctor on the GPU: its name, driver, memory, kernel cache, the snapshot found
 # compatible, a load from it, and runner's own pinned H2D figure (unverified until here).
@@ -394,6 +416,7 @@ step "Llama Q8_0 at load: snapshot verified, restored server generates the same"
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
 step "MiniLM: generate random weights" 60 python3 checks.py minilm-generate minilm/weights
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip
+step "MiniLM: serve --save-snapshot, then a restored server answers the same" 60 save_snapshot_serve
 step "generate the 4.3 GB model" 120 ./runner -q generate tiny-mlp huge/weights --hidden-size "$HUGE_HIDDEN" --layers 16 --dtype bf16
 step "4.3 GB model snapshot, verified tensor by tensor" 150 verify_model huge pinned
 step "host read ceiling (4.3 GB model's snapshot)" 90 read_ceiling huge
