@@ -1316,8 +1316,13 @@ async fn take_snapshot(
         .context("snapshot writer")?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", report.path.display());
+    // What loading and writing took in memory at most: a recording shares the model's
+    // tensors, so about what serving the model takes.
+    let peak = runner_models::device::process_peak_resident_bytes()
+        .map(|b| format!(" (peak memory {:.1} MB)", b as f64 / 1e6))
+        .unwrap_or_default();
     eprintln!(
-        "runner: snapshot of {} tensors ({:.1} MB) written to {} in {:.2}s",
+        "runner: snapshot of {} tensors ({:.1} MB) written to {} in {:.2}s{peak}",
         report.tensors,
         report.data_bytes as f64 / 1e6,
         report.path.display(),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use runner_models::{
     architecture_for, Architecture, DeviceSpec, LoadContext, LoadError, Model, PredictError,
 };
-use runner_snapshot::{CompatKey, Snapshot};
+use runner_snapshot::{CompatKey, Snapshot, SnapshotSource};
 use runner_spec::openapi;
 pub use runner_spec::Mode;
 use runner_spec::{InputValidator, ModelDir, OutputType, Signature, ValidationIssue};
@@ -1021,10 +1021,7 @@ impl Engine {
         let path = path
             .map(std::path::Path::to_path_buf)
             .unwrap_or_else(|| self.default_snapshot_path(&key.device_kind));
-        let bytes = tensors
-            .iter()
-            .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum();
+        let bytes = tensors.iter().map(|(_, t)| t.byte_len()).sum();
         let bar = self.progress_bar("writing snapshot", bytes);
         runner_snapshot::write_with_progress(&path, &key, &tensors, bar).map_err(|e| e.to_string())
     }
@@ -1070,8 +1067,8 @@ impl Engine {
                     cold.dims()
                 ));
             }
-            let bytes = |t| runner_snapshot::tensor_bytes(name, t).map_err(|e| e.to_string());
-            if bytes(back)? != bytes(cold)? {
+            let restored_bytes = back.bytes(name).map_err(|e| e.to_string())?;
+            if restored_bytes != cold.bytes(name).map_err(|e| e.to_string())? {
                 return Err(format!(
                     "tensor `{name}`: restored bytes differ from the cold load"
                 ));
@@ -1732,6 +1729,7 @@ mod tests {
         assert_eq!(restored.len(), recorded.len());
         for ((n1, a), (n2, b)) in recorded.iter().zip(&restored) {
             assert_eq!(n1, n2);
+            let a = &a.tensor().unwrap();
             let bits = |t: &candle_core::Tensor| {
                 t.flatten_all()
                     .unwrap()

@@ -747,6 +747,19 @@ pub fn check_fits(device: &Device, needed: u64, what: &str) -> Result<(), String
     Ok(())
 }
 
+/// The most memory this process has had resident so far, in bytes (Linux: VmHWM).
+pub fn process_peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// This process's resident memory in bytes (Linux: /proc/self/statm).
 pub fn process_resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;

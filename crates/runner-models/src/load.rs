@@ -15,7 +15,61 @@ use crate::weights::{CheckedWeights, WeightsError};
 use crate::SetupLog;
 
 /// Tensors taken by a model during load, in the order it took them.
-pub type Recorded = Arc<Mutex<Vec<(String, Tensor)>>>;
+pub type Recorded = Arc<Mutex<Vec<(String, RecordedTensor)>>>;
+
+/// Makes a recorded tensor's bytes (as a snapshot stores them) when the snapshot is written.
+pub type MakeBytes = Arc<dyn Fn() -> candle_core::Result<Vec<u8>> + Send + Sync>;
+
+/// One tensor of a recording: held (it shares the model's memory), or made only when the
+/// snapshot is written, from what the model holds, where holding a copy meanwhile would
+/// double the model's memory (quantized blocks that exist only in the device's form).
+#[derive(Clone)]
+pub enum RecordedTensor {
+    Held(Tensor),
+    Deferred {
+        dtype: DType,
+        dims: Vec<usize>,
+        make: MakeBytes,
+    },
+}
+
+impl RecordedTensor {
+    /// The tensor itself: held, or made now (on the CPU).
+    pub fn tensor(&self) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Held(t) => Ok(t.clone()),
+            Self::Deferred { dtype, dims, make } => {
+                Tensor::from_raw_buffer(&make()?, *dtype, dims, &Device::Cpu)
+            }
+        }
+    }
+}
+
+impl runner_snapshot::SnapshotSource for RecordedTensor {
+    fn dtype(&self) -> DType {
+        match self {
+            Self::Held(t) => t.dtype(),
+            Self::Deferred { dtype, .. } => *dtype,
+        }
+    }
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Self::Held(t) => t.dims().to_vec(),
+            Self::Deferred { dims, .. } => dims.clone(),
+        }
+    }
+    fn bytes(&self, name: &str) -> Result<Vec<u8>, runner_snapshot::SnapshotError> {
+        match self {
+            Self::Held(t) => runner_snapshot::tensor_bytes(name, t),
+            Self::Deferred { make, .. } => {
+                make().map_err(|e| runner_snapshot::SnapshotError::Tensor {
+                    name: name.to_string(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
 
 /// Told the number of bytes each time weights are read (for a progress bar).
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
@@ -214,8 +268,23 @@ impl<'a> LoadContext<'a> {
         let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
         // The weights taken only to make this tensor are not needed again.
         recorded.retain(|(n, _)| taken_before.contains(n));
-        recorded.push((name.to_string(), t.clone()));
+        recorded.push((name.to_string(), RecordedTensor::Held(t.clone())));
         Ok(t)
+    }
+
+    /// Records a tensor the model holds in a form of its own (`dtype`, `dims`), whose bytes
+    /// `make` makes only when the snapshot is written; no copy is held until then. Nothing
+    /// happens unless recording.
+    pub fn record_deferred(&self, name: &str, dtype: DType, dims: Vec<usize>, make: MakeBytes) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let mut recorded = recorder.lock().unwrap_or_else(|e| e.into_inner());
+        recorded.retain(|(n, _)| n != name);
+        recorded.push((
+            name.to_string(),
+            RecordedTensor::Deferred { dtype, dims, make },
+        ));
     }
 
     /// The VarBuilder a model builds itself from. From a snapshot, tensors are used as they
@@ -261,7 +330,7 @@ impl<B: SimpleBackend> Recording<B> {
         let mut r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
         // A tensor taken twice is kept once, as last taken.
         r.retain(|(n, _)| n != name);
-        r.push((name.to_string(), t.clone()));
+        r.push((name.to_string(), RecordedTensor::Held(t.clone())));
     }
 }
 

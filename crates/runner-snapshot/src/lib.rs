@@ -233,6 +233,31 @@ fn parse_dtype(s: &str) -> Option<DType> {
     })
 }
 
+/// One tensor a snapshot writes: its dtype, its shape and, when its turn comes, its bytes.
+/// A [`Tensor`] is one; a recording can also put off making the bytes until they are
+/// written, so that no copy of them is held meanwhile.
+pub trait SnapshotSource {
+    fn dtype(&self) -> DType;
+    fn dims(&self) -> Vec<usize>;
+    /// The bytes as a snapshot stores them (little-endian, row-major), on the host.
+    fn bytes(&self, name: &str) -> Result<Vec<u8>, SnapshotError>;
+    fn byte_len(&self) -> u64 {
+        (self.dims().iter().product::<usize>() * self.dtype().size_in_bytes()) as u64
+    }
+}
+
+impl SnapshotSource for Tensor {
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+    fn dims(&self) -> Vec<usize> {
+        Tensor::dims(self).to_vec()
+    }
+    fn bytes(&self, name: &str) -> Result<Vec<u8>, SnapshotError> {
+        tensor_bytes(name, self)
+    }
+}
+
 /// A tensor's bytes as a snapshot stores them (little-endian, row-major), copied to the
 /// host.
 pub fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, SnapshotError> {
@@ -291,10 +316,10 @@ pub struct WriteReport {
 }
 
 /// Writes a snapshot of `tensors` to `path`, atomically (temporary file, fsync, rename).
-pub fn write(
+pub fn write<S: SnapshotSource>(
     path: &Path,
     key: &CompatKey,
-    tensors: &[(String, Tensor)],
+    tensors: &[(String, S)],
 ) -> Result<WriteReport, SnapshotError> {
     write_with_progress(path, key, tensors, None)
 }
@@ -325,10 +350,10 @@ impl<W: Seek> Seek for CountingWriter<'_, W> {
 }
 
 /// [`write`], telling `progress` the bytes written as they go.
-pub fn write_with_progress(
+pub fn write_with_progress<S: SnapshotSource>(
     path: &Path,
     key: &CompatKey,
-    tensors: &[(String, Tensor)],
+    tensors: &[(String, S)],
     progress: Option<Progress>,
 ) -> Result<WriteReport, SnapshotError> {
     let started = Instant::now();
@@ -381,10 +406,7 @@ pub fn write_with_progress(
     result.map_err(|e| match e {
         SnapshotError::Io { source, .. } if is_disk_full(&source) => SnapshotError::DiskFull {
             path: path.to_path_buf(),
-            needed: tensors
-                .iter()
-                .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-                .sum(),
+            needed: tensors.iter().map(|(_, t)| t.byte_len()).sum(),
         },
         other => other,
     })
@@ -427,11 +449,11 @@ fn is_disk_full(e: &std::io::Error) -> bool {
 }
 
 /// Writes the whole file into `out`; the preamble goes last.
-pub fn write_to<W: Write + Seek>(
+pub fn write_to<W: Write + Seek, S: SnapshotSource>(
     out: &mut W,
     path: &Path,
     key: &CompatKey,
-    tensors: &[(String, Tensor)],
+    tensors: &[(String, S)],
 ) -> Result<(Header, u64), SnapshotError> {
     // Arenas by dtype, tensors in the order given within each.
     let mut by_dtype: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
@@ -448,14 +470,11 @@ pub fn write_to<W: Write + Seek>(
             entries[i] = Some(TensorEntry {
                 name: name.clone(),
                 dtype: dtype.to_string(),
-                shape: t.dims().to_vec(),
+                shape: t.dims(),
                 arena: arenas.len(),
                 offset,
             });
-            offset = align(
-                offset + (t.elem_count() * t.dtype().size_in_bytes()) as u64,
-                TENSOR_ALIGN,
-            );
+            offset = align(offset + t.byte_len(), TENSOR_ALIGN);
         }
         let bytes = align(offset, ARENA_ALIGN);
         arenas.push(Arena {
@@ -481,7 +500,21 @@ pub fn write_to<W: Write + Seek>(
             let entry = entries[i].as_ref().expect("laid out above");
             let pad = entry.offset - written;
             hasher.write(out, &vec![0u8; pad as usize], path)?;
-            let bytes = tensor_bytes(&tensors[i].0, &tensors[i].1)?;
+            let (name, source) = &tensors[i];
+            let bytes = source.bytes(name)?;
+            if bytes.len() as u64 != source.byte_len() {
+                // A deferred source must make what it announced: the layout is fixed.
+                return Err(SnapshotError::Tensor {
+                    name: name.clone(),
+                    message: format!(
+                        "made {} bytes, announced {} ({:?} {:?})",
+                        bytes.len(),
+                        source.byte_len(),
+                        source.dtype(),
+                        source.dims()
+                    ),
+                });
+            }
             hasher.write(out, &bytes, path)?;
             written = entry.offset + bytes.len() as u64;
         }

@@ -177,8 +177,19 @@ impl<T: WithDType> Data<T> {
         })
     }
 
-    fn to_tensor(&self) -> Result<Tensor> {
-        Tensor::from_slice(self, self.len(), &Device::Cpu)
+    /// The values as a tensor that shares their memory: values built at load move into
+    /// the tensor's storage (nothing is copied) and this points into it from then on.
+    fn shared_tensor(&mut self, name: &str) -> Result<Tensor> {
+        if let Self::Restored { _tensor, .. } = self {
+            return Ok(_tensor.clone());
+        }
+        let Self::Built(values) = std::mem::replace(self, Self::Built(Vec::new())) else {
+            unreachable!("restored data returned above");
+        };
+        let len = values.len();
+        let tensor = Tensor::from_vec(values, len, &Device::Cpu)?;
+        *self = Self::restored(&tensor, name)?;
+        Ok(tensor)
     }
 }
 
@@ -319,21 +330,25 @@ impl PackedMatrix {
 
     /// The arrays a snapshot keeps, by part name: the matrix as it is held, so a restore
     /// skips the repacking.
-    pub fn snapshot_parts(&self) -> Result<Vec<(&'static str, Tensor)>> {
+    /// The matrix as snapshot parts (`shape`, `packed`, `scales` and, for Q4_1, `mins`)
+    /// sharing its memory: what a recording for a snapshot keeps while the model runs costs
+    /// nothing (the arrays move into tensors' storage; the kernels read the same bytes at the
+    /// same addresses).
+    pub fn share_snapshot_parts(&mut self) -> Result<Vec<(&'static str, Tensor)>> {
         let code = if self.dtype == GgmlDType::Q4_1 { 0 } else { 1 };
         let shape = [code, self.n as u32, self.blocks as u32];
         let mut parts = vec![
             ("shape", Tensor::new(&shape, &Device::Cpu)?),
-            ("packed", self.packed.to_tensor()?),
-            ("scales", self.scales.to_tensor()?),
+            ("packed", self.packed.shared_tensor("packed")?),
+            ("scales", self.scales.shared_tensor("scales")?),
         ];
         if self.dtype == GgmlDType::Q4_1 {
-            parts.push(("mins", self.mins_t.to_tensor()?));
+            parts.push(("mins", self.mins_t.shared_tensor("mins")?));
         }
         Ok(parts)
     }
 
-    /// A matrix from [`Self::snapshot_parts`]' tensors (`part` gives each by name), using
+    /// A matrix from [`Self::share_snapshot_parts`]' tensors (`part` gives each by name), using
     /// their memory as it is. Every array's length is checked against the shape, so the
     /// kernels never read past one.
     pub fn from_snapshot_parts(part: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
@@ -784,9 +799,23 @@ mod tests {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let built = PackedMatrix::from_bytes(dtype, &q.data().unwrap(), n, k).unwrap();
+            let mut built = PackedMatrix::from_bytes(dtype, &q.data().unwrap(), n, k).unwrap();
+            let mut before = vec![0f32; m * n];
+            built.product(m, &xs, &mut before).unwrap();
+            let packed_at = built.packed.as_ptr();
             let parts: HashMap<&str, Tensor> =
-                built.snapshot_parts().unwrap().into_iter().collect();
+                built.share_snapshot_parts().unwrap().into_iter().collect();
+            // The parts are the matrix's own memory, moved into tensors, not a copy of it.
+            assert!(matches!(built.packed, Data::Restored { .. }));
+            assert_eq!(built.packed.as_ptr(), packed_at);
+            let part_at = {
+                let (storage, _) = parts["packed"].storage_and_layout();
+                let Storage::Cpu(cpu) = &*storage else {
+                    panic!("on the CPU")
+                };
+                cpu.as_slice::<u8>().unwrap().as_ptr()
+            };
+            assert_eq!(part_at, packed_at);
             fn get<'a>(
                 parts: &'a HashMap<&'static str, Tensor>,
             ) -> impl Fn(&str) -> Result<Tensor> + 'a {
@@ -802,6 +831,7 @@ mod tests {
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
             built.product(m, &xs, &mut a).unwrap();
             rebuilt.product(m, &xs, &mut b).unwrap();
+            assert_eq!(a, before, "{dtype:?}");
             assert_eq!(a, b, "{dtype:?}");
             assert_eq!(rebuilt.original_bytes(), built.original_bytes());
 

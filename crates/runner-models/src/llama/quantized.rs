@@ -6,6 +6,7 @@
 //! - The rotary tables cover the model's whole context (candle fixes them at 4096).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
@@ -28,7 +29,7 @@ struct Fused {
 impl Fused {
     /// Concatenates the rows of same-typed quantized matrices (row-major blocks, so the
     /// bytes simply follow each other); each output is the same dot product as before.
-    fn new(parts: &[QTensor], device: &Device) -> Result<Self> {
+    fn new(parts: &[Arc<QTensor>], device: &Device) -> Result<Self> {
         let dtype = parts[0].dtype();
         let (_, k) = parts[0].shape().dims2()?;
         let mut widths = Vec::with_capacity(parts.len());
@@ -40,7 +41,7 @@ impl Fused {
         let rows: usize = widths.iter().sum();
         let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), device, dtype)?;
         Ok(Self {
-            matrix: matrix(QTensor::new(storage, (rows, k))?)?,
+            matrix: matrix(Arc::new(QTensor::new(storage, (rows, k))?))?,
             widths,
         })
     }
@@ -65,11 +66,11 @@ enum Projections {
 }
 
 impl Projections {
-    fn new(parts: Vec<QTensor>, device: &Device) -> Result<Self> {
+    fn new(parts: Vec<Arc<QTensor>>, device: &Device) -> Result<Self> {
         // Only where runner's own kernels run (the CPU), which compute every output the
         // same way whatever the width. candle picks kernels (and so float order) by shape
         // for other types, so fusing them would change results; CUDA is unmeasured.
-        let k = |p: &QTensor| p.shape().dims2().map(|(_, k)| k).ok();
+        let k = |p: &Arc<QTensor>| p.shape().dims2().map(|(_, k)| k).ok();
         let fusable = device.is_cpu()
             && own_kernel(parts[0].dtype())
             && parts
@@ -508,9 +509,9 @@ fn native_weights<R: std::io::Seek + std::io::Read>(
                 .map_err(|e| candle_core::Error::Msg(format!("{key}: {e}")))?;
             return Ok(Some(m.with_kernel(kernel)));
         }
-        let m = matrices(reader, names)?;
-        if let (Some(ctx), Some(m)) = (recording, &m) {
-            for (p, t) in m.snapshot_parts()? {
+        let mut m = matrices(reader, names)?;
+        if let (Some(ctx), Some(m)) = (recording, m.as_mut()) {
+            for (p, t) in m.share_snapshot_parts()? {
                 ctx.prepared(&format!("{key}.{p}"), || Ok(t))?;
             }
         }
@@ -666,14 +667,36 @@ fn own_kernel(dtype: GgmlDType) -> bool {
 }
 
 /// A matrix for `QMatMul`: on the CPU, Q4_1 and Q8_0 go through runner's kernels.
-fn matrix(q: QTensor) -> Result<QMatMul> {
+fn matrix(q: Arc<QTensor>) -> Result<QMatMul> {
     if q.device().is_cpu() && own_kernel(q.dtype()) {
         let shape = q.shape().clone();
         let (n, k) = shape.dims2()?;
         let fast = PackedMatrix::from_bytes(q.dtype(), &q.data()?, n, k)?;
         return QMatMul::from_qtensor(QTensor::new(QStorage::Cpu(Box::new(fast)), shape)?);
     }
-    QMatMul::from_qtensor(q)
+    QMatMul::from_arc(q)
+}
+
+/// Records a quantized tensor the model keeps, for a snapshot, without copying its blocks:
+/// its `ggml` part (a few numbers) is held, and its `data` part is made from the tensor
+/// itself when the snapshot is written. On a GPU the blocks exist only on the device, and a
+/// host copy held meanwhile would be as large as the model.
+fn record_shared(
+    ctx: &LoadContext,
+    ggml_key: &str,
+    data_key: &str,
+    q: &Arc<QTensor>,
+) -> Result<()> {
+    let ggml = qtensor_ggml(q)?;
+    ctx.prepared(ggml_key, || Ok(ggml))?;
+    let shared = Arc::clone(q);
+    ctx.record_deferred(
+        data_key,
+        DType::U8,
+        vec![q.storage_size_in_bytes()],
+        Arc::new(move || Ok(shared.data()?.into_owned())),
+    );
+    Ok(())
 }
 
 impl CandleWeights {
@@ -726,7 +749,10 @@ impl CandleWeights {
         let metadata = HostCopies::default();
         let mut restore_time = std::time::Duration::ZERO;
         let mut restored = 0usize;
-        let mut tensor = |name: &str| -> Result<QTensor> {
+        // `shared`: the model keeps this tensor, so a recording for a snapshot shares it
+        // instead of holding a copy of its blocks (see `record_shared`); otherwise (norms,
+        // the token embeddings when they are dequantized and dropped) it copies them.
+        let mut tensor = |name: &str, shared: bool| -> Result<Arc<QTensor>> {
             let key = |part: &str| format!("runner.llama.q.{name}.{part}");
             if let Some(ctx) = restoring {
                 let part = |p: &str| {
@@ -742,38 +768,60 @@ impl CandleWeights {
                     .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")));
                 restore_time += started.elapsed();
                 restored += 1;
-                return q;
+                return q.map(Arc::new);
             }
-            let q = ct.tensor(reader, name, device)?;
-            if let Some(ctx) = recording {
-                for (p, t) in qtensor_parts(&q)? {
-                    ctx.prepared(&key(p), || Ok(t))?;
+            let q = Arc::new(ct.tensor(reader, name, device)?);
+            // On the CPU runner's kernels repack the blocks (`matrix`) and the model drops
+            // the original: a copy costs no more than sharing it.
+            let kept = shared && !(q.device().is_cpu() && own_kernel(q.dtype()));
+            match recording {
+                Some(ctx) if kept => record_shared(ctx, &key("ggml"), &key("data"), &q)?,
+                Some(ctx) => {
+                    for (p, t) in qtensor_parts(&q)? {
+                        ctx.prepared(&key(p), || Ok(t))?;
+                    }
                 }
+                None => {}
             }
             Ok(q)
         };
-        let embeddings_q = tensor("token_embd.weight")?;
+        // A tensor nothing else holds (not shared with a recording) back out of its `Arc`.
+        let owned = |q: Arc<QTensor>| {
+            Arc::try_unwrap(q)
+                .map_err(|_| candle_core::Error::Msg("a quantized tensor taken twice".into()))
+        };
+        // Tied embeddings: no output.weight, the token embeddings project back (and so the
+        // model keeps their quantized form).
+        let tied = !ct.tensor_infos.contains_key("output.weight");
+        let embeddings_q = tensor("token_embd.weight", tied)?;
         let dequantizing = std::time::Instant::now();
         let embeddings = embeddings_q.dequantize(device)?;
         let dequantized = dequantizing.elapsed();
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, rms_norm_eps)?;
-        // Tied embeddings: no output.weight, the token embeddings project back.
-        let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => tensor("output.weight")?,
-            false => embeddings_q,
+        let norm =
+            RmsNorm::from_qtensor(owned(tensor("output_norm.weight", false)?)?, rms_norm_eps)?;
+        let output = match tied {
+            false => tensor("output.weight", true)?,
+            true => embeddings_q,
         };
         let mut layers = Vec::with_capacity(block_count);
         for i in 0..block_count {
-            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"));
+            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"), true);
+            let qkv = Projections::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], device)?;
+            let wo = matrix(t("attn_output")?)?;
+            let mut t =
+                |name: &str| tensor(&format!("blk.{i}.{name}.weight"), false).and_then(owned);
+            let attention_norm = RmsNorm::from_qtensor(t("attn_norm")?, rms_norm_eps)?;
+            let ffn_norm = RmsNorm::from_qtensor(t("ffn_norm")?, rms_norm_eps)?;
+            let mut t = |name: &str| tensor(&format!("blk.{i}.{name}.weight"), true);
             layers.push(Layer {
-                qkv: Projections::new(vec![t("attn_q")?, t("attn_k")?, t("attn_v")?], device)?,
-                wo: matrix(t("attn_output")?)?,
-                attention_norm: RmsNorm::from_qtensor(t("attn_norm")?, rms_norm_eps)?,
+                qkv,
+                wo,
+                attention_norm,
                 mlp: Mlp {
                     gate_up: Projections::new(vec![t("ffn_gate")?, t("ffn_up")?], device)?,
                     down: matrix(t("ffn_down")?)?,
                 },
-                ffn_norm: RmsNorm::from_qtensor(t("ffn_norm")?, rms_norm_eps)?,
+                ffn_norm,
                 n_head: head_count,
                 n_kv_head: head_count_kv,
                 head_dim: embedding_length / head_count,
@@ -859,17 +907,20 @@ const GGML_TYPES: &[(u32, GgmlDType)] = &[
 /// A quantized tensor as snapshot parts: `ggml` (its GGML type number, then its dims) and
 /// `data` (its blocks as bytes, exactly as the device holds them).
 pub fn qtensor_parts(q: &QTensor) -> Result<[(&'static str, Tensor); 2]> {
+    let ggml = qtensor_ggml(q)?;
+    let data = q.data()?;
+    let bytes = Tensor::from_slice(&data, data.len(), &Device::Cpu)?;
+    Ok([("ggml", ggml), ("data", bytes)])
+}
+
+/// The `ggml` part of [`qtensor_parts`]: the tensor's GGML type number, then its dims.
+fn qtensor_ggml(q: &QTensor) -> Result<Tensor> {
     let Some(&(code, _)) = GGML_TYPES.iter().find(|(_, t)| *t == q.dtype()) else {
         candle_core::bail!("no snapshot form for {:?} tensors", q.dtype());
     };
     let mut ggml = vec![code];
     ggml.extend(q.shape().dims().iter().map(|&d| d as u32));
-    let data = q.data()?;
-    let bytes = Tensor::from_slice(&data, data.len(), &Device::Cpu)?;
-    Ok([
-        ("ggml", Tensor::new(ggml.as_slice(), &Device::Cpu)?),
-        ("data", bytes),
-    ])
+    Tensor::new(ggml.as_slice(), &Device::Cpu)
 }
 
 /// Host copies of the restored arenas that small metadata tensors (the `ggml` parts) are
@@ -1115,10 +1166,10 @@ mod tests {
                 .iter()
                 .map(|&n| Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap())
                 .collect();
-            let quantized = || -> Vec<QTensor> {
+            let quantized = || -> Vec<Arc<QTensor>> {
                 weights
                     .iter()
-                    .map(|w| QTensor::quantize(w, dtype).unwrap())
+                    .map(|w| Arc::new(QTensor::quantize(w, dtype).unwrap()))
                     .collect()
             };
             let fused = Projections::new(quantized(), &dev).unwrap();
