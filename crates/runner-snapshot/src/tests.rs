@@ -520,4 +520,13 @@ fn a_views_bytes_are_only_the_views() {
     let second_column = arena.narrow(1, 1, 1).unwrap();
     let want: Vec<u8> = [1u32, 5, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
     assert_eq!(tensor_bytes("column", &second_column).unwrap(), want);
+    // Every dtype a snapshot stores, read straight from storage, as its little-endian bits.
+    let halves = arena.to_dtype(DType::BF16).unwrap().narrow(0, 2, 1).unwrap();
+    let want: Vec<u8> = (8..12)
+        .flat_map(|v| half::bf16::from_f32(v as f32).to_bits().to_le_bytes())
+        .collect();
+    assert_eq!(tensor_bytes("bf16 row", &halves).unwrap(), want);
+    let floats = arena.to_dtype(DType::F64).unwrap().narrow(0, 0, 1).unwrap();
+    let want: Vec<u8> = (0..4).flat_map(|v| (v as f64).to_le_bytes()).collect();
+    assert_eq!(tensor_bytes("f64 row", &floats).unwrap(), want);
 }
