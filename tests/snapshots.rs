@@ -243,6 +243,34 @@ fn a_cold_server_saves_the_snapshot_the_next_start_restores() {
     );
 }
 
+/// SIGTERM while a `--save-snapshot` save is being written: the server waits for it (up to
+/// its shutdown timeout) and exits cleanly, and what it leaves is a whole snapshot that the
+/// next start restores, never a part of one.
+#[test]
+fn a_server_stopped_while_saving_finishes_the_snapshot_first() {
+    // 16 layers of 1024 x 1024 f32: 67 MB to write, long enough to be stopped mid-save.
+    let model = generated_tiny_mlp(1024, 16, "f32");
+    let mut server = Server::start(model.path(), &["--save-snapshot"]);
+    server.sigterm();
+    assert!(
+        server.exits_within(std::time::Duration::from_secs(60)),
+        "the server did not stop"
+    );
+    let logs = server.drain_stderr().join("\n");
+    assert!(logs.contains("snapshot saved"), "{logs}");
+    let leftovers: Vec<String> = file_names(&model.path().join(".runner"))
+        .into_iter()
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let restored = Server::start(model.path(), &["--require-snapshot"]);
+    assert!(
+        restored.status_line.contains("weights snapshot"),
+        "{}",
+        restored.status_line
+    );
+}
+
 #[test]
 fn bad_snapshots_fall_back_to_a_cold_load_and_say_why() {
     let model = generated_model(1, "f32");

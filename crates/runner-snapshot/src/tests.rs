@@ -521,7 +521,11 @@ fn a_views_bytes_are_only_the_views() {
     let want: Vec<u8> = [1u32, 5, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
     assert_eq!(tensor_bytes("column", &second_column).unwrap(), want);
     // Every dtype a snapshot stores, read straight from storage, as its little-endian bits.
-    let halves = arena.to_dtype(DType::BF16).unwrap().narrow(0, 2, 1).unwrap();
+    let halves = arena
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .narrow(0, 2, 1)
+        .unwrap();
     let want: Vec<u8> = (8..12)
         .flat_map(|v| half::bf16::from_f32(v as f32).to_bits().to_le_bytes())
         .collect();
