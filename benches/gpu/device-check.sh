@@ -144,6 +144,14 @@ smollm2_checks() { python3 checks.py smollm2 "$DEVICE" smollm2 > "$WORK/smollm2.
 export -f minilm_checks smollm2_checks
 
 # 2. Snapshot on the GPU; restore through each path and compare bit for bit.
+same_as_cold() {  # same_as_cold WHAT OUTFILE: a restored server's answers against the cold one's
+  if cmp -s "$WORK/cold.json" "$2"; then
+    echo "restored ($1) == cold: bit-identical outputs" | tee -a "$WORK/correctness.txt"
+  else
+    echo "restored ($1) != cold: DIFFERENT" | tee -a "$WORK/correctness.txt"; return 1
+  fi
+}
+export -f same_as_cold
 snapshot_roundtrip() {
   local mode
   for mode in pageable mapped pinned; do  # the pinned path's snapshot stays for the servers
@@ -157,20 +165,12 @@ snapshot_roundtrip() {
   grep -ho "CUDA device opened.*" "$WORK/serve-cold.log" | tail -1 | sed 's/^/MiniLM cold: /' | tee -a "$WORK/correctness.txt"
   for mode in pinned mapped pageable; do
     RUNNER_CUDA_RESTORE=$mode serve_and_embed "$WORK/serve-restored-$mode.log" "$WORK/restored-$mode.json" --require-snapshot || return 1
-    if cmp -s "$WORK/cold.json" "$WORK/restored-$mode.json"; then
-      echo "restored ($mode) == cold: bit-identical outputs"
-    else
-      echo "restored ($mode) != cold: DIFFERENT"; return 1
-    fi | tee -a "$WORK/correctness.txt"
+    same_as_cold "$mode" "$WORK/restored-$mode.json" || return 1
     grep -h "restored .* tensors" "$WORK/serve-restored-$mode.log" | tail -1 | tee -a "$WORK/correctness.txt"
   done
   # The restore on its own thread while the model builds (the CPU default; opt-in on CUDA).
   RUNNER_RESTORE_OVERLAP=on serve_and_embed "$WORK/serve-restored-overlap.log" "$WORK/restored-overlap.json" --require-snapshot || return 1
-  if cmp -s "$WORK/cold.json" "$WORK/restored-overlap.json"; then
-    echo "restored (pinned, beside the model build) == cold: bit-identical outputs"
-  else
-    echo "restored (pinned, beside the model build) != cold: DIFFERENT"; return 1
-  fi | tee -a "$WORK/correctness.txt"
+  same_as_cold "pinned, beside the model build" "$WORK/restored-overlap.json"
 }
 export -f snapshot_roundtrip
 # Since stop 34: `runner serve --save-snapshot` writes the snapshot after a cold load, in the
@@ -187,11 +187,7 @@ save_snapshot_serve() {
   grep -ho "snapshot saved.*\|could not save.*" "$log" | sed 's/^/MiniLM --save-snapshot: /' | tee -a "$WORK/correctness.txt"
   [ "$status" = saved ] || return 1
   serve_and_embed "$WORK/serve-after-save.log" "$WORK/after-save.json" --require-snapshot || return 1
-  if cmp -s "$WORK/cold.json" "$WORK/after-save.json"; then
-    echo "restored (saved by a serving server) == cold: bit-identical outputs"
-  else
-    echo "restored (saved by a serving server) != cold: DIFFERENT"; return 1
-  fi | tee -a "$WORK/correctness.txt"
+  same_as_cold "saved by a serving server" "$WORK/after-save.json"
 }
 export -f save_snapshot_serve
 

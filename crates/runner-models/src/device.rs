@@ -667,16 +667,9 @@ pub fn available_memory(device: &Device) -> Option<u64> {
         }
         Device::Cpu => {
             let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
-            let available = meminfo.as_deref().and_then(|m| {
-                let kib: u64 = m
-                    .lines()
-                    .find_map(|l| l.strip_prefix("MemAvailable:"))?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()?;
-                Some(kib * 1024)
-            });
+            let available = meminfo
+                .as_deref()
+                .and_then(|m| kib_field(m, "MemAvailable:"));
             [available, cgroup_room()].into_iter().flatten().min()
         }
         #[allow(unreachable_patterns)]
@@ -749,10 +742,17 @@ pub fn check_fits(device: &Device, needed: u64, what: &str) -> Result<(), String
 
 /// The most memory this process has had resident so far, in bytes (Linux: VmHWM).
 pub fn process_peak_resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: u64 = status
+    kib_field(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "VmHWM:",
+    )
+}
+
+/// A `/proc` file's "`key` N kB" line, in bytes.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let kib: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(key))?
         .split_whitespace()
         .next()?
         .parse()
