@@ -156,6 +156,11 @@ fn a_cold_server_saves_the_snapshot_the_next_start_restores() {
     let path = std::path::PathBuf::from(save["path"].as_str().unwrap());
     assert!(path.starts_with(model.path().join(".runner")), "{save}");
     assert!(save["bytes"].as_u64().unwrap() > 0, "{save}");
+    let metrics = cold.get("/metrics").1;
+    assert!(
+        metrics.contains("runner_snapshot_save{status=\"saved\"} 1"),
+        "{metrics}"
+    );
     let cold_output = predict_raw(&cold);
     drop(cold);
 

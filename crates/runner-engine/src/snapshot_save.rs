@@ -31,6 +31,17 @@ pub enum SnapshotSave {
     },
 }
 
+impl SnapshotSave {
+    /// `saving`, `saved` or `failed`.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Saving { .. } => "saving",
+            Self::Saved { .. } => "saved",
+            Self::Failed { .. } => "failed",
+        }
+    }
+}
+
 impl Engine {
     /// What became of the snapshot this server saves after its cold load, if it saves one.
     pub fn snapshot_save(&self) -> Option<SnapshotSave> {

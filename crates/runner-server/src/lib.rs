@@ -781,6 +781,15 @@ fn render_metrics(state: &AppState) -> String {
                 t.as_secs_f64()
             );
         }
+        if let Some(save) = engine.snapshot_save() {
+            gauge(
+                &mut out,
+                "runner_snapshot_save",
+                "The snapshot saved after a cold load (--save-snapshot): 1 for its current state.",
+                &format!("status=\"{}\"", save.status()),
+                1,
+            );
+        }
         if let Some((used, total)) = engine.device_memory() {
             let device = format!("device=\"{}\"", label(&loaded.device));
             gauge(
