@@ -806,7 +806,48 @@ fn runner_chat_holds_a_conversation() {
 
 /// `runner ARGS` with candle's forward pass (`RUNNER_LLAMA_CPU=candle`): (exit code,
 /// stdout, stderr).
-/// The peak memory `runner snapshot` reports on its last line, in bytes.
+/// `runner serve --save-snapshot` on a GGUF model: the cold server saves the packed form
+/// while it serves, and a server restored from it generates what the cold one does.
+#[test]
+fn a_serving_gguf_model_saves_a_snapshot_that_restores_the_same_generations() {
+    if runner_models::llama::Kernel::detect().is_none() {
+        eprintln!("skipped: runner's CPU kernels do not run here (no AVX2)");
+        return;
+    }
+    let dir = model_dir();
+    let scratch = tempfile::tempdir().unwrap();
+    let snap = scratch.path().join("saved.rsnap");
+    let snap_arg = snap.to_str().unwrap();
+    let cold = Server::start(&dir, &["--snapshot", snap_arg, "--save-snapshot"]);
+    assert!(
+        cold.status_line.contains("weights gguf"),
+        "{}",
+        cold.status_line
+    );
+    let input = greedy_input("The capital of France is", 12);
+    let generated = cold.predict(input.clone()).1;
+    assert_eq!(generated["status"], "succeeded", "{generated}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let save = loop {
+        let health: Value = serde_json::from_str(&cold.get("/health-check").1).unwrap();
+        let save = health["runner"]["snapshot_save"].clone();
+        if save["status"] != "saving" || std::time::Instant::now() > deadline {
+            break save;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(save["status"], "saved", "{save}");
+    drop(cold);
+    let restored = Server::start(&dir, &["--snapshot", snap_arg, "--require-snapshot"]);
+    assert!(
+        restored.status_line.contains("weights snapshot"),
+        "{}",
+        restored.status_line
+    );
+    assert_eq!(restored.predict(input).1["output"], generated["output"]);
+}
+
+/// The peak memory `runner snapshot` reports on its last line, in bytes./// The peak memory `runner snapshot` reports on its last line, in bytes.
 fn snapshot_peak_bytes(stderr: &str) -> u64 {
     let mb: f64 = stderr
         .rsplit("(peak memory ")
