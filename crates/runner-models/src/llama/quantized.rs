@@ -677,6 +677,17 @@ fn matrix(q: Arc<QTensor>) -> Result<QMatMul> {
     QMatMul::from_arc(q)
 }
 
+/// Whether [`matrix`] keeps `q` itself: not where runner's CPU kernels repack it, nor where
+/// candle's `QMatMul` dequantizes it (float types, or `CANDLE_DEQUANTIZE_ALL[_F16]` set).
+fn kept_as_loaded(q: &QTensor) -> bool {
+    let set = |name| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+    let repacked = q.device().is_cpu() && own_kernel(q.dtype());
+    let dequantized = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        || set("CANDLE_DEQUANTIZE_ALL")
+        || set("CANDLE_DEQUANTIZE_ALL_F16");
+    !repacked && !dequantized
+}
+
 /// Records a quantized tensor the model keeps, for a snapshot, without copying its blocks:
 /// its `ggml` part (a few numbers) is held, and its `data` part is made from the tensor
 /// itself when the snapshot is written. On a GPU the blocks exist only on the device, and a
@@ -771,9 +782,10 @@ impl CandleWeights {
                 return q.map(Arc::new);
             }
             let q = Arc::new(ct.tensor(reader, name, device)?);
-            // On the CPU runner's kernels repack the blocks (`matrix`) and the model drops
-            // the original: a copy costs no more than sharing it.
-            let kept = shared && !(q.device().is_cpu() && own_kernel(q.dtype()));
+            // Where the model does not keep the blocks as they are (runner's CPU kernels
+            // repack them, candle dequantizes float types), sharing would keep them alive
+            // beside what the model made of them: a copy costs no more.
+            let kept = shared && kept_as_loaded(&q);
             match recording {
                 Some(ctx) if kept => record_shared(ctx, &key("ggml"), &key("data"), &q)?,
                 Some(ctx) => {
