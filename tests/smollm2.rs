@@ -827,15 +827,7 @@ fn a_serving_gguf_model_saves_a_snapshot_that_restores_the_same_generations() {
     let input = greedy_input("The capital of France is", 12);
     let generated = cold.predict(input.clone()).1;
     assert_eq!(generated["status"], "succeeded", "{generated}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let save = loop {
-        let health: Value = serde_json::from_str(&cold.get("/health-check").1).unwrap();
-        let save = health["runner"]["snapshot_save"].clone();
-        if save["status"] != "saving" || std::time::Instant::now() > deadline {
-            break save;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let save = cold.finished_snapshot_save();
     assert_eq!(save["status"], "saved", "{save}");
     drop(cold);
     let restored = Server::start(&dir, &["--snapshot", snap_arg, "--require-snapshot"]);

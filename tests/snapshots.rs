@@ -126,18 +126,6 @@ fn a_snapshot_replaced_or_removed_under_a_server_changes_nothing() {
     assert_eq!(h["status"], "READY", "{h}");
 }
 
-/// What `/health-check` says of a `--save-snapshot` save once it has ended.
-fn finished_save(server: &Server) -> Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let save = health(server)["runner"]["snapshot_save"].clone();
-        if save["status"] != "saving" || std::time::Instant::now() > deadline {
-            return save;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 /// `runner serve --save-snapshot`: a server that loads cold writes the snapshot the next
 /// start restores, after it is ready; one restored from it writes nothing; a snapshot made
 /// stale (the model changed) is replaced the same way; a place it cannot write to is a
@@ -151,7 +139,7 @@ fn a_cold_server_saves_the_snapshot_the_next_start_restores() {
         "{}",
         cold.status_line
     );
-    let save = finished_save(&cold);
+    let save = cold.finished_snapshot_save();
     assert_eq!(save["status"], "saved", "{save}");
     let path = std::path::PathBuf::from(save["path"].as_str().unwrap());
     assert!(path.starts_with(model.path().join(".runner")), "{save}");
@@ -187,7 +175,7 @@ fn a_cold_server_saves_the_snapshot_the_next_start_restores() {
         "{}",
         stale.status_line
     );
-    assert_eq!(finished_save(&stale)["status"], "saved");
+    assert_eq!(stale.finished_snapshot_save()["status"], "saved");
     drop(stale);
     let again = Server::start(model.path(), &["--require-snapshot"]);
     assert!(
@@ -209,7 +197,7 @@ fn a_cold_server_saves_the_snapshot_the_next_start_restores() {
             unwritable.to_str().unwrap(),
         ],
     );
-    let save = finished_save(&server);
+    let save = server.finished_snapshot_save();
     assert_eq!(save["status"], "failed", "{save}");
     assert!(
         save["error"].as_str().unwrap().contains("cannot create"),

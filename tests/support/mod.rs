@@ -174,6 +174,22 @@ impl Server {
         })
     }
 
+    /// What `/health-check` says of a `--save-snapshot` save once it has ended (or after
+    /// 2 minutes of `saving`).
+    #[allow(dead_code)]
+    pub fn finished_snapshot_save(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let health: serde_json::Value =
+                serde_json::from_str(&self.get("/health-check").1).unwrap();
+            let save = health["runner"]["snapshot_save"].clone();
+            if save["status"] != "saving" || Instant::now() > deadline {
+                return save;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends SIGTERM, as a supervisor stopping the server does.
     #[allow(dead_code)]
     pub fn sigterm(&self) {
