@@ -107,6 +107,7 @@ impl Engine {
             path.display()
         );
         let engine = Arc::clone(self);
+        let target = path.clone();
         let spawned = std::thread::Builder::new()
             .name("snapshot-save".into())
             .spawn(move || {
@@ -149,7 +150,7 @@ impl Engine {
                 let error = format!("cannot start a thread to write it: {e}");
                 tracing::warn!(target: "runner::setup", "could not save a snapshot: {error}");
                 self.set_save_status(SnapshotSave::Failed {
-                    path: PathBuf::new(),
+                    path: target,
                     error,
                 });
             }

@@ -344,47 +344,22 @@ pub fn tensor_bytes(name: &str, t: &Tensor) -> Result<Vec<u8>, SnapshotError> {
         name: name.to_string(),
         message: e.to_string(),
     };
-    if let Some(bytes) = contiguous_bytes(t).map_err(err)? {
-        return Ok(bytes);
-    }
-    // candle's `to_device` copies a tensor's whole storage and only then applies its
-    // layout, and a restored tensor is a view into its dtype's arena: copying each of a
-    // Q8_0 Llama's 402 tensors that way moved 402 x 1.24 GB to the host, and `--verify`
-    // ran past its 117 s on an H200 (2026-11-30). The view is copied on its device first.
-    let own = if t.device().is_cpu() {
-        t.clone()
+    // A strided tensor is made contiguous on its own device first (candle's `to_device`
+    // would copy its whole storage, and a restored tensor is a view into its dtype's arena:
+    // that moved 402 x 1.24 GB to the host for a Q8_0 Llama's `--verify` on an H200).
+    let own;
+    let t = if t.is_contiguous() {
+        t
     } else {
-        t.force_contiguous().map_err(err)?
+        own = t.force_contiguous().map_err(err)?;
+        &own
     };
-    let flat = own
-        .to_device(&Device::Cpu)
-        .and_then(|t| t.flatten_all())
-        .map_err(err)?;
-    Ok(match t.dtype() {
-        DType::U8 => flat.to_vec1::<u8>().map_err(err)?,
-        DType::U32 => bytemuck::cast_slice(&flat.to_vec1::<u32>().map_err(err)?).to_vec(),
-        DType::I64 => bytemuck::cast_slice(&flat.to_vec1::<i64>().map_err(err)?).to_vec(),
-        DType::F32 => bytemuck::cast_slice(&flat.to_vec1::<f32>().map_err(err)?).to_vec(),
-        DType::F64 => bytemuck::cast_slice(&flat.to_vec1::<f64>().map_err(err)?).to_vec(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()
-            .map_err(err)?
-            .iter()
-            .flat_map(|x| x.to_bits().to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()
-            .map_err(err)?
-            .iter()
-            .flat_map(|x| x.to_bits().to_le_bytes())
-            .collect(),
-        other => {
-            return Err(SnapshotError::Tensor {
-                name: name.to_string(),
-                message: format!("dtype {other:?} cannot be snapshotted yet"),
-            })
-        }
-    })
+    contiguous_bytes(t)
+        .map_err(err)?
+        .ok_or_else(|| SnapshotError::Tensor {
+            name: name.to_string(),
+            message: format!("dtype {:?} cannot be snapshotted yet", t.dtype()),
+        })
 }
 
 /// What writing a snapshot did.
