@@ -307,6 +307,10 @@ export -f bench_beside_init
 # GGUF form's metadata, rotary tables) runs beside the ring instead of after it.
 bench_overlap() { RUNNER_RESTORE_OVERLAP=on bench "$@"; }
 export -f bench_overlap
+# The restored quantized blocks handed to candle where they lie (since stop 35, opt-in): no
+# allocation and device copy per tensor in the model build, and no moment holding them twice.
+bench_in_place() { RUNNER_CUDA_QUANTIZED_RESTORE=in-place bench "$@"; }
+export -f bench_in_place
 # Issue 4's measurements come first (the 4.3 GB model's comparisons, then the Llama quantized
 # at load, then the 4.3 GB model's other steps), then text generation's regression check, then
 # the 1.1 GB model and, last, the 17 GB one.
@@ -383,8 +387,20 @@ llama_snapshot() {  # snapshot (verified tensor by tensor), then cold and restor
   # identical on MiniLM on the H200, never run on a quantized model; the bench step times it.
   local overlapped; overlapped=$(RUNNER_RESTORE_OVERLAP=on serve llama "$WORK/llama-restored-overlap.log" --require-snapshot) || rc=1
   [ -n "$overlapped" ] && { python3 checks.py llama-compare "$cold" "$overlapped" | sed 's/^/restore beside the build: /' | tee -a "$WORK/correctness.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1; }
-  kill "$(cat "$WORK/llama-cold.log.pid")" "$(cat "$WORK/llama-restored.log.pid")" 2>/dev/null
   [ -n "$overlapped" ] && kill "$(cat "$WORK/llama-restored-overlap.log.pid")" 2>/dev/null
+  # The quantized blocks used where they were restored (RUNNER_CUDA_QUANTIZED_RESTORE=
+  # in-place, since stop 35): no device copy, and the model's GPU memory as it serves
+  # (nvidia-smi, per process) beside the copying restore's.
+  local in_place; in_place=$(RUNNER_CUDA_QUANTIZED_RESTORE=in-place serve llama "$WORK/llama-restored-in-place.log" --require-snapshot) || rc=1
+  [ -n "$in_place" ] && { python3 checks.py llama-compare "$cold" "$in_place" | sed 's/^/quantized blocks restored in place: /' | tee -a "$WORK/correctness.txt"; [ "${PIPESTATUS[0]}" = 0 ] || rc=1; }
+  grep -ho 'llama: built from the snapshot.*' "$WORK/llama-restored.log" "$WORK/llama-restored-in-place.log" 2>/dev/null | tee -a "$WORK/correctness.txt"
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>/dev/null | while IFS=', ' read -r pid used _; do
+    for log in llama-cold llama-restored llama-restored-in-place; do
+      [ "$pid" = "$(cat "$WORK/$log.log.pid" 2>/dev/null)" ] && echo "GPU memory serving the Llama, $log: $used MiB"
+    done
+  done | tee -a "$WORK/correctness.txt"
+  kill "$(cat "$WORK/llama-cold.log.pid")" "$(cat "$WORK/llama-restored.log.pid")" 2>/dev/null
+  [ -n "$in_place" ] && kill "$(cat "$WORK/llama-restored-in-place.log.pid")" 2>/dev/null
   wait 2>/dev/null
   return $rc
 }
@@ -426,6 +442,7 @@ step "bench Llama Q8_0 at load (pinned)" 180 bench llama llama pinned "$RUNS" --
 step "bench Llama Q8_0 at load (pinned, driver initialised while cuBLAS loads)" 90 bench_beside_init llama-beside-init llama pinned "$RUNS" --no-fresh-machine
 step "bench Llama Q8_0 at load (pinned, restore beside the model build)" 90 bench_overlap llama-overlap llama pinned "$RUNS" --no-fresh-machine
 step "Llama Q8_0 at load: snapshot verified, restored servers generate the same" 180 llama_snapshot
+step "bench Llama Q8_0 at load (pinned, quantized blocks restored in place)" 90 bench_in_place llama-in-place llama pinned "$RUNS" --no-fresh-machine
 step "PyTorch Llama cold start (transformers, bf16)" 90 pytorch_llama
 step "MiniLM: generate random weights" 60 python3 checks.py minilm-generate minilm/weights
 step "MiniLM snapshot round trip" 180 snapshot_roundtrip
@@ -481,7 +498,7 @@ print(f"| PyTorch: big model safetensors → cuda bf16 + one matmul | {text('pyt
 print(f"| PyTorch: 4.3 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_huge.txt')} s |")
 print(f"| PyTorch: 17 GB model safetensors → cuda bf16 + one matmul | {text('pytorch_giant.txt')} s |")
 print(f"| PyTorch: 1.2 B Llama, transformers bf16 → cuda + 4 tokens | {text('pytorch_llama.txt')} s |")
-for name in ["minilm-fresh", "minilm-fresh-ptx", "big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-beside-init", "llama-overlap", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-no-preload", "huge-beside-init", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
+for name in ["minilm-fresh", "minilm-fresh-ptx", "big", "big-mapped", "big-prewarm", "big-no-preload", "llama", "llama-beside-init", "llama-overlap", "llama-in-place", "llama-prewarm", "llama-q4k", "huge", "huge-mapped", "huge-prewarm", "huge-no-preload", "huge-beside-init", "huge-cold-cache-cache", "huge-cold-cache-direct", "giant-mapped", "giant"]:
     try:
         r = json.load(open(f"{w}/bench-{name}.json"))
     except Exception:

@@ -20,6 +20,10 @@
 #    "CUDA device opened" line in each mode's `device_open` says when) becomes the default;
 #  - the sweep's 16-thread rows against its 8-thread ones: the ring's thread cap (8) and
 #    RUNNER_RESTORE_BOUNCE (21.4 GB/s on 16 threads on 2026-11-30, against 18.1 on 8);
+#  - bench llama-overlap and llama-in-place vs llama, with llama_snapshot's generations and
+#    GPU memory: whether RUNNER_RESTORE_OVERLAP=on (restore beside the model build) and
+#    RUNNER_CUDA_QUANTIZED_RESTORE=in-place (no device copy of the quantized blocks) become
+#    CUDA's defaults;
 #  - the sweep's last two rows (4 mapped threads beside the ring): whether copying straight
 #    from the page cache beside the ring passes the ring alone (RUNNER_RESTORE_MAPPED_THREADS);
 #  - MiniLM's "without cudarc's event tracking" row: RUNNER_CUDA_EVENT_TRACKING=off by default

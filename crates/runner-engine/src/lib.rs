@@ -912,9 +912,11 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         phases.push(("snapshot check".to_string(), t.elapsed()));
         // On a GPU, quantized tensors are restored into one arena and then copied into
-        // candle's own quantized storage, so for a moment they are held twice.
-        let quantized_on_gpu =
-            !device.is_cpu() && (!self.dir.weights.gguf.is_empty() || self.quantize.is_some());
+        // candle's own quantized storage, so for a moment they are held twice (unless the
+        // storage borrows them where they lie: `RUNNER_CUDA_QUANTIZED_RESTORE=in-place`).
+        let quantized_on_gpu = !device.is_cpu()
+            && (!self.dir.weights.gguf.is_empty() || self.quantize.is_some())
+            && !runner_models::llama::quantized::quantized_restore_in_place();
         let (needed, what) = if quantized_on_gpu {
             (
                 snapshot.header.data_bytes.saturating_mul(2),

@@ -701,11 +701,12 @@ fn record_shared(
     let ggml = qtensor_ggml(q)?;
     ctx.prepared(ggml_key, || Ok(ggml))?;
     let shared = Arc::clone(q);
+    let padding = block_padding(q.shape().elem_count(), q.dtype());
     ctx.record_deferred(
         data_key,
         DType::U8,
-        vec![q.storage_size_in_bytes()],
-        Arc::new(move || Ok(shared.data()?.into_owned())),
+        vec![q.storage_size_in_bytes() + padding],
+        Arc::new(move || padded_blocks(&shared)),
     );
     Ok(())
 }
@@ -917,12 +918,47 @@ const GGML_TYPES: &[(u32, GgmlDType)] = &[
 ];
 
 /// A quantized tensor as snapshot parts: `ggml` (its GGML type number, then its dims) and
-/// `data` (its blocks as bytes, exactly as the device holds them).
+/// `data` (its blocks as bytes, exactly as the device holds them, then the zeros candle's
+/// CUDA kernels read past them: [`block_padding`]).
 pub fn qtensor_parts(q: &QTensor) -> Result<[(&'static str, Tensor); 2]> {
     let ggml = qtensor_ggml(q)?;
-    let data = q.data()?;
+    let data = padded_blocks(q)?;
     let bytes = Tensor::from_slice(&data, data.len(), &Device::Cpu)?;
     Ok([("ggml", ggml), ("data", bytes)])
+}
+
+/// Values past a quantized matrix's last row that candle's CUDA matrix kernels read
+/// (`MATRIX_ROW_PADDING` in candle-core's `quantized/cuda.rs`), as zeros.
+const MATRIX_ROW_PADDING: usize = 512;
+#[cfg(feature = "cuda")]
+const _: () = assert!(MATRIX_ROW_PADDING == candle_core::quantized::cuda::MATRIX_ROW_PADDING);
+
+/// The zero bytes a snapshot stores after a quantized tensor's blocks: what candle's CUDA
+/// storage allocates past them ([`MATRIX_ROW_PADDING`] values' worth of blocks). With them
+/// in the snapshot, a CUDA restore can hand the restored bytes to the model as they lie
+/// (`RUNNER_CUDA_QUANTIZED_RESTORE=in-place`) instead of copying them into new storage.
+fn block_padding(elements: usize, dtype: GgmlDType) -> usize {
+    let blocks = |n: usize| n.div_ceil(dtype.block_size()) * dtype.type_size();
+    blocks(elements + MATRIX_ROW_PADDING) - blocks(elements)
+}
+
+/// A quantized tensor's blocks followed by its [`block_padding`].
+fn padded_blocks(q: &QTensor) -> Result<Vec<u8>> {
+    let blocks = q.data()?;
+    let len = blocks.len() + block_padding(q.shape().elem_count(), q.dtype());
+    // Exactly as large: growing a copy of the blocks would double its capacity.
+    let mut data = Vec::with_capacity(len);
+    data.extend_from_slice(&blocks);
+    data.resize(len, 0);
+    Ok(data)
+}
+
+/// How a CUDA restore gives candle the restored quantized blocks
+/// (`RUNNER_CUDA_QUANTIZED_RESTORE`): `copy` (the default until a GPU has measured the
+/// other) copies them on the device into storage of their own, so for a moment they are
+/// held twice; `in-place` lets the storage borrow them where they were restored.
+pub fn quantized_restore_in_place() -> bool {
+    std::env::var("RUNNER_CUDA_QUANTIZED_RESTORE").as_deref() == Ok("in-place")
 }
 
 /// The `ggml` part of [`qtensor_parts`]: the tensor's GGML type number, then its dims.
@@ -1006,20 +1042,26 @@ fn snapshot_qtensor_with(
     };
     let data = part("data")?;
     let want = elements / dtype.block_size() * dtype.type_size();
+    // Snapshots since stop 35 store the blocks' padding after them; older ones do not.
+    let padded = want + block_padding(elements, dtype);
     if dims.is_empty()
         || !elements.is_multiple_of(dtype.block_size())
         || data.dtype() != DType::U8
-        || data.elem_count() != want
+        || (data.elem_count() != want && data.elem_count() != padded)
     {
         candle_core::bail!(
-            "snapshot {dtype:?} tensor of dims {dims:?}: {} {:?} values, expected {want} bytes",
+            "snapshot {dtype:?} tensor of dims {dims:?}: {} {:?} values, expected {want} bytes (or {padded} with their padding)",
             data.elem_count(),
             data.dtype()
         );
     }
     let storage = match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => QStorage::Cuda(cuda_qstorage(cuda, &data, elements, dtype)?),
+        Device::Cuda(cuda) if data.elem_count() == padded && quantized_restore_in_place() => {
+            QStorage::Cuda(cuda_qstorage_in_place(cuda, &data, want, dtype)?)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => QStorage::Cuda(cuda_qstorage(cuda, &data, elements, want, dtype)?),
         _ => {
             // One copy, out of the restored memory (a mapping of the snapshot on the CPU;
             // tensors there are 256-byte aligned, as the blocks' fields need).
@@ -1046,11 +1088,11 @@ fn cuda_qstorage(
     cuda: &candle_core::CudaDevice,
     data: &Tensor,
     elements: usize,
+    bytes: usize,
     dtype: GgmlDType,
 ) -> Result<candle_core::quantized::cuda::QCudaStorage> {
     use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr};
     let storage = candle_core::quantized::cuda::QCudaStorage::zeros(cuda, elements, dtype)?;
-    let bytes = data.elem_count();
     let data = data.to_device(&Device::Cuda(cuda.clone()))?;
     let (source, layout) = data.storage_and_layout();
     let candle_core::Storage::Cuda(source) = &*source else {
@@ -1073,6 +1115,48 @@ fn cuda_qstorage(
     }
     .map_err(|e| candle_core::Error::Msg(format!("cannot copy restored blocks on the GPU: {e}")))?;
     Ok(storage)
+}
+
+/// Restored blocks, with their padding, handed to candle's quantized storage where they lie
+/// in the restored arena: no allocation and no copy, and the arena stays allocated while
+/// the model holds any of them (`RUNNER_CUDA_QUANTIZED_RESTORE=in-place`; unverified on a
+/// GPU).
+#[cfg(feature = "cuda")]
+fn cuda_qstorage_in_place(
+    cuda: &candle_core::CudaDevice,
+    data: &Tensor,
+    bytes: usize,
+    dtype: GgmlDType,
+) -> Result<candle_core::quantized::cuda::QCudaStorage> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let data = data.to_device(&Device::Cuda(cuda.clone()))?;
+    let stream = cuda.cuda_stream();
+    let address = {
+        let (source, layout) = data.storage_and_layout();
+        let candle_core::Storage::Cuda(source) = &*source else {
+            candle_core::bail!("restored snapshot data is not on the GPU");
+        };
+        if !layout.is_contiguous() {
+            candle_core::bail!("restored snapshot data is not one contiguous range");
+        }
+        let slice = source.as_cuda_slice::<u8>()?;
+        let (base, _guard) = slice.device_ptr(&stream);
+        base + layout.start_offset() as u64
+    };
+    let padded = data.elem_count();
+    // SAFETY: `address..address + padded` is the view's range of its arena, on `cuda`'s
+    // context: the restore wrote it and synchronized its stream before the model saw it,
+    // nothing writes it after, and `data` (kept alive by the storage) keeps the arena.
+    unsafe {
+        candle_core::quantized::cuda::QCudaStorage::from_borrowed_blocks(
+            cuda,
+            address,
+            bytes,
+            padded,
+            dtype,
+            Arc::new(data),
+        )
+    }
 }
 
 /// A read-only mapping of a whole file, for the span of a load: the GGUF's tensors are
@@ -1161,6 +1245,44 @@ mod tests {
         assert!(with(&[], data.clone()).contains("empty"));
         assert!(with(&[8, u32::MAX, u32::MAX, u32::MAX], data.clone()).contains("too many"));
         assert!(with(&[8, 8, 60], data).contains("expected"));
+    }
+
+    /// Snapshots store each tensor's blocks followed by the zeros candle's CUDA storage puts
+    /// after them (so a CUDA restore can use them in place), and still read the older form
+    /// without them.
+    #[test]
+    fn qtensor_snapshot_parts_carry_the_kernels_padding_and_older_parts_still_load() {
+        let w = Tensor::randn(0f32, 1.0, (4, 512), &Device::Cpu).unwrap();
+        // Q8_0: 512 values' worth of 32-value blocks of 34 bytes; Q4_K: 2 blocks of 256
+        // values in 144 bytes; F32 (norms): 512 values of 4 bytes.
+        for (dtype, padding) in [
+            (GgmlDType::Q8_0, 544),
+            (GgmlDType::Q4K, 288),
+            (GgmlDType::F32, 2048),
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let blocks = q.data().unwrap().into_owned();
+            let parts: HashMap<&str, Tensor> = qtensor_parts(&q).unwrap().into_iter().collect();
+            let data: Vec<u8> = parts["data"].to_vec1().unwrap();
+            assert_eq!(data.len(), blocks.len() + padding, "{dtype:?}");
+            assert_eq!(&data[..blocks.len()], &blocks[..], "{dtype:?}");
+            assert!(data[blocks.len()..].iter().all(|&b| b == 0), "{dtype:?}");
+            let older = Tensor::from_slice(&blocks, blocks.len(), &Device::Cpu).unwrap();
+            for data in [parts["data"].clone(), older] {
+                let back = snapshot_qtensor(
+                    |p| {
+                        Ok(if p == "ggml" {
+                            parts["ggml"].clone()
+                        } else {
+                            data.clone()
+                        })
+                    },
+                    &Device::Cpu,
+                )
+                .unwrap();
+                assert_eq!(back.data().unwrap(), blocks, "{dtype:?}");
+            }
+        }
     }
 
     #[test]

@@ -8,8 +8,70 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, PushKernelArg, 
 
 #[derive(Clone, Debug)]
 struct PaddedCudaSlice {
-    inner: CudaSlice<u8>,
+    inner: DeviceBlocks,
     len: usize,
+}
+
+/// runner's change: a quantized tensor's blocks, in memory of its own (as published) or in
+/// memory it borrows: a range of a larger allocation that `keep_alive` holds (a restored
+/// snapshot's arena), so a restore hands the blocks over without a device copy. A borrowed
+/// range is never freed here; a clone of either is a copy in memory of its own.
+struct DeviceBlocks {
+    slice: std::mem::ManuallyDrop<CudaSlice<u8>>,
+    keep_alive: Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl From<CudaSlice<u8>> for DeviceBlocks {
+    fn from(slice: CudaSlice<u8>) -> Self {
+        Self {
+            slice: std::mem::ManuallyDrop::new(slice),
+            keep_alive: None,
+        }
+    }
+}
+
+impl std::ops::Deref for DeviceBlocks {
+    type Target = CudaSlice<u8>;
+    fn deref(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
+impl std::ops::DerefMut for DeviceBlocks {
+    fn deref_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.slice
+    }
+}
+
+impl Clone for DeviceBlocks {
+    fn clone(&self) -> Self {
+        CudaSlice::clone(&self.slice).into()
+    }
+}
+
+impl std::fmt::Debug for DeviceBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBlocks")
+            .field("len", &self.slice.len())
+            .field("borrowed", &self.keep_alive.is_some())
+            .finish()
+    }
+}
+
+impl Drop for DeviceBlocks {
+    fn drop(&mut self) {
+        // SAFETY: `slice` is taken once, here, and not used after.
+        let slice = unsafe { std::mem::ManuallyDrop::take(&mut self.slice) };
+        match self.keep_alive.take() {
+            // Waits for the slice's pending work like a drop, and frees nothing; the owner
+            // of the allocation goes after it.
+            Some(owner) => {
+                slice.leak();
+                drop(owner);
+            }
+            None => drop(slice),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -145,7 +207,7 @@ fn dequantize_f32(
 
     if is_k {
         let mut builder = func.builder();
-        builder.arg(&data.inner);
+        builder.arg(&*data.inner);
         builder.arg(&dst);
         unsafe { builder.launch(cfg) }.w()?;
     } else {
@@ -154,7 +216,7 @@ fn dequantize_f32(
             _ => elem_count / 32,
         };
         let mut builder = func.builder();
-        builder.arg(&data.inner);
+        builder.arg(&*data.inner);
         builder.arg(&dst);
         barg!(builder, nb32 as i32);
         unsafe { builder.launch(cfg) }.w()?;
@@ -205,7 +267,7 @@ fn dequantize_f16(
 
     if is_k {
         let mut builder = func.builder();
-        builder.arg(&data.inner);
+        builder.arg(&*data.inner);
         builder.arg(&dst);
         unsafe { builder.launch(cfg) }.w()?;
     } else {
@@ -214,7 +276,7 @@ fn dequantize_f16(
             _ => elem_count / 32,
         };
         let mut builder = func.builder();
-        builder.arg(&data.inner);
+        builder.arg(&*data.inner);
         builder.arg(&dst);
         barg!(builder, nb32 as i32);
         unsafe { builder.launch(cfg) }.w()?;
@@ -307,7 +369,7 @@ fn get_rows(
     let row_stride = hidden * dtype.type_size() / dtype.block_size();
 
     let mut builder = func.builder();
-    builder.arg(&data.inner);
+    builder.arg(&*data.inner);
     builder.arg(ids);
     builder.arg(&dst);
     barg!(builder, hidden as i64, row_stride);
@@ -353,7 +415,7 @@ fn dequantize_mul_mat_vec(
     };
 
     let mut builder = func.builder();
-    builder.arg(&data.inner);
+    builder.arg(&*data.inner);
     builder.arg(y);
     builder.arg(&dst);
     barg!(builder, ncols as i32, nrows as i32);
@@ -417,7 +479,7 @@ fn mul_mat_vec_via_q8_1(
     };
 
     let mut builder = func.builder();
-    builder.arg(&data.inner);
+    builder.arg(&*data.inner);
     builder.arg(&y_q8_1);
     builder.arg(&dst);
     barg!(
@@ -486,7 +548,7 @@ fn mul_mat_via_q8_1(
     };
 
     let mut builder = func.builder();
-    builder.arg(/* vx */ &data.inner);
+    builder.arg(/* vx */ &*data.inner);
     builder.arg(/* vy */ &y_q8_1);
     builder.arg(/* dst */ &dst);
     barg!(
@@ -628,8 +690,46 @@ impl QCudaStorage {
         let inner = device.alloc_zeros::<u8>(padded_size_in_bytes)?;
         Ok(QCudaStorage {
             data: PaddedCudaSlice {
-                inner,
+                inner: inner.into(),
                 len: size_in_bytes,
+            },
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// runner's change: a quantized tensor whose `len` bytes of blocks lie at `ptr` on
+    /// `device`, followed by zeros up to `padded_len` (at least what [`Self::zeros`] would
+    /// allocate for it: the matrix kernels read past the last row), inside an allocation
+    /// that `keep_alive` holds. Nothing is copied or freed here.
+    ///
+    /// # Safety
+    /// `ptr..ptr + padded_len` must be device memory of `device`'s context holding those
+    /// bytes, written before any work on `device`'s stream reads it, and valid, and not
+    /// written by anything else, for as long as `keep_alive` lives.
+    pub unsafe fn from_borrowed_blocks(
+        device: &CudaDevice,
+        ptr: u64,
+        len: usize,
+        padded_len: usize,
+        dtype: GgmlDType,
+        keep_alive: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Self> {
+        let el_count = len / dtype.type_size() * dtype.block_size();
+        let needed = ceil_div(el_count + MATRIX_ROW_PADDING, dtype.block_size()) * dtype.type_size();
+        if len % dtype.type_size() != 0 || padded_len < needed {
+            crate::bail!(
+                "{len} bytes of {dtype:?} blocks padded to {padded_len}: the kernels need {needed}"
+            );
+        }
+        let slice = device.cuda_stream().upgrade_device_ptr::<u8>(ptr, padded_len);
+        Ok(QCudaStorage {
+            data: PaddedCudaSlice {
+                inner: DeviceBlocks {
+                    slice: std::mem::ManuallyDrop::new(slice),
+                    keep_alive: Some(keep_alive),
+                },
+                len,
             },
             device: device.clone(),
             dtype,
@@ -718,7 +818,7 @@ impl QCudaStorage {
         self.device
             .memcpy_htod(&*data, &mut inner.slice_mut(..data.len()))?;
         self.data = PaddedCudaSlice {
-            inner,
+            inner: inner.into(),
             len: data.len(),
         };
         Ok(())
@@ -746,7 +846,7 @@ impl QCudaStorage {
         self.device
             .memcpy_htod(&*data, &mut inner.slice_mut(..data.len()))?;
         self.data = PaddedCudaSlice {
-            inner,
+            inner: inner.into(),
             len: data.len(),
         };
         Ok(())
@@ -775,7 +875,7 @@ impl QCudaStorage {
         self.device
             .memcpy_htod(&*data, &mut inner.slice_mut(..data.len()))?;
         self.data = PaddedCudaSlice {
-            inner,
+            inner: inner.into(),
             len: data.len(),
         };
         Ok(())
@@ -799,7 +899,7 @@ impl QCudaStorage {
         self.device
             .memcpy_htod(&*data, &mut inner.slice_mut(..data.len()))?;
         self.data = PaddedCudaSlice {
-            inner,
+            inner: inner.into(),
             len: data.len(),
         };
         Ok(())
@@ -999,7 +1099,7 @@ pub fn load_quantized<T: super::GgmlType + Send + Sync + 'static>(
     device.memcpy_htod(data, &mut inner.slice_mut(..data.len()))?;
     Ok(QStorage::Cuda(QCudaStorage {
         data: PaddedCudaSlice {
-            inner,
+            inner: inner.into(),
             len: data.len(),
         },
         device: device.clone(),
