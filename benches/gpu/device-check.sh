@@ -240,10 +240,13 @@ export -f bench_ptx
 verify_model() {  # verify_model DIR MODES...: snapshot DIR, restore it each way, compare
   local dir=$1 mode; shift
   seed_kernel_cache "$dir"
-  for mode in "$@"; do  # pinned, mapped, pageable, or one-copier (the ring, RUNNER_RESTORE_COPIER=one)
-    local path=$mode copier=
+  # pinned, mapped, pageable, one-copier (the ring, RUNNER_RESTORE_COPIER=one), or
+  # ring-mapped (the ring with 4 mapped threads beside it, RUNNER_RESTORE_MAPPED_THREADS=4)
+  for mode in "$@"; do
+    local path=$mode copier= mapped=0
     [ "$mode" = one-copier ] && { path=pinned; copier=one; }
-    RUNNER_CUDA_RESTORE=$path RUNNER_RESTORE_COPIER=$copier \
+    [ "$mode" = ring-mapped ] && { path=pinned; mapped=4; }
+    RUNNER_CUDA_RESTORE=$path RUNNER_RESTORE_COPIER=$copier RUNNER_RESTORE_MAPPED_THREADS=$mapped \
       ./runner snapshot "$dir" --device "$DEVICE" --verify > /dev/null 2> "$WORK/snapshot-$dir-$mode.log" || { tail -3 "$WORK/snapshot-$dir-$mode.log"; return 1; }
     grep -h "verified" "$WORK/snapshot-$dir-$mode.log" | sed "s/^/$dir ($mode): /" | tee -a "$WORK/correctness.txt"
   done
@@ -461,6 +464,7 @@ step "bench Llama Q8_0 at load (pinned, kernels pre-warmed)" 90 bench_prewarm ll
 step "bench 4.3 GB model (pinned, kernels pre-warmed)" 90 bench_prewarm huge-prewarm huge pinned 1 --no-fresh-machine
 step "bench 4.3 GB model (pinned, CUDA libraries opened in device init)" 90 bench_no_preload huge-no-preload huge pinned 1 --no-fresh-machine
 step "one-copier ring (4.3 GB model): verified tensor by tensor" 45 verify_model huge one-copier
+step "ring with mapped threads beside it (4.3 GB model): verified tensor by tensor" 45 verify_model huge ring-mapped
 step "restore sweep, one copier and bounce reads (4.3 GB model)" 60 copier_sweep huge
 step "bench MiniLM, fresh machine (kernels as PTX)" 90 bench_ptx minilm-fresh-ptx minilm pinned 1
 step "bench 4.3 GB model, page cache dropped (reads through it vs O_DIRECT)" 150 bench_cold_cache huge huge
