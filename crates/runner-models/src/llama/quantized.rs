@@ -1081,6 +1081,28 @@ fn snapshot_qtensor_with(
     QTensor::new(storage, dims)
 }
 
+/// Runs `use_it` with the device address where the restored view `data` (one contiguous
+/// range of its arena) starts, and `cuda`'s stream, while the view's storage is held.
+#[cfg(feature = "cuda")]
+fn with_restored_address<T>(
+    cuda: &candle_core::CudaDevice,
+    data: &Tensor,
+    use_it: impl FnOnce(u64, &candle_core::cuda_backend::cudarc::driver::CudaStream) -> Result<T>,
+) -> Result<T> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (source, layout) = data.storage_and_layout();
+    let candle_core::Storage::Cuda(source) = &*source else {
+        candle_core::bail!("restored snapshot data is not on the GPU");
+    };
+    if !layout.is_contiguous() {
+        candle_core::bail!("restored snapshot data is not one contiguous range");
+    }
+    let stream = cuda.cuda_stream();
+    let slice = source.as_cuda_slice::<u8>()?;
+    let (base, _guard) = slice.device_ptr(&stream);
+    use_it(base + layout.start_offset() as u64, &stream)
+}
+
 /// A device copy of restored blocks into candle's own (padded) quantized storage, on the
 /// device's stream, so the kernels that use it are ordered after it.
 #[cfg(feature = "cuda")]
@@ -1091,29 +1113,18 @@ fn cuda_qstorage(
     bytes: usize,
     dtype: GgmlDType,
 ) -> Result<candle_core::quantized::cuda::QCudaStorage> {
-    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtr};
+    use candle_core::cuda_backend::cudarc::driver::result;
     let storage = candle_core::quantized::cuda::QCudaStorage::zeros(cuda, elements, dtype)?;
     let data = data.to_device(&Device::Cuda(cuda.clone()))?;
-    let (source, layout) = data.storage_and_layout();
-    let candle_core::Storage::Cuda(source) = &*source else {
-        candle_core::bail!("restored snapshot data is not on the GPU");
-    };
-    let stream = cuda.cuda_stream();
-    let slice = source.as_cuda_slice::<u8>()?;
-    let (from, _guard) = slice.device_ptr(&stream);
     let to = storage.device_ptr()? as u64;
-    // SAFETY: `from + start` holds `bytes` restored bytes (the layout is the tensor's view
-    // into its arena) and `to` is a fresh allocation of at least `bytes`; both live until
-    // the stream has run the copy (`_guard`, and `storage` returned to the caller).
-    unsafe {
-        result::memcpy_dtod_async(
-            to,
-            from + layout.start_offset() as u64,
-            bytes,
-            stream.cu_stream(),
-        )
-    }
-    .map_err(|e| candle_core::Error::Msg(format!("cannot copy restored blocks on the GPU: {e}")))?;
+    with_restored_address(cuda, &data, |from, stream| {
+        // SAFETY: `from` holds `bytes` restored bytes and `to` is a fresh allocation of at
+        // least `bytes`; both live until the stream has run the copy (the view's storage is
+        // held meanwhile, and `storage` is returned to the caller).
+        unsafe { result::memcpy_dtod_async(to, from, bytes, stream.cu_stream()) }.map_err(|e| {
+            candle_core::Error::Msg(format!("cannot copy restored blocks on the GPU: {e}"))
+        })
+    })?;
     Ok(storage)
 }
 
@@ -1128,21 +1139,8 @@ fn cuda_qstorage_in_place(
     bytes: usize,
     dtype: GgmlDType,
 ) -> Result<candle_core::quantized::cuda::QCudaStorage> {
-    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     let data = data.to_device(&Device::Cuda(cuda.clone()))?;
-    let stream = cuda.cuda_stream();
-    let address = {
-        let (source, layout) = data.storage_and_layout();
-        let candle_core::Storage::Cuda(source) = &*source else {
-            candle_core::bail!("restored snapshot data is not on the GPU");
-        };
-        if !layout.is_contiguous() {
-            candle_core::bail!("restored snapshot data is not one contiguous range");
-        }
-        let slice = source.as_cuda_slice::<u8>()?;
-        let (base, _guard) = slice.device_ptr(&stream);
-        base + layout.start_offset() as u64
-    };
+    let address = with_restored_address(cuda, &data, |address, _| Ok(address))?;
     let padded = data.elem_count();
     // SAFETY: `address..address + padded` is the view's range of its arena, on `cuda`'s
     // context: the restore wrote it and synchronized its stream before the model saw it,
